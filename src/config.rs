@@ -1,0 +1,358 @@
+//! Configuration: every setting is an environment variable and the matching
+//! command-line flag (`PORT` / `--port`), parsed and validated once at start.
+//!
+//! This module only turns strings into a [`Config`]; it opens no socket and
+//! reads no file. Parse errors carry the variable's name and what was
+//! expected, so `main` can print them as one line and exit with code 2.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use clap::error::{ContextKind, ContextValue, ErrorKind};
+use clap::Parser;
+
+/// The most reactor threads herald runs: the interest map stores the set of
+/// cores interested in a channel as one `u64` bit set.
+pub const MAX_WORKERS: usize = 64;
+
+/// herald: a WebSocket publish/subscribe server.
+///
+/// Every option is read from the environment variable shown in brackets, or
+/// from the flag, which wins. Sizes accept a plain byte count or a suffix:
+/// 64KiB, 1MiB, 512k, 2m.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "herald", version, about, long_about = None, max_term_width = 100)]
+pub struct Config {
+    /// HS256 secret that signs client tokens. Without it herald runs in open
+    /// mode (no token, every permission) and only on a loopback address.
+    #[arg(long, env = "SECRET", hide_env_values = true)]
+    pub secret: Option<String>,
+
+    /// Address to listen on [default: 127.0.0.1 without SECRET, 0.0.0.0 with it].
+    #[arg(long, env = "HOST", value_parser = parse_ip)]
+    pub host: Option<IpAddr>,
+
+    /// TCP port for WebSocket and HTTP (0 picks a free port and logs it).
+    #[arg(long, env = "PORT", default_value_t = 6380, value_parser = parse_port)]
+    pub port: u16,
+
+    /// Log level: trace, debug, info, warning, error (fatal and panic mean error).
+    #[arg(long, env = "LOGLEVEL", default_value = "info", value_parser = parse_level)]
+    pub loglevel: String,
+
+    /// Reactor threads, each pinned to one CPU [default: the CPUs this process may use].
+    #[arg(long, env = "WORKERS", value_parser = parse_workers)]
+    pub workers: Option<usize>,
+
+    /// Most WebSocket connections across all workers; past it an upgrade gets HTTP 503.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 100_000, value_parser = parse_count)]
+    pub max_connections: usize,
+
+    /// Largest client message (after joining fragments); past it: `too_large`, close 1009.
+    #[arg(long, env = "MAX_MESSAGE_SIZE", default_value = "64KiB", value_parser = parse_size)]
+    pub max_message_size: usize,
+
+    /// Bytes read per system call into each worker's shared read buffer.
+    #[arg(long, env = "READ_BUFFER_SIZE", default_value = "64KiB", value_parser = parse_size)]
+    pub read_buffer_size: usize,
+
+    /// Most bytes handed to one vectored write of a connection.
+    #[arg(long, env = "WRITE_BUFFER_SIZE", default_value = "256KiB", value_parser = parse_size)]
+    pub write_buffer_size: usize,
+
+    /// Unsent output a connection may hold; past it the connection is closed with 4008.
+    #[arg(long, env = "SEND_QUEUE_LIMIT", default_value = "1MiB", value_parser = parse_size)]
+    pub send_queue_limit: usize,
+
+    /// Check the Origin header of WebSocket upgrades (mismatch: HTTP 403).
+    #[arg(long, env = "CHECK_ORIGIN", default_value = "false", value_parser = parse_bool, action = clap::ArgAction::Set)]
+    pub check_origin: bool,
+
+    /// Comma-separated origins allowed with CHECK_ORIGIN (empty: same host as the request).
+    #[arg(long, env = "ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+
+    /// Seconds of clock skew tolerated on token expiry.
+    #[arg(long, env = "JWT_LEEWAY", default_value_t = 0, value_parser = parse_u64)]
+    pub jwt_leeway: u64,
+
+    /// Publishes per second allowed per connection (0: unlimited); past it: `rate_limited`.
+    #[arg(long, env = "PUBLISH_RATE", default_value_t = 0, value_parser = parse_u64)]
+    pub publish_rate: u64,
+
+    /// Channels one connection may be subscribed to at once.
+    #[arg(long, env = "MAX_SUBSCRIPTIONS", default_value_t = 10_000, value_parser = parse_count)]
+    pub max_subscriptions: usize,
+
+    /// Seconds a client has to send its HTTP request head.
+    #[arg(long, env = "HANDSHAKE_TIMEOUT", default_value = "10", value_parser = parse_secs)]
+    pub handshake_timeout: Duration,
+
+    /// Seconds a closing connection has to flush and answer the close frame before TCP is cut.
+    #[arg(long, env = "CLOSE_TIMEOUT", default_value = "5", value_parser = parse_secs)]
+    pub close_timeout: Duration,
+
+    /// Seconds a shutdown (SIGINT/SIGTERM) may take to drain connections.
+    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "10", value_parser = parse_secs)]
+    pub shutdown_timeout: Duration,
+
+    /// Serve /echo, a WebSocket echo over the same connection path (for Autobahn).
+    #[arg(long, env = "ECHO_ENDPOINT", default_value = "false", value_parser = parse_bool, action = clap::ArgAction::Set)]
+    pub echo_endpoint: bool,
+
+    /// Messages a worker may have queued towards another worker before it stops reading.
+    #[arg(long, env = "BUS_CAPACITY", default_value_t = 65_536, value_parser = parse_count)]
+    pub bus_capacity: usize,
+
+    /// Pin each worker thread to one CPU.
+    #[arg(long, env = "PIN_WORKERS", default_value = "true", value_parser = parse_bool, action = clap::ArgAction::Set)]
+    pub pin_workers: bool,
+}
+
+/// A configuration that parsed but cannot be used as given.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("refusing to start without SECRET on non-loopback address {0}: set SECRET or HOST=127.0.0.1")]
+    OpenModeNotLoopback(IpAddr),
+    #[error("WORKERS={0} exceeds the {max} reactors herald supports", max = MAX_WORKERS)]
+    TooManyWorkers(usize),
+}
+
+impl Config {
+    /// Parses `std::env::args` and the environment. On a bad value returns
+    /// the one-line message to print and the exit code (2, or 0 for --help).
+    pub fn from_env() -> Result<Config, (String, i32)> {
+        Self::try_from_args(std::env::args_os())
+    }
+
+    /// Parses the given arguments (and the environment).
+    pub fn try_from_args<I, T>(args: I) -> Result<Config, (String, i32)>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let cfg = Config::try_parse_from(args).map_err(|e| match e.kind() {
+            ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => (e.to_string(), 0),
+            _ => (one_line(&e), 2),
+        })?;
+        cfg.validate().map_err(|e| (format!("herald: {e}"), 2))?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(w) = self.workers {
+            if w > MAX_WORKERS {
+                return Err(ConfigError::TooManyWorkers(w));
+            }
+        }
+        if self.secret.is_none() && !self.host().is_loopback() {
+            return Err(ConfigError::OpenModeNotLoopback(self.host()));
+        }
+        Ok(())
+    }
+
+    /// True when no SECRET is set: no tokens, every permission, loopback only.
+    pub fn open_mode(&self) -> bool {
+        self.secret.is_none()
+    }
+
+    /// The address to bind, with its mode-dependent default.
+    pub fn host(&self) -> IpAddr {
+        self.host.unwrap_or(if self.open_mode() {
+            IpAddr::from([127, 0, 0, 1])
+        } else {
+            IpAddr::from([0, 0, 0, 0])
+        })
+    }
+
+    /// The number of reactors to run.
+    pub fn worker_count(&self) -> usize {
+        self.workers
+            .unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            })
+            .clamp(1, MAX_WORKERS)
+    }
+}
+
+/// Renders a clap error as one line naming the environment variable.
+fn one_line(e: &clap::Error) -> String {
+    let arg = match e.get(ContextKind::InvalidArg) {
+        Some(ContextValue::String(s)) => Some(s.clone()),
+        _ => None,
+    };
+    let value = match e.get(ContextKind::InvalidValue) {
+        Some(ContextValue::String(s)) => Some(s.clone()),
+        _ => None,
+    };
+    if let (Some(arg), Some(value)) = (&arg, &value) {
+        // "--max-connections <MAX_CONNECTIONS>" -> MAX_CONNECTIONS
+        let flag = arg.split_whitespace().next().unwrap_or(arg);
+        let var = flag
+            .trim_start_matches('-')
+            .replace('-', "_")
+            .to_uppercase();
+        let why = std::error::Error::source(e)
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| "a valid value".to_string());
+        return format!("herald: invalid {var} ({flag}) value '{value}': {why}");
+    }
+    let text = e.to_string();
+    let first = text.lines().next().unwrap_or("invalid arguments");
+    format!("herald: {}", first.trim_start_matches("error: "))
+}
+
+fn parse_port(s: &str) -> Result<u16, String> {
+    s.trim()
+        .parse()
+        .map_err(|_| "expected a port number from 0 to 65535".into())
+}
+
+fn parse_ip(s: &str) -> Result<IpAddr, String> {
+    let s = s.trim();
+    if s == "localhost" {
+        return Ok(IpAddr::from([127, 0, 0, 1]));
+    }
+    s.parse()
+        .map_err(|_| "expected an IP address such as 127.0.0.1 or 0.0.0.0".into())
+}
+
+fn parse_level(s: &str) -> Result<String, String> {
+    let level = match s.trim().to_ascii_lowercase().as_str() {
+        "trace" => "trace",
+        "debug" => "debug",
+        "info" => "info",
+        "warn" | "warning" => "warn",
+        "error" | "fatal" | "panic" => "error",
+        "off" => "off",
+        _ => return Err("expected one of trace, debug, info, warning, error".into()),
+    };
+    Ok(level.to_string())
+}
+
+fn parse_workers(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if (1..=MAX_WORKERS).contains(&n) => Ok(n),
+        _ => Err(format!("expected a whole number from 1 to {MAX_WORKERS}")),
+    }
+}
+
+fn parse_count(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err("expected a whole number greater than 0".into()),
+    }
+}
+
+fn parse_u64(s: &str) -> Result<u64, String> {
+    s.trim()
+        .parse()
+        .map_err(|_| "expected a whole number, 0 or more".into())
+}
+
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .trim()
+        .trim_end_matches('s')
+        .parse()
+        .map_err(|_| "expected a number of seconds such as 10 or 0.5".to_string())?;
+    if !(secs.is_finite() && secs > 0.0 && secs <= 86_400.0) {
+        return Err("expected a number of seconds above 0 and at most 86400".into());
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Accepts true/false, 1/0, yes/no, on/off (any case).
+pub fn parse_bool(s: &str) -> Result<bool, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" | "" => Ok(false),
+        _ => Err("expected true or false".into()),
+    }
+}
+
+/// Parses a byte size: `65536`, `64KiB`, `64k`, `1MiB`, `1m`, `1GiB`.
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    const EXPECTED: &str = "expected a size in bytes such as 65536, 64KiB or 1MiB";
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: usize = num.parse().map_err(|_| EXPECTED.to_string())?;
+    let mult: usize = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return Err(EXPECTED.into()),
+    };
+    match n.checked_mul(mult) {
+        Some(v) if v > 0 => Ok(v),
+        _ => Err("expected a size greater than 0".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, (String, i32)> {
+        let mut all = vec!["herald"];
+        all.extend_from_slice(args);
+        Config::try_from_args(all)
+    }
+
+    #[test]
+    fn sizes_accept_suffixes() {
+        assert_eq!(parse_size("65536"), Ok(65536));
+        assert_eq!(parse_size("64KiB"), Ok(65536));
+        assert_eq!(parse_size("64k"), Ok(65536));
+        assert_eq!(parse_size("1MiB"), Ok(1 << 20));
+        assert_eq!(parse_size("16m"), Ok(16 << 20));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("12parsecs").is_err());
+    }
+
+    #[test]
+    fn defaults_match_the_documentation() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.port, 6380);
+        assert_eq!(c.max_connections, 100_000);
+        assert_eq!(c.max_message_size, 64 * 1024);
+        assert_eq!(c.send_queue_limit, 1 << 20);
+        assert!(c.open_mode());
+        assert_eq!(c.host(), IpAddr::from([127, 0, 0, 1]));
+    }
+
+    #[test]
+    fn secret_changes_default_host() {
+        let c = parse(&["--secret", "s"]).unwrap();
+        assert_eq!(c.host(), IpAddr::from([0, 0, 0, 0]));
+    }
+
+    #[test]
+    fn open_mode_refuses_public_address() {
+        let (msg, code) = parse(&["--host", "0.0.0.0"]).unwrap_err();
+        assert_eq!(code, 2);
+        assert!(msg.contains("SECRET"), "{msg}");
+        assert_eq!(msg.lines().count(), 1);
+    }
+
+    #[test]
+    fn bad_value_is_one_line_naming_the_variable() {
+        let (msg, code) = parse(&["--port", "http"]).unwrap_err();
+        assert_eq!(code, 2);
+        assert_eq!(msg.lines().count(), 1, "{msg}");
+        assert!(msg.contains("PORT") && msg.contains("expected"), "{msg}");
+        let (msg, _) = parse(&["--max-message-size", "huge"]).unwrap_err();
+        assert!(msg.contains("MAX_MESSAGE_SIZE"), "{msg}");
+    }
+
+    #[test]
+    fn origins_are_comma_separated() {
+        let c = parse(&["--allowed-origins", "https://a.example,https://b.example"]).unwrap();
+        assert_eq!(c.allowed_origins.len(), 2);
+    }
+}

@@ -1,0 +1,300 @@
+//! Everything that arrives on the port before (or instead of) a WebSocket:
+//! reading a request head, the upgrade checks (path, handshake, Origin,
+//! token, MAX_CONNECTIONS), and the HTTP API (`POST /publish`,
+//! `POST /broadcast`, `GET /health`, `GET /metrics`) with keep-alive.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+
+use monoio::io::AsyncWriteRentExt;
+use monoio::net::TcpStream;
+
+use crate::auth::Grant;
+use crate::handshake::{self, HttpError, RequestHead};
+use crate::protocol::{self, ErrorCode};
+use crate::session::{self, Mode};
+use crate::worker::Worker;
+
+/// Largest request head accepted.
+const MAX_HEAD: usize = 16 * 1024;
+
+enum HeadError {
+    /// The peer closed (or reset) before sending a complete head.
+    Closed,
+    Http(HttpError),
+}
+
+/// Reads more bytes into `buf`'s spare capacity; `Ok(0)` is EOF.
+async fn read_more(stream: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
+    buf.reserve(4096);
+    loop {
+        stream.readable(false).await?;
+        let spare = buf.spare_capacity_mut();
+        // SAFETY: `spare` is valid for writes of its length; recv reports
+        // how many bytes it initialised.
+        let n = unsafe {
+            libc::recv(
+                stream.as_raw_fd(),
+                spare.as_mut_ptr().cast(),
+                spare.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n >= 0 {
+            // SAFETY: recv initialised `n` bytes past the old length.
+            unsafe { buf.set_len(buf.len() + n as usize) };
+            return Ok(n as usize);
+        }
+        let err = io::Error::last_os_error();
+        if !matches!(
+            err.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+        ) {
+            return Err(err);
+        }
+    }
+}
+
+async fn read_head(
+    stream: &TcpStream,
+    buf: &mut Vec<u8>,
+) -> Result<(RequestHead, usize), HeadError> {
+    loop {
+        if !buf.is_empty() {
+            if let Some(parsed) = handshake::parse_head(buf).map_err(HeadError::Http)? {
+                return Ok(parsed);
+            }
+        }
+        if buf.len() >= MAX_HEAD {
+            return Err(HeadError::Http(HttpError::new(
+                431,
+                "request head too large",
+            )));
+        }
+        match read_more(stream, buf).await {
+            Ok(0) | Err(_) => return Err(HeadError::Closed),
+            Ok(_) => {}
+        }
+    }
+}
+
+async fn send(stream: &mut TcpStream, bytes: Vec<u8>) -> bool {
+    let (res, _) = stream.write_all(bytes).await;
+    res.is_ok()
+}
+
+/// Serves one accepted TCP connection: HTTP requests until it upgrades to
+/// WebSocket or closes.
+pub async fn serve(worker: Rc<Worker>, mut stream: TcpStream, peer: SocketAddr) {
+    let timeout = worker.shared.config.handshake_timeout;
+    let mut buf = Vec::new();
+    loop {
+        let (head, len) = match monoio::time::timeout(timeout, read_head(&stream, &mut buf)).await {
+            Ok(Ok(parsed)) => parsed,
+            Ok(Err(HeadError::Closed)) => return,
+            Ok(Err(HeadError::Http(e))) => {
+                tracing::debug!(%peer, error = %e, "bad request head");
+                send(&mut stream, handshake::error_response(&e)).await;
+                return;
+            }
+            Err(_) => {
+                if !buf.is_empty() {
+                    let e = HttpError::new(408, "request head not received in time");
+                    send(&mut stream, handshake::error_response(&e)).await;
+                }
+                return;
+            }
+        };
+        buf.drain(..len);
+        if head.wants_websocket() {
+            upgrade(worker, stream, head, buf, peer).await;
+            return;
+        }
+        if !api(&worker, &mut stream, &head, &mut buf).await {
+            return;
+        }
+    }
+}
+
+/// Refuses an upgrade with `err`, counting it under `reason`.
+async fn refuse(
+    worker: &Worker,
+    stream: &mut TcpStream,
+    reason: &str,
+    err: HttpError,
+    peer: SocketAddr,
+) {
+    tracing::debug!(%peer, reason, error = %err, "upgrade refused");
+    worker.shared.metrics.reject(reason);
+    send(stream, handshake::error_response(&err)).await;
+}
+
+async fn upgrade(
+    worker: Rc<Worker>,
+    mut stream: TcpStream,
+    head: RequestHead,
+    leftover: Vec<u8>,
+    peer: SocketAddr,
+) {
+    let shared = worker.shared.clone();
+    let cfg = &shared.config;
+    let mode = match head.path.as_str() {
+        "/" | "/ws" => Mode::PubSub,
+        "/echo" if cfg.echo_endpoint => Mode::Echo,
+        _ => {
+            let err = HttpError::new(404, format!("no WebSocket endpoint at {}", head.path));
+            return refuse(&worker, &mut stream, "not_found", err, peer).await;
+        }
+    };
+    let accept = match handshake::accept_key(&head) {
+        Ok(a) => a,
+        Err(e) => return refuse(&worker, &mut stream, "bad_handshake", e, peer).await,
+    };
+    if cfg.check_origin && !handshake::origin_allowed(&head, &cfg.allowed_origins) {
+        let err = HttpError::new(403, "origin not allowed");
+        return refuse(&worker, &mut stream, "origin", err, peer).await;
+    }
+    let grant = match mode {
+        // The echo endpoint is a conformance-testing aid, off by default.
+        Mode::Echo => Grant::open(),
+        Mode::PubSub => match shared
+            .auth
+            .authenticate(head.header("authorization"), head.query.as_deref())
+        {
+            Ok(g) => g,
+            Err(e) => {
+                let err = HttpError::new(401, e.to_string());
+                return refuse(&worker, &mut stream, "unauthorized", err, peer).await;
+            }
+        },
+    };
+    if !shared.try_reserve_connection() {
+        let err = HttpError::new(503, "connection limit reached (MAX_CONNECTIONS)");
+        return refuse(&worker, &mut stream, "max_connections", err, peer).await;
+    }
+    if send(&mut stream, handshake::switching_protocols(&accept)).await {
+        tracing::trace!(%peer, worker = worker.id, "websocket open");
+        session::run(worker.clone(), stream, leftover, grant, mode).await;
+    }
+    shared.release_connection();
+}
+
+fn json_error(code: ErrorCode, message: &str) -> (u16, Vec<u8>) {
+    let body = serde_json::json!({ "code": code.as_str(), "message": message });
+    (code.http_status(), body.to_string().into_bytes())
+}
+
+/// Serves one plain HTTP request; returns whether to keep the connection.
+async fn api(
+    worker: &Worker,
+    stream: &mut TcpStream,
+    head: &RequestHead,
+    buf: &mut Vec<u8>,
+) -> bool {
+    let shared = &worker.shared;
+    let mut keep = head.keep_alive() && !shared.is_shutting_down();
+    let json = "application/json";
+    let (status, ctype, body): (u16, &str, Vec<u8>) = match (
+        head.method.as_str(),
+        head.path.as_str(),
+    ) {
+        ("GET", "/health") => {
+            let ready = shared.ready.load(Ordering::Acquire);
+            let ok = ready == shared.workers && !shared.is_shutting_down();
+            let body = serde_json::json!({
+                "status": if ok { "ok" } else if shared.is_shutting_down() { "stopping" } else { "starting" },
+                "workers": shared.workers,
+                "ready_workers": ready,
+                "connections": shared.connections.load(Ordering::Relaxed),
+            });
+            (
+                if ok { 200 } else { 503 },
+                json,
+                body.to_string().into_bytes(),
+            )
+        }
+        ("GET", "/metrics") => {
+            let text = shared.metrics.render(shared.interest.channel_count());
+            (
+                200,
+                "text/plain; version=0.0.4; charset=utf-8",
+                text.into_bytes(),
+            )
+        }
+        ("POST", "/publish") | ("POST", "/broadcast") => {
+            let len = match head.content_length() {
+                Ok(len) => len,
+                Err(e) => {
+                    send(stream, handshake::error_response(&e)).await;
+                    return false;
+                }
+            };
+            if len > shared.config.max_message_size {
+                let msg = format!(
+                    "body of {len} bytes exceeds MAX_MESSAGE_SIZE ({})",
+                    shared.config.max_message_size
+                );
+                let (status, body) = json_error(ErrorCode::TooLarge, &msg);
+                send(stream, handshake::response(status, json, &body, false)).await;
+                return false;
+            }
+            while buf.len() < len {
+                match read_more(stream, buf).await {
+                    Ok(0) | Err(_) => return false,
+                    Ok(_) => {}
+                }
+            }
+            if shared.bus.congested(worker.id) {
+                shared.bus.wait_for_space(worker.id).await;
+            }
+            let (status, body) = publish(worker, head, &buf[..len], head.path == "/broadcast");
+            buf.drain(..len);
+            (status, json, body)
+        }
+        (_, "/publish" | "/broadcast" | "/health" | "/metrics") => {
+            let (_, body) = json_error(ErrorCode::BadRequest, "method not allowed");
+            keep = false;
+            (405, json, body)
+        }
+        ("GET", "/" | "/ws" | "/echo") => {
+            keep = false;
+            (
+                426,
+                "text/plain; charset=utf-8",
+                b"this endpoint expects a WebSocket upgrade\n".to_vec(),
+            )
+        }
+        _ => {
+            keep = false;
+            (404, "text/plain; charset=utf-8", b"not found\n".to_vec())
+        }
+    };
+    send(stream, handshake::response(status, ctype, &body, keep)).await && keep
+}
+
+/// `POST /publish` and `POST /broadcast`: authenticate, parse, publish.
+fn publish(worker: &Worker, head: &RequestHead, body: &[u8], wsify: bool) -> (u16, Vec<u8>) {
+    let shared = &worker.shared;
+    worker.metrics.messages_in.inc();
+    worker.metrics.bytes_in.inc_by(body.len() as u64);
+    let grant = match shared
+        .auth
+        .authenticate(head.header("authorization"), head.query.as_deref())
+    {
+        Ok(g) => g,
+        Err(e) => return json_error(ErrorCode::Unauthorized, &e.to_string()),
+    };
+    let (channel, data) = match protocol::parse_http_publish(body, wsify) {
+        Ok(parts) => parts,
+        Err(msg) => return json_error(ErrorCode::BadRequest, &msg),
+    };
+    if !grant.write.allows(&channel) {
+        let msg = format!("no write permission on channel {channel}");
+        return json_error(ErrorCode::Forbidden, &msg);
+    }
+    worker.publish(protocol::message_frame(&channel, data), None);
+    (202, br#"{"ok":true}"#.to_vec())
+}

@@ -1,0 +1,521 @@
+//! herald's wire protocol (`shared/spec/protocol.md`), version 1: parsing
+//! client messages and encoding server messages.
+//!
+//! Pure: bytes in, values out. Parsing borrows from the client's payload;
+//! `data` is kept as the publisher's raw JSON text and spliced into the
+//! outgoing frame byte for byte, so a publish is never re-serialised.
+
+use std::borrow::Cow;
+
+use bytes::{BufMut, Bytes};
+use serde::{Deserialize, Deserializer};
+use serde_json::value::RawValue;
+use tungstenite::protocol::frame::coding::{Data, OpCode};
+
+use crate::frame;
+
+/// Longest channel name, in bytes.
+pub const MAX_CHANNEL_LEN: usize = 255;
+
+/// Error codes of protocol.md.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    BadRequest,
+    Forbidden,
+    Unauthorized,
+    TooLarge,
+    RateLimited,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::RateLimited => "rate_limited",
+        }
+    }
+
+    /// The HTTP status of the same error in the HTTP API.
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorCode::BadRequest => 400,
+            ErrorCode::Unauthorized => 401,
+            ErrorCode::Forbidden => 403,
+            ErrorCode::TooLarge => 413,
+            ErrorCode::RateLimited => 429,
+        }
+    }
+}
+
+/// A client request that could not be understood: answered with `bad_request`.
+/// Carries the request's `id` when it could be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadRequest<'a> {
+    pub id: Option<&'a str>,
+    pub message: Cow<'static, str>,
+}
+
+/// One client operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op<'a> {
+    Subscribe {
+        channel: Cow<'a, str>,
+    },
+    Unsubscribe {
+        channel: Cow<'a, str>,
+    },
+    Publish {
+        channel: Cow<'a, str>,
+        data: &'a str,
+    },
+    Auth {
+        token: Cow<'a, str>,
+    },
+    Ping,
+}
+
+/// A parsed client message: the operation and its raw `id` (JSON number or string).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request<'a> {
+    pub id: Option<&'a str>,
+    pub op: Op<'a>,
+}
+
+/// Every field as raw JSON, so one ill-typed field still lets us read `id`.
+#[derive(Deserialize)]
+struct RawRequest<'a> {
+    #[serde(borrow, default, deserialize_with = "raw")]
+    op: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw")]
+    id: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw")]
+    channel: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw")]
+    data: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw")]
+    token: Option<&'a RawValue>,
+}
+
+/// Keeps a present `null` as `Some("null")` instead of `None`.
+fn raw<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
+}
+
+fn bad(id: Option<&str>, message: impl Into<Cow<'static, str>>) -> BadRequest<'_> {
+    BadRequest {
+        id,
+        message: message.into(),
+    }
+}
+
+fn string_field<'a>(
+    id: Option<&'a str>,
+    raw: Option<&'a RawValue>,
+    name: &'static str,
+) -> Result<Cow<'a, str>, BadRequest<'a>> {
+    let raw = raw.ok_or_else(|| bad(id, format!("missing field '{name}'")))?;
+    serde_json::from_str::<Cow<'a, str>>(raw.get())
+        .map_err(|_| bad(id, format!("field '{name}' must be a string")))
+}
+
+fn channel_field<'a>(
+    id: Option<&'a str>,
+    raw: Option<&'a RawValue>,
+) -> Result<Cow<'a, str>, BadRequest<'a>> {
+    let channel = string_field(id, raw, "channel")?;
+    validate_channel(&channel).map_err(|m| bad(id, m))?;
+    Ok(channel)
+}
+
+/// Checks a channel name: 1 to 255 bytes of `A-Z a-z 0-9 _ - = @ , . ; :`.
+pub fn validate_channel(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() || name.len() > MAX_CHANNEL_LEN {
+        return Err("invalid channel name: must be 1 to 255 bytes");
+    }
+    let ok = name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"_-=@,.;:".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err("invalid channel name: allowed characters are A-Z a-z 0-9 _ - = @ , . ; :")
+    }
+}
+
+/// Parses one client text message.
+pub fn parse_request(text: &[u8]) -> Result<Request<'_>, BadRequest<'_>> {
+    let raw: RawRequest<'_> = match serde_json::from_slice(text) {
+        Ok(r) => r,
+        Err(e) if e.is_data() => {
+            return Err(bad(
+                None,
+                "message must be a JSON object with an 'op' field",
+            ))
+        }
+        Err(_) => return Err(bad(None, "message is not valid JSON")),
+    };
+    let id = match raw.id.map(RawValue::get) {
+        None | Some("null") => None,
+        Some(s) if s.starts_with('"') || s.starts_with('-') || s.as_bytes()[0].is_ascii_digit() => {
+            Some(s)
+        }
+        Some(_) => return Err(bad(None, "field 'id' must be a number or a string")),
+    };
+    let op = string_field(id, raw.op, "op")?;
+    let op = match &*op {
+        "subscribe" => Op::Subscribe {
+            channel: channel_field(id, raw.channel)?,
+        },
+        "unsubscribe" => Op::Unsubscribe {
+            channel: channel_field(id, raw.channel)?,
+        },
+        "publish" => {
+            let channel = channel_field(id, raw.channel)?;
+            let data = raw
+                .data
+                .ok_or_else(|| bad(id, "missing field 'data'"))?
+                .get();
+            Op::Publish { channel, data }
+        }
+        "auth" => Op::Auth {
+            token: string_field(id, raw.token, "token")?,
+        },
+        "ping" => Op::Ping,
+        other => {
+            let mut shown: String = other.chars().take(32).collect();
+            if shown.len() < other.len() {
+                shown.push('…');
+            }
+            return Err(bad(id, format!("unknown op '{shown}'")));
+        }
+    };
+    Ok(Request { id, op })
+}
+
+#[derive(Deserialize)]
+struct RawHttpPublish<'a> {
+    #[serde(borrow, default, deserialize_with = "raw")]
+    channel: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw")]
+    data: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw")]
+    content: Option<&'a RawValue>,
+}
+
+/// Parses the body of `POST /publish` (`{"channel":..,"data":..}`) or, with
+/// `wsify`, of `POST /broadcast` (`{"channel":..,"content":..}`). Returns
+/// the channel and the raw JSON to deliver as `data`.
+pub fn parse_http_publish(
+    body: &[u8],
+    wsify: bool,
+) -> Result<(Cow<'_, str>, &str), Cow<'static, str>> {
+    let raw: RawHttpPublish<'_> = serde_json::from_slice(body).map_err(|e| {
+        if e.is_data() {
+            Cow::Borrowed("body must be a JSON object")
+        } else {
+            Cow::Borrowed("body is not valid JSON")
+        }
+    })?;
+    let channel = channel_field(None, raw.channel).map_err(|e| e.message)?;
+    let (field, value) = if wsify {
+        ("content", raw.content)
+    } else {
+        ("data", raw.data)
+    };
+    let data = value.ok_or_else(|| Cow::Owned(format!("missing field '{field}'")))?;
+    Ok((channel, data.get()))
+}
+
+/// Splits a binary publish (`n`, `n` bytes of channel, payload).
+pub fn parse_binary(payload: &[u8]) -> Result<(&str, &[u8]), &'static str> {
+    let (&n, rest) = payload
+        .split_first()
+        .ok_or("empty binary frame: expected a channel length byte")?;
+    let n = n as usize;
+    if n == 0 || rest.len() < n {
+        return Err("binary frame too short for its channel length byte");
+    }
+    let channel = std::str::from_utf8(&rest[..n]).map_err(|_| "binary channel is not UTF-8")?;
+    validate_channel(channel)?;
+    Ok((channel, &rest[n..]))
+}
+
+/// An encoded publish: the frame every subscriber receives, and where the
+/// channel name sits inside it, so it can cross cores as one [`Bytes`].
+#[derive(Debug, Clone)]
+pub struct Published {
+    pub frame: Bytes,
+    channel_at: u32,
+    channel_len: u8,
+}
+
+impl Published {
+    /// The channel this frame was published on.
+    pub fn channel(&self) -> &str {
+        let start = self.channel_at as usize;
+        let bytes = &self.frame[start..start + self.channel_len as usize];
+        // Channel names are validated ASCII before a frame is built.
+        std::str::from_utf8(bytes).unwrap_or("")
+    }
+}
+
+const MSG_HEAD: &[u8] = br#"{"op":"message","channel":""#;
+const MSG_MID: &[u8] = br#"","data":"#;
+
+/// Builds `{"op":"message","channel":..,"data":..}` as one text frame, with
+/// `data` spliced in verbatim. One allocation, whatever the fan-out.
+pub fn message_frame(channel: &str, data: &str) -> Published {
+    debug_assert!(validate_channel(channel).is_ok());
+    let len = MSG_HEAD.len() + channel.len() + MSG_MID.len() + data.len() + 1;
+    let mut buf = frame::start(OpCode::Data(Data::Text), len);
+    let channel_at = (buf.len() + MSG_HEAD.len()) as u32;
+    buf.put_slice(MSG_HEAD);
+    buf.put_slice(channel.as_bytes());
+    buf.put_slice(MSG_MID);
+    buf.put_slice(data.as_bytes());
+    buf.put_u8(b'}');
+    Published {
+        frame: buf.freeze(),
+        channel_at,
+        channel_len: channel.len() as u8,
+    }
+}
+
+/// Builds the binary frame subscribers receive for a binary publish: the
+/// same layout as the client sent (`n`, channel, payload).
+pub fn binary_frame(channel: &str, payload: &[u8]) -> Published {
+    let len = 1 + channel.len() + payload.len();
+    let mut buf = frame::start(OpCode::Data(Data::Binary), len);
+    buf.put_u8(channel.len() as u8);
+    let channel_at = buf.len() as u32;
+    buf.put_slice(channel.as_bytes());
+    buf.put_slice(payload);
+    Published {
+        frame: buf.freeze(),
+        channel_at,
+        channel_len: channel.len() as u8,
+    }
+}
+
+fn push_id(out: &mut Vec<u8>, id: Option<&str>) {
+    if let Some(id) = id {
+        out.extend_from_slice(br#","id":"#);
+        out.extend_from_slice(id.as_bytes());
+    }
+}
+
+fn reply(op: &str, channel: Option<&str>, id: Option<&str>) -> Bytes {
+    let mut out = Vec::with_capacity(64);
+    out.extend_from_slice(br#"{"op":""#);
+    out.extend_from_slice(op.as_bytes());
+    out.push(b'"');
+    if let Some(c) = channel {
+        out.extend_from_slice(br#","channel":""#);
+        out.extend_from_slice(c.as_bytes());
+        out.push(b'"');
+    }
+    push_id(&mut out, id);
+    out.push(b'}');
+    frame::text(&out)
+}
+
+/// `{"op":"subscribed","channel":..,"id":..}`
+pub fn subscribed(channel: &str, id: Option<&str>) -> Bytes {
+    reply("subscribed", Some(channel), id)
+}
+
+/// `{"op":"unsubscribed","channel":..,"id":..}` (also the notice after `auth`, without id)
+pub fn unsubscribed(channel: &str, id: Option<&str>) -> Bytes {
+    reply("unsubscribed", Some(channel), id)
+}
+
+/// `{"op":"ack","id":..}`
+pub fn ack(id: &str) -> Bytes {
+    reply("ack", None, Some(id))
+}
+
+/// `{"op":"authed","id":..}`
+pub fn authed(id: Option<&str>) -> Bytes {
+    reply("authed", None, id)
+}
+
+/// `{"op":"pong","id":..}`
+pub fn pong(id: Option<&str>) -> Bytes {
+    reply("pong", None, id)
+}
+
+/// `{"op":"error","id":..,"code":..,"message":..}`
+pub fn error(id: Option<&str>, code: ErrorCode, message: &str) -> Bytes {
+    let mut out = Vec::with_capacity(64 + message.len());
+    out.extend_from_slice(br#"{"op":"error""#);
+    push_id(&mut out, id);
+    out.extend_from_slice(br#","code":""#);
+    out.extend_from_slice(code.as_str().as_bytes());
+    out.extend_from_slice(br#"","message":"#);
+    // Serialising a &str into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut out, message);
+    out.push(b'}');
+    frame::text(&out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+    use std::io::Cursor;
+    use tungstenite::protocol::frame::FrameHeader;
+
+    fn payload(frame: &[u8]) -> Value {
+        let mut c = Cursor::new(frame);
+        FrameHeader::parse(&mut c).unwrap().unwrap();
+        serde_json::from_slice(&frame[c.position() as usize..]).unwrap()
+    }
+
+    #[test]
+    fn parses_each_op() {
+        let r = parse_request(br#"{"op":"subscribe","channel":"news","id":1}"#).unwrap();
+        assert_eq!(r.id, Some("1"));
+        assert_eq!(
+            r.op,
+            Op::Subscribe {
+                channel: "news".into()
+            }
+        );
+        let r = parse_request(br#"{"op":"publish","channel":"a","data":{"x": [1, 2]}}"#).unwrap();
+        assert_eq!(
+            r.op,
+            Op::Publish {
+                channel: "a".into(),
+                data: r#"{"x": [1, 2]}"#
+            }
+        );
+        let r = parse_request(br#"{"op":"publish","channel":"a","data":null,"id":"q"}"#).unwrap();
+        assert_eq!(
+            r.op,
+            Op::Publish {
+                channel: "a".into(),
+                data: "null"
+            }
+        );
+        assert_eq!(r.id, Some(r#""q""#));
+        assert_eq!(parse_request(br#"{"op":"ping"}"#).unwrap().op, Op::Ping);
+        let r = parse_request(br#"{"op":"auth","token":"t"}"#).unwrap();
+        assert_eq!(r.op, Op::Auth { token: "t".into() });
+        let r = parse_request(br#"{"op":"unsubscribe","channel":"c:1"}"#).unwrap();
+        assert_eq!(
+            r.op,
+            Op::Unsubscribe {
+                channel: "c:1".into()
+            }
+        );
+    }
+
+    #[test]
+    fn escaped_channel_names_are_decoded_then_checked() {
+        let r = parse_request(br#"{"op":"subscribe","channel":"\u0061b"}"#).unwrap();
+        assert_eq!(
+            r.op,
+            Op::Subscribe {
+                channel: "ab".into()
+            }
+        );
+        assert!(parse_request(br#"{"op":"subscribe","channel":"a\u0020b"}"#).is_err());
+    }
+
+    #[test]
+    fn bad_requests_keep_the_id_when_readable() {
+        let e = parse_request(br#"{"op":"dance","id":7}"#).unwrap_err();
+        assert_eq!(e.id, Some("7"));
+        assert!(e.message.contains("unknown op"));
+        let e = parse_request(br#"{"op":"subscribe","id":7}"#).unwrap_err();
+        assert!(e.message.contains("channel"));
+        let e = parse_request(br#"{"op":"subscribe","channel":5,"id":"x"}"#).unwrap_err();
+        assert_eq!(e.id, Some(r#""x""#));
+        let e = parse_request(br#"{"op":"publish","channel":"a"}"#).unwrap_err();
+        assert!(e.message.contains("data"));
+        assert!(parse_request(b"not json")
+            .unwrap_err()
+            .message
+            .contains("JSON"));
+        assert!(parse_request(b"[1,2]").is_err());
+        assert!(parse_request(br#"{"channel":"a"}"#)
+            .unwrap_err()
+            .message
+            .contains("op"));
+        assert!(parse_request(br#"{"op":"ping","id":[1]}"#).is_err());
+        assert!(parse_request(br#"{"op":"ping","id":true}"#).is_err());
+    }
+
+    #[test]
+    fn channel_rules() {
+        assert!(validate_channel("a-Z_0=@,.;:").is_ok());
+        assert!(validate_channel("").is_err());
+        assert!(validate_channel("chat:*").is_err());
+        assert!(validate_channel("has space").is_err());
+        assert!(validate_channel(&"x".repeat(255)).is_ok());
+        assert!(validate_channel(&"x".repeat(256)).is_err());
+        assert!(validate_channel("é").is_err());
+    }
+
+    #[test]
+    fn message_frame_splices_data_verbatim() {
+        let data = r#"{"b": 1,   "a":"é"}"#;
+        let p = message_frame("news", data);
+        assert_eq!(p.channel(), "news");
+        let v = payload(&p.frame);
+        assert_eq!(
+            v,
+            json!({"op":"message","channel":"news","data":{"b":1,"a":"é"}})
+        );
+        let text = String::from_utf8_lossy(&p.frame);
+        assert!(text.contains(data), "data must be byte for byte");
+    }
+
+    #[test]
+    fn binary_round_trip() {
+        let p = binary_frame("ch", b"\x00\x01");
+        assert_eq!(p.channel(), "ch");
+        let hl = frame::header_len(5);
+        let (c, body) = parse_binary(&p.frame[hl..]).unwrap();
+        assert_eq!((c, body), ("ch", &b"\x00\x01"[..]));
+        assert!(parse_binary(b"").is_err());
+        assert!(parse_binary(b"\x05ab").is_err());
+        assert!(parse_binary(b"\x00abc").is_err());
+        assert!(parse_binary(b"\x02a b").is_err());
+    }
+
+    #[test]
+    fn replies_have_id_only_when_given() {
+        assert_eq!(
+            payload(&subscribed("n", Some("1"))),
+            json!({"op":"subscribed","channel":"n","id":1})
+        );
+        assert_eq!(
+            payload(&unsubscribed("n", None)),
+            json!({"op":"unsubscribed","channel":"n"})
+        );
+        assert_eq!(payload(&ack(r#""a""#)), json!({"op":"ack","id":"a"}));
+        assert_eq!(payload(&pong(None)), json!({"op":"pong"}));
+        assert_eq!(payload(&authed(Some("2"))), json!({"op":"authed","id":2}));
+        assert_eq!(
+            payload(&error(Some("3"), ErrorCode::Forbidden, "no \"write\"")),
+            json!({"op":"error","id":3,"code":"forbidden","message":"no \"write\""})
+        );
+    }
+
+    #[test]
+    fn http_publish_bodies() {
+        let (c, d) = parse_http_publish(br#"{"channel":"news","data":[1, 2]}"#, false).unwrap();
+        assert_eq!((&*c, d), ("news", "[1, 2]"));
+        let (c, d) = parse_http_publish(br#"{"channel":"news","content":"hi"}"#, true).unwrap();
+        assert_eq!((&*c, d), ("news", r#""hi""#));
+        assert!(parse_http_publish(br#"{"channel":"news","content":"hi"}"#, false).is_err());
+        assert!(parse_http_publish(br#"{"channel":"bad name","data":1}"#, false).is_err());
+        assert!(parse_http_publish(b"{", false)
+            .unwrap_err()
+            .contains("JSON"));
+    }
+}

@@ -1,0 +1,374 @@
+//! Process start-up and shutdown: file-descriptor limit, listeners, one
+//! pinned reactor thread per worker, signals.
+//!
+//! Every worker owns a listener bound to the same address with
+//! SO_REUSEPORT, so the kernel spreads connections over the cores with no
+//! acceptor thread. Each runs a monoio runtime on io_uring, or on epoll
+//! where io_uring cannot be set up (said once in the log). SIGINT/SIGTERM
+//! stop accepting, close every connection with 1001 after flushing what
+//! is queued, and exit within SHUTDOWN_TIMEOUT; a second signal exits at once.
+
+use std::future::poll_fn;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use crossbeam_channel::Sender;
+use monoio::net::TcpListener;
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::config::Config;
+use crate::shard::unix_ms;
+use crate::worker::{Shared, Worker};
+
+/// Submission queue entries per io_uring (a fan-out queues one write per subscriber).
+const URING_ENTRIES: u32 = 4096;
+/// Cross-core messages delivered before yielding to other tasks.
+const DRAIN_BATCH: usize = 4096;
+/// File descriptors kept aside for listeners, io_uring, eventfds and HTTP clients.
+const SPARE_FDS: u64 = 256;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: io::Error },
+    #[error("cannot start worker thread: {0}")]
+    Thread(io::Error),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(io::Error),
+    #[error("worker {0} stopped unexpectedly: {1}")]
+    WorkerFailed(usize, String),
+}
+
+enum Event {
+    Ready,
+    Signal,
+    Exited(usize, Result<(), String>),
+}
+
+/// Runs herald until SIGINT/SIGTERM.
+pub fn run(config: Config) -> Result<(), ServerError> {
+    raise_nofile_limit(config.max_connections);
+    let workers = config.worker_count();
+    let wanted = SocketAddr::new(config.host(), config.port);
+    let listeners = bind_listeners(wanted, workers).map_err(|source| ServerError::Bind {
+        addr: wanted,
+        source,
+    })?;
+    let addr = listeners[0].local_addr().unwrap_or(wanted);
+    let shutdown_timeout = config.shutdown_timeout;
+    let pin = config.pin_workers;
+    let shared = Shared::new(config, workers);
+    let uring = monoio::utils::detect_uring();
+    if !uring {
+        tracing::warn!("io_uring is not available here; using the epoll driver");
+    }
+    if shared.auth.is_open() {
+        tracing::warn!("no SECRET set: open mode, every client may read and write every channel (loopback only)");
+    }
+
+    let (tx, rx) = crossbeam_channel::unbounded::<Event>();
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let mut threads = Vec::with_capacity(workers);
+    for (id, listener) in listeners.into_iter().enumerate() {
+        let core = if pin && !cores.is_empty() {
+            Some(cores[id % cores.len()])
+        } else {
+            None
+        };
+        let shared = shared.clone();
+        let tx = tx.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("herald-w{id}"))
+            .spawn(move || {
+                if let Some(core) = core {
+                    core_affinity::set_for_current(core);
+                }
+                let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    run_worker(id, shared, listener, uring, &tx)
+                }));
+                let res = match res {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err("panicked".to_string()),
+                };
+                let _ = tx.send(Event::Exited(id, res));
+            })
+            .map_err(ServerError::Thread)?;
+        threads.push(handle);
+    }
+
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])
+    .map_err(ServerError::Signals)?;
+    let sig_tx = tx.clone();
+    std::thread::Builder::new()
+        .name("herald-signals".into())
+        .spawn(move || {
+            for _ in signals.forever() {
+                if sig_tx.send(Event::Signal).is_err() {
+                    break;
+                }
+            }
+        })
+        .map_err(ServerError::Thread)?;
+
+    let mut ready = 0;
+    let mut failure = None;
+    while let Ok(ev) = rx.recv() {
+        match ev {
+            Event::Ready => {
+                ready += 1;
+                if ready == workers {
+                    let driver = if uring { "io_uring" } else { "epoll" };
+                    tracing::info!(workers, driver, "herald listening on {addr}");
+                }
+            }
+            Event::Signal => {
+                tracing::info!(
+                    "shutting down: closing connections (at most {:?})",
+                    shutdown_timeout
+                );
+                break;
+            }
+            Event::Exited(id, res) => {
+                let why = res.err().unwrap_or_else(|| "exited".into());
+                tracing::error!(worker = id, "worker stopped: {why}");
+                failure = Some(ServerError::WorkerFailed(id, why));
+                break;
+            }
+        }
+    }
+    shared.begin_shutdown();
+    let deadline = std::time::Instant::now() + shutdown_timeout + Duration::from_secs(1);
+    let mut running = workers - usize::from(failure.is_some());
+    while running > 0 {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(Event::Exited(..)) => running -= 1,
+            Ok(Event::Signal) => {
+                tracing::warn!("second signal: exiting now");
+                std::process::exit(1);
+            }
+            Ok(Event::Ready) => {}
+            Err(_) => {
+                tracing::warn!("shutdown timed out with {running} worker(s) still draining");
+                break;
+            }
+        }
+    }
+    if running == 0 {
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+    match failure {
+        Some(e) => Err(e),
+        None => {
+            tracing::info!("herald stopped");
+            Ok(())
+        }
+    }
+}
+
+/// Raises RLIMIT_NOFILE's soft limit to what MAX_CONNECTIONS needs (up to
+/// the hard limit) and warns when the hard limit is too low.
+fn raise_nofile_limit(max_connections: usize) {
+    let needed = max_connections as u64 + SPARE_FDS;
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    if lim.rlim_cur >= needed {
+        return;
+    }
+    let target = needed.min(lim.rlim_max);
+    if target > lim.rlim_cur {
+        let new = libc::rlimit {
+            rlim_cur: target,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &new) } == 0 {
+            lim.rlim_cur = target;
+        }
+    }
+    if lim.rlim_cur < needed {
+        tracing::warn!(
+            "MAX_CONNECTIONS={max_connections} needs about {needed} open files but RLIMIT_NOFILE allows {}: \
+             at most about {} connections can be open (raise the hard limit: ulimit -Hn, LimitNOFILE=)",
+            lim.rlim_cur,
+            lim.rlim_cur.saturating_sub(SPARE_FDS)
+        );
+    } else {
+        tracing::debug!("RLIMIT_NOFILE raised to {}", lim.rlim_cur);
+    }
+}
+
+fn listener_socket(addr: SocketAddr, reuse_port: bool) -> io::Result<Socket> {
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    if reuse_port {
+        sock.set_reuse_port(true)?;
+    }
+    if addr.is_ipv6() {
+        let _ = sock.set_only_v6(false);
+    }
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    Ok(sock)
+}
+
+/// Binds one SO_REUSEPORT listener per worker on the same address. A probe
+/// bound without SO_REUSEPORT first makes a port already in use an error
+/// (instead of silently sharing it with another process) and resolves port 0.
+fn bind_listeners(addr: SocketAddr, n: usize) -> io::Result<Vec<std::net::TcpListener>> {
+    let probe = listener_socket(addr, false)?;
+    let addr = probe.local_addr()?.as_socket().unwrap_or(addr);
+    drop(probe);
+    (0..n)
+        .map(|_| {
+            let sock = listener_socket(addr, true)?;
+            // The kernel caps the backlog at net.core.somaxconn.
+            sock.listen(65_535)?;
+            Ok(sock.into())
+        })
+        .collect()
+}
+
+static FALLBACK_LOGGED: AtomicBool = AtomicBool::new(false);
+
+fn run_worker(
+    id: usize,
+    shared: Arc<Shared>,
+    listener: std::net::TcpListener,
+    uring: bool,
+    events: &Sender<Event>,
+) -> io::Result<()> {
+    if uring {
+        match monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .with_entries(URING_ENTRIES)
+            .enable_timer()
+            .build()
+        {
+            Ok(mut rt) => return rt.block_on(worker_main(id, shared, listener, events)),
+            Err(e) => {
+                if !FALLBACK_LOGGED.swap(true, Ordering::Relaxed) {
+                    tracing::warn!("io_uring setup failed ({e}); using the epoll driver");
+                }
+            }
+        }
+    }
+    let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+        .enable_timer()
+        .build()?;
+    rt.block_on(worker_main(id, shared, listener, events))
+}
+
+/// Yields once to the other tasks of this thread.
+async fn yield_now() {
+    let mut yielded = false;
+    poll_fn(|cx| {
+        if yielded {
+            Poll::Ready(())
+        } else {
+            yielded = true;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+    })
+    .await
+}
+
+async fn worker_main(
+    id: usize,
+    shared: Arc<Shared>,
+    listener: std::net::TcpListener,
+    events: &Sender<Event>,
+) -> io::Result<()> {
+    let worker = Rc::new(Worker::new(id, shared.clone()));
+    let listener = TcpListener::from_std(listener)?;
+    let listen_fd = listener.as_raw_fd();
+    monoio::spawn(accept_loop(worker.clone(), listener));
+    monoio::spawn(timer_loop(worker.clone()));
+    shared.ready.fetch_add(1, Ordering::AcqRel);
+    let _ = events.send(Event::Ready);
+
+    // This task delivers what other cores publish, until shutdown.
+    while !shared.is_shutting_down() {
+        shared.bus.wait_for_messages(id).await;
+        while worker.drain_bus(DRAIN_BATCH) && !shared.is_shutting_down() {
+            yield_now().await;
+        }
+    }
+
+    // Stop accepting: a pending accept on a shut-down listener fails.
+    // SAFETY: the listener is owned by the accept task, still alive.
+    unsafe {
+        libc::shutdown(listen_fd, libc::SHUT_RD);
+    }
+    let timeout = shared.config.shutdown_timeout;
+    worker
+        .shard
+        .borrow_mut()
+        .close_all(unix_ms() + timeout.as_millis() as u64);
+    let empty = poll_fn(|cx| worker.shard.borrow_mut().poll_empty(cx));
+    let _ = monoio::time::timeout(timeout + Duration::from_millis(500), empty).await;
+    Ok(())
+}
+
+async fn accept_loop(worker: Rc<Worker>, listener: TcpListener) {
+    let mut last_warning = 0;
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                if worker.shared.is_shutting_down() {
+                    break;
+                }
+                let _ = stream.set_nodelay(true);
+                monoio::spawn(crate::http::serve(worker.clone(), stream, peer));
+            }
+            Err(e) => {
+                if worker.shared.is_shutting_down() {
+                    break;
+                }
+                let now = unix_ms();
+                if now - last_warning > 1000 {
+                    last_warning = now;
+                    tracing::warn!(worker = worker.id, "accept failed: {e}");
+                }
+                // Out of descriptors or memory: back off instead of spinning.
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                ) {
+                    monoio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Runs the shard's timers (token expiry, close deadlines) every 100 ms.
+async fn timer_loop(worker: Rc<Worker>) {
+    let mut tick = monoio::time::interval(Duration::from_millis(100));
+    loop {
+        tick.tick().await;
+        if worker.shared.is_shutting_down() && worker.shard.borrow().is_empty() {
+            break;
+        }
+        worker.shard.borrow_mut().run_timers(unix_ms());
+    }
+}

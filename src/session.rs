@@ -1,0 +1,413 @@
+//! A WebSocket connection's two tasks, after the upgrade.
+//!
+//! The **reader** waits for readability, then `recv`s into its core's
+//! shared read buffer; a connection keeps bytes of its own only while a
+//! frame is cut between reads, so an idle connection owns no read buffer.
+//! Frames are decoded in place ([`Decoder`]) and each message is handled at
+//! once: requests are applied to the [`Shard`](crate::shard::Shard),
+//! publishes go through [`Worker::publish`]. Before each frame it checks
+//! the cross-core bus and stops reading while that is congested.
+//!
+//! The **writer** sleeps until frames are queued, then hands up to
+//! `WRITE_BUFFER_SIZE` bytes of them to one vectored write.
+//!
+//! Closing: a close frame is queued (by either side's close, a protocol
+//! error, an expired token, a slow consumer or shutdown); the writer exits
+//! once it is written; the reader exits on the peer's close, EOF, or when
+//! the close deadline cuts the socket; then the connection is removed.
+
+use std::future::poll_fn;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
+use std::sync::Arc;
+
+use monoio::io::{AsyncWriteRent, OwnedReadHalf, OwnedWriteHalf, Splitable};
+use monoio::net::TcpStream;
+
+use crate::auth::Grant;
+use crate::codec::{Decoded, Decoder, Message, WsError};
+use crate::frame;
+use crate::protocol::{self, ErrorCode, Op};
+use crate::shard::{Batch, SubscribeError};
+use crate::worker::Worker;
+
+/// What a connection does with the messages it receives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The protocol of protocol.md.
+    PubSub,
+    /// Echo every message back (`/echo`, for conformance testing).
+    Echo,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flow {
+    Continue,
+    /// The bus towards another core is full: stop reading until it drains.
+    Congested,
+    /// The connection is finished (closing handshake or failure).
+    Stop,
+}
+
+/// Most `recv` calls per readiness event before yielding to other tasks.
+const READS_PER_WAKE: usize = 4;
+/// A partial-frame buffer larger than this is freed once emptied.
+const KEEP_PENDING: usize = 4096;
+
+/// Runs an upgraded connection until it is closed.
+pub async fn run(
+    worker: Rc<Worker>,
+    stream: TcpStream,
+    leftover: Vec<u8>,
+    grant: Arc<Grant>,
+    mode: Mode,
+) {
+    let fd = stream.as_raw_fd();
+    let (key, gen) = worker.shard.borrow_mut().open(fd, grant);
+    let (rd, wr) = stream.into_split();
+    let writer = monoio::spawn(write_loop(wr, worker.clone(), key, gen));
+    let mut reader = Reader {
+        key,
+        mode,
+        fd,
+        decoder: Decoder::new(worker.shared.config.max_message_size),
+        pending: leftover,
+        want: 0,
+    };
+    reader.run(&worker, &rd).await;
+    worker.shard.borrow_mut().abandon(key, gen);
+    let close_timeout = worker.shared.config.close_timeout;
+    if monoio::time::timeout(close_timeout, writer).await.is_err() {
+        worker.shard.borrow_mut().cut(key, gen);
+    }
+    worker
+        .shard
+        .borrow_mut()
+        .remove(key, gen, &worker.shared.interest);
+    drop(rd);
+}
+
+struct Reader {
+    key: usize,
+    mode: Mode,
+    fd: RawFd,
+    decoder: Decoder,
+    /// Bytes of a frame cut by a read (or left unprocessed by congestion).
+    pending: Vec<u8>,
+    /// Size of the frame `pending` starts, once its header is known.
+    want: usize,
+}
+
+/// `recv(2)` without blocking.
+fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: `buf` is valid for writes of `buf.len()` bytes.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
+impl Reader {
+    async fn run(&mut self, worker: &Worker, rd: &OwnedReadHalf<TcpStream>) {
+        // SAFETY: a shared reference used only to wait for readiness; the
+        // write half mutates nothing that `readable` reads (monoio's own
+        // split halves share the stream the same way).
+        let stream: &TcpStream = unsafe { &*rd.0.get() };
+        let bus = &worker.shared.bus;
+        if !self.pending.is_empty() && self.process_pending(worker) == Flow::Stop {
+            return;
+        }
+        loop {
+            if bus.congested(worker.id) {
+                bus.wait_for_space(worker.id).await;
+                if self.process_pending(worker) == Flow::Stop {
+                    return;
+                }
+                continue;
+            }
+            if stream.readable(false).await.is_err() {
+                return;
+            }
+            for _ in 0..READS_PER_WAKE {
+                let (flow, full) = {
+                    let mut scratch = worker.scratch.borrow_mut();
+                    let n = match recv(self.fd, &mut scratch) {
+                        Ok(0) => return,
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(_) => return,
+                    };
+                    let full = n == scratch.len();
+                    let flow = if self.pending.is_empty() {
+                        let (flow, used) = self.process(worker, &mut scratch[..n]);
+                        if used < n {
+                            self.pending.reserve(self.want.max(n - used));
+                            self.pending.extend_from_slice(&scratch[used..n]);
+                        }
+                        flow
+                    } else {
+                        self.pending.extend_from_slice(&scratch[..n]);
+                        drop(scratch);
+                        self.process_pending(worker)
+                    };
+                    (flow, full)
+                };
+                match flow {
+                    Flow::Stop => return,
+                    Flow::Congested => break,
+                    Flow::Continue if !full => break,
+                    Flow::Continue => {}
+                }
+            }
+        }
+    }
+
+    /// Processes the connection's own pending bytes.
+    fn process_pending(&mut self, worker: &Worker) -> Flow {
+        let mut pending = std::mem::take(&mut self.pending);
+        let (flow, used) = self.process(worker, &mut pending);
+        pending.drain(..used);
+        if pending.is_empty() && pending.capacity() > KEEP_PENDING {
+            pending = Vec::new();
+        } else if self.want > pending.capacity() {
+            pending.reserve(self.want - pending.len());
+        }
+        self.pending = pending;
+        flow
+    }
+
+    /// Decodes and handles the frames in `buf`; returns how far it got.
+    fn process(&mut self, worker: &Worker, buf: &mut [u8]) -> (Flow, usize) {
+        let mut used = 0;
+        self.want = 0;
+        while used < buf.len() {
+            if worker.shared.bus.congested(worker.id) {
+                return (Flow::Congested, used);
+            }
+            match self.decoder.decode(&mut buf[used..]) {
+                Ok(Decoded::Incomplete { frame_len }) => {
+                    self.want = frame_len;
+                    break;
+                }
+                Ok(Decoded::Frame { consumed, message }) => {
+                    used += consumed;
+                    if let Some(m) = message {
+                        if handle(worker, self.key, self.mode, m) == Flow::Stop {
+                            return (Flow::Stop, used);
+                        }
+                    }
+                }
+                Err(e) => {
+                    fail(worker, self.key, self.mode, &e);
+                    return (Flow::Stop, used);
+                }
+            }
+        }
+        (Flow::Continue, used)
+    }
+}
+
+/// Fails the connection (RFC 6455 §7.1.7) with the close code of `err`.
+fn fail(worker: &Worker, key: usize, mode: Mode, err: &WsError) {
+    let mut shard = worker.shard.borrow_mut();
+    match err {
+        WsError::TooLarge { .. } => {
+            if mode == Mode::PubSub {
+                shard.push(
+                    key,
+                    protocol::error(None, ErrorCode::TooLarge, &err.to_string()),
+                );
+            }
+            shard.close(key, Some(err.close_code()), "message too big", false);
+        }
+        _ => {
+            worker.metrics.protocol_errors.inc();
+            shard.close(key, Some(err.close_code()), &err.to_string(), false);
+        }
+    }
+}
+
+/// Handles one complete message or control frame.
+fn handle(worker: &Worker, key: usize, mode: Mode, msg: Message<'_>) -> Flow {
+    let closing = worker
+        .shard
+        .borrow()
+        .conn(key)
+        .is_none_or(|c| c.is_closing());
+    match msg {
+        Message::Close(body) => {
+            // §5.5.1: answer a close with a close echoing its code, then
+            // stop; if we sent ours first, this completes the handshake.
+            if !closing {
+                let code = body.map(|(code, _)| code);
+                worker.shard.borrow_mut().close(key, code, "", false);
+            }
+            Flow::Stop
+        }
+        // §1.4: after sending a close frame, data is no longer processed.
+        _ if closing => Flow::Continue,
+        Message::Ping(payload) => {
+            worker.shard.borrow_mut().push(key, frame::pong(payload));
+            Flow::Continue
+        }
+        Message::Pong => Flow::Continue,
+        Message::Text(text) => {
+            worker.metrics.messages_in.inc();
+            worker.metrics.bytes_in.inc_by(text.len() as u64);
+            match mode {
+                Mode::PubSub => handle_request(worker, key, text),
+                Mode::Echo => worker.shard.borrow_mut().push(key, frame::text(text)),
+            }
+            Flow::Continue
+        }
+        Message::Binary(data) => {
+            worker.metrics.messages_in.inc();
+            worker.metrics.bytes_in.inc_by(data.len() as u64);
+            match mode {
+                Mode::PubSub => handle_binary(worker, key, data),
+                Mode::Echo => worker.shard.borrow_mut().push(key, frame::binary(data)),
+            }
+            Flow::Continue
+        }
+    }
+}
+
+/// Checks write permission and rate; `Err` is the error frame to send.
+fn may_publish(
+    worker: &Worker,
+    key: usize,
+    channel: &str,
+    id: Option<&str>,
+) -> Result<(), bytes::Bytes> {
+    let mut shard = worker.shard.borrow_mut();
+    let allowed = shard
+        .conn(key)
+        .is_some_and(|c| c.grant.write.allows(channel));
+    if !allowed {
+        let msg = format!("no write permission on channel {channel}");
+        return Err(protocol::error(id, ErrorCode::Forbidden, &msg));
+    }
+    if !shard.take_publish_token(key) {
+        return Err(protocol::error(
+            id,
+            ErrorCode::RateLimited,
+            "publish rate limit exceeded",
+        ));
+    }
+    Ok(())
+}
+
+/// Applies one JSON request of protocol.md and queues its reply.
+fn handle_request(worker: &Worker, key: usize, text: &[u8]) {
+    let req = match protocol::parse_request(text) {
+        Ok(req) => req,
+        Err(e) => {
+            let reply = protocol::error(e.id, ErrorCode::BadRequest, &e.message);
+            worker.shard.borrow_mut().push(key, reply);
+            return;
+        }
+    };
+    let id = req.id;
+    let interest = &worker.shared.interest;
+    let reply = match req.op {
+        Op::Subscribe { channel } => {
+            let mut shard = worker.shard.borrow_mut();
+            let allowed = shard
+                .conn(key)
+                .is_some_and(|c| c.grant.read.allows(&channel));
+            if !allowed {
+                let msg = format!("no read permission on channel {channel}");
+                protocol::error(id, ErrorCode::Forbidden, &msg)
+            } else {
+                match shard.subscribe(key, &channel, interest) {
+                    Ok(()) => protocol::subscribed(&channel, id),
+                    Err(SubscribeError::TooMany(n)) => {
+                        let msg = format!("subscription limit of {n} channels reached");
+                        protocol::error(id, ErrorCode::Forbidden, &msg)
+                    }
+                }
+            }
+        }
+        Op::Unsubscribe { channel } => {
+            worker
+                .shard
+                .borrow_mut()
+                .unsubscribe(key, &channel, interest);
+            protocol::unsubscribed(&channel, id)
+        }
+        Op::Publish { channel, data } => match may_publish(worker, key, &channel, id) {
+            Err(reply) => reply,
+            Ok(()) => {
+                worker.publish(protocol::message_frame(&channel, data), Some(key));
+                match id {
+                    Some(id) => protocol::ack(id),
+                    None => return,
+                }
+            }
+        },
+        Op::Auth { token } => match worker.shared.auth.verify(&token) {
+            Ok(grant) => {
+                worker.shard.borrow_mut().reauthorize(key, grant, interest);
+                protocol::authed(id)
+            }
+            Err(e) => protocol::error(id, ErrorCode::Unauthorized, &e.to_string()),
+        },
+        Op::Ping => protocol::pong(id),
+    };
+    worker.shard.borrow_mut().push(key, reply);
+}
+
+/// Applies a binary publish (protocol.md, "Binary frames"): no ack.
+fn handle_binary(worker: &Worker, key: usize, data: &[u8]) {
+    let (channel, payload) = match protocol::parse_binary(data) {
+        Ok(parts) => parts,
+        Err(msg) => {
+            let reply = protocol::error(None, ErrorCode::BadRequest, msg);
+            worker.shard.borrow_mut().push(key, reply);
+            return;
+        }
+    };
+    match may_publish(worker, key, channel, None) {
+        Ok(()) => worker.publish(protocol::binary_frame(channel, payload), Some(key)),
+        Err(reply) => worker.shard.borrow_mut().push(key, reply),
+    }
+}
+
+/// Writes queued frames, many per system call, until the connection ends.
+async fn write_loop(mut wr: OwnedWriteHalf<TcpStream>, worker: Rc<Worker>, key: usize, gen: u64) {
+    let max = worker.shared.config.write_buffer_size;
+    let mut batch = Batch::new();
+    loop {
+        let go = poll_fn(|cx| {
+            worker
+                .shard
+                .borrow_mut()
+                .fill(key, gen, &mut batch, max, cx)
+        })
+        .await;
+        if !go {
+            break;
+        }
+        batch.prepare();
+        let (res, b) = wr.writev(batch).await;
+        batch = b;
+        match res {
+            Ok(n) if n > 0 => {
+                batch.advance(n);
+                batch.shrink();
+                worker.shard.borrow_mut().written(key, gen, n);
+            }
+            _ => {
+                worker.shard.borrow_mut().cut(key, gen);
+                break;
+            }
+        }
+    }
+}

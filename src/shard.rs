@@ -1,0 +1,777 @@
+//! One reactor's state: its connections (a `slab`), its channel table
+//! (channel -> local subscribers), their outbound queues and timers.
+//!
+//! Owned by exactly one thread and never locked: tasks on that thread borrow
+//! it briefly, never across an `.await`. No IO happens here except cutting a
+//! socket (`shutdown(2)`) whose deadline passed; the fan-out is
+//! [`Shard::deliver`]: one `Bytes` clone (a refcount increment) pushed onto
+//! each subscriber's queue, and a wake of that subscriber's writer task.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::os::fd::RawFd;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Instant;
+
+use bytes::{Buf, Bytes};
+use indexmap::IndexSet;
+use slab::Slab;
+
+use crate::auth::Grant;
+use crate::frame;
+use crate::interest::Interest;
+use crate::metrics::WorkerMetrics;
+
+type Subscribers = IndexSet<usize, ahash::RandomState>;
+
+/// Most frames handed to one vectored write (the kernel's IOV_MAX is 1024).
+pub const MAX_IOV: usize = 512;
+
+/// Limits a shard enforces, from the configuration.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub send_queue_limit: usize,
+    pub max_subscriptions: usize,
+    pub close_timeout_ms: u64,
+    pub publish_rate: u64,
+    pub jwt_leeway: u64,
+}
+
+/// A connection's token bucket for publishes.
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+/// A WebSocket connection as its reactor sees it.
+#[derive(Debug)]
+pub struct Conn {
+    /// Distinguishes this connection from a later one reusing the slab slot.
+    pub gen: u64,
+    fd: RawFd,
+    /// Frames not yet handed to the writer.
+    queue: VecDeque<Bytes>,
+    /// Bytes in `queue`.
+    queued: usize,
+    /// Bytes handed to the writer and not yet written.
+    inflight: usize,
+    /// The writer task, parked while `queue` is empty.
+    writer: Option<Waker>,
+    /// Set once a close frame is queued (or the peer vanished): nothing else
+    /// is queued after it, and the TCP connection is cut at the deadline.
+    closing: Option<u64>,
+    /// The socket was shut down; reader and writer must stop.
+    cut: bool,
+    pub grant: Arc<Grant>,
+    /// Channels this connection is subscribed to.
+    subs: Vec<Box<str>>,
+    bucket: Option<Bucket>,
+}
+
+impl Conn {
+    /// Has a close frame been queued (or the connection been abandoned)?
+    pub fn is_closing(&self) -> bool {
+        self.closing.is_some()
+    }
+}
+
+/// Frames taken from a connection's queue for one vectored write. Owns the
+/// `Bytes` (so io_uring may hold their pointers) and the iovec array.
+pub struct Batch {
+    bufs: VecDeque<Bytes>,
+    iov: Vec<libc::iovec>,
+    bytes: usize,
+}
+
+impl Default for Batch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Batch {
+    pub fn new() -> Self {
+        Batch {
+            bufs: VecDeque::new(),
+            iov: Vec::new(),
+            bytes: 0,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bufs.is_empty()
+    }
+
+    /// Bytes still to write.
+    pub fn len(&self) -> usize {
+        self.bytes
+    }
+
+    fn push(&mut self, b: Bytes) {
+        self.bytes += b.len();
+        self.bufs.push_back(b);
+    }
+
+    /// Rebuilds the iovec array; call before handing the batch to a write.
+    pub fn prepare(&mut self) {
+        self.iov.clear();
+        self.iov.extend(self.bufs.iter().map(|b| libc::iovec {
+            iov_base: b.as_ptr() as *mut libc::c_void,
+            iov_len: b.len(),
+        }));
+    }
+
+    /// Drops what a write of `n` bytes sent.
+    pub fn advance(&mut self, mut n: usize) {
+        self.bytes -= n;
+        while n > 0 {
+            let Some(front) = self.bufs.front_mut() else {
+                break;
+            };
+            if front.len() <= n {
+                n -= front.len();
+                self.bufs.pop_front();
+            } else {
+                front.advance(n);
+                n = 0;
+            }
+        }
+    }
+
+    /// Frees the buffers of a batch that grew large, once it is empty.
+    pub fn shrink(&mut self) {
+        if self.bufs.is_empty() && self.bufs.capacity() > 16 {
+            *self = Batch::new();
+        }
+    }
+}
+
+// SAFETY: `iov` points into the `Bytes` in `bufs`, whose heap data never
+// moves while the batch is owned by the runtime; `prepare` keeps the two in
+// step and nothing changes `bufs` while a write is in flight.
+unsafe impl monoio::buf::IoVecBuf for Batch {
+    fn read_iovec_ptr(&self) -> *const libc::iovec {
+        self.iov.as_ptr()
+    }
+    fn read_iovec_len(&self) -> usize {
+        self.iov.len()
+    }
+}
+
+/// Why a subscribe was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubscribeError {
+    TooMany(usize),
+}
+
+/// One core's connections and channels.
+pub struct Shard {
+    id: usize,
+    limits: Limits,
+    conns: Slab<Conn>,
+    channels: HashMap<Box<str>, Subscribers, ahash::RandomState>,
+    /// (deadline in Unix ms, slot, gen): token expiries and close deadlines.
+    timers: BinaryHeap<Reverse<(u64, usize, u64)>>,
+    next_gen: u64,
+    metrics: WorkerMetrics,
+    /// Woken when the last connection leaves (for shutdown).
+    empty_waker: Option<Waker>,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Shuts a socket down both ways: pending reads return EOF, writes fail.
+fn cut_socket(fd: RawFd) {
+    // SAFETY: `fd` belongs to a connection still in the slab, so it is open.
+    unsafe {
+        libc::shutdown(fd, libc::SHUT_RDWR);
+    }
+}
+
+impl Shard {
+    pub fn new(id: usize, limits: Limits, metrics: WorkerMetrics) -> Self {
+        Shard {
+            id,
+            limits,
+            conns: Slab::new(),
+            channels: HashMap::default(),
+            timers: BinaryHeap::new(),
+            next_gen: 1,
+            metrics,
+            empty_waker: None,
+        }
+    }
+
+    pub fn id(&self) -> usize {
+        self.id
+    }
+
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+
+    pub fn conn(&self, key: usize) -> Option<&Conn> {
+        self.conns.get(key)
+    }
+
+    fn conn_mut(&mut self, key: usize, gen: u64) -> Option<&mut Conn> {
+        self.conns.get_mut(key).filter(|c| c.gen == gen)
+    }
+
+    /// Registers a new connection; returns its slot and generation.
+    pub fn open(&mut self, fd: RawFd, grant: Arc<Grant>) -> (usize, u64) {
+        let gen = self.next_gen;
+        self.next_gen += 1;
+        let bucket = (self.limits.publish_rate > 0).then(|| Bucket {
+            tokens: self.limits.publish_rate as f64,
+            last: Instant::now(),
+        });
+        let exp = grant.exp;
+        let key = self.conns.insert(Conn {
+            gen,
+            fd,
+            queue: VecDeque::new(),
+            queued: 0,
+            inflight: 0,
+            writer: None,
+            closing: None,
+            cut: false,
+            grant,
+            subs: Vec::new(),
+            bucket,
+        });
+        self.schedule_expiry(key, gen, exp);
+        self.metrics.connections.inc();
+        (key, gen)
+    }
+
+    fn schedule_expiry(&mut self, key: usize, gen: u64, exp: Option<u64>) {
+        if let Some(exp) = exp {
+            let at = exp
+                .saturating_add(self.limits.jwt_leeway)
+                .saturating_mul(1000)
+                + 1;
+            self.timers.push(Reverse((at, key, gen)));
+        }
+    }
+
+    /// Forgets a finished connection and its subscriptions.
+    pub fn remove(&mut self, key: usize, gen: u64, interest: &Interest) {
+        if self.conn_mut(key, gen).is_none() {
+            return;
+        }
+        let conn = self.conns.remove(key);
+        for channel in conn.subs.iter() {
+            self.drop_subscriber(channel, key, interest);
+        }
+        self.metrics.subscriptions.dec_by(conn.subs.len() as i64);
+        self.metrics.connections.dec();
+        if self.conns.is_empty() {
+            if let Some(w) = self.empty_waker.take() {
+                w.wake();
+            }
+        }
+    }
+
+    fn drop_subscriber(&mut self, channel: &str, key: usize, interest: &Interest) {
+        if let Some(set) = self.channels.get_mut(channel) {
+            set.swap_remove(&key);
+            if set.is_empty() {
+                self.channels.remove(channel);
+                interest.remove(channel, self.id);
+                self.metrics.channels.dec();
+            }
+        }
+    }
+
+    /// Subscribes `key` to `channel`. Subscribing twice is harmless.
+    /// The interest bit is set before this returns, i.e. before the
+    /// confirmation is queued.
+    pub fn subscribe(
+        &mut self,
+        key: usize,
+        channel: &str,
+        interest: &Interest,
+    ) -> Result<(), SubscribeError> {
+        if let Some(set) = self.channels.get(channel) {
+            if set.contains(&key) {
+                return Ok(());
+            }
+        }
+        let Some(conn) = self.conns.get_mut(key) else {
+            return Ok(());
+        };
+        if conn.subs.len() >= self.limits.max_subscriptions {
+            return Err(SubscribeError::TooMany(self.limits.max_subscriptions));
+        }
+        conn.subs.push(channel.into());
+        self.metrics.subscriptions.inc();
+        match self.channels.get_mut(channel) {
+            Some(set) => {
+                set.insert(key);
+            }
+            None => {
+                interest.add(channel, self.id);
+                let mut set = Subscribers::default();
+                set.insert(key);
+                self.channels.insert(channel.into(), set);
+                self.metrics.channels.inc();
+            }
+        }
+        Ok(())
+    }
+
+    /// Unsubscribes `key` from `channel`; false if it was not subscribed.
+    pub fn unsubscribe(&mut self, key: usize, channel: &str, interest: &Interest) -> bool {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return false;
+        };
+        let Some(pos) = conn.subs.iter().position(|c| &**c == channel) else {
+            return false;
+        };
+        conn.subs.swap_remove(pos);
+        self.metrics.subscriptions.dec();
+        self.drop_subscriber(channel, key, interest);
+        true
+    }
+
+    /// Replaces a connection's permissions; unsubscribes (and notifies) each
+    /// channel it may no longer read.
+    pub fn reauthorize(&mut self, key: usize, grant: Arc<Grant>, interest: &Interest) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        let gen = conn.gen;
+        let exp = grant.exp;
+        let lost: Vec<Box<str>> = conn
+            .subs
+            .iter()
+            .filter(|c| !grant.read.allows(c))
+            .cloned()
+            .collect();
+        conn.grant = grant;
+        for channel in lost {
+            self.unsubscribe(key, &channel, interest);
+            self.push(key, crate::protocol::unsubscribed(&channel, None));
+        }
+        self.schedule_expiry(key, gen, exp);
+    }
+
+    /// Takes one publish token; false when the connection is over its rate.
+    pub fn take_publish_token(&mut self, key: usize) -> bool {
+        let rate = self.limits.publish_rate as f64;
+        let Some(bucket) = self.conns.get_mut(key).and_then(|c| c.bucket.as_mut()) else {
+            return true;
+        };
+        let now = Instant::now();
+        let refill = now.duration_since(bucket.last).as_secs_f64() * rate;
+        bucket.tokens = (bucket.tokens + refill).min(rate);
+        bucket.last = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Queues `frame` for `key`. A connection whose unsent output would
+    /// pass the limit is closed with 4008 instead (its queue is dropped;
+    /// other connections are unaffected).
+    pub fn push(&mut self, key: usize, frame: Bytes) {
+        let limit = self.limits.send_queue_limit;
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        if conn.closing.is_some() {
+            return;
+        }
+        if conn.queued + conn.inflight + frame.len() > limit {
+            self.metrics.slow_consumer_closes.inc();
+            self.close(
+                key,
+                Some(4008),
+                "slow consumer: send queue limit reached",
+                true,
+            );
+            return;
+        }
+        conn.queued += frame.len();
+        conn.queue.push_back(frame);
+        if let Some(w) = conn.writer.take() {
+            w.wake();
+        }
+    }
+
+    /// Fans `frame` out to every local subscriber of `channel` but `except`.
+    /// Returns the number of deliveries.
+    pub fn deliver(&mut self, channel: &str, frame: &Bytes, except: Option<usize>) -> usize {
+        let Some(subs) = self.channels.get(channel) else {
+            return 0;
+        };
+        let limit = self.limits.send_queue_limit;
+        let mut delivered = 0;
+        let mut overflowed: Vec<usize> = Vec::new();
+        for &key in subs.iter() {
+            if Some(key) == except {
+                continue;
+            }
+            let Some(conn) = self.conns.get_mut(key) else {
+                continue;
+            };
+            if conn.closing.is_some() {
+                continue;
+            }
+            if conn.queued + conn.inflight + frame.len() > limit {
+                overflowed.push(key);
+                continue;
+            }
+            conn.queued += frame.len();
+            conn.queue.push_back(frame.clone());
+            if let Some(w) = conn.writer.take() {
+                w.wake();
+            }
+            delivered += 1;
+        }
+        for key in overflowed {
+            self.metrics.slow_consumer_closes.inc();
+            self.close(
+                key,
+                Some(4008),
+                "slow consumer: send queue limit reached",
+                true,
+            );
+        }
+        self.metrics.messages_out.inc_by(delivered as u64);
+        delivered
+    }
+
+    /// Starts closing `key`: queues a close frame (`code = None`: empty
+    /// body) after what is queued, or instead of it with `discard_queued`,
+    /// and sets the deadline after which the socket is cut.
+    pub fn close(&mut self, key: usize, code: Option<u16>, reason: &str, discard_queued: bool) {
+        let timeout = self.limits.close_timeout_ms;
+        self.close_with_deadline(key, code, reason, discard_queued, unix_ms() + timeout);
+    }
+
+    /// [`Shard::close`] with an explicit deadline (Unix ms).
+    pub fn close_with_deadline(
+        &mut self,
+        key: usize,
+        code: Option<u16>,
+        reason: &str,
+        discard_queued: bool,
+        deadline: u64,
+    ) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        if conn.closing.is_some() {
+            return;
+        }
+        if discard_queued {
+            conn.queue.clear();
+            conn.queued = 0;
+        }
+        let f = frame::close(code, reason);
+        conn.queued += f.len();
+        conn.queue.push_back(f);
+        conn.closing = Some(deadline);
+        let gen = conn.gen;
+        if let Some(w) = conn.writer.take() {
+            w.wake();
+        }
+        self.timers.push(Reverse((deadline, key, gen)));
+    }
+
+    /// The reader stopped without a closing handshake of ours (peer gone):
+    /// drop the queue and let the writer finish.
+    pub fn abandon(&mut self, key: usize, gen: u64) {
+        let Some(conn) = self.conn_mut(key, gen) else {
+            return;
+        };
+        if conn.closing.is_none() {
+            conn.queue.clear();
+            conn.queued = 0;
+            conn.closing = Some(unix_ms());
+        }
+        if let Some(w) = conn.writer.take() {
+            w.wake();
+        }
+    }
+
+    /// Cuts the socket of `key` now.
+    pub fn cut(&mut self, key: usize, gen: u64) {
+        if let Some(conn) = self.conn_mut(key, gen) {
+            if !conn.cut {
+                conn.cut = true;
+                cut_socket(conn.fd);
+            }
+            if let Some(w) = conn.writer.take() {
+                w.wake();
+            }
+        }
+    }
+
+    /// For the writer: moves queued frames into `batch` (at most
+    /// `max_bytes`, and at least one frame). `Ready(true)`: write the batch;
+    /// `Ready(false)`: the connection is finished, stop; `Pending`: idle.
+    pub fn fill(
+        &mut self,
+        key: usize,
+        gen: u64,
+        batch: &mut Batch,
+        max_bytes: usize,
+        cx: &mut Context<'_>,
+    ) -> Poll<bool> {
+        let Some(conn) = self.conn_mut(key, gen) else {
+            return Poll::Ready(false);
+        };
+        if conn.cut {
+            return Poll::Ready(false);
+        }
+        while let Some(front) = conn.queue.front() {
+            if batch.bufs.len() >= MAX_IOV
+                || (batch.bytes > 0 && batch.bytes + front.len() > max_bytes)
+            {
+                break;
+            }
+            let f = conn.queue.pop_front().unwrap_or_default();
+            conn.queued -= f.len();
+            conn.inflight += f.len();
+            batch.push(f);
+        }
+        if conn.queue.is_empty() && conn.queue.capacity() > 64 {
+            conn.queue = VecDeque::new();
+        }
+        if !batch.is_empty() {
+            return Poll::Ready(true);
+        }
+        if conn.closing.is_some() {
+            return Poll::Ready(false);
+        }
+        conn.writer = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    /// For the writer: `n` bytes of the in-flight batch were written.
+    pub fn written(&mut self, key: usize, gen: u64, n: usize) {
+        self.metrics.bytes_out.inc_by(n as u64);
+        if let Some(conn) = self.conn_mut(key, gen) {
+            conn.inflight = conn.inflight.saturating_sub(n);
+        }
+    }
+
+    /// Runs due timers at `now` (Unix ms): closes connections whose token
+    /// expired (4001) and cuts those whose close deadline passed.
+    pub fn run_timers(&mut self, now: u64) {
+        while let Some(&Reverse((at, key, gen))) = self.timers.peek() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            let leeway = self.limits.jwt_leeway;
+            let Some(conn) = self.conn_mut(key, gen) else {
+                continue;
+            };
+            match conn.closing {
+                Some(deadline) if deadline <= now => self.cut(key, gen),
+                Some(_) => {}
+                None => {
+                    let expired = conn
+                        .grant
+                        .exp
+                        .is_some_and(|exp| now > exp.saturating_add(leeway).saturating_mul(1000));
+                    if expired {
+                        self.metrics.expired_closes.inc();
+                        self.close(key, Some(4001), "token expired", false);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Closes every connection with 1001 after what is queued (shutdown).
+    pub fn close_all(&mut self, deadline: u64) {
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            self.close_with_deadline(key, Some(1001), "server shutting down", false, deadline);
+        }
+    }
+
+    /// Registers a waker for when the shard has no connection left.
+    pub fn poll_empty(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.conns.is_empty() {
+            Poll::Ready(())
+        } else {
+            self.empty_waker = Some(cx.waker().clone());
+            Poll::Pending
+        }
+    }
+
+    /// Local subscribers of `channel` (for tests and metrics).
+    pub fn subscriber_count(&self, channel: &str) -> usize {
+        self.channels.get(channel).map_or(0, |s| s.len())
+    }
+
+    /// Bytes queued or in flight for `key`.
+    pub fn unsent(&self, key: usize) -> usize {
+        self.conns.get(key).map_or(0, |c| c.queued + c.inflight)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::message_frame;
+    use std::task::Waker;
+
+    fn shard(limit: usize) -> Shard {
+        Shard::new(
+            0,
+            Limits {
+                send_queue_limit: limit,
+                max_subscriptions: 3,
+                close_timeout_ms: 1000,
+                publish_rate: 0,
+                jwt_leeway: 0,
+            },
+            WorkerMetrics::default(),
+        )
+    }
+
+    fn drain(s: &mut Shard, key: usize, gen: u64) -> Vec<Bytes> {
+        let mut batch = Batch::new();
+        let mut cx = Context::from_waker(Waker::noop());
+        let _ = s.fill(key, gen, &mut batch, usize::MAX, &mut cx);
+        batch.bufs.into_iter().collect()
+    }
+
+    #[test]
+    fn fan_out_shares_one_buffer_and_skips_sender() {
+        let interest = Interest::new();
+        let mut s = shard(1 << 20);
+        let conns: Vec<_> = (0..3).map(|_| s.open(-1, Grant::open())).collect();
+        for &(k, _) in &conns {
+            s.subscribe(k, "news", &interest).unwrap();
+        }
+        assert_eq!(interest.cores("news"), 1);
+        let p = message_frame("news", "1");
+        assert_eq!(s.deliver("news", &p.frame, Some(conns[0].0)), 2);
+        assert!(drain(&mut s, conns[0].0, conns[0].1).is_empty());
+        for &(k, g) in &conns[1..] {
+            let got = drain(&mut s, k, g);
+            assert_eq!(got.len(), 1);
+            assert_eq!(got[0].as_ptr(), p.frame.as_ptr(), "no per-subscriber copy");
+        }
+    }
+
+    #[test]
+    fn double_subscribe_delivers_once_and_last_unsubscribe_clears_interest() {
+        let interest = Interest::new();
+        let mut s = shard(1 << 20);
+        let (k, g) = s.open(-1, Grant::open());
+        s.subscribe(k, "a", &interest).unwrap();
+        s.subscribe(k, "a", &interest).unwrap();
+        assert_eq!(s.deliver("a", &message_frame("a", "1").frame, None), 1);
+        assert_eq!(drain(&mut s, k, g).len(), 1);
+        assert!(s.unsubscribe(k, "a", &interest));
+        assert!(!s.unsubscribe(k, "a", &interest));
+        assert_eq!(interest.cores("a"), 0);
+    }
+
+    #[test]
+    fn subscription_limit() {
+        let interest = Interest::new();
+        let mut s = shard(1 << 20);
+        let (k, _) = s.open(-1, Grant::open());
+        for c in ["a", "b", "c"] {
+            s.subscribe(k, c, &interest).unwrap();
+        }
+        assert_eq!(
+            s.subscribe(k, "d", &interest),
+            Err(SubscribeError::TooMany(3))
+        );
+    }
+
+    #[test]
+    fn slow_consumer_is_closed_and_others_keep_receiving() {
+        let interest = Interest::new();
+        let mut s = shard(100);
+        let (slow, sg) = s.open(-1, Grant::open());
+        let (fast, fg) = s.open(-1, Grant::open());
+        s.subscribe(slow, "a", &interest).unwrap();
+        s.subscribe(fast, "a", &interest).unwrap();
+        let p = message_frame("a", "\"0123456789\"");
+        for _ in 0..4 {
+            s.deliver("a", &p.frame, None);
+            assert_eq!(drain(&mut s, fast, fg).len(), 1);
+            let mut cx = Context::from_waker(Waker::noop());
+            let mut b = Batch::new();
+            let _ = s.fill(fast, fg, &mut b, usize::MAX, &mut cx);
+            s.written(fast, fg, p.frame.len());
+        }
+        assert!(s.conn(slow).unwrap().is_closing());
+        assert!(!s.conn(fast).unwrap().is_closing());
+        // The slow queue was replaced by a single close frame (4008).
+        let q = drain(&mut s, slow, sg);
+        assert_eq!(q.len(), 1);
+        assert_eq!(&q[0][2..4], &4008u16.to_be_bytes());
+    }
+
+    #[test]
+    fn remove_cleans_channels() {
+        let interest = Interest::new();
+        let mut s = shard(1 << 20);
+        let (k, g) = s.open(-1, Grant::open());
+        s.subscribe(k, "a", &interest).unwrap();
+        s.remove(k, g, &interest);
+        assert_eq!(s.subscriber_count("a"), 0);
+        assert_eq!(interest.cores("a"), 0);
+        assert!(s.is_empty());
+    }
+
+    #[test]
+    fn batch_advance_handles_partial_writes() {
+        let mut b = Batch::new();
+        b.push(Bytes::from_static(b"abc"));
+        b.push(Bytes::from_static(b"defg"));
+        b.advance(4);
+        assert_eq!(b.len(), 3);
+        assert_eq!(&b.bufs[0][..], b"efg");
+        b.advance(3);
+        assert!(b.is_empty());
+    }
+
+    #[test]
+    fn expiry_closes_with_4001() {
+        let interest = Interest::new();
+        let _ = &interest;
+        let mut s = shard(1 << 20);
+        let grant = Arc::new(Grant {
+            sub: None,
+            read: crate::auth::Patterns::all(),
+            write: crate::auth::Patterns::all(),
+            exp: Some(1000),
+        });
+        let (k, g) = s.open(-1, grant);
+        s.run_timers(1_000_000);
+        assert!(!s.conn(k).unwrap().is_closing());
+        s.run_timers(1_001_001);
+        assert!(s.conn(k).unwrap().is_closing());
+        let q = drain(&mut s, k, g);
+        assert_eq!(&q[0][2..4], &4001u16.to_be_bytes());
+    }
+}

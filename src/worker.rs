@@ -1,0 +1,141 @@
+//! A worker is one reactor thread: its [`Shard`], its view of the shared
+//! state, and the publish path that ties the two together.
+//!
+//! [`Worker::publish`] is the whole fan-out: read the interest map, hand a
+//! clone of the encoded frame to each other interested core through the
+//! bus, then deliver to local subscribers.
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use crate::auth::Authenticator;
+use crate::bus::Bus;
+use crate::config::Config;
+use crate::interest::Interest;
+use crate::metrics::{Metrics, WorkerMetrics};
+use crate::protocol::Published;
+use crate::shard::{Limits, Shard};
+
+/// State shared by every worker of the process.
+pub struct Shared {
+    pub config: Config,
+    pub auth: Authenticator,
+    pub interest: Interest,
+    pub bus: Arc<Bus>,
+    pub metrics: Metrics,
+    /// WebSocket connections open across all workers (for MAX_CONNECTIONS).
+    pub connections: AtomicUsize,
+    /// Workers whose listener is accepting.
+    pub ready: AtomicUsize,
+    pub workers: usize,
+    pub shutdown: AtomicBool,
+}
+
+impl Shared {
+    pub fn new(config: Config, workers: usize) -> Arc<Shared> {
+        Arc::new(Shared {
+            auth: Authenticator::new(config.secret.as_deref(), config.jwt_leeway),
+            interest: Interest::new(),
+            bus: Bus::new(workers, config.bus_capacity),
+            metrics: Metrics::new(workers),
+            connections: AtomicUsize::new(0),
+            ready: AtomicUsize::new(0),
+            workers,
+            shutdown: AtomicBool::new(false),
+            config,
+        })
+    }
+
+    /// Asks every worker to shut down.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.store(true, Ordering::Release);
+        for w in 0..self.workers {
+            self.bus.notify(w);
+        }
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutdown.load(Ordering::Acquire)
+    }
+
+    /// Reserves one WebSocket connection slot; false at MAX_CONNECTIONS.
+    pub fn try_reserve_connection(&self) -> bool {
+        let max = self.config.max_connections;
+        self.connections
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    pub fn release_connection(&self) {
+        self.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// One reactor's context, shared by the tasks of its thread.
+pub struct Worker {
+    pub id: usize,
+    pub shared: Arc<Shared>,
+    pub shard: RefCell<Shard>,
+    /// The read buffer every connection of this core reads into; a
+    /// connection keeps bytes of its own only for a frame cut by a read.
+    pub scratch: RefCell<Vec<u8>>,
+    pub metrics: WorkerMetrics,
+}
+
+impl Worker {
+    pub fn new(id: usize, shared: Arc<Shared>) -> Worker {
+        let c = &shared.config;
+        let limits = Limits {
+            send_queue_limit: c.send_queue_limit,
+            max_subscriptions: c.max_subscriptions,
+            close_timeout_ms: c.close_timeout.as_millis() as u64,
+            publish_rate: c.publish_rate,
+            jwt_leeway: c.jwt_leeway,
+        };
+        let metrics = shared.metrics.worker(id);
+        Worker {
+            id,
+            shard: RefCell::new(Shard::new(id, limits, metrics.clone())),
+            scratch: RefCell::new(vec![0; c.read_buffer_size]),
+            metrics,
+            shared,
+        }
+    }
+
+    /// Publishes an encoded frame: to other interested cores through the
+    /// bus, then to local subscribers except `except`. The caller has
+    /// checked [`Bus::congested`] before decoding the message.
+    pub fn publish(&self, msg: Published, except: Option<usize>) {
+        self.metrics.publishes.inc();
+        let bus = &self.shared.bus;
+        let mut others = self.shared.interest.cores(msg.channel()) & !(1u64 << self.id);
+        while others != 0 {
+            let dst = others.trailing_zeros() as usize;
+            others &= others - 1;
+            if !bus.send(self.id, dst, msg.clone()) {
+                tracing::error!(
+                    worker = self.id,
+                    dst,
+                    "cross-core queue overflow: message dropped"
+                );
+            }
+        }
+        self.shard
+            .borrow_mut()
+            .deliver(msg.channel(), &msg.frame, except);
+    }
+
+    /// Delivers frames other cores published, in batches. Returns whether
+    /// more are waiting.
+    pub fn drain_bus(&self, max: usize) -> bool {
+        let mut shard = self.shard.borrow_mut();
+        let (n, more) = self.shared.bus.drain(self.id, max, |msg| {
+            shard.deliver(msg.channel(), &msg.frame, None);
+        });
+        self.metrics.cross_core_in.inc_by(n as u64);
+        more
+    }
+}
