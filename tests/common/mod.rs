@@ -1,0 +1,372 @@
+//! Shared harness for the end-to-end tests: starts the real `herald`
+//! binary on an ephemeral loopback port and talks to it over real sockets.
+//!
+//! Readiness is the server's own "listening on" log line, never a sleep.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tungstenite::client::IntoClientRequest;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::WebSocket;
+use tungstenite::Message;
+
+/// How long a test waits for anything before failing.
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+pub const SECRET: &str = "test-secret";
+
+/// A running herald process, killed on drop.
+pub struct Server {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Server {
+    /// Starts herald with `WORKERS=2`, `PORT=0` and the given environment.
+    pub fn start(env: &[(&str, &str)]) -> Server {
+        Self::try_start(env).unwrap_or_else(|log| panic!("herald did not start:\n{log}"))
+    }
+
+    /// Starts herald; on failure returns what it logged.
+    pub fn try_start(env: &[(&str, &str)]) -> Result<Server, String> {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
+        cmd.env_clear()
+            .env("PORT", "0")
+            .env("WORKERS", "2")
+            .env("LOGLEVEL", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn herald");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(pos) = line.find("listening on ") {
+                    let addr = line[pos + 13..]
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or("")
+                        .to_string();
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(addr);
+                    }
+                }
+                log2.lock().unwrap().push(line);
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(addr) => Ok(Server {
+                child: Some(child),
+                addr: addr.parse().expect("listening address"),
+                log,
+            }),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(log.lock().unwrap().join("\n"))
+            }
+        }
+    }
+
+    /// An open-mode server with `WORKERS=2`.
+    pub fn open() -> Server {
+        Self::start(&[])
+    }
+
+    /// A server requiring tokens signed with [`SECRET`], on loopback.
+    pub fn with_secret(extra: &[(&str, &str)]) -> Server {
+        let mut env = vec![("SECRET", SECRET), ("HOST", "127.0.0.1")];
+        env.extend_from_slice(extra);
+        Self::start(&env)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("ws://{}{}", self.addr, path)
+    }
+
+    /// Everything the server logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// Sends a signal (e.g. `libc::SIGTERM`).
+    pub fn signal(&self, sig: i32) {
+        unsafe {
+            libc::kill(self.pid() as i32, sig);
+        }
+    }
+
+    /// Waits for the process to exit, failing after `within`.
+    pub fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let child = self.child.as_mut().expect("running");
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                start.elapsed() < within,
+                "herald did not exit within {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Fetches /metrics and returns the value of the sample `name{labels}`.
+    pub fn metric(&self, sample: &str) -> f64 {
+        let (status, body) = http(self.addr, "GET", "/metrics", &[], b"");
+        assert_eq!(status, 200);
+        for line in body.lines() {
+            if let Some(rest) = line.strip_prefix(sample) {
+                if let Some(v) = rest.strip_prefix(' ') {
+                    return v.trim().parse().unwrap();
+                }
+            }
+        }
+        0.0
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A signed HS256 token with the given claims.
+pub fn token(claims: Value) -> String {
+    token_with(SECRET, claims)
+}
+
+pub fn token_with(secret: &str, claims: Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A refused upgrade: HTTP status and body.
+#[derive(Debug)]
+pub struct Refused {
+    pub status: u16,
+    pub body: String,
+}
+
+/// A WebSocket client (tungstenite, blocking, with timeouts).
+pub struct Client {
+    pub ws: WebSocket<TcpStream>,
+}
+
+impl Client {
+    /// Connects to `path` (with query) and fails the test if refused.
+    pub fn connect(server: &Server, path: &str) -> Client {
+        Self::try_connect(server.addr, path, &[])
+            .unwrap_or_else(|r| panic!("upgrade refused: {r:?}"))
+    }
+
+    /// Connects with extra request headers.
+    pub fn try_connect(
+        addr: SocketAddr,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Client, Refused> {
+        let stream = TcpStream::connect(addr).expect("tcp connect");
+        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+        stream.set_write_timeout(Some(TIMEOUT)).unwrap();
+        stream.set_nodelay(true).unwrap();
+        Self::handshake(stream, addr, path, headers)
+    }
+
+    /// Completes a WebSocket handshake on an already connected stream.
+    pub fn handshake(
+        stream: TcpStream,
+        addr: SocketAddr,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Client, Refused> {
+        let mut req = format!("ws://{addr}{path}").into_client_request().unwrap();
+        for (k, v) in headers {
+            req.headers_mut().insert(
+                tungstenite::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        match tungstenite::client::client(req, stream) {
+            Ok((ws, _)) => Ok(Client { ws }),
+            Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(resp))) => {
+                Err(Refused {
+                    status: resp.status().as_u16(),
+                    body: String::from_utf8_lossy(resp.body().as_deref().unwrap_or(b""))
+                        .into_owned(),
+                })
+            }
+            Err(e) => panic!("handshake failed: {e}"),
+        }
+    }
+
+    /// A connection authenticated with a token in `?auth=`.
+    pub fn with_token(server: &Server, token: &str) -> Client {
+        Self::connect(server, &format!("/ws?auth={token}"))
+    }
+
+    pub fn send_json(&mut self, v: Value) {
+        self.ws.send(Message::text(v.to_string())).expect("send");
+    }
+
+    pub fn send_text(&mut self, s: &str) {
+        self.ws.send(Message::text(s.to_string())).expect("send");
+    }
+
+    /// The next data message (pings are answered by tungstenite).
+    pub fn recv(&mut self) -> Message {
+        loop {
+            match self.ws.read() {
+                Ok(Message::Ping(_)) | Ok(Message::Pong(_)) => continue,
+                Ok(m) => return m,
+                Err(e) => panic!("expected a message, got error: {e}"),
+            }
+        }
+    }
+
+    /// The next text message, parsed as JSON.
+    pub fn recv_json(&mut self) -> Value {
+        match self.recv() {
+            Message::Text(t) => serde_json::from_str(&t).expect("server sent invalid JSON"),
+            other => panic!("expected a text message, got {other:?}"),
+        }
+    }
+
+    /// Subscribes and waits for the confirmation.
+    pub fn subscribe(&mut self, channel: &str) {
+        self.send_json(serde_json::json!({"op":"subscribe","channel":channel,"id":"sub"}));
+        let reply = self.recv_json();
+        assert_eq!(reply["op"], "subscribed", "subscribe {channel}: {reply}");
+        assert_eq!(reply["channel"], channel);
+    }
+
+    /// Publishes with an id and waits for the ack.
+    pub fn publish(&mut self, channel: &str, data: Value) {
+        self.send_json(
+            serde_json::json!({"op":"publish","channel":channel,"data":data,"id":"pub"}),
+        );
+        let reply = self.recv_json();
+        assert_eq!(
+            reply,
+            serde_json::json!({"op":"ack","id":"pub"}),
+            "publish on {channel}"
+        );
+    }
+
+    /// Round-trips a ping: everything the server sent before is read first.
+    pub fn sync(&mut self) -> Vec<Value> {
+        self.send_json(serde_json::json!({"op":"ping","id":"sync"}));
+        let mut before = Vec::new();
+        loop {
+            let v = self.recv_json();
+            if v == serde_json::json!({"op":"pong","id":"sync"}) {
+                return before;
+            }
+            before.push(v);
+        }
+    }
+
+    /// Reads until the server closes; returns its close code and reason.
+    pub fn expect_close(&mut self) -> (u16, String) {
+        loop {
+            match self.ws.read() {
+                Ok(Message::Close(Some(f))) => return (u16::from(f.code), f.reason.to_string()),
+                Ok(Message::Close(None)) => return (1005, String::new()),
+                Ok(_) => continue,
+                Err(e) => panic!("expected a close frame, got error: {e}"),
+            }
+        }
+    }
+}
+
+/// One HTTP/1.1 request with `Connection: close`; returns status and body.
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).expect("read response");
+    parse_response(&out)
+}
+
+/// Splits a raw HTTP response into status and body.
+pub fn parse_response(raw: &[u8]) -> (u16, String) {
+    let text = String::from_utf8_lossy(raw);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Sends raw bytes on a fresh TCP connection and reads until the server closes.
+pub fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    s.write_all(bytes).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    out
+}
+
+/// Is `code` the close code tungstenite reports for `expected`?
+pub fn close_code(code: CloseCode) -> u16 {
+    u16::from(code)
+}
