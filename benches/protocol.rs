@@ -1,1 +1,177 @@
-fn main() {}
+//! Criterion benches of the pure hot-path pieces: frame building, client
+//! message parsing, frame decoding, the channel table, the interest map,
+//! the cross-core queue and an in-process fan-out (no sockets), whose
+//! per-subscriber cost shows as the slope between 1, 100 and 10,000.
+//!
+//! Run: `cargo bench --bench protocol` (add `-- fanout` to filter).
+
+use std::hint::black_box;
+use std::task::{Context, Waker};
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use herald::auth::Grant;
+use herald::bus::Bus;
+use herald::codec::{apply_mask, Decoder};
+use herald::interest::Interest;
+use herald::metrics::WorkerMetrics;
+use herald::protocol::{message_frame, parse_request};
+use herald::shard::{Batch, Limits, Shard};
+
+fn limits() -> Limits {
+    Limits {
+        send_queue_limit: 1 << 30,
+        max_subscriptions: 1 << 20,
+        close_timeout_ms: 5000,
+        publish_rate: 0,
+        jwt_leeway: 0,
+    }
+}
+
+fn frame_building(c: &mut Criterion) {
+    let mut g = c.benchmark_group("frame_build");
+    for size in [64usize, 1024, 16 * 1024] {
+        let data = format!("\"{}\"", "x".repeat(size - 2));
+        g.throughput(Throughput::Bytes(size as u64));
+        g.bench_with_input(BenchmarkId::from_parameter(size), &data, |b, data| {
+            b.iter(|| message_frame(black_box("chat:room-42"), black_box(data)))
+        });
+    }
+    g.finish();
+}
+
+fn parsing(c: &mut Criterion) {
+    let mut g = c.benchmark_group("parse_request");
+    let publish = br#"{"op":"publish","channel":"chat:room-42","data":{"user":"u1","text":"hello there","ts":1767225600123},"id":17}"#;
+    let subscribe = br#"{"op":"subscribe","channel":"chat:room-42","id":1}"#;
+    g.throughput(Throughput::Bytes(publish.len() as u64));
+    g.bench_function("publish", |b| {
+        b.iter(|| parse_request(black_box(publish)).is_ok())
+    });
+    g.bench_function("subscribe", |b| {
+        b.iter(|| parse_request(black_box(subscribe)).is_ok())
+    });
+    g.bench_function("invalid", |b| {
+        b.iter(|| parse_request(black_box(b"{\"op\":")).is_err())
+    });
+    g.finish();
+}
+
+/// A masked client text frame holding `payload`.
+fn client_frame(payload: &[u8]) -> Vec<u8> {
+    let mask = [1, 2, 3, 4];
+    let mut out = vec![0x81];
+    if payload.len() < 126 {
+        out.push(0x80 | payload.len() as u8);
+    } else {
+        out.push(0x80 | 126);
+        out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    }
+    out.extend_from_slice(&mask);
+    let mut p = payload.to_vec();
+    apply_mask(&mut p, mask);
+    out.extend_from_slice(&p);
+    out
+}
+
+fn decoding(c: &mut Criterion) {
+    let mut g = c.benchmark_group("frame_decode");
+    for size in [64usize, 1024, 16 * 1024] {
+        let frame = client_frame(&vec![b'a'; size]);
+        g.throughput(Throughput::Bytes(size as u64));
+        g.bench_with_input(BenchmarkId::from_parameter(size), &frame, |b, frame| {
+            let mut d = Decoder::new(1 << 20);
+            let mut buf = frame.clone();
+            b.iter(|| {
+                buf.copy_from_slice(frame);
+                black_box(d.decode(&mut buf).is_ok())
+            })
+        });
+    }
+    g.finish();
+}
+
+fn channel_table(c: &mut Criterion) {
+    let interest = Interest::new();
+    let mut shard = Shard::new(0, limits(), WorkerMetrics::default());
+    let keys: Vec<usize> = (0..1000).map(|_| shard.open(-1, Grant::open()).0).collect();
+    c.bench_function("channel_table/subscribe_unsubscribe", |b| {
+        let mut i = 0;
+        b.iter(|| {
+            let key = keys[i % keys.len()];
+            i += 1;
+            shard.subscribe(key, "bench:chan", &interest).ok();
+            shard.unsubscribe(key, "bench:chan", &interest);
+        })
+    });
+    for name in (0..10_000).map(|i| format!("ch:{i}")) {
+        interest.add(&name, 1);
+    }
+    c.bench_function("interest/lookup_hit", |b| {
+        b.iter(|| interest.cores(black_box("ch:4242")))
+    });
+    c.bench_function("interest/lookup_miss", |b| {
+        b.iter(|| interest.cores(black_box("nope")))
+    });
+}
+
+fn cross_core_queue(c: &mut Criterion) {
+    let bus = Bus::new(2, 1 << 16);
+    let msg = message_frame("chat", "1");
+    let mut g = c.benchmark_group("bus");
+    g.throughput(Throughput::Elements(64));
+    g.bench_function("send_drain_64", |b| {
+        b.iter(|| {
+            for _ in 0..64 {
+                bus.send(0, 1, msg.clone());
+            }
+            bus.drain(1, 64, |m| {
+                black_box(m);
+            })
+        })
+    });
+    g.finish();
+}
+
+/// One publish delivered to N local subscribers, then every subscriber's
+/// writer batch filled, as the reactor does (no sockets).
+fn fanout(c: &mut Criterion) {
+    let mut g = c.benchmark_group("fanout");
+    for n in [1usize, 100, 10_000] {
+        let interest = Interest::new();
+        let mut shard = Shard::new(0, limits(), WorkerMetrics::default());
+        let conns: Vec<(usize, u64)> = (0..n).map(|_| shard.open(-1, Grant::open())).collect();
+        for &(k, _) in &conns {
+            shard.subscribe(k, "room", &interest).ok();
+        }
+        let mut batch = Batch::new();
+        let mut cx = Context::from_waker(Waker::noop());
+        g.throughput(Throughput::Elements(n as u64));
+        g.bench_function(BenchmarkId::from_parameter(n), |b| {
+            b.iter(|| {
+                let msg = message_frame(
+                    "room",
+                    r#"{"text":"hello, sixty-four bytes of json payload here!!"}"#,
+                );
+                shard.deliver("room", &msg.frame, None);
+                for &(k, gen) in &conns {
+                    let _ = shard.fill(k, gen, &mut batch, usize::MAX, &mut cx);
+                    let len = batch.len();
+                    batch.advance(len);
+                    shard.written(k, gen, len);
+                }
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    frame_building,
+    parsing,
+    decoding,
+    channel_table,
+    cross_core_queue,
+    fanout
+);
+criterion_main!(benches);

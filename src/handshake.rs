@@ -218,6 +218,17 @@ fn reason_phrase(status: u16) -> &'static str {
 
 /// A complete HTTP response with a body.
 pub fn response(status: u16, content_type: &str, body: &[u8], keep_alive: bool) -> Vec<u8> {
+    response_with(status, content_type, body, keep_alive, &[])
+}
+
+/// [`response`] with extra headers (e.g. `Allow` on a 405).
+pub fn response_with(
+    status: u16,
+    content_type: &str,
+    body: &[u8],
+    keep_alive: bool,
+    extra: &[(&str, &str)],
+) -> Vec<u8> {
     let mut head = format!(
         "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n",
         reason_phrase(status),
@@ -228,6 +239,9 @@ pub fn response(status: u16, content_type: &str, body: &[u8], keep_alive: bool) 
     }
     if status == 401 {
         head.push_str("WWW-Authenticate: Bearer\r\n");
+    }
+    for (name, value) in extra {
+        head.push_str(&format!("{name}: {value}\r\n"));
     }
     head.push_str(if keep_alive {
         "Connection: keep-alive\r\n\r\n"
@@ -243,11 +257,18 @@ pub fn response(status: u16, content_type: &str, body: &[u8], keep_alive: bool) 
 pub fn error_response(err: &HttpError) -> Vec<u8> {
     let mut body = err.reason.clone();
     body.push('\n');
-    response(
+    // A 405 here refuses a WebSocket upgrade, which only GET may request.
+    let allow: &[(&str, &str)] = if err.status == 405 {
+        &[("Allow", "GET")]
+    } else {
+        &[]
+    };
+    response_with(
         err.status,
         "text/plain; charset=utf-8",
         body.as_bytes(),
         false,
+        allow,
     )
 }
 

@@ -27,12 +27,14 @@ enum HeadError {
     Http(HttpError),
 }
 
-/// Reads more bytes into `buf`'s spare capacity; `Ok(0)` is EOF.
-async fn read_more(stream: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
-    buf.reserve(4096);
+/// Reads at most `max` more bytes into `buf`; `Ok(0)` is EOF.
+async fn read_more(stream: &TcpStream, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
+    buf.reserve(max.min(16 * 1024));
     loop {
         stream.readable(false).await?;
         let spare = buf.spare_capacity_mut();
+        let room = max.min(spare.len());
+        let spare = &mut spare[..room];
         // SAFETY: `spare` is valid for writes of its length; recv reports
         // how many bytes it initialised.
         let n = unsafe {
@@ -74,7 +76,7 @@ async fn read_head(
                 "request head too large",
             )));
         }
-        match read_more(stream, buf).await {
+        match read_more(stream, buf, MAX_HEAD - buf.len()).await {
             Ok(0) | Err(_) => return Err(HeadError::Closed),
             Ok(_) => {}
         }
@@ -242,7 +244,7 @@ async fn api(
                 return false;
             }
             while buf.len() < len {
-                match read_more(stream, buf).await {
+                match read_more(stream, buf, len - buf.len()).await {
                     Ok(0) | Err(_) => return false,
                     Ok(_) => {}
                 }
@@ -254,10 +256,17 @@ async fn api(
             buf.drain(..len);
             (status, json, body)
         }
-        (_, "/publish" | "/broadcast" | "/health" | "/metrics") => {
-            let (_, body) = json_error(ErrorCode::BadRequest, "method not allowed");
-            keep = false;
-            (405, json, body)
+        (method, path @ ("/publish" | "/broadcast" | "/health" | "/metrics")) => {
+            let allow = if path.starts_with("/p") || path.starts_with("/b") {
+                "POST"
+            } else {
+                "GET"
+            };
+            let msg = format!("method {method} not allowed on {path}: use {allow}");
+            let (_, body) = json_error(ErrorCode::BadRequest, &msg);
+            let reply = handshake::response_with(405, json, &body, false, &[("Allow", allow)]);
+            send(stream, reply).await;
+            return false;
         }
         ("GET", "/" | "/ws" | "/echo") => {
             keep = false;

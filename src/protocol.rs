@@ -145,8 +145,20 @@ pub fn validate_channel(name: &str) -> Result<(), &'static str> {
     }
 }
 
+/// Is the first non-blank byte `{`? serde would also accept a JSON array
+/// for a struct (fields in order), which protocol.md does not allow.
+fn is_object(text: &[u8]) -> bool {
+    text.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
+}
+
 /// Parses one client text message.
 pub fn parse_request(text: &[u8]) -> Result<Request<'_>, BadRequest<'_>> {
+    if !is_object(text) {
+        return Err(match serde_json::from_slice::<&RawValue>(text) {
+            Ok(_) => bad(None, "message must be a JSON object with an 'op' field"),
+            Err(_) => bad(None, "message is not valid JSON"),
+        });
+    }
     let raw: RawRequest<'_> = match serde_json::from_slice(text) {
         Ok(r) => r,
         Err(e) if e.is_data() => {
@@ -212,6 +224,12 @@ pub fn parse_http_publish(
     body: &[u8],
     wsify: bool,
 ) -> Result<(Cow<'_, str>, &str), Cow<'static, str>> {
+    if !is_object(body) {
+        return Err(match serde_json::from_slice::<&RawValue>(body) {
+            Ok(_) => Cow::Borrowed("body must be a JSON object"),
+            Err(_) => Cow::Borrowed("body is not valid JSON"),
+        });
+    }
     let raw: RawHttpPublish<'_> = serde_json::from_slice(body).map_err(|e| {
         if e.is_data() {
             Cow::Borrowed("body must be a JSON object")
@@ -441,6 +459,11 @@ mod tests {
             .message
             .contains("JSON"));
         assert!(parse_request(b"[1,2]").is_err());
+        assert!(parse_request(br#"["ping",7]"#)
+            .unwrap_err()
+            .message
+            .contains("object"));
+        assert!(parse_request(br#" ["subscribe","s","news"]"#).is_err());
         assert!(parse_request(br#"{"channel":"a"}"#)
             .unwrap_err()
             .message
@@ -517,5 +540,8 @@ mod tests {
         assert!(parse_http_publish(b"{", false)
             .unwrap_err()
             .contains("JSON"));
+        assert!(parse_http_publish(br#"["news",1]"#, false)
+            .unwrap_err()
+            .contains("object"));
     }
 }
