@@ -55,6 +55,24 @@ const READS_PER_WAKE: usize = 4;
 /// A partial-frame buffer larger than this is freed once emptied.
 const KEEP_PENDING: usize = 4096;
 
+/// Caps the bytes the kernel keeps unsent for this socket (TCP_NOTSENT_LOWAT).
+/// Without it, send-buffer autotuning lets a stalled client's backlog grow
+/// to `tcp_wmem`'s maximum inside the kernel, where SEND_QUEUE_LIMIT cannot
+/// see it; with it, the backlog stays in herald's queue and is counted.
+fn limit_kernel_backlog(fd: RawFd, send_queue_limit: usize) {
+    let lowat = (send_queue_limit / 4).clamp(16 * 1024, 256 * 1024) as libc::c_int;
+    // SAFETY: setsockopt on an open socket with a correctly sized value.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_NOTSENT_LOWAT,
+            (&lowat as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
 /// Runs an upgraded connection until it is closed.
 pub async fn run(
     worker: Rc<Worker>,
@@ -64,6 +82,7 @@ pub async fn run(
     mode: Mode,
 ) {
     let fd = stream.as_raw_fd();
+    limit_kernel_backlog(fd, worker.shared.config.send_queue_limit);
     let (key, gen) = worker.shard.borrow_mut().open(fd, grant);
     let (rd, wr) = stream.into_split();
     let writer = monoio::spawn(write_loop(wr, worker.clone(), key, gen));
