@@ -180,6 +180,14 @@ pub struct Shard {
     empty_waker: Option<Waker>,
 }
 
+/// Would queueing `len` more bytes pass the connection's limit? A frame
+/// larger than the limit is still let through when nothing else is unsent,
+/// so a single maximum-size message always fits.
+fn over_limit(conn: &Conn, len: usize, limit: usize) -> bool {
+    let unsent = conn.queued + conn.inflight;
+    unsent > 0 && unsent + len > limit
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn unix_ms() -> u64 {
     std::time::SystemTime::now()
@@ -398,7 +406,7 @@ impl Shard {
         if conn.closing.is_some() {
             return;
         }
-        if conn.queued + conn.inflight + frame.len() > limit {
+        if over_limit(conn, frame.len(), limit) {
             self.metrics.slow_consumer_closes.inc();
             self.close(
                 key,
@@ -434,7 +442,7 @@ impl Shard {
             if conn.closing.is_some() {
                 continue;
             }
-            if conn.queued + conn.inflight + frame.len() > limit {
+            if over_limit(conn, frame.len(), limit) {
                 overflowed.push(key);
                 continue;
             }
@@ -729,6 +737,21 @@ mod tests {
         let q = drain(&mut s, slow, sg);
         assert_eq!(q.len(), 1);
         assert_eq!(&q[0][2..4], &4008u16.to_be_bytes());
+    }
+
+    #[test]
+    fn one_oversized_frame_fits_an_empty_queue() {
+        let interest = Interest::new();
+        let mut s = shard(100);
+        let (k, g) = s.open(-1, Grant::open());
+        s.subscribe(k, "a", &interest).unwrap();
+        let big = message_frame("a", &format!("\"{}\"", "x".repeat(200)));
+        assert_eq!(s.deliver("a", &big.frame, None), 1);
+        assert!(!s.conn(k).unwrap().is_closing());
+        // A second one while the first is unsent passes the limit.
+        assert_eq!(s.deliver("a", &big.frame, None), 0);
+        assert!(s.conn(k).unwrap().is_closing());
+        let _ = g;
     }
 
     #[test]

@@ -136,3 +136,23 @@ fn ping_is_answered_with_pong() {
         other => panic!("text expected, got {other:?}"),
     }
 }
+
+/// Autobahn's 9.* cases send 16 MiB messages: with MAX_MESSAGE_SIZE and
+/// SEND_QUEUE_LIMIT both raised to 16 MiB, a 16 MiB message (whose echo
+/// frame is 16 MiB plus its header) must come back whole.
+#[test]
+fn sixteen_mebibyte_message_is_echoed_with_limits_of_sixteen_mebibytes() {
+    let server = Server::start(&[
+        ("ECHO_ENDPOINT", "true"),
+        ("MAX_MESSAGE_SIZE", "16MiB"),
+        ("SEND_QUEUE_LIMIT", "16MiB"),
+    ]);
+    let mut c = Client::connect(&server, "/echo");
+    let payload: Vec<u8> = (0..16 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+    c.ws.send(tungstenite::Message::binary(payload.clone()))
+        .unwrap();
+    match c.recv() {
+        tungstenite::Message::Binary(got) => assert!(got[..] == payload[..], "echo differs"),
+        other => panic!("binary echo expected, got {other:?}"),
+    }
+}
