@@ -1,0 +1,111 @@
+//! One publish to N subscribers performs a number of heap allocations that
+//! does not depend on N: the payload is encoded once and never copied per
+//! subscriber. Counted, not timed: a counting global allocator (per thread,
+//! so parallel tests do not disturb each other) wraps the system allocator.
+//!
+//! The path is the real one minus the sockets: two workers in one thread,
+//! subscribers on both, `Worker::publish` on worker 0 (interest map, local
+//! fan-out, the bus to worker 1), worker 1 draining its bus, and every
+//! subscriber's writer taking its frames into a write batch.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::task::{Context, Waker};
+
+use herald::auth::Grant;
+use herald::config::Config;
+use herald::protocol::message_frame;
+use herald::shard::Batch;
+use herald::worker::{Shared, Worker};
+
+struct Counting;
+
+thread_local! {
+    static ALLOCATIONS: Cell<usize> = const { Cell::new(0) };
+}
+
+// SAFETY: forwards to the system allocator; only counts.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let _ = ALLOCATIONS.try_with(|c| c.set(c.get() + 1));
+        System.alloc(layout)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        System.dealloc(ptr, layout)
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let _ = ALLOCATIONS.try_with(|c| c.set(c.get() + 1));
+        System.realloc(ptr, layout, new_size)
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn allocations() -> usize {
+    ALLOCATIONS.with(|c| c.get())
+}
+
+/// Heap allocations made by one publish to `n` subscribers (half on each
+/// of two workers), after a warm-up publish.
+fn allocations_per_publish(n: usize) -> usize {
+    let config = Config::try_from_args(["herald", "--send-queue-limit", "1GiB"]).unwrap();
+    let shared = Shared::new(config, 2);
+    let workers = [
+        Worker::new(0, shared.clone()),
+        Worker::new(1, shared.clone()),
+    ];
+    let mut conns = Vec::new();
+    for i in 0..n {
+        let w = &workers[i % 2];
+        let (key, gen) = w.shard.borrow_mut().open(-1, Grant::open());
+        w.shard
+            .borrow_mut()
+            .subscribe(key, "room", &shared.interest)
+            .unwrap();
+        conns.push((i % 2, key, gen));
+    }
+    let mut batch = Batch::new();
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut publish_once = || {
+        let data = r#"{"text":"sixty-four bytes of payload, give or take a few"}"#;
+        workers[0].publish(message_frame("room", data), None);
+        while workers[1].drain_bus(usize::MAX) {}
+        let mut delivered = 0;
+        for &(w, key, gen) in &conns {
+            let mut shard = workers[w].shard.borrow_mut();
+            let _ = shard.fill(key, gen, &mut batch, usize::MAX, &mut cx);
+            let len = batch.len();
+            if len > 0 {
+                delivered += 1;
+            }
+            batch.advance(len);
+            shard.written(key, gen, len);
+        }
+        delivered
+    };
+    assert_eq!(
+        publish_once(),
+        n,
+        "warm-up publish reached every subscriber"
+    );
+    let before = allocations();
+    assert_eq!(
+        publish_once(),
+        n,
+        "measured publish reached every subscriber"
+    );
+    allocations() - before
+}
+
+#[test]
+fn allocations_per_publish_do_not_grow_with_subscribers() {
+    let small = allocations_per_publish(10);
+    let large = allocations_per_publish(10_000);
+    eprintln!("allocations per publish: {small} with 10 subscribers, {large} with 10,000");
+    assert!(small >= 1, "the frame itself is allocated once ({small})");
+    assert_eq!(
+        small, large,
+        "one publish allocated {small} times for 10 subscribers but {large} for 10,000"
+    );
+}
