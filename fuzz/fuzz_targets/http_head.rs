@@ -1,0 +1,50 @@
+//! HTTP request heads on arbitrary bytes: `handshake::parse_head`, then
+//! everything the server derives from a head (`accept_key`,
+//! `origin_allowed`, `content_length`, ...). Nothing may panic.
+#![no_main]
+
+use herald::handshake;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let head = match handshake::parse_head(data) {
+        Ok(Some((head, len))) => {
+            assert!(len > 0 && len <= data.len(), "head length {len}");
+            head
+        }
+        Ok(None) => return,
+        Err(e) => {
+            assert!((400..=599).contains(&e.status), "status {}", e.status);
+            let _ = handshake::error_response(&e);
+            return;
+        }
+    };
+    // Owned Strings must be valid UTF-8 (httparse hands out &str unchecked).
+    for s in [&head.method, &head.path]
+        .into_iter()
+        .chain(head.query.as_ref())
+        .chain(head.headers.iter().flat_map(|(k, v)| [k, v]))
+    {
+        assert!(std::str::from_utf8(s.as_bytes()).is_ok());
+    }
+    let _ = head.wants_websocket();
+    let _ = head.keep_alive();
+    let _ = head.content_length();
+    let _ = head.header("authorization");
+    match handshake::accept_key(&head) {
+        Ok(accept) => {
+            assert_eq!(accept.len(), 28, "base64 of a SHA-1: {accept:?}");
+            let _ = handshake::switching_protocols(&accept);
+        }
+        Err(e) => {
+            let _ = handshake::error_response(&e);
+        }
+    }
+    let _ = handshake::origin_allowed(&head, &[]);
+    let _ = handshake::origin_allowed(&head, &["*".to_string()]);
+    let listed: Vec<String> = head
+        .header("x-allowed-origins")
+        .map(|v| v.split(',').map(str::to_string).collect())
+        .unwrap_or_default();
+    let _ = handshake::origin_allowed(&head, &listed);
+});
