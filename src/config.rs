@@ -104,9 +104,31 @@ pub struct Config {
     #[arg(long, env = "BUS_CAPACITY", default_value_t = 65_536, value_parser = parse_count)]
     pub bus_capacity: usize,
 
+    /// I/O driver: auto (io_uring where it can be set up, else epoll), io_uring, or epoll.
+    #[arg(long, env = "IO_DRIVER", default_value = "auto", value_parser = parse_driver)]
+    pub io_driver: IoDriver,
+
     /// Pin each worker thread to one CPU.
     #[arg(long, env = "PIN_WORKERS", default_value = "true", value_parser = parse_bool, action = clap::ArgAction::Set)]
     pub pin_workers: bool,
+}
+
+/// Which monoio driver the reactors run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoDriver {
+    /// io_uring when the kernel allows it, otherwise epoll.
+    Auto,
+    IoUring,
+    Epoll,
+}
+
+fn parse_driver(s: &str) -> Result<IoDriver, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "auto" | "" => Ok(IoDriver::Auto),
+        "io_uring" | "iouring" | "uring" => Ok(IoDriver::IoUring),
+        "epoll" | "legacy" => Ok(IoDriver::Epoll),
+        _ => Err("expected auto, io_uring or epoll".into()),
+    }
 }
 
 /// A configuration that parsed but cannot be used as given.

@@ -22,7 +22,7 @@ use crossbeam_channel::Sender;
 use monoio::net::TcpListener;
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::config::Config;
+use crate::config::{Config, IoDriver};
 use crate::shard::unix_ms;
 use crate::worker::{Shared, Worker};
 
@@ -65,10 +65,16 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     let shutdown_timeout = config.shutdown_timeout;
     let pin = config.pin_workers;
     let shared = Shared::new(config, workers);
-    let uring = monoio::utils::detect_uring();
-    if !uring {
-        tracing::warn!("io_uring is not available here; using the epoll driver");
-    }
+    let uring = match shared.config.io_driver {
+        IoDriver::Epoll => false,
+        IoDriver::IoUring | IoDriver::Auto => {
+            let available = monoio::utils::detect_uring();
+            if !available {
+                tracing::warn!("io_uring is not available here; using the epoll driver");
+            }
+            available
+        }
+    };
     if shared.auth.is_open() {
         tracing::warn!("no SECRET set: open mode, every client may read and write every channel (loopback only)");
     }
