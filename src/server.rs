@@ -330,8 +330,24 @@ async fn worker_main(
         .shard
         .borrow_mut()
         .close_all(unix_ms() + timeout.as_millis() as u64);
+    // Keep draining the bus while connections close, so a publisher on
+    // another core waiting for queue space is never stuck behind us.
     let empty = poll_fn(|cx| worker.shard.borrow_mut().poll_empty(cx));
-    let _ = monoio::time::timeout(timeout + Duration::from_millis(500), empty).await;
+    let drain = async {
+        loop {
+            shared.bus.wait_for_messages(id).await;
+            while worker.drain_bus(DRAIN_BATCH) {
+                yield_now().await;
+            }
+        }
+    };
+    let closed = async {
+        monoio::select! {
+            _ = empty => {},
+            _ = drain => {},
+        }
+    };
+    let _ = monoio::time::timeout(timeout + Duration::from_millis(500), closed).await;
     Ok(())
 }
 
