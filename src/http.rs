@@ -173,6 +173,10 @@ async fn upgrade(
             }
         },
     };
+    if shared.is_shutting_down() {
+        let err = HttpError::new(503, "server shutting down");
+        return refuse(&worker, &mut stream, "shutting_down", err, peer).await;
+    }
     if !shared.try_reserve_connection() {
         let err = HttpError::new(503, "connection limit reached (MAX_CONNECTIONS)");
         return refuse(&worker, &mut stream, "max_connections", err, peer).await;
