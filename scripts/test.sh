@@ -5,6 +5,6 @@
 set -eu
 cd "$(dirname "$0")/.."
 sh scripts/test-deps.sh
-cargo test --all-targets
+cargo test --workspace --all-targets
 cargo test --doc
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet

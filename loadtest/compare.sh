@@ -1,0 +1,215 @@
+#!/usr/bin/env bash
+# Compares herald with nats-server (NATS over WebSocket) on the same load
+# scenarios, on this machine, loopback only.
+#
+# For each scenario and each round (A B A B: herald, nats, herald, nats), a
+# fresh server is started, herald-loadtest runs against it with --json and
+# --server-pid, and the server is stopped. At the end, per scenario, the
+# medians of both servers and the herald/nats ratios are printed
+# (herald-loadtest summarize). Results stay in the output directory.
+#
+# Usage: loadtest/compare.sh [--quick] [--rounds N] [--out DIR] [--scenario "ARGS"]...
+#   --quick          smaller scenarios (1000 subscribers, 3 s, 2000 connections)
+#   --rounds N       rounds per scenario (default 2)
+#   --out DIR        where the JSON results and server logs go
+#                    (default target/loadtest-compare/<date>)
+#   --scenario ARGS  a herald-loadtest scenario, e.g. "fanout --subs 100 --duration 2";
+#                    repeatable; replaces the default list
+#
+# Servers:
+#   herald:      WORKERS=2 SEND_QUEUE_LIMIT=16MiB MAX_CONNECTIONS=19500, PORT=0
+#   nats-server: GOMAXPROCS=2, websocket on a free port, no TLS;
+#                max_pending 256MB (bytes queued for one client before it is
+#                cut as a slow consumer; default 64MB), write_deadline 30s
+#                (default 10s), max_payload 1MB (default).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT"
+
+QUICK=0
+ROUNDS=2
+OUT=""
+SCENARIOS=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+    --quick) QUICK=1 ;;
+    --rounds)
+        ROUNDS="$2"
+        shift
+        ;;
+    --out)
+        OUT="$2"
+        shift
+        ;;
+    --scenario)
+        SCENARIOS+=("$2")
+        shift
+        ;;
+    -h | --help)
+        sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+        exit 0
+        ;;
+    *)
+        echo "compare.sh: unknown argument $1 (see --help)" >&2
+        exit 2
+        ;;
+    esac
+    shift
+done
+case "$ROUNDS" in
+'' | *[!0-9]*) echo "compare.sh: --rounds must be a number" >&2; exit 2 ;;
+esac
+if [ "$ROUNDS" -lt 1 ] || [ "$ROUNDS" -gt 10 ]; then
+    echo "compare.sh: --rounds must be 1..10" >&2
+    exit 2
+fi
+
+if [ ${#SCENARIOS[@]} -eq 0 ]; then
+    if [ "$QUICK" = 1 ]; then
+        SCENARIOS=(
+            "fanout --subs 1000 --channels 1 --size 64 --rate 0 --duration 3"
+            "fanout --subs 1000 --channels 10 --size 256 --rate 0 --duration 3"
+            "fanout --subs 1000 --channels 1 --size 64 --rate 100 --duration 3"
+            "conns --conns 2000"
+        )
+    else
+        SCENARIOS=(
+            "fanout --subs 10000 --channels 1 --size 64 --rate 0 --duration 10"
+            "fanout --subs 10000 --channels 100 --size 256 --rate 0 --duration 10"
+            "fanout --subs 1000 --channels 1 --size 64 --rate 100 --duration 10"
+            "conns --conns 19000"
+        )
+    fi
+fi
+
+OUT="${OUT:-target/loadtest-compare/$(date +%Y%m%d-%H%M%S)}"
+mkdir -p "$OUT"
+
+if ! command -v nats-server >/dev/null 2>&1; then
+    echo "== installing nats-server (apt-get)"
+    SUDO=""
+    [ "$(id -u)" = 0 ] || SUDO="sudo"
+    timeout 600 $SUDO apt-get update -qq
+    timeout 600 $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server >/dev/null
+fi
+NATS="$(command -v nats-server)"
+
+echo "== building herald and herald-loadtest (release)"
+timeout 1800 cargo build --release -p herald -p loadtest
+HERALD="$ROOT/target/release/herald"
+LT="$ROOT/target/release/herald-loadtest"
+
+# Both servers may hold ~19k sockets.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+SERVER_PID=""
+URL=""
+
+stop_server() {
+    if [ -n "$SERVER_PID" ]; then
+        kill -TERM "$SERVER_PID" 2>/dev/null || true
+        for _ in $(seq 1 100); do
+            kill -0 "$SERVER_PID" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$SERVER_PID" 2>/dev/null || true
+        wait "$SERVER_PID" 2>/dev/null || true
+        SERVER_PID=""
+    fi
+}
+trap stop_server EXIT
+trap 'exit 130' INT TERM
+
+# A free loopback TCP port (nothing answers on it).
+free_port() {
+    local p
+    for _ in $(seq 1 100); do
+        p=$((20000 + RANDOM % 30000))
+        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+            echo "$p"
+            return 0
+        fi
+    done
+    return 1
+}
+
+# Waits until LOG contains PATTERN (or the server died / 20 s passed).
+wait_log() {
+    local log="$1" pattern="$2"
+    for _ in $(seq 1 200); do
+        if grep -q "$pattern" "$log" 2>/dev/null; then
+            return 0
+        fi
+        kill -0 "$SERVER_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    echo "compare.sh: server did not become ready; its log:" >&2
+    tail -20 "$log" >&2
+    return 1
+}
+
+start_herald() {
+    local log="$1"
+    env PORT=0 HOST=127.0.0.1 WORKERS=2 SEND_QUEUE_LIMIT=16MiB MAX_CONNECTIONS=19500 \
+        LOGLEVEL=info "$HERALD" >"$log" 2>&1 &
+    SERVER_PID=$!
+    wait_log "$log" "listening on " || return 1
+    local addr
+    addr="$(grep -o 'listening on [0-9.:]*' "$log" | head -1 | awk '{print $3}')"
+    URL="ws://$addr/ws"
+}
+
+start_nats() {
+    local log="$1" port conf
+    port="$(free_port)"
+    conf="$OUT/nats-$port.conf"
+    cat >"$conf" <<EOF
+listen: "127.0.0.1:-1"
+max_payload: 1MB
+max_pending: 256MB
+write_deadline: "30s"
+websocket {
+  listen: "127.0.0.1:$port"
+  no_tls: true
+}
+EOF
+    GOMAXPROCS=2 "$NATS" -c "$conf" >"$log" 2>&1 &
+    SERVER_PID=$!
+    wait_log "$log" "Server is ready" || return 1
+    URL="ws://127.0.0.1:$port"
+}
+
+echo "== results in $OUT"
+i=0
+for sc in "${SCENARIOS[@]}"; do
+    i=$((i + 1))
+    for r in $(seq 1 "$ROUNDS"); do
+        for server in herald nats; do
+            base="$OUT/s$i.r$r.$server"
+            if ! "start_$server" "$base.log"; then
+                stop_server
+                echo "{\"label\":\"s$i\",\"scenario\":\"${sc%% *}\",\"protocol\":\"$server\",\"command\":\"$sc\",\"error\":\"server did not start\",\"ok\":false}" >"$base.json"
+                continue
+            fi
+            printf '%-8s s%d round %d: %s\n' "$server" "$i" "$r" "$sc"
+            rc=0
+            # shellcheck disable=SC2086 # the scenario is a word list
+            timeout 900 "$LT" $sc --protocol "$server" --url "$URL" \
+                --server-pid "$SERVER_PID" --json --label "s$i" \
+                >"$base.json" 2>"$base.err" || rc=$?
+            if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+                echo "   !! $server died during the run; log tail:"
+                tail -5 "$base.log" | sed 's/^/      /'
+            fi
+            if [ "$rc" != 0 ]; then
+                echo "   (herald-loadtest exit $rc: $(tail -1 "$base.err" 2>/dev/null))"
+            fi
+            stop_server
+        done
+    done
+done
+
+echo
+echo "== herald vs nats-server (medians of $ROUNDS rounds; results in $OUT)"
+"$LT" summarize "$OUT"

@@ -1,0 +1,554 @@
+//! Protocol adapters behind one trait: herald's JSON protocol and NATS over
+//! WebSocket; timestamps carried at the start of every payload.
+
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use crate::ws::{self, Mask};
+
+/// Width of the ASCII send timestamp at the start of every payload.
+pub const TS_LEN: usize = 20;
+
+static BASE: OnceLock<Instant> = OnceLock::new();
+
+/// Nanoseconds since a process-wide base instant.
+pub fn now_ns() -> u64 {
+    BASE.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+/// Writes `ns` as 20 zero-padded ASCII digits.
+pub fn write_ts(out: &mut [u8], mut ns: u64) {
+    for b in out[..TS_LEN].iter_mut().rev() {
+        *b = b'0' + (ns % 10) as u8;
+        ns /= 10;
+    }
+}
+
+/// Reads 20 ASCII digits at the start of `b`.
+pub fn parse_ts(b: &[u8]) -> Option<u64> {
+    let digits = b.get(..TS_LEN)?;
+    let mut v: u64 = 0;
+    for &d in digits {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        v = v.checked_mul(10)?.checked_add((d - b'0') as u64)?;
+    }
+    Some(v)
+}
+
+/// What a server sent, as far as the harness cares.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event<'a> {
+    /// A delivered publication; `ts_ns` is its send time, if readable.
+    Message { ts_ns: Option<u64> },
+    /// A confirmation: herald `subscribed`/`ack`/`pong`, NATS `PONG`.
+    Confirm,
+    /// NATS `INFO` greeting.
+    Info,
+    /// NATS `PING`: must be answered with [`Adapter::pong`].
+    ServerPing,
+    /// An error reply (herald `error`, NATS `-ERR`), raw.
+    Error(&'a [u8]),
+    /// Anything else (`+OK`, `unsubscribed`, ...).
+    Other,
+}
+
+/// Turns the data frames of one connection into [`Event`]s.
+pub trait Parser: Send {
+    /// Feeds the payload of one WebSocket data frame (text, binary or
+    /// continuation).
+    fn feed(&mut self, opcode: u8, fin: bool, data: &[u8], f: &mut dyn FnMut(Event<'_>));
+}
+
+/// One pub/sub protocol spoken over WebSocket.
+pub trait Adapter: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Does the server speak first (NATS `INFO`)?
+    fn expects_greeting(&self) -> bool;
+    /// Sent once after the greeting (NATS `CONNECT`).
+    fn hello(&self, out: &mut Vec<u8>, m: &mut Mask);
+    /// Subscribes to `channel`; the server answers with one `Confirm`.
+    fn subscribe(&self, out: &mut Vec<u8>, m: &mut Mask, channel: &str, sid: u64);
+    /// Publishes a `size`-byte payload starting with the timestamp `ts_ns`.
+    /// With `Some(seq)`, the publish is (eventually) confirmed, see
+    /// [`Adapter::publishes_per_confirm`].
+    fn publish(
+        &self,
+        out: &mut Vec<u8>,
+        m: &mut Mask,
+        channel: &str,
+        ts_ns: u64,
+        size: usize,
+        seq: Option<u64>,
+    );
+    /// How many acked publishes one `Confirm` covers (herald 1: every
+    /// publish has an id; NATS K: a `PING` after every K publishes).
+    fn publishes_per_confirm(&self) -> u64;
+    /// Asks for a `Confirm` covering everything published so far (NATS
+    /// `PING`); nothing for herald, whose publishes carry ids.
+    fn sync(&self, out: &mut Vec<u8>, m: &mut Mask);
+    /// Answers a [`Event::ServerPing`].
+    fn pong(&self, out: &mut Vec<u8>, m: &mut Mask);
+    /// A parser for one connection; `channel` is the one channel it
+    /// subscribes to, if any (lets herald find timestamps at a fixed offset).
+    fn parser(&self, channel: Option<&str>) -> Box<dyn Parser>;
+    /// The smallest payload size this adapter can carry a timestamp in.
+    fn min_size(&self) -> usize;
+}
+
+/// Padding byte after the timestamp.
+const PAD: u8 = b'x';
+
+// ---------------------------------------------------------------- herald
+
+/// herald's JSON protocol (protocol.md). The `data` of a publish is a JSON
+/// string `"<20 digits><x padding>"` of `size` bytes, quotes included.
+pub struct Herald;
+
+const MSG_HEAD: &[u8] = br#"{"op":"message","channel":""#;
+const MSG_MID: &[u8] = br#"","data":"#;
+const DATA_KEY: &[u8] = br#""data":""#;
+
+impl Adapter for Herald {
+    fn name(&self) -> &'static str {
+        "herald"
+    }
+
+    fn expects_greeting(&self) -> bool {
+        false
+    }
+
+    fn hello(&self, _out: &mut Vec<u8>, _m: &mut Mask) {}
+
+    fn subscribe(&self, out: &mut Vec<u8>, m: &mut Mask, channel: &str, sid: u64) {
+        let msg = format!(r#"{{"op":"subscribe","channel":"{channel}","id":{sid}}}"#);
+        ws::write_frame(out, ws::OP_TEXT, msg.as_bytes(), m.key());
+    }
+
+    fn publish(
+        &self,
+        out: &mut Vec<u8>,
+        m: &mut Mask,
+        channel: &str,
+        ts_ns: u64,
+        size: usize,
+        seq: Option<u64>,
+    ) {
+        let mut msg = Vec::with_capacity(size + channel.len() + 64);
+        msg.extend_from_slice(br#"{"op":"publish","channel":""#);
+        msg.extend_from_slice(channel.as_bytes());
+        msg.extend_from_slice(b"\",");
+        if let Some(seq) = seq {
+            msg.extend_from_slice(br#""id":"#);
+            msg.extend_from_slice(seq.to_string().as_bytes());
+            msg.push(b',');
+        }
+        msg.extend_from_slice(br#""data":""#);
+        let at = msg.len();
+        let content = size.max(self.min_size()) - 2;
+        msg.resize(at + content, PAD);
+        write_ts(&mut msg[at..], ts_ns);
+        msg.extend_from_slice(b"\"}");
+        ws::write_frame(out, ws::OP_TEXT, &msg, m.key());
+    }
+
+    fn publishes_per_confirm(&self) -> u64 {
+        1
+    }
+
+    fn sync(&self, _out: &mut Vec<u8>, _m: &mut Mask) {}
+
+    fn pong(&self, _out: &mut Vec<u8>, _m: &mut Mask) {}
+
+    fn parser(&self, channel: Option<&str>) -> Box<dyn Parser> {
+        Box::new(HeraldParser::for_channel(channel))
+    }
+
+    fn min_size(&self) -> usize {
+        TS_LEN + 2
+    }
+}
+
+/// Classifies herald's text frames without parsing JSON.
+pub struct HeraldParser {
+    /// Offset of the timestamp in a message on the subscribed channel.
+    data_at: Option<usize>,
+    partial: Vec<u8>,
+    in_partial: bool,
+}
+
+impl HeraldParser {
+    pub fn for_channel(channel: Option<&str>) -> HeraldParser {
+        HeraldParser {
+            data_at: channel.map(|c| MSG_HEAD.len() + c.len() + MSG_MID.len() + 1),
+            partial: Vec::new(),
+            in_partial: false,
+        }
+    }
+
+    /// The send timestamp of a `message` frame.
+    pub fn timestamp(&self, msg: &[u8]) -> Option<u64> {
+        if let Some(at) = self.data_at {
+            if msg.len() >= at + TS_LEN && &msg[at - MSG_MID.len() - 1..at] == br#"","data":""# {
+                return parse_ts(&msg[at..]);
+            }
+        }
+        // Another channel or layout: look for the data key.
+        let at = ws::find(msg, DATA_KEY)? + DATA_KEY.len();
+        parse_ts(&msg[at..])
+    }
+
+    fn classify(&self, msg: &[u8], f: &mut dyn FnMut(Event<'_>)) {
+        let Some(rest) = msg.strip_prefix(br#"{"op":""#) else {
+            return f(Event::Other);
+        };
+        if rest.starts_with(br#"message""#) {
+            f(Event::Message {
+                ts_ns: self.timestamp(msg),
+            })
+        } else if rest.starts_with(br#"ack""#)
+            || rest.starts_with(br#"subscribed""#)
+            || rest.starts_with(br#"pong""#)
+        {
+            f(Event::Confirm)
+        } else if rest.starts_with(br#"error""#) {
+            f(Event::Error(msg))
+        } else {
+            f(Event::Other)
+        }
+    }
+}
+
+impl Parser for HeraldParser {
+    fn feed(&mut self, opcode: u8, fin: bool, data: &[u8], f: &mut dyn FnMut(Event<'_>)) {
+        if opcode == ws::OP_BINARY && !self.in_partial {
+            return f(Event::Other);
+        }
+        if !fin || self.in_partial {
+            if opcode != ws::OP_CONT {
+                self.partial.clear();
+            }
+            self.partial.extend_from_slice(data);
+            self.in_partial = !fin;
+            if fin {
+                let msg = std::mem::take(&mut self.partial);
+                self.classify(&msg, f);
+                self.partial = msg;
+                self.partial.clear();
+            }
+            return;
+        }
+        self.classify(data, f);
+    }
+}
+
+// ---------------------------------------------------------------- NATS
+
+/// NATS text protocol inside binary WebSocket frames. The payload is
+/// `size` bytes: the timestamp then `x` padding.
+pub struct Nats {
+    /// A `PING` after this many acked publishes.
+    pub ping_every: u64,
+}
+
+impl Adapter for Nats {
+    fn name(&self) -> &'static str {
+        "nats"
+    }
+
+    fn expects_greeting(&self) -> bool {
+        true
+    }
+
+    fn hello(&self, out: &mut Vec<u8>, m: &mut Mask) {
+        ws::write_frame(
+            out,
+            ws::OP_BINARY,
+            b"CONNECT {\"verbose\":false,\"pedantic\":false,\"headers\":false,\"protocol\":1}\r\n",
+            m.key(),
+        );
+    }
+
+    fn subscribe(&self, out: &mut Vec<u8>, m: &mut Mask, channel: &str, sid: u64) {
+        let msg = format!("SUB {channel} {sid}\r\nPING\r\n");
+        ws::write_frame(out, ws::OP_BINARY, msg.as_bytes(), m.key());
+    }
+
+    fn publish(
+        &self,
+        out: &mut Vec<u8>,
+        m: &mut Mask,
+        channel: &str,
+        ts_ns: u64,
+        size: usize,
+        _seq: Option<u64>,
+    ) {
+        let size = size.max(self.min_size());
+        let mut msg = Vec::with_capacity(size + channel.len() + 24);
+        msg.extend_from_slice(format!("PUB {channel} {size}\r\n").as_bytes());
+        let at = msg.len();
+        msg.resize(at + size, PAD);
+        write_ts(&mut msg[at..], ts_ns);
+        msg.extend_from_slice(b"\r\n");
+        ws::write_frame(out, ws::OP_BINARY, &msg, m.key());
+    }
+
+    fn publishes_per_confirm(&self) -> u64 {
+        self.ping_every
+    }
+
+    fn sync(&self, out: &mut Vec<u8>, m: &mut Mask) {
+        ws::write_frame(out, ws::OP_BINARY, b"PING\r\n", m.key());
+    }
+
+    fn pong(&self, out: &mut Vec<u8>, m: &mut Mask) {
+        ws::write_frame(out, ws::OP_BINARY, b"PONG\r\n", m.key());
+    }
+
+    fn parser(&self, _channel: Option<&str>) -> Box<dyn Parser> {
+        Box::new(NatsParser::default())
+    }
+
+    fn min_size(&self) -> usize {
+        TS_LEN
+    }
+}
+
+/// Parses the NATS server protocol as a byte stream, whatever the framing.
+#[derive(Default)]
+pub struct NatsParser {
+    pending: Vec<u8>,
+}
+
+/// Result of parsing one command.
+enum Step {
+    /// Need more bytes.
+    Incomplete,
+    /// Consumed this many bytes.
+    Done(usize),
+}
+
+fn parse_one(b: &[u8], f: &mut dyn FnMut(Event<'_>)) -> Step {
+    let Some(nl) = b.iter().position(|&c| c == b'\n') else {
+        return Step::Incomplete;
+    };
+    let line = &b[..nl];
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let word_end = line.iter().position(|&c| c == b' ' || c == b'\t');
+    let word = &line[..word_end.unwrap_or(line.len())];
+    if word.eq_ignore_ascii_case(b"MSG") {
+        // MSG <subject> <sid> [reply-to] <#bytes>
+        let len = line
+            .rsplit(|&c| c == b' ' || c == b'\t')
+            .find(|s| !s.is_empty())
+            .and_then(|s| std::str::from_utf8(s).ok())
+            .and_then(|s| s.parse::<usize>().ok());
+        let Some(len) = len else {
+            f(Event::Error(line));
+            return Step::Done(nl + 1);
+        };
+        let need = nl + 1 + len + 2;
+        if b.len() < need {
+            return Step::Incomplete;
+        }
+        let payload = &b[nl + 1..nl + 1 + len];
+        f(Event::Message {
+            ts_ns: parse_ts(payload),
+        });
+        return Step::Done(need);
+    }
+    let ev = if word.eq_ignore_ascii_case(b"PING") {
+        Event::ServerPing
+    } else if word.eq_ignore_ascii_case(b"PONG") {
+        Event::Confirm
+    } else if word.eq_ignore_ascii_case(b"INFO") {
+        Event::Info
+    } else if word.eq_ignore_ascii_case(b"-ERR") {
+        Event::Error(line)
+    } else if word.eq_ignore_ascii_case(b"+OK") || line.is_empty() {
+        Event::Other
+    } else {
+        Event::Error(line)
+    };
+    f(ev);
+    Step::Done(nl + 1)
+}
+
+fn parse_all(b: &[u8], f: &mut dyn FnMut(Event<'_>)) -> usize {
+    let mut at = 0;
+    while at < b.len() {
+        match parse_one(&b[at..], f) {
+            Step::Incomplete => break,
+            Step::Done(n) => at += n,
+        }
+    }
+    at
+}
+
+impl Parser for NatsParser {
+    fn feed(&mut self, _opcode: u8, _fin: bool, data: &[u8], f: &mut dyn FnMut(Event<'_>)) {
+        if self.pending.is_empty() {
+            let used = parse_all(data, f);
+            self.pending.extend_from_slice(&data[used..]);
+        } else {
+            self.pending.extend_from_slice(data);
+            let used = parse_all(&self.pending, f);
+            self.pending.drain(..used);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn collect(p: &mut dyn Parser, chunks: &[&[u8]]) -> Vec<String> {
+        let mut out = Vec::new();
+        for c in chunks {
+            p.feed(ws::OP_BINARY, true, c, &mut |e| {
+                out.push(match e {
+                    Event::Message { ts_ns } => format!("msg {ts_ns:?}"),
+                    Event::Error(b) => format!("err {}", String::from_utf8_lossy(b)),
+                    other => format!("{other:?}"),
+                })
+            });
+        }
+        out
+    }
+
+    #[test]
+    fn timestamps_round_trip() {
+        let mut b = [0u8; 24];
+        write_ts(&mut b, 1_234_567_890_123);
+        assert_eq!(&b[..20], b"00000001234567890123");
+        assert_eq!(parse_ts(&b), Some(1_234_567_890_123));
+        write_ts(&mut b, u64::MAX);
+        assert_eq!(parse_ts(&b), Some(u64::MAX));
+        assert_eq!(parse_ts(b"0000000000000000012"), None);
+        assert_eq!(parse_ts(b"00000000000000000x12"), None);
+    }
+
+    fn unmasked_payload(frame: &[u8]) -> Vec<u8> {
+        let h = ws::parse_head(frame).unwrap().unwrap();
+        let mut p = frame[h.header_len..h.total()].to_vec();
+        ws::apply_mask(&mut p, h.mask.unwrap());
+        p
+    }
+
+    #[test]
+    fn herald_publish_is_valid_json_of_the_right_size() {
+        let mut out = Vec::new();
+        Herald.publish(&mut out, &mut Mask::new(1), "ch7", 42, 64, Some(9));
+        let p = unmasked_payload(&out);
+        let v: serde_json::Value = serde_json::from_slice(&p).unwrap();
+        assert_eq!(v["op"], "publish");
+        assert_eq!(v["channel"], "ch7");
+        assert_eq!(v["id"], 9);
+        let data = v["data"].as_str().unwrap();
+        assert_eq!(data.len() + 2, 64);
+        assert_eq!(parse_ts(data.as_bytes()), Some(42));
+        out.clear();
+        Herald.publish(&mut out, &mut Mask::new(1), "c", 1, 30, None);
+        let v: serde_json::Value = serde_json::from_slice(&unmasked_payload(&out)).unwrap();
+        assert!(v.get("id").is_none());
+    }
+
+    #[test]
+    fn herald_message_timestamp_at_fixed_offset_and_fallback() {
+        let msg = br#"{"op":"message","channel":"ch12","data":"00000000000000000777xxxx"}"#;
+        let p = HeraldParser::for_channel(Some("ch12"));
+        assert_eq!(p.timestamp(msg), Some(777));
+        // Another channel than expected still parses by search.
+        let other = br#"{"op":"message","channel":"zz","data":"00000000000000000555xx"}"#;
+        assert_eq!(p.timestamp(other), Some(555));
+        assert_eq!(HeraldParser::for_channel(None).timestamp(other), Some(555));
+        let not_ts = br#"{"op":"message","channel":"ch12","data":{"a":1}}"#;
+        assert_eq!(p.timestamp(not_ts), None);
+    }
+
+    #[test]
+    fn herald_frames_are_classified() {
+        let mut p = HeraldParser::for_channel(Some("a"));
+        let mut got = Vec::new();
+        for m in [
+            &br#"{"op":"subscribed","channel":"a","id":1}"#[..],
+            br#"{"op":"ack","id":2}"#,
+            br#"{"op":"message","channel":"a","data":"00000000000000000009x"}"#,
+            br#"{"op":"error","id":3,"code":"forbidden","message":"no"}"#,
+            br#"{"op":"unsubscribed","channel":"a"}"#,
+        ] {
+            p.feed(ws::OP_TEXT, true, m, &mut |e| got.push(format!("{e:?}")));
+        }
+        assert_eq!(got[0], "Confirm");
+        assert_eq!(got[1], "Confirm");
+        assert_eq!(got[2], "Message { ts_ns: Some(9) }");
+        assert!(got[3].starts_with("Error"));
+        assert_eq!(got[4], "Other");
+        // A fragmented message is reassembled.
+        got.clear();
+        let m = br#"{"op":"message","channel":"a","data":"00000000000000000011x"}"#;
+        p.feed(ws::OP_TEXT, false, &m[..10], &mut |e| {
+            got.push(format!("{e:?}"))
+        });
+        p.feed(ws::OP_CONT, false, &m[10..30], &mut |e| {
+            got.push(format!("{e:?}"))
+        });
+        p.feed(ws::OP_CONT, true, &m[30..], &mut |e| {
+            got.push(format!("{e:?}"))
+        });
+        assert_eq!(got, vec!["Message { ts_ns: Some(11) }"]);
+    }
+
+    #[test]
+    fn nats_stream_parser_handles_any_split() {
+        let stream: &[u8] = b"INFO {\"server_id\":\"x\"}\r\n+OK\r\nPING\r\nMSG ch0 1 24\r\n00000000000000000123xxxx\r\nMSG ch0 1 reply.to 20\r\n00000000000000000456\r\nPONG\r\n-ERR 'Slow Consumer'\r\n";
+        let want = vec![
+            "Info",
+            "Other",
+            "ServerPing",
+            "msg Some(123)",
+            "msg Some(456)",
+            "Confirm",
+            "err -ERR 'Slow Consumer'",
+        ];
+        // Whole, byte by byte, and in every two-piece split.
+        assert_eq!(collect(&mut NatsParser::default(), &[stream]), want);
+        let bytes: Vec<&[u8]> = stream.chunks(1).collect();
+        assert_eq!(collect(&mut NatsParser::default(), &bytes), want);
+        for cut in 0..stream.len() {
+            let got = collect(
+                &mut NatsParser::default(),
+                &[&stream[..cut], &stream[cut..]],
+            );
+            assert_eq!(got, want, "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn nats_payload_containing_crlf_is_skipped_by_length() {
+        let stream: &[u8] = b"MSG s 9 22\r\n00000000000000000007\r\n\r\nPONG\r\n";
+        assert_eq!(
+            collect(&mut NatsParser::default(), &[stream]),
+            vec!["msg Some(7)", "Confirm"]
+        );
+    }
+
+    #[test]
+    fn nats_commands_are_binary_frames() {
+        let n = Nats { ping_every: 8 };
+        let mut out = Vec::new();
+        let mut m = Mask::new(3);
+        n.hello(&mut out, &mut m);
+        assert_eq!(
+            unmasked_payload(&out),
+            b"CONNECT {\"verbose\":false,\"pedantic\":false,\"headers\":false,\"protocol\":1}\r\n"
+        );
+        out.clear();
+        n.publish(&mut out, &mut m, "ch1", 5, 32, Some(0));
+        let p = unmasked_payload(&out);
+        assert!(p.starts_with(b"PUB ch1 32\r\n00000000000000000005xx"));
+        assert!(p.ends_with(b"x\r\n"));
+        assert_eq!(p.len(), "PUB ch1 32\r\n".len() + 32 + 2);
+    }
+}

@@ -1,0 +1,261 @@
+//! `herald-loadtest`: a load generator for herald and, for comparison,
+//! nats-server over WebSocket. Loopback targets only; every run is bounded.
+
+mod adapter;
+mod churn;
+mod conn;
+mod conns;
+mod fanout;
+mod procstat;
+mod report;
+mod run;
+mod ws;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use serde::Serialize;
+
+use crate::adapter::{Adapter, Herald, Nats};
+use crate::run::Ctx;
+
+#[derive(Parser)]
+#[command(name = "herald-loadtest", version, about, max_term_width = 100)]
+struct Cli {
+    #[command(flatten)]
+    common: Common,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args)]
+struct Common {
+    /// Protocol spoken to the server.
+    #[arg(long, global = true, value_enum, default_value_t = Proto::Herald)]
+    protocol: Proto,
+    /// Server URL: loopback only (herald default ws://127.0.0.1:6380/ws,
+    /// nats default ws://127.0.0.1:8080).
+    #[arg(long, global = true)]
+    url: Option<String>,
+    /// Print one JSON object instead of the table (and no progress bar).
+    #[arg(long, global = true)]
+    json: bool,
+    /// Server process to read CPU and memory from (/proc/PID).
+    #[arg(long, global = true)]
+    server_pid: Option<u32>,
+    /// Runtime threads of the harness.
+    #[arg(long, global = true, default_value_t = 2)]
+    threads: usize,
+    /// Loopback source addresses to spread connections over
+    /// (127.0.0.2, 127.0.0.3, ...); 0 lets the kernel pick.
+    #[arg(long, global = true, default_value_t = 16)]
+    source_addrs: usize,
+    /// Connections being set up at once during ramp-up.
+    #[arg(long, global = true, default_value_t = 256)]
+    connect_concurrency: usize,
+    /// Seconds a connection may take to connect, upgrade and subscribe.
+    #[arg(long, global = true, default_value_t = 10.0)]
+    handshake_timeout: f64,
+    /// NATS only: a PING after this many publishes (its PONG acknowledges them).
+    #[arg(long, global = true, default_value_t = 32)]
+    ping_every: u64,
+    /// Free-form label copied into the JSON output (used by `summarize`).
+    #[arg(long, global = true)]
+    label: Option<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Proto {
+    Herald,
+    Nats,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// S subscribers over C channels, publishers at a total rate R.
+    Fanout(fanout::Args),
+    /// N idle subscribed connections: handshakes/s, server RSS per connection.
+    Conns(conns::Args),
+    /// Connect, subscribe, receive one message, disconnect, at a rate.
+    Churn(churn::Args),
+    /// Print herald vs nats medians and ratios of the JSON results in DIR
+    /// (grouped by --label).
+    Summarize {
+        /// Directory of `*.json` results.
+        dir: PathBuf,
+    },
+}
+
+/// What `--json` prints when a run could not be made.
+#[derive(Serialize)]
+struct Failure<'a> {
+    scenario: &'a str,
+    protocol: &'a str,
+    label: Option<String>,
+    command: String,
+    error: String,
+    ok: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let c = cli.common;
+    let (scenario, command) = match &cli.cmd {
+        Cmd::Fanout(a) => ("fanout", a.command()),
+        Cmd::Conns(a) => ("conns", a.command()),
+        Cmd::Churn(a) => ("churn", a.command()),
+        Cmd::Summarize { dir } => {
+            return match report::summarize(dir) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("herald-loadtest: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+    };
+    let proto_name = match c.protocol {
+        Proto::Herald => "herald",
+        Proto::Nats => "nats",
+    };
+    let json = c.json;
+    let label = c.label.clone();
+    let fail = |e: anyhow::Error| {
+        if json {
+            let f = Failure {
+                scenario,
+                protocol: proto_name,
+                label: label.clone(),
+                command: command.clone(),
+                error: format!("{e:#}"),
+                ok: false,
+            };
+            println!("{}", serde_json::to_string(&f).unwrap());
+        }
+        eprintln!("herald-loadtest: {e:#}");
+        ExitCode::FAILURE
+    };
+    match setup_and_run(c, cli.cmd) {
+        Ok((out, ok)) => {
+            println!("{out}");
+            if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(3)
+            }
+        }
+        Err(e) => fail(e),
+    }
+}
+
+/// Validates, runs the scenario on a tokio runtime under a watchdog, and
+/// returns the printed output and whether the run was clean.
+fn setup_and_run(c: Common, cmd: Cmd) -> anyhow::Result<(String, bool)> {
+    let adapter: Arc<dyn Adapter> = match c.protocol {
+        Proto::Herald => Arc::new(Herald),
+        Proto::Nats => {
+            if c.ping_every == 0 || c.ping_every > 100_000 {
+                anyhow::bail!("--ping-every must be 1..=100000");
+            }
+            Arc::new(Nats {
+                ping_every: c.ping_every,
+            })
+        }
+    };
+    let url = c.url.clone().unwrap_or_else(|| match c.protocol {
+        Proto::Herald => "ws://127.0.0.1:6380/ws".into(),
+        Proto::Nats => "ws://127.0.0.1:8080".into(),
+    });
+    let target = conn::parse_url(&url)?;
+    if c.threads == 0 || c.threads > 64 {
+        anyhow::bail!("--threads must be 1..=64");
+    }
+    if c.source_addrs > 250 {
+        anyhow::bail!("--source-addrs must be 0..=250");
+    }
+    if !(c.handshake_timeout > 0.0 && c.handshake_timeout <= 60.0) {
+        anyhow::bail!("--handshake-timeout must be in (0, 60]");
+    }
+    if c.connect_concurrency == 0 || c.connect_concurrency > 10_000 {
+        anyhow::bail!("--connect-concurrency must be 1..=10000");
+    }
+    if let Some(pid) = c.server_pid {
+        procstat::sample(pid)
+            .map_err(|e| anyhow::anyhow!("--server-pid {pid}: cannot read /proc/{pid}: {e}"))?;
+    }
+    let limit = match &cmd {
+        Cmd::Fanout(a) => {
+            a.check(&*adapter)?;
+            a.time_limit()
+        }
+        Cmd::Conns(a) => {
+            a.check()?;
+            a.time_limit()
+        }
+        Cmd::Churn(a) => {
+            a.check()?;
+            a.time_limit()
+        }
+        Cmd::Summarize { .. } => unreachable!(),
+    };
+    procstat::raise_nofile();
+    adapter::now_ns();
+    watchdog(limit);
+    let ctx = Arc::new(Ctx {
+        adapter,
+        target,
+        sources: conn::Sources::new(c.source_addrs),
+        server_pid: c.server_pid,
+        threads: c.threads,
+        progress: !c.json && std::io::stderr().is_terminal(),
+        connect_concurrency: c.connect_concurrency,
+        handshake_timeout: run::secs(c.handshake_timeout, 60.0),
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(c.threads)
+        .enable_all()
+        .build()?;
+    let label = c.label;
+    let json = c.json;
+    let res = rt.block_on(async move {
+        fn out<T: Serialize>(json: bool, r: &T, table: report::Table) -> String {
+            if json {
+                serde_json::to_string(r).unwrap()
+            } else {
+                table.print();
+                String::new()
+            }
+        }
+        match cmd {
+            Cmd::Fanout(a) => {
+                let r = fanout::run(ctx, a, label).await?;
+                anyhow::Ok((out(json, &r, r.table()), r.ok))
+            }
+            Cmd::Conns(a) => {
+                let r = conns::run(ctx, a, label).await?;
+                Ok((out(json, &r, r.table()), r.ok))
+            }
+            Cmd::Churn(a) => {
+                let r = churn::run(ctx, a, label).await?;
+                Ok((out(json, &r, r.table()), r.ok))
+            }
+            Cmd::Summarize { .. } => unreachable!(),
+        }
+    });
+    // Thousands of sockets close with the runtime; do not wait on stragglers.
+    rt.shutdown_timeout(Duration::from_secs(2));
+    res
+}
+
+/// Ends the process if a run overstays `limit` (a bug or a stuck server).
+fn watchdog(limit: Duration) {
+    std::thread::spawn(move || {
+        std::thread::sleep(limit);
+        eprintln!("herald-loadtest: run exceeded its time limit of {limit:?}; exiting");
+        std::process::exit(4);
+    });
+}
