@@ -181,11 +181,20 @@ async fn upgrade(
         let err = HttpError::new(503, "connection limit reached (MAX_CONNECTIONS)");
         return refuse(&worker, &mut stream, "max_connections", err, peer).await;
     }
-    if send(&mut stream, handshake::switching_protocols(&accept)).await {
-        tracing::trace!(%peer, worker = worker.id, "websocket open");
-        session::run(worker.clone(), stream, leftover, grant, mode).await;
+    if !send(&mut stream, handshake::switching_protocols(&accept)).await {
+        shared.release_connection();
+        return;
     }
-    shared.release_connection();
+    tracing::trace!(%peer, worker = worker.id, "websocket open");
+    // The session runs as a task of its own, so this (larger) task, the
+    // request head and the handshake buffer are freed now rather than
+    // held for the connection's lifetime.
+    let leftover = leftover.as_slice().to_vec();
+    drop(head);
+    monoio::spawn(async move {
+        session::run(worker.clone(), stream, leftover, grant, mode).await;
+        worker.shared.release_connection();
+    });
 }
 
 fn json_error(code: ErrorCode, message: &str) -> (u16, Vec<u8>) {

@@ -97,7 +97,12 @@ pub async fn run(
     reader.run(&worker, &rd).await;
     worker.shard.borrow_mut().abandon(key, gen);
     let close_timeout = worker.shared.config.close_timeout;
-    if monoio::time::timeout(close_timeout, writer).await.is_err() {
+    // Boxed: the timer is large and only needed once, at the end; inline it
+    // would enlarge every connection's task for its whole life.
+    if Box::pin(monoio::time::timeout(close_timeout, writer))
+        .await
+        .is_err()
+    {
         worker.shard.borrow_mut().cut(key, gen);
     }
     worker
