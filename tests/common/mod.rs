@@ -57,17 +57,20 @@ impl Server {
             let mut tx = Some(tx);
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                if let Some(pos) = line.find("listening on ") {
-                    let addr = line[pos + 13..]
+                let addr = line.find("listening on ").map(|pos| {
+                    line[pos + 13..]
                         .split_whitespace()
                         .next()
                         .unwrap_or("")
-                        .to_string();
+                        .to_string()
+                });
+                // Log first, so a test that sees the server ready sees the line too.
+                log2.lock().unwrap().push(line);
+                if let Some(addr) = addr {
                     if let Some(tx) = tx.take() {
                         let _ = tx.send(addr);
                     }
                 }
-                log2.lock().unwrap().push(line);
             }
         });
         match rx.recv_timeout(Duration::from_secs(30)) {
