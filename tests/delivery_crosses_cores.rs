@@ -5,32 +5,8 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
-
-use common::{Client, Server, TIMEOUT};
+use common::{wait_for, Client, Server};
 use serde_json::json;
-
-const WORKERS: usize = 2;
-
-/// The sample `name{worker="N"}` of every worker.
-fn per_worker(server: &Server, name: &str) -> Vec<f64> {
-    (0..WORKERS)
-        .map(|w| server.metric(&format!("{name}{{worker=\"{w}\"}}")))
-        .collect()
-}
-
-fn sum(server: &Server, name: &str) -> f64 {
-    per_worker(server, name).iter().sum()
-}
-
-/// Polls an observable condition until it holds, failing after TIMEOUT.
-fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < TIMEOUT, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// Opens at least `n` connections, more (in steps, bounded) until /metrics
 /// shows both workers holding some of them.
@@ -44,7 +20,7 @@ fn connect_on_both_workers(server: &Server, n: usize) -> Vec<Client> {
         let total = clients.len() as f64;
         let mut counts = Vec::new();
         wait_for("herald_connections to count every connection", || {
-            counts = per_worker(server, "herald_connections");
+            counts = server.per_worker("herald_connections");
             counts.iter().sum::<f64>() == total
         });
         if counts.iter().all(|&c| c > 0.0) {
@@ -66,7 +42,7 @@ fn every_subscriber_on_both_workers_gets_every_message_in_order() {
         s.subscribe("fanout");
     }
     let mut publisher = Client::connect(&server, "/ws");
-    let crossed_before = sum(&server, "herald_cross_core_messages_total");
+    let crossed_before = server.metric_sum("herald_cross_core_messages_total");
 
     for i in 0..100 {
         publisher.send_json(json!({"op":"publish","channel":"fanout","data":{"n":i},"id":i}));
@@ -89,7 +65,7 @@ fn every_subscriber_on_both_workers_gets_every_message_in_order() {
     wait_for(
         "herald_cross_core_messages_total to count 100 frames",
         || {
-            crossed = sum(&server, "herald_cross_core_messages_total") - crossed_before;
+            crossed = server.metric_sum("herald_cross_core_messages_total") - crossed_before;
             crossed >= 100.0
         },
     );
@@ -116,7 +92,7 @@ fn subscribers_of_many_channels_get_only_their_channel() {
         s.subscribe(&format!("ch{}", k % CHANNELS));
     }
     let mut publisher = Client::connect(&server, "/ws");
-    let crossed_before = sum(&server, "herald_cross_core_messages_total");
+    let crossed_before = server.metric_sum("herald_cross_core_messages_total");
 
     // Interleaved over the channels, then an end marker on each.
     for n in 0..PER_CHANNEL {
@@ -152,6 +128,6 @@ fn subscribers_of_many_channels_get_only_their_channel() {
         assert!(s.sync().is_empty(), "subscriber {k} got extra messages");
     }
     wait_for("cross-core deliveries to be counted", || {
-        sum(&server, "herald_cross_core_messages_total") > crossed_before
+        server.metric_sum("herald_cross_core_messages_total") > crossed_before
     });
 }

@@ -7,39 +7,12 @@
 
 mod common;
 
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{http, Client, Server, TIMEOUT};
+use common::{http, read_until_closed_or_cut, small_window_client, Client, Server, TIMEOUT};
 use serde_json::{json, Value};
-use tungstenite::error::ProtocolError;
 use tungstenite::Message;
-
-const WORKERS: usize = 2;
-
-fn sum(server: &Server, name: &str) -> f64 {
-    (0..WORKERS)
-        .map(|w| server.metric(&format!("{name}{{worker=\"{w}\"}}")))
-        .sum()
-}
-
-/// A client whose kernel receive buffer is a few KiB (set before connect).
-fn small_window_client(server: &Server) -> Client {
-    let sock = socket2::Socket::new(
-        socket2::Domain::for_address(server.addr),
-        socket2::Type::STREAM,
-        Some(socket2::Protocol::TCP),
-    )
-    .unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
-    sock.connect(&server.addr.into()).unwrap();
-    let stream: TcpStream = sock.into();
-    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
-    stream.set_write_timeout(Some(TIMEOUT)).unwrap();
-    stream.set_nodelay(true).unwrap();
-    Client::handshake(stream, server.addr, "/ws", &[]).expect("upgrade")
-}
 
 /// The id of the n-th flood ping (20 bytes).
 fn ping_id(n: u64) -> String {
@@ -168,7 +141,7 @@ fn ping_flood() -> (u64, u64) {
         }
         round_trip(&mut publisher, &mut subscriber, trips);
         trips += 1;
-        if sum(&server, "herald_slow_consumer_closes_total") > 0.0 {
+        if server.metric_sum("herald_slow_consumer_closes_total") > 0.0 {
             break;
         }
         assert!(
@@ -179,7 +152,7 @@ fn ping_flood() -> (u64, u64) {
         );
     }
     let start = Instant::now();
-    while sum(&server, "herald_slow_consumer_closes_total") == 0.0 {
+    while server.metric_sum("herald_slow_consumer_closes_total") == 0.0 {
         assert!(
             start.elapsed() < TIMEOUT,
             "the ping flooder's writes failed, yet no slow-consumer close was counted"
@@ -190,39 +163,11 @@ fn ping_flood() -> (u64, u64) {
 
     // The flooder reads: pongs in order, then close 4008 or a cut.
     let mut received: u64 = 0;
-    let end = loop {
-        match flooder.ws.read() {
-            Ok(Message::Text(t)) => {
-                let v: Value = serde_json::from_str(&t).expect("JSON");
-                assert_eq!(v, json!({"op":"pong","id":ping_id(received)}));
-                received += 1;
-            }
-            Ok(Message::Ping(_)) | Ok(Message::Pong(_)) => {}
-            Ok(Message::Close(Some(f))) => {
-                assert_eq!(u16::from(f.code), 4008, "close reason {:?}", f.reason);
-                break "close 4008";
-            }
-            Ok(other) => panic!("ping flooder: unexpected {other:?}"),
-            Err(tungstenite::Error::Protocol(ProtocolError::ResetWithoutClosingHandshake)) => {
-                break "EOF without close frame";
-            }
-            Err(tungstenite::Error::Io(e))
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::ConnectionReset
-                        | std::io::ErrorKind::ConnectionAborted
-                        | std::io::ErrorKind::BrokenPipe
-                        | std::io::ErrorKind::UnexpectedEof
-                ) =>
-            {
-                break "connection reset";
-            }
-            Err(e) => panic!(
-                "ping flooder after {received} pongs: neither close 4008 nor a cut: {e}\n{}",
-                server.log()
-            ),
-        }
-    };
+    let end = read_until_closed_or_cut(&mut flooder, 4008, |t| {
+        let v: Value = serde_json::from_str(t).expect("JSON");
+        assert_eq!(v, json!({"op":"pong","id":ping_id(received)}));
+        received += 1;
+    });
     eprintln!("ping flooder: sent {sent} pings, read {received} pongs, then {end}");
     assert!(received < sent, "every pong was delivered ({end})");
     let pongs = (received, end);

@@ -9,53 +9,21 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::{Client, Server, TIMEOUT};
+use common::{small_window_client, wait_for, Client, Server, TIMEOUT};
 use serde_json::{json, Value};
 
 const WORKERS: usize = 2;
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(3);
 
-fn per_worker(server: &Server, name: &str) -> Vec<f64> {
-    (0..WORKERS)
-        .map(|w| server.metric(&format!("{name}{{worker=\"{w}\"}}")))
-        .collect()
-}
-
-fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < TIMEOUT, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// A client whose kernel receive buffer is a few KiB (set before connect),
-/// so that what is published to it stays queued in the server.
-fn small_window_client(server: &Server) -> Client {
-    let sock = socket2::Socket::new(
-        socket2::Domain::for_address(server.addr),
-        socket2::Type::STREAM,
-        Some(socket2::Protocol::TCP),
-    )
-    .unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
-    sock.connect(&server.addr.into()).unwrap();
-    let stream: TcpStream = sock.into();
-    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
-    stream.set_write_timeout(Some(TIMEOUT)).unwrap();
-    stream.set_nodelay(true).unwrap();
-    Client::handshake(stream, server.addr, "/ws", &[]).expect("upgrade")
-}
-
 /// Opens a connection with `open` and returns it with the worker holding it
 /// (the herald_connections gauge that moved). Connections must not be
 /// opened concurrently.
 fn tracked(server: &Server, open: impl FnOnce() -> Client) -> (Client, usize) {
-    let before = per_worker(server, "herald_connections");
+    let before = server.per_worker("herald_connections");
     let client = open();
     let mut after = before.clone();
     wait_for("herald_connections to count the new connection", || {
-        after = per_worker(server, "herald_connections");
+        after = server.per_worker("herald_connections");
         after.iter().sum::<f64>() == before.iter().sum::<f64>() + 1.0
     });
     let worker = (0..WORKERS).find(|&w| after[w] == before[w] + 1.0).unwrap();
@@ -80,7 +48,7 @@ fn sigterm_flushes_queued_messages_then_closes_with_1001_and_exits_0() {
     b.subscribe("news");
     let (mut publisher, wp) = tracked(&server, || Client::connect(&server, "/ws"));
 
-    let crossed_before = per_worker(&server, "herald_cross_core_messages_total");
+    let crossed_before = server.per_worker("herald_cross_core_messages_total");
     for n in 0..MESSAGES {
         publisher
             .send_json(json!({"op":"publish","channel":"news","data":{"n":n,"pad":pad},"id":n}));
@@ -93,7 +61,7 @@ fn sigterm_flushes_queued_messages_then_closes_with_1001_and_exits_0() {
     // as it queues them.
     for w in (0..WORKERS).filter(|&w| w != wp && (w == wa || w == wb)) {
         wait_for("the other core to queue the messages", || {
-            per_worker(&server, "herald_cross_core_messages_total")[w]
+            server.per_worker("herald_cross_core_messages_total")[w]
                 >= crossed_before[w] + MESSAGES as f64
         });
     }

@@ -6,50 +6,16 @@
 
 mod common;
 
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::{http, Client, Server, TIMEOUT};
+use common::{
+    http, read_until_closed_or_cut, small_window_client, wait_for, Client, Server, TIMEOUT,
+};
 use serde_json::{json, Value};
-use tungstenite::error::ProtocolError;
-use tungstenite::Message;
 
-const WORKERS: usize = 2;
 const BATCH: usize = 20;
 /// Bytes of one message frame: 4 bytes of header, about 1064 of JSON.
 const FRAME: usize = 1068;
-
-fn sum(server: &Server, name: &str) -> f64 {
-    (0..WORKERS)
-        .map(|w| server.metric(&format!("{name}{{worker=\"{w}\"}}")))
-        .sum()
-}
-
-fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < TIMEOUT, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// A client whose kernel receive buffer is a few KiB (set before connect,
-/// so the advertised window stays small).
-fn small_window_client(server: &Server) -> Client {
-    let sock = socket2::Socket::new(
-        socket2::Domain::for_address(server.addr),
-        socket2::Type::STREAM,
-        Some(socket2::Protocol::TCP),
-    )
-    .unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
-    sock.connect(&server.addr.into()).unwrap();
-    let stream: TcpStream = sock.into();
-    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
-    stream.set_write_timeout(Some(TIMEOUT)).unwrap();
-    stream.set_nodelay(true).unwrap();
-    Client::handshake(stream, server.addr, "/ws", &[]).expect("upgrade")
-}
 
 fn message(n: usize, pad: &str) -> Value {
     json!({"op":"message","channel":"firehose","data":{"n":n,"pad":pad}})
@@ -91,7 +57,7 @@ fn slow_consumer_run(messages: usize) -> usize {
     assert!(healthy.sync().is_empty(), "healthy subscriber got extras");
 
     let start = Instant::now();
-    while sum(&server, "herald_slow_consumer_closes_total") == 0.0 {
+    while server.metric_sum("herald_slow_consumer_closes_total") == 0.0 {
         assert!(
             start.elapsed() < TIMEOUT,
             "{messages} messages of 1 KiB (about {} KiB; SEND_QUEUE_LIMIT=64KiB) were published to a \
@@ -104,43 +70,15 @@ fn slow_consumer_run(messages: usize) -> usize {
     // The slow client now reads: a prefix of the messages, in order, then
     // close 4008 or the end of the TCP connection.
     let mut received = 0;
-    let end = loop {
-        match slow.ws.read() {
-            Ok(Message::Text(t)) => {
-                let v: Value = serde_json::from_str(&t).expect("JSON");
-                assert!(
-                    v == message(received, &pad),
-                    "slow subscriber, message {received}: got {}",
-                    t.chars().take(200).collect::<String>()
-                );
-                received += 1;
-            }
-            Ok(Message::Ping(_)) | Ok(Message::Pong(_)) => {}
-            Ok(Message::Close(Some(f))) => {
-                assert_eq!(u16::from(f.code), 4008, "close reason {:?}", f.reason);
-                break "close 4008";
-            }
-            Ok(other) => panic!("slow subscriber: unexpected {other:?}"),
-            Err(tungstenite::Error::Protocol(ProtocolError::ResetWithoutClosingHandshake)) => {
-                break "EOF without close frame";
-            }
-            Err(tungstenite::Error::Io(e))
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::ConnectionReset
-                        | std::io::ErrorKind::ConnectionAborted
-                        | std::io::ErrorKind::BrokenPipe
-                        | std::io::ErrorKind::UnexpectedEof
-                ) =>
-            {
-                break "connection reset";
-            }
-            Err(e) => panic!(
-                "slow subscriber after {received} messages: neither close 4008 nor a cut connection: {e}\n{}",
-                server.log()
-            ),
-        }
-    };
+    let end = read_until_closed_or_cut(&mut slow, 4008, |t| {
+        let v: Value = serde_json::from_str(t).expect("JSON");
+        assert!(
+            v == message(received, &pad),
+            "slow subscriber, message {received}: got {}",
+            t.chars().take(200).collect::<String>()
+        );
+        received += 1;
+    });
     eprintln!("slow subscriber: {received} messages, then {end}");
     assert!(
         received < messages,
@@ -162,7 +100,7 @@ fn slow_consumer_run(messages: usize) -> usize {
     publisher.sync();
     // The slow connection is gone; the other four remain.
     wait_for("herald_connections to drop the slow connection", || {
-        sum(&server, "herald_connections") == 4.0
+        server.metric_sum("herald_connections") == 4.0
     });
     received
 }

@@ -136,6 +136,18 @@ impl Server {
         }
     }
 
+    /// The values of `name{worker="0"}`, `name{worker="1"}`, ... (WORKERS=2).
+    pub fn per_worker(&self, name: &str) -> Vec<f64> {
+        (0..2)
+            .map(|w| self.metric(&format!("{name}{{worker=\"{w}\"}}")))
+            .collect()
+    }
+
+    /// The sum of `name` over all workers.
+    pub fn metric_sum(&self, name: &str) -> f64 {
+        self.per_worker(name).iter().sum()
+    }
+
     /// Fetches /metrics and returns the value of the sample `name{labels}`.
     pub fn metric(&self, sample: &str) -> f64 {
         let (status, body) = http(self.addr, "GET", "/metrics", &[], b"");
@@ -372,4 +384,69 @@ pub fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
 /// Is `code` the close code tungstenite reports for `expected`?
 pub fn close_code(code: CloseCode) -> u16 {
     u16::from(code)
+}
+
+/// Polls `cond` every 20 ms until it holds, failing after [`TIMEOUT`]. For
+/// conditions only observable by polling (metrics, /health).
+pub fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < TIMEOUT, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A client whose kernel receive buffer is a few KiB (set before connect,
+/// so the advertised window stays small and output backs up in the server).
+pub fn small_window_client(server: &Server) -> Client {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(server.addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+    .unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&server.addr.into()).unwrap();
+    let stream: TcpStream = sock.into();
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    stream.set_write_timeout(Some(TIMEOUT)).unwrap();
+    stream.set_nodelay(true).unwrap();
+    Client::handshake(stream, server.addr, "/ws", &[]).expect("upgrade")
+}
+
+/// Reads `client` until the server ends it, handing each text message to
+/// `on_text`. The end must be a close frame with `code`, or (protocol.md:
+/// "when not even the close frame can be written, the TCP connection is
+/// cut") a reset or EOF; returns which, for the test's log.
+pub fn read_until_closed_or_cut(
+    client: &mut Client,
+    code: u16,
+    mut on_text: impl FnMut(&str),
+) -> &'static str {
+    loop {
+        match client.ws.read() {
+            Ok(Message::Text(t)) => on_text(&t),
+            Ok(Message::Ping(_)) | Ok(Message::Pong(_)) => {}
+            Ok(Message::Close(Some(f))) => {
+                assert_eq!(u16::from(f.code), code, "close reason {:?}", f.reason);
+                return "close frame";
+            }
+            Ok(other) => panic!("unexpected {other:?}"),
+            Err(tungstenite::Error::Protocol(
+                tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+            )) => return "EOF without close frame",
+            Err(tungstenite::Error::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::ConnectionAborted
+                        | std::io::ErrorKind::BrokenPipe
+                        | std::io::ErrorKind::UnexpectedEof
+                ) =>
+            {
+                return "connection reset"
+            }
+            Err(e) => panic!("neither close {code} nor a cut connection: {e}"),
+        }
+    }
 }
