@@ -419,9 +419,18 @@ async fn write_loop(mut wr: OwnedWriteHalf<TcpStream>, worker: Rc<Worker>, key: 
         if !go {
             break;
         }
-        batch.prepare();
-        let (res, b) = wr.writev(batch).await;
-        batch = b;
+        // One frame (the common case at low rates): a plain send, without
+        // the iovec import of writev; several: one vectored write.
+        let res = if let Some(one) = batch.take_single() {
+            let (res, one) = wr.write(one).await;
+            batch.restore(one);
+            res
+        } else {
+            batch.prepare();
+            let (res, b) = wr.writev(batch).await;
+            batch = b;
+            res
+        };
         match res {
             Ok(n) if n > 0 => {
                 batch.advance(n);

@@ -140,6 +140,21 @@ impl Batch {
         }
     }
 
+    /// Takes the batch's only frame out, for a plain `send` (no iovec to
+    /// import); `restore` puts back what was not written.
+    pub fn take_single(&mut self) -> Option<Bytes> {
+        if self.bufs.len() == 1 {
+            self.bufs.pop_front()
+        } else {
+            None
+        }
+    }
+
+    /// Puts back the frame [`Batch::take_single`] took.
+    pub fn restore(&mut self, b: Bytes) {
+        self.bufs.push_front(b);
+    }
+
     /// Frees the buffers of a batch that grew large, once it is empty.
     pub fn shrink(&mut self) {
         if self.bufs.is_empty() && self.bufs.capacity() > 16 {
