@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, Semaphore};
 
 use crate::adapter::{now_ns, Event};
 use crate::conn::Status;
-use crate::report::{self, ClientCost, CostMeter, Latency, ServerCost, Table};
+use crate::report::{self, CostMeter, Latency, Outcome, Table};
 use crate::run::{self, Ctx};
 use crate::ws::Mask;
 
@@ -77,19 +77,13 @@ pub struct Report {
     /// Starts that ran over 100 ms late (the in-flight cap was reached).
     pub late_starts: u64,
     pub cycle_latency: Latency,
-    pub server: Option<ServerCost>,
-    pub client: ClientCost,
-    pub errors: Vec<String>,
-    pub ok: bool,
-    pub problems: Vec<String>,
+    #[serde(flatten)]
+    pub outcome: Outcome,
 }
 
 impl Report {
     pub fn table(&self) -> Table {
-        let mut t = Table::new(format!(
-            "{} against {} ({})",
-            self.command, self.protocol, self.url
-        ));
+        let mut t = Table::for_run(&self.command, &self.protocol, &self.url);
         t.row(
             "cycles",
             format!(
@@ -104,19 +98,7 @@ impl Report {
             t.row("late starts", self.late_starts);
         }
         t.row("cycle time", self.cycle_latency.row());
-        t.cost(&self.server, &self.client, "cycle");
-        for e in &self.errors {
-            t.row("error", e);
-        }
-        t.row(
-            "result",
-            if self.ok {
-                "OK".to_string()
-            } else {
-                format!("NOT OK: {}", self.problems.join("; "))
-            },
-        );
-        t
+        t.finish(&self.outcome, "cycle")
     }
 }
 
@@ -351,10 +333,6 @@ pub async fn run(ctx: Arc<Ctx>, a: Args, label: Option<String>) -> anyhow::Resul
         cycles_per_sec: report::round3(completed as f64 / secs.max(1e-9)),
         late_starts: late,
         cycle_latency: Latency::of(&hist),
-        server,
-        client,
-        errors: errors_all,
-        ok: problems.is_empty(),
-        problems,
+        outcome: Outcome::new(server, client, errors_all, problems),
     })
 }

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::conn::Status;
 use crate::procstat;
-use crate::report::{self, ClientCost, CostMeter, Latency, ServerCost, Table};
+use crate::report::{self, CostMeter, Latency, Outcome, Table};
 use crate::run::{self, Ctx};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -69,19 +69,13 @@ pub struct Report {
     pub hwm_kib: Option<u64>,
     pub rss_per_conn_bytes: Option<f64>,
     /// Server cost of the ramp-up (per handshake).
-    pub server: Option<ServerCost>,
-    pub client: ClientCost,
-    pub errors: Vec<String>,
-    pub ok: bool,
-    pub problems: Vec<String>,
+    #[serde(flatten)]
+    pub outcome: Outcome,
 }
 
 impl Report {
     pub fn table(&self) -> Table {
-        let mut t = Table::new(format!(
-            "{} against {} ({})",
-            self.command, self.protocol, self.url
-        ));
+        let mut t = Table::for_run(&self.command, &self.protocol, &self.url);
         t.row(
             "opened",
             format!(
@@ -114,19 +108,7 @@ impl Report {
                     format!("{b:.0} bytes")
                 }),
         );
-        t.cost(&self.server, &self.client, "handshake");
-        for e in &self.errors {
-            t.row("error", e);
-        }
-        t.row(
-            "result",
-            if self.ok {
-                "OK".to_string()
-            } else {
-                format!("NOT OK: {}", self.problems.join("; "))
-            },
-        );
-        t
+        t.finish(&self.outcome, "handshake")
     }
 }
 
@@ -208,10 +190,6 @@ pub async fn run(ctx: Arc<Ctx>, a: Args, label: Option<String>) -> anyhow::Resul
         rss_after_kib: after.map(|s| s.rss_kib),
         hwm_kib: after.map(|s| s.hwm_kib),
         rss_per_conn_bytes: rss_per_conn,
-        server,
-        client,
-        errors: ramp.errors,
-        ok: problems.is_empty(),
-        problems,
+        outcome: Outcome::new(server, client, ramp.errors, problems),
     })
 }

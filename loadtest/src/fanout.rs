@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, Semaphore};
 
 use crate::adapter::{now_ns, Adapter, Event};
 use crate::conn::{Conn, Status};
-use crate::report::{self, ClientCost, CostMeter, Latency, ServerCost, Table};
+use crate::report::{self, CostMeter, Latency, Outcome, Table};
 use crate::run::{self, Ctx};
 use crate::ws::Mask;
 
@@ -153,19 +153,13 @@ pub struct Report {
     pub drain_timed_out: bool,
     pub bad_timestamps: u64,
     pub latency: Latency,
-    pub server: Option<ServerCost>,
-    pub client: ClientCost,
-    pub errors: Vec<String>,
-    pub ok: bool,
-    pub problems: Vec<String>,
+    #[serde(flatten)]
+    pub outcome: Outcome,
 }
 
 impl Report {
     pub fn table(&self) -> Table {
-        let mut t = Table::new(format!(
-            "{} against {} ({})",
-            self.command, self.protocol, self.url
-        ));
+        let mut t = Table::for_run(&self.command, &self.protocol, &self.url);
         t.row("subscribed in", format!("{:.2} s", self.ramp_secs));
         t.row(
             "published",
@@ -197,19 +191,7 @@ impl Report {
             ),
         );
         t.row("latency", self.latency.row());
-        t.cost(&self.server, &self.client, "delivery");
-        for e in &self.errors {
-            t.row("error", e);
-        }
-        t.row(
-            "result",
-            if self.ok {
-                "OK".to_string()
-            } else {
-                format!("NOT OK: {}", self.problems.join("; "))
-            },
-        );
-        t
+        t.finish(&self.outcome, "delivery")
     }
 }
 
@@ -452,11 +434,7 @@ pub async fn run(ctx: Arc<Ctx>, a: Args, label: Option<String>) -> anyhow::Resul
         drain_timed_out,
         bad_timestamps: bad_ts,
         latency: Latency::of(&hist),
-        server,
-        client,
-        errors,
-        ok: problems.is_empty(),
-        problems,
+        outcome: Outcome::new(server, client, errors, problems),
     })
 }
 

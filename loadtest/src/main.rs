@@ -233,15 +233,15 @@ fn setup_and_run(c: Common, cmd: Cmd) -> anyhow::Result<(String, bool)> {
         match cmd {
             Cmd::Fanout(a) => {
                 let r = fanout::run(ctx, a, label).await?;
-                anyhow::Ok((out(json, &r, r.table()), r.ok))
+                anyhow::Ok((out(json, &r, r.table()), r.outcome.ok))
             }
             Cmd::Conns(a) => {
                 let r = conns::run(ctx, a, label).await?;
-                Ok((out(json, &r, r.table()), r.ok))
+                Ok((out(json, &r, r.table()), r.outcome.ok))
             }
             Cmd::Churn(a) => {
                 let r = churn::run(ctx, a, label).await?;
-                Ok((out(json, &r, r.table()), r.ok))
+                Ok((out(json, &r, r.table()), r.outcome.ok))
             }
             Cmd::Summarize { .. } => unreachable!(),
         }

@@ -140,6 +140,34 @@ pub fn round3(v: f64) -> f64 {
     (v * 1000.0).round() / 1000.0
 }
 
+/// What every scenario's report ends with: the costs on both sides, the
+/// first errors seen, and whether the run is OK (no problem found).
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    pub server: Option<ServerCost>,
+    pub client: ClientCost,
+    pub errors: Vec<String>,
+    pub ok: bool,
+    pub problems: Vec<String>,
+}
+
+impl Outcome {
+    pub fn new(
+        server: Option<ServerCost>,
+        client: ClientCost,
+        errors: Vec<String>,
+        problems: Vec<String>,
+    ) -> Outcome {
+        Outcome {
+            server,
+            client,
+            errors,
+            ok: problems.is_empty(),
+            problems,
+        }
+    }
+}
+
 /// A two-column table printed to stdout.
 #[derive(Default)]
 pub struct Table {
@@ -153,6 +181,26 @@ impl Table {
             title: title.into(),
             rows: Vec::new(),
         }
+    }
+
+    /// A table titled "COMMAND against PROTOCOL (URL)".
+    pub fn for_run(command: &str, protocol: &str, url: &str) -> Table {
+        Table::new(format!("{command} against {protocol} ({url})"))
+    }
+
+    /// The closing rows every scenario prints: costs (per `unit`), errors, result.
+    pub fn finish(mut self, o: &Outcome, unit: &str) -> Table {
+        self.cost(&o.server, &o.client, unit);
+        for e in &o.errors {
+            self.row("error", e);
+        }
+        let result = if o.ok {
+            "OK".to_string()
+        } else {
+            format!("NOT OK: {}", o.problems.join("; "))
+        };
+        self.row("result", result);
+        self
     }
 
     pub fn row(&mut self, k: impl Into<String>, v: impl std::fmt::Display) -> &mut Table {
