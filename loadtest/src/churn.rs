@@ -83,7 +83,7 @@ pub struct Report {
 
 impl Report {
     pub fn table(&self) -> Table {
-        let mut t = Table::for_run(&self.command, &self.protocol, &self.url);
+        let mut t = Table::for_run(&self.command, self.protocol, &self.url);
         t.row(
             "cycles",
             format!(

@@ -159,7 +159,7 @@ pub struct Report {
 
 impl Report {
     pub fn table(&self) -> Table {
-        let mut t = Table::for_run(&self.command, &self.protocol, &self.url);
+        let mut t = Table::for_run(&self.command, self.protocol, &self.url);
         t.row("subscribed in", format!("{:.2} s", self.ramp_secs));
         t.row(
             "published",
