@@ -9,7 +9,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::{parse_response, Client, Server, TIMEOUT};
+use common::{assert_no_failures, parse_response, Client, Server, TIMEOUT};
 use serde_json::{json, Value};
 
 const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
@@ -222,13 +222,7 @@ fn each_malformed_upgrade_gets_its_http_status_and_no_websocket() {
         }
     }
     assert_still_serves(&server);
-    assert!(
-        failures.is_empty(),
-        "{} of {} cases wrong:\n{}",
-        failures.len(),
-        cases.len(),
-        failures.join("\n")
-    );
+    assert_no_failures(&failures, cases.len());
 }
 
 #[test]

@@ -8,7 +8,7 @@ mod common;
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 
-use common::{Client, Server, TIMEOUT};
+use common::{assert_no_failures, Client, Server, TIMEOUT};
 use serde_json::{json, Value};
 use tungstenite::Message;
 
@@ -347,13 +347,7 @@ fn each_protocol_violation_fails_with_its_close_code_then_tcp_close() {
     }
     // The violations cost only their own connections.
     assert_still_serves(&server);
-    assert!(
-        failures.is_empty(),
-        "{} of {} cases wrong:\n{}",
-        failures.len(),
-        cases.len(),
-        failures.join("\n")
-    );
+    assert_no_failures(&failures, cases.len());
 }
 
 #[test]

@@ -450,3 +450,15 @@ pub fn read_until_closed_or_cut(
         }
     }
 }
+
+/// Fails the test listing every wrong case, if any: table-driven tests
+/// check all their cases before failing, so one run shows them all.
+pub fn assert_no_failures(failures: &[String], cases: usize) {
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases wrong:\n{}",
+        failures.len(),
+        cases,
+        failures.join("\n")
+    );
+}
