@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, Semaphore};
 
 use crate::adapter::{now_ns, Event};
 use crate::conn::Status;
-use crate::report::{self, CostMeter, Latency, Outcome, Table};
+use crate::report::{self, CostMeter, Latency, Outcome, RunInfo, Table};
 use crate::run::{self, Ctx};
 use crate::ws::Mask;
 
@@ -61,11 +61,8 @@ impl Args {
 
 #[derive(Debug, Serialize)]
 pub struct Report {
-    pub scenario: &'static str,
-    pub protocol: &'static str,
-    pub label: Option<String>,
-    pub command: String,
-    pub url: String,
+    #[serde(flatten)]
+    pub run: RunInfo,
     pub rate: f64,
     pub duration: f64,
     pub started: u64,
@@ -83,7 +80,7 @@ pub struct Report {
 
 impl Report {
     pub fn table(&self) -> Table {
-        let mut t = Table::for_run(&self.command, self.protocol, &self.url);
+        let mut t = Table::for_run(&self.run);
         t.row(
             "cycles",
             format!(
@@ -318,11 +315,7 @@ pub async fn run(ctx: Arc<Ctx>, a: Args, label: Option<String>) -> anyhow::Resul
         problems.push("no cycle completed".into());
     }
     Ok(Report {
-        scenario: "churn",
-        protocol: adapter.name(),
-        label,
-        command: a.command(),
-        url: format!("ws://{}{}", ctx.target.host, ctx.target.path),
+        run: RunInfo::new("churn", adapter.name(), label, a.command(), &ctx.target),
         rate: a.rate,
         duration: a.duration,
         started,

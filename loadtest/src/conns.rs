@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::conn::Status;
 use crate::procstat;
-use crate::report::{self, CostMeter, Latency, Outcome, Table};
+use crate::report::{self, CostMeter, Latency, Outcome, RunInfo, Table};
 use crate::run::{self, Ctx};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -51,11 +51,8 @@ impl Args {
 
 #[derive(Debug, Serialize)]
 pub struct Report {
-    pub scenario: &'static str,
-    pub protocol: &'static str,
-    pub label: Option<String>,
-    pub command: String,
-    pub url: String,
+    #[serde(flatten)]
+    pub run: RunInfo,
     pub conns: usize,
     pub opened: u64,
     pub failed: u64,
@@ -75,7 +72,7 @@ pub struct Report {
 
 impl Report {
     pub fn table(&self) -> Table {
-        let mut t = Table::for_run(&self.command, self.protocol, &self.url);
+        let mut t = Table::for_run(&self.run);
         t.row(
             "opened",
             format!(
@@ -173,11 +170,7 @@ pub async fn run(ctx: Arc<Ctx>, a: Args, label: Option<String>) -> anyhow::Resul
         problems.push(format!("{closed_during_hold} closed during the hold"));
     }
     Ok(Report {
-        scenario: "conns",
-        protocol: ctx.adapter.name(),
-        label,
-        command: a.command(),
-        url: format!("ws://{}{}", ctx.target.host, ctx.target.path),
+        run: RunInfo::new("conns", ctx.adapter.name(), label, a.command(), &ctx.target),
         conns: a.conns,
         opened: ramp.ok,
         failed: ramp.failed,

@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, Semaphore};
 
 use crate::adapter::{now_ns, Adapter, Event};
 use crate::conn::{Conn, Status};
-use crate::report::{self, CostMeter, Latency, Outcome, Table};
+use crate::report::{self, CostMeter, Latency, Outcome, RunInfo, Table};
 use crate::run::{self, Ctx};
 use crate::ws::Mask;
 
@@ -125,11 +125,8 @@ impl Subs {
 
 #[derive(Debug, Serialize)]
 pub struct Report {
-    pub scenario: &'static str,
-    pub protocol: &'static str,
-    pub label: Option<String>,
-    pub command: String,
-    pub url: String,
+    #[serde(flatten)]
+    pub run: RunInfo,
     pub subs: usize,
     pub channels: usize,
     pub size: usize,
@@ -159,7 +156,7 @@ pub struct Report {
 
 impl Report {
     pub fn table(&self) -> Table {
-        let mut t = Table::for_run(&self.command, self.protocol, &self.url);
+        let mut t = Table::for_run(&self.run);
         t.row("subscribed in", format!("{:.2} s", self.ramp_secs));
         t.row(
             "published",
@@ -406,11 +403,7 @@ pub async fn run(ctx: Arc<Ctx>, a: Args, label: Option<String>) -> anyhow::Resul
         problems.push(format!("{} errors", errors.len()));
     }
     Ok(Report {
-        scenario: "fanout",
-        protocol: adapter.name(),
-        label,
-        command: a.command(),
-        url: format!("ws://{}{}", ctx.target.host, ctx.target.path),
+        run: RunInfo::new("fanout", adapter.name(), label, a.command(), &ctx.target),
         subs: a.subs,
         channels: a.channels,
         size: a.size,

@@ -140,6 +140,35 @@ pub fn round3(v: f64) -> f64 {
     (v * 1000.0).round() / 1000.0
 }
 
+/// What every scenario's report starts with: which run this was.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunInfo {
+    pub scenario: &'static str,
+    pub protocol: &'static str,
+    pub label: Option<String>,
+    pub command: String,
+    pub url: String,
+}
+
+impl RunInfo {
+    pub fn new(
+        scenario: &'static str,
+        protocol: &'static str,
+        label: Option<String>,
+        command: String,
+        target: &crate::conn::Target,
+    ) -> RunInfo {
+        let url = format!("ws://{}{}", target.host, target.path);
+        RunInfo {
+            scenario,
+            protocol,
+            label,
+            command,
+            url,
+        }
+    }
+}
+
 /// What every scenario's report ends with: the costs on both sides, the
 /// first errors seen, and whether the run is OK (no problem found).
 #[derive(Debug, Clone, Serialize)]
@@ -184,8 +213,11 @@ impl Table {
     }
 
     /// A table titled "COMMAND against PROTOCOL (URL)".
-    pub fn for_run(command: &str, protocol: &str, url: &str) -> Table {
-        Table::new(format!("{command} against {protocol} ({url})"))
+    pub fn for_run(run: &RunInfo) -> Table {
+        Table::new(format!(
+            "{} against {} ({})",
+            run.command, run.protocol, run.url
+        ))
     }
 
     /// The closing rows every scenario prints: costs (per `unit`), errors, result.
