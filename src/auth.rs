@@ -122,7 +122,6 @@ impl Grant {
 #[derive(Clone)]
 pub struct Authenticator {
     key: Option<(DecodingKey, Validation)>,
-    leeway: u64,
     open: Arc<Grant>,
 }
 
@@ -140,17 +139,12 @@ impl Authenticator {
         });
         Authenticator {
             key,
-            leeway,
             open: Grant::open(),
         }
     }
 
     pub fn is_open(&self) -> bool {
         self.key.is_none()
-    }
-
-    pub fn leeway(&self) -> u64 {
-        self.leeway
     }
 
     /// Verifies a token. In open mode the token is ignored.

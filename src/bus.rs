@@ -76,10 +76,6 @@ impl Bus {
         })
     }
 
-    pub fn cores(&self) -> usize {
-        self.cores
-    }
-
     fn link(&self, src: usize, dst: usize) -> &Link {
         &self.links[src * self.cores + dst]
     }

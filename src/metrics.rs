@@ -160,11 +160,6 @@ impl Metrics {
             .inc();
     }
 
-    /// Open connections across all workers.
-    pub fn connections(&self) -> i64 {
-        self.workers.iter().map(|w| w.connections.get()).sum()
-    }
-
     /// The text exposition, given the current distinct channel count.
     pub fn render(&self, channels_total: usize) -> String {
         self.channels_total.set(channels_total as i64);
@@ -196,6 +191,5 @@ mod tests {
         );
         assert!(text.contains("herald_rejected_upgrades_total{reason=\"max_connections\"} 1"));
         assert!(text.contains("herald_channels_total 3"));
-        assert_eq!(m.connections(), 1);
     }
 }

@@ -233,14 +233,6 @@ impl Shard {
         }
     }
 
-    pub fn id(&self) -> usize {
-        self.id
-    }
-
-    pub fn len(&self) -> usize {
-        self.conns.len()
-    }
-
     pub fn is_empty(&self) -> bool {
         self.conns.is_empty()
     }
@@ -647,11 +639,6 @@ impl Shard {
     /// Local subscribers of `channel` (for tests and metrics).
     pub fn subscriber_count(&self, channel: &str) -> usize {
         self.channels.get(channel).map_or(0, |s| s.len())
-    }
-
-    /// Bytes queued or in flight for `key`.
-    pub fn unsent(&self, key: usize) -> usize {
-        self.conns.get(key).map_or(0, |c| c.queued + c.inflight)
     }
 }
 

@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tungstenite::client::IntoClientRequest;
-use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::WebSocket;
 use tungstenite::Message;
 
@@ -369,21 +368,6 @@ pub fn parse_response(raw: &[u8]) -> (u16, String) {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     (status, body)
-}
-
-/// Sends raw bytes on a fresh TCP connection and reads until the server closes.
-pub fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(TIMEOUT)).unwrap();
-    s.write_all(bytes).unwrap();
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    out
-}
-
-/// Is `code` the close code tungstenite reports for `expected`?
-pub fn close_code(code: CloseCode) -> u16 {
-    u16::from(code)
 }
 
 /// Polls `cond` every 20 ms until it holds, failing after [`TIMEOUT`]. For
