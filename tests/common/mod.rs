@@ -36,7 +36,32 @@ impl Server {
 
     /// Starts herald; on failure returns what it logged.
     pub fn try_start(env: &[(&str, &str)]) -> Result<Server, String> {
+        Self::spawn(env, None)
+    }
+
+    /// Starts herald with its soft RLIMIT_NOFILE lowered to `soft` first.
+    pub fn start_with_nofile_limit(env: &[(&str, &str)], soft: u64) -> Server {
+        Self::spawn(env, Some(soft)).unwrap_or_else(|log| panic!("herald did not start:\n{log}"))
+    }
+
+    fn spawn(env: &[(&str, &str)], soft_nofile: Option<u64>) -> Result<Server, String> {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
+        if let Some(soft) = soft_nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: only async-signal-safe calls between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let mut lim = libc::rlimit {
+                        rlim_cur: 0,
+                        rlim_max: 0,
+                    };
+                    libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+                    lim.rlim_cur = soft.min(lim.rlim_max);
+                    libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+                    Ok(())
+                });
+            }
+        }
         cmd.env_clear()
             .env("PORT", "0")
             .env("WORKERS", "2")
