@@ -16,6 +16,11 @@
 #   --scenario ARGS  a herald-loadtest scenario, e.g. "fanout --subs 100 --duration 2";
 #                    repeatable; replaces the default list
 #
+# A fan-out scenario with a fixed --rate also gets, each round, a `floor`
+# run with the same --subs/--size/--rate/--duration: no server, just one
+# send(2) per subscriber and the cheapest reader (see loadtest/README.md),
+# shown as a third column: what the kernel alone costs on this machine.
+#
 # Servers:
 #   herald:      WORKERS=2 SEND_QUEUE_LIMIT=16MiB MAX_CONNECTIONS=19500, PORT=0
 #   nats-server: GOMAXPROCS=2, websocket on a free port, no TLS;
@@ -180,6 +185,27 @@ EOF
     URL="ws://127.0.0.1:$port"
 }
 
+# The `floor` command matching a fixed-rate fan-out scenario, if it is one.
+floor_of() {
+    local sc="$1" subs=1000 size=64 rate=0 duration=10
+    set -- $sc
+    [ "$1" = fanout ] || return 1
+    shift
+    while [ $# -gt 1 ]; do
+        case "$1" in
+        --subs) subs="$2" ;;
+        --size) size="$2" ;;
+        --rate) rate="$2" ;;
+        --duration) duration="$2" ;;
+        --channels) [ "$2" = 1 ] || return 1 ;;
+        esac
+        shift
+    done
+    case "$rate" in 0 | 0.0 | 0.00) return 1 ;; esac
+    [ "$size" -le 125 ] || return 1
+    echo "floor --subs $subs --size $size --rate $rate --duration $duration"
+}
+
 echo "== results in $OUT"
 i=0
 for sc in "${SCENARIOS[@]}"; do
@@ -207,6 +233,13 @@ for sc in "${SCENARIOS[@]}"; do
             fi
             stop_server
         done
+        if floor_args="$(floor_of "$sc")"; then
+            printf '%-8s s%d round %d: %s\n' floor "$i" "$r" "$floor_args"
+            # shellcheck disable=SC2086
+            timeout 300 "$LT" $floor_args --json --label "s$i" \
+                >"$OUT/s$i.r$r.floor.json" 2>"$OUT/s$i.r$r.floor.err" ||
+                echo "   (floor exit $?: $(tail -1 "$OUT/s$i.r$r.floor.err" 2>/dev/null))"
+        fi
     done
 done
 

@@ -6,9 +6,11 @@ mod churn;
 mod conn;
 mod conns;
 mod fanout;
+mod floor;
 mod procstat;
 mod report;
 mod run;
+mod webhook;
 mod ws;
 
 use std::io::IsTerminal;
@@ -63,6 +65,11 @@ struct Common {
     /// NATS only: a PING after this many publishes (its PONG acknowledges them).
     #[arg(long, global = true, default_value_t = 32)]
     ping_every: u64,
+    /// Name of the server configuration under test, copied into the JSON as
+    /// `variant`; `summarize` compares variants instead of protocols
+    /// when given (e.g. herald with and without an authorizer).
+    #[arg(long, global = true)]
+    variant: Option<String>,
     /// Free-form label copied into the JSON output (used by `summarize`).
     #[arg(long, global = true)]
     label: Option<String>,
@@ -82,6 +89,11 @@ enum Cmd {
     Conns(conns::Args),
     /// Connect, subscribe, receive one message, disconnect, at a rate.
     Churn(churn::Args),
+    /// No server: the kernel's own cost and latency of a fan-out over
+    /// loopback TCP (one send per subscriber), a floor for any server.
+    Floor(floor::Args),
+    /// A fast always-200 authorizer webhook (for AUTHORIZER_URL benchmarks).
+    Webhook(webhook::Args),
     /// Print herald vs nats medians and ratios of the JSON results in DIR
     /// (grouped by --label).
     Summarize {
@@ -108,6 +120,43 @@ fn main() -> ExitCode {
         Cmd::Fanout(a) => ("fanout", a.command()),
         Cmd::Conns(a) => ("conns", a.command()),
         Cmd::Churn(a) => ("churn", a.command()),
+        Cmd::Floor(a) => {
+            return match floor::run(a, c.label.clone()) {
+                Ok(r) => {
+                    if c.json {
+                        println!("{}", serde_json::to_string(&r).unwrap());
+                    } else {
+                        r.table().print();
+                    }
+                    if r.ok {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(3)
+                    }
+                }
+                Err(e) => {
+                    eprintln!("herald-loadtest: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Cmd::Webhook(a) => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(c.threads)
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            return match rt.block_on(webhook::run(a.clone())) {
+                Ok(r) => {
+                    println!("{}", serde_json::to_string(&r).unwrap());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("herald-loadtest: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Cmd::Summarize { dir } => {
             return match report::summarize(dir) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -200,7 +249,7 @@ fn setup_and_run(c: Common, cmd: Cmd) -> anyhow::Result<(String, bool)> {
             a.check()?;
             a.time_limit()
         }
-        Cmd::Summarize { .. } => unreachable!(),
+        Cmd::Floor(_) | Cmd::Webhook(_) | Cmd::Summarize { .. } => unreachable!(),
     };
     procstat::raise_nofile();
     adapter::now_ns();
@@ -221,15 +270,20 @@ fn setup_and_run(c: Common, cmd: Cmd) -> anyhow::Result<(String, bool)> {
         .build()?;
     let label = c.label;
     let json = c.json;
+    let variant = c.variant;
     let res = rt.block_on(async move {
-        fn out<T: Serialize>(json: bool, r: &T, table: report::Table) -> String {
+        let out = |json: bool, r: &dyn erased::Json, table: report::Table| -> String {
             if json {
-                serde_json::to_string(r).unwrap()
+                let mut v = r.value();
+                if let (Some(name), Some(obj)) = (&variant, v.as_object_mut()) {
+                    obj.insert("variant".into(), name.clone().into());
+                }
+                v.to_string()
             } else {
                 table.print();
                 String::new()
             }
-        }
+        };
         match cmd {
             Cmd::Fanout(a) => {
                 let r = fanout::run(ctx, a, label).await?;
@@ -243,12 +297,25 @@ fn setup_and_run(c: Common, cmd: Cmd) -> anyhow::Result<(String, bool)> {
                 let r = churn::run(ctx, a, label).await?;
                 Ok((out(json, &r, r.table()), r.outcome.ok))
             }
-            Cmd::Summarize { .. } => unreachable!(),
+            Cmd::Floor(_) | Cmd::Webhook(_) | Cmd::Summarize { .. } => unreachable!(),
         }
     });
     // Thousands of sockets close with the runtime; do not wait on stragglers.
     rt.shutdown_timeout(Duration::from_secs(2));
     res
+}
+
+mod erased {
+    /// A report as a JSON value (object-safe `Serialize`).
+    pub trait Json {
+        fn value(&self) -> serde_json::Value;
+    }
+
+    impl<T: serde::Serialize> Json for T {
+        fn value(&self) -> serde_json::Value {
+            serde_json::to_value(self).unwrap_or_default()
+        }
+    }
 }
 
 /// Ends the process if a run overstays `limit` (a bug or a stuck server).

@@ -71,6 +71,8 @@ pub struct ClientCost {
     pub cpu_secs: f64,
     pub cpu_cores: f64,
     pub threads: usize,
+    /// cpu_secs per unit of work (delivery, handshake, cycle), in ns.
+    pub cpu_ns_per_unit: Option<f64>,
     /// Client used over 90% of a core per runtime thread: the numbers
     /// may measure the client, not the server.
     pub client_bound: bool,
@@ -124,6 +126,7 @@ impl CostMeter {
             cpu_secs: round3(client_cpu),
             cpu_cores: round3(client_cores),
             threads,
+            cpu_ns_per_unit: (units > 0).then(|| (client_cpu * 1e9 / units as f64).round()),
             client_bound: client_cores > 0.9 * threads as f64,
             machine_saturated: busy > 0.9 * procstat::cpus() as f64,
             client_share: if busy > 0.0 {
@@ -351,13 +354,18 @@ const METRICS: &[(&str, &str, bool)] = &[
     ("failed conns", "failed", false),
     ("cycles/s", "cycles_per_sec", true),
     ("client CPU cores", "client.cpu_cores", false),
+    ("client CPU ns/UNIT", "client.cpu_ns_per_unit", false),
 ];
 
 /// Reads every `*.json` result in `dir` and prints, per `label`, the
-/// median of each metric for each protocol and the herald/nats ratio.
+/// median of each metric for each protocol (or `variant`, when the runs
+/// name one) and the ratio of the first to the second (herald/nats).
 pub fn summarize(dir: &Path) -> anyhow::Result<()> {
     let mut groups: BTreeMap<String, BTreeMap<String, Vec<Value>>> = BTreeMap::new();
     let mut order: Vec<String> = Vec::new();
+    // Column names in order of appearance: "herald", "nats" for compare.sh,
+    // or the --variant names.
+    let mut names: Vec<String> = Vec::new();
     let mut paths: Vec<_> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|e| e == "json"))
@@ -375,10 +383,14 @@ pub fn summarize(dir: &Path) -> anyhow::Result<()> {
             .unwrap_or("")
             .to_string();
         let proto = v
-            .get("protocol")
+            .get("variant")
+            .or_else(|| v.get("protocol"))
             .and_then(Value::as_str)
             .unwrap_or("?")
             .to_string();
+        if proto != "floor" && !names.contains(&proto) {
+            names.push(proto.clone());
+        }
         if !order.contains(&label) {
             order.push(label.clone());
         }
@@ -389,6 +401,13 @@ pub fn summarize(dir: &Path) -> anyhow::Result<()> {
             .or_default()
             .push(v);
     }
+    if names.is_empty() {
+        names.push("herald".into());
+    }
+    if names.len() < 2 {
+        names.push("nats".into());
+    }
+    let (a, b) = (names[0].as_str(), names[1].as_str());
     for label in order {
         let g = &groups[&label];
         let any = g.values().flatten().next().unwrap();
@@ -413,18 +432,25 @@ pub fn summarize(dir: &Path) -> anyhow::Result<()> {
                 }
             }
         }
+        // `floor` runs (no server, kernel only) get a column of their own.
+        let floor = g.contains_key("floor");
         println!(
-            "   {:<24} {:>14} {:>14} {:>12}",
-            "metric (median)", "herald", "nats", "herald/nats"
+            "   {:<24} {:>14} {:>14} {:>14}{}",
+            "metric (median)",
+            a,
+            b,
+            format!("{a}/{b}"),
+            if floor { "  floor (no server)" } else { "" }
         );
         let med = |proto: &str, path: &str| -> Option<f64> {
             let vs = g.get(proto)?;
             median(vs.iter().filter_map(|v| num(v, path)).collect())
         };
         for (name, path, ratio) in METRICS {
-            let h = med("herald", path);
-            let n = med("nats", path);
-            if h.is_none() && n.is_none() {
+            let h = med(a, path);
+            let n = med(b, path);
+            let f = if floor { med("floor", path) } else { None };
+            if h.is_none() && n.is_none() && f.is_none() {
                 continue;
             }
             let fmt = |x: Option<f64>| x.map_or("-".to_string(), fmt_num);
@@ -433,7 +459,8 @@ pub fn summarize(dir: &Path) -> anyhow::Result<()> {
                 _ => String::new(),
             };
             let name = name.replace("UNIT", unit);
-            println!("   {:<24} {:>14} {:>14} {:>12}", name, fmt(h), fmt(n), r);
+            let f = f.map_or(String::new(), |f| format!(" {:>18}", fmt_num(f)));
+            println!("   {:<24} {:>14} {:>14} {:>14}{f}", name, fmt(h), fmt(n), r);
         }
     }
     Ok(())

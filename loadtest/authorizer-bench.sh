@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# What authorizing every publish costs: herald without an authorizer vs
+# herald with AUTHORIZER_URL and AUTHORIZE=publish, side by side on the same
+# scenarios, loopback only.
+#
+# The authorizer is `herald-loadtest webhook`, an always-200 HTTP/1.1
+# keep-alive server, so the figures are herald's cost of asking (one HTTP
+# round trip per publish through its per-reactor pool), not a backend's cost
+# of deciding. For each scenario and round (A B A B: plain, authorized) a
+# fresh herald is started; at the end the medians and ratios are printed
+# (herald-loadtest summarize). The webhook's own CPU per request is printed
+# last.
+#
+# Usage: loadtest/authorizer-bench.sh [--rounds N] [--out DIR] [--cache-ttl SECS] [--scenario "ARGS"]...
+#   --rounds N        rounds per scenario (default 2)
+#   --out DIR         where the JSON results and logs go
+#                     (default target/authorizer-bench/<date>)
+#   --cache-ttl SECS  give the authorized herald AUTHORIZER_CACHE_TTL=SECS
+#                     (default 0: every publish is asked)
+#   --scenario ARGS   a herald-loadtest scenario; repeatable; replaces the defaults
+#
+# herald: WORKERS=2, open mode (plain) or AUTHORIZER_URL=<webhook>
+# AUTHORIZE=publish (authorized), PORT=0.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT"
+
+ROUNDS=2
+OUT=""
+TTL=0
+SCENARIOS=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+    --rounds) ROUNDS="$2"; shift ;;
+    --out) OUT="$2"; shift ;;
+    --cache-ttl) TTL="$2"; shift ;;
+    --scenario) SCENARIOS+=("$2"); shift ;;
+    -h | --help)
+        sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+        exit 0
+        ;;
+    *) echo "authorizer-bench.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+case "$ROUNDS" in
+'' | *[!0-9]*) echo "authorizer-bench.sh: --rounds must be a number" >&2; exit 2 ;;
+esac
+if [ "$ROUNDS" -lt 1 ] || [ "$ROUNDS" -gt 10 ]; then
+    echo "authorizer-bench.sh: --rounds must be 1..10" >&2
+    exit 2
+fi
+if [ ${#SCENARIOS[@]} -eq 0 ]; then
+    SCENARIOS=(
+        "fanout --subs 100 --channels 1 --size 64 --rate 0 --duration 5 --publishers 16 --window 64"
+        "fanout --subs 100 --channels 1 --size 64 --rate 1000 --duration 5 --publishers 4"
+    )
+fi
+
+OUT="${OUT:-target/authorizer-bench/$(date +%Y%m%d-%H%M%S)}"
+mkdir -p "$OUT"
+
+echo "== building herald and herald-loadtest (release)"
+timeout 1800 cargo build --release -p herald -p loadtest
+HERALD="$ROOT/target/release/herald"
+LT="$ROOT/target/release/herald-loadtest"
+
+SERVER_PID=""
+HOOK_PID=""
+URL=""
+
+stop_server() {
+    if [ -n "$SERVER_PID" ]; then
+        kill -TERM "$SERVER_PID" 2>/dev/null || true
+        for _ in $(seq 1 100); do
+            kill -0 "$SERVER_PID" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$SERVER_PID" 2>/dev/null || true
+        wait "$SERVER_PID" 2>/dev/null || true
+        SERVER_PID=""
+    fi
+}
+stop_all() {
+    stop_server
+    if [ -n "$HOOK_PID" ]; then
+        kill -TERM "$HOOK_PID" 2>/dev/null || true
+        wait "$HOOK_PID" 2>/dev/null || true
+        HOOK_PID=""
+    fi
+}
+trap stop_all EXIT
+trap 'exit 130' INT TERM
+
+# Waits until LOG contains PATTERN (or PID died / 20 s passed).
+wait_log() {
+    local log="$1" pattern="$2" pid="$3"
+    for _ in $(seq 1 200); do
+        if grep -q "$pattern" "$log" 2>/dev/null; then
+            return 0
+        fi
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    echo "authorizer-bench.sh: process did not become ready; its log:" >&2
+    tail -20 "$log" >&2
+    return 1
+}
+
+"$LT" webhook --duration 3600 --threads 1 >"$OUT/webhook.out" 2>"$OUT/webhook.log" &
+HOOK_PID=$!
+wait_log "$OUT/webhook.log" "webhook listening on" "$HOOK_PID"
+HOOK="http://$(grep -o 'listening on [0-9.:]*' "$OUT/webhook.log" | awk '{print $3}')/authorize"
+echo "== webhook at $HOOK; results in $OUT"
+
+start_herald() {
+    local log="$1" variant="$2"
+    local extra=()
+    if [ "$variant" = authorized ]; then
+        extra=(AUTHORIZER_URL="$HOOK" AUTHORIZE=publish AUTHORIZER_CACHE_TTL="$TTL")
+    fi
+    env PORT=0 HOST=127.0.0.1 WORKERS=2 LOGLEVEL=info "${extra[@]}" "$HERALD" >"$log" 2>&1 &
+    SERVER_PID=$!
+    wait_log "$log" "listening on " "$SERVER_PID" || return 1
+    URL="ws://$(grep -o 'listening on [0-9.:]*' "$log" | head -1 | awk '{print $3}')/ws"
+}
+
+i=0
+for sc in "${SCENARIOS[@]}"; do
+    i=$((i + 1))
+    for r in $(seq 1 "$ROUNDS"); do
+        for variant in plain authorized; do
+            base="$OUT/s$i.r$r.$variant"
+            start_herald "$base.log" "$variant" || { stop_server; continue; }
+            printf '%-10s s%d round %d: %s\n' "$variant" "$i" "$r" "$sc"
+            rc=0
+            # shellcheck disable=SC2086 # the scenario is a word list
+            timeout 600 "$LT" $sc --url "$URL" --server-pid "$SERVER_PID" --json \
+                --label "s$i" --variant "$variant" >"$base.json" 2>"$base.err" || rc=$?
+            if [ "$rc" != 0 ]; then
+                echo "   (herald-loadtest exit $rc: $(tail -1 "$base.err" 2>/dev/null))"
+            fi
+            stop_server
+        done
+    done
+done
+
+kill -TERM "$HOOK_PID" 2>/dev/null || true
+wait "$HOOK_PID" 2>/dev/null || true
+HOOK_PID=""
+echo
+echo "== plain vs authorized (AUTHORIZE=publish, AUTHORIZER_CACHE_TTL=$TTL; medians of $ROUNDS rounds; results in $OUT)"
+"$LT" summarize "$OUT"
+echo
+echo "== webhook: $(cat "$OUT/webhook.out")"
