@@ -29,7 +29,7 @@ pub enum AuthError {
 }
 
 /// The claims herald reads from a token; others are ignored.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 pub struct Claims {
     #[serde(default)]
     pub sub: Option<String>,
@@ -103,7 +103,7 @@ impl Grant {
         })
     }
 
-    fn from_claims(c: Claims) -> Grant {
+    pub fn from_claims(c: Claims) -> Grant {
         Grant {
             read: Patterns::compile(&c.read),
             write: Patterns::compile(&c.write),

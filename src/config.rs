@@ -23,12 +23,13 @@ pub const MAX_WORKERS: usize = 64;
 #[derive(Debug, Clone, Parser)]
 #[command(name = "herald", version, about, long_about = None, max_term_width = 100)]
 pub struct Config {
-    /// HS256 secret that signs client tokens. Without it herald runs in open
-    /// mode (no token, every permission) and only on a loopback address.
+    /// HS256 secret that signs client tokens. Without it (and without
+    /// AUTHORIZER_URL) herald runs in open mode (no token, every permission)
+    /// and only on a loopback address.
     #[arg(long, env = "SECRET", hide_env_values = true)]
     pub secret: Option<String>,
 
-    /// Address to listen on [default: 127.0.0.1 without SECRET, 0.0.0.0 with it].
+    /// Address to listen on [default: 127.0.0.1 in open mode (no SECRET, no AUTHORIZER_URL), else 0.0.0.0].
     #[arg(long, env = "HOST", value_parser = parse_ip)]
     pub host: Option<IpAddr>,
 
@@ -111,6 +112,70 @@ pub struct Config {
     /// Pin each worker thread to one CPU.
     #[arg(long, env = "PIN_WORKERS", default_value = "true", value_parser = parse_bool, action = clap::ArgAction::Set)]
     pub pin_workers: bool,
+
+    /// Webhook (http:// or https://) that approves connections and, with
+    /// AUTHORIZE, subscribes, unsubscribes and publishes.
+    #[arg(long, env = "AUTHORIZER_URL", value_parser = parse_authorizer_url)]
+    pub authorizer_url: Option<String>,
+
+    /// Comma-separated actions sent to AUTHORIZER_URL for approval: connect,
+    /// subscribe, unsubscribe, publish.
+    #[arg(long, env = "AUTHORIZE", default_value = "connect", value_parser = parse_actions)]
+    pub authorize: Actions,
+
+    /// Seconds to wait for the authorizer; past it the authorizer counts as down.
+    #[arg(long, env = "AUTHORIZER_TIMEOUT", default_value = "2", value_parser = parse_secs)]
+    pub authorizer_timeout: Duration,
+
+    /// Seconds a positive decision is remembered per (connection, action,
+    /// channel); 0 asks every time.
+    #[arg(long, env = "AUTHORIZER_CACHE_TTL", default_value = "0", value_parser = parse_ttl)]
+    pub authorizer_cache_ttl: Duration,
+}
+
+/// The actions AUTHORIZE sends for approval.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Actions {
+    pub connect: bool,
+    pub subscribe: bool,
+    pub unsubscribe: bool,
+    pub publish: bool,
+}
+
+fn parse_actions(s: &str) -> Result<Actions, String> {
+    let mut a = Actions::default();
+    for word in s.split(',').map(str::trim).filter(|w| !w.is_empty()) {
+        match word.to_ascii_lowercase().as_str() {
+            "connect" => a.connect = true,
+            "subscribe" => a.subscribe = true,
+            "unsubscribe" => a.unsubscribe = true,
+            "publish" => a.publish = true,
+            _ => {
+                return Err(format!(
+                    "unknown action '{word}': expected connect, subscribe, unsubscribe, publish"
+                ))
+            }
+        }
+    }
+    Ok(a)
+}
+
+fn parse_authorizer_url(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    let uri: http::Uri = s
+        .parse()
+        .map_err(|_| "expected a URL such as http://127.0.0.1:8080/authorize".to_string())?;
+    match uri.scheme_str() {
+        Some("http" | "https") if uri.host().is_some() => Ok(s.to_string()),
+        _ => Err("expected an http:// or https:// URL with a host".into()),
+    }
+}
+
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    if s.trim().trim_end_matches('s') == "0" {
+        return Ok(Duration::ZERO);
+    }
+    parse_secs(s)
 }
 
 /// Which monoio driver the reactors run on.
@@ -134,7 +199,7 @@ fn parse_driver(s: &str) -> Result<IoDriver, String> {
 /// A configuration that parsed but cannot be used as given.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("refusing to start without SECRET on non-loopback address {0}: set SECRET or HOST=127.0.0.1")]
+    #[error("refusing to start without SECRET or AUTHORIZER_URL on non-loopback address {0}: set one, or HOST=127.0.0.1")]
     OpenModeNotLoopback(IpAddr),
     #[error("WORKERS={0} exceeds the {max} reactors herald supports", max = MAX_WORKERS)]
     TooManyWorkers(usize),
@@ -167,15 +232,16 @@ impl Config {
                 return Err(ConfigError::TooManyWorkers(w));
             }
         }
-        if self.secret.is_none() && !self.host().is_loopback() {
+        if self.open_mode() && !self.host().is_loopback() {
             return Err(ConfigError::OpenModeNotLoopback(self.host()));
         }
         Ok(())
     }
 
-    /// True when no SECRET is set: no tokens, every permission, loopback only.
+    /// True when neither SECRET nor AUTHORIZER_URL is set: no tokens, every
+    /// permission, loopback only.
     pub fn open_mode(&self) -> bool {
-        self.secret.is_none()
+        self.secret.is_none() && self.authorizer_url.is_none()
     }
 
     /// The address to bind, with its mode-dependent default.

@@ -8,11 +8,13 @@ use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 
-use crate::auth::Grant;
+use crate::auth::{self, AuthError, Grant};
+use crate::authorizer::{self, Action, ConnAuthz, Decision};
 use crate::handshake::{self, HttpError, RequestHead};
 use crate::protocol::{self, ErrorCode};
 use crate::session::{self, Mode};
@@ -115,7 +117,7 @@ pub async fn serve(worker: Rc<Worker>, mut stream: TcpStream, peer: SocketAddr) 
             upgrade(worker, stream, head, buf, peer).await;
             return;
         }
-        if !api(&worker, &mut stream, &head, &mut buf).await {
+        if !api(&worker, &mut stream, &head, &mut buf, peer).await {
             return;
         }
     }
@@ -159,14 +161,20 @@ async fn upgrade(
         let err = HttpError::new(403, "origin not allowed");
         return refuse(&worker, &mut stream, "origin", err, peer).await;
     }
-    let grant = match mode {
+    let (grant, authz) = match mode {
         // The echo endpoint is a conformance-testing aid, off by default.
-        Mode::Echo => Grant::open(),
+        Mode::Echo => (Grant::open(), None),
+        Mode::PubSub if worker.authorizer.is_some() => {
+            match authorize_connect(&worker, &head, peer).await {
+                Ok(pair) => pair,
+                Err((reason, err)) => return refuse(&worker, &mut stream, reason, err, peer).await,
+            }
+        }
         Mode::PubSub => match shared
             .auth
             .authenticate(head.header("authorization"), head.query.as_deref())
         {
-            Ok(g) => g,
+            Ok(g) => (g, None),
             Err(e) => {
                 let err = HttpError::new(401, e.to_string());
                 return refuse(&worker, &mut stream, "unauthorized", err, peer).await;
@@ -192,9 +200,80 @@ async fn upgrade(
     let leftover = leftover.as_slice().to_vec();
     drop(head);
     monoio::spawn(async move {
-        session::run(worker.clone(), stream, leftover, grant, mode).await;
+        session::run(worker.clone(), stream, leftover, grant, authz, mode).await;
         worker.shared.release_connection();
     });
+}
+
+/// A refused upgrade: the metric reason and the HTTP error.
+type Refusal = (&'static str, HttpError);
+
+/// The permissions of a connection the authorizer is asked about: a token,
+/// if one is sent (and SECRET is set), must be valid; then the webhook
+/// decides, and the claims of its answer, if any, replace the token's.
+async fn authorize_connect(
+    worker: &Worker,
+    head: &RequestHead,
+    peer: SocketAddr,
+) -> Result<(Arc<Grant>, Option<Box<ConnAuthz>>), Refusal> {
+    let shared = &worker.shared;
+    let Some(authorizer) = worker.authorizer.as_ref() else {
+        return Ok((Grant::open(), None));
+    };
+    let token_grant = if shared.auth.is_open() {
+        None
+    } else {
+        match auth::find_token(head.header("authorization"), head.query.as_deref()) {
+            Ok(t) => match shared.auth.verify(&t) {
+                Ok(g) => Some(g),
+                Err(e) => return Err(("unauthorized", HttpError::new(401, e.to_string()))),
+            },
+            Err(AuthError::Missing) => None,
+            Err(e) => return Err(("unauthorized", HttpError::new(401, e.to_string()))),
+        }
+    };
+    let body = authorizer::connect_body(&head.headers, head.query.as_deref(), peer);
+    let decision = authorizer.ask(body).await;
+    shared.metrics.authorized("connect", decision.label());
+    let answer = match decision {
+        Decision::Allow(body) => authorizer::parse_connect_answer(&body).map_err(|e| {
+            tracing::warn!(error = %e, "authorizer answer to connect ignored");
+            ("authorizer_unavailable", HttpError::new(503, e))
+        })?,
+        Decision::Deny(status) => {
+            let msg = format!("not authorized (authorizer answered {status})");
+            return Err(("authorizer_denied", HttpError::new(403, msg)));
+        }
+        Decision::Unavailable(why) => {
+            tracing::warn!(%peer, error = %why, "authorizer unavailable");
+            let msg = "authorizer unavailable, try again later";
+            return Err(("authorizer_unavailable", HttpError::new(503, msg)));
+        }
+    };
+    let grant = match (answer.claims, token_grant) {
+        (Some(claims), _) => Arc::new(Grant::from_claims(claims)),
+        (None, Some(g)) => match answer.sub {
+            Some(sub) => Arc::new(Grant {
+                sub: Some(sub.into()),
+                ..(*g).clone()
+            }),
+            None => g,
+        },
+        (None, None) => Arc::new(Grant {
+            sub: answer.sub.map(Into::into),
+            ..(*Grant::open()).clone()
+        }),
+    };
+    let per_action = [Action::Subscribe, Action::Unsubscribe, Action::Publish];
+    let authz = per_action.iter().any(|a| authorizer.wants(*a)).then(|| {
+        let client = authorizer::client_json(
+            grant.sub.as_deref(),
+            &worker.connection_id(),
+            head.query.as_deref(),
+        );
+        Box::new(ConnAuthz::new(client))
+    });
+    Ok((grant, authz))
 }
 
 fn json_error(code: ErrorCode, message: &str) -> (u16, Vec<u8>) {
@@ -208,6 +287,7 @@ async fn api(
     stream: &mut TcpStream,
     head: &RequestHead,
     buf: &mut Vec<u8>,
+    peer: SocketAddr,
 ) -> bool {
     let shared = &worker.shared;
     let mut keep = head.keep_alive() && !shared.is_shutting_down();
@@ -265,7 +345,8 @@ async fn api(
             if shared.bus.congested(worker.id) {
                 shared.bus.wait_for_space(worker.id).await;
             }
-            let (status, body) = publish(worker, head, &buf[..len], head.path == "/broadcast");
+            let (status, body) =
+                publish(worker, head, &buf[..len], head.path == "/broadcast", peer).await;
             buf.drain(..len);
             (status, json, body)
         }
@@ -298,10 +379,46 @@ async fn api(
 }
 
 /// `POST /publish` and `POST /broadcast`: authenticate, parse, publish.
-fn publish(worker: &Worker, head: &RequestHead, body: &[u8], wsify: bool) -> (u16, Vec<u8>) {
+/// With AUTHORIZER_URL and no SECRET there are no tokens to check, so the
+/// authorizer approves each request instead (`publish`, with the request's
+/// headers in `client`).
+async fn publish(
+    worker: &Worker,
+    head: &RequestHead,
+    body: &[u8],
+    wsify: bool,
+    peer: SocketAddr,
+) -> (u16, Vec<u8>) {
     let shared = &worker.shared;
     worker.metrics.messages_in.inc();
     worker.metrics.bytes_in.inc_by(body.len() as u64);
+    if let (Some(authorizer), true) = (&worker.authorizer, shared.auth.is_open()) {
+        let (channel, data) = match protocol::parse_http_publish(body, wsify) {
+            Ok(parts) => parts,
+            Err(msg) => return json_error(ErrorCode::BadRequest, &msg),
+        };
+        let client = authorizer::http_client_json(&head.headers, peer);
+        let req = authorizer::action_body(Action::Publish, &channel, Some(data), &client);
+        let decision = authorizer.ask(req).await;
+        shared.metrics.authorized("publish", decision.label());
+        return match decision {
+            Decision::Allow(_) => {
+                worker.publish(protocol::message_frame(&channel, data), None);
+                (202, br#"{"ok":true}"#.to_vec())
+            }
+            Decision::Deny(status) => {
+                let msg = format!("not authorized (authorizer answered {status})");
+                json_error(ErrorCode::Forbidden, &msg)
+            }
+            Decision::Unavailable(_) => {
+                let body = serde_json::json!({
+                    "code": "unavailable",
+                    "message": "authorizer unavailable, try again later",
+                });
+                (503, body.to_string().into_bytes())
+            }
+        };
+    }
     let grant = match shared
         .auth
         .authenticate(head.header("authorization"), head.query.as_deref())

@@ -21,7 +21,9 @@
 //! IO:
 //! - [`session`]: a WebSocket connection's reader and writer tasks.
 //! - [`http`]: request heads, upgrades and the HTTP API.
+//! - [`authorizer`]: the webhook that approves connections and actions.
 //! - [`server`]: threads, listeners, signals.
+//! - [`cli`]: the command-line client (`herald sub|pub|token`).
 //!
 //! The hot path: [`session`] reads and decodes a frame, `handle_request`
 //! applies a publish, [`worker::Worker::publish`] encodes nothing more and
@@ -31,7 +33,9 @@
 //! vectored write.
 
 pub mod auth;
+pub mod authorizer;
 pub mod bus;
+pub mod cli;
 pub mod codec;
 pub mod config;
 pub mod frame;

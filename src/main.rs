@@ -1,4 +1,8 @@
 //! The `herald` binary: parse the configuration, set up logging, run.
+//!
+//! `herald sub`, `herald pub` and `herald token` are the command-line client
+//! ([`herald::cli`]); they are dispatched before the server's configuration
+//! is read, so the server's flags and environment do not apply to them.
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -9,10 +13,21 @@ use herald::config::Config;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| herald::cli::is_subcommand(&a))
+    {
+        return herald::cli::run(std::env::args_os());
+    }
     let config = match Config::from_env() {
         Ok(c) => c,
         Err((msg, 0)) => {
-            print!("{msg}");
+            // --help (not --version, which is one line) also lists the client.
+            if msg.lines().nth(1).is_some() {
+                print!("{msg}\n{}", herald::cli::SERVER_HELP_FOOTER);
+            } else {
+                print!("{msg}");
+            }
             return ExitCode::SUCCESS;
         }
         Err((msg, code)) => {

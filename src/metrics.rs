@@ -35,6 +35,7 @@ pub struct Metrics {
     registry: Registry,
     workers: Vec<WorkerMetrics>,
     rejected: Family<Labels, Counter>,
+    authorizer: Family<Labels, Counter>,
     channels_total: Gauge,
 }
 
@@ -131,6 +132,12 @@ impl Metrics {
             "WebSocket upgrades refused, by reason",
             rejected.clone(),
         );
+        let authorizer = Family::<Labels, Counter>::default();
+        registry.register(
+            "authorizer_decisions",
+            "Authorizer webhook answers (result: allow, deny, unavailable, cached), by action",
+            authorizer.clone(),
+        );
         let channels_total = Gauge::default();
         registry.register(
             "channels_total",
@@ -144,6 +151,7 @@ impl Metrics {
             registry,
             workers: out,
             rejected,
+            authorizer,
             channels_total,
         }
     }
@@ -157,6 +165,16 @@ impl Metrics {
     pub fn reject(&self, reason: &str) {
         self.rejected
             .get_or_create(&vec![("reason".to_string(), reason.to_string())])
+            .inc();
+    }
+
+    /// Counts an authorizer outcome for `action`.
+    pub fn authorized(&self, action: &str, result: &str) {
+        self.authorizer
+            .get_or_create(&vec![
+                ("action".to_string(), action.to_string()),
+                ("result".to_string(), result.to_string()),
+            ])
             .inc();
     }
 

@@ -97,6 +97,20 @@ struct RawRequest<'a> {
     data: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "raw")]
     token: Option<&'a RawValue>,
+    /// wsify's form: `{"command":..,"args":{..}}`.
+    #[serde(borrow, default, deserialize_with = "raw")]
+    command: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw")]
+    args: Option<&'a RawValue>,
+}
+
+/// The `args` of a wsify command.
+#[derive(Deserialize)]
+struct RawArgs<'a> {
+    #[serde(borrow, default, deserialize_with = "raw")]
+    channel: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw")]
+    content: Option<&'a RawValue>,
 }
 
 /// Keeps a present `null` as `Some("null")` instead of `None`.
@@ -176,6 +190,9 @@ pub fn parse_request(text: &[u8]) -> Result<Request<'_>, BadRequest<'_>> {
         }
         Some(_) => return Err(bad(None, "field 'id' must be a number or a string")),
     };
+    if raw.op.is_none() && raw.command.is_some() {
+        return parse_wsify(id, raw.command, raw.args);
+    }
     let op = string_field(id, raw.op, "op")?;
     let op = match &*op {
         "subscribe" => Op::Subscribe {
@@ -203,6 +220,43 @@ pub fn parse_request(text: &[u8]) -> Result<Request<'_>, BadRequest<'_>> {
             }
             return Err(bad(id, format!("unknown op '{shown}'")));
         }
+    };
+    Ok(Request { id, op })
+}
+
+/// wsify's commands: `join`, `leave` and `broadcast` (`args.channel`,
+/// `args.content`) are subscribe, unsubscribe and publish.
+fn parse_wsify<'a>(
+    id: Option<&'a str>,
+    command: Option<&'a RawValue>,
+    args: Option<&'a RawValue>,
+) -> Result<Request<'a>, BadRequest<'a>> {
+    let command = string_field(id, command, "command")?;
+    if !matches!(&*command, "join" | "leave" | "broadcast") {
+        let mut shown: String = command.chars().take(32).collect();
+        if shown.len() < command.len() {
+            shown.push('…');
+        }
+        return Err(bad(id, format!("unknown command '{shown}'")));
+    }
+    let args = args.ok_or_else(|| bad(id, "missing field 'args'"))?;
+    if !is_object(args.get().as_bytes()) {
+        return Err(bad(id, "field 'args' must be an object"));
+    }
+    let args: RawArgs<'a> =
+        serde_json::from_str(args.get()).map_err(|_| bad(id, "field 'args' must be an object"))?;
+    let channel = channel_field(id, args.channel)?;
+    let op = match &*command {
+        "join" => Op::Subscribe { channel },
+        "leave" => Op::Unsubscribe { channel },
+        "broadcast" => {
+            let data = args
+                .content
+                .ok_or_else(|| bad(id, "missing field 'args.content'"))?
+                .get();
+            Op::Publish { channel, data }
+        }
+        _ => unreachable!("checked above"),
     };
     Ok(Request { id, op })
 }
@@ -390,6 +444,51 @@ mod tests {
         let mut c = Cursor::new(frame);
         FrameHeader::parse(&mut c).unwrap().unwrap();
         serde_json::from_slice(&frame[c.position() as usize..]).unwrap()
+    }
+
+    #[test]
+    fn parses_wsify_commands() {
+        let r = parse_request(br#"{"command":"join","args":{"channel":"hello"}}"#).unwrap();
+        assert_eq!(
+            r.op,
+            Op::Subscribe {
+                channel: "hello".into()
+            }
+        );
+        let r = parse_request(br#"{"command":"leave","args":{"channel":"hello"}}"#).unwrap();
+        assert_eq!(
+            r.op,
+            Op::Unsubscribe {
+                channel: "hello".into()
+            }
+        );
+        let r = parse_request(
+            br#"{"command":"broadcast","args":{"channel":"hello","content":"hi there"},"id":3}"#,
+        )
+        .unwrap();
+        assert_eq!(r.id, Some("3"));
+        assert_eq!(
+            r.op,
+            Op::Publish {
+                channel: "hello".into(),
+                data: r#""hi there""#
+            }
+        );
+        let e = parse_request(br#"{"command":"broadcast","args":{"channel":"a"}}"#).unwrap_err();
+        assert_eq!(e.message, "missing field 'args.content'");
+        let e = parse_request(br#"{"command":"join"}"#).unwrap_err();
+        assert_eq!(e.message, "missing field 'args'");
+        let e = parse_request(br#"{"command":"join","args":[1]}"#).unwrap_err();
+        assert_eq!(e.message, "field 'args' must be an object");
+        let e = parse_request(br#"{"command":"shout","args":{"channel":"a"}}"#).unwrap_err();
+        assert_eq!(e.message, "unknown command 'shout'");
+        let e = parse_request(br#"{"command":"shout"}"#).unwrap_err();
+        assert_eq!(e.message, "unknown command 'shout'");
+        let e = parse_request(br#"{"command":"join","args":{"channel":"a b"}}"#).unwrap_err();
+        assert!(e.message.starts_with("invalid channel name"));
+        // `op` wins when both are present.
+        let r = parse_request(br#"{"op":"ping","command":"join","args":{}}"#).unwrap();
+        assert_eq!(r.op, Op::Ping);
     }
 
     #[test]

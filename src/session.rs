@@ -21,14 +21,16 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Instant;
 
 use monoio::io::{AsyncWriteRent, OwnedReadHalf, OwnedWriteHalf, Splitable};
 use monoio::net::TcpStream;
 
 use crate::auth::Grant;
+use crate::authorizer::{self, Action, ConnAuthz, Decision};
 use crate::codec::{Decoded, Decoder, Message, WsError};
 use crate::frame;
-use crate::protocol::{self, ErrorCode, Op};
+use crate::protocol::{self, ErrorCode, Op, Published};
 use crate::shard::{Batch, SubscribeError};
 use crate::worker::Worker;
 
@@ -41,13 +43,29 @@ pub enum Mode {
     Echo,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 enum Flow {
     Continue,
     /// The bus towards another core is full: stop reading until it drains.
     Congested,
     /// The connection is finished (closing handshake or failure).
     Stop,
+    /// An action awaits the authorizer: later messages wait behind it.
+    Wait(Box<Deferred>),
+}
+
+/// A subscribe, unsubscribe or publish waiting for the authorizer, with
+/// everything needed to apply it once allowed (the message it came from is
+/// gone by then).
+#[derive(Debug)]
+struct Deferred {
+    action: Action,
+    channel: Box<str>,
+    id: Option<Box<str>>,
+    /// The request to POST.
+    body: Vec<u8>,
+    /// The encoded frame, for a publish.
+    publish: Option<Published>,
 }
 
 /// Most `recv` calls per readiness event before yielding to other tasks.
@@ -79,11 +97,17 @@ pub async fn run(
     stream: TcpStream,
     leftover: Vec<u8>,
     grant: Arc<Grant>,
+    authz: Option<Box<ConnAuthz>>,
     mode: Mode,
 ) {
     let fd = stream.as_raw_fd();
     limit_kernel_backlog(fd, worker.shared.config.send_queue_limit);
-    let (key, gen) = worker.shard.borrow_mut().open(fd, grant);
+    let (key, gen) = {
+        let mut shard = worker.shard.borrow_mut();
+        let (key, gen) = shard.open(fd, grant);
+        shard.set_authz(key, authz);
+        (key, gen)
+    };
     let (rd, wr) = stream.into_split();
     let writer = monoio::spawn(write_loop(wr, worker.clone(), key, gen));
     let mut reader = Reader {
@@ -145,13 +169,17 @@ impl Reader {
         // split halves share the stream the same way).
         let stream: &TcpStream = unsafe { &*rd.0.get() };
         let bus = &worker.shared.bus;
-        if !self.pending.is_empty() && self.process_pending(worker) == Flow::Stop {
-            return;
+        if !self.pending.is_empty() {
+            let flow = self.process_pending(worker);
+            if matches!(self.settle(worker, flow).await, Flow::Stop) {
+                return;
+            }
         }
         loop {
             if bus.congested(worker.id) {
                 bus.wait_for_space(worker.id).await;
-                if self.process_pending(worker) == Flow::Stop {
+                let flow = self.process_pending(worker);
+                if matches!(self.settle(worker, flow).await, Flow::Stop) {
                     return;
                 }
                 continue;
@@ -183,12 +211,80 @@ impl Reader {
                     };
                     (flow, full)
                 };
-                match flow {
+                match self.settle(worker, flow).await {
                     Flow::Stop => return,
                     Flow::Congested => break,
                     Flow::Continue if !full => break,
-                    Flow::Continue => {}
+                    Flow::Continue | Flow::Wait(_) => {}
                 }
+            }
+        }
+    }
+
+    /// Waits out every authorization `flow` asks for, applying each answer
+    /// and then the messages that arrived behind it, in order.
+    async fn settle(&mut self, worker: &Worker, mut flow: Flow) -> Flow {
+        while let Flow::Wait(d) = flow {
+            self.authorize(worker, *d).await;
+            flow = self.process_pending(worker);
+        }
+        flow
+    }
+
+    /// Asks the authorizer about `d` and applies the answer: allowed, the
+    /// action happens; denied, `forbidden`; authorizer down, close 1013.
+    async fn authorize(&mut self, worker: &Worker, d: Deferred) {
+        let Some(authorizer) = worker.authorizer.as_ref() else {
+            return;
+        };
+        let decision = authorizer.ask(d.body).await;
+        worker
+            .shared
+            .metrics
+            .authorized(d.action.as_str(), decision.label());
+        let key = self.key;
+        let gone = worker
+            .shard
+            .borrow()
+            .conn(key)
+            .is_none_or(|c| c.is_closing());
+        if gone {
+            return;
+        }
+        let id = d.id.as_deref();
+        match decision {
+            Decision::Allow(_) => {
+                // Many connections may be answered at once: each publish
+                // respects the bus's backpressure like a fresh one.
+                let bus = &worker.shared.bus;
+                if d.publish.is_some() && bus.congested(worker.id) {
+                    bus.wait_for_space(worker.id).await;
+                }
+                let ttl = authorizer.cache_ttl;
+                if !ttl.is_zero() {
+                    if let Some(a) = worker.shard.borrow_mut().authz_mut(key) {
+                        a.remember(d.action, &d.channel, Instant::now() + ttl);
+                    }
+                }
+                apply(worker, key, d.action, &d.channel, id, d.publish);
+            }
+            Decision::Deny(status) => {
+                let msg = format!(
+                    "not authorized to {} on channel {} (authorizer answered {status})",
+                    d.action.as_str(),
+                    d.channel
+                );
+                let reply = protocol::error(id, ErrorCode::Forbidden, &msg);
+                worker.shard.borrow_mut().push(key, reply);
+            }
+            Decision::Unavailable(why) => {
+                tracing::warn!(error = %why, "authorizer unavailable: closing connection with 1013");
+                worker.shard.borrow_mut().close(
+                    key,
+                    Some(1013),
+                    "authorizer unavailable, try again later",
+                    false,
+                );
             }
         }
     }
@@ -223,8 +319,9 @@ impl Reader {
                 Ok(Decoded::Frame { consumed, message }) => {
                     used += consumed;
                     if let Some(m) = message {
-                        if handle(worker, self.key, self.mode, m) == Flow::Stop {
-                            return (Flow::Stop, used);
+                        match handle(worker, self.key, self.mode, m) {
+                            Flow::Continue => {}
+                            flow => return (flow, used),
                         }
                     }
                 }
@@ -287,18 +384,22 @@ fn handle(worker: &Worker, key: usize, mode: Mode, msg: Message<'_>) -> Flow {
             worker.metrics.bytes_in.inc_by(text.len() as u64);
             match mode {
                 Mode::PubSub => handle_request(worker, key, text),
-                Mode::Echo => worker.shard.borrow_mut().push(key, frame::text(text)),
+                Mode::Echo => {
+                    worker.shard.borrow_mut().push(key, frame::text(text));
+                    Flow::Continue
+                }
             }
-            Flow::Continue
         }
         Message::Binary(data) => {
             worker.metrics.messages_in.inc();
             worker.metrics.bytes_in.inc_by(data.len() as u64);
             match mode {
                 Mode::PubSub => handle_binary(worker, key, data),
-                Mode::Echo => worker.shard.borrow_mut().push(key, frame::binary(data)),
+                Mode::Echo => {
+                    worker.shard.borrow_mut().push(key, frame::binary(data));
+                    Flow::Continue
+                }
             }
-            Flow::Continue
         }
     }
 }
@@ -328,52 +429,144 @@ fn may_publish(
     Ok(())
 }
 
+/// Returns the action to wait for when the authorizer must approve
+/// `action` on `channel` for this connection (and has not recently).
+fn needs_approval(
+    worker: &Worker,
+    key: usize,
+    action: Action,
+    channel: &str,
+    data: Option<&str>,
+) -> Option<Vec<u8>> {
+    let authorizer = worker.authorizer.as_ref()?;
+    if !authorizer.wants(action) {
+        return None;
+    }
+    let mut shard = worker.shard.borrow_mut();
+    let authz = shard.authz_mut(key)?;
+    if !authorizer.cache_ttl.is_zero() && authz.cached(action, channel, Instant::now()) {
+        worker.shared.metrics.authorized(action.as_str(), "cached");
+        return None;
+    }
+    Some(authorizer::action_body(
+        action,
+        channel,
+        data,
+        &authz.client_json,
+    ))
+}
+
+/// Defers `action` behind the authorizer if it must approve it.
+fn defer(
+    worker: &Worker,
+    key: usize,
+    action: Action,
+    channel: &str,
+    id: Option<&str>,
+    data: Option<&str>,
+    publish: impl FnOnce() -> Option<Published>,
+) -> Option<Flow> {
+    let body = needs_approval(worker, key, action, channel, data)?;
+    Some(Flow::Wait(Box::new(Deferred {
+        action,
+        channel: channel.into(),
+        id: id.map(Into::into),
+        body,
+        publish: publish(),
+    })))
+}
+
+/// Carries out an allowed action and queues its reply.
+fn apply(
+    worker: &Worker,
+    key: usize,
+    action: Action,
+    channel: &str,
+    id: Option<&str>,
+    publish: Option<Published>,
+) {
+    let interest = &worker.shared.interest;
+    let reply = match action {
+        Action::Subscribe => {
+            let mut shard = worker.shard.borrow_mut();
+            match shard.subscribe(key, channel, interest) {
+                Ok(()) => protocol::subscribed(channel, id),
+                Err(SubscribeError::TooMany(n)) => {
+                    let msg = format!("subscription limit of {n} channels reached");
+                    protocol::error(id, ErrorCode::Forbidden, &msg)
+                }
+            }
+        }
+        Action::Unsubscribe => {
+            worker
+                .shard
+                .borrow_mut()
+                .unsubscribe(key, channel, interest);
+            protocol::unsubscribed(channel, id)
+        }
+        Action::Publish => {
+            if let Some(frame) = publish {
+                worker.publish(frame, Some(key));
+            }
+            match id {
+                Some(id) => protocol::ack(id),
+                None => return,
+            }
+        }
+        Action::Connect => return,
+    };
+    worker.shard.borrow_mut().push(key, reply);
+}
+
 /// Applies one JSON request of protocol.md and queues its reply.
-fn handle_request(worker: &Worker, key: usize, text: &[u8]) {
+fn handle_request(worker: &Worker, key: usize, text: &[u8]) -> Flow {
     let req = match protocol::parse_request(text) {
         Ok(req) => req,
         Err(e) => {
             let reply = protocol::error(e.id, ErrorCode::BadRequest, &e.message);
             worker.shard.borrow_mut().push(key, reply);
-            return;
+            return Flow::Continue;
         }
     };
     let id = req.id;
     let interest = &worker.shared.interest;
     let reply = match req.op {
         Op::Subscribe { channel } => {
-            let mut shard = worker.shard.borrow_mut();
-            let allowed = shard
+            let allowed = worker
+                .shard
+                .borrow()
                 .conn(key)
                 .is_some_and(|c| c.grant.read.allows(&channel));
             if !allowed {
                 let msg = format!("no read permission on channel {channel}");
                 protocol::error(id, ErrorCode::Forbidden, &msg)
             } else {
-                match shard.subscribe(key, &channel, interest) {
-                    Ok(()) => protocol::subscribed(&channel, id),
-                    Err(SubscribeError::TooMany(n)) => {
-                        let msg = format!("subscription limit of {n} channels reached");
-                        protocol::error(id, ErrorCode::Forbidden, &msg)
-                    }
+                let action = Action::Subscribe;
+                if let Some(wait) = defer(worker, key, action, &channel, id, None, || None) {
+                    return wait;
                 }
+                apply(worker, key, action, &channel, id, None);
+                return Flow::Continue;
             }
         }
         Op::Unsubscribe { channel } => {
-            worker
-                .shard
-                .borrow_mut()
-                .unsubscribe(key, &channel, interest);
-            protocol::unsubscribed(&channel, id)
+            let action = Action::Unsubscribe;
+            if let Some(wait) = defer(worker, key, action, &channel, id, None, || None) {
+                return wait;
+            }
+            apply(worker, key, action, &channel, id, None);
+            return Flow::Continue;
         }
         Op::Publish { channel, data } => match may_publish(worker, key, &channel, id) {
             Err(reply) => reply,
             Ok(()) => {
-                worker.publish(protocol::message_frame(&channel, data), Some(key));
-                match id {
-                    Some(id) => protocol::ack(id),
-                    None => return,
+                let frame = || Some(protocol::message_frame(&channel, data));
+                let action = Action::Publish;
+                if let Some(wait) = defer(worker, key, action, &channel, id, Some(data), frame) {
+                    return wait;
                 }
+                apply(worker, key, action, &channel, id, frame());
+                return Flow::Continue;
             }
         },
         Op::Auth { token } => match worker.shared.auth.verify(&token) {
@@ -386,22 +579,40 @@ fn handle_request(worker: &Worker, key: usize, text: &[u8]) {
         Op::Ping => protocol::pong(id),
     };
     worker.shard.borrow_mut().push(key, reply);
+    Flow::Continue
 }
 
-/// Applies a binary publish (protocol.md, "Binary frames"): no ack.
-fn handle_binary(worker: &Worker, key: usize, data: &[u8]) {
+/// Applies a binary publish (protocol.md, "Binary frames"): no ack. The
+/// authorizer sees its payload as a JSON string when it is UTF-8 text, as
+/// `null` otherwise.
+fn handle_binary(worker: &Worker, key: usize, data: &[u8]) -> Flow {
     let (channel, payload) = match protocol::parse_binary(data) {
         Ok(parts) => parts,
         Err(msg) => {
             let reply = protocol::error(None, ErrorCode::BadRequest, msg);
             worker.shard.borrow_mut().push(key, reply);
-            return;
+            return Flow::Continue;
         }
     };
-    match may_publish(worker, key, channel, None) {
-        Ok(()) => worker.publish(protocol::binary_frame(channel, payload), Some(key)),
-        Err(reply) => worker.shard.borrow_mut().push(key, reply),
+    if let Err(reply) = may_publish(worker, key, channel, None) {
+        worker.shard.borrow_mut().push(key, reply);
+        return Flow::Continue;
     }
+    let frame = || Some(protocol::binary_frame(channel, payload));
+    let asked = worker
+        .authorizer
+        .as_ref()
+        .is_some_and(|a| a.wants(Action::Publish));
+    let shown = match std::str::from_utf8(payload) {
+        Ok(text) if asked => serde_json::to_string(text).unwrap_or_else(|_| "null".into()),
+        _ => "null".into(),
+    };
+    let action = Action::Publish;
+    if let Some(wait) = defer(worker, key, action, channel, None, Some(&shown), frame) {
+        return wait;
+    }
+    apply(worker, key, action, channel, None, frame());
+    Flow::Continue
 }
 
 /// Writes queued frames, many per system call, until the connection ends.

@@ -19,6 +19,7 @@ use indexmap::IndexSet;
 use slab::Slab;
 
 use crate::auth::Grant;
+use crate::authorizer::ConnAuthz;
 use crate::frame;
 use crate::interest::Interest;
 use crate::metrics::WorkerMetrics;
@@ -68,6 +69,9 @@ pub struct Conn {
     /// Channels this connection is subscribed to.
     subs: Vec<Box<str>>,
     bucket: Option<Bucket>,
+    /// What the authorizer webhook needs to know of this connection (only
+    /// when AUTHORIZE sends more than `connect`).
+    pub authz: Option<Box<ConnAuthz>>,
 }
 
 impl Conn {
@@ -266,10 +270,23 @@ impl Shard {
             grant,
             subs: Vec::new(),
             bucket,
+            authz: None,
         });
         self.schedule_expiry(key, gen, exp);
         self.metrics.connections.inc();
         (key, gen)
+    }
+
+    /// The connection's authorizer state, if it has one.
+    pub fn authz_mut(&mut self, key: usize) -> Option<&mut ConnAuthz> {
+        self.conns.get_mut(key)?.authz.as_deref_mut()
+    }
+
+    /// Attaches the authorizer state of a connection just opened.
+    pub fn set_authz(&mut self, key: usize, authz: Option<Box<ConnAuthz>>) {
+        if let Some(c) = self.conns.get_mut(key) {
+            c.authz = authz;
+        }
     }
 
     fn schedule_expiry(&mut self, key: usize, gen: u64, exp: Option<u64>) {

@@ -5,11 +5,12 @@
 //! clone of the encoded frame to each other interested core through the
 //! bus, then deliver to local subscribers.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::auth::Authenticator;
+use crate::authorizer::Authorizer;
 use crate::bus::Bus;
 use crate::config::Config;
 use crate::interest::Interest;
@@ -83,6 +84,10 @@ pub struct Worker {
     /// connection keeps bytes of its own only for a frame cut by a read.
     pub scratch: RefCell<Vec<u8>>,
     pub metrics: WorkerMetrics,
+    /// This reactor's client of AUTHORIZER_URL (its own keep-alive pool).
+    pub authorizer: Option<Authorizer>,
+    /// Numbers this worker's connections for the authorizer's `connection_id`.
+    next_connection: Cell<u64>,
 }
 
 impl Worker {
@@ -101,8 +106,17 @@ impl Worker {
             shard: RefCell::new(Shard::new(id, limits, metrics.clone())),
             scratch: RefCell::new(vec![0; c.read_buffer_size]),
             metrics,
+            authorizer: Authorizer::from_config(c),
+            next_connection: Cell::new(0),
             shared,
         }
+    }
+
+    /// A connection id unique in this process: `worker.sequence`.
+    pub fn connection_id(&self) -> String {
+        let n = self.next_connection.get() + 1;
+        self.next_connection.set(n);
+        format!("{}.{n}", self.id)
     }
 
     /// Publishes an encoded frame: to other interested cores through the
