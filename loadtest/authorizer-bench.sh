@@ -19,8 +19,8 @@
 #                     (default 0: every publish is asked)
 #   --scenario ARGS   a herald-loadtest scenario; repeatable; replaces the defaults
 #
-# herald: WORKERS=2, open mode (plain) or AUTHORIZER_URL=<webhook>
-# AUTHORIZE=publish (authorized), PORT=0.
+# herald: WORKERS=2, SEND_QUEUE_LIMIT=16MiB (as compare.sh), open mode
+# (plain) or AUTHORIZER_URL=<webhook> AUTHORIZE=publish (authorized), PORT=0.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -53,7 +53,7 @@ if [ "$ROUNDS" -lt 1 ] || [ "$ROUNDS" -gt 10 ]; then
 fi
 if [ ${#SCENARIOS[@]} -eq 0 ]; then
     SCENARIOS=(
-        "fanout --subs 100 --channels 1 --size 64 --rate 0 --duration 5 --publishers 16 --window 64"
+        "fanout --subs 1 --channels 1 --size 64 --rate 10000 --duration 5 --publishers 16"
         "fanout --subs 100 --channels 1 --size 64 --rate 1000 --duration 5 --publishers 4"
     )
 fi
@@ -120,7 +120,7 @@ start_herald() {
     if [ "$variant" = authorized ]; then
         extra=(AUTHORIZER_URL="$HOOK" AUTHORIZE=publish AUTHORIZER_CACHE_TTL="$TTL")
     fi
-    env PORT=0 HOST=127.0.0.1 WORKERS=2 LOGLEVEL=info "${extra[@]}" "$HERALD" >"$log" 2>&1 &
+    env PORT=0 HOST=127.0.0.1 WORKERS=2 SEND_QUEUE_LIMIT=16MiB LOGLEVEL=info "${extra[@]}" "$HERALD" >"$log" 2>&1 &
     SERVER_PID=$!
     wait_log "$log" "listening on " "$SERVER_PID" || return 1
     URL="ws://$(grep -o 'listening on [0-9.:]*' "$log" | head -1 | awk '{print $3}')/ws"

@@ -1,5 +1,6 @@
-//! Protocol adapters behind one trait: herald's JSON protocol and NATS over
-//! WebSocket; timestamps carried at the start of every payload.
+//! Protocol adapters behind one trait: herald's JSON protocol, NATS over
+//! WebSocket and the Pusher channels protocol (client events on private
+//! channels); timestamps carried at the start of every payload.
 
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -42,13 +43,16 @@ pub fn parse_ts(b: &[u8]) -> Option<u64> {
 pub enum Event<'a> {
     /// A delivered publication; `ts_ns` is its send time, if readable.
     Message { ts_ns: Option<u64> },
-    /// A confirmation: herald `subscribed`/`ack`/`pong`, NATS `PONG`.
+    /// A confirmation: herald `subscribed`/`ack`/`pong`, NATS `PONG`,
+    /// Pusher `subscription_succeeded`/`pusher:pong`.
     Confirm,
-    /// NATS `INFO` greeting.
+    /// The server's greeting: NATS `INFO`, Pusher `connection_established`
+    /// (whose `socket_id` the parser keeps, see [`Parser::socket_id`]).
     Info,
-    /// NATS `PING`: must be answered with [`Adapter::pong`].
+    /// NATS `PING`, `pusher:ping`: must be answered with [`Adapter::pong`].
     ServerPing,
-    /// An error reply (herald `error`, NATS `-ERR`), raw.
+    /// An error reply (herald `error`, NATS `-ERR`, `pusher:error`,
+    /// `pusher:subscription_error`), raw.
     Error(&'a [u8]),
     /// Anything else (`+OK`, `unsubscribed`, ...).
     Other,
@@ -59,17 +63,40 @@ pub trait Parser: Send {
     /// Feeds the payload of one WebSocket data frame (text, binary or
     /// continuation).
     fn feed(&mut self, opcode: u8, fin: bool, data: &[u8], f: &mut dyn FnMut(Event<'_>));
+    /// The connection's id from the server's greeting, once it arrived
+    /// (Pusher `socket_id`, signed into private-channel subscriptions).
+    fn socket_id(&self) -> Option<&str> {
+        None
+    }
 }
 
 /// One pub/sub protocol spoken over WebSocket.
 pub trait Adapter: Send + Sync {
     fn name(&self) -> &'static str;
-    /// Does the server speak first (NATS `INFO`)?
+    /// Does the server speak first (NATS `INFO`, Pusher
+    /// `connection_established`)?
     fn expects_greeting(&self) -> bool;
     /// Sent once after the greeting (NATS `CONNECT`).
     fn hello(&self, out: &mut Vec<u8>, m: &mut Mask);
     /// Subscribes to `channel`; the server answers with one `Confirm`.
-    fn subscribe(&self, out: &mut Vec<u8>, m: &mut Mask, channel: &str, sid: u64);
+    /// `socket_id` is the connection's id from the greeting, if any
+    /// ([`Parser::socket_id`]; Pusher signs it into the subscription).
+    fn subscribe(
+        &self,
+        out: &mut Vec<u8>,
+        m: &mut Mask,
+        channel: &str,
+        sid: u64,
+        socket_id: Option<&str>,
+    );
+    /// Must a connection be subscribed to a channel to publish on it
+    /// (Pusher client events)? Then publishers subscribe first.
+    fn publisher_subscribes(&self) -> bool {
+        false
+    }
+    /// Leaves `channel` without waiting for an answer (only used where
+    /// [`Adapter::publisher_subscribes`]).
+    fn unsubscribe(&self, _out: &mut Vec<u8>, _m: &mut Mask, _channel: &str) {}
     /// Publishes a `size`-byte payload starting with the timestamp `ts_ns`.
     /// With `Some(seq)`, the publish is (eventually) confirmed, see
     /// [`Adapter::publishes_per_confirm`].
@@ -121,7 +148,14 @@ impl Adapter for Herald {
 
     fn hello(&self, _out: &mut Vec<u8>, _m: &mut Mask) {}
 
-    fn subscribe(&self, out: &mut Vec<u8>, m: &mut Mask, channel: &str, sid: u64) {
+    fn subscribe(
+        &self,
+        out: &mut Vec<u8>,
+        m: &mut Mask,
+        channel: &str,
+        sid: u64,
+        _socket_id: Option<&str>,
+    ) {
         let msg = format!(r#"{{"op":"subscribe","channel":"{channel}","id":{sid}}}"#);
         ws::write_frame(out, ws::OP_TEXT, msg.as_bytes(), m.key());
     }
@@ -270,7 +304,14 @@ impl Adapter for Nats {
         );
     }
 
-    fn subscribe(&self, out: &mut Vec<u8>, m: &mut Mask, channel: &str, sid: u64) {
+    fn subscribe(
+        &self,
+        out: &mut Vec<u8>,
+        m: &mut Mask,
+        channel: &str,
+        sid: u64,
+        _socket_id: Option<&str>,
+    ) {
         let msg = format!("SUB {channel} {sid}\r\nPING\r\n");
         ws::write_frame(out, ws::OP_BINARY, msg.as_bytes(), m.key());
     }
@@ -396,6 +437,282 @@ impl Parser for NatsParser {
             let used = parse_all(&self.pending, f);
             self.pending.drain(..used);
         }
+    }
+}
+
+// ---------------------------------------------------------------- Pusher
+
+/// The Pusher channels protocol (version 7), as pusher-js speaks it. The
+/// harness's channel `<name>` is the private channel `private-<name>`,
+/// subscribed with an `auth` signed by the app secret; publishing is a
+/// client event `client-m` (which the server forwards to the channel's
+/// other subscribers, never back to the sender, and only from a connection
+/// subscribed to the channel). Client events have no acknowledgement: a
+/// `pusher:ping` after every `ping_every` of them, answered in order by
+/// `pusher:pong`, confirms them (as NATS `PING`/`PONG`). The `data` of an
+/// event is a JSON string `"<20 digits><x padding>"` of `size` bytes,
+/// quotes included, as with herald.
+pub struct Pusher {
+    /// The app key (`/app/{key}` and the `key:` of every `auth`).
+    pub key: String,
+    /// The app secret the `auth` signatures are made with.
+    pub secret: String,
+    /// A `pusher:ping` after this many acked publishes.
+    pub ping_every: u64,
+}
+
+/// The prefix the harness's channel names get.
+pub const PUSHER_PREFIX: &str = "private-";
+/// The client event every publish sends.
+const PUSHER_EVENT: &str = "client-m";
+/// A client event as the server forwards it, up to the channel name.
+const PUSHER_MSG_HEAD: &[u8] = br#"{"event":"client-m","channel":"private-"#;
+const PUSHER_MSG_MID: &[u8] = br#"","data":""#;
+const PUSHER_EVENT_KEY: &[u8] = br#"{"event":""#;
+
+/// Lower-case hex of HMAC-SHA256(`secret`, `msg`).
+pub fn hmac_sha256_hex(secret: &[u8], msg: &[u8]) -> String {
+    use hmac::{KeyInit, Mac};
+    let mut mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(secret)
+        .expect("HMAC takes keys of any length");
+    mac.update(msg);
+    hex::encode(mac.finalize().into_bytes())
+}
+
+impl Pusher {
+    /// `key:hex(HMAC-SHA256(secret, "socket_id:channel"))`: the `auth` of a
+    /// private channel subscription (`channel` is the full name).
+    pub fn auth(&self, socket_id: &str, channel: &str) -> String {
+        let sig = hmac_sha256_hex(
+            self.secret.as_bytes(),
+            format!("{socket_id}:{channel}").as_bytes(),
+        );
+        format!("{}:{sig}", self.key)
+    }
+}
+
+impl Adapter for Pusher {
+    fn name(&self) -> &'static str {
+        "pusher"
+    }
+
+    fn expects_greeting(&self) -> bool {
+        true
+    }
+
+    fn hello(&self, _out: &mut Vec<u8>, _m: &mut Mask) {}
+
+    fn subscribe(
+        &self,
+        out: &mut Vec<u8>,
+        m: &mut Mask,
+        channel: &str,
+        _sid: u64,
+        socket_id: Option<&str>,
+    ) {
+        // Without a socket id the signature is wrong and the server says
+        // so (`pusher:subscription_error`), which the caller reports.
+        let name = format!("{PUSHER_PREFIX}{channel}");
+        let auth = self.auth(socket_id.unwrap_or(""), &name);
+        let msg = format!(
+            r#"{{"event":"pusher:subscribe","data":{{"channel":"{name}","auth":"{auth}"}}}}"#
+        );
+        ws::write_frame(out, ws::OP_TEXT, msg.as_bytes(), m.key());
+    }
+
+    fn publisher_subscribes(&self) -> bool {
+        true
+    }
+
+    fn unsubscribe(&self, out: &mut Vec<u8>, m: &mut Mask, channel: &str) {
+        let msg = format!(
+            r#"{{"event":"pusher:unsubscribe","data":{{"channel":"{PUSHER_PREFIX}{channel}"}}}}"#
+        );
+        ws::write_frame(out, ws::OP_TEXT, msg.as_bytes(), m.key());
+    }
+
+    fn publish(
+        &self,
+        out: &mut Vec<u8>,
+        m: &mut Mask,
+        channel: &str,
+        ts_ns: u64,
+        size: usize,
+        _seq: Option<u64>,
+    ) {
+        let mut msg = Vec::with_capacity(size + channel.len() + 64);
+        msg.extend_from_slice(br#"{"event":""#);
+        msg.extend_from_slice(PUSHER_EVENT.as_bytes());
+        msg.extend_from_slice(br#"","channel":""#);
+        msg.extend_from_slice(PUSHER_PREFIX.as_bytes());
+        msg.extend_from_slice(channel.as_bytes());
+        msg.extend_from_slice(PUSHER_MSG_MID);
+        let at = msg.len();
+        let content = size.max(self.min_size()) - 2;
+        msg.resize(at + content, PAD);
+        write_ts(&mut msg[at..], ts_ns);
+        msg.extend_from_slice(b"\"}");
+        ws::write_frame(out, ws::OP_TEXT, &msg, m.key());
+    }
+
+    fn publishes_per_confirm(&self) -> u64 {
+        self.ping_every
+    }
+
+    fn sync(&self, out: &mut Vec<u8>, m: &mut Mask) {
+        ws::write_frame(
+            out,
+            ws::OP_TEXT,
+            br#"{"event":"pusher:ping","data":{}}"#,
+            m.key(),
+        );
+    }
+
+    fn pong(&self, out: &mut Vec<u8>, m: &mut Mask) {
+        ws::write_frame(
+            out,
+            ws::OP_TEXT,
+            br#"{"event":"pusher:pong","data":{}}"#,
+            m.key(),
+        );
+    }
+
+    fn parser(&self, channel: Option<&str>) -> Box<dyn Parser> {
+        Box::new(PusherParser::for_channel(channel))
+    }
+
+    fn min_size(&self) -> usize {
+        TS_LEN + 2
+    }
+}
+
+/// Classifies Pusher server messages: by the prefix `{"event":"<name>"`
+/// without parsing JSON on the hot path (herald and Pusher itself put
+/// `event` first); other layouts go through `serde_json`.
+pub struct PusherParser {
+    /// Offset of the timestamp in a `client-m` event on the subscribed
+    /// channel.
+    data_at: Option<usize>,
+    socket_id: Option<String>,
+    partial: Vec<u8>,
+    in_partial: bool,
+}
+
+impl PusherParser {
+    /// `channel` is the harness's name (without `private-`).
+    pub fn for_channel(channel: Option<&str>) -> PusherParser {
+        PusherParser {
+            data_at: channel
+                .map(|c| PUSHER_MSG_HEAD.len() + c.len() + PUSHER_MSG_MID.len()),
+            socket_id: None,
+            partial: Vec::new(),
+            in_partial: false,
+        }
+    }
+
+    /// The send timestamp of an event whose `data` is a string.
+    pub fn timestamp(&self, msg: &[u8]) -> Option<u64> {
+        if let Some(at) = self.data_at {
+            if msg.len() >= at + TS_LEN
+                && &msg[at - PUSHER_MSG_MID.len()..at] == PUSHER_MSG_MID
+                && msg.starts_with(PUSHER_MSG_HEAD)
+            {
+                return parse_ts(&msg[at..]);
+            }
+        }
+        let at = ws::find(msg, DATA_KEY)? + DATA_KEY.len();
+        parse_ts(&msg[at..])
+    }
+
+    fn classify(&mut self, msg: &[u8], f: &mut dyn FnMut(Event<'_>)) {
+        let Some(rest) = msg.strip_prefix(PUSHER_EVENT_KEY) else {
+            return self.classify_slow(msg, f);
+        };
+        if !rest.starts_with(b"pusher") {
+            // A channel event (client events, or triggered through the API).
+            return f(Event::Message {
+                ts_ns: self.timestamp(msg),
+            });
+        }
+        let Some(end) = rest.iter().position(|&c| c == b'"') else {
+            return f(Event::Other);
+        };
+        let event = std::str::from_utf8(&rest[..end]).unwrap_or("");
+        self.control(event, msg, f)
+    }
+
+    /// A `pusher:*` / `pusher_internal:*` message.
+    fn control(&mut self, event: &str, msg: &[u8], f: &mut dyn FnMut(Event<'_>)) {
+        match event {
+            "pusher:pong" | "pusher_internal:subscription_succeeded" => f(Event::Confirm),
+            "pusher:ping" => f(Event::ServerPing),
+            "pusher:connection_established" => match socket_id_of(msg) {
+                Some(id) => {
+                    self.socket_id = Some(id);
+                    f(Event::Info)
+                }
+                None => f(Event::Error(msg)),
+            },
+            "pusher:error" | "pusher:subscription_error" => f(Event::Error(msg)),
+            _ => f(Event::Other),
+        }
+    }
+
+    /// Any other layout (another server's field order): parsed as JSON.
+    fn classify_slow(&mut self, msg: &[u8], f: &mut dyn FnMut(Event<'_>)) {
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(msg) else {
+            return f(Event::Other);
+        };
+        let Some(event) = v.get("event").and_then(|e| e.as_str()) else {
+            return f(Event::Other);
+        };
+        if event.starts_with("pusher") {
+            return self.control(event, msg, f);
+        }
+        let ts_ns = v
+            .get("data")
+            .and_then(|d| d.as_str())
+            .and_then(|d| parse_ts(d.as_bytes()));
+        f(Event::Message { ts_ns })
+    }
+}
+
+/// The `socket_id` of a `pusher:connection_established`, whose `data` is a
+/// JSON-encoded string (or, leniently, an object).
+fn socket_id_of(msg: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(msg).ok()?;
+    let data = v.get("data")?;
+    let inner: serde_json::Value = match data {
+        serde_json::Value::String(s) => serde_json::from_str(s).ok()?,
+        other => other.clone(),
+    };
+    Some(inner.get("socket_id")?.as_str()?.to_string())
+}
+
+impl Parser for PusherParser {
+    fn feed(&mut self, opcode: u8, fin: bool, data: &[u8], f: &mut dyn FnMut(Event<'_>)) {
+        if opcode == ws::OP_BINARY && !self.in_partial {
+            return f(Event::Other);
+        }
+        if !fin || self.in_partial {
+            if opcode != ws::OP_CONT {
+                self.partial.clear();
+            }
+            self.partial.extend_from_slice(data);
+            self.in_partial = !fin;
+            if fin {
+                let msg = std::mem::take(&mut self.partial);
+                self.classify(&msg, f);
+                self.partial = msg;
+                self.partial.clear();
+            }
+            return;
+        }
+        self.classify(data, f);
+    }
+
+    fn socket_id(&self) -> Option<&str> {
+        self.socket_id.as_deref()
     }
 }
 

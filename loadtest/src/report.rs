@@ -410,7 +410,14 @@ pub fn summarize(dir: &Path) -> anyhow::Result<()> {
     let (a, b) = (names[0].as_str(), names[1].as_str());
     for label in order {
         let g = &groups[&label];
-        let any = g.values().flatten().next().unwrap();
+        // Title from a server's run, not a `floor` run, when there is one.
+        let any = g
+            .iter()
+            .filter(|(p, _)| p.as_str() != "floor")
+            .flat_map(|(_, v)| v)
+            .chain(g.values().flatten())
+            .next()
+            .unwrap();
         let scenario = any.get("command").and_then(Value::as_str).unwrap_or("?");
         let unit = match any.get("scenario").and_then(Value::as_str) {
             Some("conns") => "handshake",
