@@ -131,6 +131,24 @@ pub struct Config {
     /// channel); 0 asks every time.
     #[arg(long, env = "AUTHORIZER_CACHE_TTL", default_value = "0", value_parser = parse_ttl)]
     pub authorizer_cache_ttl: Duration,
+
+    /// Pusher apps, a JSON array of {id, key, secret, ...} (see README);
+    /// without APPS and APPS_FILE, open mode has the app app-id/app-key/app-secret.
+    #[arg(long, env = "APPS", hide_env_values = true)]
+    pub apps: Option<String>,
+
+    /// A file holding the APPS JSON.
+    #[arg(long, env = "APPS_FILE")]
+    pub apps_file: Option<std::path::PathBuf>,
+
+    /// Seconds of silence before a Pusher connection is pinged (sent to
+    /// clients as activity_timeout).
+    #[arg(long, env = "PUSHER_ACTIVITY_TIMEOUT", default_value = "120", value_parser = parse_secs)]
+    pub pusher_activity_timeout: Duration,
+
+    /// Seconds a pinged Pusher connection has to answer before it is closed with 4201.
+    #[arg(long, env = "PUSHER_PONG_TIMEOUT", default_value = "30", value_parser = parse_secs)]
+    pub pusher_pong_timeout: Duration,
 }
 
 /// The actions AUTHORIZE sends for approval.

@@ -17,6 +17,7 @@ use crate::auth::{self, AuthError, Grant};
 use crate::authorizer::{self, Action, ConnAuthz, Decision};
 use crate::handshake::{self, HttpError, RequestHead};
 use crate::protocol::{self, ErrorCode};
+use crate::pusher;
 use crate::session::{self, Mode};
 use crate::worker::Worker;
 
@@ -148,6 +149,7 @@ async fn upgrade(
     let mode = match head.path.as_str() {
         "/" | "/ws" => Mode::PubSub,
         "/echo" if cfg.echo_endpoint => Mode::Echo,
+        p if p.starts_with("/app/") => Mode::Pusher,
         _ => {
             let err = HttpError::new(404, format!("no WebSocket endpoint at {}", head.path));
             return refuse(&worker, &mut stream, "not_found", err, peer).await;
@@ -161,9 +163,12 @@ async fn upgrade(
         let err = HttpError::new(403, "origin not allowed");
         return refuse(&worker, &mut stream, "origin", err, peer).await;
     }
+    if mode == Mode::Pusher {
+        return pusher_upgrade(worker, stream, head, leftover, &accept, peer).await;
+    }
     let (grant, authz) = match mode {
         // The echo endpoint is a conformance-testing aid, off by default.
-        Mode::Echo => (Grant::open(), None),
+        Mode::Echo | Mode::Pusher => (Grant::open(), None),
         Mode::PubSub if worker.authorizer.is_some() => {
             match authorize_connect(&worker, &head, peer).await {
                 Ok(pair) => pair,
@@ -200,7 +205,98 @@ async fn upgrade(
     let leftover = leftover.as_slice().to_vec();
     drop(head);
     monoio::spawn(async move {
-        session::run(worker.clone(), stream, leftover, grant, authz, mode).await;
+        session::run(worker.clone(), stream, leftover, grant, authz, mode, None).await;
+        worker.shared.release_connection();
+    });
+}
+
+/// A Pusher client's upgrade (`/app/{key}?protocol=7&...`). Pusher clients
+/// learn why they are refused from a `pusher:error` and a close code after
+/// the handshake (4001 unknown app, 4003 disabled, 4004 over the app's
+/// quota, 4006/4007 protocol version, 4100 over capacity, 4200 shutting
+/// down), so those refusals complete the upgrade first.
+async fn pusher_upgrade(
+    worker: Rc<Worker>,
+    mut stream: TcpStream,
+    head: RequestHead,
+    leftover: Vec<u8>,
+    accept: &str,
+    peer: SocketAddr,
+) {
+    let shared = worker.shared.clone();
+    let key = &head.path["/app/".len()..];
+    let version = head.query.as_deref().and_then(|q| {
+        form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == "protocol")
+            .map(|(_, v)| v.into_owned())
+    });
+    let app = shared
+        .pusher
+        .as_ref()
+        .and_then(|p| p.apps.by_key(key).map(|a| (p, a.clone())));
+    let refusal: Option<(u16, String)> = match (&app, version.as_deref()) {
+        _ if key.is_empty() || key.contains('/') => {
+            Some((4005, format!("no Pusher endpoint at {}", head.path)))
+        }
+        (None, _) => Some((4001, format!("App key {key} does not exist"))),
+        (Some((_, app)), _) if !app.enabled => Some((4003, "App is disabled".into())),
+        (_, Some(v)) if v.parse::<u32>().is_err() => {
+            Some((4006, format!("Invalid version string format: {v}")))
+        }
+        (_, Some(v)) if !matches!(v.parse::<u32>(), Ok(5..=7)) => {
+            Some((4007, format!("Unsupported protocol version {v}")))
+        }
+        _ if shared.is_shutting_down() => Some((4200, "Server is shutting down".into())),
+        _ => None,
+    };
+    let admitted = match (&refusal, &app) {
+        (None, Some((p, app))) => {
+            let ns = p.apps.index_of(app) + 1;
+            if !pusher::api::admit(p, app, ns) {
+                Err((4004, "Application is over connection quota".to_string()))
+            } else if !shared.try_reserve_connection() {
+                pusher::api::release(p, ns);
+                Err((4100, "Over capacity".to_string()))
+            } else {
+                Ok((app.clone(), ns))
+            }
+        }
+        (Some(r), _) => Err(r.clone()),
+        (None, None) => Err((4001, "App key does not exist".to_string())),
+    };
+    if !send(&mut stream, handshake::switching_protocols(accept)).await {
+        if let (Ok((_, ns)), Some((p, _))) = (&admitted, &app) {
+            pusher::api::release(p, *ns);
+            shared.release_connection();
+        }
+        return;
+    }
+    let pusher_app = match admitted {
+        Ok(a) => a,
+        Err((code, msg)) => {
+            tracing::debug!(%peer, code, msg, "pusher connection refused");
+            shared.metrics.reject("pusher");
+            let mut out = pusher::wire::error(Some(code), &msg).to_vec();
+            out.extend_from_slice(&crate::frame::close(Some(code), &msg));
+            send(&mut stream, out).await;
+            return;
+        }
+    };
+    let leftover = leftover.as_slice().to_vec();
+    drop(head);
+    monoio::spawn(async move {
+        let app = Some(pusher_app);
+        let mode = Mode::Pusher;
+        session::run(
+            worker.clone(),
+            stream,
+            leftover,
+            Grant::open(),
+            None,
+            mode,
+            app,
+        )
+        .await;
         worker.shared.release_connection();
     });
 }
@@ -320,28 +416,9 @@ async fn api(
             )
         }
         ("POST", "/publish") | ("POST", "/broadcast") => {
-            let len = match head.content_length() {
-                Ok(len) => len,
-                Err(e) => {
-                    send(stream, handshake::error_response(&e)).await;
-                    return false;
-                }
-            };
-            if len > shared.config.max_message_size {
-                let msg = format!(
-                    "body of {len} bytes exceeds MAX_MESSAGE_SIZE ({})",
-                    shared.config.max_message_size
-                );
-                let (status, body) = json_error(ErrorCode::TooLarge, &msg);
-                send(stream, handshake::response(status, json, &body, false)).await;
+            let Some(len) = read_body(worker, stream, head, buf).await else {
                 return false;
-            }
-            while buf.len() < len {
-                match read_more(stream, buf, len - buf.len()).await {
-                    Ok(0) | Err(_) => return false,
-                    Ok(_) => {}
-                }
-            }
+            };
             if shared.bus.congested(worker.id) {
                 shared.bus.wait_for_space(worker.id).await;
             }
@@ -362,6 +439,19 @@ async fn api(
             send(stream, reply).await;
             return false;
         }
+        (method, path) if pusher::api::is_api_path(path) => {
+            let Some(len) = read_body(worker, stream, head, buf).await else {
+                return false;
+            };
+            if shared.bus.congested(worker.id) {
+                shared.bus.wait_for_space(worker.id).await;
+            }
+            let query = head.query.as_deref().unwrap_or("");
+            let now = crate::shard::unix_ms() / 1000;
+            let answer = pusher::api::handle(worker, method, path, query, &buf[..len], now);
+            buf.drain(..len);
+            answer
+        }
         ("GET", "/" | "/ws" | "/echo") => {
             keep = false;
             (
@@ -376,6 +466,39 @@ async fn api(
         }
     };
     send(stream, handshake::response(status, ctype, &body, keep)).await && keep
+}
+
+/// Reads a request's `Content-Length` body into `buf` (its first `len`
+/// bytes). On a bad length, a body over MAX_MESSAGE_SIZE (413) or a peer
+/// gone, answers if it can and returns `None`: the connection is done.
+async fn read_body(
+    worker: &Worker,
+    stream: &mut TcpStream,
+    head: &RequestHead,
+    buf: &mut Vec<u8>,
+) -> Option<usize> {
+    let max = worker.shared.config.max_message_size;
+    let len = match head.content_length() {
+        Ok(len) => len,
+        Err(e) => {
+            send(stream, handshake::error_response(&e)).await;
+            return None;
+        }
+    };
+    if len > max {
+        let msg = format!("body of {len} bytes exceeds MAX_MESSAGE_SIZE ({max})");
+        let (status, body) = json_error(ErrorCode::TooLarge, &msg);
+        let json = "application/json";
+        send(stream, handshake::response(status, json, &body, false)).await;
+        return None;
+    }
+    while buf.len() < len {
+        match read_more(stream, buf, len - buf.len()).await {
+            Ok(0) | Err(_) => return None,
+            Ok(_) => {}
+        }
+    }
+    Some(len)
 }
 
 /// `POST /publish` and `POST /broadcast`: authenticate, parse, publish.

@@ -44,6 +44,7 @@ pub mod http;
 pub mod interest;
 pub mod metrics;
 pub mod protocol;
+pub mod pusher;
 pub mod server;
 pub mod session;
 pub mod shard;

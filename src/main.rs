@@ -35,13 +35,20 @@ fn main() -> ExitCode {
             return ExitCode::from(code as u8);
         }
     };
+    let apps = match herald::pusher::load_apps(&config) {
+        Ok(apps) => apps,
+        Err(e) => {
+            eprintln!("herald: {e}");
+            return ExitCode::from(2);
+        }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&config.loglevel))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .init();
-    match herald::server::run(config) {
+    match herald::server::run(config, apps) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("herald: {e}");

@@ -317,14 +317,47 @@ pub fn parse_binary(payload: &[u8]) -> Result<(&str, &[u8]), &'static str> {
 
 /// An encoded publish: the frame every subscriber receives, and where the
 /// channel name sits inside it, so it can cross cores as one [`Bytes`].
+/// `namespace` is 0 for the native protocol and `n` for the Pusher app of
+/// index `n - 1`, whose channels live apart from native ones.
 #[derive(Debug, Clone)]
 pub struct Published {
     pub frame: Bytes,
     channel_at: u32,
     channel_len: u8,
+    namespace: u16,
+    /// A connection not to deliver to, wherever it lives (Pusher's
+    /// `socket_id` exclusion): worker, slab key, generation.
+    except: Option<(u16, u32, u64)>,
 }
 
+/// Longest routing key: a namespace number, `#`, and a channel name.
+const MAX_KEY: usize = 6 + MAX_CHANNEL_LEN;
+
 impl Published {
+    /// A frame whose channel name is `frame[channel_at..channel_at + len]`.
+    pub fn new(frame: Bytes, channel_at: usize, channel_len: usize, namespace: u16) -> Published {
+        debug_assert!(channel_len <= MAX_CHANNEL_LEN && channel_at + channel_len <= frame.len());
+        Published {
+            frame,
+            channel_at: channel_at as u32,
+            channel_len: channel_len as u8,
+            namespace,
+            except: None,
+        }
+    }
+
+    /// Excludes connection `key` (generation `gen`) of `worker` from the fan-out.
+    pub fn set_except(&mut self, worker: u16, key: u32, gen: u64) {
+        self.except = Some((worker, key, gen));
+    }
+
+    /// The excluded connection if it lives on `worker`: (slab key, generation).
+    pub fn except_on(&self, worker: usize) -> Option<(usize, u64)> {
+        self.except
+            .filter(|e| usize::from(e.0) == worker)
+            .map(|e| (e.1 as usize, e.2))
+    }
+
     /// The channel this frame was published on.
     pub fn channel(&self) -> &str {
         let start = self.channel_at as usize;
@@ -332,6 +365,40 @@ impl Published {
         // Channel names are validated ASCII before a frame is built.
         std::str::from_utf8(bytes).unwrap_or("")
     }
+
+    /// Calls `f` with the key subscribers of this frame are filed under:
+    /// the channel itself for the native protocol (no copy), see
+    /// [`route_key`] otherwise.
+    pub fn with_key<R>(&self, f: impl FnOnce(&str) -> R) -> R {
+        if self.namespace == 0 {
+            return f(self.channel());
+        }
+        let mut buf = [0u8; MAX_KEY];
+        f(route_key(&mut buf, self.namespace, self.channel()))
+    }
+}
+
+/// Writes the routing key of `channel` in `namespace` (> 0) into `buf`:
+/// `{namespace}#{channel}`. `#` is not allowed in any protocol's channel
+/// names, so namespaces never collide with each other or with native
+/// channels.
+pub fn route_key<'a>(buf: &'a mut [u8; MAX_KEY], namespace: u16, channel: &str) -> &'a str {
+    use std::io::Write;
+    let mut cur = std::io::Cursor::new(&mut buf[..]);
+    let _ = write!(cur, "{namespace}#");
+    let at = cur.position() as usize;
+    let n = channel.len().min(MAX_KEY - at);
+    buf[at..at + n].copy_from_slice(&channel.as_bytes()[..n]);
+    // Digits, `#` and a validated ASCII channel name.
+    std::str::from_utf8(&buf[..at + n]).unwrap_or("")
+}
+
+/// The routing key of `channel` in `namespace`, as an owned string.
+pub fn route_key_string(namespace: u16, channel: &str) -> String {
+    if namespace == 0 {
+        return channel.to_string();
+    }
+    format!("{namespace}#{channel}")
 }
 
 const MSG_HEAD: &[u8] = br#"{"op":"message","channel":""#;
@@ -349,11 +416,7 @@ pub fn message_frame(channel: &str, data: &str) -> Published {
     buf.put_slice(MSG_MID);
     buf.put_slice(data.as_bytes());
     buf.put_u8(b'}');
-    Published {
-        frame: buf.freeze(),
-        channel_at,
-        channel_len: channel.len() as u8,
-    }
+    Published::new(buf.freeze(), channel_at as usize, channel.len(), 0)
 }
 
 /// Builds the binary frame subscribers receive for a binary publish: the
@@ -365,11 +428,7 @@ pub fn binary_frame(channel: &str, payload: &[u8]) -> Published {
     let channel_at = buf.len() as u32;
     buf.put_slice(channel.as_bytes());
     buf.put_slice(payload);
-    Published {
-        frame: buf.freeze(),
-        channel_at,
-        channel_len: channel.len() as u8,
-    }
+    Published::new(buf.freeze(), channel_at as usize, channel.len(), 0)
 }
 
 fn push_id(out: &mut Vec<u8>, id: Option<&str>) {
@@ -597,9 +656,22 @@ mod tests {
     }
 
     #[test]
+    fn namespaced_keys() {
+        let p = Published::new(Bytes::from_static(b"xxchan"), 2, 4, 3);
+        assert_eq!(p.channel(), "chan");
+        p.with_key(|k| assert_eq!(k, "3#chan"));
+        assert_eq!(route_key_string(3, "chan"), "3#chan");
+        assert_eq!(route_key_string(0, "chan"), "chan");
+        let long = "c".repeat(MAX_CHANNEL_LEN);
+        let mut buf = [0u8; MAX_KEY];
+        assert_eq!(route_key(&mut buf, 65535, &long), format!("65535#{long}"));
+    }
+
+    #[test]
     fn binary_round_trip() {
         let p = binary_frame("ch", b"\x00\x01");
         assert_eq!(p.channel(), "ch");
+        p.with_key(|k| assert_eq!(k, "ch"));
         let hl = frame::header_len(5);
         let (c, body) = parse_binary(&p.frame[hl..]).unwrap();
         assert_eq!((c, body), ("ch", &b"\x00\x01"[..]));

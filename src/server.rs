@@ -23,6 +23,8 @@ use monoio::net::TcpListener;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::{Config, IoDriver};
+use crate::pusher::apps::Apps;
+use crate::pusher::{connection, Control};
 use crate::shard::unix_ms;
 use crate::worker::{Shared, Worker};
 
@@ -53,7 +55,7 @@ enum Event {
 }
 
 /// Runs herald until SIGINT/SIGTERM.
-pub fn run(config: Config) -> Result<(), ServerError> {
+pub fn run(config: Config, apps: Apps) -> Result<(), ServerError> {
     raise_nofile_limit(config.max_connections);
     let workers = config.worker_count();
     let wanted = SocketAddr::new(config.host(), config.port);
@@ -64,7 +66,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     let addr = listeners[0].local_addr().unwrap_or(wanted);
     let shutdown_timeout = config.shutdown_timeout;
     let pin = config.pin_workers;
-    let shared = Shared::new(config, workers);
+    let shared = Shared::with_apps(config, workers, apps);
     let uring = match shared.config.io_driver {
         IoDriver::Epoll => false,
         IoDriver::IoUring | IoDriver::Auto => {
@@ -383,14 +385,31 @@ async fn accept_loop(worker: Rc<Worker>, listener: TcpListener) {
     }
 }
 
-/// Runs the shard's timers (token expiry, close deadlines) every 100 ms.
+/// Runs the shard's timers (token expiry, close deadlines) every 100 ms,
+/// the Pusher requests from other cores, and once a second the Pusher idle
+/// sweep (pings, 4201).
 async fn timer_loop(worker: Rc<Worker>) {
     let mut tick = monoio::time::interval(Duration::from_millis(100));
+    let mut sweeps = 0u64;
     loop {
         tick.tick().await;
         if worker.shared.is_shutting_down() && worker.shard.borrow().is_empty() {
             break;
         }
-        worker.shard.borrow_mut().run_timers(unix_ms());
+        let now = unix_ms();
+        worker.shard.borrow_mut().run_timers(now);
+        if let Some(pusher) = &worker.shared.pusher {
+            for c in pusher.take_controls(worker.id) {
+                match c {
+                    Control::Terminate { ns, user_id } => {
+                        connection::terminate_user(&worker, ns, &user_id)
+                    }
+                }
+            }
+            sweeps += 1;
+            if sweeps % 10 == 0 {
+                connection::sweep(&worker, now);
+            }
+        }
     }
 }

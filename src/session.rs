@@ -31,6 +31,8 @@ use crate::authorizer::{self, Action, ConnAuthz, Decision};
 use crate::codec::{Decoded, Decoder, Message, WsError};
 use crate::frame;
 use crate::protocol::{self, ErrorCode, Op, Published};
+use crate::pusher::{self, apps::App, connection::PusherConn};
+use crate::shard::unix_ms;
 use crate::shard::{Batch, SubscribeError};
 use crate::worker::Worker;
 
@@ -41,7 +43,12 @@ pub enum Mode {
     PubSub,
     /// Echo every message back (`/echo`, for conformance testing).
     Echo,
+    /// The Pusher Channels protocol (`/app/{key}`).
+    Pusher,
 }
+
+/// The Pusher app a Pusher-mode connection belongs to, and its namespace.
+pub type PusherApp = (Arc<App>, u16);
 
 #[derive(Debug)]
 enum Flow {
@@ -99,6 +106,7 @@ pub async fn run(
     grant: Arc<Grant>,
     authz: Option<Box<ConnAuthz>>,
     mode: Mode,
+    pusher_app: Option<PusherApp>,
 ) {
     let fd = stream.as_raw_fd();
     limit_kernel_backlog(fd, worker.shared.config.send_queue_limit);
@@ -106,6 +114,19 @@ pub async fn run(
         let mut shard = worker.shard.borrow_mut();
         let (key, gen) = shard.open(fd, grant);
         shard.set_authz(key, authz);
+        if let Some((app, ns)) = pusher_app {
+            let socket_id = pusher::socket::format(worker.id, key, gen);
+            let timeout = worker
+                .shared
+                .pusher
+                .as_ref()
+                .map_or(120, |p| p.activity_timeout.as_secs() as u32);
+            shard.push(
+                key,
+                pusher::wire::connection_established(&socket_id, timeout),
+            );
+            shard.set_pusher(key, PusherConn::new(app, ns, socket_id, unix_ms()));
+        }
         (key, gen)
     };
     let (rd, wr) = stream.into_split();
@@ -119,6 +140,9 @@ pub async fn run(
         want: 0,
     };
     reader.run(&worker, &rd).await;
+    if mode == Mode::Pusher {
+        pusher::connection::on_close(&worker, key);
+    }
     worker.shard.borrow_mut().abandon(key, gen);
     let close_timeout = worker.shared.config.close_timeout;
     // Boxed: the timer is large and only needed once, at the end; inline it
@@ -375,10 +399,19 @@ fn handle(worker: &Worker, key: usize, mode: Mode, msg: Message<'_>) -> Flow {
         // §1.4: after sending a close frame, data is no longer processed.
         _ if closing => Flow::Continue,
         Message::Ping(payload) => {
-            worker.shard.borrow_mut().push(key, frame::pong(payload));
+            let mut shard = worker.shard.borrow_mut();
+            if let Some(p) = shard.pusher_mut(key) {
+                p.seen(unix_ms());
+            }
+            shard.push(key, frame::pong(payload));
             Flow::Continue
         }
-        Message::Pong => Flow::Continue,
+        Message::Pong => {
+            if let Some(p) = worker.shard.borrow_mut().pusher_mut(key) {
+                p.seen(unix_ms());
+            }
+            Flow::Continue
+        }
         Message::Text(text) => {
             worker.metrics.messages_in.inc();
             worker.metrics.bytes_in.inc_by(text.len() as u64);
@@ -386,6 +419,10 @@ fn handle(worker: &Worker, key: usize, mode: Mode, msg: Message<'_>) -> Flow {
                 Mode::PubSub => handle_request(worker, key, text),
                 Mode::Echo => {
                     worker.shard.borrow_mut().push(key, frame::text(text));
+                    Flow::Continue
+                }
+                Mode::Pusher => {
+                    pusher::connection::handle_text(worker, key, text, unix_ms());
                     Flow::Continue
                 }
             }
@@ -397,6 +434,12 @@ fn handle(worker: &Worker, key: usize, mode: Mode, msg: Message<'_>) -> Flow {
                 Mode::PubSub => handle_binary(worker, key, data),
                 Mode::Echo => {
                     worker.shard.borrow_mut().push(key, frame::binary(data));
+                    Flow::Continue
+                }
+                Mode::Pusher => {
+                    let msg = "binary frames are not part of the Pusher protocol";
+                    let reply = pusher::wire::error(None, msg);
+                    worker.shard.borrow_mut().push(key, reply);
                     Flow::Continue
                 }
             }

@@ -23,6 +23,7 @@ use crate::authorizer::ConnAuthz;
 use crate::frame;
 use crate::interest::Interest;
 use crate::metrics::WorkerMetrics;
+use crate::pusher::connection::PusherConn;
 
 type Subscribers = IndexSet<usize, ahash::RandomState>;
 
@@ -72,6 +73,8 @@ pub struct Conn {
     /// What the authorizer webhook needs to know of this connection (only
     /// when AUTHORIZE sends more than `connect`).
     pub authz: Option<Box<ConnAuthz>>,
+    /// A Pusher-protocol connection's state (app, socket id, presence).
+    pub pusher: Option<Box<PusherConn>>,
 }
 
 impl Conn {
@@ -271,6 +274,7 @@ impl Shard {
             subs: Vec::new(),
             bucket,
             authz: None,
+            pusher: None,
         });
         self.schedule_expiry(key, gen, exp);
         self.metrics.connections.inc();
@@ -280,6 +284,44 @@ impl Shard {
     /// The connection's authorizer state, if it has one.
     pub fn authz_mut(&mut self, key: usize) -> Option<&mut ConnAuthz> {
         self.conns.get_mut(key)?.authz.as_deref_mut()
+    }
+
+    /// The connection's Pusher state, if it speaks the Pusher protocol.
+    pub fn pusher_mut(&mut self, key: usize) -> Option<&mut PusherConn> {
+        self.conns.get_mut(key)?.pusher.as_deref_mut()
+    }
+
+    /// Makes `key` a Pusher connection.
+    pub fn set_pusher(&mut self, key: usize, state: PusherConn) {
+        if let Some(c) = self.conns.get_mut(key) {
+            c.pusher = Some(Box::new(state));
+        }
+    }
+
+    /// Is `key` subscribed to `channel`?
+    pub fn is_subscribed(&self, key: usize, channel: &str) -> bool {
+        self.channels
+            .get(channel)
+            .is_some_and(|set| set.contains(&key))
+    }
+
+    /// The channels (routing keys) `key` is subscribed to.
+    pub fn subscriptions(&self, key: usize) -> Vec<Box<str>> {
+        self.conns
+            .get(key)
+            .map(|c| c.subs.clone())
+            .unwrap_or_default()
+    }
+
+    /// Calls `f` on every connection's Pusher state (for the idle sweep).
+    pub fn each_pusher(&mut self, mut f: impl FnMut(usize, &mut PusherConn)) {
+        for (key, conn) in self.conns.iter_mut() {
+            if conn.closing.is_none() {
+                if let Some(p) = conn.pusher.as_deref_mut() {
+                    f(key, p);
+                }
+            }
+        }
     }
 
     /// Attaches the authorizer state of a connection just opened.

@@ -16,6 +16,8 @@ use crate::config::Config;
 use crate::interest::Interest;
 use crate::metrics::{Metrics, WorkerMetrics};
 use crate::protocol::Published;
+use crate::pusher::apps::Apps;
+use crate::pusher::PusherShared;
 use crate::shard::{Limits, Shard};
 
 /// State shared by every worker of the process.
@@ -31,11 +33,28 @@ pub struct Shared {
     pub ready: AtomicUsize,
     pub workers: usize,
     pub shutdown: AtomicBool,
+    /// Pusher apps and their cross-core state, when any app exists.
+    pub pusher: Option<PusherShared>,
 }
 
 impl Shared {
     pub fn new(config: Config, workers: usize) -> Arc<Shared> {
+        Self::with_apps(config, workers, Apps::default())
+    }
+
+    /// Shared state serving `apps` over the Pusher protocol too.
+    pub fn with_apps(config: Config, workers: usize, apps: Apps) -> Arc<Shared> {
+        let pusher = (!apps.is_empty()).then(|| {
+            PusherShared::new(
+                apps,
+                workers,
+                config.pusher_activity_timeout,
+                config.pusher_pong_timeout,
+                config.authorizer_timeout,
+            )
+        });
         Arc::new(Shared {
+            pusher,
             auth: Authenticator::new(config.secret.as_deref(), config.jwt_leeway),
             interest: Interest::new(),
             bus: Bus::new(workers, config.bus_capacity),
@@ -125,7 +144,7 @@ impl Worker {
     pub fn publish(&self, msg: Published, except: Option<usize>) {
         self.metrics.publishes.inc();
         let bus = &self.shared.bus;
-        let mut others = self.shared.interest.cores(msg.channel()) & !(1u64 << self.id);
+        let mut others = msg.with_key(|k| self.shared.interest.cores(k)) & !(1u64 << self.id);
         while others != 0 {
             let dst = others.trailing_zeros() as usize;
             others &= others - 1;
@@ -137,9 +156,9 @@ impl Worker {
                 );
             }
         }
-        self.shard
-            .borrow_mut()
-            .deliver(msg.channel(), &msg.frame, except);
+        let mut shard = self.shard.borrow_mut();
+        let except = except.or_else(|| excluded(&shard, &msg, self.id));
+        msg.with_key(|k| shard.deliver(k, &msg.frame, except));
     }
 
     /// Delivers frames other cores published, in batches. Returns whether
@@ -147,9 +166,17 @@ impl Worker {
     pub fn drain_bus(&self, max: usize) -> bool {
         let mut shard = self.shard.borrow_mut();
         let (n, more) = self.shared.bus.drain(self.id, max, |msg| {
-            shard.deliver(msg.channel(), &msg.frame, None);
+            let except = excluded(&shard, &msg, self.id);
+            msg.with_key(|k| shard.deliver(k, &msg.frame, except));
         });
         self.metrics.cross_core_in.inc_by(n as u64);
         more
     }
+}
+
+/// The connection of this worker `msg` must skip, if it is still the one
+/// the exclusion named (same generation).
+fn excluded(shard: &Shard, msg: &Published, worker: usize) -> Option<usize> {
+    let (key, gen) = msg.except_on(worker)?;
+    shard.conn(key).filter(|c| c.gen == gen).map(|_| key)
 }

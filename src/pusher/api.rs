@@ -1,0 +1,216 @@
+//! The Pusher HTTP API (`/apps/{app_id}/...`), signed as Pusher signs:
+//! triggering events (`events`, `batch_events`), querying channels and
+//! presence users, and terminating a user's connections.
+//!
+//! Routing and answers are here; the signature check is
+//! [`super::sign::verify_api_request`] and the body parsing
+//! [`super::wire::parse_trigger`]. A trigger is encoded once per channel
+//! and fanned out like any publish.
+
+use std::sync::atomic::Ordering;
+
+use serde_json::{json, Map, Value};
+
+use super::apps::App;
+use super::connection::{channel_of, published};
+use super::wire::{self, ChannelKind};
+use super::{Control, PusherShared};
+use crate::protocol;
+use crate::worker::Worker;
+
+/// An answer: status, content type, body.
+pub type Answer = (u16, &'static str, Vec<u8>);
+
+fn text(status: u16, msg: impl Into<String>) -> Answer {
+    (status, "text/plain; charset=utf-8", msg.into().into_bytes())
+}
+
+fn ok_json(v: Value) -> Answer {
+    (200, "application/json", v.to_string().into_bytes())
+}
+
+/// Is this request for the Pusher API?
+pub fn is_api_path(path: &str) -> bool {
+    path.starts_with("/apps/")
+}
+
+/// Answers one API request.
+pub fn handle(
+    worker: &Worker,
+    method: &str,
+    path: &str,
+    query: &str,
+    body: &[u8],
+    now_unix: u64,
+) -> Answer {
+    let Some(shared) = worker.shared.pusher.as_ref() else {
+        return text(404, "the Pusher API is not enabled (no APPS)");
+    };
+    let rest = &path["/apps/".len()..];
+    let (app_id, rest) = rest.split_once('/').unwrap_or((rest, ""));
+    let Some(app) = shared.apps.by_id(app_id) else {
+        return text(404, format!("Unknown app id {app_id}"));
+    };
+    if let Err(e) = super::sign::verify_api_request(app, method, path, query, body, now_unix) {
+        return text(e.status(), e.to_string());
+    }
+    if !app.enabled {
+        return text(403, "App is disabled");
+    }
+    let ns = shared.apps.index_of(app) + 1;
+    let params: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
+        .into_owned()
+        .collect();
+    let param = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    let segments: Vec<&str> = rest.split('/').collect();
+    match (method, segments.as_slice()) {
+        ("POST", ["events"]) => trigger(worker, app, ns, body, false),
+        ("POST", ["batch_events"]) => trigger(worker, app, ns, body, true),
+        ("GET", ["channels"]) => channels(shared, ns, param("filter_by_prefix"), param("info")),
+        ("GET", ["channels", name]) => channel(shared, ns, name, param("info")),
+        ("GET", ["channels", name, "users"]) => users(shared, ns, name),
+        ("POST", ["users", user_id, "terminate_connections"]) => {
+            for w in 0..worker.shared.workers {
+                shared.control(
+                    w,
+                    Control::Terminate {
+                        ns,
+                        user_id: user_id.to_string(),
+                    },
+                );
+            }
+            ok_json(json!({}))
+        }
+        (_, ["events" | "batch_events" | "channels"])
+        | (_, ["channels", _])
+        | (_, ["channels", _, "users"])
+        | (_, ["users", _, "terminate_connections"]) => text(405, "Method not allowed"),
+        _ => text(404, format!("Not found: {path}")),
+    }
+}
+
+fn trigger(worker: &Worker, app: &App, ns: u16, body: &[u8], batch: bool) -> Answer {
+    let limit = worker.shared.config.max_message_size;
+    let events = if batch {
+        wire::parse_batch(body)
+    } else {
+        wire::parse_trigger(body).map(|t| vec![t])
+    };
+    let events = match events {
+        Ok(e) => e,
+        Err(e) => return text(400, e),
+    };
+    for ev in &events {
+        if ev.data.len() > limit {
+            return text(413, format!("Payload too large: data over {limit} bytes"));
+        }
+        for ch in &ev.channels {
+            if let Err(e) = wire::validate_channel(ch) {
+                return text(400, format!("Invalid channel name {ch}: {e}"));
+            }
+        }
+    }
+    for ev in &events {
+        // `data` is a string in the API; subscribers get it as a JSON string.
+        let data = serde_json::to_string(&ev.data).unwrap_or_default();
+        let except = ev
+            .socket_id
+            .as_deref()
+            .and_then(|s| super::socket::parse(s, &worker.shared));
+        for ch in &ev.channels {
+            let frame = wire::event_frame(&ev.name, ch, &data, None);
+            let mut msg = published(frame, ch, ns);
+            if let Some(ex) = except {
+                msg.set_except(ex.worker, ex.key, ex.gen);
+            }
+            worker.metrics.messages_in.inc();
+            worker.publish(msg, None);
+        }
+    }
+    let _ = app;
+    ok_json(if batch {
+        json!({ "batch": events.iter().map(|_| json!({})).collect::<Vec<_>>() })
+    } else {
+        json!({})
+    })
+}
+
+fn channels(shared: &PusherShared, ns: u16, prefix: Option<&str>, info: Option<&str>) -> Answer {
+    let prefix = prefix.unwrap_or("");
+    let want_users = info.is_some_and(|i| i.split(',').any(|x| x == "user_count"));
+    if want_users && !prefix.starts_with("presence-") {
+        return text(
+            400,
+            "info=user_count is only allowed with filter_by_prefix=presence-",
+        );
+    }
+    let key_prefix = protocol::route_key_string(ns, prefix);
+    let mut out = Map::new();
+    for (key, c) in shared.registry.channels(&key_prefix) {
+        let mut attrs = Map::new();
+        if want_users {
+            attrs.insert("user_count".into(), c.users.into());
+        }
+        out.insert(channel_of(&key).to_string(), Value::Object(attrs));
+    }
+    ok_json(json!({ "channels": out }))
+}
+
+fn channel(shared: &PusherShared, ns: u16, name: &str, info: Option<&str>) -> Answer {
+    let kind = match wire::validate_channel(name) {
+        Ok(k) => k,
+        Err(e) => return text(400, format!("Invalid channel name {name}: {e}")),
+    };
+    let wants = |what: &str| info.is_some_and(|i| i.split(',').any(|x| x == what));
+    if wants("user_count") && kind != ChannelKind::Presence {
+        return text(400, "info=user_count is only allowed for presence channels");
+    }
+    let key = protocol::route_key_string(ns, name);
+    let c = shared.registry.channel(&key);
+    let mut out = json!({ "occupied": c.is_some() });
+    if let Some(c) = c {
+        if wants("user_count") {
+            out["user_count"] = c.users.into();
+        }
+        if wants("subscription_count") {
+            out["subscription_count"] = c.subscriptions.into();
+        }
+    }
+    ok_json(out)
+}
+
+fn users(shared: &PusherShared, ns: u16, name: &str) -> Answer {
+    match wire::validate_channel(name) {
+        Ok(ChannelKind::Presence) => {}
+        Ok(_) => return text(400, "users are only available for presence channels"),
+        Err(e) => return text(400, format!("Invalid channel name {name}: {e}")),
+    }
+    let key = protocol::route_key_string(ns, name);
+    let users: Vec<Value> = shared
+        .registry
+        .users(&key)
+        .iter()
+        .map(|u| json!({ "id": &**u }))
+        .collect();
+    ok_json(json!({ "users": users }))
+}
+
+/// Uncounts a connection of app `ns`.
+pub fn release(shared: &PusherShared, ns: u16) {
+    if let Some(c) = shared.app_connections.get(ns as usize - 1) {
+        c.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Counts a new connection of app `ns`; false over the app's quota.
+pub fn admit(shared: &PusherShared, app: &App, ns: u16) -> bool {
+    let Some(counter) = shared.app_connections.get(ns as usize - 1) else {
+        return false;
+    };
+    let max = app.max_connections.unwrap_or(usize::MAX);
+    counter
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .is_ok()
+}

@@ -1,0 +1,622 @@
+//! Pusher apps: the credentials and limits each Pusher-protocol client and
+//! server library connects with, read from `APPS` or `APPS_FILE`.
+//!
+//! Pure: this module parses and validates configuration text handed to it;
+//! reading `APPS_FILE` from disk and reporting IO errors is the caller's job.
+//! Every app gets a 0-based `index`, which the server uses to keep the
+//! channels of different apps apart. Unknown fields are refused so that a
+//! misspelt option fails at start-up instead of being silently ignored.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// The app that exists in open mode when no app is configured: the
+/// convention Pusher-compatible servers share (Soketi, Sockudo, Reverb's
+/// examples), so copy-pasted client snippets work as they are.
+pub const DEFAULT_APP_ID: &str = "app-id";
+/// Key of the open-mode app.
+pub const DEFAULT_APP_KEY: &str = "app-key";
+/// Secret of the open-mode app.
+pub const DEFAULT_APP_SECRET: &str = "app-secret";
+
+/// Pusher's documented limit on client events per connection per second.
+pub const DEFAULT_MAX_CLIENT_EVENTS_PER_SECOND: u32 = 10;
+
+/// One Pusher app.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct App {
+    /// The `app_id` of the HTTP API paths (`/apps/{id}/events`). A JSON
+    /// number is accepted too, since Pusher's own app ids are numeric.
+    #[serde(deserialize_with = "string_or_integer")]
+    pub id: String,
+    /// The public key clients connect with (`/app/{key}`).
+    pub key: String,
+    /// Signs channel authorizations, HTTP API requests and webhooks.
+    pub secret: String,
+    /// A disabled app refuses connections (close 4003) and API requests.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// May clients send `client-*` events on private and presence channels?
+    #[serde(default)]
+    pub enable_client_messages: bool,
+    /// Most simultaneous connections (close 4004 beyond); `None`: no limit.
+    #[serde(default)]
+    pub max_connections: Option<usize>,
+    /// Client events one connection may send per second (close 4301 beyond).
+    #[serde(default = "default_client_rate")]
+    pub max_client_events_per_second: u32,
+    /// Where this app's webhooks go; one object or an array in the JSON.
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub webhooks: Vec<Webhook>,
+    /// Position in [`Apps`], 0-based; assigned by [`Apps::new`].
+    #[serde(skip)]
+    pub index: u16,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_client_rate() -> u32 {
+    DEFAULT_MAX_CLIENT_EVENTS_PER_SECOND
+}
+
+impl App {
+    /// An app with these credentials and every other setting at its default.
+    pub fn new(id: &str, key: &str, secret: &str) -> App {
+        App {
+            id: id.to_owned(),
+            key: key.to_owned(),
+            secret: secret.to_owned(),
+            enabled: true,
+            enable_client_messages: false,
+            max_connections: None,
+            max_client_events_per_second: DEFAULT_MAX_CLIENT_EVENTS_PER_SECOND,
+            webhooks: Vec::new(),
+            index: 0,
+        }
+    }
+
+    /// Does any webhook of this app want `event`?
+    pub fn wants_webhook(&self, event: WebhookEvent) -> bool {
+        self.webhooks.iter().any(|w| w.wants(event))
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        check_name("id", &self.id)?;
+        check_name("key", &self.key)?;
+        if self.secret.is_empty() {
+            return Err("\"secret\" must not be empty".into());
+        }
+        if self.max_client_events_per_second == 0 {
+            return Err("\"max_client_events_per_second\" must be at least 1".into());
+        }
+        if self.max_connections == Some(0) {
+            return Err(
+                "\"max_connections\" must be at least 1 (leave it out for no limit)".into(),
+            );
+        }
+        for (i, w) in self.webhooks.iter().enumerate() {
+            w.validate()
+                .map_err(|e| format!("webhook {}: {e}", i + 1))?;
+        }
+        Ok(())
+    }
+}
+
+/// The secret never appears in logs or panics.
+impl fmt::Debug for App {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("App")
+            .field("id", &self.id)
+            .field("key", &self.key)
+            .field("secret", &"<redacted>")
+            .field("enabled", &self.enabled)
+            .field("enable_client_messages", &self.enable_client_messages)
+            .field("max_connections", &self.max_connections)
+            .field(
+                "max_client_events_per_second",
+                &self.max_client_events_per_second,
+            )
+            .field("webhooks", &self.webhooks)
+            .field("index", &self.index)
+            .finish()
+    }
+}
+
+/// Ids and keys travel in URL paths (`/apps/{id}`, `/app/{key}`), so they
+/// are kept to characters that never need escaping there.
+fn check_name(field: &str, value: &str) -> Result<(), String> {
+    if value.is_empty() {
+        return Err(format!("\"{field}\" must not be empty"));
+    }
+    if !value
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        return Err(format!(
+            "\"{field}\" may only contain A-Z a-z 0-9 - _ . (got {value:?})"
+        ));
+    }
+    Ok(())
+}
+
+/// A webhook endpoint and the events it receives.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Webhook {
+    /// `http://` or `https://` URL the events are POSTed to.
+    pub url: String,
+    /// The events sent to this URL; absent in the JSON means all of them.
+    #[serde(default = "WebhookEvent::all")]
+    pub events: Vec<WebhookEvent>,
+}
+
+impl Webhook {
+    /// Does this webhook want `event`?
+    pub fn wants(&self, event: WebhookEvent) -> bool {
+        self.events.contains(&event)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let uri: http::Uri = self
+            .url
+            .parse()
+            .map_err(|e| format!("\"url\" {:?} is not a URL: {e}", self.url))?;
+        let scheme_ok = matches!(uri.scheme_str(), Some("http") | Some("https"));
+        if !scheme_ok || uri.host().is_none_or(str::is_empty) {
+            return Err(format!(
+                "\"url\" must start with http:// or https:// and name a host (got {:?})",
+                self.url
+            ));
+        }
+        if self.events.is_empty() {
+            return Err("\"events\" must not be empty (leave it out for every event)".into());
+        }
+        Ok(())
+    }
+}
+
+/// The webhook events Pusher defines, named as in its webhook bodies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WebhookEvent {
+    ChannelOccupied,
+    ChannelVacated,
+    MemberAdded,
+    MemberRemoved,
+    ClientEvent,
+}
+
+impl WebhookEvent {
+    /// Every event, in Pusher's documentation order.
+    pub const ALL: [WebhookEvent; 5] = [
+        WebhookEvent::ChannelOccupied,
+        WebhookEvent::ChannelVacated,
+        WebhookEvent::MemberAdded,
+        WebhookEvent::MemberRemoved,
+        WebhookEvent::ClientEvent,
+    ];
+
+    fn all() -> Vec<WebhookEvent> {
+        Self::ALL.to_vec()
+    }
+
+    /// The `name` of this event in a webhook body.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WebhookEvent::ChannelOccupied => "channel_occupied",
+            WebhookEvent::ChannelVacated => "channel_vacated",
+            WebhookEvent::MemberAdded => "member_added",
+            WebhookEvent::MemberRemoved => "member_removed",
+            WebhookEvent::ClientEvent => "client_event",
+        }
+    }
+}
+
+/// Accepts `"id": "123"` and `"id": 123`.
+fn string_or_integer<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    struct V;
+    impl Visitor<'_> for V {
+        type Value = String;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a string or an integer")
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<String, E> {
+            Ok(v.to_owned())
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+    }
+    d.deserialize_any(V)
+}
+
+/// Accepts one webhook object or an array of them, keeping serde's own
+/// error messages (an untagged enum would replace them with a vague one).
+fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Webhook>, D::Error> {
+    struct V;
+    impl<'de> Visitor<'de> for V {
+        type Value = Vec<Webhook>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a webhook object or an array of them")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+            Webhook::deserialize(de::value::MapAccessDeserializer::new(map)).map(|w| vec![w])
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(w) = seq.next_element::<Webhook>()? {
+                out.push(w);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_any(V)
+}
+
+/// The configured apps, looked up by key (WebSocket side) or id (HTTP API).
+#[derive(Debug, Clone, Default)]
+pub struct Apps {
+    apps: Vec<Arc<App>>,
+    by_key: HashMap<Box<str>, usize>,
+    by_id: HashMap<Box<str>, usize>,
+}
+
+impl Apps {
+    /// Validates `apps`, checks that ids and keys are unique, and numbers
+    /// them in order (`index` 0, 1, ...).
+    pub fn new(apps: Vec<App>) -> Result<Apps, String> {
+        if apps.len() > usize::from(u16::MAX) + 1 {
+            return Err(format!("{} apps: at most 65536 are supported", apps.len()));
+        }
+        let mut out = Apps::default();
+        for (i, mut app) in apps.into_iter().enumerate() {
+            let n = i + 1;
+            app.validate().map_err(|e| format!("app {n}: {e}"))?;
+            if let Some(&j) = out.by_id.get(app.id.as_str()) {
+                return Err(format!(
+                    "app {n}: id {:?} is already used by app {}",
+                    app.id,
+                    j + 1
+                ));
+            }
+            if let Some(&j) = out.by_key.get(app.key.as_str()) {
+                return Err(format!(
+                    "app {n}: key {:?} is already used by app {}",
+                    app.key,
+                    j + 1
+                ));
+            }
+            // Bounded by the length check above.
+            app.index = i as u16;
+            out.by_id.insert(app.id.as_str().into(), i);
+            out.by_key.insert(app.key.as_str().into(), i);
+            out.apps.push(Arc::new(app));
+        }
+        Ok(out)
+    }
+
+    /// The one app of open mode: `app-id` / `app-key` / `app-secret`, with
+    /// client events enabled so every feature can be tried at once.
+    pub fn open_default() -> Apps {
+        let mut app = App::new(DEFAULT_APP_ID, DEFAULT_APP_KEY, DEFAULT_APP_SECRET);
+        app.enable_client_messages = true;
+        // A valid, unique app cannot fail validation.
+        Apps::new(vec![app]).unwrap_or_default()
+    }
+
+    /// The app clients connect to as `/app/{key}`.
+    pub fn by_key(&self, key: &str) -> Option<&Arc<App>> {
+        self.by_key.get(key).map(|&i| &self.apps[i])
+    }
+
+    /// The app of HTTP API paths `/apps/{id}/...`.
+    pub fn by_id(&self, id: &str) -> Option<&Arc<App>> {
+        self.by_id.get(id).map(|&i| &self.apps[i])
+    }
+
+    /// The app with this `index`.
+    pub fn get(&self, index: u16) -> Option<&Arc<App>> {
+        self.apps.get(usize::from(index))
+    }
+
+    /// The 0-based index of `app` (the same as `app.index`).
+    pub fn index_of(&self, app: &App) -> u16 {
+        app.index
+    }
+
+    /// Every app, in index order.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<App>> {
+        self.apps.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.apps.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.apps.is_empty()
+    }
+}
+
+/// Builds the app list from the `APPS` variable or the contents of
+/// `APPS_FILE` (each a JSON array of apps). With neither, open mode gets the
+/// one default app ([`Apps::open_default`]) and any other mode no app.
+/// Errors are one line naming the source and the app, for example
+/// `APPS: app 2: missing field `secret``.
+pub fn load(
+    apps_json: Option<&str>,
+    apps_file_contents: Option<&str>,
+    open_mode: bool,
+) -> Result<Apps, String> {
+    match (apps_json, apps_file_contents) {
+        (Some(_), Some(_)) => Err("APPS and APPS_FILE are both set: use one of them".into()),
+        (Some(text), None) => parse_list(text).map_err(|e| format!("APPS: {e}")),
+        (None, Some(text)) => parse_list(text).map_err(|e| format!("APPS_FILE: {e}")),
+        (None, None) if open_mode => Ok(Apps::open_default()),
+        (None, None) => Ok(Apps::default()),
+    }
+}
+
+/// Parses a JSON array of apps, reporting errors per app with the position
+/// in the whole text when it spans several lines.
+fn parse_list(text: &str) -> Result<Apps, String> {
+    let items: Vec<&RawValue> = serde_json::from_str(text).map_err(|e| {
+        if e.is_data() {
+            "expected a JSON array of apps, like [{\"id\":..,\"key\":..,\"secret\":..}]".to_owned()
+        } else {
+            format!("not valid JSON: {e}")
+        }
+    })?;
+    let multiline = text.contains('\n');
+    let mut apps = Vec::with_capacity(items.len());
+    for (i, raw) in items.iter().enumerate() {
+        let app = serde_json::from_str::<App>(raw.get()).map_err(|e| {
+            let base = text_offset(text, raw.get());
+            let msg = strip_position(&e);
+            if multiline && e.line() > 0 {
+                let (line, column) = absolute_position(text, base, e.line(), e.column());
+                format!("app {} (line {line}, column {column}): {msg}", i + 1)
+            } else {
+                format!("app {}: {msg}", i + 1)
+            }
+        })?;
+        apps.push(app);
+    }
+    Apps::new(apps)
+}
+
+/// serde_json appends " at line L column C" (relative to what it parsed);
+/// the caller reports a position relative to the whole text instead.
+fn strip_position(e: &serde_json::Error) -> String {
+    let msg = e.to_string();
+    let suffix = format!(" at line {} column {}", e.line(), e.column());
+    msg.strip_suffix(&suffix).map(str::to_owned).unwrap_or(msg)
+}
+
+/// Byte offset of `inner` (a slice of `outer`) within `outer`.
+fn text_offset(outer: &str, inner: &str) -> usize {
+    (inner.as_ptr() as usize).saturating_sub(outer.as_ptr() as usize)
+}
+
+/// Turns a 1-based (line, column) inside the slice starting at `base` into
+/// a (line, column) of the whole text.
+fn absolute_position(text: &str, base: usize, line: usize, column: usize) -> (usize, usize) {
+    let before = &text[..base.min(text.len())];
+    let base_line = before.matches('\n').count() + 1;
+    let base_column = before.len() - before.rfind('\n').map_or(0, |p| p + 1);
+    if line <= 1 {
+        (base_line, base_column + column)
+    } else {
+        (base_line + line - 1, column)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_full_app() {
+        let apps = load(
+            Some(r#"[{"id":"1","key":"k","secret":"s"},
+                     {"id":2,"key":"k2","secret":"s2","enabled":false,
+                      "enable_client_messages":true,"max_connections":100,
+                      "max_client_events_per_second":5,
+                      "webhooks":[{"url":"https://example.com/hook","events":["member_added","client_event"]},
+                                  {"url":"http://127.0.0.1:9000/"}]}]"#),
+            None,
+            false,
+        )
+        .unwrap();
+        assert_eq!(apps.len(), 2);
+        let a = apps.by_key("k").unwrap();
+        assert_eq!((a.id.as_str(), a.index), ("1", 0));
+        assert!(a.enabled && !a.enable_client_messages);
+        assert_eq!(a.max_connections, None);
+        assert_eq!(a.max_client_events_per_second, 10);
+        assert!(a.webhooks.is_empty());
+        assert!(!a.wants_webhook(WebhookEvent::ChannelOccupied));
+
+        let b = apps.by_id("2").unwrap();
+        assert_eq!(b.key, "k2");
+        assert_eq!(apps.index_of(b), 1);
+        assert!(Arc::ptr_eq(apps.get(1).unwrap(), b));
+        assert!(!b.enabled && b.enable_client_messages);
+        assert_eq!(b.max_connections, Some(100));
+        assert_eq!(b.max_client_events_per_second, 5);
+        assert_eq!(
+            b.webhooks[0].events,
+            vec![WebhookEvent::MemberAdded, WebhookEvent::ClientEvent]
+        );
+        assert_eq!(b.webhooks[1].events, WebhookEvent::ALL.to_vec());
+        assert!(b.webhooks[0].wants(WebhookEvent::ClientEvent));
+        assert!(!b.webhooks[0].wants(WebhookEvent::ChannelVacated));
+        assert!(b.wants_webhook(WebhookEvent::ChannelVacated));
+        assert_eq!(
+            apps.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(),
+            ["1", "2"]
+        );
+        assert!(apps.by_key("nope").is_none() && apps.by_id("k").is_none());
+    }
+
+    #[test]
+    fn one_webhook_object_is_accepted() {
+        let apps = load(
+            Some(
+                r#"[{"id":"a","key":"b","secret":"c","webhooks":{"url":"http://h/x","events":["channel_vacated"]}}]"#,
+            ),
+            None,
+            false,
+        )
+        .unwrap();
+        let w = &apps.by_id("a").unwrap().webhooks;
+        assert_eq!(w.len(), 1);
+        assert_eq!(w[0].url, "http://h/x");
+        assert_eq!(w[0].events, vec![WebhookEvent::ChannelVacated]);
+    }
+
+    #[test]
+    fn neither_source_depends_on_open_mode() {
+        let open = load(None, None, true).unwrap();
+        assert_eq!(open.len(), 1);
+        let a = open.by_key(DEFAULT_APP_KEY).unwrap();
+        assert_eq!(
+            (a.id.as_str(), a.secret.as_str()),
+            (DEFAULT_APP_ID, DEFAULT_APP_SECRET)
+        );
+        assert!(a.enable_client_messages && a.enabled);
+        assert!(load(None, None, false).unwrap().is_empty());
+        // A configured list replaces the default app even in open mode.
+        let apps = load(Some(r#"[{"id":"x","key":"y","secret":"z"}]"#), None, true).unwrap();
+        assert!(apps.by_key(DEFAULT_APP_KEY).is_none());
+        assert!(load(None, Some("[]"), true).unwrap().is_empty());
+    }
+
+    #[test]
+    fn both_sources_is_an_error() {
+        let e = load(Some("[]"), Some("[]"), false).unwrap_err();
+        assert!(e.contains("APPS and APPS_FILE"), "{e}");
+    }
+
+    fn err(json: &str) -> String {
+        load(Some(json), None, false).unwrap_err()
+    }
+
+    #[test]
+    fn errors_name_the_source_and_the_app() {
+        let e = err(r#"[{"id":"1","key":"k","secret":"s"},{"id":"2","key":"k2"}]"#);
+        assert_eq!(e, "APPS: app 2: missing field `secret`");
+        let e = load(None, Some(r#"[{"id":"1","key":"k"}]"#), false).unwrap_err();
+        assert_eq!(e, "APPS_FILE: app 1: missing field `secret`");
+        let e = err(r#"[{"id":"1","key":"k","secret":"s","enable_client_events":true}]"#);
+        assert!(
+            e.starts_with("APPS: app 1: unknown field `enable_client_events`"),
+            "{e}"
+        );
+        let e = err(
+            r#"[{"id":"1","key":"k","secret":"s","webhooks":[{"url":"http://h","event":[]}]}]"#,
+        );
+        assert!(e.contains("unknown field `event`"), "{e}");
+        let e = err(
+            r#"[{"id":"1","key":"k","secret":"s","webhooks":{"url":"http://h","events":["member_joined"]}}]"#,
+        );
+        assert!(e.contains("unknown variant `member_joined`"), "{e}");
+        assert!(err(r#"{"id":"1"}"#).contains("JSON array"));
+        assert!(err("[").starts_with("APPS: not valid JSON"));
+    }
+
+    #[test]
+    fn file_errors_point_at_the_line() {
+        let text = "[\n  {\"id\":\"1\",\"key\":\"k\",\"secret\":\"s\"},\n  {\"id\":\"2\",\n   \"key\":\"k2\",\n   \"secret\":\"s\", \"colour\":1}\n]\n";
+        let e = load(None, Some(text), false).unwrap_err();
+        assert!(e.starts_with("APPS_FILE: app 2 (line 5, column"), "{e}");
+        assert!(e.contains("unknown field `colour`"), "{e}");
+    }
+
+    #[test]
+    fn validation() {
+        let cases = [
+            (
+                r#"[{"id":"","key":"k","secret":"s"}]"#,
+                "\"id\" must not be empty",
+            ),
+            (
+                r#"[{"id":"1","key":"","secret":"s"}]"#,
+                "\"key\" must not be empty",
+            ),
+            (
+                r#"[{"id":"1","key":"k","secret":""}]"#,
+                "\"secret\" must not be empty",
+            ),
+            (
+                r#"[{"id":"a/b","key":"k","secret":"s"}]"#,
+                "\"id\" may only contain",
+            ),
+            (
+                r#"[{"id":"1","key":"k k","secret":"s"}]"#,
+                "\"key\" may only contain",
+            ),
+            (
+                r#"[{"id":"1","key":"k","secret":"s","max_client_events_per_second":0}]"#,
+                "at least 1",
+            ),
+            (
+                r#"[{"id":"1","key":"k","secret":"s","max_connections":0}]"#,
+                "\"max_connections\" must be at least 1",
+            ),
+            (
+                r#"[{"id":"1","key":"k","secret":"s","webhooks":[{"url":"ftp://h/x"}]}]"#,
+                "app 1: webhook 1: \"url\" must start with http:// or https://",
+            ),
+            (
+                r#"[{"id":"1","key":"k","secret":"s","webhooks":[{"url":"http://h"},{"url":"h/x"}]}]"#,
+                "webhook 2:",
+            ),
+            (
+                r#"[{"id":"1","key":"k","secret":"s","webhooks":[{"url":"http://h","events":[]}]}]"#,
+                "\"events\" must not be empty",
+            ),
+            (
+                r#"[{"id":"1","key":"k","secret":"s"},{"id":"1","key":"k2","secret":"s"}]"#,
+                "app 2: id \"1\" is already used by app 1",
+            ),
+            (
+                r#"[{"id":"1","key":"k","secret":"s"},{"id":"2","key":"k","secret":"s"}]"#,
+                "app 2: key \"k\" is already used by app 1",
+            ),
+            (
+                r#"[{"id":true,"key":"k","secret":"s"}]"#,
+                "a string or an integer",
+            ),
+            (
+                r#"[{"id":"1","key":"k","secret":"s","enabled":"yes"}]"#,
+                "invalid type",
+            ),
+        ];
+        for (json, want) in cases {
+            let e = err(json);
+            assert!(e.starts_with("APPS: "), "{e}");
+            assert!(e.contains(want), "{json}: got {e}, want {want}");
+            assert!(!e.contains('\n'), "one line: {e}");
+        }
+    }
+
+    #[test]
+    fn debug_hides_the_secret() {
+        let app = App::new("1", "k", "very-secret");
+        let shown = format!("{app:?}");
+        assert!(!shown.contains("very-secret"), "{shown}");
+        assert!(shown.contains("<redacted>"));
+    }
+}

@@ -1,0 +1,498 @@
+//! A Pusher-protocol WebSocket connection (`/app/{key}`): its state, and
+//! what each client message does to it.
+//!
+//! It runs on the same reader, writer, shard and fan-out as the native
+//! protocol; only the messages differ. Channels live in the app's
+//! namespace (routing key `{n}#{channel}`), so apps never see each other's
+//! channels, nor native clients theirs. A publish (client event, HTTP API
+//! trigger, presence change) is encoded once as the Pusher event frame and
+//! shared by every subscriber on every core, like a native publish.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use serde_json::json;
+
+use super::apps::{App, WebhookEvent};
+use super::wire::{self, ChannelKind, ClientMessage};
+use super::PusherShared;
+use crate::protocol::{self, Published};
+use crate::shard::SubscribeError;
+use crate::worker::Worker;
+
+/// Close code when a ping went unanswered (Pusher 4201).
+pub const PONG_NOT_RECEIVED: u16 = 4201;
+
+/// What a Pusher connection carries besides what every connection has.
+#[derive(Debug)]
+pub struct PusherConn {
+    pub app: Arc<App>,
+    /// The app's namespace (its index + 1).
+    pub ns: u16,
+    pub socket_id: Box<str>,
+    /// Presence channels joined: (channel, user_id).
+    pub presence: Vec<(Box<str>, Box<str>)>,
+    /// Client-event token bucket: tokens left and when it was refilled.
+    tokens: f64,
+    refilled: Instant,
+    /// Unix ms of the last message from the client.
+    pub last_seen: u64,
+    /// Unix ms a server ping was sent without an answer yet.
+    pub pinged_at: Option<u64>,
+}
+
+impl PusherConn {
+    pub fn new(app: Arc<App>, ns: u16, socket_id: String, now_ms: u64) -> PusherConn {
+        let tokens = f64::from(app.max_client_events_per_second);
+        PusherConn {
+            app,
+            ns,
+            socket_id: socket_id.into(),
+            presence: Vec::new(),
+            tokens,
+            refilled: Instant::now(),
+            last_seen: now_ms,
+            pinged_at: None,
+        }
+    }
+
+    /// Takes one client-event token; false past the per-second limit.
+    fn take_token(&mut self) -> bool {
+        let rate = f64::from(self.app.max_client_events_per_second);
+        let now = Instant::now();
+        let dt = now.duration_since(self.refilled).as_secs_f64();
+        self.refilled = now;
+        self.tokens = (self.tokens + dt * rate).min(rate);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The client was heard from at `now_ms`: any ping pending is answered.
+    pub fn seen(&mut self, now_ms: u64) {
+        self.last_seen = now_ms;
+        self.pinged_at = None;
+    }
+
+    fn user_on(&self, channel: &str) -> Option<&str> {
+        self.presence
+            .iter()
+            .find(|(c, _)| &**c == channel)
+            .map(|(_, u)| &**u)
+    }
+}
+
+/// The channel name inside a routing key `{n}#{channel}`.
+pub fn channel_of(key: &str) -> &str {
+    key.split_once('#').map_or(key, |(_, c)| c)
+}
+
+/// Wraps a frame built by [`wire`] for the fan-out: locates its
+/// `"channel":"NAME"` (the first one: an escaped event name cannot contain
+/// an unescaped quote) so the frame can be routed.
+pub fn published(frame: Bytes, channel: &str, ns: u16) -> Published {
+    let pattern = br#""channel":""#;
+    let at = frame
+        .windows(pattern.len())
+        .position(|w| w == pattern)
+        .map(|p| p + pattern.len())
+        .filter(|&at| frame[at..].starts_with(channel.as_bytes()))
+        .unwrap_or(0);
+    Published::new(frame, at, channel.len(), ns)
+}
+
+fn pusher(worker: &Worker) -> &PusherShared {
+    worker
+        .shared
+        .pusher
+        .as_ref()
+        .expect("a Pusher connection exists only when Pusher is configured")
+}
+
+fn push(worker: &Worker, key: usize, frame: Bytes) {
+    worker.shard.borrow_mut().push(key, frame);
+}
+
+/// Handles one text message of a Pusher connection.
+pub fn handle_text(worker: &Worker, key: usize, text: &[u8], now_ms: u64) {
+    {
+        let mut shard = worker.shard.borrow_mut();
+        let Some(p) = shard.pusher_mut(key) else {
+            return;
+        };
+        p.seen(now_ms);
+    }
+    let msg = match wire::parse(text) {
+        Ok(m) => m,
+        Err(e) => {
+            push(worker, key, wire::error(None, &e.to_string()));
+            return;
+        }
+    };
+    match msg {
+        ClientMessage::Ping => push(worker, key, wire::pong()),
+        ClientMessage::Pong => {}
+        ClientMessage::Subscribe {
+            channel,
+            auth,
+            channel_data,
+        } => subscribe(
+            worker,
+            key,
+            &channel,
+            auth.as_deref(),
+            channel_data.as_deref(),
+        ),
+        ClientMessage::Unsubscribe { channel } => unsubscribe(worker, key, &channel),
+        ClientMessage::ClientEvent {
+            event,
+            channel,
+            data,
+        } => client_event(worker, key, &event, &channel, data),
+        ClientMessage::Internal { event } => {
+            let msg = format!("clients may not send {event} events");
+            push(worker, key, wire::error(None, &msg));
+        }
+        ClientMessage::Other { event } => {
+            let msg = format!("unsupported event {event}");
+            push(worker, key, wire::error(None, &msg));
+        }
+    }
+}
+
+fn subscribe(
+    worker: &Worker,
+    key: usize,
+    channel: &str,
+    auth: Option<&str>,
+    channel_data: Option<&str>,
+) {
+    let (app, ns, socket_id) = {
+        let mut shard = worker.shard.borrow_mut();
+        let Some(p) = shard.pusher_mut(key) else {
+            return;
+        };
+        (p.app.clone(), p.ns, p.socket_id.clone())
+    };
+    let fail = |kind: &str, error: &str, status: u16| {
+        push(
+            worker,
+            key,
+            wire::subscription_error(channel, kind, error, status),
+        );
+    };
+    let kind = match wire::validate_channel(channel) {
+        Ok(k) => k,
+        Err(e) => return fail("InvalidChannel", e, 400),
+    };
+    let mut member = None;
+    match kind {
+        ChannelKind::Public => {}
+        ChannelKind::Private | ChannelKind::PrivateEncrypted => {
+            let ok = auth.is_some_and(|a| {
+                super::sign::verify_channel_auth(&app, &socket_id, channel, None, a)
+            });
+            if !ok {
+                return fail("AuthError", "invalid signature for this channel", 401);
+            }
+        }
+        ChannelKind::Presence => {
+            let Some(data) = channel_data else {
+                return fail("AuthError", "presence channels need channel_data", 401);
+            };
+            let ok = auth.is_some_and(|a| {
+                super::sign::verify_channel_auth(&app, &socket_id, channel, Some(data), a)
+            });
+            if !ok {
+                return fail("AuthError", "invalid signature for this channel", 401);
+            }
+            match wire::parse_channel_data(data) {
+                Ok(m) => member = Some(m),
+                Err(e) => return fail("AuthError", e, 400),
+            }
+        }
+    }
+    let route = protocol::route_key_string(ns, channel);
+    let shared = pusher(worker);
+    let interest = &worker.shared.interest;
+    let already = worker.shard.borrow().is_subscribed(key, &route);
+    if !already {
+        if let Err(SubscribeError::TooMany(n)) =
+            worker.shard.borrow_mut().subscribe(key, &route, interest)
+        {
+            let msg = format!("subscription limit of {n} channels reached");
+            return fail("LimitReached", &msg, 403);
+        }
+        if shared.registry.subscribed(&route) {
+            webhook(
+                worker,
+                &app,
+                WebhookEvent::ChannelOccupied,
+                json!({
+                    "name": "channel_occupied", "channel": channel,
+                }),
+            );
+        }
+    }
+    let presence = match member {
+        None => None,
+        Some((user_id, user_info)) => {
+            let joined_before = worker
+                .shard
+                .borrow_mut()
+                .pusher_mut(key)
+                .and_then(|p| p.user_on(channel).map(str::to_string));
+            let members = if joined_before.is_some() {
+                // Subscribing twice: answer with the current members.
+                shared.registry.members(&route)
+            } else {
+                let (first, members) = shared.registry.join(&route, &user_id, &user_info);
+                if let Some(p) = worker.shard.borrow_mut().pusher_mut(key) {
+                    p.presence.push((channel.into(), user_id.clone().into()));
+                }
+                if first {
+                    let frame = wire::member_added(channel, &user_id, &user_info);
+                    worker.publish(published(frame, channel, ns), Some(key));
+                    webhook(
+                        worker,
+                        &app,
+                        WebhookEvent::MemberAdded,
+                        json!({
+                            "name": "member_added", "channel": channel, "user_id": user_id,
+                        }),
+                    );
+                }
+                members
+            };
+            let list: Vec<(&str, &str)> = members.iter().map(|(u, i)| (&**u, &**i)).collect();
+            Some(wire::presence_data(&list))
+        }
+    };
+    push(
+        worker,
+        key,
+        wire::subscription_succeeded(channel, presence.as_deref()),
+    );
+}
+
+fn unsubscribe(worker: &Worker, key: usize, channel: &str) {
+    let ns = match worker.shard.borrow_mut().pusher_mut(key) {
+        Some(p) => p.ns,
+        None => return,
+    };
+    let route = protocol::route_key_string(ns, channel);
+    let interest = &worker.shared.interest;
+    if worker.shard.borrow_mut().unsubscribe(key, &route, interest) {
+        left(worker, key, &route);
+    }
+}
+
+/// After `key` stopped being subscribed to `route`: presence and occupancy
+/// bookkeeping, and the events and webhooks it makes due.
+fn left(worker: &Worker, key: usize, route: &str) {
+    let shared = pusher(worker);
+    let channel = channel_of(route);
+    let (app, ns, user) = {
+        let mut shard = worker.shard.borrow_mut();
+        let Some(p) = shard.pusher_mut(key) else {
+            return;
+        };
+        let user = p
+            .presence
+            .iter()
+            .position(|(c, _)| &**c == channel)
+            .map(|i| p.presence.swap_remove(i).1);
+        (p.app.clone(), p.ns, user)
+    };
+    if let Some(user_id) = user {
+        if shared.registry.leave(route, &user_id) {
+            let frame = wire::member_removed(channel, &user_id);
+            worker.publish(published(frame, channel, ns), Some(key));
+            webhook(
+                worker,
+                &app,
+                WebhookEvent::MemberRemoved,
+                json!({
+                    "name": "member_removed", "channel": channel, "user_id": &*user_id,
+                }),
+            );
+        }
+    }
+    if shared.registry.unsubscribed(route) {
+        webhook(
+            worker,
+            &app,
+            WebhookEvent::ChannelVacated,
+            json!({
+                "name": "channel_vacated", "channel": channel,
+            }),
+        );
+    }
+}
+
+fn client_event(worker: &Worker, key: usize, event: &str, channel: &str, data: &str) {
+    let (app, ns, socket_id, user, allowed) = {
+        let mut shard = worker.shard.borrow_mut();
+        let ns = match shard.pusher_mut(key) {
+            Some(p) => p.ns,
+            None => return,
+        };
+        let route = protocol::route_key_string(ns, channel);
+        let subscribed = shard.is_subscribed(key, &route);
+        let Some(p) = shard.pusher_mut(key) else {
+            return;
+        };
+        let user = p.user_on(channel).map(str::to_string);
+        let allowed = if !p.app.enable_client_messages {
+            Err((
+                None,
+                "client events are not enabled for this app".to_string(),
+            ))
+        } else if !matches!(
+            wire::validate_channel(channel),
+            Ok(ChannelKind::Private | ChannelKind::Presence)
+        ) {
+            Err((
+                None,
+                "client events are only allowed on private and presence channels".into(),
+            ))
+        } else if !subscribed {
+            Err((
+                None,
+                format!("client event rejected: not subscribed to {channel}"),
+            ))
+        } else if !p.take_token() {
+            Err((
+                Some(4301),
+                format!(
+                    "client event rejected: more than {} per second",
+                    p.app.max_client_events_per_second
+                ),
+            ))
+        } else {
+            Ok(())
+        };
+        (p.app.clone(), p.ns, p.socket_id.clone(), user, allowed)
+    };
+    if let Err((code, msg)) = allowed {
+        push(worker, key, wire::error(code, &msg));
+        return;
+    }
+    let frame = wire::event_frame(event, channel, data, user.as_deref());
+    worker.publish(published(frame, channel, ns), Some(key));
+    let mut hook = json!({
+        "name": "client_event", "channel": channel, "event": event,
+        "data": data_string(data), "socket_id": &*socket_id,
+    });
+    if let Some(u) = user {
+        hook["user_id"] = u.into();
+    }
+    webhook(worker, &app, WebhookEvent::ClientEvent, hook);
+}
+
+/// Pusher webhooks carry event data as a string: a JSON string's content,
+/// or any other JSON value's text.
+fn data_string(raw: &str) -> String {
+    serde_json::from_str::<String>(raw).unwrap_or_else(|_| raw.to_string())
+}
+
+fn webhook(worker: &Worker, app: &Arc<App>, kind: WebhookEvent, event: serde_json::Value) {
+    if let Some(w) = &pusher(worker).webhooks {
+        w.send(app, kind, event);
+    }
+}
+
+/// Before a Pusher connection is removed: leaves every channel (presence
+/// members, occupancy, their events and webhooks).
+pub fn on_close(worker: &Worker, key: usize) {
+    let routes = worker.shard.borrow().subscriptions(key);
+    let interest = &worker.shared.interest;
+    for route in routes {
+        if worker.shard.borrow_mut().unsubscribe(key, &route, interest) {
+            left(worker, key, &route);
+        }
+    }
+    let ns = worker.shard.borrow_mut().pusher_mut(key).map(|p| p.ns);
+    if let Some(ns) = ns {
+        super::api::release(pusher(worker), ns);
+    }
+}
+
+/// Pings connections silent for the activity timeout and closes (4201)
+/// those that did not answer a ping within the pong timeout.
+pub fn sweep(worker: &Worker, now_ms: u64) {
+    let Some(shared) = worker.shared.pusher.as_ref() else {
+        return;
+    };
+    let idle = shared.activity_timeout.as_millis() as u64;
+    let grace = shared.pong_timeout.as_millis() as u64;
+    let mut ping = Vec::new();
+    let mut close = Vec::new();
+    worker
+        .shard
+        .borrow_mut()
+        .each_pusher(|key, p| match p.pinged_at {
+            Some(at) if now_ms.saturating_sub(at) >= grace => close.push(key),
+            Some(_) => {}
+            None if now_ms.saturating_sub(p.last_seen) >= idle => {
+                p.pinged_at = Some(now_ms);
+                ping.push(key);
+            }
+            None => {}
+        });
+    let mut shard = worker.shard.borrow_mut();
+    for key in ping {
+        shard.push(key, wire::ping());
+    }
+    for key in close {
+        shard.close(
+            key,
+            Some(PONG_NOT_RECEIVED),
+            "Pong reply not received",
+            false,
+        );
+    }
+}
+
+/// Closes the connections of `user_id` in namespace `ns` on this core
+/// (`terminate_connections`): those present as that user on a presence
+/// channel.
+pub fn terminate_user(worker: &Worker, ns: u16, user_id: &str) {
+    let mut keys = Vec::new();
+    worker.shard.borrow_mut().each_pusher(|key, p| {
+        if p.ns == ns && p.presence.iter().any(|(_, u)| &**u == user_id) {
+            keys.push(key);
+        }
+    });
+    let mut shard = worker.shard.borrow_mut();
+    for key in keys {
+        let frame = wire::error(Some(4009), "connection terminated by the app");
+        shard.push(key, frame);
+        shard.close(key, Some(4009), "connection terminated by the app", false);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locates_the_channel_after_the_event() {
+        let frame =
+            Bytes::from_static(br#"{"event":"a\",\"channel\":\"x","channel":"room","data":"{}"}"#);
+        let p = published(frame, "room", 2);
+        assert_eq!(p.channel(), "room");
+        p.with_key(|k| assert_eq!(k, "2#room"));
+        assert_eq!(channel_of("2#room"), "room");
+    }
+
+    #[test]
+    fn webhook_data_is_a_string() {
+        assert_eq!(data_string(r#""hi""#), "hi");
+        assert_eq!(data_string(r#"{"a":1}"#), r#"{"a":1}"#);
+    }
+}

@@ -1,0 +1,99 @@
+//! Pusher Channels protocol (version 7) on herald's core: apps, the
+//! WebSocket side at `/app/{key}`, the signed HTTP API at `/apps/{id}/..`,
+//! presence, client events and webhooks.
+//!
+//! Pure parts: [`apps`] (APPS configuration), [`sign`] (HMAC signatures of
+//! channel auth, the HTTP API and webhooks), [`wire`] (client messages and
+//! server frames), [`socket`] (socket ids). Shared state: [`registry`]
+//! (subscription counts and presence members across cores). IO:
+//! [`connection`] (a client's messages), [`api`] (HTTP API), [`webhooks`]
+//! (the sender thread).
+
+pub mod api;
+pub mod apps;
+pub mod connection;
+pub mod registry;
+pub mod sign;
+pub mod socket;
+pub mod webhooks;
+pub mod wire;
+
+use std::sync::atomic::AtomicUsize;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use self::apps::Apps;
+use self::registry::Registry;
+use self::webhooks::Webhooks;
+use crate::config::Config;
+
+/// A request from one core to every core.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Control {
+    /// Close the connections of `user_id` in namespace `ns`.
+    Terminate { ns: u16, user_id: String },
+}
+
+/// The Pusher state shared by every worker.
+pub struct PusherShared {
+    pub apps: Apps,
+    pub registry: Registry,
+    pub webhooks: Option<Webhooks>,
+    /// Open connections per app (by index), for `max_connections`.
+    pub app_connections: Vec<AtomicUsize>,
+    /// Silence after which a connection is pinged.
+    pub activity_timeout: Duration,
+    /// Time a pinged connection has to answer before it is closed (4201).
+    pub pong_timeout: Duration,
+    /// Per-worker inboxes of [`Control`] requests, read by the timer loop.
+    inboxes: Vec<Mutex<Vec<Control>>>,
+}
+
+impl PusherShared {
+    pub fn new(
+        apps: Apps,
+        workers: usize,
+        activity_timeout: Duration,
+        pong_timeout: Duration,
+        webhook_timeout: Duration,
+    ) -> PusherShared {
+        let webhooks = Webhooks::start(&apps, webhook_timeout);
+        PusherShared {
+            app_connections: (0..apps.len()).map(|_| AtomicUsize::new(0)).collect(),
+            apps,
+            registry: Registry::default(),
+            webhooks,
+            activity_timeout,
+            pong_timeout,
+            inboxes: (0..workers).map(|_| Mutex::default()).collect(),
+        }
+    }
+
+    /// Queues `c` for worker `w` (acted on within one timer tick).
+    pub fn control(&self, w: usize, c: Control) {
+        if let Some(inbox) = self.inboxes.get(w) {
+            inbox.lock().unwrap_or_else(|e| e.into_inner()).push(c);
+        }
+    }
+
+    /// Takes worker `w`'s pending requests.
+    pub fn take_controls(&self, w: usize) -> Vec<Control> {
+        match self.inboxes.get(w) {
+            Some(inbox) => std::mem::take(&mut *inbox.lock().unwrap_or_else(|e| e.into_inner())),
+            None => Vec::new(),
+        }
+    }
+}
+
+/// The Pusher apps `config` asks for: APPS, or the contents of APPS_FILE,
+/// or in open mode the default app. The error is one line for `main`.
+pub fn load_apps(config: &Config) -> Result<Apps, String> {
+    let file = match &config.apps_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| format!("APPS_FILE {}: {e}", path.display()))?,
+        ),
+        None => None,
+    };
+    apps::load(config.apps.as_deref(), file.as_deref(), config.open_mode())
+}
