@@ -111,14 +111,15 @@ fn trigger(worker: &Worker, app: &App, ns: u16, body: &[u8], batch: bool) -> Ans
         }
     }
     for ev in &events {
-        // `data` is a string in the API; subscribers get it as a JSON string.
-        let data = serde_json::to_string(&ev.data).unwrap_or_default();
+        // `data` is a string in the API; subscribers get that JSON string
+        // literal exactly as the backend sent it.
+        let data = ev.data_json.as_str();
         let except = ev
             .socket_id
             .as_deref()
             .and_then(|s| super::socket::parse(s, &worker.shared));
         for ch in &ev.channels {
-            let frame = wire::event_frame(&ev.name, ch, &data, None);
+            let frame = wire::event_frame(&ev.name, ch, data, None);
             let mut msg = published(frame, ch, ns);
             if let Some(ex) = except {
                 msg.set_except(ex.worker, ex.key, ex.gen);
@@ -128,11 +129,54 @@ fn trigger(worker: &Worker, app: &App, ns: u16, body: &[u8], batch: bool) -> Ans
         }
     }
     let _ = app;
-    ok_json(if batch {
-        json!({ "batch": events.iter().map(|_| json!({})).collect::<Vec<_>>() })
-    } else {
-        json!({})
-    })
+    // `info` asks for channel attributes back (after the publish).
+    let shared = worker.shared.pusher.as_ref();
+    let attrs = |ev: &wire::TriggerBody, ch: &str| -> Map<String, Value> {
+        let mut m = Map::new();
+        let (Some(info), Some(shared)) = (ev.info.as_deref(), shared) else {
+            return m;
+        };
+        let c = shared.registry.channel(&protocol::route_key_string(ns, ch));
+        for what in info.split(',').map(str::trim) {
+            match what {
+                "subscription_count" => {
+                    m.insert(
+                        what.into(),
+                        c.as_ref().map_or(0, |c| c.subscriptions).into(),
+                    );
+                }
+                "user_count" if ch.starts_with("presence-") => {
+                    m.insert(what.into(), c.as_ref().map_or(0, |c| c.users).into());
+                }
+                _ => {}
+            }
+        }
+        m
+    };
+    if batch {
+        let items: Vec<Value> = events
+            .iter()
+            .map(|ev| {
+                Value::Object(
+                    ev.channels
+                        .first()
+                        .map(|c| attrs(ev, c))
+                        .unwrap_or_default(),
+                )
+            })
+            .collect();
+        return ok_json(json!({ "batch": items }));
+    }
+    let ev = &events[0];
+    if ev.info.is_none() {
+        return ok_json(json!({}));
+    }
+    let channels: Map<String, Value> = ev
+        .channels
+        .iter()
+        .map(|c| (c.clone(), Value::Object(attrs(ev, c))))
+        .collect();
+    ok_json(json!({ "channels": channels }))
 }
 
 fn channels(shared: &PusherShared, ns: u16, prefix: Option<&str>, info: Option<&str>) -> Answer {

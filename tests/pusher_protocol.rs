@@ -1,0 +1,346 @@
+//! The Pusher protocol's edges, spoken frame by frame over real sockets
+//! (the real client libraries are exercised in `pusher_clients.rs`):
+//! refusals with Pusher's close codes, the idle ping and 4201, app
+//! quotas, events clients may not send, socket_id exclusion on every core,
+//! isolation between apps and from native channels.
+
+mod common;
+
+use common::{Client, Server};
+use serde_json::{json, Value};
+use tungstenite::Message;
+
+const APPS: &str = r#"[
+  {"id":"a1","key":"k1","secret":"s1","enable_client_messages":true,"max_connections":3},
+  {"id":"a2","key":"k2","secret":"s2"}
+]"#;
+
+/// A Pusher connection: the socket id from `connection_established`.
+struct Pusher {
+    c: Client,
+    socket_id: String,
+}
+
+fn connect(server: &Server, key: &str) -> Pusher {
+    let mut c = Client::connect(server, &format!("/app/{key}?protocol=7&client=test"));
+    let hello = c.recv_json();
+    assert_eq!(hello["event"], "pusher:connection_established", "{hello}");
+    let data: Value = serde_json::from_str(hello["data"].as_str().unwrap()).unwrap();
+    let socket_id = data["socket_id"].as_str().unwrap().to_string();
+    assert!(
+        socket_id.split_once('.').is_some_and(|(a, b)| {
+            !a.is_empty() && !b.is_empty() && a.bytes().chain(b.bytes()).all(|c| c.is_ascii_digit())
+        }),
+        "{socket_id}"
+    );
+    Pusher { c, socket_id }
+}
+
+impl Pusher {
+    fn subscribe(&mut self, channel: &str) {
+        self.c
+            .send_json(json!({"event":"pusher:subscribe","data":{"channel":channel}}));
+        let r = self.c.recv_json();
+        assert_eq!(r["event"], "pusher_internal:subscription_succeeded", "{r}");
+    }
+
+    /// Round trip: every frame the server sent before the pong.
+    fn sync(&mut self) -> Vec<Value> {
+        self.c.send_json(json!({"event":"pusher:ping","data":{}}));
+        let mut before = Vec::new();
+        loop {
+            let v = self.c.recv_json();
+            if v["event"] == "pusher:pong" {
+                return before;
+            }
+            before.push(v);
+        }
+    }
+}
+
+/// The error and close a refused Pusher connection gets.
+fn refused(server: &Server, path: &str) -> (Value, u16) {
+    let mut c = Client::connect(server, path);
+    let err = c.recv_json();
+    assert_eq!(err["event"], "pusher:error", "{err}");
+    let (code, _) = c.expect_close();
+    (err, code)
+}
+
+fn sign(secret: &str, s: &str) -> String {
+    use hmac::{Hmac, KeyInit, Mac};
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(s.as_bytes());
+    mac.finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A signed HTTP API request (Pusher's auth_* query parameters).
+fn api(server: &Server, method: &str, path: &str, body: &str) -> (u16, String) {
+    use md5::Digest;
+    let ts = common::unix_now().to_string();
+    let md5: String = md5::Md5::digest(body.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let q = format!("auth_key=k1&auth_timestamp={ts}&auth_version=1.0&body_md5={md5}");
+    let sig = sign("s1", &format!("{method}\n{path}\n{q}"));
+    let headers = [("Content-Type", "application/json")];
+    common::http(
+        server.addr,
+        method,
+        &format!("{path}?{q}&auth_signature={sig}"),
+        &headers,
+        body.as_bytes(),
+    )
+}
+
+#[test]
+fn refusals_use_pushers_close_codes() {
+    let server = Server::start(&[("APPS", APPS)]);
+    let (err, code) = refused(&server, "/app/nope?protocol=7");
+    assert_eq!(
+        (err["data"]["code"].as_u64(), code),
+        (Some(4001), 4001),
+        "{err}"
+    );
+    let (err, code) = refused(&server, "/app/k1?protocol=abc");
+    assert_eq!(
+        (err["data"]["code"].as_u64(), code),
+        (Some(4006), 4006),
+        "{err}"
+    );
+    let (err, code) = refused(&server, "/app/k1?protocol=4");
+    assert_eq!(
+        (err["data"]["code"].as_u64(), code),
+        (Some(4007), 4007),
+        "{err}"
+    );
+    // App a1 allows 3 connections: the 4th is over quota (4004) until one leaves.
+    let held: Vec<Pusher> = (0..3).map(|_| connect(&server, "k1")).collect();
+    let (err, code) = refused(&server, "/app/k1?protocol=7");
+    assert_eq!(
+        (err["data"]["code"].as_u64(), code),
+        (Some(4004), 4004),
+        "{err}"
+    );
+    connect(&server, "k2");
+    drop(held);
+    common::wait_for("the quota to free up", || {
+        let mut c = Client::connect(&server, "/app/k1?protocol=7");
+        c.recv_json()["event"] == "pusher:connection_established"
+    });
+}
+
+#[test]
+fn idle_connections_are_pinged_then_closed_with_4201() {
+    let server = Server::start(&[
+        ("APPS", APPS),
+        ("PUSHER_ACTIVITY_TIMEOUT", "1"),
+        ("PUSHER_PONG_TIMEOUT", "1"),
+    ]);
+    let mut p = connect(&server, "k2");
+    // The server pings a silent connection; answering keeps it open.
+    let ping = p.c.recv_json();
+    assert_eq!(ping["event"], "pusher:ping", "{ping}");
+    p.c.send_json(json!({"event":"pusher:pong","data":{}}));
+    let ping = p.c.recv_json();
+    assert_eq!(ping["event"], "pusher:ping", "{ping}");
+    // Not answering this one: closed with 4201.
+    let (code, _) = p.c.expect_close();
+    assert_eq!(code, 4201);
+}
+
+#[test]
+fn clients_may_not_send_internal_events_or_client_events_where_not_allowed() {
+    let server = Server::start(&[("APPS", APPS)]);
+    let mut p = connect(&server, "k1");
+    p.subscribe("public-room");
+    p.c.send_json(
+        json!({"event":"pusher_internal:member_added","channel":"public-room","data":{}}),
+    );
+    let e = p.c.recv_json();
+    assert_eq!(e["event"], "pusher:error", "{e}");
+    p.c.send_json(json!({"event":"client-x","channel":"public-room","data":{}}));
+    let e = p.c.recv_json();
+    assert_eq!(e["event"], "pusher:error", "{e}");
+    assert!(
+        e["data"]["message"].as_str().unwrap().contains("private"),
+        "{e}"
+    );
+    // App a2 has client events off.
+    let mut q = connect(&server, "k2");
+    let ch = "private-x";
+    let auth = format!("k2:{}", sign("s2", &format!("{}:{ch}", q.socket_id)));
+    q.c.send_json(json!({"event":"pusher:subscribe","data":{"channel":ch,"auth":auth}}));
+    assert_eq!(
+        q.c.recv_json()["event"],
+        "pusher_internal:subscription_succeeded"
+    );
+    q.c.send_json(json!({"event":"client-x","channel":ch,"data":{}}));
+    let e = q.c.recv_json();
+    assert_eq!(e["event"], "pusher:error", "{e}");
+    assert!(
+        e["data"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not enabled"),
+        "{e}"
+    );
+    // Malformed and binary messages get an error; the connection stays.
+    q.c.send_text("{not json");
+    assert_eq!(q.c.recv_json()["event"], "pusher:error");
+    q.c.ws.send(Message::binary(vec![1, 2, 3])).unwrap();
+    assert_eq!(q.c.recv_json()["event"], "pusher:error");
+    assert!(q.sync().is_empty());
+}
+
+#[test]
+fn socket_id_excludes_its_connection_on_any_core() {
+    let server = Server::start(&[("APPS", APPS)]);
+    let mut subs: Vec<Pusher> = (0..4).map(|_| connect(&server, "k2")).collect();
+    for s in subs.iter_mut() {
+        s.subscribe("news");
+    }
+    // One kept-alive API connection: its requests are handled in order by
+    // one core, so each subscriber sees its triggers in order, and the
+    // un-excluded "end" trigger proves the excluded one was skipped.
+    let mut http = KeepAlive::connect(&server);
+    for excluded in 0..subs.len() {
+        let body = json!({"name":"e","channel":"news","data":format!("{excluded}"),
+                          "socket_id": subs[excluded].socket_id})
+        .to_string();
+        assert_eq!(http.trigger("a2", "k2", "s2", &body), 200);
+        let end = json!({"name":"e","channel":"news","data":format!("end{excluded}")}).to_string();
+        assert_eq!(http.trigger("a2", "k2", "s2", &end), 200);
+        for (i, s) in subs.iter_mut().enumerate() {
+            if i != excluded {
+                assert_eq!(s.c.recv_json()["data"], format!("{excluded}"));
+            }
+            assert_eq!(
+                s.c.recv_json()["data"],
+                format!("end{excluded}"),
+                "socket {i}"
+            );
+        }
+    }
+}
+
+/// An HTTP/1.1 connection kept alive across requests.
+struct KeepAlive {
+    s: std::net::TcpStream,
+    addr: std::net::SocketAddr,
+}
+
+impl KeepAlive {
+    fn connect(server: &Server) -> KeepAlive {
+        let s = std::net::TcpStream::connect(server.addr).unwrap();
+        s.set_read_timeout(Some(common::TIMEOUT)).unwrap();
+        KeepAlive {
+            s,
+            addr: server.addr,
+        }
+    }
+
+    /// A signed `POST /apps/{id}/events`; returns the status.
+    fn trigger(&mut self, id: &str, key: &str, secret: &str, body: &str) -> u16 {
+        use md5::Digest;
+        let path = format!("/apps/{id}/events");
+        let ts = common::unix_now().to_string();
+        let md5: String = md5::Md5::digest(body.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let q = format!("auth_key={key}&auth_timestamp={ts}&auth_version=1.0&body_md5={md5}");
+        let sig = sign(secret, &format!("POST\n{path}\n{q}"));
+        self.post(&format!("{path}?{q}&auth_signature={sig}"), body)
+    }
+
+    /// A POST on this connection; returns the status.
+    fn post(&mut self, target: &str, body: &str) -> u16 {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let req = format!(
+            "POST {target} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            self.addr,
+            body.len()
+        );
+        self.s.write_all(req.as_bytes()).unwrap();
+        let mut r = BufReader::new(&self.s);
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        let status: u16 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let mut len = 0;
+        loop {
+            let mut h = String::new();
+            r.read_line(&mut h).unwrap();
+            if h == "\r\n" {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    len = v.trim().parse().unwrap();
+                }
+            }
+        }
+        let mut body = vec![0; len];
+        r.read_exact(&mut body).unwrap();
+        status
+    }
+}
+
+#[test]
+fn apps_and_native_clients_do_not_share_channels() {
+    let server = Server::start(&[("APPS", APPS)]);
+    let mut a1 = connect(&server, "k1");
+    a1.subscribe("news");
+    let mut a2 = connect(&server, "k2");
+    a2.subscribe("news");
+    let mut native = Client::connect(&server, "/ws");
+    native.subscribe("news");
+    // Everything goes through one kept-alive connection, so each client
+    // sees these in order: the message meant for it proves that nothing
+    // meant for the others reached it before.
+    let mut http = KeepAlive::connect(&server);
+    let ev = |data: &str| json!({"name":"e","channel":"news","data":data}).to_string();
+    assert_eq!(http.trigger("a1", "k1", "s1", &ev("for a1")), 200);
+    assert_eq!(http.trigger("a2", "k2", "s2", &ev("for a2")), 200);
+    let native_msg = json!({"channel":"news","data":"for native"}).to_string();
+    assert_eq!(http.post("/publish", &native_msg), 202);
+    assert_eq!(a1.c.recv_json()["data"], "for a1");
+    assert_eq!(a2.c.recv_json()["data"], "for a2");
+    assert_eq!(native.recv_json()["data"], "for native");
+    native.publish("news", json!("native"));
+    assert_eq!(http.trigger("a1", "k1", "s1", &ev("again a1")), 200);
+    assert_eq!(http.trigger("a2", "k2", "s2", &ev("again a2")), 200);
+    assert_eq!(a1.c.recv_json()["data"], "again a1");
+    assert_eq!(a2.c.recv_json()["data"], "again a2");
+    // The channel queries see only the app's own channels.
+    let (status, text) = api(&server, "GET", "/apps/a1/channels", "");
+    assert_eq!(status, 200, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v, json!({"channels":{"news":{}}}));
+}
+
+#[test]
+fn malformed_apps_exit_with_code_2() {
+    for apps in [
+        "not json",
+        r#"[{"id":"a","key":"k"}]"#,
+        r#"[{"id":"a","key":"k","secret":"s"},{"id":"a","key":"k2","secret":"s"}]"#,
+        r#"[{"id":"a","key":"k","secret":"s","typo":1}]"#,
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+            .env_clear()
+            .env("PORT", "0")
+            .env("APPS", apps)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "APPS={apps}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+        assert!(err.contains("APPS"), "{err}");
+    }
+}
