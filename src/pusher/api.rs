@@ -119,8 +119,8 @@ fn trigger(worker: &Worker, app: &App, ns: u16, body: &[u8], batch: bool) -> Ans
             .as_deref()
             .and_then(|s| super::socket::parse(s, &worker.shared));
         for ch in &ev.channels {
-            let frame = wire::event_frame(&ev.name, ch, data, None);
-            let mut msg = published(frame, ch, ns);
+            let frame = wire::event_frame_routed(&ev.name, ch, data, None);
+            let mut msg = published(frame, ns);
             if let Some(ex) = except {
                 msg.set_except(ex.worker, ex.key, ex.gen);
             }

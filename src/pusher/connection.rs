@@ -91,18 +91,10 @@ pub fn channel_of(key: &str) -> &str {
     key.split_once('#').map_or(key, |(_, c)| c)
 }
 
-/// Wraps a frame built by [`wire`] for the fan-out: locates its
-/// `"channel":"NAME"` (the first one: an escaped event name cannot contain
-/// an unescaped quote) so the frame can be routed.
-pub fn published(frame: Bytes, channel: &str, ns: u16) -> Published {
-    let pattern = br#""channel":""#;
-    let at = frame
-        .windows(pattern.len())
-        .position(|w| w == pattern)
-        .map(|p| p + pattern.len())
-        .filter(|&at| frame[at..].starts_with(channel.as_bytes()))
-        .unwrap_or(0);
-    Published::new(frame, at, channel.len(), ns)
+/// A frame built by [`wire`] with its channel's place, ready for the
+/// fan-out in namespace `ns`.
+pub fn published(r: wire::Routed, ns: u16) -> Published {
+    Published::new(r.frame, r.channel_at as usize, r.channel_len as usize, ns)
 }
 
 fn pusher(worker: &Worker) -> &PusherShared {
@@ -193,22 +185,24 @@ fn subscribe(
     match kind {
         ChannelKind::Public => {}
         ChannelKind::Private | ChannelKind::PrivateEncrypted => {
-            let ok = auth.is_some_and(|a| {
-                super::sign::verify_channel_auth(&app, &socket_id, channel, None, a)
-            });
-            if !ok {
-                return fail("AuthError", "invalid signature for this channel", 401);
+            let Some(a) = auth else {
+                return fail("AuthError", "auth is required for private channels", 401);
+            };
+            if let Err(e) = super::sign::check_channel_auth(&app, &socket_id, channel, None, a) {
+                return fail("AuthError", &e.to_string(), 401);
             }
         }
         ChannelKind::Presence => {
             let Some(data) = channel_data else {
                 return fail("AuthError", "presence channels need channel_data", 401);
             };
-            let ok = auth.is_some_and(|a| {
-                super::sign::verify_channel_auth(&app, &socket_id, channel, Some(data), a)
-            });
-            if !ok {
-                return fail("AuthError", "invalid signature for this channel", 401);
+            let Some(a) = auth else {
+                return fail("AuthError", "auth is required for presence channels", 401);
+            };
+            if let Err(e) =
+                super::sign::check_channel_auth(&app, &socket_id, channel, Some(data), a)
+            {
+                return fail("AuthError", &e.to_string(), 401);
             }
             match wire::parse_channel_data(data) {
                 Ok(m) => member = Some(m),
@@ -255,8 +249,8 @@ fn subscribe(
                     p.presence.push((channel.into(), user_id.clone().into()));
                 }
                 if first {
-                    let frame = wire::member_added(channel, &user_id, &user_info);
-                    worker.publish(published(frame, channel, ns), Some(key));
+                    let frame = wire::member_added_routed(channel, &user_id, &user_info);
+                    worker.publish(published(frame, ns), Some(key));
                     webhook(
                         worker,
                         &app,
@@ -310,8 +304,8 @@ fn left(worker: &Worker, key: usize, route: &str) {
     };
     if let Some(user_id) = user {
         if shared.registry.leave(route, &user_id) {
-            let frame = wire::member_removed(channel, &user_id);
-            worker.publish(published(frame, channel, ns), Some(key));
+            let frame = wire::member_removed_routed(channel, &user_id);
+            worker.publish(published(frame, ns), Some(key));
             webhook(
                 worker,
                 &app,
@@ -382,8 +376,8 @@ fn client_event(worker: &Worker, key: usize, event: &str, channel: &str, data: &
         push(worker, key, wire::error(code, &msg));
         return;
     }
-    let frame = wire::event_frame(event, channel, data, user.as_deref());
-    worker.publish(published(frame, channel, ns), Some(key));
+    let frame = wire::event_frame_routed(event, channel, data, user.as_deref());
+    worker.publish(published(frame, ns), Some(key));
     let mut hook = json!({
         "name": "client_event", "channel": channel, "event": event,
         "data": data_string(data), "socket_id": &*socket_id,
@@ -481,10 +475,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn locates_the_channel_after_the_event() {
-        let frame =
-            Bytes::from_static(br#"{"event":"a\",\"channel\":\"x","channel":"room","data":"{}"}"#);
-        let p = published(frame, "room", 2);
+    fn routed_frames_keep_their_channel() {
+        let r = wire::event_frame_routed("a\",\"channel\":\"x", "room", "{}", None);
+        let p = published(r, 2);
         assert_eq!(p.channel(), "room");
         p.with_key(|k| assert_eq!(k, "2#room"));
         assert_eq!(channel_of("2#room"), "room");
