@@ -1,12 +1,17 @@
 #!/bin/sh
 # Installs what the test suite needs beyond Rust on a fresh Debian machine:
-# a Python venv at $CARGO_TARGET_DIR/pyenv (default target/pyenv) with the
-# `websockets` client, used by tests/python_client_interoperates.rs.
+# - a Python venv at $CARGO_TARGET_DIR/pyenv (default target/pyenv) with the
+#   `websockets` client (tests/python_client_interoperates.rs) and the
+#   `pusher` server library (tests/pusher_python.rs);
+# - Node.js with pusher-js and the Node `pusher` library in
+#   tests/js/node_modules, exactly as tests/js/package-lock.json pins them
+#   (tests/pusher_clients.rs).
 # Idempotent and silent when everything is already in place.
 set -eu
 
 cd "$(dirname "$0")/.."
 WEBSOCKETS='websockets>=13,<16'   # keep in step with tests/python_client_interoperates.rs
+PUSHER='pusher>=3.3,<4'           # keep in step with tests/pusher_python.rs
 target="${CARGO_TARGET_DIR:-target}"
 venv="$target/pyenv"
 
@@ -24,7 +29,7 @@ mkdir -p "$target"
 exec 9>"$target/pyenv.lock"
 if command -v flock >/dev/null 2>&1; then flock 9; fi
 
-if ! "$venv/bin/python" -c 'import websockets.asyncio.client' >/dev/null 2>&1; then
+if ! "$venv/bin/python" -c 'import websockets.asyncio.client, pusher' >/dev/null 2>&1; then
     if [ ! -x "$venv/bin/pip" ]; then
         rm -rf "$venv"
         if ! python3 -m venv "$venv" >/dev/null 2>&1; then
@@ -34,6 +39,24 @@ if ! "$venv/bin/python" -c 'import websockets.asyncio.client' >/dev/null 2>&1; t
             python3 -m venv "$venv"
         fi
     fi
-    "$venv/bin/pip" install --quiet --disable-pip-version-check "$WEBSOCKETS"
-    "$venv/bin/python" -c 'import websockets.asyncio.client'
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "$WEBSOCKETS" "$PUSHER"
+    "$venv/bin/python" -c 'import websockets.asyncio.client, pusher'
+fi
+exec 9>&-
+
+# Node.js and the npm packages of tests/js. `npm ci` installs exactly the
+# lock file; a copy of the lock kept in node_modules says it already did.
+if ! command -v node >/dev/null 2>&1; then
+    apt_install nodejs npm
+elif ! command -v npm >/dev/null 2>&1; then
+    apt_install npm
+fi
+js=tests/js
+stamp="$js/node_modules/.installed-package-lock.json"
+if ! cmp -s "$js/package-lock.json" "$stamp" ||
+    ! (cd "$js" && node -e 'require("pusher-js"); require("pusher")') >/dev/null 2>&1; then
+    echo "test-deps: npm ci in $js" >&2
+    (cd "$js" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+    (cd "$js" && node -e 'require("pusher-js"); require("pusher")')
+    cp "$js/package-lock.json" "$stamp"
 fi

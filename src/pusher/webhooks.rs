@@ -79,14 +79,14 @@ impl Webhooks {
             kind,
             event,
         };
-        match self.tx.try_send(q) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-                if n.is_power_of_two() {
-                    tracing::warn!(dropped = n, "webhook queue full: events dropped");
-                }
-            }
+        let why = match self.tx.try_send(q) {
+            Ok(()) => return,
+            Err(TrySendError::Full(_)) => "webhook queue full",
+            Err(TrySendError::Disconnected(_)) => "webhook sender thread gone",
+        };
+        let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        if n.is_power_of_two() {
+            tracing::warn!(dropped = n, "{why}: webhook events dropped");
         }
     }
 }
@@ -116,7 +116,8 @@ fn run(rx: Receiver<Queued>, timeout: Duration) {
             return;
         }
     };
-    let client = monoio_http_client::Builder::new().http1_client().build();
+    // The client's pool needs the runtime's timer: build it inside.
+    let client = rt.block_on(async { monoio_http_client::Builder::new().http1_client().build() });
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         let until = Instant::now() + BATCH_WINDOW;
