@@ -344,3 +344,40 @@ fn malformed_apps_exit_with_code_2() {
         assert!(err.contains("APPS"), "{err}");
     }
 }
+
+#[path = "common/webhook.rs"]
+mod webhook;
+
+#[test]
+fn webhooks_are_retried_after_5xx() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    // The receiver fails the first two attempts.
+    let calls = Arc::new(AtomicUsize::new(0));
+    let seen = calls.clone();
+    let hook = webhook::Webhook::start(move |_| {
+        if seen.fetch_add(1, Ordering::SeqCst) < 2 {
+            webhook::Reply::status(503)
+        } else {
+            webhook::Reply::allow()
+        }
+    });
+    let apps = json!([{"id":"w","key":"kw","secret":"sw",
+                       "webhooks":[{"url": hook.url(), "events":["channel_occupied"]}]}])
+    .to_string();
+    let server = Server::start(&[("APPS", &apps)]);
+    let mut p = connect(&server, "kw");
+    p.subscribe("room");
+    let reqs = hook.wait_requests(3);
+    // The same batch three times: two refused, the third accepted.
+    let bodies: Vec<Value> = reqs.iter().map(|r| r.body.clone()).collect();
+    assert_eq!(bodies[0], bodies[1]);
+    assert_eq!(bodies[1], bodies[2]);
+    assert_eq!(
+        bodies[2]["events"],
+        json!([{"name":"channel_occupied","channel":"room"}])
+    );
+    let sig = reqs[2].header("x-pusher-signature").unwrap();
+    assert_eq!(sig, sign("sw", &reqs[2].raw));
+    assert_eq!(reqs[2].header("x-pusher-key"), Some("kw"));
+}
