@@ -677,11 +677,18 @@ impl Shard {
         }
     }
 
-    /// Closes every connection with 1001 after what is queued (shutdown).
+    /// Closes every connection with 1001 (Pusher ones with 4200) after what
+    /// is queued (shutdown).
     pub fn close_all(&mut self, deadline: u64) {
-        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
-        for key in keys {
-            self.close_with_deadline(key, Some(1001), "server shutting down", false, deadline);
+        let keys: Vec<(usize, bool)> = self
+            .conns
+            .iter()
+            .map(|(k, c)| (k, c.pusher.is_some()))
+            .collect();
+        for (key, pusher) in keys {
+            // Pusher clients reconnect at once on 4200 ("generic reconnect").
+            let code = if pusher { 4200 } else { 1001 };
+            self.close_with_deadline(key, Some(code), "server shutting down", false, deadline);
         }
     }
 

@@ -381,3 +381,17 @@ fn webhooks_are_retried_after_5xx() {
     assert_eq!(sig, sign("sw", &reqs[2].raw));
     assert_eq!(reqs[2].header("x-pusher-key"), Some("kw"));
 }
+
+#[test]
+fn shutdown_asks_pusher_clients_to_reconnect_with_4200() {
+    let mut server = Server::start(&[("APPS", APPS)]);
+    let mut p = connect(&server, "k2");
+    p.subscribe("news");
+    let mut native = Client::connect(&server, "/ws");
+    native.subscribe("news");
+    server.signal(libc::SIGTERM);
+    assert_eq!(p.c.expect_close().0, 4200);
+    assert_eq!(native.expect_close().0, 1001);
+    drop((p, native));
+    assert!(server.wait_exit(std::time::Duration::from_secs(10)).success());
+}
