@@ -6,10 +6,10 @@
 //! websockets`) under a lock file, as `scripts/test-deps.sh` does.
 
 mod common;
+#[path = "common/python.rs"]
+mod python;
 
-use std::fs::File;
 use std::io::Read;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -23,80 +23,9 @@ const WEBSOCKETS: &str = "websockets>=13,<16";
 /// How long the script may run before it is killed.
 const SCRIPT_TIMEOUT: Duration = Duration::from_secs(90);
 
-fn target_dir() -> PathBuf {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    match std::env::var_os("CARGO_TARGET_DIR") {
-        Some(dir) => manifest.join(dir),
-        None => manifest.join("target"),
-    }
-}
-
-/// Runs `cmd`, failing the test with its output if it does not succeed.
-fn run(cmd: &mut Command, what: &str) {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("{what}: cannot run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{what} failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn has_websockets(python: &Path) -> bool {
-    python.exists()
-        && Command::new(python)
-            .args(["-c", "import websockets.asyncio.client"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-}
-
-/// The venv's python with `websockets` importable, creating the venv if
-/// needed. An exclusive `flock` keeps concurrent test processes (and
-/// `scripts/test-deps.sh`) from building it at the same time.
+/// The venv's python with `websockets.asyncio.client` importable.
 fn python() -> PathBuf {
-    let target = target_dir();
-    std::fs::create_dir_all(&target).expect("create target dir");
-    let venv = target.join("pyenv");
-    let python = venv.join("bin/python");
-    let lock = File::create(target.join("pyenv.lock")).expect("create pyenv.lock");
-    // SAFETY: flock on a descriptor we own; released when `lock` is dropped.
-    let rc = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
-    assert_eq!(
-        rc,
-        0,
-        "flock pyenv.lock: {}",
-        std::io::Error::last_os_error()
-    );
-    if !has_websockets(&python) {
-        if !venv.join("bin/pip").exists() {
-            let _ = std::fs::remove_dir_all(&venv);
-            run(
-                Command::new("python3").arg("-m").arg("venv").arg(&venv),
-                "creating the venv (Debian: apt-get install python3-venv)",
-            );
-        }
-        run(
-            Command::new(venv.join("bin/pip")).args([
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                WEBSOCKETS,
-            ]),
-            "pip install websockets",
-        );
-        assert!(
-            has_websockets(&python),
-            "{} still cannot import websockets.asyncio.client",
-            python.display()
-        );
-    }
-    drop(lock);
-    python
+    python::python_with("websockets.asyncio.client", WEBSOCKETS)
 }
 
 #[test]
