@@ -602,8 +602,7 @@ impl PusherParser {
     /// `channel` is the harness's name (without `private-`).
     pub fn for_channel(channel: Option<&str>) -> PusherParser {
         PusherParser {
-            data_at: channel
-                .map(|c| PUSHER_MSG_HEAD.len() + c.len() + PUSHER_MSG_MID.len()),
+            data_at: channel.map(|c| PUSHER_MSG_HEAD.len() + c.len() + PUSHER_MSG_MID.len()),
             socket_id: None,
             partial: Vec::new(),
             in_partial: false,
@@ -867,5 +866,161 @@ mod tests {
         assert!(p.starts_with(b"PUB ch1 32\r\n00000000000000000005xx"));
         assert!(p.ends_with(b"x\r\n"));
         assert_eq!(p.len(), "PUB ch1 32\r\n".len() + 32 + 2);
+    }
+
+    fn pusher() -> Pusher {
+        Pusher {
+            key: "bench-key".into(),
+            secret: "bench-secret".into(),
+            ping_every: 4,
+        }
+    }
+
+    fn feed_all(p: &mut dyn Parser, msgs: &[&[u8]]) -> Vec<String> {
+        let mut got = Vec::new();
+        for m in msgs {
+            p.feed(ws::OP_TEXT, true, m, &mut |e| got.push(format!("{e:?}")));
+        }
+        got
+    }
+
+    #[test]
+    fn pusher_auth_matches_independent_hmac() {
+        // python3 -c 'import hmac,hashlib; print(hmac.new(b"bench-secret",
+        //   b"123.456:private-ch0", hashlib.sha256).hexdigest())'
+        assert_eq!(
+            pusher().auth("123.456", "private-ch0"),
+            "bench-key:29dd28e9e983932d46d4c390667c53bef325292e89342ef629584ca11c7a06f4"
+        );
+        // The example of Pusher's channel authorization docs (key
+        // 278d425bdf160c739803, secret 7ad3773142a6692b25b8), checked with
+        // python3's hmac as well.
+        let docs = Pusher {
+            key: "278d425bdf160c739803".into(),
+            secret: "7ad3773142a6692b25b8".into(),
+            ping_every: 1,
+        };
+        assert_eq!(
+            docs.auth("1234.1234", "private-foobar"),
+            "278d425bdf160c739803:58df8b0c36d6982b82c3ecf6b4662e34fe8c25bba48f5369f135bf843651c3a4"
+        );
+    }
+
+    #[test]
+    fn pusher_frames_are_valid_json() {
+        let a = pusher();
+        let mut m = Mask::new(5);
+        let mut out = Vec::new();
+        a.subscribe(&mut out, &mut m, "ch0", 3, Some("123.456"));
+        let v: serde_json::Value = serde_json::from_slice(&unmasked_payload(&out)).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"event":"pusher:subscribe","data":{
+                "channel":"private-ch0",
+                "auth":"bench-key:29dd28e9e983932d46d4c390667c53bef325292e89342ef629584ca11c7a06f4"}})
+        );
+        out.clear();
+        a.publish(&mut out, &mut m, "ch0", 42, 64, Some(0));
+        let v: serde_json::Value = serde_json::from_slice(&unmasked_payload(&out)).unwrap();
+        assert_eq!(v["event"], "client-m");
+        assert_eq!(v["channel"], "private-ch0");
+        let data = v["data"].as_str().unwrap();
+        assert_eq!(data.len() + 2, 64);
+        assert_eq!(parse_ts(data.as_bytes()), Some(42));
+        out.clear();
+        a.sync(&mut out, &mut m);
+        let v: serde_json::Value = serde_json::from_slice(&unmasked_payload(&out)).unwrap();
+        assert_eq!(v, serde_json::json!({"event":"pusher:ping","data":{}}));
+        out.clear();
+        a.pong(&mut out, &mut m);
+        let v: serde_json::Value = serde_json::from_slice(&unmasked_payload(&out)).unwrap();
+        assert_eq!(v, serde_json::json!({"event":"pusher:pong","data":{}}));
+        out.clear();
+        a.unsubscribe(&mut out, &mut m, "ch0");
+        let v: serde_json::Value = serde_json::from_slice(&unmasked_payload(&out)).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"event":"pusher:unsubscribe","data":{"channel":"private-ch0"}})
+        );
+        assert!(a.expects_greeting() && a.publisher_subscribes());
+        assert_eq!(a.publishes_per_confirm(), 4);
+        assert!(!Herald.publisher_subscribes());
+    }
+
+    #[test]
+    fn pusher_events_are_classified() {
+        let mut p = PusherParser::for_channel(Some("ch0"));
+        assert_eq!(p.socket_id(), None);
+        let got = feed_all(
+            &mut p,
+            &[
+                br#"{"event":"pusher:connection_established","data":"{\"socket_id\":\"123.456\",\"activity_timeout\":120}"}"#,
+                br#"{"event":"pusher_internal:subscription_succeeded","channel":"private-ch0","data":"{}"}"#,
+                br#"{"event":"client-m","channel":"private-ch0","data":"00000000000000000777xxxx"}"#,
+                br#"{"event":"pusher:pong","data":"{}"}"#,
+                br#"{"event":"pusher:ping","data":{}}"#,
+                br#"{"event":"pusher:error","data":{"code":4301,"message":"slow down"}}"#,
+                br#"{"event":"pusher:subscription_error","channel":"private-ch0","data":{"type":"AuthError","error":"bad","status":401}}"#,
+                br#"{"event":"pusher_internal:member_added","channel":"presence-a","data":"{}"}"#,
+                br#"not json"#,
+            ],
+        );
+        assert_eq!(p.socket_id(), Some("123.456"));
+        assert_eq!(got[0], "Info");
+        assert_eq!(got[1], "Confirm");
+        assert_eq!(got[2], "Message { ts_ns: Some(777) }");
+        assert_eq!(got[3], "Confirm");
+        assert_eq!(got[4], "ServerPing");
+        assert!(got[5].starts_with("Error"));
+        assert!(got[6].starts_with("Error"));
+        assert_eq!(got[7], "Other");
+        assert_eq!(got[8], "Other");
+        // A greeting without a socket id is an error.
+        let got = feed_all(
+            &mut PusherParser::for_channel(None),
+            &[br#"{"event":"pusher:connection_established","data":"{}"}"#],
+        );
+        assert!(got[0].starts_with("Error"));
+    }
+
+    #[test]
+    fn pusher_timestamps_fixed_offset_search_and_other_layouts() {
+        let p = PusherParser::for_channel(Some("ch12"));
+        let m = br#"{"event":"client-m","channel":"private-ch12","data":"00000000000000000777xx"}"#;
+        assert_eq!(p.timestamp(m), Some(777));
+        // Another channel, another event: found by search.
+        let other =
+            br#"{"event":"client-zz","channel":"private-a","data":"00000000000000000555x"}"#;
+        assert_eq!(p.timestamp(other), Some(555));
+        assert_eq!(PusherParser::for_channel(None).timestamp(m), Some(777));
+        let not_ts = br#"{"event":"client-m","channel":"private-ch12","data":{"a":1}}"#;
+        assert_eq!(p.timestamp(not_ts), None);
+        // Fields in another order (another server) and a fragmented frame.
+        let mut p = PusherParser::for_channel(Some("ch12"));
+        let mut got = feed_all(
+            &mut p,
+            &[
+                br#"{"channel":"private-ch12","event":"client-m","data":"00000000000000000009x"}"#,
+                br#"{ "data": "{}", "event": "pusher:pong" }"#,
+            ],
+        );
+        let m = br#"{"event":"client-m","channel":"private-ch12","data":"00000000000000000011x"}"#;
+        p.feed(ws::OP_TEXT, false, &m[..10], &mut |e| {
+            got.push(format!("{e:?}"))
+        });
+        p.feed(ws::OP_CONT, false, &m[10..50], &mut |e| {
+            got.push(format!("{e:?}"))
+        });
+        p.feed(ws::OP_CONT, true, &m[50..], &mut |e| {
+            got.push(format!("{e:?}"))
+        });
+        assert_eq!(
+            got,
+            vec![
+                "Message { ts_ns: Some(9) }",
+                "Confirm",
+                "Message { ts_ns: Some(11) }"
+            ]
+        );
     }
 }

@@ -144,6 +144,9 @@ pub async fn run(ctx: Arc<Ctx>, a: Args, label: Option<String>) -> anyhow::Resul
     let (pub_tx, mut pub_rx) = mpsc::unbounded_channel::<String>();
     let stopping = Arc::new(AtomicBool::new(false));
     let crate::conn::Conn { stream, mut rs } = pub_conn;
+    // Pusher: the publisher joins each cycle's channel just before its one
+    // client event and leaves it right after (in order on one connection).
+    let pub_socket_id = rs.parser.socket_id().map(str::to_string);
     let (mut rh, mut wh) = stream.into_split();
     let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel::<Vec<u8>>();
     let pub_reader = {
@@ -185,14 +188,25 @@ pub async fn run(ctx: Arc<Ctx>, a: Args, label: Option<String>) -> anyhow::Resul
         tokio::spawn(async move {
             let mut mask = Mask::new(99);
             let mut out = Vec::new();
+            let join = adapter.publisher_subscribes();
+            let sid = pub_socket_id.as_deref();
+            let publish = |out: &mut Vec<u8>, mask: &mut Mask, ch: &str| {
+                if join {
+                    adapter.subscribe(out, mask, ch, 0, sid);
+                }
+                adapter.publish(out, mask, ch, now_ns(), size, None);
+                if join {
+                    adapter.unsubscribe(out, mask, ch);
+                }
+            };
             while let Some(ch) = pub_rx.recv().await {
                 out.clear();
                 while let Ok(b) = ctl_rx.try_recv() {
                     out.extend_from_slice(&b);
                 }
-                adapter.publish(&mut out, &mut mask, &ch, now_ns(), size, None);
+                publish(&mut out, &mut mask, &ch);
                 while let Ok(ch) = pub_rx.try_recv() {
-                    adapter.publish(&mut out, &mut mask, &ch, now_ns(), size, None);
+                    publish(&mut out, &mut mask, &ch);
                 }
                 if let Err(e) = wh.write_all(&out).await {
                     errors.lock().unwrap().push(format!("publisher write: {e}"));

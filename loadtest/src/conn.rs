@@ -195,7 +195,9 @@ pub struct Conn {
     pub rs: ReadSide,
 }
 
-/// Connects, upgrades, and (NATS) reads `INFO` and sends `CONNECT`.
+/// Connects, upgrades, and reads the greeting where the server speaks
+/// first (NATS `INFO`, then `CONNECT` is sent; Pusher
+/// `connection_established`, whose `socket_id` the parser keeps).
 pub async fn open(
     adapter: &dyn Adapter,
     target: &Target,
@@ -251,7 +253,7 @@ pub async fn open(
                 .await?;
         }
         if let Some(e) = err {
-            bail!("server error before INFO: {e}");
+            bail!("server error before its greeting: {e}");
         }
         if !got_info {
             bail!("connection ended before the server's greeting ({status:?})");
@@ -295,7 +297,8 @@ impl Conn {
         sid: u64,
     ) -> anyhow::Result<u64> {
         let mut out = Vec::new();
-        adapter.subscribe(&mut out, &mut self.rs.mask, channel, sid);
+        let socket_id = self.rs.parser.socket_id();
+        adapter.subscribe(&mut out, &mut self.rs.mask, channel, sid, socket_id);
         self.stream.write_all(&out).await?;
         let mut confirmed = false;
         let mut early = 0u64;

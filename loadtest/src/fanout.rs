@@ -25,7 +25,8 @@ pub struct Args {
     /// Channels (subscriber j listens on channel j mod C).
     #[arg(long, default_value_t = 1)]
     pub channels: usize,
-    /// Payload bytes (herald: the `data` JSON string, quotes included; at least 22).
+    /// Payload bytes (herald, pusher: the `data` JSON string, quotes
+    /// included; at least 22).
     #[arg(long, default_value_t = 64)]
     pub size: usize,
     /// Total publishes per second over all publishers; 0 = as fast as the
@@ -253,10 +254,11 @@ pub async fn run(ctx: Arc<Ctx>, a: Args, label: Option<String>) -> anyhow::Resul
         );
     }
 
-    // 2. Publishers.
+    // 2. Publishers (subscribed to the channels they publish on where the
+    // protocol requires it: Pusher client events).
     let mut pubs = Vec::new();
     for p in 0..a.publishers {
-        match ctx.open(65536, None, 1_000_000 + p as u64).await {
+        match open_publisher(&ctx, &chans, p, a.publishers).await {
             Ok(c) => pubs.push(c),
             Err(e) => {
                 abort_all(&handles);
@@ -429,6 +431,40 @@ pub async fn run(ctx: Arc<Ctx>, a: Args, label: Option<String>) -> anyhow::Resul
         latency: Latency::of(&hist),
         outcome: Outcome::new(server, client, errors, problems),
     })
+}
+
+/// Opens publisher `p`; subscribes it to every channel it publishes on
+/// when the adapter requires that ([`Adapter::publisher_subscribes`]).
+async fn open_publisher(
+    ctx: &Ctx,
+    chans: &[String],
+    p: usize,
+    publishers: usize,
+) -> anyhow::Result<Conn> {
+    let seed = 1_000_000 + p as u64;
+    let mut conn = ctx.open(65536, None, seed).await?;
+    if ctx.adapter.publisher_subscribes() {
+        for ch in publisher_channels(p, publishers, chans.len()) {
+            let sub = conn.subscribe(&*ctx.adapter, &chans[ch], seed);
+            match tokio::time::timeout(ctx.handshake_timeout, sub).await {
+                Ok(r) => {
+                    r?;
+                }
+                Err(_) => bail!("subscription to {} not confirmed in time", chans[ch]),
+            }
+        }
+    }
+    Ok(conn)
+}
+
+/// The channels publisher `p` of `publishers` sends on ([`channel_of`]),
+/// each once, in order.
+pub fn publisher_channels(p: usize, publishers: usize, channels: usize) -> Vec<usize> {
+    let mut seen = vec![false; channels];
+    for i in 0..channels as u64 {
+        seen[channel_of(p, i, publishers, channels)] = true;
+    }
+    (0..channels).filter(|&c| seen[c]).collect()
 }
 
 fn abort_all(h: &[tokio::task::JoinHandle<()>]) {
@@ -698,5 +734,16 @@ mod tests {
         }
         assert_eq!(seen, [2, 2, 2, 2, 2]);
         assert_eq!(channel_of(0, 7, 1, 1), 0);
+        // What each publisher must subscribe to (Pusher client events).
+        assert_eq!(publisher_channels(0, 1, 3), [0, 1, 2]);
+        assert_eq!(publisher_channels(1, 2, 4), [1, 3]);
+        assert_eq!(publisher_channels(2, 4, 2), [0]);
+        assert_eq!(publisher_channels(1, 2, 5), [0, 1, 2, 3, 4]);
+        for (p, pubs, c) in [(0, 3, 9), (2, 4, 6), (5, 16, 1), (3, 16, 100)] {
+            let want: std::collections::BTreeSet<usize> =
+                (0..1000).map(|i| channel_of(p, i, pubs, c)).collect();
+            let got: Vec<usize> = want.into_iter().collect();
+            assert_eq!(publisher_channels(p, pubs, c), got);
+        }
     }
 }

@@ -1,5 +1,6 @@
-//! `herald-loadtest`: a load generator for herald and, for comparison,
-//! nats-server over WebSocket. Loopback targets only; every run is bounded.
+//! `herald-loadtest`: a load generator for herald (its own protocol or the
+//! Pusher protocol) and, for comparison, nats-server over WebSocket.
+//! Loopback targets only; every run is bounded.
 
 mod adapter;
 mod churn;
@@ -22,7 +23,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
-use crate::adapter::{Adapter, Herald, Nats};
+use crate::adapter::{Adapter, Herald, Nats, Pusher};
 use crate::run::Ctx;
 
 #[derive(Parser)]
@@ -40,7 +41,9 @@ struct Common {
     #[arg(long, global = true, value_enum, default_value_t = Proto::Herald)]
     protocol: Proto,
     /// Server URL: loopback only (herald default ws://127.0.0.1:6380/ws,
-    /// nats default ws://127.0.0.1:8080).
+    /// nats default ws://127.0.0.1:8080, pusher default
+    /// ws://127.0.0.1:6380/app/APP_KEY; a pusher URL without a query gets
+    /// ?protocol=7&client=loadtest&version=1.0).
     #[arg(long, global = true)]
     url: Option<String>,
     /// Print one JSON object instead of the table (and no progress bar).
@@ -62,9 +65,17 @@ struct Common {
     /// Seconds a connection may take to connect, upgrade and subscribe.
     #[arg(long, global = true, default_value_t = 10.0)]
     handshake_timeout: f64,
-    /// NATS only: a PING after this many publishes (its PONG acknowledges them).
+    /// NATS and Pusher: a PING (`pusher:ping`) after this many publishes
+    /// (its PONG acknowledges them).
     #[arg(long, global = true, default_value_t = 32)]
     ping_every: u64,
+    /// Pusher only: the app key (URL path and subscription `auth`).
+    #[arg(long, global = true, default_value = "bench-key")]
+    app_key: String,
+    /// Pusher only: the app secret private-channel subscriptions are signed
+    /// with.
+    #[arg(long, global = true, default_value = "bench-secret")]
+    app_secret: String,
     /// Name of the server configuration under test, copied into the JSON as
     /// `variant`; `summarize` compares variants instead of protocols
     /// when given (e.g. herald with and without an authorizer).
@@ -79,6 +90,8 @@ struct Common {
 enum Proto {
     Herald,
     Nats,
+    /// Pusher channels protocol 7: private channels, client events.
+    Pusher,
 }
 
 #[derive(Subcommand)]
@@ -107,6 +120,8 @@ enum Cmd {
 struct Failure<'a> {
     scenario: &'a str,
     protocol: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    variant: Option<String>,
     label: Option<String>,
     command: String,
     error: String,
@@ -170,14 +185,17 @@ fn main() -> ExitCode {
     let proto_name = match c.protocol {
         Proto::Herald => "herald",
         Proto::Nats => "nats",
+        Proto::Pusher => "pusher",
     };
     let json = c.json;
     let label = c.label.clone();
+    let variant = c.variant.clone();
     let fail = |e: anyhow::Error| {
         if json {
             let f = Failure {
                 scenario,
                 protocol: proto_name,
+                variant: variant.clone(),
                 label: label.clone(),
                 command: command.clone(),
                 error: format!("{e:#}"),
@@ -204,13 +222,32 @@ fn main() -> ExitCode {
 /// Validates, runs the scenario on a tokio runtime under a watchdog, and
 /// returns the printed output and whether the run was clean.
 fn setup_and_run(c: Common, cmd: Cmd) -> anyhow::Result<(String, bool)> {
+    if c.protocol != Proto::Herald && (c.ping_every == 0 || c.ping_every > 100_000) {
+        anyhow::bail!("--ping-every must be 1..=100000");
+    }
     let adapter: Arc<dyn Adapter> = match c.protocol {
         Proto::Herald => Arc::new(Herald),
-        Proto::Nats => {
-            if c.ping_every == 0 || c.ping_every > 100_000 {
-                anyhow::bail!("--ping-every must be 1..=100000");
+        Proto::Nats => Arc::new(Nats {
+            ping_every: c.ping_every,
+        }),
+        Proto::Pusher => {
+            // The key goes into the URL path and JSON strings unescaped.
+            let key_ok = !c.app_key.is_empty()
+                && c.app_key.len() <= 200
+                && c.app_key.bytes().all(|b| {
+                    b.is_ascii_graphic() && !matches!(b, b'"' | b'\\' | b'/' | b'?' | b'#' | b':')
+                });
+            if !key_ok {
+                anyhow::bail!(
+                    "--app-key must be 1..=200 printable ASCII characters, none of \" \\ / ? # :"
+                );
             }
-            Arc::new(Nats {
+            if c.app_secret.is_empty() {
+                anyhow::bail!("--app-secret must not be empty");
+            }
+            Arc::new(Pusher {
+                key: c.app_key.clone(),
+                secret: c.app_secret.clone(),
                 ping_every: c.ping_every,
             })
         }
@@ -218,8 +255,12 @@ fn setup_and_run(c: Common, cmd: Cmd) -> anyhow::Result<(String, bool)> {
     let url = c.url.clone().unwrap_or_else(|| match c.protocol {
         Proto::Herald => "ws://127.0.0.1:6380/ws".into(),
         Proto::Nats => "ws://127.0.0.1:8080".into(),
+        Proto::Pusher => format!("ws://127.0.0.1:6380/app/{}", c.app_key),
     });
-    let target = conn::parse_url(&url)?;
+    let mut target = conn::parse_url(&url)?;
+    if c.protocol == Proto::Pusher && !target.path.contains('?') {
+        target.path.push_str(PUSHER_QUERY);
+    }
     if c.threads == 0 || c.threads > 64 {
         anyhow::bail!("--threads must be 1..=64");
     }
@@ -304,6 +345,9 @@ fn setup_and_run(c: Common, cmd: Cmd) -> anyhow::Result<(String, bool)> {
     rt.shutdown_timeout(Duration::from_secs(2));
     res
 }
+
+/// What pusher-js sends with its upgrade (protocol 7).
+const PUSHER_QUERY: &str = "?protocol=7&client=loadtest&version=1.0";
 
 mod erased {
     /// A report as a JSON value (object-safe `Serialize`).

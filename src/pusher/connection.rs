@@ -378,14 +378,17 @@ fn client_event(worker: &Worker, key: usize, event: &str, channel: &str, data: &
     }
     let frame = wire::event_frame_routed(event, channel, data, user.as_deref());
     worker.publish(published(frame, ns), Some(key));
-    let mut hook = json!({
-        "name": "client_event", "channel": channel, "event": event,
-        "data": data_string(data), "socket_id": &*socket_id,
-    });
-    if let Some(u) = user {
-        hook["user_id"] = u.into();
+    // Built only when some webhook wants it: this is the client-event hot path.
+    if pusher(worker).webhooks.is_some() && app.wants_webhook(WebhookEvent::ClientEvent) {
+        let mut hook = json!({
+            "name": "client_event", "channel": channel, "event": event,
+            "data": data_string(data), "socket_id": &*socket_id,
+        });
+        if let Some(u) = user {
+            hook["user_id"] = u.into();
+        }
+        webhook(worker, &app, WebhookEvent::ClientEvent, hook);
     }
-    webhook(worker, &app, WebhookEvent::ClientEvent, hook);
 }
 
 /// Pusher webhooks carry event data as a string: a JSON string's content,

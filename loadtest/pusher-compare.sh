@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# herald's fan-out through the Pusher protocol next to its native protocol,
+# on the same scenarios, in one run, loopback only.
+#
+# One herald configuration serves both: APPS holds one app (key bench-key,
+# secret bench-secret, client events enabled, a client-event limit far
+# above any rate here). `native` runs the harness with --protocol herald
+# against ws://ADDR/ws; `pusher` with --protocol pusher against
+# ws://ADDR/app/bench-key: subscribers on private-chN (signed `auth`), the
+# publisher subscribed too, publishing client events `client-m`, with a
+# `pusher:ping` after every 32 as the acknowledgement (--ping-every).
+# For each scenario and round (A B A B: native, pusher) a fresh herald is
+# started; at the end the medians and pusher-vs-native ratios are printed
+# (herald-loadtest summarize; the ratio column is native/pusher).
+#
+# Usage: loadtest/pusher-compare.sh [--rounds N] [--out DIR] [--scenario "ARGS"]...
+#   --rounds N        rounds per scenario (default 2)
+#   --out DIR         where the JSON results and logs go
+#                     (default target/pusher-compare/<date>)
+#   --scenario ARGS   a herald-loadtest scenario; repeatable; replaces the defaults
+#
+# herald: WORKERS=2 SEND_QUEUE_LIMIT=16MiB MAX_CONNECTIONS=19500 (as
+# compare.sh), PORT=0, APPS as above. Binaries come from
+# ${CARGO_TARGET_DIR:-target}/release, built first.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT"
+
+ROUNDS=2
+OUT=""
+SCENARIOS=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+    --rounds) ROUNDS="$2"; shift ;;
+    --out) OUT="$2"; shift ;;
+    --scenario) SCENARIOS+=("$2"); shift ;;
+    -h | --help)
+        sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+        exit 0
+        ;;
+    *) echo "pusher-compare.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+case "$ROUNDS" in
+'' | *[!0-9]*) echo "pusher-compare.sh: --rounds must be a number" >&2; exit 2 ;;
+esac
+if [ "$ROUNDS" -lt 1 ] || [ "$ROUNDS" -gt 10 ]; then
+    echo "pusher-compare.sh: --rounds must be 1..10" >&2
+    exit 2
+fi
+if [ ${#SCENARIOS[@]} -eq 0 ]; then
+    SCENARIOS=(
+        "fanout --subs 1000 --channels 1 --size 64 --rate 0 --duration 5"
+        "fanout --subs 1000 --channels 1 --size 64 --rate 100 --duration 5"
+        "fanout --subs 1000 --channels 10 --size 256 --rate 0 --duration 5"
+    )
+fi
+
+APP_KEY=bench-key
+APP_SECRET=bench-secret
+APPS='[{"id":"bench","key":"'"$APP_KEY"'","secret":"'"$APP_SECRET"'","enable_client_messages":true,"max_client_events_per_second":1000000}]'
+
+OUT="${OUT:-target/pusher-compare/$(date +%Y%m%d-%H%M%S)}"
+mkdir -p "$OUT"
+
+echo "== building herald and herald-loadtest (release)"
+timeout 1800 cargo build --release -p herald -p loadtest
+BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release"
+HERALD="$BIN/herald"
+LT="$BIN/herald-loadtest"
+
+# herald and the harness may hold thousands of sockets.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+SERVER_PID=""
+ADDR=""
+
+stop_server() {
+    if [ -n "$SERVER_PID" ]; then
+        kill -TERM "$SERVER_PID" 2>/dev/null || true
+        for _ in $(seq 1 100); do
+            kill -0 "$SERVER_PID" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$SERVER_PID" 2>/dev/null || true
+        wait "$SERVER_PID" 2>/dev/null || true
+        SERVER_PID=""
+    fi
+}
+trap stop_server EXIT
+trap 'exit 130' INT TERM
+
+# Waits until LOG contains PATTERN (or the server died / 20 s passed).
+wait_log() {
+    local log="$1" pattern="$2"
+    for _ in $(seq 1 200); do
+        if grep -q "$pattern" "$log" 2>/dev/null; then
+            return 0
+        fi
+        kill -0 "$SERVER_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    echo "pusher-compare.sh: herald did not become ready; its log:" >&2
+    tail -20 "$log" >&2
+    return 1
+}
+
+start_herald() {
+    local log="$1"
+    env PORT=0 HOST=127.0.0.1 WORKERS=2 SEND_QUEUE_LIMIT=16MiB MAX_CONNECTIONS=19500 \
+        APPS="$APPS" LOGLEVEL=info "$HERALD" >"$log" 2>&1 &
+    SERVER_PID=$!
+    wait_log "$log" "listening on " || return 1
+    ADDR="$(grep -o 'listening on [0-9.:]*' "$log" | head -1 | awk '{print $3}')"
+}
+
+echo "== results in $OUT"
+i=0
+for sc in "${SCENARIOS[@]}"; do
+    i=$((i + 1))
+    for r in $(seq 1 "$ROUNDS"); do
+        for variant in native pusher; do
+            base="$OUT/s$i.r$r.$variant"
+            if [ "$variant" = native ]; then
+                proto=(--protocol herald)
+                path=/ws
+            else
+                proto=(--protocol pusher --app-key "$APP_KEY" --app-secret "$APP_SECRET")
+                path="/app/$APP_KEY"
+            fi
+            if ! start_herald "$base.log"; then
+                stop_server
+                echo "{\"label\":\"s$i\",\"scenario\":\"${sc%% *}\",\"protocol\":\"${proto[1]}\",\"variant\":\"$variant\",\"command\":\"$sc\",\"error\":\"server did not start\",\"ok\":false}" >"$base.json"
+                continue
+            fi
+            printf '%-7s s%d round %d: %s\n' "$variant" "$i" "$r" "$sc"
+            rc=0
+            # shellcheck disable=SC2086 # the scenario is a word list
+            timeout 900 "$LT" $sc "${proto[@]}" --url "ws://$ADDR$path" \
+                --server-pid "$SERVER_PID" --json --label "s$i" --variant "$variant" \
+                >"$base.json" 2>"$base.err" || rc=$?
+            if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+                echo "   !! herald died during the run; log tail:"
+                tail -5 "$base.log" | sed 's/^/      /'
+            fi
+            if [ "$rc" != 0 ]; then
+                echo "   (herald-loadtest exit $rc: $(tail -1 "$base.err" 2>/dev/null))"
+            fi
+            stop_server
+        done
+    done
+done
+
+echo
+echo "== herald native vs Pusher protocol (medians of $ROUNDS rounds; results in $OUT)"
+"$LT" summarize "$OUT"
