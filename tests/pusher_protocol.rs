@@ -393,5 +393,7 @@ fn shutdown_asks_pusher_clients_to_reconnect_with_4200() {
     assert_eq!(p.c.expect_close().0, 4200);
     assert_eq!(native.expect_close().0, 1001);
     drop((p, native));
-    assert!(server.wait_exit(std::time::Duration::from_secs(10)).success());
+    assert!(server
+        .wait_exit(std::time::Duration::from_secs(10))
+        .success());
 }
