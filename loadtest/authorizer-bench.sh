@@ -25,6 +25,9 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
+NAME=authorizer-bench.sh
+# shellcheck source=loadtest/lib.sh
+. "$ROOT/loadtest/lib.sh"
 
 ROUNDS=2
 OUT=""
@@ -36,21 +39,12 @@ while [ $# -gt 0 ]; do
     --out) OUT="$2"; shift ;;
     --cache-ttl) TTL="$2"; shift ;;
     --scenario) SCENARIOS+=("$2"); shift ;;
-    -h | --help)
-        sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
-        exit 0
-        ;;
+    -h | --help) usage "$0"; exit 0 ;;
     *) echo "authorizer-bench.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
 done
-case "$ROUNDS" in
-'' | *[!0-9]*) echo "authorizer-bench.sh: --rounds must be a number" >&2; exit 2 ;;
-esac
-if [ "$ROUNDS" -lt 1 ] || [ "$ROUNDS" -gt 10 ]; then
-    echo "authorizer-bench.sh: --rounds must be 1..10" >&2
-    exit 2
-fi
+check_rounds "$ROUNDS"
 if [ ${#SCENARIOS[@]} -eq 0 ]; then
     SCENARIOS=(
         "fanout --subs 1 --channels 1 --size 64 --rate 10000 --duration 5 --publishers 16"
@@ -61,27 +55,9 @@ fi
 OUT="${OUT:-target/authorizer-bench/$(date +%Y%m%d-%H%M%S)}"
 mkdir -p "$OUT"
 
-echo "== building herald and herald-loadtest (release)"
-timeout 1800 cargo build --release -p herald -p loadtest
-HERALD="$ROOT/target/release/herald"
-LT="$ROOT/target/release/herald-loadtest"
+build_release
 
-SERVER_PID=""
 HOOK_PID=""
-URL=""
-
-stop_server() {
-    if [ -n "$SERVER_PID" ]; then
-        kill -TERM "$SERVER_PID" 2>/dev/null || true
-        for _ in $(seq 1 100); do
-            kill -0 "$SERVER_PID" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$SERVER_PID" 2>/dev/null || true
-        wait "$SERVER_PID" 2>/dev/null || true
-        SERVER_PID=""
-    fi
-}
 stop_all() {
     stop_server
     if [ -n "$HOOK_PID" ]; then
@@ -93,37 +69,20 @@ stop_all() {
 trap stop_all EXIT
 trap 'exit 130' INT TERM
 
-# Waits until LOG contains PATTERN (or PID died / 20 s passed).
-wait_log() {
-    local log="$1" pattern="$2" pid="$3"
-    for _ in $(seq 1 200); do
-        if grep -q "$pattern" "$log" 2>/dev/null; then
-            return 0
-        fi
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    echo "authorizer-bench.sh: process did not become ready; its log:" >&2
-    tail -20 "$log" >&2
-    return 1
-}
-
 "$LT" webhook --duration 3600 --threads 1 >"$OUT/webhook.out" 2>"$OUT/webhook.log" &
 HOOK_PID=$!
 wait_log "$OUT/webhook.log" "webhook listening on" "$HOOK_PID"
 HOOK="http://$(grep -o 'listening on [0-9.:]*' "$OUT/webhook.log" | awk '{print $3}')/authorize"
 echo "== webhook at $HOOK; results in $OUT"
 
-start_herald() {
+start_variant() {
     local log="$1" variant="$2"
     local extra=()
     if [ "$variant" = authorized ]; then
         extra=(AUTHORIZER_URL="$HOOK" AUTHORIZE=publish AUTHORIZER_CACHE_TTL="$TTL")
     fi
-    env PORT=0 HOST=127.0.0.1 WORKERS=2 SEND_QUEUE_LIMIT=16MiB LOGLEVEL=info "${extra[@]}" "$HERALD" >"$log" 2>&1 &
-    SERVER_PID=$!
-    wait_log "$log" "listening on " "$SERVER_PID" || return 1
-    URL="ws://$(grep -o 'listening on [0-9.:]*' "$log" | head -1 | awk '{print $3}')/ws"
+    start_herald "$log" SEND_QUEUE_LIMIT=16MiB "${extra[@]}" || return 1
+    URL="ws://$ADDR/ws"
 }
 
 i=0
@@ -132,7 +91,7 @@ for sc in "${SCENARIOS[@]}"; do
     for r in $(seq 1 "$ROUNDS"); do
         for variant in plain authorized; do
             base="$OUT/s$i.r$r.$variant"
-            start_herald "$base.log" "$variant" || { stop_server; continue; }
+            start_variant "$base.log" "$variant" || { stop_server; continue; }
             printf '%-10s s%d round %d: %s\n' "$variant" "$i" "$r" "$sc"
             rc=0
             # shellcheck disable=SC2086 # the scenario is a word list

@@ -31,6 +31,9 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
+NAME=compare.sh
+# shellcheck source=loadtest/lib.sh
+. "$ROOT/loadtest/lib.sh"
 
 QUICK=0
 ROUNDS=2
@@ -52,7 +55,7 @@ while [ $# -gt 0 ]; do
         shift
         ;;
     -h | --help)
-        sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+        usage "$0"
         exit 0
         ;;
     *)
@@ -62,13 +65,7 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
-case "$ROUNDS" in
-'' | *[!0-9]*) echo "compare.sh: --rounds must be a number" >&2; exit 2 ;;
-esac
-if [ "$ROUNDS" -lt 1 ] || [ "$ROUNDS" -gt 10 ]; then
-    echo "compare.sh: --rounds must be 1..10" >&2
-    exit 2
-fi
+check_rounds "$ROUNDS"
 
 if [ ${#SCENARIOS[@]} -eq 0 ]; then
     if [ "$QUICK" = 1 ]; then
@@ -100,29 +97,7 @@ if ! command -v nats-server >/dev/null 2>&1; then
 fi
 NATS="$(command -v nats-server)"
 
-echo "== building herald and herald-loadtest (release)"
-timeout 1800 cargo build --release -p herald -p loadtest
-HERALD="$ROOT/target/release/herald"
-LT="$ROOT/target/release/herald-loadtest"
-
-# Both servers may hold ~19k sockets.
-ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-
-SERVER_PID=""
-URL=""
-
-stop_server() {
-    if [ -n "$SERVER_PID" ]; then
-        kill -TERM "$SERVER_PID" 2>/dev/null || true
-        for _ in $(seq 1 100); do
-            kill -0 "$SERVER_PID" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$SERVER_PID" 2>/dev/null || true
-        wait "$SERVER_PID" 2>/dev/null || true
-        SERVER_PID=""
-    fi
-}
+build_release
 trap stop_server EXIT
 trap 'exit 130' INT TERM
 
@@ -139,30 +114,9 @@ free_port() {
     return 1
 }
 
-# Waits until LOG contains PATTERN (or the server died / 20 s passed).
-wait_log() {
-    local log="$1" pattern="$2"
-    for _ in $(seq 1 200); do
-        if grep -q "$pattern" "$log" 2>/dev/null; then
-            return 0
-        fi
-        kill -0 "$SERVER_PID" 2>/dev/null || break
-        sleep 0.1
-    done
-    echo "compare.sh: server did not become ready; its log:" >&2
-    tail -20 "$log" >&2
-    return 1
-}
-
-start_herald() {
-    local log="$1"
-    env PORT=0 HOST=127.0.0.1 WORKERS=2 SEND_QUEUE_LIMIT=16MiB MAX_CONNECTIONS=19500 \
-        LOGLEVEL=info "$HERALD" >"$log" 2>&1 &
-    SERVER_PID=$!
-    wait_log "$log" "listening on " || return 1
-    local addr
-    addr="$(grep -o 'listening on [0-9.:]*' "$log" | head -1 | awk '{print $3}')"
-    URL="ws://$addr/ws"
+start_herald_for_compare() {
+    start_herald "$1" SEND_QUEUE_LIMIT=16MiB MAX_CONNECTIONS=19500 || return 1
+    URL="ws://$ADDR/ws"
 }
 
 start_nats() {
@@ -213,7 +167,9 @@ for sc in "${SCENARIOS[@]}"; do
     for r in $(seq 1 "$ROUNDS"); do
         for server in herald nats; do
             base="$OUT/s$i.r$r.$server"
-            if ! "start_$server" "$base.log"; then
+            starter="start_$server"
+            [ "$server" = herald ] && starter=start_herald_for_compare
+            if ! "$starter" "$base.log"; then
                 stop_server
                 echo "{\"label\":\"s$i\",\"scenario\":\"${sc%% *}\",\"protocol\":\"$server\",\"command\":\"$sc\",\"error\":\"server did not start\",\"ok\":false}" >"$base.json"
                 continue

@@ -26,6 +26,9 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
+NAME=pusher-compare.sh
+# shellcheck source=loadtest/lib.sh
+. "$ROOT/loadtest/lib.sh"
 
 ROUNDS=2
 OUT=""
@@ -35,21 +38,12 @@ while [ $# -gt 0 ]; do
     --rounds) ROUNDS="$2"; shift ;;
     --out) OUT="$2"; shift ;;
     --scenario) SCENARIOS+=("$2"); shift ;;
-    -h | --help)
-        sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
-        exit 0
-        ;;
+    -h | --help) usage "$0"; exit 0 ;;
     *) echo "pusher-compare.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
 done
-case "$ROUNDS" in
-'' | *[!0-9]*) echo "pusher-compare.sh: --rounds must be a number" >&2; exit 2 ;;
-esac
-if [ "$ROUNDS" -lt 1 ] || [ "$ROUNDS" -gt 10 ]; then
-    echo "pusher-compare.sh: --rounds must be 1..10" >&2
-    exit 2
-fi
+check_rounds "$ROUNDS"
 if [ ${#SCENARIOS[@]} -eq 0 ]; then
     SCENARIOS=(
         "fanout --subs 1000 --channels 1 --size 64 --rate 0 --duration 5"
@@ -65,56 +59,9 @@ APPS='[{"id":"bench","key":"'"$APP_KEY"'","secret":"'"$APP_SECRET"'","enable_cli
 OUT="${OUT:-target/pusher-compare/$(date +%Y%m%d-%H%M%S)}"
 mkdir -p "$OUT"
 
-echo "== building herald and herald-loadtest (release)"
-timeout 1800 cargo build --release -p herald -p loadtest
-BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release"
-HERALD="$BIN/herald"
-LT="$BIN/herald-loadtest"
-
-# herald and the harness may hold thousands of sockets.
-ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-
-SERVER_PID=""
-ADDR=""
-
-stop_server() {
-    if [ -n "$SERVER_PID" ]; then
-        kill -TERM "$SERVER_PID" 2>/dev/null || true
-        for _ in $(seq 1 100); do
-            kill -0 "$SERVER_PID" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$SERVER_PID" 2>/dev/null || true
-        wait "$SERVER_PID" 2>/dev/null || true
-        SERVER_PID=""
-    fi
-}
+build_release
 trap stop_server EXIT
 trap 'exit 130' INT TERM
-
-# Waits until LOG contains PATTERN (or the server died / 20 s passed).
-wait_log() {
-    local log="$1" pattern="$2"
-    for _ in $(seq 1 200); do
-        if grep -q "$pattern" "$log" 2>/dev/null; then
-            return 0
-        fi
-        kill -0 "$SERVER_PID" 2>/dev/null || break
-        sleep 0.1
-    done
-    echo "pusher-compare.sh: herald did not become ready; its log:" >&2
-    tail -20 "$log" >&2
-    return 1
-}
-
-start_herald() {
-    local log="$1"
-    env PORT=0 HOST=127.0.0.1 WORKERS=2 SEND_QUEUE_LIMIT=16MiB MAX_CONNECTIONS=19500 \
-        APPS="$APPS" LOGLEVEL=info "$HERALD" >"$log" 2>&1 &
-    SERVER_PID=$!
-    wait_log "$log" "listening on " || return 1
-    ADDR="$(grep -o 'listening on [0-9.:]*' "$log" | head -1 | awk '{print $3}')"
-}
 
 echo "== results in $OUT"
 i=0
@@ -130,7 +77,7 @@ for sc in "${SCENARIOS[@]}"; do
                 proto=(--protocol pusher --app-key "$APP_KEY" --app-secret "$APP_SECRET")
                 path="/app/$APP_KEY"
             fi
-            if ! start_herald "$base.log"; then
+            if ! start_herald "$base.log" SEND_QUEUE_LIMIT=16MiB MAX_CONNECTIONS=19500 APPS="$APPS"; then
                 stop_server
                 echo "{\"label\":\"s$i\",\"scenario\":\"${sc%% *}\",\"protocol\":\"${proto[1]}\",\"variant\":\"$variant\",\"command\":\"$sc\",\"error\":\"server did not start\",\"ok\":false}" >"$base.json"
                 continue
