@@ -124,6 +124,37 @@ pub trait Adapter: Send + Sync {
     fn min_size(&self) -> usize;
 }
 
+/// Joins the fragments of a text message; a whole message passes through
+/// without a copy.
+#[derive(Default)]
+struct Fragments {
+    partial: Vec<u8>,
+    in_partial: bool,
+}
+
+impl Fragments {
+    /// Feeds one data frame's payload: `whole` gets each complete text
+    /// message, or `None` for a binary one.
+    fn feed(&mut self, opcode: u8, fin: bool, data: &[u8], whole: &mut dyn FnMut(Option<&[u8]>)) {
+        if opcode == ws::OP_BINARY && !self.in_partial {
+            return whole(None);
+        }
+        if !fin || self.in_partial {
+            if opcode != ws::OP_CONT {
+                self.partial.clear();
+            }
+            self.partial.extend_from_slice(data);
+            self.in_partial = !fin;
+            if fin {
+                whole(Some(&self.partial));
+                self.partial.clear();
+            }
+            return;
+        }
+        whole(Some(data));
+    }
+}
+
 /// Padding byte after the timestamp.
 const PAD: u8 = b'x';
 
@@ -208,16 +239,14 @@ impl Adapter for Herald {
 pub struct HeraldParser {
     /// Offset of the timestamp in a message on the subscribed channel.
     data_at: Option<usize>,
-    partial: Vec<u8>,
-    in_partial: bool,
+    frags: Fragments,
 }
 
 impl HeraldParser {
     pub fn for_channel(channel: Option<&str>) -> HeraldParser {
         HeraldParser {
             data_at: channel.map(|c| MSG_HEAD.len() + c.len() + MSG_MID.len() + 1),
-            partial: Vec::new(),
-            in_partial: false,
+            frags: Fragments::default(),
         }
     }
 
@@ -256,24 +285,12 @@ impl HeraldParser {
 
 impl Parser for HeraldParser {
     fn feed(&mut self, opcode: u8, fin: bool, data: &[u8], f: &mut dyn FnMut(Event<'_>)) {
-        if opcode == ws::OP_BINARY && !self.in_partial {
-            return f(Event::Other);
-        }
-        if !fin || self.in_partial {
-            if opcode != ws::OP_CONT {
-                self.partial.clear();
-            }
-            self.partial.extend_from_slice(data);
-            self.in_partial = !fin;
-            if fin {
-                let msg = std::mem::take(&mut self.partial);
-                self.classify(&msg, f);
-                self.partial = msg;
-                self.partial.clear();
-            }
-            return;
-        }
-        self.classify(data, f);
+        let mut frags = std::mem::take(&mut self.frags);
+        frags.feed(opcode, fin, data, &mut |msg| match msg {
+            Some(m) => self.classify(m, f),
+            None => f(Event::Other),
+        });
+        self.frags = frags;
     }
 }
 
@@ -594,8 +611,7 @@ pub struct PusherParser {
     /// channel.
     data_at: Option<usize>,
     socket_id: Option<String>,
-    partial: Vec<u8>,
-    in_partial: bool,
+    frags: Fragments,
 }
 
 impl PusherParser {
@@ -604,8 +620,7 @@ impl PusherParser {
         PusherParser {
             data_at: channel.map(|c| PUSHER_MSG_HEAD.len() + c.len() + PUSHER_MSG_MID.len()),
             socket_id: None,
-            partial: Vec::new(),
-            in_partial: false,
+            frags: Fragments::default(),
         }
     }
 
@@ -690,24 +705,12 @@ fn socket_id_of(msg: &[u8]) -> Option<String> {
 
 impl Parser for PusherParser {
     fn feed(&mut self, opcode: u8, fin: bool, data: &[u8], f: &mut dyn FnMut(Event<'_>)) {
-        if opcode == ws::OP_BINARY && !self.in_partial {
-            return f(Event::Other);
-        }
-        if !fin || self.in_partial {
-            if opcode != ws::OP_CONT {
-                self.partial.clear();
-            }
-            self.partial.extend_from_slice(data);
-            self.in_partial = !fin;
-            if fin {
-                let msg = std::mem::take(&mut self.partial);
-                self.classify(&msg, f);
-                self.partial = msg;
-                self.partial.clear();
-            }
-            return;
-        }
-        self.classify(data, f);
+        let mut frags = std::mem::take(&mut self.frags);
+        frags.feed(opcode, fin, data, &mut |msg| match msg {
+            Some(m) => self.classify(m, f),
+            None => f(Event::Other),
+        });
+        self.frags = frags;
     }
 
     fn socket_id(&self) -> Option<&str> {
