@@ -397,3 +397,22 @@ fn shutdown_asks_pusher_clients_to_reconnect_with_4200() {
         .wait_exit(std::time::Duration::from_secs(10))
         .success());
 }
+
+#[test]
+fn over_max_connections_is_4100_and_oversized_api_data_is_413() {
+    let server = Server::start(&[
+        ("APPS", APPS),
+        ("MAX_CONNECTIONS", "2"),
+        ("MAX_MESSAGE_SIZE", "1KiB"),
+    ]);
+    let _held: Vec<Pusher> = (0..2).map(|_| connect(&server, "k2")).collect();
+    let (err, code) = refused(&server, "/app/k2?protocol=7");
+    assert_eq!(
+        (err["data"]["code"].as_u64(), code),
+        (Some(4100), 4100),
+        "{err}"
+    );
+    let big = json!({"name":"e","channel":"news","data":"x".repeat(2000)}).to_string();
+    let (status, text) = api(&server, "POST", "/apps/a1/events", &big);
+    assert_eq!(status, 413, "{text}");
+}
