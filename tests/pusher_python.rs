@@ -14,10 +14,9 @@ mod common;
 mod python;
 
 use std::collections::BTreeSet;
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+
+use std::time::Duration;
 
 use base64::Engine;
 use common::{Client, Server};
@@ -158,64 +157,21 @@ impl PusherWs {
 /// Runs the script; returns its result line.
 fn run_script(python: &Path, server: &Server, exclude: &str) -> Value {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/pusher_trigger.py");
-    let mut child = Command::new(python)
-        .arg(&script)
-        .env("HERALD_HOST", server.addr.ip().to_string())
-        .env("HERALD_PORT", server.addr.port().to_string())
-        .env("APP_ID", APP_ID.to_string())
-        .env("APP_KEY", KEY)
-        .env("APP_SECRET", SECRET)
-        .env("EXCLUDE_SOCKET_ID", exclude)
-        .env("PYTHONDONTWRITEBYTECODE", "1")
-        .env("PYTHONUNBUFFERED", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
-    let readers = [
-        Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
-        Box::new(child.stderr.take().unwrap()),
-    ]
-    .map(|mut r| {
-        std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = r.read_to_string(&mut s);
-            s
-        })
-    });
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break Some(status);
-        }
-        if start.elapsed() > SCRIPT_TIMEOUT {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let [stdout, stderr] = readers.map(|t| t.join().unwrap());
-    let report = format!(
-        "--- script stdout\n{stdout}--- script stderr\n{stderr}--- herald log\n{}",
-        server.log()
-    );
-    match status {
-        None => panic!(
-            "{} did not finish within {SCRIPT_TIMEOUT:?}\n{report}",
-            script.display()
-        ),
-        Some(s) => assert!(
-            s.success(),
-            "{} exited with {s}\n{report}",
-            script.display()
-        ),
-    }
+    let (port, app_id) = (server.addr.port().to_string(), APP_ID.to_string());
+    let env = [
+        ("HERALD_HOST", server.addr.ip().to_string()),
+        ("HERALD_PORT", port),
+        ("APP_ID", app_id),
+        ("APP_KEY", KEY.to_string()),
+        ("APP_SECRET", SECRET.to_string()),
+        ("EXCLUDE_SOCKET_ID", exclude.to_string()),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let stdout = python::run_script(python, &script, &[], &env, SCRIPT_TIMEOUT, || server.log());
     let line = stdout
         .lines()
         .find(|l| l.starts_with("{\"result\""))
-        .unwrap_or_else(|| panic!("no result line\n{report}"));
+        .unwrap_or_else(|| panic!("no result line in:\n{stdout}"));
     let v: Value = serde_json::from_str(line).expect("result JSON");
     println!("pusher_trigger.py result: {:#}", v["result"]);
     v["result"].clone()

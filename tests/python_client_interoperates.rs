@@ -9,10 +9,9 @@ mod common;
 #[path = "common/python.rs"]
 mod python;
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+
+use std::time::Duration;
 
 use common::Server;
 
@@ -35,53 +34,7 @@ fn python_websockets_client_subscribes_publishes_pings_and_closes() {
     let server = Server::open();
     let url = server.url("/ws");
 
-    let mut child = Command::new(&python)
-        .arg(&script)
-        .arg(&url)
-        .env("PYTHONDONTWRITEBYTECODE", "1")
-        .env("PYTHONUNBUFFERED", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
-    let readers = [
-        Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
-        Box::new(child.stderr.take().unwrap()),
-    ]
-    .map(|mut r| {
-        std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = r.read_to_string(&mut s);
-            s
-        })
-    });
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break Some(status);
-        }
-        if start.elapsed() > SCRIPT_TIMEOUT {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let [stdout, stderr] = readers.map(|t| t.join().unwrap());
-    let report = format!(
-        "--- script stdout\n{stdout}--- script stderr\n{stderr}--- server log\n{}",
+    python::run_script(&python, &script, &[&url], &[], SCRIPT_TIMEOUT, || {
         server.log()
-    );
-    match status {
-        None => panic!(
-            "{} did not finish within {SCRIPT_TIMEOUT:?}\n{report}",
-            script.display()
-        ),
-        Some(s) => assert!(
-            s.success(),
-            "{} against {url} exited with {s}\n{report}",
-            script.display()
-        ),
-    }
+    });
 }

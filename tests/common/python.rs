@@ -83,3 +83,72 @@ pub fn python_with(module: &str, requirement: &str) -> PathBuf {
     drop(lock);
     python
 }
+
+/// Runs `python script args..` with `env`, killing it after `timeout`.
+/// Fails the test, with both output streams and `log()` (the server's
+/// log), unless it exits successfully; returns its stdout.
+pub fn run_script(
+    python: &Path,
+    script: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+    timeout: std::time::Duration,
+    log: impl Fn() -> String,
+) -> String {
+    use std::io::Read;
+    use std::time::{Duration, Instant};
+    let mut cmd = Command::new(python);
+    cmd.arg(script)
+        .args(args)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .env("PYTHONUNBUFFERED", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
+    let readers = [
+        Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+        Box::new(child.stderr.take().unwrap()),
+    ]
+    .map(|mut r| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = r.read_to_string(&mut s);
+            s
+        })
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break Some(status);
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let [stdout, stderr] = readers.map(|t| t.join().unwrap());
+    let report = format!(
+        "--- script stdout\n{stdout}--- script stderr\n{stderr}--- server log\n{}",
+        log()
+    );
+    match status {
+        None => panic!(
+            "{} did not finish within {timeout:?}\n{report}",
+            script.display()
+        ),
+        Some(s) => assert!(
+            s.success(),
+            "{} {args:?} exited with {s}\n{report}",
+            script.display()
+        ),
+    }
+    stdout
+}
