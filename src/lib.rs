@@ -22,6 +22,8 @@
 //! - [`session`]: a WebSocket connection's reader and writer tasks.
 //! - [`http`]: request heads, upgrades and the HTTP API.
 //! - [`authorizer`]: the webhook that approves connections and actions.
+//! - [`pusher`]: the Pusher Channels protocol (apps, `/app/{key}`, the
+//!   signed HTTP API, presence, webhooks) on the same fan-out.
 //! - [`server`]: threads, listeners, signals.
 //! - [`cli`]: the command-line client (`herald sub|pub|token`).
 //!
