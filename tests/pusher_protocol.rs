@@ -416,3 +416,38 @@ fn over_max_connections_is_4100_and_oversized_api_data_is_413() {
     let (status, text) = api(&server, "POST", "/apps/a1/events", &big);
     assert_eq!(status, 413, "{text}");
 }
+
+#[test]
+fn signin_identifies_a_user_whose_connections_can_be_terminated() {
+    let server = Server::start(&[("APPS", APPS)]);
+    let mut ann = connect(&server, "k1");
+    let user_data = json!({"id":"ann","name":"Ann"}).to_string();
+    let sig = sign("s1", &format!("{}::user::{user_data}", ann.socket_id));
+    ann.c.send_json(json!({"event":"pusher:signin",
+                           "data":{"auth":format!("k1:{sig}"),"user_data":user_data}}));
+    let ok = ann.c.recv_json();
+    assert_eq!(ok["event"], "pusher:signin_success", "{ok}");
+    let data: Value = serde_json::from_str(ok["data"].as_str().unwrap()).unwrap();
+    assert_eq!(data["user_data"], user_data);
+    let mut other = connect(&server, "k1");
+    other.subscribe("news");
+    // terminate_connections closes ann's connection (4009), not the other.
+    let (status, text) = api(
+        &server,
+        "POST",
+        "/apps/a1/users/ann/terminate_connections",
+        "{}",
+    );
+    assert_eq!(status, 200, "{text}");
+    let err = ann.c.recv_json();
+    assert_eq!(err["data"]["code"], 4009, "{err}");
+    assert_eq!(ann.c.expect_close().0, 4009);
+    assert!(other.sync().is_empty());
+    // A forged signin is refused with 4009.
+    let mut eve = connect(&server, "k1");
+    eve.c.send_json(json!({"event":"pusher:signin",
+                           "data":{"auth":format!("k1:{sig}"),"user_data":user_data}}));
+    let err = eve.c.recv_json();
+    assert_eq!(err["data"]["code"], 4009, "{err}");
+    assert_eq!(eve.c.expect_close().0, 4009);
+}

@@ -33,6 +33,8 @@ pub struct PusherConn {
     pub socket_id: Box<str>,
     /// Presence channels joined: (channel, user_id).
     pub presence: Vec<(Box<str>, Box<str>)>,
+    /// The user this connection signed in as (`pusher:signin`).
+    pub user: Option<Box<str>>,
     /// Client-event token bucket: tokens left and when it was refilled.
     tokens: f64,
     refilled: Instant,
@@ -50,6 +52,7 @@ impl PusherConn {
             ns,
             socket_id: socket_id.into(),
             presence: Vec::new(),
+            user: None,
             tokens,
             refilled: Instant::now(),
             last_seen: now_ms,
@@ -149,6 +152,7 @@ pub fn handle_text(worker: &Worker, key: usize, text: &[u8], now_ms: u64) {
             let msg = format!("clients may not send {event} events");
             push(worker, key, wire::error(None, &msg));
         }
+        ClientMessage::Other { event } if event == "pusher:signin" => signin(worker, key, text),
         ClientMessage::Other { event } => {
             let msg = format!("unsupported event {event}");
             push(worker, key, wire::error(None, &msg));
@@ -271,6 +275,45 @@ fn subscribe(
         key,
         wire::subscription_succeeded(channel, presence.as_deref()),
     );
+}
+
+/// `pusher:signin` (user authentication): `data.auth` must sign
+/// `socket_id::user::user_data`, and `user_data` must carry an `id`. The
+/// connection then belongs to that user (`terminate_connections`). A bad
+/// signin is refused as Pusher refuses it: error and close 4009.
+fn signin(worker: &Worker, key: usize, text: &[u8]) {
+    let refuse = |msg: &str| {
+        let mut shard = worker.shard.borrow_mut();
+        shard.push(key, wire::error(Some(4009), msg));
+        shard.close(key, Some(4009), msg, false);
+    };
+    let v: serde_json::Value = serde_json::from_slice(text).unwrap_or_default();
+    let mut data = v["data"].clone();
+    if let Some(s) = data.as_str() {
+        data = serde_json::from_str(s).unwrap_or_default();
+    }
+    let (Some(auth), Some(user_data)) = (data["auth"].as_str(), data["user_data"].as_str()) else {
+        return refuse("pusher:signin needs data.auth and data.user_data");
+    };
+    let (app, socket_id) = match worker.shard.borrow_mut().pusher_mut(key) {
+        Some(p) => (p.app.clone(), p.socket_id.clone()),
+        None => return,
+    };
+    if let Err(e) = super::sign::check_user_auth(&app, &socket_id, user_data, auth) {
+        return refuse(&e.to_string());
+    }
+    let user: serde_json::Value = serde_json::from_str(user_data).unwrap_or_default();
+    let id = match &user["id"] {
+        serde_json::Value::String(s) if !s.is_empty() => s.clone(),
+        serde_json::Value::Number(n) => n.to_string(),
+        _ => return refuse("user_data must be a JSON object with an id"),
+    };
+    if let Some(p) = worker.shard.borrow_mut().pusher_mut(key) {
+        p.user = Some(id.into());
+    }
+    let data = json!({ "user_data": user_data }).to_string();
+    let reply = json!({ "event": "pusher:signin_success", "data": data }).to_string();
+    push(worker, key, crate::frame::text(reply.as_bytes()));
 }
 
 fn unsubscribe(worker: &Worker, key: usize, channel: &str) {
@@ -456,12 +499,13 @@ pub fn sweep(worker: &Worker, now_ms: u64) {
 }
 
 /// Closes the connections of `user_id` in namespace `ns` on this core
-/// (`terminate_connections`): those present as that user on a presence
-/// channel.
+/// (`terminate_connections`): those signed in as that user, or present as
+/// that user on a presence channel.
 pub fn terminate_user(worker: &Worker, ns: u16, user_id: &str) {
     let mut keys = Vec::new();
     worker.shard.borrow_mut().each_pusher(|key, p| {
-        if p.ns == ns && p.presence.iter().any(|(_, u)| &**u == user_id) {
+        let signed_in = p.user.as_deref() == Some(user_id);
+        if p.ns == ns && (signed_in || p.presence.iter().any(|(_, u)| &**u == user_id)) {
             keys.push(key);
         }
     });
