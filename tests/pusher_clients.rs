@@ -24,7 +24,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use common::{unix_now, wait_for, Server};
 use serde_json::{json, Value};
 use webhook::{Reply, Request, Webhook};
@@ -607,21 +606,7 @@ fn pusher_js_and_node_library_error_paths() {
     r.status("/unknown_app_get", 404);
 }
 
-/// Hex HMAC-SHA256, computed with `jsonwebtoken`'s HS256 (ring), not herald's code.
-fn hmac_sha256_hex(secret: &str, msg: &[u8]) -> String {
-    let b64 = jsonwebtoken::crypto::sign(
-        msg,
-        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
-        jsonwebtoken::Algorithm::HS256,
-    )
-    .expect("hmac");
-    base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(b64)
-        .expect("base64url")
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
+use common::hmac_sha256_hex;
 
 #[test]
 fn hmac_helper_matches_a_known_vector() {

@@ -68,14 +68,7 @@ fn refused(server: &Server, path: &str) -> (Value, u16) {
 }
 
 fn sign(secret: &str, s: &str) -> String {
-    use hmac::{Hmac, KeyInit, Mac};
-    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
-    mac.update(s.as_bytes());
-    mac.finalize()
-        .into_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    common::hmac_sha256_hex(secret, s.as_bytes())
 }
 
 /// A signed HTTP API request (Pusher's auth_* query parameters).
@@ -105,6 +98,12 @@ fn refusals_use_pushers_close_codes() {
     assert_eq!(
         (err["data"]["code"].as_u64(), code),
         (Some(4001), 4001),
+        "{err}"
+    );
+    let (err, code) = refused(&server, "/app/?protocol=7");
+    assert_eq!(
+        (err["data"]["code"].as_u64(), code),
+        (Some(4005), 4005),
         "{err}"
     );
     let (err, code) = refused(&server, "/app/k1?protocol=abc");

@@ -18,7 +18,6 @@ use std::path::{Path, PathBuf};
 
 use std::time::Duration;
 
-use base64::Engine;
 use common::{Client, Server};
 use serde_json::{json, Value};
 
@@ -39,21 +38,7 @@ fn python() -> PathBuf {
     python::python_with("pusher", PUSHER)
 }
 
-/// Hex HMAC-SHA256 through `jsonwebtoken`'s HS256 (ring), not herald's code.
-fn hmac_sha256_hex(secret: &str, msg: &[u8]) -> String {
-    let b64 = jsonwebtoken::crypto::sign(
-        msg,
-        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
-        jsonwebtoken::Algorithm::HS256,
-    )
-    .expect("hmac");
-    base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(b64)
-        .expect("base64url")
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
+use common::hmac_sha256_hex;
 
 /// A Pusher-protocol client on a raw WebSocket.
 struct PusherWs {

@@ -471,3 +471,21 @@ pub fn assert_no_failures(failures: &[String], cases: usize) {
         failures.join("\n")
     );
 }
+
+/// Hex HMAC-SHA256 (Pusher's signatures), computed with `jsonwebtoken`'s
+/// HS256, not herald's code.
+pub fn hmac_sha256_hex(secret: &str, msg: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = jsonwebtoken::crypto::sign(
+        msg,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+        jsonwebtoken::Algorithm::HS256,
+    )
+    .expect("hmac");
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(b64)
+        .expect("base64url")
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
