@@ -331,7 +331,7 @@ pub struct Published {
 }
 
 /// Longest routing key: a namespace number, `#`, and a channel name.
-const MAX_KEY: usize = 6 + MAX_CHANNEL_LEN;
+pub const MAX_KEY: usize = 6 + MAX_CHANNEL_LEN;
 
 impl Published {
     /// A frame whose channel name is `frame[channel_at..channel_at + len]`.

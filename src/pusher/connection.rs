@@ -378,8 +378,9 @@ fn client_event(worker: &Worker, key: usize, event: &str, channel: &str, data: &
             Some(p) => p.ns,
             None => return,
         };
-        let route = protocol::route_key_string(ns, channel);
-        let subscribed = shard.is_subscribed(key, &route);
+        // The routing key on the stack: no allocation per client event.
+        let mut buf = [0u8; protocol::MAX_KEY];
+        let subscribed = shard.is_subscribed(key, protocol::route_key(&mut buf, ns, channel));
         let Some(p) = shard.pusher_mut(key) else {
             return;
         };
