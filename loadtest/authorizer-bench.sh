@@ -93,13 +93,8 @@ for sc in "${SCENARIOS[@]}"; do
             base="$OUT/s$i.r$r.$variant"
             start_variant "$base.log" "$variant" || { stop_server; continue; }
             printf '%-10s s%d round %d: %s\n' "$variant" "$i" "$r" "$sc"
-            rc=0
             # shellcheck disable=SC2086 # the scenario is a word list
-            timeout 600 "$LT" $sc --url "$URL" --server-pid "$SERVER_PID" --json \
-                --label "s$i" --variant "$variant" >"$base.json" 2>"$base.err" || rc=$?
-            if [ "$rc" != 0 ]; then
-                echo "   (herald-loadtest exit $rc: $(tail -1 "$base.err" 2>/dev/null))"
-            fi
+            measure "$base" 600 $sc --url "$URL" --label "s$i" --variant "$variant"
             stop_server
         done
     done

@@ -175,18 +175,8 @@ for sc in "${SCENARIOS[@]}"; do
                 continue
             fi
             printf '%-8s s%d round %d: %s\n' "$server" "$i" "$r" "$sc"
-            rc=0
             # shellcheck disable=SC2086 # the scenario is a word list
-            timeout 900 "$LT" $sc --protocol "$server" --url "$URL" \
-                --server-pid "$SERVER_PID" --json --label "s$i" \
-                >"$base.json" 2>"$base.err" || rc=$?
-            if ! kill -0 "$SERVER_PID" 2>/dev/null; then
-                echo "   !! $server died during the run; log tail:"
-                tail -5 "$base.log" | sed 's/^/      /'
-            fi
-            if [ "$rc" != 0 ]; then
-                echo "   (herald-loadtest exit $rc: $(tail -1 "$base.err" 2>/dev/null))"
-            fi
+            measure "$base" 900 $sc --protocol "$server" --url "$URL" --label "s$i"
             stop_server
         done
         if floor_args="$(floor_of "$sc")"; then

@@ -73,3 +73,21 @@ start_herald() {
     wait_log "$log" "listening on " || return 1
     ADDR="$(grep -o 'listening on [0-9.:]*' "$log" | head -1 | awk '{print $3}')"
 }
+
+# Runs one measurement against the server started last: herald-loadtest
+# ARGS... with --server-pid and --json, bounded by LIMIT seconds ($2),
+# results in BASE.json / BASE.err ($1); says so if the server died or the
+# harness exited non-zero (its last error line).
+measure() {
+    local base="$1" limit="$2" rc=0
+    shift 2
+    timeout "$limit" "$LT" "$@" --server-pid "$SERVER_PID" --json \
+        >"$base.json" 2>"$base.err" || rc=$?
+    if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+        echo "   !! the server died during the run; log tail:"
+        tail -5 "$base.log" | sed 's/^/      /'
+    fi
+    if [ "$rc" != 0 ]; then
+        echo "   (herald-loadtest exit $rc: $(tail -1 "$base.err" 2>/dev/null))"
+    fi
+}

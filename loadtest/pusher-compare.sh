@@ -83,18 +83,9 @@ for sc in "${SCENARIOS[@]}"; do
                 continue
             fi
             printf '%-7s s%d round %d: %s\n' "$variant" "$i" "$r" "$sc"
-            rc=0
             # shellcheck disable=SC2086 # the scenario is a word list
-            timeout 900 "$LT" $sc "${proto[@]}" --url "ws://$ADDR$path" \
-                --server-pid "$SERVER_PID" --json --label "s$i" --variant "$variant" \
-                >"$base.json" 2>"$base.err" || rc=$?
-            if ! kill -0 "$SERVER_PID" 2>/dev/null; then
-                echo "   !! herald died during the run; log tail:"
-                tail -5 "$base.log" | sed 's/^/      /'
-            fi
-            if [ "$rc" != 0 ]; then
-                echo "   (herald-loadtest exit $rc: $(tail -1 "$base.err" 2>/dev/null))"
-            fi
+            measure "$base" 900 $sc "${proto[@]}" --url "ws://$ADDR$path" \
+                --label "s$i" --variant "$variant"
             stop_server
         done
     done
