@@ -23,9 +23,10 @@ pub const MAX_WORKERS: usize = 64;
 #[derive(Debug, Clone, Parser)]
 #[command(name = "herald", version, about, long_about = None, max_term_width = 100)]
 pub struct Config {
-    /// HS256 secret that signs client tokens. Without it (and without
-    /// AUTHORIZER_URL) herald runs in open mode (no token, every permission)
-    /// and only on a loopback address.
+    /// HS256 secret that signs client tokens (at least 32 bytes advised;
+    /// empty is refused). Without it (and without AUTHORIZER_URL) herald
+    /// runs in open mode (no token, every permission) and only on a
+    /// loopback address.
     #[arg(long, env = "SECRET", hide_env_values = true)]
     pub secret: Option<String>,
 
@@ -221,6 +222,8 @@ pub enum ConfigError {
     OpenModeNotLoopback(IpAddr),
     #[error("WORKERS={0} exceeds the {max} reactors herald supports", max = MAX_WORKERS)]
     TooManyWorkers(usize),
+    #[error("SECRET is set but empty: tokens signed with an empty key would be accepted; set a long random SECRET (e.g. openssl rand -hex 32) or unset it")]
+    EmptySecret,
 }
 
 impl Config {
@@ -245,6 +248,9 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        if self.secret.as_deref().is_some_and(str::is_empty) {
+            return Err(ConfigError::EmptySecret);
+        }
         if let Some(w) = self.workers {
             if w > MAX_WORKERS {
                 return Err(ConfigError::TooManyWorkers(w));
@@ -268,6 +274,33 @@ impl Config {
             IpAddr::from([127, 0, 0, 1])
         } else {
             IpAddr::from([0, 0, 0, 0])
+        })
+    }
+
+    /// Why the secret is weak, if it is: shorter than 32 bytes (an HS256
+    /// key should be as long as the hash, RFC 7518 §3.2).
+    pub fn weak_secret(&self) -> Option<String> {
+        let len = self.secret.as_deref()?.len();
+        (len < 32).then(|| {
+            format!("SECRET is only {len} bytes: use at least 32 random bytes (e.g. openssl rand -hex 32), or tokens can be forged by guessing it")
+        })
+    }
+
+    /// The one-line start-up warning for running without SECRET, if any:
+    /// what is true of this configuration.
+    pub fn unauthenticated_warning(&self) -> Option<String> {
+        if self.secret.is_some() {
+            return None;
+        }
+        let host = self.host();
+        Some(match &self.authorizer_url {
+            None => format!(
+                "no SECRET set: open mode, every client may read and write every channel (address {host}, loopback only)"
+            ),
+            Some(url) => format!(
+                "no SECRET set: tokens are not checked; the authorizer at {url} approves every connection and HTTP publish (address {host}{})",
+                if host.is_loopback() { "" } else { ", reachable from other machines" }
+            ),
         })
     }
 
@@ -454,6 +487,33 @@ mod tests {
         assert!(msg.contains("PORT") && msg.contains("expected"), "{msg}");
         let (msg, _) = parse(&["--max-message-size", "huge"]).unwrap_err();
         assert!(msg.contains("MAX_MESSAGE_SIZE"), "{msg}");
+    }
+
+    #[test]
+    fn empty_secret_is_refused_and_short_one_is_weak() {
+        let (msg, code) = parse(&["--secret", ""]).unwrap_err();
+        assert_eq!(code, 2);
+        assert!(msg.contains("SECRET") && msg.contains("empty"), "{msg}");
+        assert_eq!(msg.lines().count(), 1);
+        let c = parse(&["--secret", "short"]).unwrap();
+        assert!(c.weak_secret().unwrap().contains("5 bytes"));
+        let c = parse(&["--secret", &"k".repeat(32)]).unwrap();
+        assert_eq!(c.weak_secret(), None);
+    }
+
+    #[test]
+    fn warnings_say_where_herald_listens() {
+        let c = parse(&[]).unwrap();
+        let w = c.unauthenticated_warning().unwrap();
+        assert!(w.contains("open mode") && w.contains("127.0.0.1"), "{w}");
+        let c = parse(&["--authorizer-url", "http://127.0.0.1:1/a"]).unwrap();
+        let w = c.unauthenticated_warning().unwrap();
+        assert!(!w.contains("loopback only"), "{w}");
+        assert!(w.contains("0.0.0.0") && w.contains("other machines"), "{w}");
+        assert_eq!(
+            parse(&["--secret", "s"]).unwrap().unauthenticated_warning(),
+            None
+        );
     }
 
     #[test]

@@ -77,8 +77,11 @@ pub fn run(config: Config, apps: Apps) -> Result<(), ServerError> {
             available
         }
     };
-    if shared.auth.is_open() {
-        tracing::warn!("no SECRET set: open mode, every client may read and write every channel (loopback only)");
+    if let Some(w) = shared.config.unauthenticated_warning() {
+        tracing::warn!("{w}");
+    }
+    if let Some(w) = shared.config.weak_secret() {
+        tracing::warn!("{w}");
     }
 
     let (tx, rx) = crossbeam_channel::unbounded::<Event>();

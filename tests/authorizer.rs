@@ -895,6 +895,12 @@ fn non_loopback_needs_secret_or_authorizer() {
         .unwrap_or_else(|log| {
             panic!("herald did not start on 0.0.0.0 with AUTHORIZER_URL:\n{log}")
         });
+    // The start-up warning says what is true: not "loopback only".
+    let log = server.log();
+    assert!(
+        log.contains("no SECRET set") && log.contains("0.0.0.0") && !log.contains("loopback only"),
+        "{log}"
+    );
     let loopback = SocketAddr::from(([127, 0, 0, 1], server.addr.port()));
     Client::try_connect(loopback, "/ws", &[]).expect("upgrade allowed");
     assert_eq!(hook.request_count(), 1);

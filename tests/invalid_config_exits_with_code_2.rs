@@ -136,3 +136,20 @@ fn help_exits_0_and_lists_every_variable_with_its_default() {
         }
     }
 }
+
+#[test]
+fn an_empty_secret_exits_2_instead_of_accepting_tokens_signed_with_no_key() {
+    for args in [&[][..], &["--secret", ""][..]] {
+        let (code, _out, err) = run(&[("PORT", "0"), ("WORKERS", "1"), ("SECRET", "")], args);
+        assert_eq!(code, 2, "SECRET='' {args:?}: stderr {err:?}");
+        let line = err.strip_suffix('\n').unwrap_or(&err);
+        assert!(
+            !line.is_empty() && !line.contains('\n'),
+            "stderr is not exactly one line: {err:?}"
+        );
+        assert!(
+            line.contains("SECRET") && line.contains("empty"),
+            "stderr does not say SECRET is empty: {err:?}"
+        );
+    }
+}

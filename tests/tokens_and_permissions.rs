@@ -357,3 +357,18 @@ fn open_mode_ignores_tokens_and_allows_everything() {
     assert_eq!(by_query.recv_json(), json!({"op":"authed","id":1}));
     by_query.subscribe("still:everything");
 }
+
+/// A SECRET shorter than 32 bytes still works but is warned about once at
+/// start; a long one is not.
+#[test]
+fn a_short_secret_is_warned_about() {
+    let server = Server::with_secret(&[]);
+    let log = server.log();
+    assert!(
+        log.contains("SECRET is only 11 bytes"),
+        "no warning for an 11-byte SECRET:\n{log}"
+    );
+    let long = "k".repeat(32);
+    let server = Server::start(&[("SECRET", long.as_str()), ("HOST", "127.0.0.1")]);
+    assert!(!server.log().contains("SECRET is only"), "{}", server.log());
+}
