@@ -12,7 +12,6 @@
 //! checks of different connections run concurrently. Request bodies and
 //! the reading of answers are pure functions, tested below.
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -207,11 +206,7 @@ fn push_query(out: &mut Vec<u8>, query: Option<&str>) {
 
 /// The body of a `connect` request: the upgrade's headers (names in lower
 /// case), query parameters and the peer's address.
-pub fn connect_body(
-    headers: &[(String, String)],
-    query: Option<&str>,
-    peer: SocketAddr,
-) -> Vec<u8> {
+pub fn connect_body(headers: &[(String, String)], query: Option<&str>, peer: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(512);
     out.extend_from_slice(br#"{"command":"connect","args":{"headers":"#);
     push_map(
@@ -223,7 +218,7 @@ pub fn connect_body(
     out.extend_from_slice(br#","query":"#);
     push_query(&mut out, query);
     out.extend_from_slice(br#","remote_addr":"#);
-    push_str(&mut out, &peer.to_string());
+    push_str(&mut out, peer);
     out.extend_from_slice(b"}}");
     out
 }
@@ -246,7 +241,7 @@ pub fn client_json(sub: Option<&str>, connection_id: &str, query: Option<&str>) 
 }
 
 /// The `client` object of an HTTP API publish: its headers and address.
-pub fn http_client_json(headers: &[(String, String)], peer: SocketAddr) -> String {
+pub fn http_client_json(headers: &[(String, String)], peer: &str) -> String {
     let mut out = Vec::with_capacity(256);
     out.extend_from_slice(br#"{"sub":null,"connection_id":null,"headers":"#);
     push_map(
@@ -256,7 +251,7 @@ pub fn http_client_json(headers: &[(String, String)], peer: SocketAddr) -> Strin
             .map(|(k, v)| (k.to_ascii_lowercase(), v.as_str())),
     );
     out.extend_from_slice(br#","remote_addr":"#);
-    push_str(&mut out, &peer.to_string());
+    push_str(&mut out, peer);
     out.push(b'}');
     String::from_utf8(out).unwrap_or_default()
 }
@@ -359,11 +354,7 @@ mod tests {
             ("Cookie".to_string(), "k=1".to_string()),
             ("cookie".to_string(), "j=2".to_string()),
         ];
-        let body = connect_body(
-            &headers,
-            Some("user=ann&room=a%20b"),
-            "127.0.0.1:5000".parse().unwrap(),
-        );
+        let body = connect_body(&headers, Some("user=ann&room=a%20b"), "127.0.0.1:5000");
         assert_eq!(
             v(&body),
             json!({"command":"connect","args":{
@@ -371,7 +362,7 @@ mod tests {
                 "query":{"user":"ann","room":"a b"},
                 "remote_addr":"127.0.0.1:5000"}})
         );
-        let body = connect_body(&[], None, "[::1]:1".parse().unwrap());
+        let body = connect_body(&[], None, "[::1]:1");
         assert_eq!(v(&body)["args"]["query"], json!({}));
     }
 

@@ -86,9 +86,30 @@ pub struct Config {
     #[arg(long, env = "MAX_SUBSCRIPTIONS", default_value_t = 10_000, value_parser = parse_count)]
     pub max_subscriptions: usize,
 
-    /// Seconds a client has to send its HTTP request head.
+    /// Seconds a client has to send an HTTP request head, and again its
+    /// body (past either: 408 and the connection is closed).
     #[arg(long, env = "HANDSHAKE_TIMEOUT", default_value = "10", value_parser = parse_secs)]
     pub handshake_timeout: Duration,
+
+    /// Most connections that have not become WebSockets (handshakes and
+    /// HTTP API connections) across workers; past it the oldest is closed.
+    #[arg(long, env = "MAX_PENDING", default_value_t = 4096, value_parser = parse_count)]
+    pub max_pending: usize,
+
+    /// Comma-separated addresses or CIDR blocks of reverse proxies whose
+    /// Forwarded / X-Forwarded-For headers name the client.
+    #[arg(long, env = "TRUSTED_PROXIES", default_value = "", value_parser = parse_trusted)]
+    pub trusted_proxies: TrustedProxies,
+
+    /// Seconds of silence from a WebSocket client before the server pings
+    /// it (0: never).
+    #[arg(long, env = "PING_INTERVAL", default_value = "25", value_parser = parse_secs_or_zero)]
+    pub ping_interval: Duration,
+
+    /// Seconds a pinged client has to send anything before it is closed
+    /// with 1001 "ping timeout".
+    #[arg(long, env = "PONG_TIMEOUT", default_value = "10", value_parser = parse_secs)]
+    pub pong_timeout: Duration,
 
     /// Seconds a closing connection has to flush and answer the close frame before TCP is cut.
     #[arg(long, env = "CLOSE_TIMEOUT", default_value = "5", value_parser = parse_secs)]
@@ -152,6 +173,21 @@ pub struct Config {
     pub pusher_pong_timeout: Duration,
 }
 
+/// The reverse proxies of TRUSTED_PROXIES.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrustedProxies(pub Vec<ipnet::IpNet>);
+
+fn parse_trusted(s: &str) -> Result<TrustedProxies, String> {
+    crate::forwarded::parse_trusted(s).map(TrustedProxies)
+}
+
+fn parse_secs_or_zero(s: &str) -> Result<Duration, String> {
+    if s.trim().trim_end_matches('s') == "0" {
+        return Ok(Duration::ZERO);
+    }
+    parse_secs(s)
+}
+
 /// The actions AUTHORIZE sends for approval.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Actions {
@@ -191,10 +227,7 @@ fn parse_authorizer_url(s: &str) -> Result<String, String> {
 }
 
 fn parse_ttl(s: &str) -> Result<Duration, String> {
-    if s.trim().trim_end_matches('s') == "0" {
-        return Ok(Duration::ZERO);
-    }
-    parse_secs(s)
+    parse_secs_or_zero(s)
 }
 
 /// Which monoio driver the reactors run on.
@@ -302,6 +335,11 @@ impl Config {
                 if host.is_loopback() { "" } else { ", reachable from other machines" }
             ),
         })
+    }
+
+    /// Each worker's share of MAX_PENDING.
+    pub fn pending_per_worker(&self) -> usize {
+        self.max_pending.div_ceil(self.worker_count())
     }
 
     /// The number of reactors to run.

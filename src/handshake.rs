@@ -69,21 +69,50 @@ impl RequestHead {
         }
     }
 
-    /// The declared body length; chunked bodies are refused with 411.
+    /// The declared body length (RFC 9112 §6.3). A request whose framing
+    /// two parties could read differently is refused with 400 rather than
+    /// guessed at (request smuggling): more than one `Content-Length`
+    /// header, a value that is not plain digits (`+5`, `5, 5`, `0x10`),
+    /// or `Transfer-Encoding` together with `Content-Length`. Chunked
+    /// bodies alone are refused with 411.
     pub fn content_length(&self) -> Result<usize, HttpError> {
-        if self.header("transfer-encoding").is_some() {
-            return Err(HttpError::new(
+        let mut lengths = self
+            .headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+            .map(|(_, v)| v.as_str());
+        let first = lengths.next();
+        if lengths.next().is_some() {
+            return Err(HttpError::new(400, "more than one Content-Length header"));
+        }
+        let chunked = self.header("transfer-encoding").is_some();
+        match (first, chunked) {
+            (Some(_), true) => Err(HttpError::new(
+                400,
+                "both Transfer-Encoding and Content-Length: the body's length is ambiguous",
+            )),
+            (None, true) => Err(HttpError::new(
                 411,
                 "chunked bodies are not supported: send Content-Length",
-            ));
+            )),
+            (None, false) => Ok(0),
+            (Some(v), false) => {
+                // §6.3: 1*DIGIT, nothing else (Rust's parse would take "+5").
+                let v = v.trim_matches(|c| c == ' ' || c == '\t');
+                if v.is_empty() || v.len() > 18 || !v.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(HttpError::new(400, "invalid Content-Length"));
+                }
+                v.parse()
+                    .map_err(|_| HttpError::new(400, "invalid Content-Length"))
+            }
         }
-        match self.header("content-length") {
-            None => Ok(0),
-            Some(v) => v
-                .trim()
-                .parse()
-                .map_err(|_| HttpError::new(400, "invalid Content-Length")),
-        }
+    }
+
+    /// Does the request declare a body (any framing header)?
+    pub fn has_body_framing(&self) -> bool {
+        self.headers.iter().any(|(k, _)| {
+            k.eq_ignore_ascii_case("content-length") || k.eq_ignore_ascii_case("transfer-encoding")
+        })
     }
 }
 
@@ -338,6 +367,40 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(h.content_length().unwrap_err().status, 411);
+    }
+
+    #[test]
+    fn ambiguous_framing_is_refused() {
+        let len = |headers: &str| {
+            let raw = format!("POST /publish HTTP/1.1\r\n{headers}\r\n");
+            parse_head(raw.as_bytes())
+                .unwrap()
+                .unwrap()
+                .0
+                .content_length()
+        };
+        assert_eq!(len("Content-Length:  12 \r\n"), Ok(12));
+        assert_eq!(len(""), Ok(0));
+        for bad in [
+            "Content-Length: 5\r\nContent-Length: 6\r\n",
+            "Content-Length: 5\r\ncontent-length: 5\r\n",
+            "Content-Length: 5, 5\r\n",
+            "Content-Length: +5\r\n",
+            "Content-Length: -1\r\n",
+            "Content-Length: 0x10\r\n",
+            "Content-Length: \r\n",
+            "Content-Length: 99999999999999999999999\r\n",
+            "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+            "Transfer-Encoding: chunked\r\nContent-Length: 5\r\n",
+        ] {
+            assert_eq!(len(bad).unwrap_err().status, 400, "{bad:?}");
+        }
+        assert_eq!(
+            len("Transfer-Encoding: gzip, chunked\r\n")
+                .unwrap_err()
+                .status,
+            411
+        );
     }
 
     #[test]

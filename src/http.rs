@@ -3,6 +3,7 @@
 //! token, MAX_CONNECTIONS), and the HTTP API (`POST /publish`,
 //! `POST /broadcast`, `GET /health`, `GET /metrics`) with keep-alive.
 
+use std::future::poll_fn;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -15,6 +16,7 @@ use monoio::net::TcpStream;
 
 use crate::auth::{self, AuthError, Grant};
 use crate::authorizer::{self, Action, ConnAuthz, Decision};
+use crate::forwarded;
 use crate::handshake::{self, HttpError, RequestHead};
 use crate::protocol::{self, ErrorCode};
 use crate::pusher;
@@ -92,8 +94,23 @@ async fn send(stream: &mut TcpStream, bytes: Vec<u8>) -> bool {
 }
 
 /// Serves one accepted TCP connection: HTTP requests until it upgrades to
-/// WebSocket or closes.
-pub async fn serve(worker: Rc<Worker>, mut stream: TcpStream, peer: SocketAddr) {
+/// WebSocket or closes. Until it upgrades it is one of its worker's
+/// [`pending`](crate::pending) connections, closed at once if evicted to
+/// make room for a newer one.
+pub async fn serve(worker: Rc<Worker>, stream: TcpStream, peer: SocketAddr) {
+    let (ticket, evicted_other) = worker.pending.borrow_mut().admit();
+    if evicted_other {
+        worker.metrics.pending_evictions.inc();
+    }
+    let evicted = poll_fn(|cx| worker.pending.borrow_mut().poll_evicted(ticket, cx));
+    monoio::select! {
+        _ = serve_requests(worker.clone(), stream, peer) => {},
+        _ = evicted => tracing::debug!(%peer, "pending connection evicted (MAX_PENDING)"),
+    }
+    worker.pending.borrow_mut().leave(ticket);
+}
+
+async fn serve_requests(worker: Rc<Worker>, mut stream: TcpStream, peer: SocketAddr) {
     let timeout = worker.shared.config.handshake_timeout;
     let mut buf = Vec::new();
     loop {
@@ -107,6 +124,7 @@ pub async fn serve(worker: Rc<Worker>, mut stream: TcpStream, peer: SocketAddr) 
             }
             Err(_) => {
                 if !buf.is_empty() {
+                    worker.metrics.request_timeouts.inc();
                     let e = HttpError::new(408, "request head not received in time");
                     send(&mut stream, handshake::error_response(&e)).await;
                 }
@@ -114,25 +132,36 @@ pub async fn serve(worker: Rc<Worker>, mut stream: TcpStream, peer: SocketAddr) 
             }
         };
         buf.drain(..len);
+        // Framing first, for every request: a length two parties could
+        // read differently is refused before anything acts on it.
+        let body_len = match head.content_length() {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "request framing refused");
+                send(&mut stream, handshake::error_response(&e)).await;
+                return;
+            }
+        };
+        let client =
+            forwarded::client_addr(peer, &head.headers, &worker.shared.config.trusted_proxies.0);
         if head.wants_websocket() {
-            upgrade(worker, stream, head, buf, peer).await;
+            if body_len > 0 {
+                let e = HttpError::new(400, "a WebSocket upgrade request has no body");
+                send(&mut stream, handshake::error_response(&e)).await;
+                return;
+            }
+            upgrade(worker, stream, head, buf, &client).await;
             return;
         }
-        if !api(&worker, &mut stream, &head, &mut buf, peer).await {
+        if !api(&worker, &mut stream, &head, body_len, &mut buf, &client).await {
             return;
         }
     }
 }
 
 /// Refuses an upgrade with `err`, counting it under `reason`.
-async fn refuse(
-    worker: &Worker,
-    stream: &mut TcpStream,
-    reason: &str,
-    err: HttpError,
-    peer: SocketAddr,
-) {
-    tracing::debug!(%peer, reason, error = %err, "upgrade refused");
+async fn refuse(worker: &Worker, stream: &mut TcpStream, reason: &str, err: HttpError, peer: &str) {
+    tracing::debug!(peer, reason, error = %err, "upgrade refused");
     worker.shared.metrics.reject(reason);
     send(stream, handshake::error_response(&err)).await;
 }
@@ -142,7 +171,7 @@ async fn upgrade(
     mut stream: TcpStream,
     head: RequestHead,
     leftover: Vec<u8>,
-    peer: SocketAddr,
+    peer: &str,
 ) {
     let shared = worker.shared.clone();
     let cfg = &shared.config;
@@ -198,7 +227,7 @@ async fn upgrade(
         shared.release_connection();
         return;
     }
-    tracing::trace!(%peer, worker = worker.id, "websocket open");
+    tracing::trace!(peer, worker = worker.id, "websocket open");
     // The session runs as a task of its own, so this (larger) task, the
     // request head and the handshake buffer are freed now rather than
     // held for the connection's lifetime.
@@ -221,7 +250,7 @@ async fn pusher_upgrade(
     head: RequestHead,
     leftover: Vec<u8>,
     accept: &str,
-    peer: SocketAddr,
+    peer: &str,
 ) {
     let shared = worker.shared.clone();
     let key = &head.path["/app/".len()..];
@@ -274,7 +303,7 @@ async fn pusher_upgrade(
     let pusher_app = match admitted {
         Ok(a) => a,
         Err((code, msg)) => {
-            tracing::debug!(%peer, code, msg, "pusher connection refused");
+            tracing::debug!(peer, code, msg, "pusher connection refused");
             shared.metrics.reject("pusher");
             let mut out = pusher::wire::error(Some(code), &msg).to_vec();
             out.extend_from_slice(&crate::frame::close(Some(code), &msg));
@@ -310,7 +339,7 @@ type Refusal = (&'static str, HttpError);
 async fn authorize_connect(
     worker: &Worker,
     head: &RequestHead,
-    peer: SocketAddr,
+    peer: &str,
 ) -> Result<(Arc<Grant>, Option<Box<ConnAuthz>>), Refusal> {
     let shared = &worker.shared;
     let Some(authorizer) = worker.authorizer.as_ref() else {
@@ -341,7 +370,7 @@ async fn authorize_connect(
             return Err(("authorizer_denied", HttpError::new(403, msg)));
         }
         Decision::Unavailable(why) => {
-            tracing::warn!(%peer, error = %why, "authorizer unavailable");
+            tracing::warn!(peer, error = %why, "authorizer unavailable");
             let msg = "authorizer unavailable, try again later";
             return Err(("authorizer_unavailable", HttpError::new(503, msg)));
         }
@@ -382,11 +411,14 @@ async fn api(
     worker: &Worker,
     stream: &mut TcpStream,
     head: &RequestHead,
+    body_len: usize,
     buf: &mut Vec<u8>,
-    peer: SocketAddr,
+    peer: &str,
 ) -> bool {
     let shared = &worker.shared;
-    let mut keep = head.keep_alive() && !shared.is_shutting_down();
+    // A body nobody reads must not be parsed as the next request: close
+    // after answering instead.
+    let mut keep = head.keep_alive() && !shared.is_shutting_down() && body_len == 0;
     let json = "application/json";
     let (status, ctype, body): (u16, &str, Vec<u8>) = match (
         head.method.as_str(),
@@ -416,9 +448,10 @@ async fn api(
             )
         }
         ("POST", "/publish") | ("POST", "/broadcast") => {
-            let Some(len) = read_body(worker, stream, head, buf).await else {
+            let Some(len) = read_body(worker, stream, body_len, buf).await else {
                 return false;
             };
+            keep = head.keep_alive() && !shared.is_shutting_down();
             if shared.bus.congested(worker.id) {
                 shared.bus.wait_for_space(worker.id).await;
             }
@@ -440,9 +473,10 @@ async fn api(
             return false;
         }
         (method, path) if pusher::api::is_api_path(path) => {
-            let Some(len) = read_body(worker, stream, head, buf).await else {
+            let Some(len) = read_body(worker, stream, body_len, buf).await else {
                 return false;
             };
+            keep = head.keep_alive() && !shared.is_shutting_down();
             if shared.bus.congested(worker.id) {
                 shared.bus.wait_for_space(worker.id).await;
             }
@@ -468,23 +502,17 @@ async fn api(
     send(stream, handshake::response(status, ctype, &body, keep)).await && keep
 }
 
-/// Reads a request's `Content-Length` body into `buf` (its first `len`
-/// bytes). On a bad length, a body over MAX_MESSAGE_SIZE (413) or a peer
-/// gone, answers if it can and returns `None`: the connection is done.
+/// Reads a request's `Content-Length` body of `len` bytes into `buf` (its
+/// first `len` bytes), within HANDSHAKE_TIMEOUT. On a body over
+/// MAX_MESSAGE_SIZE (413), one that does not arrive in time (408) or a
+/// peer gone, answers if it can and returns `None`: the connection is done.
 async fn read_body(
     worker: &Worker,
     stream: &mut TcpStream,
-    head: &RequestHead,
+    len: usize,
     buf: &mut Vec<u8>,
 ) -> Option<usize> {
     let max = worker.shared.config.max_message_size;
-    let len = match head.content_length() {
-        Ok(len) => len,
-        Err(e) => {
-            send(stream, handshake::error_response(&e)).await;
-            return None;
-        }
-    };
     if len > max {
         let msg = format!("body of {len} bytes exceeds MAX_MESSAGE_SIZE ({max})");
         let (status, body) = json_error(ErrorCode::TooLarge, &msg);
@@ -492,13 +520,26 @@ async fn read_body(
         send(stream, handshake::response(status, json, &body, false)).await;
         return None;
     }
-    while buf.len() < len {
-        match read_more(stream, buf, len - buf.len()).await {
-            Ok(0) | Err(_) => return None,
-            Ok(_) => {}
+    let read = async {
+        while buf.len() < len {
+            match read_more(stream, buf, len - buf.len()).await {
+                Ok(0) | Err(_) => return false,
+                Ok(_) => {}
+            }
+        }
+        true
+    };
+    let timeout = worker.shared.config.handshake_timeout;
+    match monoio::time::timeout(timeout, read).await {
+        Ok(true) => Some(len),
+        Ok(false) => None,
+        Err(_) => {
+            worker.metrics.request_timeouts.inc();
+            let e = HttpError::new(408, "request body not received in time");
+            send(stream, handshake::error_response(&e)).await;
+            None
         }
     }
-    Some(len)
 }
 
 /// `POST /publish` and `POST /broadcast`: authenticate, parse, publish.
@@ -510,7 +551,7 @@ async fn publish(
     head: &RequestHead,
     body: &[u8],
     wsify: bool,
-    peer: SocketAddr,
+    peer: &str,
 ) -> (u16, Vec<u8>) {
     let shared = &worker.shared;
     worker.metrics.messages_in.inc();

@@ -10,12 +10,14 @@
 //! - [`frame`]: server-to-client WebSocket frames.
 //! - [`codec`]: client-to-server WebSocket frames (RFC 6455).
 //! - [`handshake`]: HTTP request heads and the opening handshake.
+//! - [`forwarded`]: the client's address behind trusted reverse proxies.
 //!
 //! Shared and per-core state:
 //! - [`interest`]: which cores hold subscribers of which channel.
 //! - [`bus`]: the cross-core queues carrying encoded frames.
 //! - [`shard`]: one core's connections, channel table and outbound queues.
 //! - [`metrics`]: Prometheus counters.
+//! - [`pending`]: the bounded set of connections not yet upgraded.
 //! - [`worker`]: a core's context and the publish path.
 //!
 //! IO:
@@ -40,11 +42,13 @@ pub mod bus;
 pub mod cli;
 pub mod codec;
 pub mod config;
+pub mod forwarded;
 pub mod frame;
 pub mod handshake;
 pub mod http;
 pub mod interest;
 pub mod metrics;
+pub mod pending;
 pub mod protocol;
 pub mod pusher;
 pub mod server;

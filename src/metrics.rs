@@ -28,6 +28,8 @@ pub struct WorkerMetrics {
     pub slow_consumer_closes: Counter,
     pub expired_closes: Counter,
     pub protocol_errors: Counter,
+    pub pending_evictions: Counter,
+    pub request_timeouts: Counter,
 }
 
 /// All metrics of the process.
@@ -101,6 +103,16 @@ impl Metrics {
                 "Connections failed for violating RFC 6455",
                 Family::default(),
             ),
+            (
+                "pending_evictions",
+                "Connections not yet upgraded closed to make room for newer ones (MAX_PENDING)",
+                Family::default(),
+            ),
+            (
+                "request_timeouts",
+                "HTTP requests whose head or body did not arrive within HANDSHAKE_TIMEOUT (408)",
+                Family::default(),
+            ),
         ];
         let mut out = Vec::with_capacity(workers);
         for w in 0..workers {
@@ -118,6 +130,8 @@ impl Metrics {
                 slow_consumer_closes: counters[6].2.get_or_create(&l).clone(),
                 expired_closes: counters[7].2.get_or_create(&l).clone(),
                 protocol_errors: counters[8].2.get_or_create(&l).clone(),
+                pending_evictions: counters[9].2.get_or_create(&l).clone(),
+                request_timeouts: counters[10].2.get_or_create(&l).clone(),
             });
         }
         for (name, help, fam) in families {

@@ -56,7 +56,7 @@ enum Event {
 
 /// Runs herald until SIGINT/SIGTERM.
 pub fn run(config: Config, apps: Apps) -> Result<(), ServerError> {
-    raise_nofile_limit(config.max_connections);
+    raise_nofile_limit(config.max_connections, config.max_pending);
     let workers = config.worker_count();
     let wanted = SocketAddr::new(config.host(), config.port);
     let listeners = bind_listeners(wanted, workers).map_err(|source| ServerError::Bind {
@@ -190,10 +190,11 @@ pub fn run(config: Config, apps: Apps) -> Result<(), ServerError> {
     }
 }
 
-/// Raises RLIMIT_NOFILE's soft limit to what MAX_CONNECTIONS needs (up to
-/// the hard limit) and warns when the hard limit is too low.
-fn raise_nofile_limit(max_connections: usize) {
-    let needed = max_connections as u64 + SPARE_FDS;
+/// Raises RLIMIT_NOFILE's soft limit to what MAX_CONNECTIONS and
+/// MAX_PENDING need (up to the hard limit) and warns when the hard limit
+/// is too low.
+fn raise_nofile_limit(max_connections: usize, max_pending: usize) {
+    let needed = (max_connections + max_pending) as u64 + SPARE_FDS;
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -218,10 +219,10 @@ fn raise_nofile_limit(max_connections: usize) {
     }
     if lim.rlim_cur < needed {
         tracing::warn!(
-            "MAX_CONNECTIONS={max_connections} needs about {needed} open files but RLIMIT_NOFILE allows {}: \
+            "MAX_CONNECTIONS={max_connections} (with MAX_PENDING={max_pending}) needs about {needed} open files but RLIMIT_NOFILE allows {}: \
              at most about {} connections can be open (raise the hard limit: ulimit -Hn, LimitNOFILE=)",
             lim.rlim_cur,
-            lim.rlim_cur.saturating_sub(SPARE_FDS)
+            lim.rlim_cur.saturating_sub(SPARE_FDS + max_pending as u64)
         );
     } else {
         tracing::debug!("RLIMIT_NOFILE raised to {}", lim.rlim_cur);

@@ -15,6 +15,7 @@ use crate::bus::Bus;
 use crate::config::Config;
 use crate::interest::Interest;
 use crate::metrics::{Metrics, WorkerMetrics};
+use crate::pending::Pending;
 use crate::protocol::Published;
 use crate::pusher::apps::Apps;
 use crate::pusher::PusherShared;
@@ -105,6 +106,8 @@ pub struct Worker {
     pub metrics: WorkerMetrics,
     /// This reactor's client of AUTHORIZER_URL (its own keep-alive pool).
     pub authorizer: Option<Authorizer>,
+    /// Connections accepted here that have not upgraded (MAX_PENDING).
+    pub pending: RefCell<Pending>,
     /// Numbers this worker's connections for the authorizer's `connection_id`.
     next_connection: Cell<u64>,
 }
@@ -126,6 +129,7 @@ impl Worker {
             scratch: RefCell::new(vec![0; c.read_buffer_size]),
             metrics,
             authorizer: Authorizer::from_config(c),
+            pending: RefCell::new(Pending::new(c.pending_per_worker())),
             next_connection: Cell::new(0),
             shared,
         }

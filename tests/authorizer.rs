@@ -140,6 +140,37 @@ fn connect_allowed_sends_headers_query_and_address() {
     assert_eq!(decisions(&server, "connect", "allow"), 2.0);
 }
 
+/// Behind a reverse proxy listed in TRUSTED_PROXIES, `remote_addr` is the
+/// client the proxy names (the rightmost untrusted hop of Forwarded or
+/// X-Forwarded-For); from any other peer those headers are ignored.
+#[test]
+fn trusted_proxies_name_the_client() {
+    let hook = Webhook::allowing();
+    let server = server_with(&hook, &[("TRUSTED_PROXIES", "127.0.0.0/8, 10.0.0.0/8")]);
+    let xff = [("X-Forwarded-For", "6.6.6.6, 198.51.100.7, 10.0.0.9")];
+    Client::try_connect(server.addr, "/ws", &xff).expect("upgrade");
+    let fwd = [("Forwarded", r#"for="[2001:db8::17]:4711";proto=https"#)];
+    Client::try_connect(server.addr, "/ws", &fwd).expect("upgrade");
+    Client::try_connect(server.addr, "/ws", &[]).expect("upgrade");
+    let requests = hook.wait_requests(3);
+    let addr = |i: usize| requests[i].body["args"]["remote_addr"].clone();
+    assert_eq!(addr(0), "198.51.100.7");
+    assert_eq!(addr(1), "[2001:db8::17]:4711");
+    let own: SocketAddr = addr(2).as_str().unwrap().parse().unwrap();
+    assert!(own.ip().is_loopback());
+
+    // Not trusted: the peer's own address, whatever the headers say.
+    let hook = Webhook::allowing();
+    let server = server_with(&hook, &[("TRUSTED_PROXIES", "10.0.0.0/8")]);
+    let c = Client::try_connect(server.addr, "/ws", &xff).expect("upgrade");
+    let requests = hook.wait_requests(1);
+    let remote: SocketAddr = requests[0].body["args"]["remote_addr"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .expect("ip:port");
+    assert_eq!(remote, c.ws.get_ref().local_addr().unwrap());
+}
+
 /// Repeated headers reach the webhook joined as HTTP joins them: `, `, and
 /// `; ` for Cookie. (A raw upgrade, as the client library merges headers.)
 #[test]

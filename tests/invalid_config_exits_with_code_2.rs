@@ -61,6 +61,11 @@ fn invalid_values_exit_2_with_one_line_naming_the_variable() {
         ("WRITE_BUFFER_SIZE", "0"),
         ("CHECK_ORIGIN", "maybe"),
         ("HOST", "not-an-ip"),
+        ("TRUSTED_PROXIES", "proxy.local"),
+        ("TRUSTED_PROXIES", "10.0.0.0/33"),
+        ("MAX_PENDING", "0"),
+        ("PING_INTERVAL", "soon"),
+        ("PONG_TIMEOUT", "0"),
     ];
     for &(var, value) in cases {
         let mut env = vec![("PORT", "0"), ("WORKERS", "1")];

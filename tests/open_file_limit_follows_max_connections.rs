@@ -1,4 +1,4 @@
-//! At start herald raises its soft RLIMIT_NOFILE to what MAX_CONNECTIONS
+//! At start herald raises its soft RLIMIT_NOFILE to what MAX_CONNECTIONS (and MAX_PENDING)
 //! needs (up to the hard limit), and warns, naming the shortfall, when the
 //! hard limit is too low.
 
@@ -36,10 +36,13 @@ fn soft_limit_is_raised_to_what_max_connections_needs() {
         hard >= 2000,
         "this test needs a hard limit of at least 2000 (have {hard})"
     );
-    let server = Server::start_with_nofile_limit(&[("MAX_CONNECTIONS", "1000")], 256);
+    let server = Server::start_with_nofile_limit(
+        &[("MAX_CONNECTIONS", "1000"), ("MAX_PENDING", "100")],
+        256,
+    );
     let (soft, _) = nofile(server.pid());
     assert!(
-        soft >= 1000 + 256,
+        soft >= 1000 + 100 + 256,
         "soft limit {soft} was not raised for 1000 connections"
     );
     assert!(
