@@ -52,6 +52,11 @@ pub fn binary(payload: &[u8]) -> Bytes {
     whole(OpCode::Data(Data::Binary), payload)
 }
 
+/// An empty ping (§5.5.2), the server's keep-alive probe.
+pub fn ping() -> Bytes {
+    whole(OpCode::Control(Control::Ping), &[])
+}
+
 /// A pong answering a ping's `payload` (§5.5.3: same application data).
 pub fn pong(payload: &[u8]) -> Bytes {
     whole(OpCode::Control(Control::Pong), payload)

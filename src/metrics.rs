@@ -30,6 +30,8 @@ pub struct WorkerMetrics {
     pub protocol_errors: Counter,
     pub pending_evictions: Counter,
     pub request_timeouts: Counter,
+    pub pings_sent: Counter,
+    pub ping_timeouts: Counter,
 }
 
 /// All metrics of the process.
@@ -113,6 +115,16 @@ impl Metrics {
                 "HTTP requests whose head or body did not arrive within HANDSHAKE_TIMEOUT (408)",
                 Family::default(),
             ),
+            (
+                "pings_sent",
+                "Keep-alive pings sent to silent WebSocket connections (PING_INTERVAL)",
+                Family::default(),
+            ),
+            (
+                "ping_timeouts",
+                "Connections closed with 1001 for not answering a ping (PONG_TIMEOUT)",
+                Family::default(),
+            ),
         ];
         let mut out = Vec::with_capacity(workers);
         for w in 0..workers {
@@ -132,6 +144,8 @@ impl Metrics {
                 protocol_errors: counters[8].2.get_or_create(&l).clone(),
                 pending_evictions: counters[9].2.get_or_create(&l).clone(),
                 request_timeouts: counters[10].2.get_or_create(&l).clone(),
+                pings_sent: counters[11].2.get_or_create(&l).clone(),
+                ping_timeouts: counters[12].2.get_or_create(&l).clone(),
             });
         }
         for (name, help, fam) in families {

@@ -390,18 +390,24 @@ async fn accept_loop(worker: Rc<Worker>, listener: TcpListener) {
 }
 
 /// Runs the shard's timers (token expiry, close deadlines) every 100 ms,
-/// the Pusher requests from other cores, and once a second the Pusher idle
-/// sweep (pings, 4201).
+/// the keep-alive sweep (server pings), the Pusher requests from other
+/// cores, and once a second the Pusher idle sweep (pings, 4201).
 async fn timer_loop(worker: Rc<Worker>) {
-    let mut tick = monoio::time::interval(Duration::from_millis(100));
-    let mut sweeps = 0u64;
+    const TICK_MS: u64 = 100;
+    let mut tick = monoio::time::interval(Duration::from_millis(TICK_MS));
+    let keepalive_every = (worker.shard.borrow().keepalive().sweep_ms / TICK_MS).max(1);
+    let mut ticks = 0u64;
     loop {
         tick.tick().await;
         if worker.shared.is_shutting_down() && worker.shard.borrow().is_empty() {
             break;
         }
+        ticks += 1;
         let now = unix_ms();
         worker.shard.borrow_mut().run_timers(now);
+        if ticks % keepalive_every == 0 {
+            worker.shard.borrow_mut().sweep_idle();
+        }
         if let Some(pusher) = &worker.shared.pusher {
             for c in pusher.take_controls(worker.id) {
                 match c {
@@ -410,8 +416,7 @@ async fn timer_loop(worker: Rc<Worker>) {
                     }
                 }
             }
-            sweeps += 1;
-            if sweeps % 10 == 0 {
+            if ticks % 10 == 0 {
                 connection::sweep(&worker, now);
             }
         }

@@ -220,6 +220,7 @@ impl Reader {
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                         Err(_) => return,
                     };
+                    worker.shard.borrow_mut().seen(self.key);
                     let full = n == scratch.len();
                     let flow = if self.pending.is_empty() {
                         let (flow, used) = self.process(worker, &mut scratch[..n]);

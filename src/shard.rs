@@ -38,6 +38,47 @@ pub struct Limits {
     pub close_timeout_ms: u64,
     pub publish_rate: u64,
     pub jwt_leeway: u64,
+    /// Server pings (protocol.md 1.1 "Keep-alive"), in sweeps.
+    pub keepalive: Keepalive,
+}
+
+/// When the idle sweep pings and gives up, counted in sweeps of the
+/// worker's keep-alive clock (one sweep per [`Keepalive::sweep_ms`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    /// Sweeps of silence before a ping; 0: never ping.
+    pub ping_after: u32,
+    /// Sweeps after a ping with nothing heard before closing with 1001.
+    pub close_after: u32,
+    /// Milliseconds between sweeps.
+    pub sweep_ms: u64,
+}
+
+impl Keepalive {
+    /// The sweep schedule for PING_INTERVAL and PONG_TIMEOUT: one sweep per
+    /// quarter of the shorter of the two, between 100 ms and 1 s, so a
+    /// ping goes out at most a quarter interval late and 100,000 idle
+    /// connections cost one pass a second, not a timer each.
+    pub fn new(ping_interval: std::time::Duration, pong_timeout: std::time::Duration) -> Self {
+        let ping = ping_interval.as_millis() as u64;
+        let pong = pong_timeout.as_millis() as u64;
+        let sweep_ms = (ping.min(pong) / 4).clamp(100, 1000) / 100 * 100;
+        let sweeps = |ms: u64| ms.div_ceil(sweep_ms).clamp(1, u32::MAX as u64) as u32;
+        Keepalive {
+            ping_after: if ping == 0 { 0 } else { sweeps(ping) },
+            close_after: sweeps(pong),
+            sweep_ms,
+        }
+    }
+
+    /// No pings at all.
+    pub fn off() -> Self {
+        Keepalive {
+            ping_after: 0,
+            close_after: 1,
+            sweep_ms: 1000,
+        }
+    }
 }
 
 /// A connection's token bucket for publishes.
@@ -66,6 +107,10 @@ pub struct Conn {
     closing: Option<u64>,
     /// The socket was shut down; reader and writer must stop.
     cut: bool,
+    /// The keep-alive sweep during which the client was last heard from.
+    last_seen: u32,
+    /// The sweep that sent an unanswered ping (0: none pending).
+    pinged_at: u32,
     pub grant: Arc<Grant>,
     /// Channels this connection is subscribed to.
     subs: Vec<Box<str>>,
@@ -198,6 +243,8 @@ pub struct Shard {
     timers: BinaryHeap<Reverse<(u64, usize, u64)>>,
     next_gen: u64,
     metrics: WorkerMetrics,
+    /// The keep-alive clock: sweeps run so far (starts at 1).
+    sweep: u32,
     /// Woken when the last connection leaves (for shutdown).
     empty_waker: Option<Waker>,
 }
@@ -236,12 +283,18 @@ impl Shard {
             timers: BinaryHeap::new(),
             next_gen: 1,
             metrics,
+            sweep: 1,
             empty_waker: None,
         }
     }
 
     pub fn is_empty(&self) -> bool {
         self.conns.is_empty()
+    }
+
+    /// The keep-alive schedule this shard sweeps by.
+    pub fn keepalive(&self) -> Keepalive {
+        self.limits.keepalive
     }
 
     pub fn conn(&self, key: usize) -> Option<&Conn> {
@@ -270,6 +323,8 @@ impl Shard {
             writer: None,
             closing: None,
             cut: false,
+            last_seen: self.sweep,
+            pinged_at: 0,
             grant,
             subs: Vec::new(),
             bucket,
@@ -648,6 +703,56 @@ impl Shard {
         }
     }
 
+    /// The client of `key` was heard from (any bytes): it is alive, and
+    /// any ping it had pending is answered.
+    pub fn seen(&mut self, key: usize) {
+        let now = self.sweep;
+        if let Some(c) = self.conns.get_mut(key) {
+            c.last_seen = now;
+            c.pinged_at = 0;
+        }
+    }
+
+    /// One keep-alive sweep (protocol.md 1.1 "Keep-alive"): pings every
+    /// connection silent for `ping_after` sweeps, and closes with 1001
+    /// "ping timeout" those still silent `close_after` sweeps after their
+    /// ping (the close deadline then cuts a peer that cannot even take the
+    /// close frame). One pass over the connections, whatever their number.
+    pub fn sweep_idle(&mut self) {
+        self.sweep = self.sweep.wrapping_add(1).max(1);
+        let ka = self.limits.keepalive;
+        if ka.ping_after == 0 {
+            return;
+        }
+        let now = self.sweep;
+        let mut ping = Vec::new();
+        let mut dead = Vec::new();
+        for (key, c) in self.conns.iter_mut() {
+            if c.closing.is_some() {
+                continue;
+            }
+            if c.pinged_at != 0 {
+                if now.wrapping_sub(c.pinged_at) >= ka.close_after {
+                    dead.push(key);
+                }
+            } else if now.wrapping_sub(c.last_seen) >= ka.ping_after {
+                c.pinged_at = now;
+                ping.push(key);
+            }
+        }
+        if !ping.is_empty() {
+            let frame = frame::ping();
+            self.metrics.pings_sent.inc_by(ping.len() as u64);
+            for key in ping {
+                self.push(key, frame.clone());
+            }
+        }
+        for key in dead {
+            self.metrics.ping_timeouts.inc();
+            self.close(key, Some(1001), "ping timeout", true);
+        }
+    }
+
     /// Runs due timers at `now` (Unix ms): closes connections whose token
     /// expired (4001) and cuts those whose close deadline passed.
     pub fn run_timers(&mut self, now: u64) {
@@ -723,6 +828,11 @@ mod tests {
                 close_timeout_ms: 1000,
                 publish_rate: 0,
                 jwt_leeway: 0,
+                keepalive: Keepalive {
+                    ping_after: 2,
+                    close_after: 2,
+                    sweep_ms: 1000,
+                },
             },
             WorkerMetrics::default(),
         )
@@ -844,6 +954,69 @@ mod tests {
         assert_eq!(&b.bufs[0][..], b"efg");
         b.advance(3);
         assert!(b.is_empty());
+    }
+
+    #[test]
+    fn keepalive_schedule() {
+        use std::time::Duration;
+        let k = Keepalive::new(Duration::from_secs(25), Duration::from_secs(10));
+        assert_eq!((k.sweep_ms, k.ping_after, k.close_after), (1000, 25, 10));
+        let k = Keepalive::new(Duration::from_secs(1), Duration::from_secs(1));
+        assert_eq!((k.sweep_ms, k.ping_after, k.close_after), (200, 5, 5));
+        let k = Keepalive::new(Duration::ZERO, Duration::from_secs(10));
+        assert_eq!(k.ping_after, 0);
+        let k = Keepalive::new(Duration::from_millis(150), Duration::from_millis(150));
+        assert_eq!((k.sweep_ms, k.ping_after, k.close_after), (100, 2, 2));
+    }
+
+    #[test]
+    fn silent_connections_are_pinged_then_closed_and_talkers_are_not() {
+        let mut s = shard(1 << 20);
+        let (quiet, qg) = s.open(-1, Grant::open());
+        let (talker, tg) = s.open(-1, Grant::open());
+        let (answers, ag) = s.open(-1, Grant::open());
+        let ping = frame::ping();
+        s.sweep_idle();
+        s.seen(talker);
+        assert!(drain(&mut s, quiet, qg).is_empty());
+        s.sweep_idle(); // two sweeps of silence: pinged
+        s.seen(talker);
+        for (k, g) in [(quiet, qg), (answers, ag)] {
+            let got = drain(&mut s, k, g);
+            assert_eq!(got, vec![ping.clone()], "pinged");
+        }
+        assert!(
+            drain(&mut s, talker, tg).is_empty(),
+            "a talker is not pinged"
+        );
+        s.seen(answers); // the pong
+        s.sweep_idle();
+        s.seen(talker);
+        assert!(!s.conn(quiet).unwrap().is_closing());
+        s.sweep_idle(); // two sweeps after the ping
+        s.seen(talker);
+        assert!(
+            s.conn(quiet).unwrap().is_closing(),
+            "silent after a ping: closed"
+        );
+        let q = drain(&mut s, quiet, qg);
+        assert_eq!(&q[0][2..4], &1001u16.to_be_bytes());
+        assert_eq!(&q[0][4..], b"ping timeout");
+        assert!(!s.conn(answers).unwrap().is_closing());
+        assert!(!s.conn(talker).unwrap().is_closing());
+        let _ = (tg, ag);
+    }
+
+    #[test]
+    fn keepalive_off_never_pings() {
+        let mut s = shard(1 << 20);
+        s.limits.keepalive = Keepalive::off();
+        let (k, g) = s.open(-1, Grant::open());
+        for _ in 0..1000 {
+            s.sweep_idle();
+        }
+        assert!(drain(&mut s, k, g).is_empty());
+        assert!(!s.conn(k).unwrap().is_closing());
     }
 
     #[test]

@@ -19,7 +19,7 @@ use crate::pending::Pending;
 use crate::protocol::Published;
 use crate::pusher::apps::Apps;
 use crate::pusher::PusherShared;
-use crate::shard::{Limits, Shard};
+use crate::shard::{Keepalive, Limits, Shard};
 
 /// State shared by every worker of the process.
 pub struct Shared {
@@ -121,6 +121,7 @@ impl Worker {
             close_timeout_ms: c.close_timeout.as_millis() as u64,
             publish_rate: c.publish_rate,
             jwt_leeway: c.jwt_leeway,
+            keepalive: Keepalive::new(c.ping_interval, c.pong_timeout),
         };
         let metrics = shared.metrics.worker(id);
         Worker {
