@@ -15,7 +15,7 @@ use herald::codec::{apply_mask, Decoder};
 use herald::interest::Interest;
 use herald::metrics::WorkerMetrics;
 use herald::protocol::{message_frame, parse_request};
-use herald::shard::{Batch, Limits, Shard};
+use herald::shard::{Batch, Keepalive, Limits, Shard};
 
 fn limits() -> Limits {
     Limits {
@@ -24,6 +24,7 @@ fn limits() -> Limits {
         close_timeout_ms: 5000,
         publish_rate: 0,
         jwt_leeway: 0,
+        keepalive: Keepalive::off(),
     }
 }
 
