@@ -6,19 +6,25 @@
 //! claims that become the connection's permissions), 5xx, a timeout or a
 //! failed connection mean the authorizer is down, any other status denies.
 //!
-//! Each reactor owns one [`Authorizer`]: an HTTP client (monoio-http-client)
-//! whose keep-alive pool belongs to that reactor, so a check is an async
-//! request on the reactor's own event loop, never a blocking call, and
-//! checks of different connections run concurrently. Request bodies and
-//! the reading of answers are pure functions, tested below.
+//! Each reactor owns one [`Authorizer`]: an HTTP client
+//! ([`crate::http_client`]) whose keep-alive pool belongs to that reactor,
+//! so a check is an async request on the reactor's own event loop, never a
+//! blocking call, and checks of different connections run concurrently.
+//! A check has no side effects, so one that meets a pooled connection the
+//! server has just closed is retried on a fresh one within the same
+//! timeout. Request bodies and the reading of answers are pure functions,
+//! tested below.
 
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde::Deserialize;
 
+use prometheus_client::metrics::histogram::Histogram;
+
 use crate::auth::Claims;
 use crate::config::{Actions, Config};
+use crate::http_client::{Client, Error as HttpError, Target};
 
 /// An action sent for approval.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,25 +77,28 @@ pub fn decide(status: u16, body: Bytes) -> Decision {
     }
 }
 
+/// Largest answer read from the authorizer.
+const MAX_ANSWER: usize = 64 * 1024;
+
 /// One reactor's client of the authorizer.
 pub struct Authorizer {
-    client: monoio_http_client::Client,
-    url: String,
+    client: Client,
+    target: Target,
     timeout: Duration,
     actions: Actions,
     pub cache_ttl: Duration,
 }
 
 impl Authorizer {
-    /// The authorizer of `config`, if AUTHORIZER_URL is set.
-    pub fn from_config(config: &Config) -> Option<Authorizer> {
-        let url = config.authorizer_url.clone()?;
+    /// The authorizer of `config`, if AUTHORIZER_URL is set; each request's
+    /// duration goes to `latency`.
+    pub fn from_config(config: &Config, latency: Option<Histogram>) -> Option<Authorizer> {
+        let url = config.authorizer_url.as_deref()?;
+        // The URL was validated when the configuration was read.
+        let target = Target::parse(url).ok()?;
         Some(Authorizer {
-            client: monoio_http_client::Builder::new()
-                .http1_client()
-                .max_idle_connections(1024)
-                .build(),
-            url,
+            client: Client::new(MAX_ANSWER, latency),
+            target,
             timeout: config.authorizer_timeout,
             actions: config.authorize,
             cache_ttl: config.authorizer_cache_ttl,
@@ -108,26 +117,23 @@ impl Authorizer {
 
     /// POSTs `body` and classifies the answer, within AUTHORIZER_TIMEOUT.
     pub async fn ask(&self, body: Vec<u8>) -> Decision {
-        let call = async {
-            let resp = self
-                .client
-                .post(self.url.as_str())
-                .header(http::header::CONTENT_TYPE, "application/json")
-                .send_body(Bytes::from(body))
-                .await?;
-            let status = resp.status().as_u16();
-            // Read the whole answer even when only the status matters, so
-            // the connection goes back to the pool clean.
-            let body = resp.bytes().await?;
-            Ok::<_, monoio_http_client::Error>((status, body))
-        };
-        match monoio::time::timeout(self.timeout, call).await {
-            Ok(Ok((status, body))) => decide(status, body),
-            Ok(Err(e)) => Decision::Unavailable(format!("authorizer unreachable: {e}")),
-            Err(_) => Decision::Unavailable(format!(
-                "authorizer did not answer within {:?}",
-                self.timeout
-            )),
+        let headers = [("content-type", "application/json")];
+        let res = self
+            .client
+            .post(
+                &self.target,
+                &headers,
+                Bytes::from(body),
+                self.timeout,
+                true,
+            )
+            .await;
+        match res {
+            Ok(r) => decide(r.status, r.body),
+            Err(HttpError::Timeout(t)) => {
+                Decision::Unavailable(format!("authorizer did not answer within {t:?}"))
+            }
+            Err(e) => Decision::Unavailable(format!("authorizer unreachable: {e}")),
         }
     }
 }

@@ -46,6 +46,7 @@ pub mod forwarded;
 pub mod frame;
 pub mod handshake;
 pub mod http;
+pub mod http_client;
 pub mod interest;
 pub mod metrics;
 pub mod pending;

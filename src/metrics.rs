@@ -9,6 +9,7 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 type Labels = Vec<(String, String)>;
@@ -41,6 +42,16 @@ pub struct Metrics {
     rejected: Family<Labels, Counter>,
     authorizer: Family<Labels, Counter>,
     channels_total: Gauge,
+    outgoing: Family<Labels, Histogram, fn() -> Histogram>,
+    webhooks: Family<Labels, Counter>,
+    webhook_drops: Family<Labels, Counter>,
+}
+
+/// Buckets for outgoing HTTP request durations, 1 ms to 10 s.
+fn outgoing_histogram() -> Histogram {
+    Histogram::new([
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ])
 }
 
 impl Metrics {
@@ -166,6 +177,25 @@ impl Metrics {
             "Authorizer webhook answers (result: allow, deny, unavailable, cached), by action",
             authorizer.clone(),
         );
+        let outgoing: Family<Labels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(outgoing_histogram);
+        registry.register(
+            "outgoing_http_request_duration_seconds",
+            "Duration of outgoing HTTP requests (authorizer checks, webhook posts), answer read",
+            outgoing.clone(),
+        );
+        let webhooks = Family::<Labels, Counter>::default();
+        registry.register(
+            "pusher_webhook_batches",
+            "Pusher webhook batches by app and outcome (delivered, retried, refused, dropped)",
+            webhooks.clone(),
+        );
+        let webhook_drops = Family::<Labels, Counter>::default();
+        registry.register(
+            "pusher_webhook_events_dropped",
+            "Pusher webhook events dropped before sending because a queue was full, by app",
+            webhook_drops.clone(),
+        );
         let channels_total = Gauge::default();
         registry.register(
             "channels_total",
@@ -181,7 +211,35 @@ impl Metrics {
             rejected,
             authorizer,
             channels_total,
+            outgoing,
+            webhooks,
+            webhook_drops,
         }
+    }
+
+    /// The counter of webhook events of `app` dropped for a full queue.
+    pub fn webhook_events_dropped(&self, app: &str) -> Counter {
+        self.webhook_drops
+            .get_or_create(&vec![("app".to_string(), app.to_string())])
+            .clone()
+    }
+
+    /// The duration histogram of outgoing requests to `target`
+    /// (`authorizer` or `webhook`).
+    pub fn outgoing(&self, target: &str) -> Histogram {
+        self.outgoing
+            .get_or_create(&vec![("target".to_string(), target.to_string())])
+            .clone()
+    }
+
+    /// Counts a webhook batch of `app` with `outcome`.
+    pub fn webhook(&self, app: &str, outcome: &str) {
+        self.webhooks
+            .get_or_create(&vec![
+                ("app".to_string(), app.to_string()),
+                ("outcome".to_string(), outcome.to_string()),
+            ])
+            .inc();
     }
 
     /// The handles of worker `id`.

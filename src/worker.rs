@@ -18,6 +18,7 @@ use crate::metrics::{Metrics, WorkerMetrics};
 use crate::pending::Pending;
 use crate::protocol::Published;
 use crate::pusher::apps::Apps;
+use crate::pusher::webhooks::WebhookMetrics;
 use crate::pusher::PusherShared;
 use crate::shard::{Keepalive, Limits, Shard};
 
@@ -27,7 +28,7 @@ pub struct Shared {
     pub auth: Authenticator,
     pub interest: Interest,
     pub bus: Arc<Bus>,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     /// WebSocket connections open across all workers (for MAX_CONNECTIONS).
     pub connections: AtomicUsize,
     /// Workers whose listener is accepting.
@@ -45,6 +46,7 @@ impl Shared {
 
     /// Shared state serving `apps` over the Pusher protocol too.
     pub fn with_apps(config: Config, workers: usize, apps: Apps) -> Arc<Shared> {
+        let metrics = Arc::new(Metrics::new(workers));
         let pusher = (!apps.is_empty()).then(|| {
             PusherShared::new(
                 apps,
@@ -52,6 +54,7 @@ impl Shared {
                 config.pusher_activity_timeout,
                 config.pusher_pong_timeout,
                 config.authorizer_timeout,
+                WebhookMetrics::new(metrics.clone()),
             )
         });
         Arc::new(Shared {
@@ -59,7 +62,7 @@ impl Shared {
             auth: Authenticator::new(config.secret.as_deref(), config.jwt_leeway),
             interest: Interest::new(),
             bus: Bus::new(workers, config.bus_capacity),
-            metrics: Metrics::new(workers),
+            metrics,
             connections: AtomicUsize::new(0),
             ready: AtomicUsize::new(0),
             workers,
@@ -129,7 +132,7 @@ impl Worker {
             shard: RefCell::new(Shard::new(id, limits, metrics.clone())),
             scratch: RefCell::new(vec![0; c.read_buffer_size]),
             metrics,
-            authorizer: Authorizer::from_config(c),
+            authorizer: Authorizer::from_config(c, Some(shared.metrics.outgoing("authorizer"))),
             pending: RefCell::new(Pending::new(c.pending_per_worker())),
             next_connection: Cell::new(0),
             shared,

@@ -56,8 +56,9 @@ impl PusherShared {
         activity_timeout: Duration,
         pong_timeout: Duration,
         webhook_timeout: Duration,
+        webhook_metrics: webhooks::WebhookMetrics,
     ) -> PusherShared {
-        let webhooks = Webhooks::start(&apps, webhook_timeout);
+        let webhooks = Webhooks::start(&apps, webhook_timeout, webhook_metrics);
         PusherShared {
             app_connections: (0..apps.len()).map(|_| AtomicUsize::new(0)).collect(),
             apps,

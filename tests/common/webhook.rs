@@ -8,6 +8,11 @@
 //! request until [`Webhook::release`] (or until the client hangs up, or
 //! the webhook is dropped). Waiting is on a `Condvar`, never a sleep.
 //!
+//! [`Options`] make it behave as other servers do: answer as HTTP/1.0 and
+//! close, send bodies without `Content-Length` (close-delimited), close
+//! keep-alive connections after a second of idleness (Node's, nginx's
+//! `keepalive_timeout`), or speak TLS.
+//!
 //! Include it with `#[path = "common/webhook.rs"] mod webhook;`.
 #![allow(dead_code)]
 
@@ -72,6 +77,23 @@ impl Request {
 
 type Decide = dyn Fn(&Value) -> Reply + Send + Sync;
 
+/// How the receiver speaks HTTP.
+#[derive(Clone, Default)]
+pub struct Options {
+    /// Answer `HTTP/1.0` (no keep-alive) and close after each response.
+    pub http10: bool,
+    /// Answer without `Content-Length`, ending the body by closing.
+    pub close_delimited: bool,
+    /// Close a keep-alive connection idle this long.
+    pub idle_close: Option<Duration>,
+    /// Speak TLS with this configuration.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+/// A stream the receiver reads requests from and writes answers to.
+trait Conn: Read + Write + Send {}
+impl<T: Read + Write + Send> Conn for T {}
+
 #[derive(Default)]
 struct Inner {
     requests: Vec<Request>,
@@ -88,12 +110,15 @@ struct Inner {
     shutdown: bool,
     /// Clones of open connections, to unblock their threads on drop.
     streams: Vec<TcpStream>,
+    /// Keep-alive connections the receiver closed for idleness.
+    idle_closes: usize,
 }
 
 struct State {
     inner: Mutex<Inner>,
     cond: Condvar,
     decide: Box<Decide>,
+    options: Options,
 }
 
 impl State {
@@ -112,12 +137,21 @@ pub struct Webhook {
 impl Webhook {
     /// Starts a receiver answering each request as `decide` says.
     pub fn start(decide: impl Fn(&Value) -> Reply + Send + Sync + 'static) -> Webhook {
+        Self::start_with(Options::default(), decide)
+    }
+
+    /// Starts a receiver speaking HTTP as `options` say.
+    pub fn start_with(
+        options: Options,
+        decide: impl Fn(&Value) -> Reply + Send + Sync + 'static,
+    ) -> Webhook {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind webhook");
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(State {
             inner: Mutex::new(Inner::default()),
             cond: Condvar::new(),
             decide: Box::new(decide),
+            options,
         });
         let st = state.clone();
         std::thread::spawn(move || accept_loop(listener, st));
@@ -157,6 +191,17 @@ impl Webhook {
     /// How many TCP connections were accepted so far.
     pub fn connections(&self) -> usize {
         self.state.lock().connections
+    }
+
+    /// Blocks until the receiver has closed `n` idle connections.
+    pub fn wait_idle_closes(&self, n: usize) {
+        drop(self.wait_until(&format!("{n} idle closes"), |i| i.idle_closes >= n));
+    }
+
+    /// Blocks until no request is held any more (answered, or given up
+    /// by the client).
+    pub fn wait_none_held(&self) {
+        drop(self.wait_until("no held requests", |i| i.held == 0));
     }
 
     /// Blocks until at least `n` requests were received; returns them all.
@@ -242,7 +287,20 @@ fn accept_loop(listener: TcpListener, state: Arc<State>) {
             state.cond.notify_all();
         }
         let st = state.clone();
-        std::thread::spawn(move || serve(stream, st));
+        std::thread::spawn(move || {
+            let tcp = match stream.try_clone() {
+                Ok(t) => t,
+                Err(_) => return,
+            };
+            let conn: Box<dyn Conn> = match st.options.tls.clone() {
+                None => Box::new(stream),
+                Some(config) => match rustls::ServerConnection::new(config) {
+                    Ok(tls) => Box::new(rustls::StreamOwned::new(tls, stream)),
+                    Err(_) => return,
+                },
+            };
+            serve(conn, tcp, st)
+        });
     }
 }
 
@@ -250,10 +308,32 @@ fn accept_loop(listener: TcpListener, state: Arc<State>) {
 const MAX_HEADERS: usize = 64;
 
 /// Serves one keep-alive connection until the client closes it.
-fn serve(mut stream: TcpStream, state: Arc<State>) {
-    let _ = stream.set_nodelay(true);
+fn serve(mut stream: Box<dyn Conn>, tcp: TcpStream, state: Arc<State>) {
+    let _ = tcp.set_nodelay(true);
+    let opts = state.options.clone();
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     loop {
+        if buf.is_empty() {
+            if let Some(idle) = opts.idle_close {
+                // Idle between requests: close as a server with a
+                // keep-alive timeout does.
+                let _ = tcp.set_read_timeout(Some(idle));
+                let mut chunk = [0u8; 4096];
+                match stream.read(&mut chunk) {
+                    Ok(0) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                        let _ = tcp.shutdown(Shutdown::Both);
+                        let mut inner = state.lock();
+                        inner.idle_closes += 1;
+                        state.cond.notify_all();
+                        return;
+                    }
+                    Err(_) => return,
+                }
+                let _ = tcp.set_read_timeout(None);
+            }
+        }
         // Read a complete head.
         let (head_len, method, path, headers) = loop {
             let mut hs = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -278,7 +358,7 @@ fn serve(mut stream: TcpStream, state: Arc<State>) {
                     );
                 }
                 Ok(httparse::Status::Partial) => {
-                    if !read_more(&mut stream, &mut buf) {
+                    if !read_more(&mut *stream, &mut buf) {
                         return;
                     }
                 }
@@ -296,7 +376,7 @@ fn serve(mut stream: TcpStream, state: Arc<State>) {
         };
         if find("transfer-encoding").is_some() {
             protocol_error(&state, "request body is not sized by Content-Length".into());
-            respond(&mut stream, 411, "", true);
+            respond(&mut *stream, 411, "", true, &opts);
             return;
         }
         let len: usize = match find("content-length").map(|v| v.trim().parse()) {
@@ -308,7 +388,7 @@ fn serve(mut stream: TcpStream, state: Arc<State>) {
             }
         };
         while buf.len() < head_len + len {
-            if !read_more(&mut stream, &mut buf) {
+            if !read_more(&mut *stream, &mut buf) {
                 return;
             }
         }
@@ -340,12 +420,15 @@ fn serve(mut stream: TcpStream, state: Arc<State>) {
         };
         let (status, body) = match reply {
             Reply::Status(status, body) => (status, body),
-            Reply::Stall => match hold(&stream, &state, gen) {
+            Reply::Stall => match hold(&tcp, &state, gen) {
                 Some(answer) => answer,
                 None => return,
             },
         };
-        if !respond(&mut stream, status, &body, close) || close {
+        let close = close || opts.http10 || opts.close_delimited;
+        if !respond(&mut *stream, status, &body, close, &opts) || close {
+            let _ = stream.flush();
+            let _ = tcp.shutdown(Shutdown::Both);
             return;
         }
     }
@@ -393,7 +476,7 @@ fn client_gone(stream: &TcpStream) -> bool {
     gone
 }
 
-fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> bool {
+fn read_more(stream: &mut dyn Conn, buf: &mut Vec<u8>) -> bool {
     let mut chunk = [0u8; 4096];
     match stream.read(&mut chunk) {
         Ok(0) | Err(_) => false,
@@ -404,7 +487,7 @@ fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> bool {
     }
 }
 
-fn respond(stream: &mut TcpStream, status: u16, body: &str, close: bool) -> bool {
+fn respond(stream: &mut dyn Conn, status: u16, body: &str, close: bool, opts: &Options) -> bool {
     let reason = match status {
         200 => "OK",
         204 => "No Content",
@@ -419,21 +502,29 @@ fn respond(stream: &mut TcpStream, status: u16, body: &str, close: bool) -> bool
         503 => "Service Unavailable",
         _ => "Status",
     };
-    // 204 carries no body and no Content-Length.
+    // 204 carries no body and no Content-Length; a close-delimited body
+    // has no length either.
     let sized = if status == 204 {
         String::new()
+    } else if opts.close_delimited {
+        "Content-Type: application/json\r\n".to_string()
     } else {
         format!(
             "Content-Type: application/json\r\nContent-Length: {}\r\n",
             body.len()
         )
     };
-    let conn = if close { "Connection: close\r\n" } else { "" };
-    let mut out = format!("HTTP/1.1 {status} {reason}\r\n{sized}{conn}\r\n").into_bytes();
+    let version = if opts.http10 { "1.0" } else { "1.1" };
+    let conn = if close && !opts.http10 {
+        "Connection: close\r\n"
+    } else {
+        ""
+    };
+    let mut out = format!("HTTP/{version} {status} {reason}\r\n{sized}{conn}\r\n").into_bytes();
     if status != 204 {
         out.extend_from_slice(body.as_bytes());
     }
-    stream.write_all(&out).is_ok()
+    stream.write_all(&out).is_ok() && stream.flush().is_ok()
 }
 
 fn protocol_error(state: &State, msg: String) {
