@@ -5,7 +5,9 @@
 #   `pusher` server library (tests/pusher_python.rs);
 # - Node.js with pusher-js and the Node `pusher` library in
 #   tests/js/node_modules, exactly as tests/js/package-lock.json pins them
-#   (tests/pusher_clients.rs).
+#   (tests/pusher_clients.rs);
+# - promtool (Debian's prometheus package), which checks /metrics
+#   (tests/metrics_are_valid_prometheus.rs).
 # Idempotent and silent when everything is already in place.
 set -eu
 
@@ -15,14 +17,19 @@ PUSHER='pusher>=3.3,<4'           # keep in step with tests/pusher_python.rs
 target="${CARGO_TARGET_DIR:-target}"
 venv="$target/pyenv"
 
+updated=
 apt_install() {
     if [ "$(id -u)" -eq 0 ]; then sudo=; else sudo=sudo; fi
     echo "test-deps: apt-get install $*" >&2
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
+    if [ -z "$updated" ]; then
+        $sudo apt-get update -qq
+        updated=1
+    fi
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
 
 command -v python3 >/dev/null 2>&1 || apt_install python3 python3-venv
+command -v promtool >/dev/null 2>&1 || apt_install prometheus
 
 mkdir -p "$target"
 # The test takes the same lock, so the two never build the venv at once.

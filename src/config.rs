@@ -101,6 +101,11 @@ pub struct Config {
     #[arg(long, env = "TRUSTED_PROXIES", default_value = "", value_parser = parse_trusted)]
     pub trusted_proxies: TrustedProxies,
 
+    /// A second address (e.g. 127.0.0.1:9100) serving only /metrics and
+    /// /health; /metrics is then not served on the main port.
+    #[arg(long, env = "METRICS_ADDR", value_parser = parse_addr)]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+
     /// Seconds of silence from a WebSocket client before the server pings
     /// it (0: never).
     #[arg(long, env = "PING_INTERVAL", default_value = "25", value_parser = parse_secs_or_zero)]
@@ -179,6 +184,15 @@ pub struct TrustedProxies(pub Vec<ipnet::IpNet>);
 
 fn parse_trusted(s: &str) -> Result<TrustedProxies, String> {
     crate::forwarded::parse_trusted(s).map(TrustedProxies)
+}
+
+fn parse_addr(s: &str) -> Result<std::net::SocketAddr, String> {
+    let s = s.trim();
+    let s = s
+        .strip_prefix("localhost:")
+        .map_or(s.to_string(), |p| format!("127.0.0.1:{p}"));
+    s.parse()
+        .map_err(|_| "expected an address and port such as 127.0.0.1:9100".into())
 }
 
 fn parse_secs_or_zero(s: &str) -> Result<Duration, String> {

@@ -18,10 +18,11 @@ use crate::auth::{self, AuthError, Grant};
 use crate::authorizer::{self, Action, ConnAuthz, Decision};
 use crate::forwarded;
 use crate::handshake::{self, HttpError, RequestHead};
+use crate::metrics::Format;
 use crate::protocol::{self, ErrorCode};
 use crate::pusher;
 use crate::session::{self, Mode};
-use crate::worker::Worker;
+use crate::worker::{Shared, Worker};
 
 /// Largest request head accepted.
 const MAX_HEAD: usize = 16 * 1024;
@@ -97,20 +98,20 @@ async fn send(stream: &mut TcpStream, bytes: Vec<u8>) -> bool {
 /// WebSocket or closes. Until it upgrades it is one of its worker's
 /// [`pending`](crate::pending) connections, closed at once if evicted to
 /// make room for a newer one.
-pub async fn serve(worker: Rc<Worker>, stream: TcpStream, peer: SocketAddr) {
+pub async fn serve(worker: Rc<Worker>, stream: TcpStream, peer: SocketAddr, site: Site) {
     let (ticket, evicted_other) = worker.pending.borrow_mut().admit();
     if evicted_other {
         worker.metrics.pending_evictions.inc();
     }
     let evicted = poll_fn(|cx| worker.pending.borrow_mut().poll_evicted(ticket, cx));
     monoio::select! {
-        _ = serve_requests(worker.clone(), stream, peer) => {},
+        _ = serve_requests(worker.clone(), stream, peer, site) => {},
         _ = evicted => tracing::debug!(%peer, "pending connection evicted (MAX_PENDING)"),
     }
     worker.pending.borrow_mut().leave(ticket);
 }
 
-async fn serve_requests(worker: Rc<Worker>, mut stream: TcpStream, peer: SocketAddr) {
+async fn serve_requests(worker: Rc<Worker>, mut stream: TcpStream, peer: SocketAddr, site: Site) {
     let timeout = worker.shared.config.handshake_timeout;
     let mut buf = Vec::new();
     loop {
@@ -144,7 +145,7 @@ async fn serve_requests(worker: Rc<Worker>, mut stream: TcpStream, peer: SocketA
         };
         let client =
             forwarded::client_addr(peer, &head.headers, &worker.shared.config.trusted_proxies.0);
-        if head.wants_websocket() {
+        if head.wants_websocket() && site == Site::Main {
             if body_len > 0 {
                 let e = HttpError::new(400, "a WebSocket upgrade request has no body");
                 send(&mut stream, handshake::error_response(&e)).await;
@@ -153,7 +154,17 @@ async fn serve_requests(worker: Rc<Worker>, mut stream: TcpStream, peer: SocketA
             upgrade(worker, stream, head, buf, &client).await;
             return;
         }
-        if !api(&worker, &mut stream, &head, body_len, &mut buf, &client).await {
+        if !api(
+            &worker,
+            &mut stream,
+            &head,
+            body_len,
+            &mut buf,
+            &client,
+            site,
+        )
+        .await
+        {
             return;
         }
     }
@@ -406,6 +417,48 @@ fn json_error(code: ErrorCode, message: &str) -> (u16, Vec<u8>) {
     (code.http_status(), body.to_string().into_bytes())
 }
 
+/// `GET /health`: 200 once every reactor accepts, 503 while starting or
+/// stopping.
+fn health(shared: &Shared) -> (u16, Vec<u8>) {
+    let ready = shared.ready.load(Ordering::Acquire);
+    let ok = ready == shared.workers && !shared.is_shutting_down();
+    let body = serde_json::json!({
+        "status": if ok { "ok" } else if shared.is_shutting_down() { "stopping" } else { "starting" },
+        "workers": shared.workers,
+        "ready_workers": ready,
+        "connections": shared.connections.load(Ordering::Relaxed),
+    });
+    (if ok { 200 } else { 503 }, body.to_string().into_bytes())
+}
+
+/// `GET /metrics` in the format the request's `Accept` asks for.
+fn metrics_page(shared: &Shared, head: &RequestHead) -> (&'static str, Vec<u8>) {
+    let format = Format::from_accept(head.header("accept"));
+    let pusher = shared.pusher.as_ref();
+    let per_app = pusher.into_iter().flat_map(|p| {
+        p.apps
+            .iter()
+            .zip(&p.app_connections)
+            .map(|(a, n)| (a.id.as_str(), n.load(Ordering::Relaxed)))
+    });
+    shared
+        .metrics
+        .set_gauges(shared.interest.channel_count(), per_app);
+    (
+        format.content_type(),
+        shared.metrics.render(format).into_bytes(),
+    )
+}
+
+/// Which listener a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Site {
+    /// The main port: WebSocket, the HTTP API, /health, /metrics.
+    Main,
+    /// METRICS_ADDR: /metrics and /health only.
+    Metrics,
+}
+
 /// Serves one plain HTTP request; returns whether to keep the connection.
 async fn api(
     worker: &Worker,
@@ -414,91 +467,87 @@ async fn api(
     body_len: usize,
     buf: &mut Vec<u8>,
     peer: &str,
+    site: Site,
 ) -> bool {
     let shared = &worker.shared;
     // A body nobody reads must not be parsed as the next request: close
     // after answering instead.
     let mut keep = head.keep_alive() && !shared.is_shutting_down() && body_len == 0;
     let json = "application/json";
-    let (status, ctype, body): (u16, &str, Vec<u8>) = match (
-        head.method.as_str(),
-        head.path.as_str(),
-    ) {
-        ("GET", "/health") => {
-            let ready = shared.ready.load(Ordering::Acquire);
-            let ok = ready == shared.workers && !shared.is_shutting_down();
-            let body = serde_json::json!({
-                "status": if ok { "ok" } else if shared.is_shutting_down() { "stopping" } else { "starting" },
-                "workers": shared.workers,
-                "ready_workers": ready,
-                "connections": shared.connections.load(Ordering::Relaxed),
-            });
-            (
-                if ok { 200 } else { 503 },
-                json,
-                body.to_string().into_bytes(),
-            )
-        }
-        ("GET", "/metrics") => {
-            let text = shared.metrics.render(shared.interest.channel_count());
-            (
-                200,
-                "text/plain; version=0.0.4; charset=utf-8",
-                text.into_bytes(),
-            )
-        }
-        ("POST", "/publish") | ("POST", "/broadcast") => {
-            let Some(len) = read_body(worker, stream, body_len, buf).await else {
-                return false;
-            };
-            keep = head.keep_alive() && !shared.is_shutting_down();
-            if shared.bus.congested(worker.id) {
-                shared.bus.wait_for_space(worker.id).await;
+    let (status, ctype, body): (u16, &str, Vec<u8>) =
+        match (head.method.as_str(), head.path.as_str()) {
+            ("GET", "/health") => {
+                let (status, body) = health(shared);
+                (status, json, body)
             }
-            let (status, body) =
-                publish(worker, head, &buf[..len], head.path == "/broadcast", peer).await;
-            buf.drain(..len);
-            (status, json, body)
-        }
-        (method, path @ ("/publish" | "/broadcast" | "/health" | "/metrics")) => {
-            let allow = if path.starts_with("/p") || path.starts_with("/b") {
-                "POST"
-            } else {
-                "GET"
-            };
-            let msg = format!("method {method} not allowed on {path}: use {allow}");
-            let (_, body) = json_error(ErrorCode::BadRequest, &msg);
-            let reply = handshake::response_with(405, json, &body, false, &[("Allow", allow)]);
-            send(stream, reply).await;
-            return false;
-        }
-        (method, path) if pusher::api::is_api_path(path) => {
-            let Some(len) = read_body(worker, stream, body_len, buf).await else {
-                return false;
-            };
-            keep = head.keep_alive() && !shared.is_shutting_down();
-            if shared.bus.congested(worker.id) {
-                shared.bus.wait_for_space(worker.id).await;
+            ("GET", "/metrics")
+                if site == Site::Metrics || shared.config.metrics_addr.is_none() =>
+            {
+                let (ctype, body) = metrics_page(shared, head);
+                (200, ctype, body)
             }
-            let query = head.query.as_deref().unwrap_or("");
-            let now = crate::shard::unix_ms() / 1000;
-            let answer = pusher::api::handle(worker, method, path, query, &buf[..len], now);
-            buf.drain(..len);
-            answer
-        }
-        ("GET", "/" | "/ws" | "/echo") => {
-            keep = false;
-            (
-                426,
-                "text/plain; charset=utf-8",
-                b"this endpoint expects a WebSocket upgrade\n".to_vec(),
-            )
-        }
-        _ => {
-            keep = false;
-            (404, "text/plain; charset=utf-8", b"not found\n".to_vec())
-        }
-    };
+            _ if site == Site::Metrics => {
+                keep = false;
+                let msg = "only GET /metrics and GET /health are served here\n";
+                (404, "text/plain; charset=utf-8", msg.as_bytes().to_vec())
+            }
+            ("GET", "/metrics") => {
+                keep = false;
+                let msg = "/metrics is served on METRICS_ADDR\n";
+                (404, "text/plain; charset=utf-8", msg.as_bytes().to_vec())
+            }
+            ("POST", "/publish") | ("POST", "/broadcast") => {
+                let Some(len) = read_body(worker, stream, body_len, buf).await else {
+                    return false;
+                };
+                keep = head.keep_alive() && !shared.is_shutting_down();
+                if shared.bus.congested(worker.id) {
+                    shared.bus.wait_for_space(worker.id).await;
+                }
+                let (status, body) =
+                    publish(worker, head, &buf[..len], head.path == "/broadcast", peer).await;
+                buf.drain(..len);
+                (status, json, body)
+            }
+            (method, path @ ("/publish" | "/broadcast" | "/health" | "/metrics")) => {
+                let allow = if path.starts_with("/p") || path.starts_with("/b") {
+                    "POST"
+                } else {
+                    "GET"
+                };
+                let msg = format!("method {method} not allowed on {path}: use {allow}");
+                let (_, body) = json_error(ErrorCode::BadRequest, &msg);
+                let reply = handshake::response_with(405, json, &body, false, &[("Allow", allow)]);
+                send(stream, reply).await;
+                return false;
+            }
+            (method, path) if pusher::api::is_api_path(path) => {
+                let Some(len) = read_body(worker, stream, body_len, buf).await else {
+                    return false;
+                };
+                keep = head.keep_alive() && !shared.is_shutting_down();
+                if shared.bus.congested(worker.id) {
+                    shared.bus.wait_for_space(worker.id).await;
+                }
+                let query = head.query.as_deref().unwrap_or("");
+                let now = crate::shard::unix_ms() / 1000;
+                let answer = pusher::api::handle(worker, method, path, query, &buf[..len], now);
+                buf.drain(..len);
+                answer
+            }
+            ("GET", "/" | "/ws" | "/echo") => {
+                keep = false;
+                (
+                    426,
+                    "text/plain; charset=utf-8",
+                    b"this endpoint expects a WebSocket upgrade\n".to_vec(),
+                )
+            }
+            _ => {
+                keep = false;
+                (404, "text/plain; charset=utf-8", b"not found\n".to_vec())
+            }
+        };
     send(stream, handshake::response(status, ctype, &body, keep)).await && keep
 }
 

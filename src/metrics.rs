@@ -1,14 +1,25 @@
-//! Counters and gauges, per worker where the work is per worker, exposed in
-//! the Prometheus text format at `GET /metrics` (via `prometheus-client`).
+//! Counters, gauges and histograms, per worker where the work is per
+//! worker, exposed at `GET /metrics` (via `prometheus-client`) in the
+//! Prometheus text format (0.0.4) by default, or in OpenMetrics when the
+//! scraper's `Accept` asks for `application/openmetrics-text`.
 //!
 //! Each worker holds clones of its own handles (atomics nobody else writes),
 //! so counting on the hot path is an uncontended relaxed add; fan-out adds
-//! its deliveries once per publish, not once per subscriber.
+//! its deliveries once per publish, not once per subscriber. What changes
+//! elsewhere (process memory and CPU, per-app connection counts) is read
+//! when a scrape asks.
+//!
+//! `prometheus-client` encodes OpenMetrics only; [`to_prometheus_text`]
+//! turns that into the classic format, which differs only in how a counter
+//! family is named (`x_total` in `# TYPE`), in `info` metrics, and in the
+//! `# UNIT` and `# EOF` lines.
 
+use prometheus_client::collector::Collector;
 use prometheus_client::encoding::text::encode;
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
@@ -33,6 +44,73 @@ pub struct WorkerMetrics {
     pub request_timeouts: Counter,
     pub pings_sent: Counter,
     pub ping_timeouts: Counter,
+    /// Per Pusher app (by index): events published (client events, API
+    /// triggers, presence events) and deliveries of them.
+    pub pusher_in: Vec<Counter>,
+    pub pusher_out: Vec<Counter>,
+}
+
+impl WorkerMetrics {
+    /// Counts a publish in Pusher namespace `ns` (nothing for native ones).
+    #[inline]
+    pub fn pusher_published(&self, ns: u16) {
+        if ns > 0 {
+            if let Some(c) = self.pusher_in.get(usize::from(ns) - 1) {
+                c.inc();
+            }
+        }
+    }
+
+    /// Counts a publish in namespace `ns` (0: native) that reached
+    /// `delivered` local connections, for its Pusher app if it has one.
+    #[inline]
+    pub fn pusher_delivered(&self, ns: u16, delivered: usize) {
+        if ns > 0 {
+            if let Some(c) = self.pusher_out.get(usize::from(ns) - 1) {
+                c.inc_by(delivered as u64);
+            }
+        }
+    }
+}
+
+/// The exposition format a scraper asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// `text/plain; version=0.0.4`, what `promtool` and older scrapers read.
+    Prometheus,
+    /// `application/openmetrics-text; version=1.0.0`.
+    OpenMetrics,
+}
+
+impl Format {
+    /// The format an `Accept` header prefers: OpenMetrics when it is listed
+    /// (with a non-zero quality), else the classic text format.
+    pub fn from_accept(accept: Option<&str>) -> Format {
+        let wants_om = accept.is_some_and(|a| {
+            a.split(',').any(|item| {
+                let mut parts = item.split(';').map(str::trim);
+                let mime = parts.next().unwrap_or("");
+                let q_zero = parts.any(|p| {
+                    p.strip_prefix("q=")
+                        .and_then(|q| q.parse::<f32>().ok())
+                        .is_some_and(|q| q <= 0.0)
+                });
+                mime.eq_ignore_ascii_case("application/openmetrics-text") && !q_zero
+            })
+        });
+        if wants_om {
+            Format::OpenMetrics
+        } else {
+            Format::Prometheus
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Prometheus => "text/plain; version=0.0.4; charset=utf-8",
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        }
+    }
 }
 
 /// All metrics of the process.
@@ -41,7 +119,8 @@ pub struct Metrics {
     workers: Vec<WorkerMetrics>,
     rejected: Family<Labels, Counter>,
     authorizer: Family<Labels, Counter>,
-    channels_total: Gauge,
+    channels_distinct: Gauge,
+    pusher_connections: Family<Labels, Gauge>,
     outgoing: Family<Labels, Histogram, fn() -> Histogram>,
     webhooks: Family<Labels, Counter>,
     webhook_drops: Family<Labels, Counter>,
@@ -54,10 +133,27 @@ fn outgoing_histogram() -> Histogram {
     ])
 }
 
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
 impl Metrics {
+    /// Metrics for `workers` reactors and no Pusher app.
     pub fn new(workers: usize) -> Metrics {
-        let mut registry = Registry::with_prefix("herald");
-        let families: Vec<(&str, &str, Family<Labels, Gauge>)> = vec![
+        Self::with_apps(workers, &[])
+    }
+
+    /// Metrics for `workers` reactors and the Pusher apps `app_ids` (in
+    /// app index order).
+    pub fn with_apps(workers: usize, app_ids: &[&str]) -> Metrics {
+        let mut root = Registry::default();
+        // The standard process_* names carry no prefix.
+        root.register_collector(Box::new(ProcessCollector));
+        let registry = root.sub_registry_with_prefix("herald");
+        let gauges: Vec<(&str, &str, Family<Labels, Gauge>)> = vec![
             (
                 "connections",
                 "Open WebSocket connections",
@@ -74,28 +170,17 @@ impl Metrics {
                 Family::default(),
             ),
         ];
-        let counters: Vec<(&str, &str, Family<Labels, Counter>)> = vec![
-            (
-                "messages_in",
-                "Client messages received (WebSocket and HTTP)",
-                Family::default(),
-            ),
-            (
-                "bytes_in",
-                "Payload bytes of client messages received",
-                Family::default(),
-            ),
+        let counters: Vec<(&str, &str, Family<Labels, Counter>)> =
+            vec![
+            ("messages_in", "Client messages received (WebSocket and HTTP)", Family::default()),
+            ("bytes_in", "Payload bytes of client messages received", Family::default()),
             ("publishes", "Messages published", Family::default()),
             (
                 "messages_out",
                 "Frames queued to connections (deliveries and replies)",
                 Family::default(),
             ),
-            (
-                "bytes_out",
-                "Bytes written to WebSocket connections",
-                Family::default(),
-            ),
+            ("bytes_out", "Bytes written to WebSocket connections", Family::default()),
             (
                 "cross_core_messages",
                 "Published frames received from other workers",
@@ -137,29 +222,44 @@ impl Metrics {
                 Family::default(),
             ),
         ];
+        let pusher_in = Family::<Labels, Counter>::default();
+        let pusher_out = Family::<Labels, Counter>::default();
         let mut out = Vec::with_capacity(workers);
         for w in 0..workers {
-            let l: Labels = vec![("worker".into(), w.to_string())];
+            let w = w.to_string();
+            let l = labels(&[("worker", &w)]);
+            let c = |i: usize| counters[i].2.get_or_create(&l).clone();
+            let per_app = |fam: &Family<Labels, Counter>| -> Vec<Counter> {
+                app_ids
+                    .iter()
+                    .map(|app| {
+                        fam.get_or_create(&labels(&[("app", app), ("worker", &w)]))
+                            .clone()
+                    })
+                    .collect()
+            };
             out.push(WorkerMetrics {
-                connections: families[0].2.get_or_create(&l).clone(),
-                subscriptions: families[1].2.get_or_create(&l).clone(),
-                channels: families[2].2.get_or_create(&l).clone(),
-                messages_in: counters[0].2.get_or_create(&l).clone(),
-                bytes_in: counters[1].2.get_or_create(&l).clone(),
-                publishes: counters[2].2.get_or_create(&l).clone(),
-                messages_out: counters[3].2.get_or_create(&l).clone(),
-                bytes_out: counters[4].2.get_or_create(&l).clone(),
-                cross_core_in: counters[5].2.get_or_create(&l).clone(),
-                slow_consumer_closes: counters[6].2.get_or_create(&l).clone(),
-                expired_closes: counters[7].2.get_or_create(&l).clone(),
-                protocol_errors: counters[8].2.get_or_create(&l).clone(),
-                pending_evictions: counters[9].2.get_or_create(&l).clone(),
-                request_timeouts: counters[10].2.get_or_create(&l).clone(),
-                pings_sent: counters[11].2.get_or_create(&l).clone(),
-                ping_timeouts: counters[12].2.get_or_create(&l).clone(),
+                connections: gauges[0].2.get_or_create(&l).clone(),
+                subscriptions: gauges[1].2.get_or_create(&l).clone(),
+                channels: gauges[2].2.get_or_create(&l).clone(),
+                messages_in: c(0),
+                bytes_in: c(1),
+                publishes: c(2),
+                messages_out: c(3),
+                bytes_out: c(4),
+                cross_core_in: c(5),
+                slow_consumer_closes: c(6),
+                expired_closes: c(7),
+                protocol_errors: c(8),
+                pending_evictions: c(9),
+                request_timeouts: c(10),
+                pings_sent: c(11),
+                ping_timeouts: c(12),
+                pusher_in: per_app(&pusher_in),
+                pusher_out: per_app(&pusher_out),
             });
         }
-        for (name, help, fam) in families {
+        for (name, help, fam) in gauges {
             registry.register(name, help, fam);
         }
         for (name, help, fam) in counters {
@@ -196,50 +296,47 @@ impl Metrics {
             "Pusher webhook events dropped before sending because a queue was full, by app",
             webhook_drops.clone(),
         );
-        let channels_total = Gauge::default();
+        let pusher_connections = Family::<Labels, Gauge>::default();
         registry.register(
-            "channels_total",
+            "pusher_connections",
+            "Open Pusher-protocol connections, by app",
+            pusher_connections.clone(),
+        );
+        registry.register(
+            "pusher_messages_in",
+            "Pusher events published (client events, HTTP API triggers, presence events), by app and worker",
+            pusher_in,
+        );
+        registry.register(
+            "pusher_messages_out",
+            "Pusher events delivered to connections, by app and worker",
+            pusher_out,
+        );
+        let channels_distinct = Gauge::default();
+        registry.register(
+            "distinct_channels",
             "Distinct channels with a subscriber on any worker",
-            channels_total.clone(),
+            channels_distinct.clone(),
         );
         let workers_gauge: Gauge = Gauge::default();
         workers_gauge.set(workers as i64);
         registry.register("workers", "Reactor threads", workers_gauge);
+        let build = Family::<Labels, Gauge>::default();
+        build
+            .get_or_create(&labels(&[("version", env!("CARGO_PKG_VERSION"))]))
+            .set(1);
+        registry.register("build_info", "herald's version (always 1)", build);
         Metrics {
-            registry,
+            registry: root,
             workers: out,
             rejected,
             authorizer,
-            channels_total,
+            channels_distinct,
+            pusher_connections,
             outgoing,
             webhooks,
             webhook_drops,
         }
-    }
-
-    /// The counter of webhook events of `app` dropped for a full queue.
-    pub fn webhook_events_dropped(&self, app: &str) -> Counter {
-        self.webhook_drops
-            .get_or_create(&vec![("app".to_string(), app.to_string())])
-            .clone()
-    }
-
-    /// The duration histogram of outgoing requests to `target`
-    /// (`authorizer` or `webhook`).
-    pub fn outgoing(&self, target: &str) -> Histogram {
-        self.outgoing
-            .get_or_create(&vec![("target".to_string(), target.to_string())])
-            .clone()
-    }
-
-    /// Counts a webhook batch of `app` with `outcome`.
-    pub fn webhook(&self, app: &str, outcome: &str) {
-        self.webhooks
-            .get_or_create(&vec![
-                ("app".to_string(), app.to_string()),
-                ("outcome".to_string(), outcome.to_string()),
-            ])
-            .inc();
     }
 
     /// The handles of worker `id`.
@@ -250,27 +347,232 @@ impl Metrics {
     /// Counts an upgrade refused for `reason`.
     pub fn reject(&self, reason: &str) {
         self.rejected
-            .get_or_create(&vec![("reason".to_string(), reason.to_string())])
+            .get_or_create(&labels(&[("reason", reason)]))
             .inc();
     }
 
     /// Counts an authorizer outcome for `action`.
     pub fn authorized(&self, action: &str, result: &str) {
         self.authorizer
-            .get_or_create(&vec![
-                ("action".to_string(), action.to_string()),
-                ("result".to_string(), result.to_string()),
-            ])
+            .get_or_create(&labels(&[("action", action), ("result", result)]))
             .inc();
     }
 
-    /// The text exposition, given the current distinct channel count.
-    pub fn render(&self, channels_total: usize) -> String {
-        self.channels_total.set(channels_total as i64);
+    /// The duration histogram of outgoing requests to `target`
+    /// (`authorizer` or `webhook`).
+    pub fn outgoing(&self, target: &str) -> Histogram {
+        self.outgoing
+            .get_or_create(&labels(&[("target", target)]))
+            .clone()
+    }
+
+    /// Counts a webhook batch of `app` with `outcome`.
+    pub fn webhook(&self, app: &str, outcome: &str) {
+        self.webhooks
+            .get_or_create(&labels(&[("app", app), ("outcome", outcome)]))
+            .inc();
+    }
+
+    /// The counter of webhook events of `app` dropped for a full queue.
+    pub fn webhook_events_dropped(&self, app: &str) -> Counter {
+        self.webhook_drops
+            .get_or_create(&labels(&[("app", app)]))
+            .clone()
+    }
+
+    /// Sets what a scrape reads from shared state: the distinct channel
+    /// count and each Pusher app's open connections.
+    pub fn set_gauges<'a>(&self, channels: usize, pusher: impl Iterator<Item = (&'a str, usize)>) {
+        self.channels_distinct.set(channels as i64);
+        for (app, n) in pusher {
+            self.pusher_connections
+                .get_or_create(&labels(&[("app", app)]))
+                .set(n as i64);
+        }
+    }
+
+    /// The exposition in `format`.
+    pub fn render(&self, format: Format) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
-        out
+        match format {
+            Format::OpenMetrics => out,
+            Format::Prometheus => to_prometheus_text(&out),
+        }
+    }
+}
+
+/// Rewrites OpenMetrics text (as `prometheus-client` writes it) in the
+/// Prometheus text format 0.0.4: counter families are named with their
+/// `_total` suffix, `info` families become gauges named `_info`, `unknown`
+/// becomes `untyped`, and `# UNIT` / `# EOF` lines go. Samples are the
+/// same in both.
+pub fn to_prometheus_text(om: &str) -> String {
+    let mut out = String::with_capacity(om.len());
+    let mut help: Option<(&str, &str)> = None;
+    for line in om.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, text) = rest.split_once(' ').unwrap_or((rest, ""));
+            help = Some((name, text));
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
+            let (name, kind) = match kind {
+                "counter" => (format!("{name}_total"), "counter"),
+                "info" => (format!("{name}_info"), "gauge"),
+                "gaugehistogram" => (name.to_string(), "histogram"),
+                "stateset" | "unknown" => (name.to_string(), "untyped"),
+                k => (name.to_string(), k),
+            };
+            let text = match help.take() {
+                Some((n, t)) if n == rest.split(' ').next().unwrap_or("") => t,
+                _ => "",
+            };
+            out.push_str(&format!("# HELP {name} {text}\n# TYPE {name} {kind}\n"));
+            continue;
+        }
+        // `_created` series are OpenMetrics-only.
+        let sample_name = line.split(['{', ' ']).next().unwrap_or("");
+        if sample_name.ends_with("_created") {
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+/// The standard `process_*` metrics, read from `/proc/self` at each scrape.
+#[derive(Debug)]
+struct ProcessCollector;
+
+/// What `/proc/self` says about this process.
+#[derive(Debug, Default, PartialEq)]
+struct ProcessStats {
+    cpu_seconds: f64,
+    resident_bytes: u64,
+    virtual_bytes: u64,
+    start_time_seconds: f64,
+    threads: u64,
+}
+
+/// Parses `/proc/self/stat` (`proc(5)`): fields after the command name.
+fn parse_stat(
+    stat: &str,
+    ticks_per_sec: f64,
+    page_size: u64,
+    boot_time: u64,
+) -> Option<ProcessStats> {
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (state): field n is f[n - 3].
+    let num = |n: usize| f.get(n - 3).and_then(|v| v.parse::<u64>().ok());
+    Some(ProcessStats {
+        cpu_seconds: (num(14)? + num(15)?) as f64 / ticks_per_sec,
+        threads: num(20)?,
+        start_time_seconds: boot_time as f64 + num(22)? as f64 / ticks_per_sec,
+        virtual_bytes: num(23)?,
+        resident_bytes: num(24)? * page_size,
+    })
+}
+
+fn read_process_stats() -> Option<ProcessStats> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // SAFETY: sysconf with valid names only reads system constants.
+    let (ticks, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_CLK_TCK),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    let boot = std::fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime ")?.trim().parse().ok())?;
+    parse_stat(&stat, ticks.max(1) as f64, page.max(1) as u64, boot)
+}
+
+fn open_fds() -> Option<u64> {
+    Some(
+        std::fs::read_dir("/proc/self/fd")
+            .ok()?
+            .count()
+            .saturating_sub(1) as u64,
+    )
+}
+
+fn max_fds() -> Option<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit with a valid pointer.
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0).then_some(lim.rlim_cur)
+}
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: f64) -> std::fmt::Result {
+            let g = ConstGauge::new(v);
+            let m = e.encode_descriptor(name, help, None, g.metric_type())?;
+            g.encode(m)
+        }
+        if let Some(p) = read_process_stats() {
+            let c = ConstCounter::new(p.cpu_seconds);
+            let m = encoder.encode_descriptor(
+                "process_cpu_seconds",
+                "Total user and system CPU time spent in seconds",
+                None,
+                c.metric_type(),
+            )?;
+            c.encode(m)?;
+            gauge(
+                &mut encoder,
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes",
+                p.resident_bytes as f64,
+            )?;
+            gauge(
+                &mut encoder,
+                "process_virtual_memory_bytes",
+                "Virtual memory size in bytes",
+                p.virtual_bytes as f64,
+            )?;
+            gauge(
+                &mut encoder,
+                "process_start_time_seconds",
+                "Start time of the process since the Unix epoch in seconds",
+                p.start_time_seconds,
+            )?;
+            gauge(
+                &mut encoder,
+                "process_threads",
+                "Number of OS threads in the process",
+                p.threads as f64,
+            )?;
+        }
+        if let Some(n) = open_fds() {
+            gauge(
+                &mut encoder,
+                "process_open_fds",
+                "Number of open file descriptors",
+                n as f64,
+            )?;
+        }
+        if let Some(n) = max_fds() {
+            gauge(
+                &mut encoder,
+                "process_max_fds",
+                "Maximum number of open file descriptors",
+                n as f64,
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -279,21 +581,87 @@ mod tests {
     use super::*;
 
     #[test]
-    fn renders_per_worker_series() {
-        let m = Metrics::new(2);
+    fn renders_per_worker_series_in_both_formats() {
+        let m = Metrics::with_apps(2, &["a1"]);
         m.worker(1).publishes.inc_by(5);
         m.worker(0).connections.inc();
+        m.worker(0).pusher_delivered(1, 7);
+        m.worker(0).messages_out.inc_by(7);
         m.reject("max_connections");
-        let text = m.render(3);
+        m.set_gauges(3, [("a1", 2)].into_iter());
+        let om = m.render(Format::OpenMetrics);
+        assert!(om.ends_with("# EOF\n"), "{om}");
+        assert!(om.contains("# TYPE herald_publishes counter"), "{om}");
+        let text = m.render(Format::Prometheus);
+        for want in [
+            "# TYPE herald_publishes_total counter",
+            "# HELP herald_publishes_total Messages published",
+            "herald_publishes_total{worker=\"1\"} 5",
+            "herald_connections{worker=\"0\"} 1",
+            "herald_rejected_upgrades_total{reason=\"max_connections\"} 1",
+            "herald_distinct_channels 3",
+            "herald_pusher_connections{app=\"a1\"} 2",
+            "herald_pusher_messages_out_total{app=\"a1\",worker=\"0\"} 7",
+            "herald_messages_out_total{worker=\"0\"} 7",
+            "herald_build_info{version=",
+            "# TYPE process_cpu_seconds_total counter",
+            "process_resident_memory_bytes ",
+            "process_open_fds ",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in\n{text}");
+        }
         assert!(
-            text.contains("herald_publishes_total{worker=\"1\"} 5"),
+            !text.contains("# EOF") && !text.contains("# UNIT"),
             "{text}"
         );
-        assert!(
-            text.contains("herald_connections{worker=\"0\"} 1"),
-            "{text}"
+        // Every TYPE has its HELP, with the same name.
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, l) in lines.iter().enumerate() {
+            if let Some(rest) = l.strip_prefix("# TYPE ") {
+                let name = rest.split(' ').next().unwrap();
+                assert!(
+                    i > 0 && lines[i - 1].starts_with(&format!("# HELP {name} ")),
+                    "{name} has no HELP"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn accept_negotiation() {
+        assert_eq!(Format::from_accept(None), Format::Prometheus);
+        assert_eq!(Format::from_accept(Some("*/*")), Format::Prometheus);
+        let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        assert_eq!(Format::from_accept(Some(prometheus)), Format::OpenMetrics);
+        assert_eq!(
+            Format::from_accept(Some("application/openmetrics-text;q=0, text/plain")),
+            Format::Prometheus
         );
-        assert!(text.contains("herald_rejected_upgrades_total{reason=\"max_connections\"} 1"));
-        assert!(text.contains("herald_channels_total 3"));
+    }
+
+    #[test]
+    fn om_to_prometheus_rewrites_families() {
+        let om = "# HELP x_requests Requests.\n# TYPE x_requests counter\nx_requests_total 3\nx_requests_created 1.5\n# HELP x_build Build.\n# TYPE x_build info\nx_build_info{v=\"1\"} 1\n# HELP x_t Temp.\n# TYPE x_t gauge\n# UNIT x_t celsius\nx_t 2\n# EOF\n";
+        assert_eq!(
+            to_prometheus_text(om),
+            "# HELP x_requests_total Requests.\n# TYPE x_requests_total counter\nx_requests_total 3\n# HELP x_build_info Build.\n# TYPE x_build_info gauge\nx_build_info{v=\"1\"} 1\n# HELP x_t Temp.\n# TYPE x_t gauge\nx_t 2\n"
+        );
+    }
+
+    #[test]
+    fn proc_stat_fields() {
+        // proc(5): pid (comm) state ppid ... utime(14) stime(15) ... num_threads(20) ... starttime(22) vsize(23) rss(24)
+        let stat = "42 (herald w) S 1 42 42 0 -1 4194304 100 0 0 0 250 50 0 0 20 0 7 0 1000 123456 10 18446744073709551615";
+        let p = parse_stat(stat, 100.0, 4096, 1_700_000_000).unwrap();
+        assert_eq!(
+            p,
+            ProcessStats {
+                cpu_seconds: 3.0,
+                resident_bytes: 40960,
+                virtual_bytes: 123456,
+                start_time_seconds: 1_700_000_010.0,
+                threads: 7,
+            }
+        );
     }
 }

@@ -358,6 +358,11 @@ impl Published {
             .map(|e| (e.1 as usize, e.2))
     }
 
+    /// The namespace: 0 for the native protocol, `n` for Pusher app `n - 1`.
+    pub fn namespace(&self) -> u16 {
+        self.namespace
+    }
+
     /// The channel this frame was published on.
     pub fn channel(&self) -> &str {
         let start = self.channel_at as usize;

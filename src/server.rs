@@ -23,6 +23,7 @@ use monoio::net::TcpListener;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::{Config, IoDriver};
+use crate::http::Site;
 use crate::pusher::apps::Apps;
 use crate::pusher::{connection, Control};
 use crate::shard::unix_ms;
@@ -64,6 +65,22 @@ pub fn run(config: Config, apps: Apps) -> Result<(), ServerError> {
         source,
     })?;
     let addr = listeners[0].local_addr().unwrap_or(wanted);
+    let mut metrics_listener = match config.metrics_addr {
+        Some(m) => {
+            let l = listener_socket(m, false)
+                .and_then(|s| {
+                    s.listen(1024)?;
+                    Ok(std::net::TcpListener::from(s))
+                })
+                .map_err(|source| ServerError::Bind { addr: m, source })?;
+            tracing::info!(
+                "serving /metrics and /health at {}",
+                l.local_addr().unwrap_or(m)
+            );
+            Some(l)
+        }
+        None => None,
+    };
     let shutdown_timeout = config.shutdown_timeout;
     let pin = config.pin_workers;
     let shared = Shared::with_apps(config, workers, apps);
@@ -95,6 +112,11 @@ pub fn run(config: Config, apps: Apps) -> Result<(), ServerError> {
         };
         let shared = shared.clone();
         let tx = tx.clone();
+        let metrics = if id == 0 {
+            metrics_listener.take()
+        } else {
+            None
+        };
         let handle = std::thread::Builder::new()
             .name(format!("herald-w{id}"))
             .spawn(move || {
@@ -102,7 +124,7 @@ pub fn run(config: Config, apps: Apps) -> Result<(), ServerError> {
                     core_affinity::set_for_current(core);
                 }
                 let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    run_worker(id, shared, listener, uring, &tx)
+                    run_worker(id, shared, listener, metrics, uring, &tx)
                 }));
                 let res = match res {
                     Ok(Ok(())) => Ok(()),
@@ -266,6 +288,7 @@ fn run_worker(
     id: usize,
     shared: Arc<Shared>,
     listener: std::net::TcpListener,
+    metrics: Option<std::net::TcpListener>,
     uring: bool,
     events: &Sender<Event>,
 ) -> io::Result<()> {
@@ -275,7 +298,7 @@ fn run_worker(
             .enable_timer()
             .build()
         {
-            Ok(mut rt) => return rt.block_on(worker_main(id, shared, listener, events)),
+            Ok(mut rt) => return rt.block_on(worker_main(id, shared, listener, metrics, events)),
             Err(e) => {
                 if !FALLBACK_LOGGED.swap(true, Ordering::Relaxed) {
                     tracing::warn!("io_uring setup failed ({e}); using the epoll driver");
@@ -286,7 +309,7 @@ fn run_worker(
     let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
         .enable_timer()
         .build()?;
-    rt.block_on(worker_main(id, shared, listener, events))
+    rt.block_on(worker_main(id, shared, listener, metrics, events))
 }
 
 /// Yields once to the other tasks of this thread.
@@ -308,12 +331,20 @@ async fn worker_main(
     id: usize,
     shared: Arc<Shared>,
     listener: std::net::TcpListener,
+    metrics: Option<std::net::TcpListener>,
     events: &Sender<Event>,
 ) -> io::Result<()> {
     let worker = Rc::new(Worker::new(id, shared.clone()));
     let listener = TcpListener::from_std(listener)?;
     let listen_fd = listener.as_raw_fd();
-    monoio::spawn(accept_loop(worker.clone(), listener));
+    monoio::spawn(accept_loop(worker.clone(), listener, Site::Main));
+    if let Some(m) = metrics {
+        monoio::spawn(accept_loop(
+            worker.clone(),
+            TcpListener::from_std(m)?,
+            Site::Metrics,
+        ));
+    }
     monoio::spawn(timer_loop(worker.clone()));
     shared.ready.fetch_add(1, Ordering::AcqRel);
     let _ = events.send(Event::Ready);
@@ -357,7 +388,7 @@ async fn worker_main(
     Ok(())
 }
 
-async fn accept_loop(worker: Rc<Worker>, listener: TcpListener) {
+async fn accept_loop(worker: Rc<Worker>, listener: TcpListener, site: Site) {
     let mut last_warning = 0;
     loop {
         match listener.accept().await {
@@ -366,7 +397,7 @@ async fn accept_loop(worker: Rc<Worker>, listener: TcpListener) {
                     break;
                 }
                 let _ = stream.set_nodelay(true);
-                monoio::spawn(crate::http::serve(worker.clone(), stream, peer));
+                monoio::spawn(crate::http::serve(worker.clone(), stream, peer, site));
             }
             Err(e) => {
                 if worker.shared.is_shutting_down() {

@@ -46,7 +46,8 @@ impl Shared {
 
     /// Shared state serving `apps` over the Pusher protocol too.
     pub fn with_apps(config: Config, workers: usize, apps: Apps) -> Arc<Shared> {
-        let metrics = Arc::new(Metrics::new(workers));
+        let ids: Vec<&str> = apps.iter().map(|a| a.id.as_str()).collect();
+        let metrics = Arc::new(Metrics::with_apps(workers, &ids));
         let pusher = (!apps.is_empty()).then(|| {
             PusherShared::new(
                 apps,
@@ -151,6 +152,7 @@ impl Worker {
     /// checked [`Bus::congested`] before decoding the message.
     pub fn publish(&self, msg: Published, except: Option<usize>) {
         self.metrics.publishes.inc();
+        self.metrics.pusher_published(msg.namespace());
         let bus = &self.shared.bus;
         let mut others = msg.with_key(|k| self.shared.interest.cores(k)) & !(1u64 << self.id);
         while others != 0 {
@@ -166,7 +168,8 @@ impl Worker {
         }
         let mut shard = self.shard.borrow_mut();
         let except = except.or_else(|| excluded(&shard, &msg, self.id));
-        msg.with_key(|k| shard.deliver(k, &msg.frame, except));
+        let n = msg.with_key(|k| shard.deliver(k, &msg.frame, except));
+        self.metrics.pusher_delivered(msg.namespace(), n);
     }
 
     /// Delivers frames other cores published, in batches. Returns whether
@@ -175,7 +178,8 @@ impl Worker {
         let mut shard = self.shard.borrow_mut();
         let (n, more) = self.shared.bus.drain(self.id, max, |msg| {
             let except = excluded(&shard, &msg, self.id);
-            msg.with_key(|k| shard.deliver(k, &msg.frame, except));
+            let n = msg.with_key(|k| shard.deliver(k, &msg.frame, except));
+            self.metrics.pusher_delivered(msg.namespace(), n);
         });
         self.metrics.cross_core_in.inc_by(n as u64);
         more
