@@ -94,13 +94,19 @@ pub struct Grant {
 
 impl Grant {
     /// The open-mode grant: every channel, no expiry.
+    /// Every permission, no subject, no expiry: one grant shared by every
+    /// connection that has it, so it costs them nothing each.
     pub fn open() -> Arc<Grant> {
-        Arc::new(Grant {
-            sub: None,
-            read: Patterns::all(),
-            write: Patterns::all(),
-            exp: None,
+        static OPEN: std::sync::OnceLock<Arc<Grant>> = std::sync::OnceLock::new();
+        OPEN.get_or_init(|| {
+            Arc::new(Grant {
+                sub: None,
+                read: Patterns::all(),
+                write: Patterns::all(),
+                exp: None,
+            })
         })
+        .clone()
     }
 
     pub fn from_claims(c: Claims) -> Grant {

@@ -212,15 +212,14 @@ fn push_query(out: &mut Vec<u8>, query: Option<&str>) {
 
 /// The body of a `connect` request: the upgrade's headers (names in lower
 /// case), query parameters and the peer's address.
-pub fn connect_body(headers: &[(String, String)], query: Option<&str>, peer: &str) -> Vec<u8> {
+pub fn connect_body<'a>(
+    headers: impl Iterator<Item = (&'a str, &'a str)>,
+    query: Option<&str>,
+    peer: &str,
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(512);
     out.extend_from_slice(br#"{"command":"connect","args":{"headers":"#);
-    push_map(
-        &mut out,
-        headers
-            .iter()
-            .map(|(k, v)| (k.to_ascii_lowercase(), v.as_str())),
-    );
+    push_map(&mut out, headers.map(|(k, v)| (k.to_ascii_lowercase(), v)));
     out.extend_from_slice(br#","query":"#);
     push_query(&mut out, query);
     out.extend_from_slice(br#","remote_addr":"#);
@@ -247,15 +246,13 @@ pub fn client_json(sub: Option<&str>, connection_id: &str, query: Option<&str>) 
 }
 
 /// The `client` object of an HTTP API publish: its headers and address.
-pub fn http_client_json(headers: &[(String, String)], peer: &str) -> String {
+pub fn http_client_json<'a>(
+    headers: impl Iterator<Item = (&'a str, &'a str)>,
+    peer: &str,
+) -> String {
     let mut out = Vec::with_capacity(256);
     out.extend_from_slice(br#"{"sub":null,"connection_id":null,"headers":"#);
-    push_map(
-        &mut out,
-        headers
-            .iter()
-            .map(|(k, v)| (k.to_ascii_lowercase(), v.as_str())),
-    );
+    push_map(&mut out, headers.map(|(k, v)| (k.to_ascii_lowercase(), v)));
     out.extend_from_slice(br#","remote_addr":"#);
     push_str(&mut out, peer);
     out.push(b'}');
@@ -353,14 +350,18 @@ mod tests {
 
     #[test]
     fn connect_body_maps_headers_and_query() {
-        let headers = vec![
-            ("Host".to_string(), "x".to_string()),
-            ("X-Tag".to_string(), "a".to_string()),
-            ("x-tag".to_string(), "b".to_string()),
-            ("Cookie".to_string(), "k=1".to_string()),
-            ("cookie".to_string(), "j=2".to_string()),
+        let headers = [
+            ("Host", "x"),
+            ("X-Tag", "a"),
+            ("x-tag", "b"),
+            ("Cookie", "k=1"),
+            ("cookie", "j=2"),
         ];
-        let body = connect_body(&headers, Some("user=ann&room=a%20b"), "127.0.0.1:5000");
+        let body = connect_body(
+            headers.iter().copied(),
+            Some("user=ann&room=a%20b"),
+            "127.0.0.1:5000",
+        );
         assert_eq!(
             v(&body),
             json!({"command":"connect","args":{
@@ -368,7 +369,7 @@ mod tests {
                 "query":{"user":"ann","room":"a b"},
                 "remote_addr":"127.0.0.1:5000"}})
         );
-        let body = connect_body(&[], None, "[::1]:1");
+        let body = connect_body(std::iter::empty(), None, "[::1]:1");
         assert_eq!(v(&body)["args"]["query"], json!({}));
     }
 

@@ -52,8 +52,15 @@ impl Bus {
     /// A bus for `cores` reactors, each link holding about `capacity` messages.
     pub fn new(cores: usize, capacity: usize) -> Arc<Bus> {
         let links = (0..cores * cores)
-            .map(|_| {
-                let (tx, rx) = crossbeam_channel::bounded(capacity + SLACK);
+            .map(|i| {
+                // A core never sends to itself: its own link holds no
+                // buffer (a bounded queue allocates all its slots at once).
+                let room = if i / cores == i % cores {
+                    0
+                } else {
+                    capacity + SLACK
+                };
+                let (tx, rx) = crossbeam_channel::bounded(room);
                 Link {
                     tx,
                     rx,

@@ -100,15 +100,19 @@ fn x_forwarded_for(values: &[&str]) -> Vec<Option<Hop>> {
 
 /// The client's address as herald reports it (`ip:port`, or `ip` when a
 /// proxy gave no port): the peer itself unless it is a trusted proxy.
-pub fn client_addr(peer: SocketAddr, headers: &[(String, String)], list: &[IpNet]) -> String {
+pub fn client_addr<'a>(
+    peer: SocketAddr,
+    headers: impl Iterator<Item = (&'a str, &'a str)> + Clone,
+    list: &[IpNet],
+) -> String {
     if list.is_empty() || !trusted(peer.ip(), list) {
         return peer.to_string();
     }
     let values = |name: &str| -> Vec<&str> {
         headers
-            .iter()
+            .clone()
             .filter(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+            .map(|(_, v)| v)
             .collect()
     };
     let fwd = values("forwarded");
@@ -132,11 +136,8 @@ pub fn client_addr(peer: SocketAddr, headers: &[(String, String)], list: &[IpNet
 mod tests {
     use super::*;
 
-    fn h(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+    fn h<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Iterator<Item = (&'a str, &'a str)> + Clone {
+        pairs.iter().copied()
     }
 
     #[test]
@@ -156,8 +157,11 @@ mod tests {
         let peer: SocketAddr = "203.0.113.5:4000".parse().unwrap();
         let list = parse_trusted("10.0.0.0/8").unwrap();
         let headers = h(&[("X-Forwarded-For", "1.1.1.1")]);
-        assert_eq!(client_addr(peer, &headers, &list), "203.0.113.5:4000");
-        assert_eq!(client_addr(peer, &headers, &[]), "203.0.113.5:4000");
+        assert_eq!(
+            client_addr(peer, headers.clone(), &list),
+            "203.0.113.5:4000"
+        );
+        assert_eq!(client_addr(peer, headers.clone(), &[]), "203.0.113.5:4000");
     }
 
     #[test]
@@ -166,18 +170,18 @@ mod tests {
         let list = parse_trusted("10.0.0.0/8").unwrap();
         // The client forged 6.6.6.6; the first proxy saw 198.51.100.7.
         let headers = h(&[("X-Forwarded-For", "6.6.6.6, 198.51.100.7, 10.0.0.9")]);
-        assert_eq!(client_addr(proxy, &headers, &list), "198.51.100.7");
+        assert_eq!(client_addr(proxy, headers.clone(), &list), "198.51.100.7");
         // Repeated headers are one list.
         let headers = h(&[
             ("x-forwarded-for", "6.6.6.6"),
             ("X-Forwarded-For", "198.51.100.7"),
         ]);
-        assert_eq!(client_addr(proxy, &headers, &list), "198.51.100.7");
+        assert_eq!(client_addr(proxy, headers.clone(), &list), "198.51.100.7");
         // Only trusted hops: the leftmost of them.
         let headers = h(&[("X-Forwarded-For", "10.9.9.9, 10.0.0.9")]);
-        assert_eq!(client_addr(proxy, &headers, &list), "10.9.9.9");
+        assert_eq!(client_addr(proxy, headers.clone(), &list), "10.9.9.9");
         // No header: the proxy itself.
-        assert_eq!(client_addr(proxy, &[], &list), "10.0.0.2:5000");
+        assert_eq!(client_addr(proxy, h(&[]), &list), "10.0.0.2:5000");
     }
 
     #[test]
@@ -192,11 +196,14 @@ mod tests {
             ),
         ]);
         assert_eq!(
-            client_addr(proxy, &headers, &list),
+            client_addr(proxy, headers.clone(), &list),
             "[2001:db8:cafe::17]:4711"
         );
         let headers = h(&[("Forwarded", "for=192.0.2.60:47011")]);
-        assert_eq!(client_addr(proxy, &headers, &list), "192.0.2.60:47011");
+        assert_eq!(
+            client_addr(proxy, headers.clone(), &list),
+            "192.0.2.60:47011"
+        );
     }
 
     #[test]
@@ -204,8 +211,8 @@ mod tests {
         let proxy: SocketAddr = "10.0.0.2:5000".parse().unwrap();
         let list = parse_trusted("10.0.0.0/8").unwrap();
         let headers = h(&[("Forwarded", "for=1.2.3.4, for=unknown")]);
-        assert_eq!(client_addr(proxy, &headers, &list), "10.0.0.2:5000");
+        assert_eq!(client_addr(proxy, headers.clone(), &list), "10.0.0.2:5000");
         let headers = h(&[("X-Forwarded-For", "1.2.3.4, <script>, 10.0.0.3")]);
-        assert_eq!(client_addr(proxy, &headers, &list), "10.0.0.3");
+        assert_eq!(client_addr(proxy, headers.clone(), &list), "10.0.0.3");
     }
 }

@@ -25,31 +25,64 @@ impl HttpError {
     }
 }
 
-/// A parsed request head, owning its strings.
+/// A byte range of [`RequestHead::raw`].
+type Span = (u16, u16);
+
+/// A parsed request head: its bytes, copied once into one buffer, and
+/// where each part lies in them. One allocation for the bytes and one for
+/// the header index, whatever the number of headers: a handshake's
+/// short-lived strings would otherwise be scattered among the long-lived
+/// objects of established connections, and keep their memory pages.
 #[derive(Debug, Clone, Default)]
 pub struct RequestHead {
-    pub method: String,
+    raw: Box<[u8]>,
+    method: Span,
     /// The path without the query.
-    pub path: String,
-    pub query: Option<String>,
+    path: Span,
+    query: Option<Span>,
     /// 0 for HTTP/1.0, 1 for HTTP/1.1.
     pub minor_version: u8,
-    pub headers: Vec<(String, String)>,
+    /// (name, value) of each header, in order.
+    headers: Vec<(Span, Span)>,
 }
 
 impl RequestHead {
-    /// The first value of header `name` (case-insensitive).
-    pub fn header(&self, name: &str) -> Option<&str> {
+    fn text(&self, (start, end): Span) -> &str {
+        // Every span was checked to be UTF-8 when the head was parsed.
+        std::str::from_utf8(&self.raw[usize::from(start)..usize::from(end)]).unwrap_or("")
+    }
+
+    pub fn method(&self) -> &str {
+        self.text(self.method)
+    }
+
+    /// The path, without the query.
+    pub fn path(&self) -> &str {
+        self.text(self.path)
+    }
+
+    /// The query string (after `?`), if any.
+    pub fn query(&self) -> Option<&str> {
+        self.query.map(|q| self.text(q))
+    }
+
+    /// Every header as (name, value), in the order received.
+    pub fn headers(&self) -> impl Iterator<Item = (&str, &str)> + Clone + '_ {
         self.headers
             .iter()
+            .map(|&(k, v)| (self.text(k), self.text(v)))
+    }
+
+    /// The first value of header `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+            .map(|(_, v)| v)
     }
 
     /// Does a comma-separated header contain `token` (case-insensitive)?
     pub fn header_has_token(&self, name: &str, token: &str) -> bool {
-        self.headers
-            .iter()
+        self.headers()
             .filter(|(k, _)| k.eq_ignore_ascii_case(name))
             .flat_map(|(_, v)| v.split(','))
             .any(|t| t.trim().eq_ignore_ascii_case(token))
@@ -77,10 +110,9 @@ impl RequestHead {
     /// bodies alone are refused with 411.
     pub fn content_length(&self) -> Result<usize, HttpError> {
         let mut lengths = self
-            .headers
-            .iter()
+            .headers()
             .filter(|(k, _)| k.eq_ignore_ascii_case("content-length"))
-            .map(|(_, v)| v.as_str());
+            .map(|(_, v)| v);
         let first = lengths.next();
         if lengths.next().is_some() {
             return Err(HttpError::new(400, "more than one Content-Length header"));
@@ -110,7 +142,7 @@ impl RequestHead {
 
     /// Does the request declare a body (any framing header)?
     pub fn has_body_framing(&self) -> bool {
-        self.headers.iter().any(|(k, _)| {
+        self.headers().any(|(k, _)| {
             k.eq_ignore_ascii_case("content-length") || k.eq_ignore_ascii_case("transfer-encoding")
         })
     }
@@ -129,27 +161,38 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, HttpError>
         }
         Err(e) => return Err(HttpError::new(400, format!("malformed HTTP request: {e}"))),
     };
-    let target = req.path.unwrap_or("/");
-    let (path, query) = match target.split_once('?') {
-        Some((p, q)) => (p, Some(q.to_string())),
-        None => (target, None),
+    // Where each borrowed part lies in `buf`.
+    let base = buf.as_ptr() as usize;
+    let span = |part: &[u8]| -> Span {
+        let start = part.as_ptr() as usize - base;
+        (start as u16, (start + part.len()) as u16)
     };
-    let headers = req
-        .headers
-        .iter()
-        .map(|h| {
-            (
-                h.name.to_string(),
-                String::from_utf8_lossy(h.value).into_owned(),
-            )
-        })
-        .collect();
+    let empty = (0, 0);
+    let target = req.path.unwrap_or("");
+    let (path, query) = match target.split_once('?') {
+        Some((p, q)) => (span(p.as_bytes()), Some(span(q.as_bytes()))),
+        None => (span(target.as_bytes()), None),
+    };
+    let path = if target.is_empty() { empty } else { path };
+    let mut headers = Vec::with_capacity(req.headers.len());
+    for h in req.headers.iter() {
+        if std::str::from_utf8(h.value).is_err() {
+            return Err(HttpError::new(
+                400,
+                format!("header {} is not UTF-8", h.name),
+            ));
+        }
+        headers.push((span(h.name.as_bytes()), span(h.value)));
+    }
+    let method = req.method.map_or(empty, |m| span(m.as_bytes()));
+    let minor_version = req.version.unwrap_or(1);
     Ok(Some((
         RequestHead {
-            method: req.method.unwrap_or("").to_string(),
-            path: path.to_string(),
+            raw: buf[..len].into(),
+            method,
+            path,
             query,
-            minor_version: req.version.unwrap_or(1),
+            minor_version,
             headers,
         },
         len,
@@ -158,7 +201,7 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, HttpError>
 
 /// Checks an upgrade request (§4.2.1) and returns the `Sec-WebSocket-Accept` value.
 pub fn accept_key(req: &RequestHead) -> Result<String, HttpError> {
-    if req.method != "GET" {
+    if req.method() != "GET" {
         return Err(HttpError::new(405, "WebSocket upgrade requires GET"));
     }
     if req.minor_version < 1 {
@@ -311,8 +354,11 @@ mod tests {
     fn parses_upgrade_and_derives_rfc_accept_key() {
         let (head, len) = parse_head(UPGRADE).unwrap().unwrap();
         assert_eq!(&UPGRADE[len..], b"EXTRA");
-        assert_eq!(head.path, "/ws");
-        assert_eq!(head.query.as_deref(), Some("auth=abc"));
+        assert_eq!(head.path(), "/ws");
+        assert_eq!(head.query(), Some("auth=abc"));
+        assert_eq!(head.method(), "GET");
+        assert_eq!(head.header("HOST"), Some("x"));
+        assert_eq!(head.headers().count(), 5);
         assert!(head.wants_websocket());
         // The example of RFC 6455 §1.3.
         assert_eq!(accept_key(&head).unwrap(), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");

@@ -143,8 +143,11 @@ async fn serve_requests(worker: Rc<Worker>, mut stream: TcpStream, peer: SocketA
                 return;
             }
         };
-        let client =
-            forwarded::client_addr(peer, &head.headers, &worker.shared.config.trusted_proxies.0);
+        let client = forwarded::client_addr(
+            peer,
+            head.headers(),
+            &worker.shared.config.trusted_proxies.0,
+        );
         if head.wants_websocket() && site == Site::Main {
             if body_len > 0 {
                 let e = HttpError::new(400, "a WebSocket upgrade request has no body");
@@ -154,7 +157,7 @@ async fn serve_requests(worker: Rc<Worker>, mut stream: TcpStream, peer: SocketA
             upgrade(worker, stream, head, buf, &client).await;
             return;
         }
-        if !api(
+        if !Box::pin(api(
             &worker,
             &mut stream,
             &head,
@@ -162,7 +165,7 @@ async fn serve_requests(worker: Rc<Worker>, mut stream: TcpStream, peer: SocketA
             &mut buf,
             &client,
             site,
-        )
+        ))
         .await
         {
             return;
@@ -186,12 +189,12 @@ async fn upgrade(
 ) {
     let shared = worker.shared.clone();
     let cfg = &shared.config;
-    let mode = match head.path.as_str() {
+    let mode = match head.path() {
         "/" | "/ws" => Mode::PubSub,
         "/echo" if cfg.echo_endpoint => Mode::Echo,
         p if p.starts_with("/app/") => Mode::Pusher,
         _ => {
-            let err = HttpError::new(404, format!("no WebSocket endpoint at {}", head.path));
+            let err = HttpError::new(404, format!("no WebSocket endpoint at {}", head.path()));
             return refuse(&worker, &mut stream, "not_found", err, peer).await;
         }
     };
@@ -204,20 +207,25 @@ async fn upgrade(
         return refuse(&worker, &mut stream, "origin", err, peer).await;
     }
     if mode == Mode::Pusher {
-        return pusher_upgrade(worker, stream, head, leftover, &accept, peer).await;
+        return Box::pin(pusher_upgrade(
+            worker, stream, head, leftover, &accept, peer,
+        ))
+        .await;
     }
     let (grant, authz) = match mode {
         // The echo endpoint is a conformance-testing aid, off by default.
         Mode::Echo | Mode::Pusher => (Grant::open(), None),
         Mode::PubSub if worker.authorizer.is_some() => {
-            match authorize_connect(&worker, &head, peer).await {
+            // Boxed, like the API below: a webhook call is large, and
+            // inline it would enlarge every handshake's task.
+            match Box::pin(authorize_connect(&worker, &head, peer)).await {
                 Ok(pair) => pair,
                 Err((reason, err)) => return refuse(&worker, &mut stream, reason, err, peer).await,
             }
         }
         Mode::PubSub => match shared
             .auth
-            .authenticate(head.header("authorization"), head.query.as_deref())
+            .authenticate(head.header("authorization"), head.query())
         {
             Ok(g) => (g, None),
             Err(e) => {
@@ -244,10 +252,7 @@ async fn upgrade(
     // held for the connection's lifetime.
     let leftover = leftover.as_slice().to_vec();
     drop(head);
-    monoio::spawn(async move {
-        session::run(worker.clone(), stream, leftover, grant, authz, mode, None).await;
-        worker.shared.release_connection();
-    });
+    session::start(worker, stream, leftover, grant, authz, mode, None);
 }
 
 /// A Pusher client's upgrade (`/app/{key}?protocol=7&...`). Pusher clients
@@ -264,8 +269,8 @@ async fn pusher_upgrade(
     peer: &str,
 ) {
     let shared = worker.shared.clone();
-    let key = &head.path["/app/".len()..];
-    let version = head.query.as_deref().and_then(|q| {
+    let key = &head.path()["/app/".len()..];
+    let version = head.query().and_then(|q| {
         form_urlencoded::parse(q.as_bytes())
             .find(|(k, _)| k == "protocol")
             .map(|(_, v)| v.into_owned())
@@ -276,7 +281,7 @@ async fn pusher_upgrade(
         .and_then(|p| p.apps.by_key(key).map(|a| (p, a.clone())));
     let refusal: Option<(u16, String)> = match (&app, version.as_deref()) {
         _ if key.is_empty() || key.contains('/') => {
-            Some((4005, format!("no Pusher endpoint at {}", head.path)))
+            Some((4005, format!("no Pusher endpoint at {}", head.path())))
         }
         (None, _) => Some((4001, format!("App key {key} does not exist"))),
         (Some((_, app)), _) if !app.enabled => Some((4003, "App is disabled".into())),
@@ -324,21 +329,16 @@ async fn pusher_upgrade(
     };
     let leftover = leftover.as_slice().to_vec();
     drop(head);
-    monoio::spawn(async move {
-        let app = Some(pusher_app);
-        let mode = Mode::Pusher;
-        session::run(
-            worker.clone(),
-            stream,
-            leftover,
-            Grant::open(),
-            None,
-            mode,
-            app,
-        )
-        .await;
-        worker.shared.release_connection();
-    });
+    let grant = Grant::open();
+    session::start(
+        worker,
+        stream,
+        leftover,
+        grant,
+        None,
+        Mode::Pusher,
+        Some(pusher_app),
+    );
 }
 
 /// A refused upgrade: the metric reason and the HTTP error.
@@ -359,7 +359,7 @@ async fn authorize_connect(
     let token_grant = if shared.auth.is_open() {
         None
     } else {
-        match auth::find_token(head.header("authorization"), head.query.as_deref()) {
+        match auth::find_token(head.header("authorization"), head.query()) {
             Ok(t) => match shared.auth.verify(&t) {
                 Ok(g) => Some(g),
                 Err(e) => return Err(("unauthorized", HttpError::new(401, e.to_string()))),
@@ -368,7 +368,7 @@ async fn authorize_connect(
             Err(e) => return Err(("unauthorized", HttpError::new(401, e.to_string()))),
         }
     };
-    let body = authorizer::connect_body(&head.headers, head.query.as_deref(), peer);
+    let body = authorizer::connect_body(head.headers(), head.query(), peer);
     let decision = authorizer.ask(body).await;
     shared.metrics.authorized("connect", decision.label());
     let answer = match decision {
@@ -402,11 +402,8 @@ async fn authorize_connect(
     };
     let per_action = [Action::Subscribe, Action::Unsubscribe, Action::Publish];
     let authz = per_action.iter().any(|a| authorizer.wants(*a)).then(|| {
-        let client = authorizer::client_json(
-            grant.sub.as_deref(),
-            &worker.connection_id(),
-            head.query.as_deref(),
-        );
+        let client =
+            authorizer::client_json(grant.sub.as_deref(), &worker.connection_id(), head.query());
         Box::new(ConnAuthz::new(client))
     });
     Ok((grant, authz))
@@ -474,80 +471,77 @@ async fn api(
     // after answering instead.
     let mut keep = head.keep_alive() && !shared.is_shutting_down() && body_len == 0;
     let json = "application/json";
-    let (status, ctype, body): (u16, &str, Vec<u8>) =
-        match (head.method.as_str(), head.path.as_str()) {
-            ("GET", "/health") => {
-                let (status, body) = health(shared);
-                (status, json, body)
-            }
-            ("GET", "/metrics")
-                if site == Site::Metrics || shared.config.metrics_addr.is_none() =>
-            {
-                let (ctype, body) = metrics_page(shared, head);
-                (200, ctype, body)
-            }
-            _ if site == Site::Metrics => {
-                keep = false;
-                let msg = "only GET /metrics and GET /health are served here\n";
-                (404, "text/plain; charset=utf-8", msg.as_bytes().to_vec())
-            }
-            ("GET", "/metrics") => {
-                keep = false;
-                let msg = "/metrics is served on METRICS_ADDR\n";
-                (404, "text/plain; charset=utf-8", msg.as_bytes().to_vec())
-            }
-            ("POST", "/publish") | ("POST", "/broadcast") => {
-                let Some(len) = read_body(worker, stream, body_len, buf).await else {
-                    return false;
-                };
-                keep = head.keep_alive() && !shared.is_shutting_down();
-                if shared.bus.congested(worker.id) {
-                    shared.bus.wait_for_space(worker.id).await;
-                }
-                let (status, body) =
-                    publish(worker, head, &buf[..len], head.path == "/broadcast", peer).await;
-                buf.drain(..len);
-                (status, json, body)
-            }
-            (method, path @ ("/publish" | "/broadcast" | "/health" | "/metrics")) => {
-                let allow = if path.starts_with("/p") || path.starts_with("/b") {
-                    "POST"
-                } else {
-                    "GET"
-                };
-                let msg = format!("method {method} not allowed on {path}: use {allow}");
-                let (_, body) = json_error(ErrorCode::BadRequest, &msg);
-                let reply = handshake::response_with(405, json, &body, false, &[("Allow", allow)]);
-                send(stream, reply).await;
+    let (status, ctype, body): (u16, &str, Vec<u8>) = match (head.method(), head.path()) {
+        ("GET", "/health") => {
+            let (status, body) = health(shared);
+            (status, json, body)
+        }
+        ("GET", "/metrics") if site == Site::Metrics || shared.config.metrics_addr.is_none() => {
+            let (ctype, body) = metrics_page(shared, head);
+            (200, ctype, body)
+        }
+        _ if site == Site::Metrics => {
+            keep = false;
+            let msg = "only GET /metrics and GET /health are served here\n";
+            (404, "text/plain; charset=utf-8", msg.as_bytes().to_vec())
+        }
+        ("GET", "/metrics") => {
+            keep = false;
+            let msg = "/metrics is served on METRICS_ADDR\n";
+            (404, "text/plain; charset=utf-8", msg.as_bytes().to_vec())
+        }
+        ("POST", "/publish") | ("POST", "/broadcast") => {
+            let Some(len) = read_body(worker, stream, body_len, buf).await else {
                 return false;
+            };
+            keep = head.keep_alive() && !shared.is_shutting_down();
+            if shared.bus.congested(worker.id) {
+                shared.bus.wait_for_space(worker.id).await;
             }
-            (method, path) if pusher::api::is_api_path(path) => {
-                let Some(len) = read_body(worker, stream, body_len, buf).await else {
-                    return false;
-                };
-                keep = head.keep_alive() && !shared.is_shutting_down();
-                if shared.bus.congested(worker.id) {
-                    shared.bus.wait_for_space(worker.id).await;
-                }
-                let query = head.query.as_deref().unwrap_or("");
-                let now = crate::shard::unix_ms() / 1000;
-                let answer = pusher::api::handle(worker, method, path, query, &buf[..len], now);
-                buf.drain(..len);
-                answer
+            let (status, body) =
+                publish(worker, head, &buf[..len], head.path() == "/broadcast", peer).await;
+            buf.drain(..len);
+            (status, json, body)
+        }
+        (method, path @ ("/publish" | "/broadcast" | "/health" | "/metrics")) => {
+            let allow = if path.starts_with("/p") || path.starts_with("/b") {
+                "POST"
+            } else {
+                "GET"
+            };
+            let msg = format!("method {method} not allowed on {path}: use {allow}");
+            let (_, body) = json_error(ErrorCode::BadRequest, &msg);
+            let reply = handshake::response_with(405, json, &body, false, &[("Allow", allow)]);
+            send(stream, reply).await;
+            return false;
+        }
+        (method, path) if pusher::api::is_api_path(path) => {
+            let Some(len) = read_body(worker, stream, body_len, buf).await else {
+                return false;
+            };
+            keep = head.keep_alive() && !shared.is_shutting_down();
+            if shared.bus.congested(worker.id) {
+                shared.bus.wait_for_space(worker.id).await;
             }
-            ("GET", "/" | "/ws" | "/echo") => {
-                keep = false;
-                (
-                    426,
-                    "text/plain; charset=utf-8",
-                    b"this endpoint expects a WebSocket upgrade\n".to_vec(),
-                )
-            }
-            _ => {
-                keep = false;
-                (404, "text/plain; charset=utf-8", b"not found\n".to_vec())
-            }
-        };
+            let query = head.query().unwrap_or("");
+            let now = crate::shard::unix_ms() / 1000;
+            let answer = pusher::api::handle(worker, method, path, query, &buf[..len], now);
+            buf.drain(..len);
+            answer
+        }
+        ("GET", "/" | "/ws" | "/echo") => {
+            keep = false;
+            (
+                426,
+                "text/plain; charset=utf-8",
+                b"this endpoint expects a WebSocket upgrade\n".to_vec(),
+            )
+        }
+        _ => {
+            keep = false;
+            (404, "text/plain; charset=utf-8", b"not found\n".to_vec())
+        }
+    };
     send(stream, handshake::response(status, ctype, &body, keep)).await && keep
 }
 
@@ -610,7 +604,7 @@ async fn publish(
             Ok(parts) => parts,
             Err(msg) => return json_error(ErrorCode::BadRequest, &msg),
         };
-        let client = authorizer::http_client_json(&head.headers, peer);
+        let client = authorizer::http_client_json(head.headers(), peer);
         let req = authorizer::action_body(Action::Publish, &channel, Some(data), &client);
         let decision = authorizer.ask(req).await;
         shared.metrics.authorized("publish", decision.label());
@@ -634,7 +628,7 @@ async fn publish(
     }
     let grant = match shared
         .auth
-        .authenticate(head.header("authorization"), head.query.as_deref())
+        .authenticate(head.header("authorization"), head.query())
     {
         Ok(g) => g,
         Err(e) => return json_error(ErrorCode::Unauthorized, &e.to_string()),

@@ -55,4 +55,6 @@ pub mod pusher;
 pub mod server;
 pub mod session;
 pub mod shard;
+pub mod slots;
+pub mod subscribers;
 pub mod worker;

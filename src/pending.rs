@@ -118,6 +118,16 @@ impl Pending {
         }
     }
 
+    /// Frees spare capacity left by a storm of connections.
+    pub fn shrink(&mut self) {
+        if self.slots.capacity() > 64 && self.slots.len() < self.slots.capacity() / 4 {
+            self.slots.shrink_to_fit();
+        }
+        if self.order.capacity() > 64 && self.order.len() < self.order.capacity() / 4 {
+            self.order.shrink_to_fit();
+        }
+    }
+
     /// `t` is done being pending (upgraded, finished, or closed).
     pub fn leave(&mut self, t: Ticket) {
         if self.slots.get(t.slot).is_some_and(|s| s.gen == t.gen)

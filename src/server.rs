@@ -451,5 +451,24 @@ async fn timer_loop(worker: Rc<Worker>) {
                 connection::sweep(&worker, now);
             }
         }
+        if ticks % 10 == 0 {
+            give_back_memory(&worker);
+        }
     }
+}
+
+/// After connections opened or closed (checked once a second): shrinks the shard's
+/// tables and asks the allocator to return this thread's free pages to the
+/// system at once, rather than whenever it next allocates (an idle reactor
+/// may not for hours), so RSS follows the connections down.
+fn give_back_memory(worker: &Worker) {
+    if worker.shard.borrow_mut().take_churn() == 0 {
+        return;
+    }
+    worker.shard.borrow_mut().shrink();
+    worker.pending.borrow_mut().shrink();
+    // SAFETY: mi_collect only walks the calling thread's mimalloc heap;
+    // harmless when another allocator is in use.
+    unsafe { libmimalloc_sys::mi_collect(true) };
+    worker.metrics.memory_collections.inc();
 }

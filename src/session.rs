@@ -98,8 +98,14 @@ fn limit_kernel_backlog(fd: RawFd, send_queue_limit: usize) {
     }
 }
 
-/// Runs an upgraded connection until it is closed.
-pub async fn run(
+/// Starts an upgraded connection: registers it with the shard, then spawns
+/// its writer and its reader; the reader's task removes it when it ends
+/// and releases its MAX_CONNECTIONS slot.
+///
+/// The setup runs here, before any task exists, so that the long-lived
+/// reader task carries only what it needs for the connection's whole life
+/// (an idle connection's memory is mostly its two tasks).
+pub fn start(
     worker: Rc<Worker>,
     stream: TcpStream,
     leftover: Vec<u8>,
@@ -131,7 +137,7 @@ pub async fn run(
     };
     let (rd, wr) = stream.into_split();
     let writer = monoio::spawn(write_loop(wr, worker.clone(), key, gen));
-    let mut reader = Reader {
+    let reader = Reader {
         key,
         mode,
         fd,
@@ -139,25 +145,45 @@ pub async fn run(
         pending: leftover,
         want: 0,
     };
+    monoio::spawn(read_loop(worker, rd, reader, writer, gen));
+}
+
+/// The reader's task: reads until the connection ends, then lets the
+/// writer finish (within CLOSE_TIMEOUT) and removes the connection.
+async fn read_loop(
+    worker: Rc<Worker>,
+    rd: OwnedReadHalf<TcpStream>,
+    mut reader: Reader,
+    writer: monoio::task::JoinHandle<()>,
+    gen: u64,
+) {
     reader.run(&worker, &rd).await;
+    // Boxed: the end of a connection is rare next to its life; inline, its
+    // state (a timer) would enlarge every connection's task.
+    Box::pin(finish(&worker, reader.key, gen, reader.mode, writer)).await;
+    drop(rd);
+    worker.shared.release_connection();
+}
+
+async fn finish(
+    worker: &Worker,
+    key: usize,
+    gen: u64,
+    mode: Mode,
+    writer: monoio::task::JoinHandle<()>,
+) {
     if mode == Mode::Pusher {
-        pusher::connection::on_close(&worker, key);
+        pusher::connection::on_close(worker, key);
     }
     worker.shard.borrow_mut().abandon(key, gen);
     let close_timeout = worker.shared.config.close_timeout;
-    // Boxed: the timer is large and only needed once, at the end; inline it
-    // would enlarge every connection's task for its whole life.
-    if Box::pin(monoio::time::timeout(close_timeout, writer))
-        .await
-        .is_err()
-    {
+    if monoio::time::timeout(close_timeout, writer).await.is_err() {
         worker.shard.borrow_mut().cut(key, gen);
     }
     worker
         .shard
         .borrow_mut()
         .remove(key, gen, &worker.shared.interest);
-    drop(rd);
 }
 
 struct Reader {
@@ -250,7 +276,9 @@ impl Reader {
     /// and then the messages that arrived behind it, in order.
     async fn settle(&mut self, worker: &Worker, mut flow: Flow) -> Flow {
         while let Flow::Wait(d) = flow {
-            self.authorize(worker, *d).await;
+            // Boxed: the HTTP request is large and rare; inline it would
+            // enlarge every connection's task for its whole life.
+            Box::pin(self.authorize(worker, *d)).await;
             flow = self.process_pending(worker);
         }
         flow
@@ -665,10 +693,15 @@ async fn write_loop(mut wr: OwnedWriteHalf<TcpStream>, worker: Rc<Worker>, key: 
     let mut batch = Batch::new();
     loop {
         let go = poll_fn(|cx| {
-            worker
+            let ready = worker
                 .shard
                 .borrow_mut()
-                .fill(key, gen, &mut batch, max, cx)
+                .fill(key, gen, &mut batch, max, cx);
+            if ready.is_pending() {
+                // Going idle: hold no buffers while waiting.
+                batch.release();
+            }
+            ready
         })
         .await;
         if !go {
@@ -689,7 +722,6 @@ async fn write_loop(mut wr: OwnedWriteHalf<TcpStream>, worker: Rc<Worker>, key: 
         match res {
             Ok(n) if n > 0 => {
                 batch.advance(n);
-                batch.shrink();
                 worker.shard.borrow_mut().written(key, gen, n);
             }
             _ => {

@@ -10,13 +10,14 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::os::fd::RawFd;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
+use std::num::NonZeroU64;
+
 use bytes::{Buf, Bytes};
-use indexmap::IndexSet;
-use slab::Slab;
 
 use crate::auth::Grant;
 use crate::authorizer::ConnAuthz;
@@ -25,7 +26,8 @@ use crate::interest::Interest;
 use crate::metrics::WorkerMetrics;
 use crate::pusher::connection::PusherConn;
 
-type Subscribers = IndexSet<usize, ahash::RandomState>;
+use crate::slots::Slots;
+use crate::subscribers::{ConnSubs, Subscribers};
 
 /// Most frames handed to one vectored write (the kernel's IOV_MAX is 1024).
 pub const MAX_IOV: usize = 512;
@@ -103,8 +105,12 @@ pub struct Conn {
     /// The writer task, parked while `queue` is empty.
     writer: Option<Waker>,
     /// Set once a close frame is queued (or the peer vanished): nothing else
-    /// is queued after it, and the TCP connection is cut at the deadline.
-    closing: Option<u64>,
+    /// is queued after it, and the TCP connection is cut at this deadline
+    /// (Unix ms).
+    closing: Option<NonZeroU64>,
+    /// The writer took frames since the last keep-alive sweep (an idle
+    /// connection's empty queue is freed by the sweep).
+    sent: bool,
     /// The socket was shut down; reader and writer must stop.
     cut: bool,
     /// The keep-alive sweep during which the client was last heard from.
@@ -113,8 +119,9 @@ pub struct Conn {
     pinged_at: u32,
     pub grant: Arc<Grant>,
     /// Channels this connection is subscribed to.
-    subs: Vec<Box<str>>,
-    bucket: Option<Bucket>,
+    subs: ConnSubs,
+    /// Only with PUBLISH_RATE: boxed, so connections without pay nothing.
+    bucket: Option<Box<Bucket>>,
     /// What the authorizer webhook needs to know of this connection (only
     /// when AUTHORIZE sends more than `connect`).
     pub authz: Option<Box<ConnAuthz>>,
@@ -129,9 +136,13 @@ impl Conn {
     }
 }
 
-/// Frames taken from a connection's queue for one vectored write. Owns the
-/// `Bytes` (so io_uring may hold their pointers) and the iovec array.
+/// Frames taken from a connection's queue for one write. Owns the `Bytes`
+/// (so io_uring may hold their pointers) and, for two frames or more, the
+/// iovec array of a vectored write. A single frame (the common case at low
+/// rates) is held apart and needs neither array, so an idle connection's
+/// writer holds no allocation at all.
 pub struct Batch {
+    one: Option<Bytes>,
     bufs: VecDeque<Bytes>,
     iov: Vec<libc::iovec>,
     bytes: usize,
@@ -146,6 +157,7 @@ impl Default for Batch {
 impl Batch {
     pub fn new() -> Self {
         Batch {
+            one: None,
             bufs: VecDeque::new(),
             iov: Vec::new(),
             bytes: 0,
@@ -153,7 +165,12 @@ impl Batch {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.bufs.is_empty()
+        self.one.is_none() && self.bufs.is_empty()
+    }
+
+    /// Frames held.
+    fn frames(&self) -> usize {
+        usize::from(self.one.is_some()) + self.bufs.len()
     }
 
     /// Bytes still to write.
@@ -163,6 +180,13 @@ impl Batch {
 
     fn push(&mut self, b: Bytes) {
         self.bytes += b.len();
+        if self.bufs.is_empty() && self.one.is_none() {
+            self.one = Some(b);
+            return;
+        }
+        if let Some(first) = self.one.take() {
+            self.bufs.push_back(first);
+        }
         self.bufs.push_back(b);
     }
 
@@ -178,6 +202,14 @@ impl Batch {
     /// Drops what a write of `n` bytes sent.
     pub fn advance(&mut self, mut n: usize) {
         self.bytes -= n;
+        if let Some(one) = self.one.as_mut() {
+            if one.len() <= n {
+                self.one = None;
+            } else {
+                one.advance(n);
+            }
+            return;
+        }
         while n > 0 {
             let Some(front) = self.bufs.front_mut() else {
                 break;
@@ -195,21 +227,17 @@ impl Batch {
     /// Takes the batch's only frame out, for a plain `send` (no iovec to
     /// import); `restore` puts back what was not written.
     pub fn take_single(&mut self) -> Option<Bytes> {
-        if self.bufs.len() == 1 {
-            self.bufs.pop_front()
-        } else {
-            None
-        }
+        self.one.take()
     }
 
     /// Puts back the frame [`Batch::take_single`] took.
     pub fn restore(&mut self, b: Bytes) {
-        self.bufs.push_front(b);
+        self.one = Some(b);
     }
 
-    /// Frees the buffers of a batch that grew large, once it is empty.
-    pub fn shrink(&mut self) {
-        if self.bufs.is_empty() && self.bufs.capacity() > 16 {
+    /// Frees the buffers of an empty batch (its writer is going idle).
+    pub fn release(&mut self) {
+        if self.is_empty() && (self.bufs.capacity() > 0 || self.iov.capacity() > 0) {
             *self = Batch::new();
         }
     }
@@ -237,8 +265,12 @@ pub enum SubscribeError {
 pub struct Shard {
     id: usize,
     limits: Limits,
-    conns: Slab<Conn>,
-    channels: HashMap<Box<str>, Subscribers, ahash::RandomState>,
+    conns: Slots<Conn>,
+    /// Channel name (shared with the subscribers' [`ConnSubs`]) to its
+    /// local subscribers.
+    channels: HashMap<Rc<str>, Subscribers, ahash::RandomState>,
+    /// Connections opened or closed since the last [`Shard::take_churn`].
+    churn: usize,
     /// (deadline in Unix ms, slot, gen): token expiries and close deadlines.
     timers: BinaryHeap<Reverse<(u64, usize, u64)>>,
     next_gen: u64,
@@ -255,6 +287,17 @@ pub struct Shard {
 fn over_limit(conn: &Conn, len: usize, limit: usize) -> bool {
     let unsent = conn.queued + conn.inflight;
     unsent > 0 && unsent + len > limit
+}
+
+/// Queues `frame`; an empty, unallocated queue gets room for exactly one
+/// frame (32 bytes, not the 128 a first push would reserve): most idle
+/// connections never hold more than one frame at a time.
+#[inline]
+fn enqueue(queue: &mut VecDeque<Bytes>, frame: Bytes) {
+    if queue.capacity() == 0 {
+        queue.reserve_exact(1);
+    }
+    queue.push_back(frame);
 }
 
 /// Milliseconds since the Unix epoch.
@@ -278,8 +321,9 @@ impl Shard {
         Shard {
             id,
             limits,
-            conns: Slab::new(),
+            conns: Slots::new(),
             channels: HashMap::default(),
+            churn: 0,
             timers: BinaryHeap::new(),
             next_gen: 1,
             metrics,
@@ -309,9 +353,11 @@ impl Shard {
     pub fn open(&mut self, fd: RawFd, grant: Arc<Grant>) -> (usize, u64) {
         let gen = self.next_gen;
         self.next_gen += 1;
-        let bucket = (self.limits.publish_rate > 0).then(|| Bucket {
-            tokens: self.limits.publish_rate as f64,
-            last: Instant::now(),
+        let bucket = (self.limits.publish_rate > 0).then(|| {
+            Box::new(Bucket {
+                tokens: self.limits.publish_rate as f64,
+                last: Instant::now(),
+            })
         });
         let exp = grant.exp;
         let key = self.conns.insert(Conn {
@@ -322,17 +368,19 @@ impl Shard {
             inflight: 0,
             writer: None,
             closing: None,
+            sent: false,
             cut: false,
             last_seen: self.sweep,
             pinged_at: 0,
             grant,
-            subs: Vec::new(),
+            subs: ConnSubs::None,
             bucket,
             authz: None,
             pusher: None,
         });
         self.schedule_expiry(key, gen, exp);
         self.metrics.connections.inc();
+        self.churn += 1;
         (key, gen)
     }
 
@@ -357,14 +405,14 @@ impl Shard {
     pub fn is_subscribed(&self, key: usize, channel: &str) -> bool {
         self.channels
             .get(channel)
-            .is_some_and(|set| set.contains(&key))
+            .is_some_and(|set| set.contains(key as u32))
     }
 
     /// The channels (routing keys) `key` is subscribed to.
-    pub fn subscriptions(&self, key: usize) -> Vec<Box<str>> {
+    pub fn subscriptions(&self, key: usize) -> Vec<Rc<str>> {
         self.conns
             .get(key)
-            .map(|c| c.subs.clone())
+            .map(|c| c.subs.as_slice().to_vec())
             .unwrap_or_default()
     }
 
@@ -401,12 +449,15 @@ impl Shard {
         if self.conn_mut(key, gen).is_none() {
             return;
         }
-        let conn = self.conns.remove(key);
-        for channel in conn.subs.iter() {
+        let Some(conn) = self.conns.try_remove(key) else {
+            return;
+        };
+        for channel in conn.subs.as_slice() {
             self.drop_subscriber(channel, key, interest);
         }
         self.metrics.subscriptions.dec_by(conn.subs.len() as i64);
         self.metrics.connections.dec();
+        self.churn += 1;
         if self.conns.is_empty() {
             if let Some(w) = self.empty_waker.take() {
                 w.wake();
@@ -416,7 +467,7 @@ impl Shard {
 
     fn drop_subscriber(&mut self, channel: &str, key: usize, interest: &Interest) {
         if let Some(set) = self.channels.get_mut(channel) {
-            set.swap_remove(&key);
+            set.remove(key as u32);
             if set.is_empty() {
                 self.channels.remove(channel);
                 interest.remove(channel, self.id);
@@ -435,7 +486,7 @@ impl Shard {
         interest: &Interest,
     ) -> Result<(), SubscribeError> {
         if let Some(set) = self.channels.get(channel) {
-            if set.contains(&key) {
+            if set.contains(key as u32) {
                 return Ok(());
             }
         }
@@ -445,17 +496,19 @@ impl Shard {
         if conn.subs.len() >= self.limits.max_subscriptions {
             return Err(SubscribeError::TooMany(self.limits.max_subscriptions));
         }
-        conn.subs.push(channel.into());
         self.metrics.subscriptions.inc();
-        match self.channels.get_mut(channel) {
-            Some(set) => {
-                set.insert(key);
+        match self.channels.get_key_value(channel).map(|(k, _)| k.clone()) {
+            Some(name) => {
+                conn.subs.push(name.clone());
+                if let Some(set) = self.channels.get_mut(&name) {
+                    set.insert(key as u32);
+                }
             }
             None => {
                 interest.add(channel, self.id);
-                let mut set = Subscribers::default();
-                set.insert(key);
-                self.channels.insert(channel.into(), set);
+                let name: Rc<str> = channel.into();
+                conn.subs.push(name.clone());
+                self.channels.insert(name, Subscribers::new(key as u32));
                 self.metrics.channels.inc();
             }
         }
@@ -467,10 +520,9 @@ impl Shard {
         let Some(conn) = self.conns.get_mut(key) else {
             return false;
         };
-        let Some(pos) = conn.subs.iter().position(|c| &**c == channel) else {
+        if !conn.subs.remove(channel) {
             return false;
-        };
-        conn.subs.swap_remove(pos);
+        }
         self.metrics.subscriptions.dec();
         self.drop_subscriber(channel, key, interest);
         true
@@ -484,8 +536,9 @@ impl Shard {
         };
         let gen = conn.gen;
         let exp = grant.exp;
-        let lost: Vec<Box<str>> = conn
+        let lost: Vec<Rc<str>> = conn
             .subs
+            .as_slice()
             .iter()
             .filter(|c| !grant.read.allows(c))
             .cloned()
@@ -538,7 +591,7 @@ impl Shard {
             return;
         }
         conn.queued += frame.len();
-        conn.queue.push_back(frame);
+        enqueue(&mut conn.queue, frame);
         if let Some(w) = conn.writer.take() {
             w.wake();
         }
@@ -553,7 +606,8 @@ impl Shard {
         let limit = self.limits.send_queue_limit;
         let mut delivered = 0;
         let mut overflowed: Vec<usize> = Vec::new();
-        for &key in subs.iter() {
+        for key in subs.iter() {
+            let key = key as usize;
             if Some(key) == except {
                 continue;
             }
@@ -568,7 +622,7 @@ impl Shard {
                 continue;
             }
             conn.queued += frame.len();
-            conn.queue.push_back(frame.clone());
+            enqueue(&mut conn.queue, frame.clone());
             if let Some(w) = conn.writer.take() {
                 w.wake();
             }
@@ -617,7 +671,7 @@ impl Shard {
         let f = frame::close(code, reason);
         conn.queued += f.len();
         conn.queue.push_back(f);
-        conn.closing = Some(deadline);
+        conn.closing = NonZeroU64::new(deadline.max(1));
         let gen = conn.gen;
         if let Some(w) = conn.writer.take() {
             w.wake();
@@ -634,7 +688,7 @@ impl Shard {
         if conn.closing.is_none() {
             conn.queue.clear();
             conn.queued = 0;
-            conn.closing = Some(unix_ms());
+            conn.closing = NonZeroU64::new(unix_ms().max(1));
         }
         if let Some(w) = conn.writer.take() {
             w.wake();
@@ -672,7 +726,7 @@ impl Shard {
             return Poll::Ready(false);
         }
         while let Some(front) = conn.queue.front() {
-            if batch.bufs.len() >= MAX_IOV
+            if batch.frames() >= MAX_IOV
                 || (batch.bytes > 0 && batch.bytes + front.len() > max_bytes)
             {
                 break;
@@ -681,6 +735,7 @@ impl Shard {
             conn.queued -= f.len();
             conn.inflight += f.len();
             batch.push(f);
+            conn.sent = true;
         }
         if conn.queue.is_empty() && conn.queue.capacity() > 64 {
             conn.queue = VecDeque::new();
@@ -721,14 +776,19 @@ impl Shard {
     pub fn sweep_idle(&mut self) {
         self.sweep = self.sweep.wrapping_add(1).max(1);
         let ka = self.limits.keepalive;
-        if ka.ping_after == 0 {
-            return;
-        }
         let now = self.sweep;
         let mut ping = Vec::new();
         let mut dead = Vec::new();
         for (key, c) in self.conns.iter_mut() {
+            // An idle connection keeps no queue buffer: freed here, at
+            // most once per sweep, never on the delivery path.
+            if !std::mem::take(&mut c.sent) && c.queue.is_empty() && c.queue.capacity() > 0 {
+                c.queue = VecDeque::new();
+            }
             if c.closing.is_some() {
+                continue;
+            }
+            if ka.ping_after == 0 {
                 continue;
             }
             if c.pinged_at != 0 {
@@ -765,7 +825,7 @@ impl Shard {
             let Some(conn) = self.conn_mut(key, gen) else {
                 continue;
             };
-            match conn.closing {
+            match conn.closing.map(NonZeroU64::get) {
                 Some(deadline) if deadline <= now => self.cut(key, gen),
                 Some(_) => {}
                 None => {
@@ -807,6 +867,24 @@ impl Shard {
         }
     }
 
+    /// Connections opened or closed since the last call.
+    pub fn take_churn(&mut self) -> usize {
+        std::mem::take(&mut self.churn)
+    }
+
+    /// Gives back what a storm of connections left behind: the channel
+    /// table's and the slab's spare capacity, once most of it is unused.
+    pub fn shrink(&mut self) {
+        if self.channels.capacity() > 64 && self.channels.len() < self.channels.capacity() / 4 {
+            self.channels.shrink_to_fit();
+        }
+        // Only empty chunks at the end can go (keys stay valid).
+        self.conns.shrink();
+        if self.timers.capacity() > 64 && self.timers.len() < self.timers.capacity() / 4 {
+            self.timers.shrink_to_fit();
+        }
+    }
+
     /// Local subscribers of `channel` (for tests and metrics).
     pub fn subscriber_count(&self, channel: &str) -> usize {
         self.channels.get(channel).map_or(0, |s| s.len())
@@ -842,7 +920,7 @@ mod tests {
         let mut batch = Batch::new();
         let mut cx = Context::from_waker(Waker::noop());
         let _ = s.fill(key, gen, &mut batch, usize::MAX, &mut cx);
-        batch.bufs.into_iter().collect()
+        batch.one.into_iter().chain(batch.bufs).collect()
     }
 
     #[test]
@@ -954,6 +1032,26 @@ mod tests {
         assert_eq!(&b.bufs[0][..], b"efg");
         b.advance(3);
         assert!(b.is_empty());
+        b.release();
+        assert_eq!(b.bufs.capacity(), 0);
+        // One frame needs no array.
+        b.push(Bytes::from_static(b"hello"));
+        assert_eq!(b.bufs.capacity(), 0);
+        b.advance(2);
+        assert_eq!(b.take_single().as_deref(), Some(&b"llo"[..]));
+    }
+
+    /// Every connection has one of these: a size budget, checked without
+    /// a clock (tuning.md, memory per connection).
+    #[test]
+    fn a_connection_record_stays_small() {
+        assert!(
+            std::mem::size_of::<Conn>() <= 160,
+            "{}",
+            std::mem::size_of::<Conn>()
+        );
+        assert!(std::mem::size_of::<ConnSubs>() <= 24);
+        assert!(std::mem::size_of::<Subscribers>() <= 24);
     }
 
     #[test]

@@ -21,14 +21,26 @@ pub struct Args {
     /// Seconds to hold them open once all are up (capped at 600).
     #[arg(long, default_value_t = 3.0)]
     pub hold: f64,
-    /// Channels they subscribe to (connection i: channel i mod C).
+    /// Channels they subscribe to (connection i: channel i mod C; with
+    /// --channels-per-conn K, channels iK..iK+K-1 mod C). `--channels`
+    /// equal to `--conns` gives each connection a channel of its own.
     #[arg(long, default_value_t = 1)]
     pub channels: usize,
+    /// Channels each connection subscribes to (1 to 64).
+    #[arg(long, default_value_t = 1)]
+    pub channels_per_conn: usize,
 }
 
 impl Args {
     pub fn command(&self) -> String {
-        format!("conns --conns {} --hold {}", self.conns, self.hold)
+        let mut cmd = format!("conns --conns {} --hold {}", self.conns, self.hold);
+        if self.channels != 1 {
+            cmd.push_str(&format!(" --channels {}", self.channels));
+        }
+        if self.channels_per_conn != 1 {
+            cmd.push_str(&format!(" --channels-per-conn {}", self.channels_per_conn));
+        }
+        cmd
     }
 
     pub fn check(&self) -> anyhow::Result<()> {
@@ -38,8 +50,11 @@ impl Args {
         if !(0.0..=run::MAX_HOLD).contains(&self.hold) {
             bail!("--hold must be 0..={} seconds", run::MAX_HOLD);
         }
-        if self.channels == 0 || self.channels > self.conns {
-            bail!("--channels must be 1..=--conns");
+        if self.channels == 0 || self.channels > self.conns * self.channels_per_conn {
+            bail!("--channels must be 1..=--conns x --channels-per-conn");
+        }
+        if !(1..=64).contains(&self.channels_per_conn) {
+            bail!("--channels-per-conn must be 1..=64");
         }
         Ok(())
     }
@@ -117,9 +132,20 @@ pub async fn run(ctx: Arc<Ctx>, a: Args, label: Option<String>) -> anyhow::Resul
         let ctx = ctx.clone();
         let closed = closed.clone();
         let channels = a.channels;
+        let per_conn = a.channels_per_conn;
         async move {
-            let ch = format!("idle{}", i % channels);
-            match ctx.open_subscribed(4096, &ch, i as u64).await {
+            let name = |j: usize| format!("idle{}", (i * per_conn + j) % channels);
+            let opened = async {
+                let mut conn = ctx.open_subscribed(4096, &name(0), i as u64).await?;
+                for j in 1..per_conn {
+                    let n = conn.subscribe(&*ctx.adapter, &name(j), i as u64).await?;
+                    if n > 0 {
+                        anyhow::bail!("{n} messages arrived before `subscribed`");
+                    }
+                }
+                Ok(conn)
+            };
+            match opened.await {
                 Ok(mut conn) => {
                     ready.done(Ok(()));
                     loop {
