@@ -606,6 +606,48 @@ fn pusher_js_and_node_library_error_paths() {
     r.status("/unknown_app_get", 404);
 }
 
+/// Server-to-user events through pusher-js `signin()` and `user.bind()`
+/// and the Node library's `sendToUser`: every connection signed in as the
+/// user gets each event once, on every core; no one else does.
+#[test]
+fn pusher_js_signin_and_node_library_send_to_user() {
+    let server = start(None);
+    let r = Outcome {
+        script: "users.js",
+        v: run_node(&server, "users.js", &[], None, spread_barrier(&server)),
+    };
+    r.check("/per_worker", "alice's connections on every core", |v| {
+        v.as_array()
+            .is_some_and(|a| a.len() == 2 && a.iter().all(|c| c.as_f64() >= Some(1.0)))
+    });
+    let n = r.array("/alice_got").len();
+    assert!(n >= 2, "at least two connections of alice: {}", r.v);
+    for i in 0..n {
+        r.expect(&format!("/alice_got/{i}"), json!({"text": "hi alice"}));
+        r.expect(&format!("/alice_greetings/{i}"), json!(1));
+        r.expect(&format!("/user_data/{i}/id"), json!("alice"));
+    }
+    r.status("/send_alice", 200);
+    r.status("/send_bob", 200);
+    r.expect("/bob_got", json!({"text": "hi bob"}));
+    r.expect("/bob_greetings", json!(1));
+    r.expect(&format!("/user_data/{n}/id"), json!("bob"));
+    r.check("/mallory_refused", "an AuthError", |v| {
+        v["type"] == "AuthError" || v.to_string().contains("sign in")
+    });
+    r.expect("/mallory_user_events", json!(0));
+    // The users' own channels are not listed as the app's channels.
+    r.status("/channels", 200);
+    r.check(
+        "/channels/body/channels",
+        "no #server-to-user- channel",
+        |v| {
+            v.as_object()
+                .is_some_and(|m| m.keys().all(|k| !k.starts_with("#server-to-user-")))
+        },
+    );
+}
+
 use common::hmac_sha256_hex;
 
 #[test]

@@ -450,3 +450,63 @@ fn signin_identifies_a_user_whose_connections_can_be_terminated() {
     assert_eq!(err["data"]["code"], 4009, "{err}");
     assert_eq!(eve.c.expect_close().0, 4009);
 }
+
+/// Pusher's 10 KB limit on an event's data is the app's, not
+/// MAX_MESSAGE_SIZE: `max_event_payload_in_kb` (default 10) bounds HTTP API
+/// triggers (413) and client events (`pusher:error`), whatever the
+/// WebSocket message limit.
+#[test]
+fn the_event_size_limit_is_per_app() {
+    let apps = r#"[
+      {"id":"a1","key":"k1","secret":"s1","enable_client_messages":true},
+      {"id":"a3","key":"k3","secret":"s3","enable_client_messages":true,"max_event_payload_in_kb":20}
+    ]"#;
+    let server = Server::start(&[("APPS", apps), ("MAX_MESSAGE_SIZE", "64KiB")]);
+    let event =
+        |kb: usize| json!({"name":"e","channel":"news","data":"x".repeat(kb * 1024)}).to_string();
+    // Default app: 10 KiB of data passes, 11 does not.
+    assert_eq!(api(&server, "POST", "/apps/a1/events", &event(10)).0, 200);
+    let (status, text) = api(&server, "POST", "/apps/a1/events", &event(11));
+    assert_eq!(status, 413, "{text}");
+
+    // The app configured for 20 KiB takes 15.
+    let signed = |id: &str, key: &str, secret: &str, body: &str| {
+        use md5::Digest;
+        let ts = common::unix_now().to_string();
+        let md5: String = md5::Md5::digest(body.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let path = format!("/apps/{id}/events");
+        let q = format!("auth_key={key}&auth_timestamp={ts}&auth_version=1.0&body_md5={md5}");
+        let sig = sign(secret, &format!("POST\n{path}\n{q}"));
+        common::http(
+            server.addr,
+            "POST",
+            &format!("{path}?{q}&auth_signature={sig}"),
+            &[("Content-Type", "application/json")],
+            body.as_bytes(),
+        )
+    };
+    assert_eq!(signed("a3", "k3", "s3", &event(15)).0, 200);
+    assert_eq!(signed("a3", "k3", "s3", &event(21)).0, 413);
+
+    // A client event over the app's limit is refused; the connection stays.
+    let mut p = connect(&server, "k1");
+    let channel = "private-big";
+    let auth = format!("k1:{}", sign("s1", &format!("{}:{channel}", p.socket_id)));
+    p.c.send_json(json!({"event":"pusher:subscribe","data":{"channel":channel,"auth":auth}}));
+    assert_eq!(
+        p.c.recv_json()["event"],
+        "pusher_internal:subscription_succeeded"
+    );
+    let big = "y".repeat(11 * 1024);
+    p.c.send_json(json!({"event":"client-big","channel":channel,"data":big}));
+    let err = p.c.recv_json();
+    assert_eq!(err["event"], "pusher:error", "{err}");
+    assert!(
+        err["data"]["message"].as_str().unwrap().contains("bytes"),
+        "{err}"
+    );
+    assert!(p.sync().is_empty());
+}

@@ -64,8 +64,8 @@ pub fn handle(
     let param = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
     let segments: Vec<&str> = rest.split('/').collect();
     match (method, segments.as_slice()) {
-        ("POST", ["events"]) => trigger(worker, ns, body, false),
-        ("POST", ["batch_events"]) => trigger(worker, ns, body, true),
+        ("POST", ["events"]) => trigger(worker, app, ns, body, false),
+        ("POST", ["batch_events"]) => trigger(worker, app, ns, body, true),
         ("GET", ["channels"]) => channels(shared, ns, param("filter_by_prefix"), param("info")),
         ("GET", ["channels", name]) => channel(shared, ns, name, param("info")),
         ("GET", ["channels", name, "users"]) => users(shared, ns, name),
@@ -89,8 +89,9 @@ pub fn handle(
     }
 }
 
-fn trigger(worker: &Worker, ns: u16, body: &[u8], batch: bool) -> Answer {
-    let limit = worker.shared.config.max_message_size;
+fn trigger(worker: &Worker, app: &App, ns: u16, body: &[u8], batch: bool) -> Answer {
+    // Pusher's per-event limit, per app (10 KB unless configured).
+    let limit = app.max_event_bytes();
     let events = if batch {
         wire::parse_batch(body)
     } else {

@@ -27,6 +27,9 @@ pub const DEFAULT_APP_SECRET: &str = "app-secret";
 /// Pusher's documented limit on client events per connection per second.
 pub const DEFAULT_MAX_CLIENT_EVENTS_PER_SECOND: u32 = 10;
 
+/// Pusher's documented limit on an event's data: 10 KB.
+pub const DEFAULT_MAX_EVENT_PAYLOAD_KB: u32 = 10;
+
 /// One Pusher app.
 #[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -51,6 +54,10 @@ pub struct App {
     /// Client events one connection may send per second (close 4301 beyond).
     #[serde(default = "default_client_rate")]
     pub max_client_events_per_second: u32,
+    /// Largest event data, in KiB (Soketi's name): API triggers over it get
+    /// 413, client events a `pusher:error`. Default 10, as Pusher.
+    #[serde(default = "default_event_payload_kb")]
+    pub max_event_payload_in_kb: u32,
     /// Where this app's webhooks go; one object or an array in the JSON.
     #[serde(default, deserialize_with = "one_or_many")]
     pub webhooks: Vec<Webhook>,
@@ -67,6 +74,10 @@ fn default_client_rate() -> u32 {
     DEFAULT_MAX_CLIENT_EVENTS_PER_SECOND
 }
 
+fn default_event_payload_kb() -> u32 {
+    DEFAULT_MAX_EVENT_PAYLOAD_KB
+}
+
 impl App {
     /// An app with these credentials and every other setting at its default.
     pub fn new(id: &str, key: &str, secret: &str) -> App {
@@ -78,9 +89,15 @@ impl App {
             enable_client_messages: false,
             max_connections: None,
             max_client_events_per_second: DEFAULT_MAX_CLIENT_EVENTS_PER_SECOND,
+            max_event_payload_in_kb: DEFAULT_MAX_EVENT_PAYLOAD_KB,
             webhooks: Vec::new(),
             index: 0,
         }
+    }
+
+    /// The largest event data this app accepts, in bytes.
+    pub fn max_event_bytes(&self) -> usize {
+        self.max_event_payload_in_kb as usize * 1024
     }
 
     /// Does any webhook of this app want `event`?
@@ -96,6 +113,9 @@ impl App {
         }
         if self.max_client_events_per_second == 0 {
             return Err("\"max_client_events_per_second\" must be at least 1".into());
+        }
+        if self.max_event_payload_in_kb == 0 {
+            return Err("\"max_event_payload_in_kb\" must be at least 1".into());
         }
         if self.max_connections == Some(0) {
             return Err(
@@ -124,6 +144,7 @@ impl fmt::Debug for App {
                 "max_client_events_per_second",
                 &self.max_client_events_per_second,
             )
+            .field("max_event_payload_in_kb", &self.max_event_payload_in_kb)
             .field("webhooks", &self.webhooks)
             .field("index", &self.index)
             .finish()
@@ -432,7 +453,7 @@ mod tests {
             Some(r#"[{"id":"1","key":"k","secret":"s"},
                      {"id":2,"key":"k2","secret":"s2","enabled":false,
                       "enable_client_messages":true,"max_connections":100,
-                      "max_client_events_per_second":5,
+                      "max_client_events_per_second":5,"max_event_payload_in_kb":100,
                       "webhooks":[{"url":"https://example.com/hook","events":["member_added","client_event"]},
                                   {"url":"http://127.0.0.1:9000/"}]}]"#),
             None,
@@ -445,6 +466,7 @@ mod tests {
         assert!(a.enabled && !a.enable_client_messages);
         assert_eq!(a.max_connections, None);
         assert_eq!(a.max_client_events_per_second, 10);
+        assert_eq!(a.max_event_bytes(), 10 * 1024);
         assert!(a.webhooks.is_empty());
         assert!(!a.wants_webhook(WebhookEvent::ChannelOccupied));
 
@@ -455,6 +477,7 @@ mod tests {
         assert!(!b.enabled && b.enable_client_messages);
         assert_eq!(b.max_connections, Some(100));
         assert_eq!(b.max_client_events_per_second, 5);
+        assert_eq!(b.max_event_bytes(), 100 * 1024);
         assert_eq!(
             b.webhooks[0].events,
             vec![WebhookEvent::MemberAdded, WebhookEvent::ClientEvent]
@@ -569,6 +592,10 @@ mod tests {
             ),
             (
                 r#"[{"id":"1","key":"k","secret":"s","max_client_events_per_second":0}]"#,
+                "max_client_events_per_second",
+            ),
+            (
+                r#"[{"id":"1","key":"k","secret":"s","max_event_payload_in_kb":0}]"#,
                 "at least 1",
             ),
             (

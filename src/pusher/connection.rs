@@ -167,12 +167,12 @@ fn subscribe(
     auth: Option<&str>,
     channel_data: Option<&str>,
 ) {
-    let (app, ns, socket_id) = {
+    let (app, ns, socket_id, user) = {
         let mut shard = worker.shard.borrow_mut();
         let Some(p) = shard.pusher_mut(key) else {
             return;
         };
-        (p.app.clone(), p.ns, p.socket_id.clone())
+        (p.app.clone(), p.ns, p.socket_id.clone(), p.user.clone())
     };
     let fail = |kind: &str, error: &str, status: u16| {
         push(
@@ -188,6 +188,15 @@ fn subscribe(
     let mut member = None;
     match kind {
         ChannelKind::Public => {}
+        // A user's own channel: for connections signed in as that user
+        // (pusher-js subscribes right after `pusher:signin_success`).
+        ChannelKind::ServerToUser => {
+            let id = &channel[wire::SERVER_TO_USER.len()..];
+            if user.as_deref() != Some(id) {
+                let msg = format!("sign in as user {id} before subscribing to {channel}");
+                return fail("AuthError", &msg, 403);
+            }
+        }
         ChannelKind::Private | ChannelKind::PrivateEncrypted => {
             let Some(a) = auth else {
                 return fail("AuthError", "auth is required for private channels", 401);
@@ -225,7 +234,9 @@ fn subscribe(
             let msg = format!("subscription limit of {n} channels reached");
             return fail("LimitReached", &msg, 403);
         }
-        if shared.registry.subscribed(&route) {
+        // A user's own channel is not a channel of the app's: no occupancy,
+        // no webhooks, not listed by the channels API.
+        if kind != ChannelKind::ServerToUser && shared.registry.subscribed(&route) {
             webhook(
                 worker,
                 &app,
@@ -359,7 +370,8 @@ fn left(worker: &Worker, key: usize, route: &str) {
             );
         }
     }
-    if shared.registry.unsubscribed(route) {
+    if ChannelKind::of(channel) != ChannelKind::ServerToUser && shared.registry.unsubscribed(route)
+    {
         webhook(
             worker,
             &app,
@@ -402,6 +414,14 @@ fn client_event(worker: &Worker, key: usize, event: &str, channel: &str, data: &
             Err((
                 None,
                 format!("client event rejected: not subscribed to {channel}"),
+            ))
+        } else if data.len() > p.app.max_event_bytes() {
+            Err((
+                None,
+                format!(
+                    "client event rejected: data over {} bytes",
+                    p.app.max_event_bytes()
+                ),
             ))
         } else if !p.take_token() {
             Err((

@@ -116,12 +116,21 @@ pub enum ChannelKind {
     /// `private-encrypted-`: private, with payloads end-to-end encrypted by
     /// the clients; the server only relays them.
     PrivateEncrypted,
+    /// `#server-to-user-{user_id}`: server-to-user events (the server
+    /// libraries' `sendToUser`); only a connection signed in as that user
+    /// may subscribe.
+    ServerToUser,
 }
+
+/// The prefix of a user's own channel.
+pub const SERVER_TO_USER: &str = "#server-to-user-";
 
 impl ChannelKind {
     /// The kind of `name`, from its prefix alone.
     pub fn of(name: &str) -> ChannelKind {
-        if name.starts_with("private-encrypted-") {
+        if name.starts_with(SERVER_TO_USER) {
+            ChannelKind::ServerToUser
+        } else if name.starts_with("private-encrypted-") {
             ChannelKind::PrivateEncrypted
         } else if name.starts_with("private-") {
             ChannelKind::Private
@@ -134,7 +143,7 @@ impl ChannelKind {
 
     /// Does subscribing need a signed `auth`?
     pub fn needs_auth(self) -> bool {
-        self != ChannelKind::Public
+        !matches!(self, ChannelKind::Public | ChannelKind::ServerToUser)
     }
 
     /// May clients send `client-*` events here (when the app allows them)?
@@ -152,6 +161,7 @@ impl ChannelKind {
             ChannelKind::Private => "private",
             ChannelKind::Presence => "presence",
             ChannelKind::PrivateEncrypted => "private-encrypted",
+            ChannelKind::ServerToUser => "server-to-user",
         }
     }
 }
@@ -163,7 +173,13 @@ pub fn validate_channel(name: &str) -> Result<ChannelKind, &'static str> {
     if name.is_empty() || name.len() > MAX_CHANNEL_LEN {
         return Err("invalid channel name: must be 1 to 164 characters");
     }
-    let ok = name
+    // `#` only as the prefix of a server-to-user channel, with a user id.
+    let rest = match name.strip_prefix(SERVER_TO_USER) {
+        Some("") => return Err("invalid channel name: #server-to-user- needs a user id"),
+        Some(id) => id,
+        None => name,
+    };
+    let ok = rest
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || b"_-=@,.;".contains(&b));
     if ok {
@@ -941,7 +957,24 @@ mod tests {
         assert!(validate_channel("foo-bar_1234@=,.;").is_ok());
         assert!(validate_channel("App.Models.User.1").is_ok());
         assert!(validate_channel(&"x".repeat(164)).is_ok());
-        for bad in ["", "a b", "a:b", "a*", "é", "#server-to-user-1", "a/b"] {
+        assert_eq!(
+            validate_channel("#server-to-user-42"),
+            Ok(ChannelKind::ServerToUser)
+        );
+        assert!(!ChannelKind::ServerToUser.needs_auth());
+        assert!(!ChannelKind::ServerToUser.allows_client_events());
+        for bad in [
+            "",
+            "a b",
+            "a:b",
+            "a*",
+            "é",
+            "#server-to-user-",
+            "#server-to-user-a#b",
+            "#other-1",
+            "x#server-to-user-1",
+            "a/b",
+        ] {
             assert!(validate_channel(bad).is_err(), "{bad}");
         }
         assert!(validate_channel(&"x".repeat(165)).is_err());

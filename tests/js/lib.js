@@ -155,6 +155,7 @@ class AuthServer {
       this.server.once('error', reject);
       this.server.listen(0, '127.0.0.1', () => {
         this.url = `http://127.0.0.1:${this.server.address().port}/pusher/auth`;
+        this.userUrl = `http://127.0.0.1:${this.server.address().port}/pusher/user-auth`;
         resolve(this);
       });
     });
@@ -171,6 +172,19 @@ class AuthServer {
       const userId = p.get('user_id');
       this.requests.push({ method: req.method, socket_id: socketId, channel, user_id: userId });
       changed();
+      if (req.url.startsWith('/pusher/user-auth')) {
+        // User authentication (pusher-js signin()), as the Node library
+        // documents it: authenticateUser(socket_id, {id, ...}).
+        if (req.method !== 'POST' || !socketId || !userId) {
+          res.writeHead(400, { 'content-type': 'text/plain' });
+          res.end('expected a POST with socket_id and user_id');
+          return;
+        }
+        const auth = this.good.authenticateUser(socketId, { id: userId, name: `name of ${userId}` });
+        res.writeHead(200, { 'content-type': 'application/json' });
+        res.end(JSON.stringify(auth));
+        return;
+      }
       if (req.method !== 'POST' || !socketId || !channel) {
         res.writeHead(400, { 'content-type': 'text/plain' });
         res.end('expected a POST with socket_id and channel_name');
@@ -236,6 +250,11 @@ class Client {
         transport: 'ajax',
         params: { user_id: opts.user || name },
       };
+      options.userAuthentication = {
+        endpoint: authServer.userUrl,
+        transport: 'ajax',
+        params: { user_id: opts.user || name },
+      };
     }
     this.pusher = new PusherClient(opts.key || cfg.key, options);
     // The constructor already started connecting.
@@ -252,6 +271,37 @@ class Client {
       this.global.push({ event, data });
       changed();
     });
+    // Every frame re-checks pending waits (signin and the user's own
+    // channel are visible only as pusher-js state).
+    this.pusher.connection.bind('message', () => changed());
+    this.userEvents = [];
+  }
+
+  /**
+   * Signs in (pusher-js signin(), through the auth server's user
+   * authentication) and waits until pusher-js is subscribed to the user's
+   * own channel, `#server-to-user-{id}`; records events sent to the user.
+   */
+  async signin() {
+    this.pusher.user.bind_global((event, data) => {
+      this.userEvents.push({ event, data });
+      changed();
+    });
+    this.pusher.signin();
+    await until(`${this.name} to sign in and subscribe to its user channel`, () => {
+      const ch = this.pusher.user.serverToUserChannel;
+      return ch && ch.subscribed;
+    });
+    return this.pusher.user.user_data;
+  }
+
+  /** The next event sent to the signed-in user (pusher-js `user.bind`). */
+  async nextUserEvent(event) {
+    const taken = this.takenUser || (this.takenUser = new Set());
+    const e = await until(`${this.name} to receive user event ${event}`, () =>
+      this.userEvents.find((x) => !taken.has(x) && x.event === event));
+    taken.add(e);
+    return e.data;
   }
 
   get state() {
