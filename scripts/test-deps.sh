@@ -7,7 +7,9 @@
 #   tests/js/node_modules, exactly as tests/js/package-lock.json pins them
 #   (tests/pusher_clients.rs);
 # - promtool (Debian's prometheus package), which checks /metrics
-#   (tests/metrics_are_valid_prometheus.rs).
+#   (tests/metrics_are_valid_prometheus.rs);
+# - curl and openssl, which the README's examples use
+#   (tests/readme_examples_run.rs).
 # Idempotent and silent when everything is already in place.
 set -eu
 
@@ -30,6 +32,8 @@ apt_install() {
 
 command -v python3 >/dev/null 2>&1 || apt_install python3 python3-venv
 command -v promtool >/dev/null 2>&1 || apt_install prometheus
+command -v curl >/dev/null 2>&1 || apt_install curl
+command -v openssl >/dev/null 2>&1 || apt_install openssl
 
 mkdir -p "$target"
 # The test takes the same lock, so the two never build the venv at once.
