@@ -242,7 +242,8 @@ fn raise_nofile_limit(max_connections: usize, max_pending: usize) {
     if lim.rlim_cur < needed {
         tracing::warn!(
             "MAX_CONNECTIONS={max_connections} (with MAX_PENDING={max_pending}) needs about {needed} open files but RLIMIT_NOFILE allows {}: \
-             at most about {} connections can be open (raise the hard limit: ulimit -Hn, LimitNOFILE=)",
+             with MAX_PENDING connections in their handshake, about {} WebSocket connections fit \
+             (raise the hard limit: ulimit -Hn, LimitNOFILE=; or lower MAX_PENDING)",
             lim.rlim_cur,
             lim.rlim_cur.saturating_sub(SPARE_FDS + max_pending as u64)
         );

@@ -71,16 +71,27 @@ fn sign(secret: &str, s: &str) -> String {
     common::hmac_sha256_hex(secret, s.as_bytes())
 }
 
-/// A signed HTTP API request (Pusher's auth_* query parameters).
+/// A signed HTTP API request (Pusher's auth_* query parameters) of app a1.
 fn api(server: &Server, method: &str, path: &str, body: &str) -> (u16, String) {
+    api_as(server, ("k1", "s1"), method, path, body)
+}
+
+/// A signed HTTP API request with the app credentials `(key, secret)`.
+fn api_as(
+    server: &Server,
+    (key, secret): (&str, &str),
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, String) {
     use md5::Digest;
     let ts = common::unix_now().to_string();
     let md5: String = md5::Md5::digest(body.as_bytes())
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    let q = format!("auth_key=k1&auth_timestamp={ts}&auth_version=1.0&body_md5={md5}");
-    let sig = sign("s1", &format!("{method}\n{path}\n{q}"));
+    let q = format!("auth_key={key}&auth_timestamp={ts}&auth_version=1.0&body_md5={md5}");
+    let sig = sign(secret, &format!("{method}\n{path}\n{q}"));
     let headers = [("Content-Type", "application/json")];
     common::http(
         server.addr,
@@ -470,26 +481,9 @@ fn the_event_size_limit_is_per_app() {
     assert_eq!(status, 413, "{text}");
 
     // The app configured for 20 KiB takes 15.
-    let signed = |id: &str, key: &str, secret: &str, body: &str| {
-        use md5::Digest;
-        let ts = common::unix_now().to_string();
-        let md5: String = md5::Md5::digest(body.as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        let path = format!("/apps/{id}/events");
-        let q = format!("auth_key={key}&auth_timestamp={ts}&auth_version=1.0&body_md5={md5}");
-        let sig = sign(secret, &format!("POST\n{path}\n{q}"));
-        common::http(
-            server.addr,
-            "POST",
-            &format!("{path}?{q}&auth_signature={sig}"),
-            &[("Content-Type", "application/json")],
-            body.as_bytes(),
-        )
-    };
-    assert_eq!(signed("a3", "k3", "s3", &event(15)).0, 200);
-    assert_eq!(signed("a3", "k3", "s3", &event(21)).0, 413);
+    let a3 = |body: &str| api_as(&server, ("k3", "s3"), "POST", "/apps/a3/events", body).0;
+    assert_eq!(a3(&event(15)), 200);
+    assert_eq!(a3(&event(21)), 413);
 
     // A client event over the app's limit is refused; the connection stays.
     let mut p = connect(&server, "k1");
