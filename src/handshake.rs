@@ -161,6 +161,11 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, HttpError>
         }
         Err(e) => return Err(HttpError::new(400, format!("malformed HTTP request: {e}"))),
     };
+    // Spans are 16-bit: a longer head is refused (the server reads at
+    // most 16 KiB of head anyway).
+    if len > usize::from(u16::MAX) {
+        return Err(HttpError::new(431, "request head too large"));
+    }
     // Where each borrowed part lies in `buf`.
     let base = buf.as_ptr() as usize;
     let span = |part: &[u8]| -> Span {
@@ -362,6 +367,14 @@ mod tests {
         assert!(head.wants_websocket());
         // The example of RFC 6455 §1.3.
         assert_eq!(accept_key(&head).unwrap(), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+    }
+
+    #[test]
+    fn a_head_longer_than_its_spans_is_refused() {
+        let mut raw = b"GET / HTTP/1.1\r\nX: ".to_vec();
+        raw.extend(std::iter::repeat_n(b'a', 70_000));
+        raw.extend_from_slice(b"\r\n\r\n");
+        assert_eq!(parse_head(&raw).unwrap_err().status, 431);
     }
 
     #[test]
