@@ -10,12 +10,12 @@ use std::task::{Context, Waker};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use herald::auth::Grant;
-use herald::bus::Bus;
-use herald::codec::{apply_mask, Decoder};
-use herald::interest::Interest;
-use herald::metrics::WorkerMetrics;
-use herald::protocol::{message_frame, parse_request};
-use herald::shard::{Batch, Keepalive, Limits, Shard};
+use herald::engine::bus::Bus;
+use herald::engine::interest::Interest;
+use herald::engine::shard::{Batch, Keepalive, Limits, Shard};
+use herald::frontends::native::protocol::{message_frame, parse_request};
+use herald::integrations::metrics::WorkerMetrics;
+use herald::transport::ws::codec::{apply_mask, Decoder};
 
 fn limits() -> Limits {
     Limits {

@@ -183,7 +183,7 @@ pub struct Config {
 pub struct TrustedProxies(pub Vec<ipnet::IpNet>);
 
 fn parse_trusted(s: &str) -> Result<TrustedProxies, String> {
-    crate::forwarded::parse_trusted(s).map(TrustedProxies)
+    crate::transport::http1::forwarded::parse_trusted(s).map(TrustedProxies)
 }
 
 fn parse_addr(s: &str) -> Result<std::net::SocketAddr, String> {

@@ -3,58 +3,35 @@
 //!
 //! # Layout
 //!
-//! Pure protocol code (bytes in, values out, no IO, no clock):
-//! - [`config`]: environment variables and flags.
-//! - [`auth`]: JWT verification and channel permission patterns.
-//! - [`protocol`]: client messages and server replies of protocol.md.
-//! - [`frame`]: server-to-client WebSocket frames.
-//! - [`codec`]: client-to-server WebSocket frames (RFC 6455).
-//! - [`handshake`]: HTTP request heads and the opening handshake.
-//! - [`forwarded`]: the client's address behind trusted reverse proxies.
+//! The tree is the architecture (ARCHITECTURE.md says more):
 //!
-//! Shared and per-core state:
-//! - [`interest`]: which cores hold subscribers of which channel.
-//! - [`bus`]: the cross-core queues carrying encoded frames.
-//! - [`shard`]: one core's connections, channel table and outbound queues.
-//! - [`metrics`]: Prometheus counters.
-//! - [`pending`]: the bounded set of connections not yet upgraded.
-//! - [`worker`]: a core's context and the publish path.
+//! - [`runtime`]: start-up, listeners, signals, each core's reactor and its
+//!   timers.
+//! - [`transport`]: bytes on the wire: HTTP/1.1 ([`transport::http1`]:
+//!   request heads, the request loop, the outgoing client) and WebSocket
+//!   framing ([`transport::ws`]). The only layer that touches sockets.
+//! - [`engine`]: channels, subscribers, the fan-out and the bus between
+//!   cores; it moves encoded frames and knows no protocol.
+//! - [`session`]: one WebSocket connection's reader and writer.
+//! - [`frontends`]: the protocols: herald's own ([`frontends::native`]) and
+//!   Pusher Channels ([`frontends::pusher`]).
+//! - [`integrations`]: the authorizer webhook and the metrics.
+//! - [`auth`] (tokens and permission patterns), [`config`], [`cli`] (the
+//!   command-line client).
 //!
-//! IO:
-//! - [`session`]: a WebSocket connection's reader and writer tasks.
-//! - [`http`]: request heads, upgrades and the HTTP API.
-//! - [`authorizer`]: the webhook that approves connections and actions.
-//! - [`pusher`]: the Pusher Channels protocol (apps, `/app/{key}`, the
-//!   signed HTTP API, presence, webhooks) on the same fan-out.
-//! - [`server`]: threads, listeners, signals.
-//! - [`cli`]: the command-line client (`herald sub|pub|token`).
-//!
-//! The hot path: [`session`] reads and decodes a frame, `handle_request`
-//! applies a publish, [`worker::Worker::publish`] encodes nothing more and
-//! hands the one frame to the [`bus`] and to [`shard::Shard::deliver`],
-//! which queues a refcounted clone per subscriber; each subscriber's writer
-//! takes its queue in [`shard::Shard::fill`] and writes it with one
-//! vectored write.
+//! The hot path: the [`session`] reads and decodes a frame, the front-end
+//! applies a publish, [`engine::worker::Worker::publish`] hands the one
+//! encoded frame to the [`engine::bus`] and to
+//! [`engine::shard::Shard::deliver`], which queues a refcounted clone per
+//! subscriber; each subscriber's writer takes its queue in
+//! [`engine::shard::Shard::fill`] and writes it with one system call.
 
 pub mod auth;
-pub mod authorizer;
-pub mod bus;
 pub mod cli;
-pub mod codec;
 pub mod config;
-pub mod forwarded;
-pub mod frame;
-pub mod handshake;
-pub mod http;
-pub mod http_client;
-pub mod interest;
-pub mod metrics;
-pub mod pending;
-pub mod protocol;
-pub mod pusher;
-pub mod server;
+pub mod engine;
+pub mod frontends;
+pub mod integrations;
+pub mod runtime;
 pub mod session;
-pub mod shard;
-pub mod slots;
-pub mod subscribers;
-pub mod worker;
+pub mod transport;

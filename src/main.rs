@@ -35,7 +35,7 @@ fn main() -> ExitCode {
             return ExitCode::from(code as u8);
         }
     };
-    let apps = match herald::pusher::load_apps(&config) {
+    let apps = match herald::frontends::pusher::load_apps(&config) {
         Ok(apps) => apps,
         Err(e) => {
             eprintln!("herald: {e}");
@@ -48,7 +48,7 @@ fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .init();
-    match herald::server::run(config, apps) {
+    match herald::runtime::run(config, apps) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("herald: {e}");

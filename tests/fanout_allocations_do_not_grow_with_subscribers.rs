@@ -14,9 +14,9 @@ use std::task::{Context, Waker};
 
 use herald::auth::Grant;
 use herald::config::Config;
-use herald::protocol::message_frame;
-use herald::shard::Batch;
-use herald::worker::{Shared, Worker};
+use herald::engine::shard::Batch;
+use herald::engine::worker::{Shared, Worker};
+use herald::frontends::native::protocol::message_frame;
 
 struct Counting;
 

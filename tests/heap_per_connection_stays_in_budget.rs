@@ -18,9 +18,9 @@ use std::time::{Duration, Instant};
 
 use herald::auth::Grant;
 use herald::config::Config;
-use herald::interest::Interest;
-use herald::metrics::WorkerMetrics;
-use herald::shard::{Keepalive, Limits, Shard};
+use herald::engine::interest::Interest;
+use herald::engine::shard::{Keepalive, Limits, Shard};
+use herald::integrations::metrics::WorkerMetrics;
 use tungstenite::Message;
 
 /// Heap budget of an idle connection on its own channel.
@@ -107,7 +107,7 @@ fn start_server() -> u16 {
     ])
     .unwrap();
     std::thread::spawn(move || {
-        let _ = herald::server::run(config, herald::pusher::apps::Apps::default());
+        let _ = herald::runtime::run(config, herald::frontends::pusher::apps::Apps::default());
     });
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {

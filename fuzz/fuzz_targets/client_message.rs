@@ -4,7 +4,7 @@
 //! `data` byte for byte; every reply and error frame must be valid JSON.
 #![no_main]
 
-use herald::protocol::{self, ErrorCode, Op};
+use herald::frontends::native::protocol::{self, ErrorCode, Op};
 use libfuzzer_sys::fuzz_target;
 use serde::Deserialize;
 use serde_json::value::RawValue;

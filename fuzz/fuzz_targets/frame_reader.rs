@@ -5,7 +5,7 @@
 //! and nothing may panic.
 #![no_main]
 
-use herald::codec::{Decoded, Decoder, Message};
+use herald::transport::ws::codec::{Decoded, Decoder, Message};
 use libfuzzer_sys::fuzz_target;
 
 const MAX_MESSAGE: usize = 4096;

@@ -1,13 +1,13 @@
-//! HTTP request heads on arbitrary bytes: `handshake::parse_head`, then
+//! HTTP request heads on arbitrary bytes: `head::parse_head`, then
 //! everything the server derives from a head (`accept_key`,
 //! `origin_allowed`, `content_length`, ...). Nothing may panic.
 #![no_main]
 
-use herald::handshake;
+use herald::transport::http1::head;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let head = match handshake::parse_head(data) {
+    let head = match head::parse_head(data) {
         Ok(Some((head, len))) => {
             assert!(len > 0 && len <= data.len(), "head length {len}");
             head
@@ -15,7 +15,7 @@ fuzz_target!(|data: &[u8]| {
         Ok(None) => return,
         Err(e) => {
             assert!((400..=599).contains(&e.status), "status {}", e.status);
-            let _ = handshake::error_response(&e);
+            let _ = head::error_response(&e);
             return;
         }
     };
@@ -33,20 +33,20 @@ fuzz_target!(|data: &[u8]| {
     let _ = head.keep_alive();
     let _ = head.content_length();
     let _ = head.header("authorization");
-    match handshake::accept_key(&head) {
+    match head::accept_key(&head) {
         Ok(accept) => {
             assert_eq!(accept.len(), 28, "base64 of a SHA-1: {accept:?}");
-            let _ = handshake::switching_protocols(&accept);
+            let _ = head::switching_protocols(&accept);
         }
         Err(e) => {
-            let _ = handshake::error_response(&e);
+            let _ = head::error_response(&e);
         }
     }
-    let _ = handshake::origin_allowed(&head, &[]);
-    let _ = handshake::origin_allowed(&head, &["*".to_string()]);
+    let _ = head::origin_allowed(&head, &[]);
+    let _ = head::origin_allowed(&head, &["*".to_string()]);
     let listed: Vec<String> = head
         .header("x-allowed-origins")
         .map(|v| v.split(',').map(str::to_string).collect())
         .unwrap_or_default();
-    let _ = handshake::origin_allowed(&head, &listed);
+    let _ = head::origin_allowed(&head, &listed);
 });

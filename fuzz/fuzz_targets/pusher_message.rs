@@ -4,7 +4,7 @@
 //! parse back as JSON carrying its `data` byte for byte, on its channel.
 #![no_main]
 
-use herald::pusher::wire::{self, ClientMessage};
+use herald::frontends::pusher::wire::{self, ClientMessage};
 use libfuzzer_sys::fuzz_target;
 
 /// The JSON payload of an unmasked, unfragmented server text frame.

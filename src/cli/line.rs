@@ -144,7 +144,7 @@ pub fn message_line(channel: &str, data: &str) -> String {
 /// channel, the payload): `channel<TAB>base64:<payload>`, or with `json`
 /// `{"op":"message","channel":..,"base64":..}`.
 pub fn binary_line(frame: &[u8], json: bool) -> Result<String, &'static str> {
-    let (channel, payload) = crate::protocol::parse_binary(frame)?;
+    let (channel, payload) = crate::frontends::native::protocol::parse_binary(frame)?;
     let encoded = base64::engine::general_purpose::STANDARD.encode(payload);
     Ok(if json {
         serde_json::json!({"op": "message", "channel": channel, "base64": encoded}).to_string()

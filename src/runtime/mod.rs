@@ -23,11 +23,11 @@ use monoio::net::TcpListener;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::{Config, IoDriver};
-use crate::http::Site;
-use crate::pusher::apps::Apps;
-use crate::pusher::{connection, Control};
-use crate::shard::unix_ms;
-use crate::worker::{Shared, Worker};
+use crate::engine::shard::unix_ms;
+use crate::engine::worker::{Shared, Worker};
+use crate::frontends::pusher::apps::Apps;
+use crate::frontends::pusher::{connection, Control};
+use crate::transport::http1::server::Site;
 
 /// Submission queue entries per io_uring (a fan-out queues one write per subscriber).
 const URING_ENTRIES: u32 = 4096;
@@ -398,7 +398,12 @@ async fn accept_loop(worker: Rc<Worker>, listener: TcpListener, site: Site) {
                     break;
                 }
                 let _ = stream.set_nodelay(true);
-                monoio::spawn(crate::http::serve(worker.clone(), stream, peer, site));
+                monoio::spawn(crate::transport::http1::server::serve(
+                    worker.clone(),
+                    stream,
+                    peer,
+                    site,
+                ));
             }
             Err(e) => {
                 if worker.shared.is_shutting_down() {

@@ -9,7 +9,7 @@
 //! into the lane of every (app, URL) that wants it, and each lane is a task
 //! of its own, so one slow or dead receiver only ever delays its own
 //! batches. A lane gathers what arrives within [`BATCH_WINDOW`] (at most
-//! [`BATCH_MAX`] events), POSTs it through [`crate::http_client`], and
+//! [`BATCH_MAX`] events), POSTs it through [`crate::transport::http1::client`], and
 //! retries with exponential backoff on 5xx, timeouts and failed
 //! connections, each retry on a fresh connection. Batches of a lane go out
 //! in order, one at a time. Each event is queued exactly once, by the core
@@ -33,9 +33,9 @@ use tokio::sync::mpsc::{self, error::TrySendError};
 
 use super::apps::{App, Apps, WebhookEvent};
 use super::sign;
-use crate::authorizer::{decide, Decision};
-use crate::http_client::{Client, Target};
-use crate::metrics::Metrics;
+use crate::integrations::authorizer::{decide, Decision};
+use crate::integrations::metrics::Metrics;
+use crate::transport::http1::client::{Client, Target};
 
 /// How long a lane waits for more events before posting a batch.
 pub const BATCH_WINDOW: Duration = Duration::from_millis(50);

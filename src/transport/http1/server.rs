@@ -15,14 +15,14 @@ use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 
 use crate::auth::{self, AuthError, Grant};
-use crate::authorizer::{self, Action, ConnAuthz, Decision};
-use crate::forwarded;
-use crate::handshake::{self, HttpError, RequestHead};
-use crate::metrics::Format;
-use crate::protocol::{self, ErrorCode};
-use crate::pusher;
+use crate::engine::worker::{Shared, Worker};
+use crate::frontends::native::protocol::{self, ErrorCode};
+use crate::frontends::pusher;
+use crate::integrations::authorizer::{self, Action, ConnAuthz, Decision};
+use crate::integrations::metrics::Format;
 use crate::session::{self, Mode};
-use crate::worker::{Shared, Worker};
+use crate::transport::http1::forwarded;
+use crate::transport::http1::head::{self, HttpError, RequestHead};
 
 /// Largest request head accepted.
 const MAX_HEAD: usize = 16 * 1024;
@@ -72,7 +72,7 @@ async fn read_head(
 ) -> Result<(RequestHead, usize), HeadError> {
     loop {
         if !buf.is_empty() {
-            if let Some(parsed) = handshake::parse_head(buf).map_err(HeadError::Http)? {
+            if let Some(parsed) = head::parse_head(buf).map_err(HeadError::Http)? {
                 return Ok(parsed);
             }
         }
@@ -96,7 +96,7 @@ async fn send(stream: &mut TcpStream, bytes: Vec<u8>) -> bool {
 
 /// Serves one accepted TCP connection: HTTP requests until it upgrades to
 /// WebSocket or closes. Until it upgrades it is one of its worker's
-/// [`pending`](crate::pending) connections, closed at once if evicted to
+/// [`pending`](crate::transport::http1::pending) connections, closed at once if evicted to
 /// make room for a newer one.
 pub async fn serve(worker: Rc<Worker>, stream: TcpStream, peer: SocketAddr, site: Site) {
     let (ticket, evicted_other) = worker.pending.borrow_mut().admit();
@@ -120,14 +120,14 @@ async fn serve_requests(worker: Rc<Worker>, mut stream: TcpStream, peer: SocketA
             Ok(Err(HeadError::Closed)) => return,
             Ok(Err(HeadError::Http(e))) => {
                 tracing::debug!(%peer, error = %e, "bad request head");
-                send(&mut stream, handshake::error_response(&e)).await;
+                send(&mut stream, head::error_response(&e)).await;
                 return;
             }
             Err(_) => {
                 if !buf.is_empty() {
                     worker.metrics.request_timeouts.inc();
                     let e = HttpError::new(408, "request head not received in time");
-                    send(&mut stream, handshake::error_response(&e)).await;
+                    send(&mut stream, head::error_response(&e)).await;
                 }
                 return;
             }
@@ -139,7 +139,7 @@ async fn serve_requests(worker: Rc<Worker>, mut stream: TcpStream, peer: SocketA
             Ok(n) => n,
             Err(e) => {
                 tracing::debug!(%peer, error = %e, "request framing refused");
-                send(&mut stream, handshake::error_response(&e)).await;
+                send(&mut stream, head::error_response(&e)).await;
                 return;
             }
         };
@@ -151,7 +151,7 @@ async fn serve_requests(worker: Rc<Worker>, mut stream: TcpStream, peer: SocketA
         if head.wants_websocket() && site == Site::Main {
             if body_len > 0 {
                 let e = HttpError::new(400, "a WebSocket upgrade request has no body");
-                send(&mut stream, handshake::error_response(&e)).await;
+                send(&mut stream, head::error_response(&e)).await;
                 return;
             }
             upgrade(worker, stream, head, buf, &client).await;
@@ -177,7 +177,7 @@ async fn serve_requests(worker: Rc<Worker>, mut stream: TcpStream, peer: SocketA
 async fn refuse(worker: &Worker, stream: &mut TcpStream, reason: &str, err: HttpError, peer: &str) {
     tracing::debug!(peer, reason, error = %err, "upgrade refused");
     worker.shared.metrics.reject(reason);
-    send(stream, handshake::error_response(&err)).await;
+    send(stream, head::error_response(&err)).await;
 }
 
 async fn upgrade(
@@ -198,11 +198,11 @@ async fn upgrade(
             return refuse(&worker, &mut stream, "not_found", err, peer).await;
         }
     };
-    let accept = match handshake::accept_key(&head) {
+    let accept = match head::accept_key(&head) {
         Ok(a) => a,
         Err(e) => return refuse(&worker, &mut stream, "bad_handshake", e, peer).await,
     };
-    if cfg.check_origin && !handshake::origin_allowed(&head, &cfg.allowed_origins) {
+    if cfg.check_origin && !head::origin_allowed(&head, &cfg.allowed_origins) {
         let err = HttpError::new(403, "origin not allowed");
         return refuse(&worker, &mut stream, "origin", err, peer).await;
     }
@@ -242,7 +242,7 @@ async fn upgrade(
         let err = HttpError::new(503, "connection limit reached (MAX_CONNECTIONS)");
         return refuse(&worker, &mut stream, "max_connections", err, peer).await;
     }
-    if !send(&mut stream, handshake::switching_protocols(&accept)).await {
+    if !send(&mut stream, head::switching_protocols(&accept)).await {
         shared.release_connection();
         return;
     }
@@ -309,7 +309,7 @@ async fn pusher_upgrade(
         (Some(r), _) => Err(r.clone()),
         (None, None) => Err((4001, "App key does not exist".to_string())),
     };
-    if !send(&mut stream, handshake::switching_protocols(accept)).await {
+    if !send(&mut stream, head::switching_protocols(accept)).await {
         if let (Ok((_, ns)), Some((p, _))) = (&admitted, &app) {
             pusher::api::release(p, *ns);
             shared.release_connection();
@@ -322,7 +322,7 @@ async fn pusher_upgrade(
             tracing::debug!(peer, code, msg, "pusher connection refused");
             shared.metrics.reject("pusher");
             let mut out = pusher::wire::error(Some(code), &msg).to_vec();
-            out.extend_from_slice(&crate::frame::close(Some(code), &msg));
+            out.extend_from_slice(&crate::transport::ws::frame::close(Some(code), &msg));
             send(&mut stream, out).await;
             return;
         }
@@ -511,7 +511,7 @@ async fn api(
             };
             let msg = format!("method {method} not allowed on {path}: use {allow}");
             let (_, body) = json_error(ErrorCode::BadRequest, &msg);
-            let reply = handshake::response_with(405, json, &body, false, &[("Allow", allow)]);
+            let reply = head::response_with(405, json, &body, false, &[("Allow", allow)]);
             send(stream, reply).await;
             return false;
         }
@@ -524,7 +524,7 @@ async fn api(
                 shared.bus.wait_for_space(worker.id).await;
             }
             let query = head.query().unwrap_or("");
-            let now = crate::shard::unix_ms() / 1000;
+            let now = crate::engine::shard::unix_ms() / 1000;
             let answer = pusher::api::handle(worker, method, path, query, &buf[..len], now);
             buf.drain(..len);
             answer
@@ -542,7 +542,7 @@ async fn api(
             (404, "text/plain; charset=utf-8", b"not found\n".to_vec())
         }
     };
-    send(stream, handshake::response(status, ctype, &body, keep)).await && keep
+    send(stream, head::response(status, ctype, &body, keep)).await && keep
 }
 
 /// Reads a request's `Content-Length` body of `len` bytes into `buf` (its
@@ -560,7 +560,7 @@ async fn read_body(
         let msg = format!("body of {len} bytes exceeds MAX_MESSAGE_SIZE ({max})");
         let (status, body) = json_error(ErrorCode::TooLarge, &msg);
         let json = "application/json";
-        send(stream, handshake::response(status, json, &body, false)).await;
+        send(stream, head::response(status, json, &body, false)).await;
         return None;
     }
     let read = async {
@@ -579,7 +579,7 @@ async fn read_body(
         Err(_) => {
             worker.metrics.request_timeouts.inc();
             let e = HttpError::new(408, "request body not received in time");
-            send(stream, handshake::error_response(&e)).await;
+            send(stream, head::error_response(&e)).await;
             None
         }
     }

@@ -17,9 +17,9 @@ use serde_json::json;
 use super::apps::{App, WebhookEvent};
 use super::wire::{self, ChannelKind, ClientMessage};
 use super::PusherShared;
-use crate::protocol::{self, Published};
-use crate::shard::SubscribeError;
-use crate::worker::Worker;
+use crate::engine::shard::SubscribeError;
+use crate::engine::worker::Worker;
+use crate::frontends::native::protocol::{self, Published};
 
 /// Close code when a ping went unanswered (Pusher 4201).
 pub const PONG_NOT_RECEIVED: u16 = 4201;
@@ -324,7 +324,11 @@ fn signin(worker: &Worker, key: usize, text: &[u8]) {
     }
     let data = json!({ "user_data": user_data }).to_string();
     let reply = json!({ "event": "pusher:signin_success", "data": data }).to_string();
-    push(worker, key, crate::frame::text(reply.as_bytes()));
+    push(
+        worker,
+        key,
+        crate::transport::ws::frame::text(reply.as_bytes()),
+    );
 }
 
 fn unsubscribe(worker: &Worker, key: usize, channel: &str) {

@@ -21,7 +21,7 @@ use std::task::Poll;
 use atomic_waker::AtomicWaker;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
-use crate::protocol::Published;
+use crate::frontends::native::protocol::Published;
 
 /// Room kept above the congestion mark, for the messages one client
 /// message may produce after the check.
@@ -191,7 +191,7 @@ impl Bus {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::message_frame;
+    use crate::frontends::native::protocol::message_frame;
 
     #[test]
     fn messages_cross_and_share_the_buffer() {

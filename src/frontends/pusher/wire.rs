@@ -6,9 +6,9 @@
 //! from the client's payload; a client event's `data` is kept as the raw
 //! JSON the client sent and spliced into the outgoing frame byte for byte.
 //! A frame that fans out (an event, `member_added`, `member_removed`) is
-//! encoded once into a WebSocket text frame ([`crate::frame`]) and shared;
+//! encoded once into a WebSocket text frame ([`crate::transport::ws::frame`]) and shared;
 //! [`Routed`] also says where its channel name sits, like
-//! [`crate::protocol::Published`].
+//! [`crate::frontends::native::protocol::Published`].
 //!
 //! Formats follow Pusher's protocol page and what pusher-js expects
 //! (`core/connection/protocol/protocol.ts` decodes `data` when it is a
@@ -22,7 +22,7 @@ use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 use tungstenite::protocol::frame::coding::{Data, OpCode};
 
-use crate::frame;
+use crate::transport::ws::frame;
 
 /// Longest channel name (Pusher's channels page: "a maximum of 164
 /// characters", prefixes included).
@@ -599,7 +599,7 @@ pub fn subscription_error(channel: &str, kind: &str, error: &str, status: u16) -
 
 /// A frame that fans out to a channel's subscribers, encoded once, and
 /// where its channel name sits in it (the routing key; the same
-/// convention as [`crate::protocol::Published`]).
+/// convention as [`crate::frontends::native::protocol::Published`]).
 #[derive(Debug, Clone)]
 pub struct Routed {
     pub frame: Bytes,

@@ -7,7 +7,7 @@
 //! failed connection mean the authorizer is down, any other status denies.
 //!
 //! Each reactor owns one [`Authorizer`]: an HTTP client
-//! ([`crate::http_client`]) whose keep-alive pool belongs to that reactor,
+//! ([`crate::transport::http1::client`]) whose keep-alive pool belongs to that reactor,
 //! so a check is an async request on the reactor's own event loop, never a
 //! blocking call, and checks of different connections run concurrently.
 //! A check has no side effects, so one that meets a pooled connection the
@@ -24,7 +24,7 @@ use prometheus_client::metrics::histogram::Histogram;
 
 use crate::auth::Claims;
 use crate::config::{Actions, Config};
-use crate::http_client::{Client, Error as HttpError, Target};
+use crate::transport::http1::client::{Client, Error as HttpError, Target};
 
 /// An action sent for approval.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

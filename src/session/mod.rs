@@ -4,7 +4,7 @@
 //! shared read buffer; a connection keeps bytes of its own only while a
 //! frame is cut between reads, so an idle connection owns no read buffer.
 //! Frames are decoded in place ([`Decoder`]) and each message is handled at
-//! once: requests are applied to the [`Shard`](crate::shard::Shard),
+//! once: requests are applied to the [`Shard`](crate::engine::shard::Shard),
 //! publishes go through [`Worker::publish`]. Before each frame it checks
 //! the cross-core bus and stops reading while that is congested.
 //!
@@ -27,14 +27,14 @@ use monoio::io::{AsyncWriteRent, OwnedReadHalf, OwnedWriteHalf, Splitable};
 use monoio::net::TcpStream;
 
 use crate::auth::Grant;
-use crate::authorizer::{self, Action, ConnAuthz, Decision};
-use crate::codec::{Decoded, Decoder, Message, WsError};
-use crate::frame;
-use crate::protocol::{self, ErrorCode, Op, Published};
-use crate::pusher::{self, apps::App, connection::PusherConn};
-use crate::shard::unix_ms;
-use crate::shard::{Batch, SubscribeError};
-use crate::worker::Worker;
+use crate::engine::shard::unix_ms;
+use crate::engine::shard::{Batch, SubscribeError};
+use crate::engine::worker::Worker;
+use crate::frontends::native::protocol::{self, ErrorCode, Op, Published};
+use crate::frontends::pusher::{self, apps::App, connection::PusherConn};
+use crate::integrations::authorizer::{self, Action, ConnAuthz, Decision};
+use crate::transport::ws::codec::{Decoded, Decoder, Message, WsError};
+use crate::transport::ws::frame;
 
 /// What a connection does with the messages it receives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

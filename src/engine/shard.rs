@@ -20,14 +20,14 @@ use std::num::NonZeroU64;
 use bytes::{Buf, Bytes};
 
 use crate::auth::Grant;
-use crate::authorizer::ConnAuthz;
-use crate::frame;
-use crate::interest::Interest;
-use crate::metrics::WorkerMetrics;
-use crate::pusher::connection::PusherConn;
+use crate::engine::interest::Interest;
+use crate::frontends::pusher::connection::PusherConn;
+use crate::integrations::authorizer::ConnAuthz;
+use crate::integrations::metrics::WorkerMetrics;
+use crate::transport::ws::frame;
 
-use crate::slots::Slots;
-use crate::subscribers::{ConnSubs, Subscribers};
+use crate::engine::slots::Slots;
+use crate::engine::subscribers::{ConnSubs, Subscribers};
 
 /// Most frames handed to one vectored write (the kernel's IOV_MAX is 1024).
 pub const MAX_IOV: usize = 512;
@@ -546,7 +546,10 @@ impl Shard {
         conn.grant = grant;
         for channel in lost {
             self.unsubscribe(key, &channel, interest);
-            self.push(key, crate::protocol::unsubscribed(&channel, None));
+            self.push(
+                key,
+                crate::frontends::native::protocol::unsubscribed(&channel, None),
+            );
         }
         self.schedule_expiry(key, gen, exp);
     }
@@ -894,7 +897,7 @@ impl Shard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::message_frame;
+    use crate::frontends::native::protocol::message_frame;
     use std::task::Waker;
 
     fn shard(limit: usize) -> Shard {

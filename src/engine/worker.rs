@@ -10,17 +10,17 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::auth::Authenticator;
-use crate::authorizer::Authorizer;
-use crate::bus::Bus;
 use crate::config::Config;
-use crate::interest::Interest;
-use crate::metrics::{Metrics, WorkerMetrics};
-use crate::pending::Pending;
-use crate::protocol::Published;
-use crate::pusher::apps::Apps;
-use crate::pusher::webhooks::WebhookMetrics;
-use crate::pusher::PusherShared;
-use crate::shard::{Keepalive, Limits, Shard};
+use crate::engine::bus::Bus;
+use crate::engine::interest::Interest;
+use crate::engine::shard::{Keepalive, Limits, Shard};
+use crate::frontends::native::protocol::Published;
+use crate::frontends::pusher::apps::Apps;
+use crate::frontends::pusher::webhooks::WebhookMetrics;
+use crate::frontends::pusher::PusherShared;
+use crate::integrations::authorizer::Authorizer;
+use crate::integrations::metrics::{Metrics, WorkerMetrics};
+use crate::transport::http1::pending::Pending;
 
 /// State shared by every worker of the process.
 pub struct Shared {

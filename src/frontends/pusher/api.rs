@@ -15,8 +15,8 @@ use super::apps::App;
 use super::connection::{channel_of, published};
 use super::wire::{self, ChannelKind};
 use super::{Control, PusherShared};
-use crate::protocol;
-use crate::worker::Worker;
+use crate::engine::worker::Worker;
+use crate::frontends::native::protocol;
 
 /// An answer: status, content type, body.
 pub type Answer = (u16, &'static str, Vec<u8>);

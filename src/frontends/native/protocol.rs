@@ -12,7 +12,7 @@ use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 use tungstenite::protocol::frame::coding::{Data, OpCode};
 
-use crate::frame;
+use crate::transport::ws::frame;
 
 /// Longest channel name, in bytes.
 pub const MAX_CHANNEL_LEN: usize = 255;

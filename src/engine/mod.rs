@@ -1,0 +1,15 @@
+//! The engine: channels, subscribers and the fan-out, on every core, with
+//! no knowledge of any protocol. It moves already-encoded frames (`Bytes`)
+//! from publishers to the queues of subscribers: a shard per core, the
+//! interest map saying which cores hold subscribers of a channel, and the
+//! bus between cores.
+//!
+//! Invariant: nothing here imports a front-end, a transport or an
+//! integration (checked by `tests/architecture_layers_hold.rs`).
+
+pub mod bus;
+pub mod interest;
+pub mod shard;
+pub mod slots;
+pub mod subscribers;
+pub mod worker;

@@ -1,0 +1,3 @@
+//! herald's own protocol (docs/protocol.md) and wsify's commands.
+
+pub mod protocol;
