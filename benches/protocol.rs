@@ -13,8 +13,8 @@ use herald::auth::Grant;
 use herald::engine::bus::Bus;
 use herald::engine::interest::Interest;
 use herald::engine::shard::{Batch, Keepalive, Limits, Shard};
+use herald::engine::stats::CoreStats;
 use herald::frontends::native::protocol::{message_frame, parse_request};
-use herald::integrations::metrics::WorkerMetrics;
 use herald::transport::ws::codec::{apply_mask, Decoder};
 
 fn limits() -> Limits {
@@ -93,7 +93,7 @@ fn decoding(c: &mut Criterion) {
 
 fn channel_table(c: &mut Criterion) {
     let interest = Interest::new();
-    let mut shard = Shard::new(0, limits(), WorkerMetrics::default());
+    let mut shard = Shard::new(0, limits(), std::sync::Arc::new(CoreStats::new(1)));
     let keys: Vec<usize> = (0..1000).map(|_| shard.open(-1, Grant::open()).0).collect();
     c.bench_function("channel_table/subscribe_unsubscribe", |b| {
         let mut i = 0;
@@ -139,7 +139,7 @@ fn fanout(c: &mut Criterion) {
     let mut g = c.benchmark_group("fanout");
     for n in [1usize, 100, 10_000] {
         let interest = Interest::new();
-        let mut shard = Shard::new(0, limits(), WorkerMetrics::default());
+        let mut shard = Shard::new(0, limits(), std::sync::Arc::new(CoreStats::new(1)));
         let conns: Vec<(usize, u64)> = (0..n).map(|_| shard.open(-1, Grant::open())).collect();
         for &(k, _) in &conns {
             shard.subscribe(k, "room", &interest).ok();

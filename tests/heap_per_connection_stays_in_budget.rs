@@ -20,7 +20,7 @@ use herald::auth::Grant;
 use herald::config::Config;
 use herald::engine::interest::Interest;
 use herald::engine::shard::{Keepalive, Limits, Shard};
-use herald::integrations::metrics::WorkerMetrics;
+use herald::engine::stats::CoreStats;
 use tungstenite::Message;
 
 /// Heap budget of an idle connection on its own channel.
@@ -186,7 +186,7 @@ fn shard() -> Shard {
             jwt_leeway: 0,
             keepalive: Keepalive::off(),
         },
-        WorkerMetrics::default(),
+        std::sync::Arc::new(CoreStats::new(1)),
     )
 }
 

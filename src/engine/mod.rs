@@ -11,5 +11,6 @@ pub mod bus;
 pub mod interest;
 pub mod shard;
 pub mod slots;
+pub mod stats;
 pub mod subscribers;
 pub mod worker;

@@ -21,9 +21,9 @@ use bytes::{Buf, Bytes};
 
 use crate::auth::Grant;
 use crate::engine::interest::Interest;
+use crate::engine::stats::CoreStats;
 use crate::frontends::pusher::connection::PusherConn;
 use crate::integrations::authorizer::ConnAuthz;
-use crate::integrations::metrics::WorkerMetrics;
 use crate::transport::ws::frame;
 
 use crate::engine::slots::Slots;
@@ -274,7 +274,7 @@ pub struct Shard {
     /// (deadline in Unix ms, slot, gen): token expiries and close deadlines.
     timers: BinaryHeap<Reverse<(u64, usize, u64)>>,
     next_gen: u64,
-    metrics: WorkerMetrics,
+    stats: Arc<CoreStats>,
     /// The keep-alive clock: sweeps run so far (starts at 1).
     sweep: u32,
     /// Woken when the last connection leaves (for shutdown).
@@ -317,7 +317,7 @@ fn cut_socket(fd: RawFd) {
 }
 
 impl Shard {
-    pub fn new(id: usize, limits: Limits, metrics: WorkerMetrics) -> Self {
+    pub fn new(id: usize, limits: Limits, stats: Arc<CoreStats>) -> Self {
         Shard {
             id,
             limits,
@@ -326,7 +326,7 @@ impl Shard {
             churn: 0,
             timers: BinaryHeap::new(),
             next_gen: 1,
-            metrics,
+            stats,
             sweep: 1,
             empty_waker: None,
         }
@@ -379,7 +379,7 @@ impl Shard {
             pusher: None,
         });
         self.schedule_expiry(key, gen, exp);
-        self.metrics.connections.inc();
+        self.stats.connections.inc();
         self.churn += 1;
         (key, gen)
     }
@@ -455,8 +455,8 @@ impl Shard {
         for channel in conn.subs.as_slice() {
             self.drop_subscriber(channel, key, interest);
         }
-        self.metrics.subscriptions.dec_by(conn.subs.len() as i64);
-        self.metrics.connections.dec();
+        self.stats.subscriptions.add(-(conn.subs.len() as i64));
+        self.stats.connections.dec();
         self.churn += 1;
         if self.conns.is_empty() {
             if let Some(w) = self.empty_waker.take() {
@@ -471,7 +471,7 @@ impl Shard {
             if set.is_empty() {
                 self.channels.remove(channel);
                 interest.remove(channel, self.id);
-                self.metrics.channels.dec();
+                self.stats.channels.dec();
             }
         }
     }
@@ -496,7 +496,7 @@ impl Shard {
         if conn.subs.len() >= self.limits.max_subscriptions {
             return Err(SubscribeError::TooMany(self.limits.max_subscriptions));
         }
-        self.metrics.subscriptions.inc();
+        self.stats.subscriptions.inc();
         match self.channels.get_key_value(channel).map(|(k, _)| k.clone()) {
             Some(name) => {
                 conn.subs.push(name.clone());
@@ -509,7 +509,7 @@ impl Shard {
                 let name: Rc<str> = channel.into();
                 conn.subs.push(name.clone());
                 self.channels.insert(name, Subscribers::new(key as u32));
-                self.metrics.channels.inc();
+                self.stats.channels.inc();
             }
         }
         Ok(())
@@ -523,7 +523,7 @@ impl Shard {
         if !conn.subs.remove(channel) {
             return false;
         }
-        self.metrics.subscriptions.dec();
+        self.stats.subscriptions.dec();
         self.drop_subscriber(channel, key, interest);
         true
     }
@@ -584,7 +584,7 @@ impl Shard {
             return;
         }
         if over_limit(conn, frame.len(), limit) {
-            self.metrics.slow_consumer_closes.inc();
+            self.stats.slow_consumer_closes.inc();
             self.close(
                 key,
                 Some(4008),
@@ -632,7 +632,7 @@ impl Shard {
             delivered += 1;
         }
         for key in overflowed {
-            self.metrics.slow_consumer_closes.inc();
+            self.stats.slow_consumer_closes.inc();
             self.close(
                 key,
                 Some(4008),
@@ -640,7 +640,7 @@ impl Shard {
                 true,
             );
         }
-        self.metrics.messages_out.inc_by(delivered as u64);
+        self.stats.messages_out.add(delivered as u64);
         delivered
     }
 
@@ -755,7 +755,7 @@ impl Shard {
 
     /// For the writer: `n` bytes of the in-flight batch were written.
     pub fn written(&mut self, key: usize, gen: u64, n: usize) {
-        self.metrics.bytes_out.inc_by(n as u64);
+        self.stats.bytes_out.add(n as u64);
         if let Some(conn) = self.conn_mut(key, gen) {
             conn.inflight = conn.inflight.saturating_sub(n);
         }
@@ -805,13 +805,13 @@ impl Shard {
         }
         if !ping.is_empty() {
             let frame = frame::ping();
-            self.metrics.pings_sent.inc_by(ping.len() as u64);
+            self.stats.pings_sent.add(ping.len() as u64);
             for key in ping {
                 self.push(key, frame.clone());
             }
         }
         for key in dead {
-            self.metrics.ping_timeouts.inc();
+            self.stats.ping_timeouts.inc();
             self.close(key, Some(1001), "ping timeout", true);
         }
     }
@@ -837,7 +837,7 @@ impl Shard {
                         .exp
                         .is_some_and(|exp| now > exp.saturating_add(leeway).saturating_mul(1000));
                     if expired {
-                        self.metrics.expired_closes.inc();
+                        self.stats.expired_closes.inc();
                         self.close(key, Some(4001), "token expired", false);
                     }
                 }
@@ -915,7 +915,7 @@ mod tests {
                     sweep_ms: 1000,
                 },
             },
-            WorkerMetrics::default(),
+            Arc::new(CoreStats::new(1)),
         )
     }
 

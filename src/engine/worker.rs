@@ -14,12 +14,13 @@ use crate::config::Config;
 use crate::engine::bus::Bus;
 use crate::engine::interest::Interest;
 use crate::engine::shard::{Keepalive, Limits, Shard};
+use crate::engine::stats::CoreStats;
 use crate::frontends::native::protocol::Published;
 use crate::frontends::pusher::apps::Apps;
 use crate::frontends::pusher::webhooks::WebhookMetrics;
 use crate::frontends::pusher::PusherShared;
 use crate::integrations::authorizer::Authorizer;
-use crate::integrations::metrics::{Metrics, WorkerMetrics};
+use crate::integrations::metrics::Metrics;
 use crate::transport::http1::pending::Pending;
 
 /// State shared by every worker of the process.
@@ -107,7 +108,7 @@ pub struct Worker {
     /// The read buffer every connection of this core reads into; a
     /// connection keeps bytes of its own only for a frame cut by a read.
     pub scratch: RefCell<Vec<u8>>,
-    pub metrics: WorkerMetrics,
+    pub stats: Arc<CoreStats>,
     /// This reactor's client of AUTHORIZER_URL (its own keep-alive pool).
     pub authorizer: Option<Authorizer>,
     /// Connections accepted here that have not upgraded (MAX_PENDING).
@@ -127,12 +128,12 @@ impl Worker {
             jwt_leeway: c.jwt_leeway,
             keepalive: Keepalive::new(c.ping_interval, c.pong_timeout),
         };
-        let metrics = shared.metrics.worker(id);
+        let stats = shared.metrics.core(id);
         Worker {
             id,
-            shard: RefCell::new(Shard::new(id, limits, metrics.clone())),
+            shard: RefCell::new(Shard::new(id, limits, stats.clone())),
             scratch: RefCell::new(vec![0; c.read_buffer_size]),
-            metrics,
+            stats,
             authorizer: Authorizer::from_config(c, Some(shared.metrics.outgoing("authorizer"))),
             pending: RefCell::new(Pending::new(c.pending_per_worker())),
             next_connection: Cell::new(0),
@@ -151,8 +152,11 @@ impl Worker {
     /// bus, then to local subscribers except `except`. The caller has
     /// checked [`Bus::congested`] before decoding the message.
     pub fn publish(&self, msg: Published, except: Option<usize>) {
-        self.metrics.publishes.inc();
-        self.metrics.pusher_published(msg.namespace());
+        self.stats.publishes.inc();
+        let ns = self.stats.namespace(msg.namespace());
+        if let Some(ns) = ns {
+            ns.published.inc();
+        }
         let bus = &self.shared.bus;
         let mut others = msg.with_key(|k| self.shared.interest.cores(k)) & !(1u64 << self.id);
         while others != 0 {
@@ -169,7 +173,9 @@ impl Worker {
         let mut shard = self.shard.borrow_mut();
         let except = except.or_else(|| excluded(&shard, &msg, self.id));
         let n = msg.with_key(|k| shard.deliver(k, &msg.frame, except));
-        self.metrics.pusher_delivered(msg.namespace(), n);
+        if let Some(ns) = ns {
+            ns.delivered.add(n as u64);
+        }
     }
 
     /// Delivers frames other cores published, in batches. Returns whether
@@ -179,9 +185,11 @@ impl Worker {
         let (n, more) = self.shared.bus.drain(self.id, max, |msg| {
             let except = excluded(&shard, &msg, self.id);
             let n = msg.with_key(|k| shard.deliver(k, &msg.frame, except));
-            self.metrics.pusher_delivered(msg.namespace(), n);
+            if let Some(ns) = self.stats.namespace(msg.namespace()) {
+                ns.delivered.add(n as u64);
+            }
         });
-        self.metrics.cross_core_in.inc_by(n as u64);
+        self.stats.cross_core_in.add(n as u64);
         more
     }
 }

@@ -3,16 +3,18 @@
 //! Prometheus text format (0.0.4) by default, or in OpenMetrics when the
 //! scraper's `Accept` asks for `application/openmetrics-text`.
 //!
-//! Each worker holds clones of its own handles (atomics nobody else writes),
-//! so counting on the hot path is an uncontended relaxed add; fan-out adds
-//! its deliveries once per publish, not once per subscriber. What changes
-//! elsewhere (process memory and CPU, per-app connection counts) is read
-//! when a scrape asks.
+//! The per-core figures are the engine's [`CoreStats`], which each core
+//! writes alone (a plain store, no locked add) and this module reads at
+//! scrape time; fan-out adds its deliveries once per publish, not once per
+//! subscriber. What changes elsewhere (process memory and CPU, per-app
+//! connection counts) is read when a scrape asks too.
 //!
 //! `prometheus-client` encodes OpenMetrics only; [`to_prometheus_text`]
 //! turns that into the classic format, which differs only in how a counter
 //! family is named (`x_total` in `# TYPE`), in `info` metrics, and in the
 //! `# UNIT` and `# EOF` lines.
+
+use std::sync::Arc;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::text::encode;
@@ -21,58 +23,12 @@ use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
+use crate::engine::stats::{CoreStats, Level, NamespaceStats, Stat};
+
 type Labels = Vec<(String, String)>;
-
-/// The metric handles one worker updates.
-#[derive(Clone, Default)]
-pub struct WorkerMetrics {
-    pub connections: Gauge,
-    pub subscriptions: Gauge,
-    pub channels: Gauge,
-    pub messages_in: Counter,
-    pub bytes_in: Counter,
-    pub publishes: Counter,
-    pub messages_out: Counter,
-    pub bytes_out: Counter,
-    pub cross_core_in: Counter,
-    pub slow_consumer_closes: Counter,
-    pub expired_closes: Counter,
-    pub protocol_errors: Counter,
-    pub pending_evictions: Counter,
-    pub request_timeouts: Counter,
-    pub pings_sent: Counter,
-    pub ping_timeouts: Counter,
-    pub memory_collections: Counter,
-    /// Per Pusher app (by index): events published (client events, API
-    /// triggers, presence events) and deliveries of them.
-    pub pusher_in: Vec<Counter>,
-    pub pusher_out: Vec<Counter>,
-}
-
-impl WorkerMetrics {
-    /// Counts a publish in Pusher namespace `ns` (nothing for native ones).
-    #[inline]
-    pub fn pusher_published(&self, ns: u16) {
-        if ns > 0 {
-            if let Some(c) = self.pusher_in.get(usize::from(ns) - 1) {
-                c.inc();
-            }
-        }
-    }
-
-    /// Counts a publish in namespace `ns` (0: native) that reached
-    /// `delivered` local connections, for its Pusher app if it has one.
-    #[inline]
-    pub fn pusher_delivered(&self, ns: u16, delivered: usize) {
-        if ns > 0 {
-            if let Some(c) = self.pusher_out.get(usize::from(ns) - 1) {
-                c.inc_by(delivered as u64);
-            }
-        }
-    }
-}
 
 /// The exposition format a scraper asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,7 +73,7 @@ impl Format {
 /// All metrics of the process.
 pub struct Metrics {
     registry: Registry,
-    workers: Vec<WorkerMetrics>,
+    cores: Arc<[Arc<CoreStats>]>,
     rejected: Family<Labels, Counter>,
     authorizer: Family<Labels, Counter>,
     channels_distinct: Gauge,
@@ -154,124 +110,13 @@ impl Metrics {
         // The standard process_* names carry no prefix.
         root.register_collector(Box::new(ProcessCollector));
         let registry = root.sub_registry_with_prefix("herald");
-        let gauges: Vec<(&str, &str, Family<Labels, Gauge>)> = vec![
-            (
-                "connections",
-                "Open WebSocket connections",
-                Family::default(),
-            ),
-            (
-                "subscriptions",
-                "Active subscriptions (connection x channel)",
-                Family::default(),
-            ),
-            (
-                "channels",
-                "Channels with a local subscriber",
-                Family::default(),
-            ),
-        ];
-        let counters: Vec<(&str, &str, Family<Labels, Counter>)> =
-            vec![
-            ("messages_in", "Client messages received (WebSocket and HTTP)", Family::default()),
-            ("bytes_in", "Payload bytes of client messages received", Family::default()),
-            ("publishes", "Messages published", Family::default()),
-            (
-                "messages_out",
-                "Frames queued to connections (deliveries and replies)",
-                Family::default(),
-            ),
-            ("bytes_out", "Bytes written to WebSocket connections", Family::default()),
-            (
-                "cross_core_messages",
-                "Published frames received from other workers",
-                Family::default(),
-            ),
-            (
-                "slow_consumer_closes",
-                "Connections closed with 4008 for not reading",
-                Family::default(),
-            ),
-            (
-                "expired_closes",
-                "Connections closed with 4001 when their token expired",
-                Family::default(),
-            ),
-            (
-                "protocol_errors",
-                "Connections failed for violating RFC 6455",
-                Family::default(),
-            ),
-            (
-                "pending_evictions",
-                "Connections not yet upgraded closed to make room for newer ones (MAX_PENDING)",
-                Family::default(),
-            ),
-            (
-                "request_timeouts",
-                "HTTP requests whose head or body did not arrive within HANDSHAKE_TIMEOUT (408)",
-                Family::default(),
-            ),
-            (
-                "pings_sent",
-                "Keep-alive pings sent to silent WebSocket connections (PING_INTERVAL)",
-                Family::default(),
-            ),
-            (
-                "ping_timeouts",
-                "Connections closed with 1001 for not answering a ping (PONG_TIMEOUT)",
-                Family::default(),
-            ),
-            (
-                "memory_collections",
-                "Times a worker returned freed memory to the system after connections came and went",
-                Family::default(),
-            ),
-        ];
-        let pusher_in = Family::<Labels, Counter>::default();
-        let pusher_out = Family::<Labels, Counter>::default();
-        let mut out = Vec::with_capacity(workers);
-        for w in 0..workers {
-            let w = w.to_string();
-            let l = labels(&[("worker", &w)]);
-            let c = |i: usize| counters[i].2.get_or_create(&l).clone();
-            let per_app = |fam: &Family<Labels, Counter>| -> Vec<Counter> {
-                app_ids
-                    .iter()
-                    .map(|app| {
-                        fam.get_or_create(&labels(&[("app", app), ("worker", &w)]))
-                            .clone()
-                    })
-                    .collect()
-            };
-            out.push(WorkerMetrics {
-                connections: gauges[0].2.get_or_create(&l).clone(),
-                subscriptions: gauges[1].2.get_or_create(&l).clone(),
-                channels: gauges[2].2.get_or_create(&l).clone(),
-                messages_in: c(0),
-                bytes_in: c(1),
-                publishes: c(2),
-                messages_out: c(3),
-                bytes_out: c(4),
-                cross_core_in: c(5),
-                slow_consumer_closes: c(6),
-                expired_closes: c(7),
-                protocol_errors: c(8),
-                pending_evictions: c(9),
-                request_timeouts: c(10),
-                pings_sent: c(11),
-                ping_timeouts: c(12),
-                memory_collections: c(13),
-                pusher_in: per_app(&pusher_in),
-                pusher_out: per_app(&pusher_out),
-            });
-        }
-        for (name, help, fam) in gauges {
-            registry.register(name, help, fam);
-        }
-        for (name, help, fam) in counters {
-            registry.register(name, help, fam);
-        }
+        let cores: Arc<[Arc<CoreStats>]> = (0..workers)
+            .map(|_| Arc::new(CoreStats::new(app_ids.len() + 1)))
+            .collect();
+        registry.register_collector(Box::new(CoreCollector {
+            cores: cores.clone(),
+            apps: app_ids.iter().map(|a| a.to_string()).collect(),
+        }));
         let rejected = Family::<Labels, Counter>::default();
         registry.register(
             "rejected_upgrades",
@@ -309,16 +154,6 @@ impl Metrics {
             "Open Pusher-protocol connections, by app",
             pusher_connections.clone(),
         );
-        registry.register(
-            "pusher_messages_in",
-            "Pusher events published (client events, HTTP API triggers, presence events), by app and worker",
-            pusher_in,
-        );
-        registry.register(
-            "pusher_messages_out",
-            "Pusher events delivered to connections, by app and worker",
-            pusher_out,
-        );
         let channels_distinct = Gauge::default();
         registry.register(
             "distinct_channels",
@@ -335,7 +170,7 @@ impl Metrics {
         registry.register("build_info", "herald's version (always 1)", build);
         Metrics {
             registry: root,
-            workers: out,
+            cores,
             rejected,
             authorizer,
             channels_distinct,
@@ -346,9 +181,9 @@ impl Metrics {
         }
     }
 
-    /// The handles of worker `id`.
-    pub fn worker(&self, id: usize) -> WorkerMetrics {
-        self.workers[id].clone()
+    /// The figures worker `id` writes.
+    pub fn core(&self, id: usize) -> Arc<CoreStats> {
+        self.cores[id].clone()
     }
 
     /// Counts an upgrade refused for `reason`.
@@ -452,6 +287,147 @@ pub fn to_prometheus_text(om: &str) -> String {
         out.push('\n');
     }
     out
+}
+
+/// A figure read from a source `S`: name, help, and how to reach it.
+type Described<S, T> = (&'static str, &'static str, fn(&S) -> &T);
+
+/// Gauges read from each core's [`CoreStats`]: name, help, field.
+const CORE_GAUGES: &[Described<CoreStats, Level>] = &[
+    ("connections", "Open WebSocket connections", |s| {
+        &s.connections
+    }),
+    (
+        "subscriptions",
+        "Active subscriptions (connection x channel)",
+        |s| &s.subscriptions,
+    ),
+    ("channels", "Channels with a local subscriber", |s| {
+        &s.channels
+    }),
+];
+
+/// Counters read from each core's [`CoreStats`]: name, help, field.
+const CORE_COUNTERS: &[Described<CoreStats, Stat>] = &[
+    (
+        "messages_in",
+        "Client messages received (WebSocket and HTTP)",
+        |s| &s.messages_in,
+    ),
+    (
+        "bytes_in",
+        "Payload bytes of client messages received",
+        |s| &s.bytes_in,
+    ),
+    ("publishes", "Messages published", |s| &s.publishes),
+    (
+        "messages_out",
+        "Frames queued to connections (deliveries and replies)",
+        |s| &s.messages_out,
+    ),
+    ("bytes_out", "Bytes written to WebSocket connections", |s| {
+        &s.bytes_out
+    }),
+    (
+        "cross_core_messages",
+        "Published frames received from other workers",
+        |s| &s.cross_core_in,
+    ),
+    (
+        "slow_consumer_closes",
+        "Connections closed with 4008 for not reading",
+        |s| &s.slow_consumer_closes,
+    ),
+    (
+        "expired_closes",
+        "Connections closed with 4001 when their token expired",
+        |s| &s.expired_closes,
+    ),
+    (
+        "protocol_errors",
+        "Connections failed for violating RFC 6455",
+        |s| &s.protocol_errors,
+    ),
+    (
+        "pending_evictions",
+        "Connections not yet upgraded closed to make room for newer ones (MAX_PENDING)",
+        |s| &s.pending_evictions,
+    ),
+    (
+        "request_timeouts",
+        "HTTP requests whose head or body did not arrive within HANDSHAKE_TIMEOUT (408)",
+        |s| &s.request_timeouts,
+    ),
+    (
+        "pings_sent",
+        "Keep-alive pings sent to silent WebSocket connections (PING_INTERVAL)",
+        |s| &s.pings_sent,
+    ),
+    (
+        "ping_timeouts",
+        "Connections closed with 1001 for not answering a ping (PONG_TIMEOUT)",
+        |s| &s.ping_timeouts,
+    ),
+    (
+        "memory_collections",
+        "Times a worker returned freed memory to the system after connections came and went",
+        |s| &s.memory_collections,
+    ),
+];
+
+/// Per-app counters from the cores' namespace figures (namespace n is app
+/// n - 1): name, help, field.
+const APP_COUNTERS: &[Described<NamespaceStats, Stat>] = &[
+    (
+        "pusher_messages_in",
+        "Pusher events published (client events, HTTP API triggers, presence events), by app and worker",
+        |n| &n.published,
+    ),
+    ("pusher_messages_out", "Pusher events delivered to connections, by app and worker", |n| &n.delivered),
+];
+
+/// Renders every core's [`CoreStats`] at scrape time, one series per
+/// worker (and per Pusher app).
+#[derive(Debug)]
+struct CoreCollector {
+    cores: Arc<[Arc<CoreStats>]>,
+    apps: Vec<String>,
+}
+
+impl Collector for CoreCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let workers: Vec<Labels> = (0..self.cores.len())
+            .map(|w| labels(&[("worker", &w.to_string())]))
+            .collect();
+        for (name, help, field) in CORE_GAUGES {
+            let mut fam = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for (core, l) in self.cores.iter().zip(&workers) {
+                ConstGauge::new(field(core).get()).encode(fam.encode_family(l)?)?;
+            }
+        }
+        for (name, help, field) in CORE_COUNTERS {
+            let mut fam = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (core, l) in self.cores.iter().zip(&workers) {
+                ConstCounter::new(field(core).get()).encode(fam.encode_family(l)?)?;
+            }
+        }
+        if self.apps.is_empty() {
+            return Ok(());
+        }
+        for (name, help, field) in APP_COUNTERS {
+            let mut fam = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (i, app) in self.apps.iter().enumerate() {
+                for (w, core) in self.cores.iter().enumerate() {
+                    let Some(ns) = core.namespaces.get(i + 1) else {
+                        continue;
+                    };
+                    let l = labels(&[("app", app), ("worker", &w.to_string())]);
+                    ConstCounter::new(field(ns).get()).encode(fam.encode_family(&l)?)?;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The standard `process_*` metrics, read from `/proc/self` at each scrape.
@@ -602,10 +578,10 @@ mod tests {
     #[test]
     fn renders_per_worker_series_in_both_formats() {
         let m = Metrics::with_apps(2, &["a1"]);
-        m.worker(1).publishes.inc_by(5);
-        m.worker(0).connections.inc();
-        m.worker(0).pusher_delivered(1, 7);
-        m.worker(0).messages_out.inc_by(7);
+        m.core(1).publishes.add(5);
+        m.core(0).connections.inc();
+        m.core(0).namespaces[1].delivered.add(7);
+        m.core(0).messages_out.add(7);
         m.reject("max_connections");
         m.set_gauges(3, [("a1", 2)].into_iter());
         let om = m.render(Format::OpenMetrics);

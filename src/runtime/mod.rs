@@ -476,5 +476,5 @@ fn give_back_memory(worker: &Worker) {
     // SAFETY: mi_collect only walks the calling thread's mimalloc heap;
     // harmless when another allocator is in use.
     unsafe { libmimalloc_sys::mi_collect(true) };
-    worker.metrics.memory_collections.inc();
+    worker.stats.memory_collections.inc();
 }

@@ -402,7 +402,7 @@ fn fail(worker: &Worker, key: usize, mode: Mode, err: &WsError) {
             shard.close(key, Some(err.close_code()), "message too big", false);
         }
         _ => {
-            worker.metrics.protocol_errors.inc();
+            worker.stats.protocol_errors.inc();
             shard.close(key, Some(err.close_code()), &err.to_string(), false);
         }
     }
@@ -442,8 +442,8 @@ fn handle(worker: &Worker, key: usize, mode: Mode, msg: Message<'_>) -> Flow {
             Flow::Continue
         }
         Message::Text(text) => {
-            worker.metrics.messages_in.inc();
-            worker.metrics.bytes_in.inc_by(text.len() as u64);
+            worker.stats.messages_in.inc();
+            worker.stats.bytes_in.add(text.len() as u64);
             match mode {
                 Mode::PubSub => handle_request(worker, key, text),
                 Mode::Echo => {
@@ -457,8 +457,8 @@ fn handle(worker: &Worker, key: usize, mode: Mode, msg: Message<'_>) -> Flow {
             }
         }
         Message::Binary(data) => {
-            worker.metrics.messages_in.inc();
-            worker.metrics.bytes_in.inc_by(data.len() as u64);
+            worker.stats.messages_in.inc();
+            worker.stats.bytes_in.add(data.len() as u64);
             match mode {
                 Mode::PubSub => handle_binary(worker, key, data),
                 Mode::Echo => {

@@ -125,7 +125,7 @@ fn trigger(worker: &Worker, app: &App, ns: u16, body: &[u8], batch: bool) -> Ans
             if let Some(ex) = except {
                 msg.set_except(ex.worker, ex.key, ex.gen);
             }
-            worker.metrics.messages_in.inc();
+            worker.stats.messages_in.inc();
             worker.publish(msg, None);
         }
     }

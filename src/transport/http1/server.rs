@@ -101,7 +101,7 @@ async fn send(stream: &mut TcpStream, bytes: Vec<u8>) -> bool {
 pub async fn serve(worker: Rc<Worker>, stream: TcpStream, peer: SocketAddr, site: Site) {
     let (ticket, evicted_other) = worker.pending.borrow_mut().admit();
     if evicted_other {
-        worker.metrics.pending_evictions.inc();
+        worker.stats.pending_evictions.inc();
     }
     let evicted = poll_fn(|cx| worker.pending.borrow_mut().poll_evicted(ticket, cx));
     monoio::select! {
@@ -125,7 +125,7 @@ async fn serve_requests(worker: Rc<Worker>, mut stream: TcpStream, peer: SocketA
             }
             Err(_) => {
                 if !buf.is_empty() {
-                    worker.metrics.request_timeouts.inc();
+                    worker.stats.request_timeouts.inc();
                     let e = HttpError::new(408, "request head not received in time");
                     send(&mut stream, head::error_response(&e)).await;
                 }
@@ -577,7 +577,7 @@ async fn read_body(
         Ok(true) => Some(len),
         Ok(false) => None,
         Err(_) => {
-            worker.metrics.request_timeouts.inc();
+            worker.stats.request_timeouts.inc();
             let e = HttpError::new(408, "request body not received in time");
             send(stream, head::error_response(&e)).await;
             None
@@ -597,8 +597,8 @@ async fn publish(
     peer: &str,
 ) -> (u16, Vec<u8>) {
     let shared = &worker.shared;
-    worker.metrics.messages_in.inc();
-    worker.metrics.bytes_in.inc_by(body.len() as u64);
+    worker.stats.messages_in.inc();
+    worker.stats.bytes_in.add(body.len() as u64);
     if let (Some(authorizer), true) = (&worker.authorizer, shared.auth.is_open()) {
         let (channel, data) = match protocol::parse_http_publish(body, wsify) {
             Ok(parts) => parts,
