@@ -93,8 +93,23 @@ fn decoding(c: &mut Criterion) {
 
 fn channel_table(c: &mut Criterion) {
     let interest = Interest::new();
-    let mut shard = Shard::new(0, limits(), std::sync::Arc::new(CoreStats::new(1)));
-    let keys: Vec<usize> = (0..1000).map(|_| shard.open(-1, Grant::open()).0).collect();
+    let mut shard = Shard::new(
+        0,
+        limits(),
+        std::sync::Arc::new(CoreStats::new(1)),
+        herald::frontends::ENCODERS,
+    );
+    let keys: Vec<usize> = (0..1000)
+        .map(|_| {
+            shard
+                .open(
+                    -1,
+                    Grant::open(),
+                    herald::frontends::native::protocol::ENCODING,
+                )
+                .0
+        })
+        .collect();
     c.bench_function("channel_table/subscribe_unsubscribe", |b| {
         let mut i = 0;
         b.iter(|| {
@@ -117,7 +132,7 @@ fn channel_table(c: &mut Criterion) {
 
 fn cross_core_queue(c: &mut Criterion) {
     let bus = Bus::new(2, 1 << 16);
-    let msg = message_frame("chat", "1");
+    let msg = std::sync::Arc::new(message_frame("chat", "1"));
     let mut g = c.benchmark_group("bus");
     g.throughput(Throughput::Elements(64));
     g.bench_function("send_drain_64", |b| {
@@ -139,8 +154,21 @@ fn fanout(c: &mut Criterion) {
     let mut g = c.benchmark_group("fanout");
     for n in [1usize, 100, 10_000] {
         let interest = Interest::new();
-        let mut shard = Shard::new(0, limits(), std::sync::Arc::new(CoreStats::new(1)));
-        let conns: Vec<(usize, u64)> = (0..n).map(|_| shard.open(-1, Grant::open())).collect();
+        let mut shard = Shard::new(
+            0,
+            limits(),
+            std::sync::Arc::new(CoreStats::new(1)),
+            herald::frontends::ENCODERS,
+        );
+        let conns: Vec<(usize, u64)> = (0..n)
+            .map(|_| {
+                shard.open(
+                    -1,
+                    Grant::open(),
+                    herald::frontends::native::protocol::ENCODING,
+                )
+            })
+            .collect();
         for &(k, _) in &conns {
             shard.subscribe(k, "room", &interest).ok();
         }
@@ -153,7 +181,7 @@ fn fanout(c: &mut Criterion) {
                     "room",
                     r#"{"text":"hello, sixty-four bytes of json payload here!!"}"#,
                 );
-                shard.deliver("room", &msg.frame, None);
+                shard.deliver(&msg, None);
                 for &(k, gen) in &conns {
                     let _ = shard.fill(k, gen, &mut batch, usize::MAX, &mut cx);
                     let len = batch.len();

@@ -20,7 +20,7 @@
 //!   command-line client).
 //!
 //! The hot path: the [`session`] reads and decodes a frame, the front-end
-//! applies a publish, [`engine::worker::Worker::publish`] hands the one
+//! applies a publish, [`engine::core::Core::publish`] hands the one
 //! encoded frame to the [`engine::bus`] and to
 //! [`engine::shard::Shard::deliver`], which queues a refcounted clone per
 //! subscriber; each subscriber's writer takes its queue in

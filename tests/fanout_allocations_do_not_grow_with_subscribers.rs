@@ -15,8 +15,8 @@ use std::task::{Context, Waker};
 use herald::auth::Grant;
 use herald::config::Config;
 use herald::engine::shard::Batch;
-use herald::engine::worker::{Shared, Worker};
 use herald::frontends::native::protocol::message_frame;
+use herald::runtime::worker::{Shared, Worker};
 
 struct Counting;
 
@@ -58,10 +58,15 @@ fn allocations_per_publish(n: usize) -> usize {
     let mut conns = Vec::new();
     for i in 0..n {
         let w = &workers[i % 2];
-        let (key, gen) = w.shard.borrow_mut().open(-1, Grant::open());
-        w.shard
+        let (key, gen) = w.core.shard.borrow_mut().open(
+            -1,
+            Grant::open(),
+            herald::frontends::native::protocol::ENCODING,
+        );
+        w.core
+            .shard
             .borrow_mut()
-            .subscribe(key, "room", &shared.interest)
+            .subscribe(key, "room", &shared.hub.interest)
             .unwrap();
         conns.push((i % 2, key, gen));
     }
@@ -69,11 +74,11 @@ fn allocations_per_publish(n: usize) -> usize {
     let mut cx = Context::from_waker(Waker::noop());
     let mut publish_once = || {
         let data = r#"{"text":"sixty-four bytes of payload, give or take a few"}"#;
-        workers[0].publish(message_frame("room", data), None);
-        while workers[1].drain_bus(usize::MAX) {}
+        workers[0].core.publish(message_frame("room", data), None);
+        while workers[1].core.drain(usize::MAX) {}
         let mut delivered = 0;
         for &(w, key, gen) in &conns {
-            let mut shard = workers[w].shard.borrow_mut();
+            let mut shard = workers[w].core.shard.borrow_mut();
             let _ = shard.fill(key, gen, &mut batch, usize::MAX, &mut cx);
             let len = batch.len();
             if len > 0 {

@@ -187,6 +187,7 @@ fn shard() -> Shard {
             keepalive: Keepalive::off(),
         },
         std::sync::Arc::new(CoreStats::new(1)),
+        herald::frontends::ENCODERS,
     )
 }
 
@@ -195,7 +196,16 @@ fn shard() -> Shard {
 fn table_bytes_per_channel(n: usize, own: bool) -> f64 {
     let interest = Interest::new();
     let mut s = shard();
-    let keys: Vec<usize> = (0..n).map(|_| s.open(-1, Grant::open()).0).collect();
+    let keys: Vec<usize> = (0..n)
+        .map(|_| {
+            s.open(
+                -1,
+                Grant::open(),
+                herald::frontends::native::protocol::ENCODING,
+            )
+            .0
+        })
+        .collect();
     let names: Vec<String> = (0..n)
         .map(|i| {
             if own {

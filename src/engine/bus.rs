@@ -2,7 +2,7 @@
 //! reactors.
 //!
 //! One bounded crossbeam queue per (source, destination) pair carries
-//! [`Published`] frames, already encoded: crossing a core costs a refcount
+//! [`Message`]s, already encoded: crossing a core costs a refcount
 //! increment, never a copy. Each destination has one coalescing wakeup: the
 //! first message of a burst flips `pending` and wakes the destination's
 //! drain task (monoio turns a cross-thread wake into one eventfd write);
@@ -21,15 +21,18 @@ use std::task::Poll;
 use atomic_waker::AtomicWaker;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
-use crate::frontends::native::protocol::Published;
+use crate::engine::message::Message;
+
+/// What crosses cores: a published message, shared.
+pub type Shared = Arc<Message>;
 
 /// Room kept above the congestion mark, for the messages one client
 /// message may produce after the check.
 const SLACK: usize = 1024;
 
 struct Link {
-    tx: Sender<Published>,
-    rx: Receiver<Published>,
+    tx: Sender<Shared>,
+    rx: Receiver<Shared>,
     /// The source reactor waits here for the destination to drain.
     space: AtomicWaker,
     producer_waiting: AtomicBool,
@@ -95,7 +98,7 @@ impl Bus {
     /// Queues `msg` from `src` to `dst` and wakes `dst` if it was idle.
     /// Returns false only if the queue's slack was exhausted, which the
     /// congestion check prevents.
-    pub fn send(&self, src: usize, dst: usize, msg: Published) -> bool {
+    pub fn send(&self, src: usize, dst: usize, msg: Shared) -> bool {
         match self.link(src, dst).tx.try_send(msg) {
             Ok(()) => {
                 self.notify(dst);
@@ -130,12 +133,7 @@ impl Bus {
     /// Hands up to `max` queued messages for `dst` to `deliver`, oldest
     /// first per source. Returns how many were handed over and whether
     /// more are waiting.
-    pub fn drain(
-        &self,
-        dst: usize,
-        max: usize,
-        mut deliver: impl FnMut(Published),
-    ) -> (usize, bool) {
+    pub fn drain(&self, dst: usize, max: usize, mut deliver: impl FnMut(Shared)) -> (usize, bool) {
         let mut n = 0;
         let mut more = false;
         for src in (0..self.cores).filter(|&s| s != dst) {
@@ -191,7 +189,15 @@ impl Bus {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frontends::native::protocol::message_frame;
+    use crate::engine::message::{Encoding, Message, PayloadKind};
+    use bytes::Bytes;
+
+    fn message_frame(channel: &str, data: &str) -> Arc<Message> {
+        let frame = Bytes::from(format!("{channel}{data}"));
+        let c = 0..channel.len();
+        let p = channel.len()..frame.len();
+        Arc::new(Message::new(frame, Encoding(0), c, p, PayloadKind::Text, 0))
+    }
 
     #[test]
     fn messages_cross_and_share_the_buffer() {
@@ -203,7 +209,7 @@ mod tests {
         assert_eq!((n, more), (1, false));
         assert_eq!(got[0].channel(), "a");
         // Same allocation: the frame crossed as a refcounted clone.
-        assert_eq!(got[0].frame.as_ptr(), p.frame.as_ptr());
+        assert_eq!(got[0].frame().as_ptr(), p.frame().as_ptr());
     }
 
     #[test]

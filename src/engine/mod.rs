@@ -8,9 +8,10 @@
 //! integration (checked by `tests/architecture_layers_hold.rs`).
 
 pub mod bus;
+pub mod core;
 pub mod interest;
+pub mod message;
 pub mod shard;
 pub mod slots;
 pub mod stats;
 pub mod subscribers;
-pub mod worker;

@@ -8,7 +8,7 @@
 //! each subscriber's queue, and a wake of that subscriber's writer task.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, VecDeque};
 use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -21,6 +21,9 @@ use bytes::{Buf, Bytes};
 
 use crate::auth::Grant;
 use crate::engine::interest::Interest;
+use hashbrown::HashTable;
+
+use crate::engine::message::{route_hash, Encoder, Encoding, Message, MAX_ENCODINGS};
 use crate::engine::stats::CoreStats;
 use crate::frontends::pusher::connection::PusherConn;
 use crate::integrations::authorizer::ConnAuthz;
@@ -95,6 +98,8 @@ struct Bucket {
 pub struct Conn {
     /// Distinguishes this connection from a later one reusing the slab slot.
     pub gen: u64,
+    /// The wire format its front-end reads published messages in.
+    encoding: Encoding,
     fd: RawFd,
     /// Frames not yet handed to the writer.
     queue: VecDeque<Bytes>,
@@ -266,9 +271,11 @@ pub struct Shard {
     id: usize,
     limits: Limits,
     conns: Slots<Conn>,
-    /// Channel name (shared with the subscribers' [`ConnSubs`]) to its
-    /// local subscribers.
-    channels: HashMap<Rc<str>, Subscribers, ahash::RandomState>,
+    /// Routing key (shared with the subscribers' [`ConnSubs`]) to its
+    /// local subscribers, found by the key's [`route_hash`].
+    channels: HashTable<(Rc<str>, Subscribers)>,
+    /// Builds frames of other encodings for subscribers that read one.
+    encoders: &'static [Encoder],
     /// Connections opened or closed since the last [`Shard::take_churn`].
     churn: usize,
     /// (deadline in Unix ms, slot, gen): token expiries and close deadlines.
@@ -287,6 +294,20 @@ pub struct Shard {
 fn over_limit(conn: &Conn, len: usize, limit: usize) -> bool {
     let unsent = conn.queued + conn.inflight;
     unsent > 0 && unsent + len > limit
+}
+
+/// A subscriber entry packs the connection's slot (low bits) and the
+/// encoding it reads (high 8 bits): one `u32` per subscription.
+const SLOT_BITS: u32 = 24;
+const SLOT_MASK: u32 = (1 << SLOT_BITS) - 1;
+
+/// Most connections one shard holds (a slot must fit in 24 bits).
+pub const MAX_SLOTS: usize = 1 << SLOT_BITS;
+
+#[inline]
+fn entry(key: usize, encoding: Encoding) -> u32 {
+    debug_assert!(key < MAX_SLOTS);
+    (key as u32 & SLOT_MASK) | (u32::from(encoding.0) << SLOT_BITS)
 }
 
 /// Queues `frame`; an empty, unallocated queue gets room for exactly one
@@ -317,12 +338,18 @@ fn cut_socket(fd: RawFd) {
 }
 
 impl Shard {
-    pub fn new(id: usize, limits: Limits, stats: Arc<CoreStats>) -> Self {
+    pub fn new(
+        id: usize,
+        limits: Limits,
+        stats: Arc<CoreStats>,
+        encoders: &'static [Encoder],
+    ) -> Self {
         Shard {
             id,
             limits,
             conns: Slots::new(),
-            channels: HashMap::default(),
+            channels: HashTable::new(),
+            encoders,
             churn: 0,
             timers: BinaryHeap::new(),
             next_gen: 1,
@@ -350,7 +377,7 @@ impl Shard {
     }
 
     /// Registers a new connection; returns its slot and generation.
-    pub fn open(&mut self, fd: RawFd, grant: Arc<Grant>) -> (usize, u64) {
+    pub fn open(&mut self, fd: RawFd, grant: Arc<Grant>, encoding: Encoding) -> (usize, u64) {
         let gen = self.next_gen;
         self.next_gen += 1;
         let bucket = (self.limits.publish_rate > 0).then(|| {
@@ -362,6 +389,7 @@ impl Shard {
         let exp = grant.exp;
         let key = self.conns.insert(Conn {
             gen,
+            encoding,
             fd,
             queue: VecDeque::new(),
             queued: 0,
@@ -403,9 +431,18 @@ impl Shard {
 
     /// Is `key` subscribed to `channel`?
     pub fn is_subscribed(&self, key: usize, channel: &str) -> bool {
+        let Some(conn) = self.conns.get(key) else {
+            return false;
+        };
+        let entry = entry(key, conn.encoding);
+        self.table(channel).is_some_and(|set| set.contains(entry))
+    }
+
+    /// The local subscribers of routing key `channel`.
+    fn table(&self, channel: &str) -> Option<&Subscribers> {
         self.channels
-            .get(channel)
-            .is_some_and(|set| set.contains(key as u32))
+            .find(route_hash(channel), |(k, _)| &**k == channel)
+            .map(|(_, s)| s)
     }
 
     /// The channels (routing keys) `key` is subscribed to.
@@ -452,8 +489,9 @@ impl Shard {
         let Some(conn) = self.conns.try_remove(key) else {
             return;
         };
+        let entry = entry(key, conn.encoding);
         for channel in conn.subs.as_slice() {
-            self.drop_subscriber(channel, key, interest);
+            self.drop_subscriber(channel, entry, interest);
         }
         self.stats.subscriptions.add(-(conn.subs.len() as i64));
         self.stats.connections.dec();
@@ -465,14 +503,16 @@ impl Shard {
         }
     }
 
-    fn drop_subscriber(&mut self, channel: &str, key: usize, interest: &Interest) {
-        if let Some(set) = self.channels.get_mut(channel) {
-            set.remove(key as u32);
-            if set.is_empty() {
-                self.channels.remove(channel);
-                interest.remove(channel, self.id);
-                self.stats.channels.dec();
-            }
+    fn drop_subscriber(&mut self, channel: &str, entry: u32, interest: &Interest) {
+        let hash = route_hash(channel);
+        let Ok(mut found) = self.channels.find_entry(hash, |(k, _)| &**k == channel) else {
+            return;
+        };
+        found.get_mut().1.remove(entry);
+        if found.get().1.is_empty() {
+            found.remove();
+            interest.remove(channel, self.id);
+            self.stats.channels.dec();
         }
     }
 
@@ -485,30 +525,33 @@ impl Shard {
         channel: &str,
         interest: &Interest,
     ) -> Result<(), SubscribeError> {
-        if let Some(set) = self.channels.get(channel) {
-            if set.contains(key as u32) {
-                return Ok(());
-            }
-        }
         let Some(conn) = self.conns.get_mut(key) else {
             return Ok(());
         };
+        let entry = entry(key, conn.encoding);
+        let hash = route_hash(channel);
+        if let Some((_, set)) = self.channels.find(hash, |(k, _)| &**k == channel) {
+            if set.contains(entry) {
+                return Ok(());
+            }
+        }
         if conn.subs.len() >= self.limits.max_subscriptions {
             return Err(SubscribeError::TooMany(self.limits.max_subscriptions));
         }
         self.stats.subscriptions.inc();
-        match self.channels.get_key_value(channel).map(|(k, _)| k.clone()) {
-            Some(name) => {
+        match self.channels.find_mut(hash, |(k, _)| &**k == channel) {
+            Some((name, set)) => {
                 conn.subs.push(name.clone());
-                if let Some(set) = self.channels.get_mut(&name) {
-                    set.insert(key as u32);
-                }
+                set.insert(entry);
             }
             None => {
-                interest.add(channel, self.id);
+                interest.add_hashed(channel, hash, self.id);
                 let name: Rc<str> = channel.into();
                 conn.subs.push(name.clone());
-                self.channels.insert(name, Subscribers::new(key as u32));
+                self.channels
+                    .insert_unique(hash, (name, Subscribers::new(entry)), |(k, _)| {
+                        route_hash(k)
+                    });
                 self.stats.channels.inc();
             }
         }
@@ -523,8 +566,9 @@ impl Shard {
         if !conn.subs.remove(channel) {
             return false;
         }
+        let entry = entry(key, conn.encoding);
         self.stats.subscriptions.dec();
-        self.drop_subscriber(channel, key, interest);
+        self.drop_subscriber(channel, entry, interest);
         true
     }
 
@@ -600,20 +644,37 @@ impl Shard {
         }
     }
 
-    /// Fans `frame` out to every local subscriber of `channel` but `except`.
+    /// Fans `msg` out to every local subscriber of its channel but
+    /// `except`: the publisher's frame, or for subscribers that read
+    /// another encoding that encoding's frame (built once per message).
     /// Returns the number of deliveries.
-    pub fn deliver(&mut self, channel: &str, frame: &Bytes, except: Option<usize>) -> usize {
-        let Some(subs) = self.channels.get(channel) else {
+    pub fn deliver(&mut self, msg: &Message, except: Option<usize>) -> usize {
+        let hash = msg.hash();
+        let Some((_, subs)) = msg.with_key(|key| self.channels.find(hash, |(k, _)| &**k == key))
+        else {
             return 0;
         };
         let limit = self.limits.send_queue_limit;
+        let own = msg.encoding();
+        // Frames of other encodings, looked up once per delivery.
+        let mut others: [Option<Option<Bytes>>; MAX_ENCODINGS] = Default::default();
         let mut delivered = 0;
         let mut overflowed: Vec<usize> = Vec::new();
-        for key in subs.iter() {
-            let key = key as usize;
+        for e in subs.iter() {
+            let key = (e & SLOT_MASK) as usize;
             if Some(key) == except {
                 continue;
             }
+            let enc = Encoding((e >> SLOT_BITS) as u8);
+            let frame = if enc == own {
+                msg.frame()
+            } else {
+                let slot = &mut others[usize::from(enc.0) % MAX_ENCODINGS];
+                match slot.get_or_insert_with(|| msg.frame_for(enc, self.encoders)) {
+                    Some(f) => f,
+                    None => continue,
+                }
+            };
             let Some(conn) = self.conns.get_mut(key) else {
                 continue;
             };
@@ -879,7 +940,7 @@ impl Shard {
     /// table's and the slab's spare capacity, once most of it is unused.
     pub fn shrink(&mut self) {
         if self.channels.capacity() > 64 && self.channels.len() < self.channels.capacity() / 4 {
-            self.channels.shrink_to_fit();
+            self.channels.shrink_to_fit(|(k, _)| route_hash(k));
         }
         // Only empty chunks at the end can go (keys stay valid).
         self.conns.shrink();
@@ -890,14 +951,25 @@ impl Shard {
 
     /// Local subscribers of `channel` (for tests and metrics).
     pub fn subscriber_count(&self, channel: &str) -> usize {
-        self.channels.get(channel).map_or(0, |s| s.len())
+        self.table(channel).map_or(0, |s| s.len())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frontends::native::protocol::message_frame;
+    use crate::engine::message::{Encoding, PayloadKind};
+
+    const ENC: Encoding = Encoding(0);
+
+    /// A message whose frame is `<channel><data>` (a stand-in for a
+    /// front-end's frame: the engine never looks inside it).
+    fn message_frame(channel: &str, data: &str) -> Message {
+        let frame = Bytes::from(format!("{channel}{data}"));
+        let c = 0..channel.len();
+        let p = channel.len()..frame.len();
+        Message::new(frame, ENC, c, p, PayloadKind::Text, 0)
+    }
     use std::task::Waker;
 
     fn shard(limit: usize) -> Shard {
@@ -916,6 +988,7 @@ mod tests {
                 },
             },
             Arc::new(CoreStats::new(1)),
+            &[],
         )
     }
 
@@ -930,18 +1003,22 @@ mod tests {
     fn fan_out_shares_one_buffer_and_skips_sender() {
         let interest = Interest::new();
         let mut s = shard(1 << 20);
-        let conns: Vec<_> = (0..3).map(|_| s.open(-1, Grant::open())).collect();
+        let conns: Vec<_> = (0..3).map(|_| s.open(-1, Grant::open(), ENC)).collect();
         for &(k, _) in &conns {
             s.subscribe(k, "news", &interest).unwrap();
         }
         assert_eq!(interest.cores("news"), 1);
         let p = message_frame("news", "1");
-        assert_eq!(s.deliver("news", &p.frame, Some(conns[0].0)), 2);
+        assert_eq!(s.deliver(&p, Some(conns[0].0)), 2);
         assert!(drain(&mut s, conns[0].0, conns[0].1).is_empty());
         for &(k, g) in &conns[1..] {
             let got = drain(&mut s, k, g);
             assert_eq!(got.len(), 1);
-            assert_eq!(got[0].as_ptr(), p.frame.as_ptr(), "no per-subscriber copy");
+            assert_eq!(
+                got[0].as_ptr(),
+                p.frame().as_ptr(),
+                "no per-subscriber copy"
+            );
         }
     }
 
@@ -949,10 +1026,10 @@ mod tests {
     fn double_subscribe_delivers_once_and_last_unsubscribe_clears_interest() {
         let interest = Interest::new();
         let mut s = shard(1 << 20);
-        let (k, g) = s.open(-1, Grant::open());
+        let (k, g) = s.open(-1, Grant::open(), ENC);
         s.subscribe(k, "a", &interest).unwrap();
         s.subscribe(k, "a", &interest).unwrap();
-        assert_eq!(s.deliver("a", &message_frame("a", "1").frame, None), 1);
+        assert_eq!(s.deliver(&message_frame("a", "1"), None), 1);
         assert_eq!(drain(&mut s, k, g).len(), 1);
         assert!(s.unsubscribe(k, "a", &interest));
         assert!(!s.unsubscribe(k, "a", &interest));
@@ -963,7 +1040,7 @@ mod tests {
     fn subscription_limit() {
         let interest = Interest::new();
         let mut s = shard(1 << 20);
-        let (k, _) = s.open(-1, Grant::open());
+        let (k, _) = s.open(-1, Grant::open(), ENC);
         for c in ["a", "b", "c"] {
             s.subscribe(k, c, &interest).unwrap();
         }
@@ -977,18 +1054,19 @@ mod tests {
     fn slow_consumer_is_closed_and_others_keep_receiving() {
         let interest = Interest::new();
         let mut s = shard(100);
-        let (slow, sg) = s.open(-1, Grant::open());
-        let (fast, fg) = s.open(-1, Grant::open());
+        let (slow, sg) = s.open(-1, Grant::open(), ENC);
+        let (fast, fg) = s.open(-1, Grant::open(), ENC);
         s.subscribe(slow, "a", &interest).unwrap();
         s.subscribe(fast, "a", &interest).unwrap();
-        let p = message_frame("a", "\"0123456789\"");
+        // 41 bytes: the third one passes the 100-byte limit.
+        let p = message_frame("a", &"x".repeat(40));
         for _ in 0..4 {
-            s.deliver("a", &p.frame, None);
+            s.deliver(&p, None);
             assert_eq!(drain(&mut s, fast, fg).len(), 1);
             let mut cx = Context::from_waker(Waker::noop());
             let mut b = Batch::new();
             let _ = s.fill(fast, fg, &mut b, usize::MAX, &mut cx);
-            s.written(fast, fg, p.frame.len());
+            s.written(fast, fg, p.frame().len());
         }
         assert!(s.conn(slow).unwrap().is_closing());
         assert!(!s.conn(fast).unwrap().is_closing());
@@ -1002,13 +1080,13 @@ mod tests {
     fn one_oversized_frame_fits_an_empty_queue() {
         let interest = Interest::new();
         let mut s = shard(100);
-        let (k, g) = s.open(-1, Grant::open());
+        let (k, g) = s.open(-1, Grant::open(), ENC);
         s.subscribe(k, "a", &interest).unwrap();
         let big = message_frame("a", &format!("\"{}\"", "x".repeat(200)));
-        assert_eq!(s.deliver("a", &big.frame, None), 1);
+        assert_eq!(s.deliver(&big, None), 1);
         assert!(!s.conn(k).unwrap().is_closing());
         // A second one while the first is unsent passes the limit.
-        assert_eq!(s.deliver("a", &big.frame, None), 0);
+        assert_eq!(s.deliver(&big, None), 0);
         assert!(s.conn(k).unwrap().is_closing());
         let _ = g;
     }
@@ -1017,7 +1095,7 @@ mod tests {
     fn remove_cleans_channels() {
         let interest = Interest::new();
         let mut s = shard(1 << 20);
-        let (k, g) = s.open(-1, Grant::open());
+        let (k, g) = s.open(-1, Grant::open(), ENC);
         s.subscribe(k, "a", &interest).unwrap();
         s.remove(k, g, &interest);
         assert_eq!(s.subscriber_count("a"), 0);
@@ -1073,9 +1151,9 @@ mod tests {
     #[test]
     fn silent_connections_are_pinged_then_closed_and_talkers_are_not() {
         let mut s = shard(1 << 20);
-        let (quiet, qg) = s.open(-1, Grant::open());
-        let (talker, tg) = s.open(-1, Grant::open());
-        let (answers, ag) = s.open(-1, Grant::open());
+        let (quiet, qg) = s.open(-1, Grant::open(), ENC);
+        let (talker, tg) = s.open(-1, Grant::open(), ENC);
+        let (answers, ag) = s.open(-1, Grant::open(), ENC);
         let ping = frame::ping();
         s.sweep_idle();
         s.seen(talker);
@@ -1112,7 +1190,7 @@ mod tests {
     fn keepalive_off_never_pings() {
         let mut s = shard(1 << 20);
         s.limits.keepalive = Keepalive::off();
-        let (k, g) = s.open(-1, Grant::open());
+        let (k, g) = s.open(-1, Grant::open(), ENC);
         for _ in 0..1000 {
             s.sweep_idle();
         }
@@ -1131,7 +1209,7 @@ mod tests {
             write: crate::auth::Patterns::all(),
             exp: Some(1000),
         });
-        let (k, g) = s.open(-1, grant);
+        let (k, g) = s.open(-1, grant, ENC);
         s.run_timers(1_000_000);
         assert!(!s.conn(k).unwrap().is_closing());
         s.run_timers(1_001_001);

@@ -8,6 +8,8 @@
 //! stop accepting, close every connection with 1001 after flushing what
 //! is queued, and exit within SHUTDOWN_TIMEOUT; a second signal exits at once.
 
+pub mod worker;
+
 use std::future::poll_fn;
 use std::io;
 use std::net::SocketAddr;
@@ -24,9 +26,9 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::{Config, IoDriver};
 use crate::engine::shard::unix_ms;
-use crate::engine::worker::{Shared, Worker};
 use crate::frontends::pusher::apps::Apps;
 use crate::frontends::pusher::{connection, Control};
+use crate::runtime::worker::{Shared, Worker};
 use crate::transport::http1::server::Site;
 
 /// Submission queue entries per io_uring (a fan-out queues one write per subscriber).
@@ -352,8 +354,8 @@ async fn worker_main(
 
     // This task delivers what other cores publish, until shutdown.
     while !shared.is_shutting_down() {
-        shared.bus.wait_for_messages(id).await;
-        while worker.drain_bus(DRAIN_BATCH) && !shared.is_shutting_down() {
+        worker.core.wait_for_messages().await;
+        while worker.core.drain(DRAIN_BATCH) && !shared.is_shutting_down() {
             yield_now().await;
         }
     }
@@ -365,16 +367,17 @@ async fn worker_main(
     }
     let timeout = shared.config.shutdown_timeout;
     worker
+        .core
         .shard
         .borrow_mut()
         .close_all(unix_ms() + timeout.as_millis() as u64);
     // Keep draining the bus while connections close, so a publisher on
     // another core waiting for queue space is never stuck behind us.
-    let empty = poll_fn(|cx| worker.shard.borrow_mut().poll_empty(cx));
+    let empty = poll_fn(|cx| worker.core.shard.borrow_mut().poll_empty(cx));
     let drain = async {
         loop {
-            shared.bus.wait_for_messages(id).await;
-            while worker.drain_bus(DRAIN_BATCH) {
+            worker.core.wait_for_messages().await;
+            while worker.core.drain(DRAIN_BATCH) {
                 yield_now().await;
             }
         }
@@ -432,18 +435,18 @@ async fn accept_loop(worker: Rc<Worker>, listener: TcpListener, site: Site) {
 async fn timer_loop(worker: Rc<Worker>) {
     const TICK_MS: u64 = 100;
     let mut tick = monoio::time::interval(Duration::from_millis(TICK_MS));
-    let keepalive_every = (worker.shard.borrow().keepalive().sweep_ms / TICK_MS).max(1);
+    let keepalive_every = (worker.core.shard.borrow().keepalive().sweep_ms / TICK_MS).max(1);
     let mut ticks = 0u64;
     loop {
         tick.tick().await;
-        if worker.shared.is_shutting_down() && worker.shard.borrow().is_empty() {
+        if worker.shared.is_shutting_down() && worker.core.shard.borrow().is_empty() {
             break;
         }
         ticks += 1;
         let now = unix_ms();
-        worker.shard.borrow_mut().run_timers(now);
+        worker.core.shard.borrow_mut().run_timers(now);
         if ticks % keepalive_every == 0 {
-            worker.shard.borrow_mut().sweep_idle();
+            worker.core.shard.borrow_mut().sweep_idle();
         }
         if let Some(pusher) = &worker.shared.pusher {
             for c in pusher.take_controls(worker.id) {
@@ -468,13 +471,13 @@ async fn timer_loop(worker: Rc<Worker>) {
 /// system at once, rather than whenever it next allocates (an idle reactor
 /// may not for hours), so RSS follows the connections down.
 fn give_back_memory(worker: &Worker) {
-    if worker.shard.borrow_mut().take_churn() == 0 {
+    if worker.core.shard.borrow_mut().take_churn() == 0 {
         return;
     }
-    worker.shard.borrow_mut().shrink();
+    worker.core.shard.borrow_mut().shrink();
     worker.pending.borrow_mut().shrink();
     // SAFETY: mi_collect only walks the calling thread's mimalloc heap;
     // harmless when another allocator is in use.
     unsafe { libmimalloc_sys::mi_collect(true) };
-    worker.stats.memory_collections.inc();
+    worker.core.stats.memory_collections.inc();
 }

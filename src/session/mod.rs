@@ -5,7 +5,7 @@
 //! frame is cut between reads, so an idle connection owns no read buffer.
 //! Frames are decoded in place ([`Decoder`]) and each message is handled at
 //! once: requests are applied to the [`Shard`](crate::engine::shard::Shard),
-//! publishes go through [`Worker::publish`]. Before each frame it checks
+//! publishes go through [`Core::publish`](crate::engine::core::Core::publish). Before each frame it checks
 //! the cross-core bus and stops reading while that is congested.
 //!
 //! The **writer** sleeps until frames are queued, then hands up to
@@ -27,12 +27,13 @@ use monoio::io::{AsyncWriteRent, OwnedReadHalf, OwnedWriteHalf, Splitable};
 use monoio::net::TcpStream;
 
 use crate::auth::Grant;
+use crate::engine::message::Message as Published;
 use crate::engine::shard::unix_ms;
 use crate::engine::shard::{Batch, SubscribeError};
-use crate::engine::worker::Worker;
-use crate::frontends::native::protocol::{self, ErrorCode, Op, Published};
+use crate::frontends::native::protocol::{self, ErrorCode, Op};
 use crate::frontends::pusher::{self, apps::App, connection::PusherConn};
 use crate::integrations::authorizer::{self, Action, ConnAuthz, Decision};
+use crate::runtime::worker::Worker;
 use crate::transport::ws::codec::{Decoded, Decoder, Message, WsError};
 use crate::transport::ws::frame;
 
@@ -116,9 +117,13 @@ pub fn start(
 ) {
     let fd = stream.as_raw_fd();
     limit_kernel_backlog(fd, worker.shared.config.send_queue_limit);
+    let encoding = match mode {
+        Mode::Pusher => crate::frontends::pusher::ENCODING,
+        Mode::PubSub | Mode::Echo => protocol::ENCODING,
+    };
     let (key, gen) = {
-        let mut shard = worker.shard.borrow_mut();
-        let (key, gen) = shard.open(fd, grant);
+        let mut shard = worker.core.shard.borrow_mut();
+        let (key, gen) = shard.open(fd, grant, encoding);
         shard.set_authz(key, authz);
         if let Some((app, ns)) = pusher_app {
             let socket_id = pusher::socket::format(worker.id, key, gen);
@@ -175,15 +180,12 @@ async fn finish(
     if mode == Mode::Pusher {
         pusher::connection::on_close(worker, key);
     }
-    worker.shard.borrow_mut().abandon(key, gen);
+    worker.core.shard.borrow_mut().abandon(key, gen);
     let close_timeout = worker.shared.config.close_timeout;
     if monoio::time::timeout(close_timeout, writer).await.is_err() {
-        worker.shard.borrow_mut().cut(key, gen);
+        worker.core.shard.borrow_mut().cut(key, gen);
     }
-    worker
-        .shard
-        .borrow_mut()
-        .remove(key, gen, &worker.shared.interest);
+    worker.core.remove(key, gen);
 }
 
 struct Reader {
@@ -218,7 +220,7 @@ impl Reader {
         // write half mutates nothing that `readable` reads (monoio's own
         // split halves share the stream the same way).
         let stream: &TcpStream = unsafe { &*rd.0.get() };
-        let bus = &worker.shared.bus;
+        let core = &worker.core;
         if !self.pending.is_empty() {
             let flow = self.process_pending(worker);
             if matches!(self.settle(worker, flow).await, Flow::Stop) {
@@ -226,8 +228,8 @@ impl Reader {
             }
         }
         loop {
-            if bus.congested(worker.id) {
-                bus.wait_for_space(worker.id).await;
+            if core.congested() {
+                core.wait_for_space().await;
                 let flow = self.process_pending(worker);
                 if matches!(self.settle(worker, flow).await, Flow::Stop) {
                     return;
@@ -246,7 +248,7 @@ impl Reader {
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                         Err(_) => return,
                     };
-                    worker.shard.borrow_mut().seen(self.key);
+                    worker.core.shard.borrow_mut().seen(self.key);
                     let full = n == scratch.len();
                     let flow = if self.pending.is_empty() {
                         let (flow, used) = self.process(worker, &mut scratch[..n]);
@@ -297,6 +299,7 @@ impl Reader {
             .authorized(d.action.as_str(), decision.label());
         let key = self.key;
         let gone = worker
+            .core
             .shard
             .borrow()
             .conn(key)
@@ -309,13 +312,12 @@ impl Reader {
             Decision::Allow(_) => {
                 // Many connections may be answered at once: each publish
                 // respects the bus's backpressure like a fresh one.
-                let bus = &worker.shared.bus;
-                if d.publish.is_some() && bus.congested(worker.id) {
-                    bus.wait_for_space(worker.id).await;
+                if d.publish.is_some() && worker.core.congested() {
+                    worker.core.wait_for_space().await;
                 }
                 let ttl = authorizer.cache_ttl;
                 if !ttl.is_zero() {
-                    if let Some(a) = worker.shard.borrow_mut().authz_mut(key) {
+                    if let Some(a) = worker.core.shard.borrow_mut().authz_mut(key) {
                         a.remember(d.action, &d.channel, Instant::now() + ttl);
                     }
                 }
@@ -328,11 +330,11 @@ impl Reader {
                     d.channel
                 );
                 let reply = protocol::error(id, ErrorCode::Forbidden, &msg);
-                worker.shard.borrow_mut().push(key, reply);
+                worker.core.shard.borrow_mut().push(key, reply);
             }
             Decision::Unavailable(why) => {
                 tracing::warn!(error = %why, "authorizer unavailable: closing connection with 1013");
-                worker.shard.borrow_mut().close(
+                worker.core.shard.borrow_mut().close(
                     key,
                     Some(1013),
                     "authorizer unavailable, try again later",
@@ -361,7 +363,7 @@ impl Reader {
         let mut used = 0;
         self.want = 0;
         while used < buf.len() {
-            if worker.shared.bus.congested(worker.id) {
+            if worker.core.congested() {
                 return (Flow::Congested, used);
             }
             match self.decoder.decode(&mut buf[used..]) {
@@ -390,7 +392,7 @@ impl Reader {
 
 /// Fails the connection (RFC 6455 §7.1.7) with the close code of `err`.
 fn fail(worker: &Worker, key: usize, mode: Mode, err: &WsError) {
-    let mut shard = worker.shard.borrow_mut();
+    let mut shard = worker.core.shard.borrow_mut();
     match err {
         WsError::TooLarge { .. } => {
             if mode == Mode::PubSub {
@@ -402,7 +404,7 @@ fn fail(worker: &Worker, key: usize, mode: Mode, err: &WsError) {
             shard.close(key, Some(err.close_code()), "message too big", false);
         }
         _ => {
-            worker.stats.protocol_errors.inc();
+            worker.core.stats.protocol_errors.inc();
             shard.close(key, Some(err.close_code()), &err.to_string(), false);
         }
     }
@@ -411,6 +413,7 @@ fn fail(worker: &Worker, key: usize, mode: Mode, err: &WsError) {
 /// Handles one complete message or control frame.
 fn handle(worker: &Worker, key: usize, mode: Mode, msg: Message<'_>) -> Flow {
     let closing = worker
+        .core
         .shard
         .borrow()
         .conn(key)
@@ -421,14 +424,14 @@ fn handle(worker: &Worker, key: usize, mode: Mode, msg: Message<'_>) -> Flow {
             // stop; if we sent ours first, this completes the handshake.
             if !closing {
                 let code = body.map(|(code, _)| code);
-                worker.shard.borrow_mut().close(key, code, "", false);
+                worker.core.shard.borrow_mut().close(key, code, "", false);
             }
             Flow::Stop
         }
         // §1.4: after sending a close frame, data is no longer processed.
         _ if closing => Flow::Continue,
         Message::Ping(payload) => {
-            let mut shard = worker.shard.borrow_mut();
+            let mut shard = worker.core.shard.borrow_mut();
             if let Some(p) = shard.pusher_mut(key) {
                 p.seen(unix_ms());
             }
@@ -436,18 +439,18 @@ fn handle(worker: &Worker, key: usize, mode: Mode, msg: Message<'_>) -> Flow {
             Flow::Continue
         }
         Message::Pong => {
-            if let Some(p) = worker.shard.borrow_mut().pusher_mut(key) {
+            if let Some(p) = worker.core.shard.borrow_mut().pusher_mut(key) {
                 p.seen(unix_ms());
             }
             Flow::Continue
         }
         Message::Text(text) => {
-            worker.stats.messages_in.inc();
-            worker.stats.bytes_in.add(text.len() as u64);
+            worker.core.stats.messages_in.inc();
+            worker.core.stats.bytes_in.add(text.len() as u64);
             match mode {
                 Mode::PubSub => handle_request(worker, key, text),
                 Mode::Echo => {
-                    worker.shard.borrow_mut().push(key, frame::text(text));
+                    worker.core.shard.borrow_mut().push(key, frame::text(text));
                     Flow::Continue
                 }
                 Mode::Pusher => {
@@ -457,18 +460,22 @@ fn handle(worker: &Worker, key: usize, mode: Mode, msg: Message<'_>) -> Flow {
             }
         }
         Message::Binary(data) => {
-            worker.stats.messages_in.inc();
-            worker.stats.bytes_in.add(data.len() as u64);
+            worker.core.stats.messages_in.inc();
+            worker.core.stats.bytes_in.add(data.len() as u64);
             match mode {
                 Mode::PubSub => handle_binary(worker, key, data),
                 Mode::Echo => {
-                    worker.shard.borrow_mut().push(key, frame::binary(data));
+                    worker
+                        .core
+                        .shard
+                        .borrow_mut()
+                        .push(key, frame::binary(data));
                     Flow::Continue
                 }
                 Mode::Pusher => {
                     let msg = "binary frames are not part of the Pusher protocol";
                     let reply = pusher::wire::error(None, msg);
-                    worker.shard.borrow_mut().push(key, reply);
+                    worker.core.shard.borrow_mut().push(key, reply);
                     Flow::Continue
                 }
             }
@@ -483,7 +490,7 @@ fn may_publish(
     channel: &str,
     id: Option<&str>,
 ) -> Result<(), bytes::Bytes> {
-    let mut shard = worker.shard.borrow_mut();
+    let mut shard = worker.core.shard.borrow_mut();
     let allowed = shard
         .conn(key)
         .is_some_and(|c| c.grant.write.allows(channel));
@@ -514,7 +521,7 @@ fn needs_approval(
     if !authorizer.wants(action) {
         return None;
     }
-    let mut shard = worker.shard.borrow_mut();
+    let mut shard = worker.core.shard.borrow_mut();
     let authz = shard.authz_mut(key)?;
     if !authorizer.cache_ttl.is_zero() && authz.cached(action, channel, Instant::now()) {
         worker.shared.metrics.authorized(action.as_str(), "cached");
@@ -557,28 +564,21 @@ fn apply(
     id: Option<&str>,
     publish: Option<Published>,
 ) {
-    let interest = &worker.shared.interest;
     let reply = match action {
-        Action::Subscribe => {
-            let mut shard = worker.shard.borrow_mut();
-            match shard.subscribe(key, channel, interest) {
-                Ok(()) => protocol::subscribed(channel, id),
-                Err(SubscribeError::TooMany(n)) => {
-                    let msg = format!("subscription limit of {n} channels reached");
-                    protocol::error(id, ErrorCode::Forbidden, &msg)
-                }
+        Action::Subscribe => match worker.core.subscribe(key, channel) {
+            Ok(()) => protocol::subscribed(channel, id),
+            Err(SubscribeError::TooMany(n)) => {
+                let msg = format!("subscription limit of {n} channels reached");
+                protocol::error(id, ErrorCode::Forbidden, &msg)
             }
-        }
+        },
         Action::Unsubscribe => {
-            worker
-                .shard
-                .borrow_mut()
-                .unsubscribe(key, channel, interest);
+            worker.core.unsubscribe(key, channel);
             protocol::unsubscribed(channel, id)
         }
         Action::Publish => {
             if let Some(frame) = publish {
-                worker.publish(frame, Some(key));
+                worker.core.publish(frame, Some(key));
             }
             match id {
                 Some(id) => protocol::ack(id),
@@ -587,7 +587,7 @@ fn apply(
         }
         Action::Connect => return,
     };
-    worker.shard.borrow_mut().push(key, reply);
+    worker.core.shard.borrow_mut().push(key, reply);
 }
 
 /// Applies one JSON request of protocol.md and queues its reply.
@@ -596,15 +596,15 @@ fn handle_request(worker: &Worker, key: usize, text: &[u8]) -> Flow {
         Ok(req) => req,
         Err(e) => {
             let reply = protocol::error(e.id, ErrorCode::BadRequest, &e.message);
-            worker.shard.borrow_mut().push(key, reply);
+            worker.core.shard.borrow_mut().push(key, reply);
             return Flow::Continue;
         }
     };
     let id = req.id;
-    let interest = &worker.shared.interest;
     let reply = match req.op {
         Op::Subscribe { channel } => {
             let allowed = worker
+                .core
                 .shard
                 .borrow()
                 .conn(key)
@@ -643,14 +643,19 @@ fn handle_request(worker: &Worker, key: usize, text: &[u8]) -> Flow {
         },
         Op::Auth { token } => match worker.shared.auth.verify(&token) {
             Ok(grant) => {
-                worker.shard.borrow_mut().reauthorize(key, grant, interest);
+                let interest = &worker.shared.hub.interest;
+                worker
+                    .core
+                    .shard
+                    .borrow_mut()
+                    .reauthorize(key, grant, interest);
                 protocol::authed(id)
             }
             Err(e) => protocol::error(id, ErrorCode::Unauthorized, &e.to_string()),
         },
         Op::Ping => protocol::pong(id),
     };
-    worker.shard.borrow_mut().push(key, reply);
+    worker.core.shard.borrow_mut().push(key, reply);
     Flow::Continue
 }
 
@@ -662,12 +667,12 @@ fn handle_binary(worker: &Worker, key: usize, data: &[u8]) -> Flow {
         Ok(parts) => parts,
         Err(msg) => {
             let reply = protocol::error(None, ErrorCode::BadRequest, msg);
-            worker.shard.borrow_mut().push(key, reply);
+            worker.core.shard.borrow_mut().push(key, reply);
             return Flow::Continue;
         }
     };
     if let Err(reply) = may_publish(worker, key, channel, None) {
-        worker.shard.borrow_mut().push(key, reply);
+        worker.core.shard.borrow_mut().push(key, reply);
         return Flow::Continue;
     }
     let frame = || Some(protocol::binary_frame(channel, payload));
@@ -694,6 +699,7 @@ async fn write_loop(mut wr: OwnedWriteHalf<TcpStream>, worker: Rc<Worker>, key: 
     loop {
         let go = poll_fn(|cx| {
             let ready = worker
+                .core
                 .shard
                 .borrow_mut()
                 .fill(key, gen, &mut batch, max, cx);
@@ -722,10 +728,10 @@ async fn write_loop(mut wr: OwnedWriteHalf<TcpStream>, worker: Rc<Worker>, key: 
         match res {
             Ok(n) if n > 0 => {
                 batch.advance(n);
-                worker.shard.borrow_mut().written(key, gen, n);
+                worker.core.shard.borrow_mut().written(key, gen, n);
             }
             _ => {
-                worker.shard.borrow_mut().cut(key, gen);
+                worker.core.shard.borrow_mut().cut(key, gen);
                 break;
             }
         }

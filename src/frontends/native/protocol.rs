@@ -12,10 +12,10 @@ use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 use tungstenite::protocol::frame::coding::{Data, OpCode};
 
+use crate::engine::message::{Encoding, Message, PayloadKind};
 use crate::transport::ws::frame;
 
-/// Longest channel name, in bytes.
-pub const MAX_CHANNEL_LEN: usize = 255;
+pub use crate::engine::message::MAX_CHANNEL_LEN;
 
 /// Error codes of protocol.md.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -315,125 +315,75 @@ pub fn parse_binary(payload: &[u8]) -> Result<(&str, &[u8]), &'static str> {
     Ok((channel, &rest[n..]))
 }
 
-/// An encoded publish: the frame every subscriber receives, and where the
-/// channel name sits inside it, so it can cross cores as one [`Bytes`].
-/// `namespace` is 0 for the native protocol and `n` for the Pusher app of
-/// index `n - 1`, whose channels live apart from native ones.
-#[derive(Debug, Clone)]
-pub struct Published {
-    pub frame: Bytes,
-    channel_at: u32,
-    channel_len: u8,
-    namespace: u16,
-    /// A connection not to deliver to, wherever it lives (Pusher's
-    /// `socket_id` exclusion): worker, slab key, generation.
-    except: Option<(u16, u32, u64)>,
-}
-
-/// Longest routing key: a namespace number, `#`, and a channel name.
-pub const MAX_KEY: usize = 6 + MAX_CHANNEL_LEN;
-
-impl Published {
-    /// A frame whose channel name is `frame[channel_at..channel_at + len]`.
-    pub fn new(frame: Bytes, channel_at: usize, channel_len: usize, namespace: u16) -> Published {
-        debug_assert!(channel_len <= MAX_CHANNEL_LEN && channel_at + channel_len <= frame.len());
-        Published {
-            frame,
-            channel_at: channel_at as u32,
-            channel_len: channel_len as u8,
-            namespace,
-            except: None,
-        }
-    }
-
-    /// Excludes connection `key` (generation `gen`) of `worker` from the fan-out.
-    pub fn set_except(&mut self, worker: u16, key: u32, gen: u64) {
-        self.except = Some((worker, key, gen));
-    }
-
-    /// The excluded connection if it lives on `worker`: (slab key, generation).
-    pub fn except_on(&self, worker: usize) -> Option<(usize, u64)> {
-        self.except
-            .filter(|e| usize::from(e.0) == worker)
-            .map(|e| (e.1 as usize, e.2))
-    }
-
-    /// The namespace: 0 for the native protocol, `n` for Pusher app `n - 1`.
-    pub fn namespace(&self) -> u16 {
-        self.namespace
-    }
-
-    /// The channel this frame was published on.
-    pub fn channel(&self) -> &str {
-        let start = self.channel_at as usize;
-        let bytes = &self.frame[start..start + self.channel_len as usize];
-        // Channel names are validated ASCII before a frame is built.
-        std::str::from_utf8(bytes).unwrap_or("")
-    }
-
-    /// Calls `f` with the key subscribers of this frame are filed under:
-    /// the channel itself for the native protocol (no copy), see
-    /// [`route_key`] otherwise.
-    pub fn with_key<R>(&self, f: impl FnOnce(&str) -> R) -> R {
-        if self.namespace == 0 {
-            return f(self.channel());
-        }
-        let mut buf = [0u8; MAX_KEY];
-        f(route_key(&mut buf, self.namespace, self.channel()))
-    }
-}
-
-/// Writes the routing key of `channel` in `namespace` (> 0) into `buf`:
-/// `{namespace}#{channel}`. `#` is not allowed in any protocol's channel
-/// names, so namespaces never collide with each other or with native
-/// channels.
-pub fn route_key<'a>(buf: &'a mut [u8; MAX_KEY], namespace: u16, channel: &str) -> &'a str {
-    use std::io::Write;
-    let mut cur = std::io::Cursor::new(&mut buf[..]);
-    let _ = write!(cur, "{namespace}#");
-    let at = cur.position() as usize;
-    let n = channel.len().min(MAX_KEY - at);
-    buf[at..at + n].copy_from_slice(&channel.as_bytes()[..n]);
-    // Digits, `#` and a validated ASCII channel name.
-    std::str::from_utf8(&buf[..at + n]).unwrap_or("")
-}
-
-/// The routing key of `channel` in `namespace`, as an owned string.
-pub fn route_key_string(namespace: u16, channel: &str) -> String {
-    if namespace == 0 {
-        return channel.to_string();
-    }
-    format!("{namespace}#{channel}")
-}
-
 const MSG_HEAD: &[u8] = br#"{"op":"message","channel":""#;
 const MSG_MID: &[u8] = br#"","data":"#;
 
+/// The native protocol's encoding of published messages.
+pub const ENCODING: Encoding = Encoding(0);
+
 /// Builds `{"op":"message","channel":..,"data":..}` as one text frame, with
 /// `data` spliced in verbatim. One allocation, whatever the fan-out.
-pub fn message_frame(channel: &str, data: &str) -> Published {
+pub fn message_frame(channel: &str, data: &str) -> Message {
     debug_assert!(validate_channel(channel).is_ok());
     let len = MSG_HEAD.len() + channel.len() + MSG_MID.len() + data.len() + 1;
     let mut buf = frame::start(OpCode::Data(Data::Text), len);
-    let channel_at = (buf.len() + MSG_HEAD.len()) as u32;
+    let channel_at = buf.len() + MSG_HEAD.len();
     buf.put_slice(MSG_HEAD);
     buf.put_slice(channel.as_bytes());
     buf.put_slice(MSG_MID);
+    let data_at = buf.len();
     buf.put_slice(data.as_bytes());
     buf.put_u8(b'}');
-    Published::new(buf.freeze(), channel_at as usize, channel.len(), 0)
+    let channel = channel_at..channel_at + channel.len();
+    let payload = data_at..data_at + data.len();
+    Message::new(
+        buf.freeze(),
+        ENCODING,
+        channel,
+        payload,
+        PayloadKind::Json,
+        0,
+    )
 }
 
-/// Builds the binary frame subscribers receive for a binary publish: the
-/// same layout as the client sent (`n`, channel, payload).
-pub fn binary_frame(channel: &str, payload: &[u8]) -> Published {
+/// Builds a binary publish's frame as subscribers receive it: the channel
+/// length byte, the channel, the payload (protocol.md "Binary frames").
+pub fn binary_frame(channel: &str, payload: &[u8]) -> Message {
     let len = 1 + channel.len() + payload.len();
     let mut buf = frame::start(OpCode::Data(Data::Binary), len);
     buf.put_u8(channel.len() as u8);
-    let channel_at = buf.len() as u32;
+    let channel_at = buf.len();
     buf.put_slice(channel.as_bytes());
+    let payload_at = buf.len();
     buf.put_slice(payload);
-    Published::new(buf.freeze(), channel_at as usize, channel.len(), 0)
+    let channel = channel_at..channel_at + channel.len();
+    let payload = payload_at..payload_at + len - 1 - channel.len();
+    Message::new(
+        buf.freeze(),
+        ENCODING,
+        channel,
+        payload,
+        PayloadKind::Binary,
+        0,
+    )
+}
+
+/// The native frame of a message published in another encoding (a
+/// wspubsub publisher's raw text or bytes): a JSON payload becomes `data`
+/// as it is, other text a JSON string, bytes a binary frame.
+pub fn encode(m: &Message) -> Option<Bytes> {
+    let channel = m.channel();
+    Some(match m.kind() {
+        PayloadKind::Json => message_frame(channel, std::str::from_utf8(m.payload()).ok()?)
+            .frame()
+            .clone(),
+        PayloadKind::Text => {
+            let text = std::str::from_utf8(m.payload()).ok()?;
+            let json = serde_json::to_string(text).ok()?;
+            message_frame(channel, &json).frame().clone()
+        }
+        PayloadKind::Binary => binary_frame(channel, m.payload()).frame().clone(),
+    })
 }
 
 fn push_id(out: &mut Vec<u8>, id: Option<&str>) {
@@ -651,25 +601,34 @@ mod tests {
         let data = r#"{"b": 1,   "a":"é"}"#;
         let p = message_frame("news", data);
         assert_eq!(p.channel(), "news");
-        let v = payload(&p.frame);
+        let v = payload(p.frame());
         assert_eq!(
             v,
             json!({"op":"message","channel":"news","data":{"b":1,"a":"é"}})
         );
-        let text = String::from_utf8_lossy(&p.frame);
+        let text = String::from_utf8_lossy(p.frame());
         assert!(text.contains(data), "data must be byte for byte");
     }
 
     #[test]
-    fn namespaced_keys() {
-        let p = Published::new(Bytes::from_static(b"xxchan"), 2, 4, 3);
-        assert_eq!(p.channel(), "chan");
-        p.with_key(|k| assert_eq!(k, "3#chan"));
-        assert_eq!(route_key_string(3, "chan"), "3#chan");
-        assert_eq!(route_key_string(0, "chan"), "chan");
-        let long = "c".repeat(MAX_CHANNEL_LEN);
-        let mut buf = [0u8; MAX_KEY];
-        assert_eq!(route_key(&mut buf, 65535, &long), format!("65535#{long}"));
+    fn other_encodings_become_native_frames() {
+        let raw = |payload: &[u8], kind| {
+            let frame = Bytes::from([b"t:1|", payload].concat());
+            Message::new(frame.clone(), Encoding(2), 0..3, 4..frame.len(), kind, 0)
+        };
+        let m = raw(br#"{"a":1}"#, PayloadKind::Json);
+        let f = encode(&m).unwrap();
+        assert_eq!(
+            payload(&f),
+            json!({"op":"message","channel":"t:1","data":{"a":1}})
+        );
+        let f = encode(&raw(b"not json", PayloadKind::Text)).unwrap();
+        assert_eq!(
+            payload(&f),
+            json!({"op":"message","channel":"t:1","data":"not json"})
+        );
+        let f = encode(&raw(b"\x00\xff", PayloadKind::Binary)).unwrap();
+        assert_eq!(&f[2..], b"\x03t:1\x00\xff");
     }
 
     #[test]
@@ -678,7 +637,7 @@ mod tests {
         assert_eq!(p.channel(), "ch");
         p.with_key(|k| assert_eq!(k, "ch"));
         let hl = frame::header_len(5);
-        let (c, body) = parse_binary(&p.frame[hl..]).unwrap();
+        let (c, body) = parse_binary(&p.frame()[hl..]).unwrap();
         assert_eq!((c, body), ("ch", &b"\x00\x01"[..]));
         assert!(parse_binary(b"").is_err());
         assert!(parse_binary(b"\x05ab").is_err());

@@ -15,8 +15,7 @@ use super::apps::App;
 use super::connection::{channel_of, published};
 use super::wire::{self, ChannelKind};
 use super::{Control, PusherShared};
-use crate::engine::worker::Worker;
-use crate::frontends::native::protocol;
+use crate::runtime::worker::Worker;
 
 /// An answer: status, content type, body.
 pub type Answer = (u16, &'static str, Vec<u8>);
@@ -125,8 +124,8 @@ fn trigger(worker: &Worker, app: &App, ns: u16, body: &[u8], batch: bool) -> Ans
             if let Some(ex) = except {
                 msg.set_except(ex.worker, ex.key, ex.gen);
             }
-            worker.stats.messages_in.inc();
-            worker.publish(msg, None);
+            worker.core.stats.messages_in.inc();
+            worker.core.publish(msg, None);
         }
     }
     // `info` asks for channel attributes back (after the publish).
@@ -136,7 +135,9 @@ fn trigger(worker: &Worker, app: &App, ns: u16, body: &[u8], batch: bool) -> Ans
         let (Some(info), Some(shared)) = (ev.info.as_deref(), shared) else {
             return m;
         };
-        let c = shared.registry.channel(&protocol::route_key_string(ns, ch));
+        let c = shared
+            .registry
+            .channel(&crate::engine::message::route_key_string(ns, ch));
         for what in info.split(',').map(str::trim) {
             match what {
                 "subscription_count" => {
@@ -188,7 +189,7 @@ fn channels(shared: &PusherShared, ns: u16, prefix: Option<&str>, info: Option<&
             "info=user_count is only allowed with filter_by_prefix=presence-",
         );
     }
-    let key_prefix = protocol::route_key_string(ns, prefix);
+    let key_prefix = crate::engine::message::route_key_string(ns, prefix);
     let mut out = Map::new();
     for (key, c) in shared.registry.channels(&key_prefix) {
         let mut attrs = Map::new();
@@ -209,7 +210,7 @@ fn channel(shared: &PusherShared, ns: u16, name: &str, info: Option<&str>) -> An
     if wants("user_count") && kind != ChannelKind::Presence {
         return text(400, "info=user_count is only allowed for presence channels");
     }
-    let key = protocol::route_key_string(ns, name);
+    let key = crate::engine::message::route_key_string(ns, name);
     let c = shared.registry.channel(&key);
     let mut out = json!({ "occupied": c.is_some() });
     if let Some(c) = c {
@@ -229,7 +230,7 @@ fn users(shared: &PusherShared, ns: u16, name: &str) -> Answer {
         Ok(_) => return text(400, "users are only available for presence channels"),
         Err(e) => return text(400, format!("Invalid channel name {name}: {e}")),
     }
-    let key = protocol::route_key_string(ns, name);
+    let key = crate::engine::message::route_key_string(ns, name);
     let users: Vec<Value> = shared
         .registry
         .users(&key)

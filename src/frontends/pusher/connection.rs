@@ -17,9 +17,9 @@ use serde_json::json;
 use super::apps::{App, WebhookEvent};
 use super::wire::{self, ChannelKind, ClientMessage};
 use super::PusherShared;
+use crate::engine::message::{Message, PayloadKind};
 use crate::engine::shard::SubscribeError;
-use crate::engine::worker::Worker;
-use crate::frontends::native::protocol::{self, Published};
+use crate::runtime::worker::Worker;
 
 /// Close code when a ping went unanswered (Pusher 4201).
 pub const PONG_NOT_RECEIVED: u16 = 4201;
@@ -96,8 +96,18 @@ pub fn channel_of(key: &str) -> &str {
 
 /// A frame built by [`wire`] with its channel's place, ready for the
 /// fan-out in namespace `ns`.
-pub fn published(r: wire::Routed, ns: u16) -> Published {
-    Published::new(r.frame, r.channel_at as usize, r.channel_len as usize, ns)
+pub fn published(r: wire::Routed, ns: u16) -> Message {
+    let channel = r.channel_at as usize..r.channel_at as usize + r.channel_len as usize;
+    // Pusher namespaces hold Pusher subscribers only: no other encoding is
+    // ever built from this message, so where its data lies does not matter.
+    Message::new(
+        r.frame,
+        super::ENCODING,
+        channel,
+        0..0,
+        PayloadKind::Json,
+        ns,
+    )
 }
 
 fn pusher(worker: &Worker) -> &PusherShared {
@@ -109,13 +119,13 @@ fn pusher(worker: &Worker) -> &PusherShared {
 }
 
 fn push(worker: &Worker, key: usize, frame: Bytes) {
-    worker.shard.borrow_mut().push(key, frame);
+    worker.core.shard.borrow_mut().push(key, frame);
 }
 
 /// Handles one text message of a Pusher connection.
 pub fn handle_text(worker: &Worker, key: usize, text: &[u8], now_ms: u64) {
     {
-        let mut shard = worker.shard.borrow_mut();
+        let mut shard = worker.core.shard.borrow_mut();
         let Some(p) = shard.pusher_mut(key) else {
             return;
         };
@@ -168,7 +178,7 @@ fn subscribe(
     channel_data: Option<&str>,
 ) {
     let (app, ns, socket_id, user) = {
-        let mut shard = worker.shard.borrow_mut();
+        let mut shard = worker.core.shard.borrow_mut();
         let Some(p) = shard.pusher_mut(key) else {
             return;
         };
@@ -223,14 +233,11 @@ fn subscribe(
             }
         }
     }
-    let route = protocol::route_key_string(ns, channel);
+    let route = crate::engine::message::route_key_string(ns, channel);
     let shared = pusher(worker);
-    let interest = &worker.shared.interest;
-    let already = worker.shard.borrow().is_subscribed(key, &route);
+    let already = worker.core.shard.borrow().is_subscribed(key, &route);
     if !already {
-        if let Err(SubscribeError::TooMany(n)) =
-            worker.shard.borrow_mut().subscribe(key, &route, interest)
-        {
+        if let Err(SubscribeError::TooMany(n)) = worker.core.subscribe(key, &route) {
             let msg = format!("subscription limit of {n} channels reached");
             return fail("LimitReached", &msg, 403);
         }
@@ -251,6 +258,7 @@ fn subscribe(
         None => None,
         Some((user_id, user_info)) => {
             let joined_before = worker
+                .core
                 .shard
                 .borrow_mut()
                 .pusher_mut(key)
@@ -260,12 +268,12 @@ fn subscribe(
                 shared.registry.members(&route)
             } else {
                 let (first, members) = shared.registry.join(&route, &user_id, &user_info);
-                if let Some(p) = worker.shard.borrow_mut().pusher_mut(key) {
+                if let Some(p) = worker.core.shard.borrow_mut().pusher_mut(key) {
                     p.presence.push((channel.into(), user_id.clone().into()));
                 }
                 if first {
                     let frame = wire::member_added_routed(channel, &user_id, &user_info);
-                    worker.publish(published(frame, ns), Some(key));
+                    worker.core.publish(published(frame, ns), Some(key));
                     webhook(
                         worker,
                         &app,
@@ -294,7 +302,7 @@ fn subscribe(
 /// signin is refused as Pusher refuses it: error and close 4009.
 fn signin(worker: &Worker, key: usize, text: &[u8]) {
     let refuse = |msg: &str| {
-        let mut shard = worker.shard.borrow_mut();
+        let mut shard = worker.core.shard.borrow_mut();
         shard.push(key, wire::error(Some(4009), msg));
         shard.close(key, Some(4009), msg, false);
     };
@@ -306,7 +314,7 @@ fn signin(worker: &Worker, key: usize, text: &[u8]) {
     let (Some(auth), Some(user_data)) = (data["auth"].as_str(), data["user_data"].as_str()) else {
         return refuse("pusher:signin needs data.auth and data.user_data");
     };
-    let (app, socket_id) = match worker.shard.borrow_mut().pusher_mut(key) {
+    let (app, socket_id) = match worker.core.shard.borrow_mut().pusher_mut(key) {
         Some(p) => (p.app.clone(), p.socket_id.clone()),
         None => return,
     };
@@ -319,7 +327,7 @@ fn signin(worker: &Worker, key: usize, text: &[u8]) {
         serde_json::Value::Number(n) => n.to_string(),
         _ => return refuse("user_data must be a JSON object with an id"),
     };
-    if let Some(p) = worker.shard.borrow_mut().pusher_mut(key) {
+    if let Some(p) = worker.core.shard.borrow_mut().pusher_mut(key) {
         p.user = Some(id.into());
     }
     let data = json!({ "user_data": user_data }).to_string();
@@ -332,13 +340,12 @@ fn signin(worker: &Worker, key: usize, text: &[u8]) {
 }
 
 fn unsubscribe(worker: &Worker, key: usize, channel: &str) {
-    let ns = match worker.shard.borrow_mut().pusher_mut(key) {
+    let ns = match worker.core.shard.borrow_mut().pusher_mut(key) {
         Some(p) => p.ns,
         None => return,
     };
-    let route = protocol::route_key_string(ns, channel);
-    let interest = &worker.shared.interest;
-    if worker.shard.borrow_mut().unsubscribe(key, &route, interest) {
+    let route = crate::engine::message::route_key_string(ns, channel);
+    if worker.core.unsubscribe(key, &route) {
         left(worker, key, &route);
     }
 }
@@ -349,7 +356,7 @@ fn left(worker: &Worker, key: usize, route: &str) {
     let shared = pusher(worker);
     let channel = channel_of(route);
     let (app, ns, user) = {
-        let mut shard = worker.shard.borrow_mut();
+        let mut shard = worker.core.shard.borrow_mut();
         let Some(p) = shard.pusher_mut(key) else {
             return;
         };
@@ -363,7 +370,7 @@ fn left(worker: &Worker, key: usize, route: &str) {
     if let Some(user_id) = user {
         if shared.registry.leave(route, &user_id) {
             let frame = wire::member_removed_routed(channel, &user_id);
-            worker.publish(published(frame, ns), Some(key));
+            worker.core.publish(published(frame, ns), Some(key));
             webhook(
                 worker,
                 &app,
@@ -389,14 +396,17 @@ fn left(worker: &Worker, key: usize, route: &str) {
 
 fn client_event(worker: &Worker, key: usize, event: &str, channel: &str, data: &str) {
     let (app, ns, socket_id, user, allowed) = {
-        let mut shard = worker.shard.borrow_mut();
+        let mut shard = worker.core.shard.borrow_mut();
         let ns = match shard.pusher_mut(key) {
             Some(p) => p.ns,
             None => return,
         };
         // The routing key on the stack: no allocation per client event.
-        let mut buf = [0u8; protocol::MAX_KEY];
-        let subscribed = shard.is_subscribed(key, protocol::route_key(&mut buf, ns, channel));
+        let mut buf = [0u8; crate::engine::message::MAX_KEY];
+        let subscribed = shard.is_subscribed(
+            key,
+            crate::engine::message::route_key(&mut buf, ns, channel),
+        );
         let Some(p) = shard.pusher_mut(key) else {
             return;
         };
@@ -445,7 +455,7 @@ fn client_event(worker: &Worker, key: usize, event: &str, channel: &str, data: &
         return;
     }
     let frame = wire::event_frame_routed(event, channel, data, user.as_deref());
-    worker.publish(published(frame, ns), Some(key));
+    worker.core.publish(published(frame, ns), Some(key));
     // Built only when some webhook wants it: this is the client-event hot path.
     if pusher(worker).webhooks.is_some() && app.wants_webhook(WebhookEvent::ClientEvent) {
         let mut hook = json!({
@@ -474,14 +484,13 @@ fn webhook(worker: &Worker, app: &Arc<App>, kind: WebhookEvent, event: serde_jso
 /// Before a Pusher connection is removed: leaves every channel (presence
 /// members, occupancy, their events and webhooks).
 pub fn on_close(worker: &Worker, key: usize) {
-    let routes = worker.shard.borrow().subscriptions(key);
-    let interest = &worker.shared.interest;
+    let routes = worker.core.shard.borrow().subscriptions(key);
     for route in routes {
-        if worker.shard.borrow_mut().unsubscribe(key, &route, interest) {
+        if worker.core.unsubscribe(key, &route) {
             left(worker, key, &route);
         }
     }
-    let ns = worker.shard.borrow_mut().pusher_mut(key).map(|p| p.ns);
+    let ns = worker.core.shard.borrow_mut().pusher_mut(key).map(|p| p.ns);
     if let Some(ns) = ns {
         super::api::release(pusher(worker), ns);
     }
@@ -498,6 +507,7 @@ pub fn sweep(worker: &Worker, now_ms: u64) {
     let mut ping = Vec::new();
     let mut close = Vec::new();
     worker
+        .core
         .shard
         .borrow_mut()
         .each_pusher(|key, p| match p.pinged_at {
@@ -509,7 +519,7 @@ pub fn sweep(worker: &Worker, now_ms: u64) {
             }
             None => {}
         });
-    let mut shard = worker.shard.borrow_mut();
+    let mut shard = worker.core.shard.borrow_mut();
     for key in ping {
         shard.push(key, wire::ping());
     }
@@ -528,13 +538,13 @@ pub fn sweep(worker: &Worker, now_ms: u64) {
 /// that user on a presence channel.
 pub fn terminate_user(worker: &Worker, ns: u16, user_id: &str) {
     let mut keys = Vec::new();
-    worker.shard.borrow_mut().each_pusher(|key, p| {
+    worker.core.shard.borrow_mut().each_pusher(|key, p| {
         let signed_in = p.user.as_deref() == Some(user_id);
         if p.ns == ns && (signed_in || p.presence.iter().any(|(_, u)| &**u == user_id)) {
             keys.push(key);
         }
     });
-    let mut shard = worker.shard.borrow_mut();
+    let mut shard = worker.core.shard.borrow_mut();
     for key in keys {
         let frame = wire::error(Some(4009), "connection terminated by the app");
         shard.push(key, frame);

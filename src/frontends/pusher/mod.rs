@@ -22,10 +22,24 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use self::apps::Apps;
 use self::registry::Registry;
 use self::webhooks::Webhooks;
 use crate::config::Config;
+use crate::engine::message::{Encoding, Message};
+
+/// The Pusher protocol's encoding of published messages.
+pub const ENCODING: Encoding = Encoding(1);
+
+/// Pusher frames cannot be built from another protocol's messages: an
+/// event needs its name, which only the Pusher API or a client event
+/// gives. (Pusher channels live in their app's namespace, where no other
+/// protocol publishes.)
+pub fn encode(_: &Message) -> Option<Bytes> {
+    None
+}
 
 /// A request from one core to every core.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -5,7 +5,7 @@
 //! process, so a stale id never excludes a later connection.
 
 use crate::config::MAX_WORKERS;
-use crate::engine::worker::Shared;
+use crate::runtime::worker::Shared;
 
 /// A connection, as a socket id names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -8,7 +8,7 @@
 //! A frame that fans out (an event, `member_added`, `member_removed`) is
 //! encoded once into a WebSocket text frame ([`crate::transport::ws::frame`]) and shared;
 //! [`Routed`] also says where its channel name sits, like
-//! [`crate::frontends::native::protocol::Published`].
+//! [`crate::engine::message::Message`].
 //!
 //! Formats follow Pusher's protocol page and what pusher-js expects
 //! (`core/connection/protocol/protocol.ts` decodes `data` when it is a
@@ -599,7 +599,7 @@ pub fn subscription_error(channel: &str, kind: &str, error: &str, status: u16) -
 
 /// A frame that fans out to a channel's subscribers, encoded once, and
 /// where its channel name sits in it (the routing key; the same
-/// convention as [`crate::frontends::native::protocol::Published`]).
+/// convention as [`crate::engine::message::Message`]).
 #[derive(Debug, Clone)]
 pub struct Routed {
     pub frame: Bytes,

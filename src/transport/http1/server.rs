@@ -15,11 +15,11 @@ use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 
 use crate::auth::{self, AuthError, Grant};
-use crate::engine::worker::{Shared, Worker};
 use crate::frontends::native::protocol::{self, ErrorCode};
 use crate::frontends::pusher;
 use crate::integrations::authorizer::{self, Action, ConnAuthz, Decision};
 use crate::integrations::metrics::Format;
+use crate::runtime::worker::{Shared, Worker};
 use crate::session::{self, Mode};
 use crate::transport::http1::forwarded;
 use crate::transport::http1::head::{self, HttpError, RequestHead};
@@ -101,7 +101,7 @@ async fn send(stream: &mut TcpStream, bytes: Vec<u8>) -> bool {
 pub async fn serve(worker: Rc<Worker>, stream: TcpStream, peer: SocketAddr, site: Site) {
     let (ticket, evicted_other) = worker.pending.borrow_mut().admit();
     if evicted_other {
-        worker.stats.pending_evictions.inc();
+        worker.core.stats.pending_evictions.inc();
     }
     let evicted = poll_fn(|cx| worker.pending.borrow_mut().poll_evicted(ticket, cx));
     monoio::select! {
@@ -125,7 +125,7 @@ async fn serve_requests(worker: Rc<Worker>, mut stream: TcpStream, peer: SocketA
             }
             Err(_) => {
                 if !buf.is_empty() {
-                    worker.stats.request_timeouts.inc();
+                    worker.core.stats.request_timeouts.inc();
                     let e = HttpError::new(408, "request head not received in time");
                     send(&mut stream, head::error_response(&e)).await;
                 }
@@ -440,7 +440,7 @@ fn metrics_page(shared: &Shared, head: &RequestHead) -> (&'static str, Vec<u8>) 
     });
     shared
         .metrics
-        .set_gauges(shared.interest.channel_count(), per_app);
+        .set_gauges(shared.hub.interest.channel_count(), per_app);
     (
         format.content_type(),
         shared.metrics.render(format).into_bytes(),
@@ -495,8 +495,8 @@ async fn api(
                 return false;
             };
             keep = head.keep_alive() && !shared.is_shutting_down();
-            if shared.bus.congested(worker.id) {
-                shared.bus.wait_for_space(worker.id).await;
+            if worker.core.congested() {
+                worker.core.wait_for_space().await;
             }
             let (status, body) =
                 publish(worker, head, &buf[..len], head.path() == "/broadcast", peer).await;
@@ -520,8 +520,8 @@ async fn api(
                 return false;
             };
             keep = head.keep_alive() && !shared.is_shutting_down();
-            if shared.bus.congested(worker.id) {
-                shared.bus.wait_for_space(worker.id).await;
+            if worker.core.congested() {
+                worker.core.wait_for_space().await;
             }
             let query = head.query().unwrap_or("");
             let now = crate::engine::shard::unix_ms() / 1000;
@@ -577,7 +577,7 @@ async fn read_body(
         Ok(true) => Some(len),
         Ok(false) => None,
         Err(_) => {
-            worker.stats.request_timeouts.inc();
+            worker.core.stats.request_timeouts.inc();
             let e = HttpError::new(408, "request body not received in time");
             send(stream, head::error_response(&e)).await;
             None
@@ -597,8 +597,8 @@ async fn publish(
     peer: &str,
 ) -> (u16, Vec<u8>) {
     let shared = &worker.shared;
-    worker.stats.messages_in.inc();
-    worker.stats.bytes_in.add(body.len() as u64);
+    worker.core.stats.messages_in.inc();
+    worker.core.stats.bytes_in.add(body.len() as u64);
     if let (Some(authorizer), true) = (&worker.authorizer, shared.auth.is_open()) {
         let (channel, data) = match protocol::parse_http_publish(body, wsify) {
             Ok(parts) => parts,
@@ -610,7 +610,9 @@ async fn publish(
         shared.metrics.authorized("publish", decision.label());
         return match decision {
             Decision::Allow(_) => {
-                worker.publish(protocol::message_frame(&channel, data), None);
+                worker
+                    .core
+                    .publish(protocol::message_frame(&channel, data), None);
                 (202, br#"{"ok":true}"#.to_vec())
             }
             Decision::Deny(status) => {
@@ -641,6 +643,8 @@ async fn publish(
         let msg = format!("no write permission on channel {channel}");
         return json_error(ErrorCode::Forbidden, &msg);
     }
-    worker.publish(protocol::message_frame(&channel, data), None);
+    worker
+        .core
+        .publish(protocol::message_frame(&channel, data), None);
     (202, br#"{"ok":true}"#.to_vec())
 }

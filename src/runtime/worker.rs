@@ -1,9 +1,7 @@
-//! A worker is one reactor thread: its [`Shard`], its view of the shared
-//! state, and the publish path that ties the two together.
-//!
-//! [`Worker::publish`] is the whole fan-out: read the interest map, hand a
-//! clone of the encoded frame to each other interested core through the
-//! bus, then deliver to local subscribers.
+//! A worker is one reactor thread's context: its engine [`Core`], what its
+//! front-ends and integrations keep per core (the authorizer's client, the
+//! connections not yet upgraded, the read buffer), and the process-wide
+//! [`Shared`] state.
 
 use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -11,11 +9,8 @@ use std::sync::Arc;
 
 use crate::auth::Authenticator;
 use crate::config::Config;
-use crate::engine::bus::Bus;
-use crate::engine::interest::Interest;
-use crate::engine::shard::{Keepalive, Limits, Shard};
-use crate::engine::stats::CoreStats;
-use crate::frontends::native::protocol::Published;
+use crate::engine::core::{Core, Hub};
+use crate::engine::shard::{Keepalive, Limits};
 use crate::frontends::pusher::apps::Apps;
 use crate::frontends::pusher::webhooks::WebhookMetrics;
 use crate::frontends::pusher::PusherShared;
@@ -27,8 +22,8 @@ use crate::transport::http1::pending::Pending;
 pub struct Shared {
     pub config: Config,
     pub auth: Authenticator,
-    pub interest: Interest,
-    pub bus: Arc<Bus>,
+    /// The engine's node-wide part: interest map and cross-core queues.
+    pub hub: Arc<Hub>,
     pub metrics: Arc<Metrics>,
     /// WebSocket connections open across all workers (for MAX_CONNECTIONS).
     pub connections: AtomicUsize,
@@ -62,8 +57,11 @@ impl Shared {
         Arc::new(Shared {
             pusher,
             auth: Authenticator::new(config.secret.as_deref(), config.jwt_leeway),
-            interest: Interest::new(),
-            bus: Bus::new(workers, config.bus_capacity),
+            hub: Arc::new(Hub::new(
+                workers,
+                config.bus_capacity,
+                crate::frontends::ENCODERS,
+            )),
             metrics,
             connections: AtomicUsize::new(0),
             ready: AtomicUsize::new(0),
@@ -77,7 +75,7 @@ impl Shared {
     pub fn begin_shutdown(&self) {
         self.shutdown.store(true, Ordering::Release);
         for w in 0..self.workers {
-            self.bus.notify(w);
+            self.hub.bus.notify(w);
         }
     }
 
@@ -104,11 +102,11 @@ impl Shared {
 pub struct Worker {
     pub id: usize,
     pub shared: Arc<Shared>,
-    pub shard: RefCell<Shard>,
+    /// The engine of this core: its shard and its publish path.
+    pub core: Core,
     /// The read buffer every connection of this core reads into; a
     /// connection keeps bytes of its own only for a frame cut by a read.
     pub scratch: RefCell<Vec<u8>>,
-    pub stats: Arc<CoreStats>,
     /// This reactor's client of AUTHORIZER_URL (its own keep-alive pool).
     pub authorizer: Option<Authorizer>,
     /// Connections accepted here that have not upgraded (MAX_PENDING).
@@ -131,9 +129,8 @@ impl Worker {
         let stats = shared.metrics.core(id);
         Worker {
             id,
-            shard: RefCell::new(Shard::new(id, limits, stats.clone())),
+            core: Core::new(id, shared.hub.clone(), limits, stats),
             scratch: RefCell::new(vec![0; c.read_buffer_size]),
-            stats,
             authorizer: Authorizer::from_config(c, Some(shared.metrics.outgoing("authorizer"))),
             pending: RefCell::new(Pending::new(c.pending_per_worker())),
             next_connection: Cell::new(0),
@@ -147,56 +144,4 @@ impl Worker {
         self.next_connection.set(n);
         format!("{}.{n}", self.id)
     }
-
-    /// Publishes an encoded frame: to other interested cores through the
-    /// bus, then to local subscribers except `except`. The caller has
-    /// checked [`Bus::congested`] before decoding the message.
-    pub fn publish(&self, msg: Published, except: Option<usize>) {
-        self.stats.publishes.inc();
-        let ns = self.stats.namespace(msg.namespace());
-        if let Some(ns) = ns {
-            ns.published.inc();
-        }
-        let bus = &self.shared.bus;
-        let mut others = msg.with_key(|k| self.shared.interest.cores(k)) & !(1u64 << self.id);
-        while others != 0 {
-            let dst = others.trailing_zeros() as usize;
-            others &= others - 1;
-            if !bus.send(self.id, dst, msg.clone()) {
-                tracing::error!(
-                    worker = self.id,
-                    dst,
-                    "cross-core queue overflow: message dropped"
-                );
-            }
-        }
-        let mut shard = self.shard.borrow_mut();
-        let except = except.or_else(|| excluded(&shard, &msg, self.id));
-        let n = msg.with_key(|k| shard.deliver(k, &msg.frame, except));
-        if let Some(ns) = ns {
-            ns.delivered.add(n as u64);
-        }
-    }
-
-    /// Delivers frames other cores published, in batches. Returns whether
-    /// more are waiting.
-    pub fn drain_bus(&self, max: usize) -> bool {
-        let mut shard = self.shard.borrow_mut();
-        let (n, more) = self.shared.bus.drain(self.id, max, |msg| {
-            let except = excluded(&shard, &msg, self.id);
-            let n = msg.with_key(|k| shard.deliver(k, &msg.frame, except));
-            if let Some(ns) = self.stats.namespace(msg.namespace()) {
-                ns.delivered.add(n as u64);
-            }
-        });
-        self.stats.cross_core_in.add(n as u64);
-        more
-    }
-}
-
-/// The connection of this worker `msg` must skip, if it is still the one
-/// the exclusion named (same generation).
-fn excluded(shard: &Shard, msg: &Published, worker: usize) -> Option<usize> {
-    let (key, gen) = msg.except_on(worker)?;
-    shard.conn(key).filter(|c| c.gen == gen).map(|_| key)
 }

@@ -1,0 +1,272 @@
+//! A published message, as the engine moves it between cores and onto
+//! subscribers' queues.
+//!
+//! The publisher's front-end builds its own wire frame once (one buffer,
+//! the publisher's data spliced in) and says where the channel name and
+//! the data lie inside it; the engine never parses it. Subscribers that
+//! speak another encoding on the same channel (a wspubsub subscriber of a
+//! channel a native client publishes to) get a frame built from the same
+//! data by that encoding's [`Encoder`], **at most once per message**, on
+//! whichever core first needs it, and shared by every such subscriber on
+//! every core.
+//!
+//! The routing key (the channel, or `{namespace}#{channel}` for a
+//! namespace other than 0) is hashed once, when the message is made, with
+//! the one hasher every core's tables and the interest map use.
+
+use std::ops::Range;
+use std::sync::OnceLock;
+
+use bytes::Bytes;
+
+/// Longest channel name the engine routes, in bytes.
+pub const MAX_CHANNEL_LEN: usize = 255;
+/// Longest routing key: a namespace number, `#`, and a channel name.
+pub const MAX_KEY: usize = 6 + MAX_CHANNEL_LEN;
+/// Most encodings (wire formats) a node serves.
+pub const MAX_ENCODINGS: usize = 8;
+
+/// A wire format subscribers receive frames in: an index into the node's
+/// [`Encoder`]s, chosen by the front-ends when the node starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Encoding(pub u8);
+
+/// What kind of data the publisher sent, for encodings that must carry it
+/// differently (a JSON value spliced as it is, text, or bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PayloadKind {
+    /// One valid JSON value.
+    Json,
+    /// UTF-8 text, not necessarily JSON.
+    Text,
+    /// Arbitrary bytes.
+    Binary,
+}
+
+/// Builds the frame of one encoding for a message published in another
+/// (`None`: this encoding cannot carry it, and its subscribers skip it).
+pub type Encoder = fn(&Message) -> Option<Bytes>;
+
+/// A connection a message must not be delivered to, wherever it lives:
+/// worker, slot, generation.
+type Except = (u16, u32, u64);
+
+/// One published message. Crosses cores behind an `Arc`.
+#[derive(Debug)]
+pub struct Message {
+    frame: Bytes,
+    encoding: Encoding,
+    channel_at: u32,
+    channel_len: u8,
+    payload_at: u32,
+    payload_len: u32,
+    kind: PayloadKind,
+    namespace: u16,
+    hash: u64,
+    except: Option<Except>,
+    /// Frames of other encodings, built on first need.
+    others: [OnceLock<Option<Bytes>>; MAX_ENCODINGS],
+}
+
+impl Message {
+    /// A message whose `frame` (in `encoding`) holds the channel name at
+    /// `channel` and the publisher's data at `payload`.
+    pub fn new(
+        frame: Bytes,
+        encoding: Encoding,
+        channel: Range<usize>,
+        payload: Range<usize>,
+        kind: PayloadKind,
+        namespace: u16,
+    ) -> Message {
+        debug_assert!(channel.len() <= MAX_CHANNEL_LEN && channel.end <= frame.len());
+        debug_assert!(payload.end <= frame.len());
+        let mut m = Message {
+            frame,
+            encoding,
+            channel_at: channel.start as u32,
+            channel_len: channel.len() as u8,
+            payload_at: payload.start as u32,
+            payload_len: payload.len() as u32,
+            kind,
+            namespace,
+            hash: 0,
+            except: None,
+            others: Default::default(),
+        };
+        m.hash = m.with_key(route_hash);
+        m
+    }
+
+    /// The frame the publisher's front-end built.
+    pub fn frame(&self) -> &Bytes {
+        &self.frame
+    }
+
+    pub fn encoding(&self) -> Encoding {
+        self.encoding
+    }
+
+    /// The channel this message was published on.
+    pub fn channel(&self) -> &str {
+        let start = self.channel_at as usize;
+        let bytes = &self.frame[start..start + self.channel_len as usize];
+        // Channel names are validated ASCII before a frame is built.
+        std::str::from_utf8(bytes).unwrap_or("")
+    }
+
+    /// The publisher's data, as it sent it.
+    pub fn payload(&self) -> &[u8] {
+        let start = self.payload_at as usize;
+        &self.frame[start..start + self.payload_len as usize]
+    }
+
+    pub fn kind(&self) -> PayloadKind {
+        self.kind
+    }
+
+    /// 0 for herald's own channels, `n` for those of namespace `n` (a
+    /// Pusher app), which never meet.
+    pub fn namespace(&self) -> u16 {
+        self.namespace
+    }
+
+    /// The routing key's hash, computed once.
+    pub fn hash(&self) -> u64 {
+        self.hash
+    }
+
+    /// Excludes connection `slot` (generation `gen`) of `worker`.
+    pub fn set_except(&mut self, worker: u16, slot: u32, gen: u64) {
+        self.except = Some((worker, slot, gen));
+    }
+
+    /// The excluded connection if it lives on `worker`: (slot, generation).
+    pub fn except_on(&self, worker: usize) -> Option<(usize, u64)> {
+        self.except
+            .filter(|e| usize::from(e.0) == worker)
+            .map(|e| (e.1 as usize, e.2))
+    }
+
+    /// Calls `f` with the routing key (the channel itself in namespace 0,
+    /// no copy; see [`route_key`] otherwise).
+    pub fn with_key<R>(&self, f: impl FnOnce(&str) -> R) -> R {
+        if self.namespace == 0 {
+            return f(self.channel());
+        }
+        let mut buf = [0u8; MAX_KEY];
+        f(route_key(&mut buf, self.namespace, self.channel()))
+    }
+
+    /// The frame for subscribers in `encoding`: the publisher's own, or one
+    /// built by `encoders[encoding]` the first time any core asks.
+    pub fn frame_for(&self, encoding: Encoding, encoders: &[Encoder]) -> Option<Bytes> {
+        if encoding == self.encoding {
+            return Some(self.frame.clone());
+        }
+        let i = usize::from(encoding.0);
+        let cell = self.others.get(i)?;
+        cell.get_or_init(|| encoders.get(i).and_then(|encode| encode(self)))
+            .clone()
+    }
+}
+
+/// The hasher of routing keys: random per process (keys come from
+/// clients), the same on every core.
+fn hasher() -> &'static ahash::RandomState {
+    static HASHER: OnceLock<ahash::RandomState> = OnceLock::new();
+    HASHER.get_or_init(ahash::RandomState::new)
+}
+
+/// The hash of a routing key, as every table of the engine computes it.
+pub fn route_hash(key: &str) -> u64 {
+    hasher().hash_one(key)
+}
+
+/// Writes the routing key of `channel` in `namespace` (> 0) into `buf`:
+/// `{namespace}#{channel}`. `#` is not allowed in any protocol's channel
+/// names (but for Pusher's `#server-to-user-`, which splits on the first
+/// `#`), so namespaces never collide with each other or with namespace 0.
+pub fn route_key<'a>(buf: &'a mut [u8; MAX_KEY], namespace: u16, channel: &str) -> &'a str {
+    use std::io::Write;
+    let mut cur = std::io::Cursor::new(&mut buf[..]);
+    let _ = write!(cur, "{namespace}#");
+    let at = cur.position() as usize;
+    let n = channel.len().min(MAX_KEY - at);
+    buf[at..at + n].copy_from_slice(&channel.as_bytes()[..n]);
+    // Digits, `#` and a validated ASCII channel name.
+    std::str::from_utf8(&buf[..at + n]).unwrap_or("")
+}
+
+/// The routing key of `channel` in `namespace`, as an owned string.
+pub fn route_key_string(namespace: u16, channel: &str) -> String {
+    if namespace == 0 {
+        return channel.to_string();
+    }
+    format!("{namespace}#{channel}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A frame `<channel>|<payload>` standing in for a front-end's.
+    fn message(channel: &str, payload: &str, ns: u16) -> Message {
+        let frame = Bytes::from(format!("{channel}|{payload}"));
+        let c = 0..channel.len();
+        let p = channel.len() + 1..frame.len();
+        Message::new(frame, Encoding(0), c, p, PayloadKind::Text, ns)
+    }
+
+    fn upper(m: &Message) -> Option<Bytes> {
+        Some(Bytes::from(
+            String::from_utf8_lossy(m.payload()).to_uppercase(),
+        ))
+    }
+
+    fn never(_: &Message) -> Option<Bytes> {
+        None
+    }
+
+    #[test]
+    fn parts_and_keys() {
+        let m = message("room", "hello", 0);
+        assert_eq!(m.channel(), "room");
+        assert_eq!(m.payload(), b"hello");
+        assert_eq!(m.hash(), route_hash("room"));
+        m.with_key(|k| assert_eq!(k, "room"));
+        let m = message("room", "x", 3);
+        m.with_key(|k| assert_eq!(k, "3#room"));
+        assert_eq!(m.hash(), route_hash("3#room"));
+        assert_eq!(route_key_string(3, "room"), "3#room");
+        assert_eq!(route_key_string(0, "room"), "room");
+    }
+
+    #[test]
+    fn other_encodings_are_built_once_and_shared() {
+        let encoders: [Encoder; 3] = [upper, upper, never];
+        let m = message("room", "hello", 0);
+        let own = m.frame_for(Encoding(0), &encoders).unwrap();
+        assert_eq!(
+            own.as_ptr(),
+            m.frame().as_ptr(),
+            "the publisher's frame itself"
+        );
+        let a = m.frame_for(Encoding(1), &encoders).unwrap();
+        let b = m.frame_for(Encoding(1), &encoders).unwrap();
+        assert_eq!(&a[..], b"HELLO");
+        assert_eq!(a.as_ptr(), b.as_ptr(), "built once, then shared");
+        assert_eq!(m.frame_for(Encoding(2), &encoders), None);
+        assert_eq!(m.frame_for(Encoding(7), &encoders), None, "no such encoder");
+        assert_eq!(m.frame_for(Encoding(9), &encoders), None);
+    }
+
+    #[test]
+    fn exclusion_names_one_connection_on_one_worker() {
+        let mut m = message("room", "x", 0);
+        assert_eq!(m.except_on(0), None);
+        m.set_except(1, 5, 9);
+        assert_eq!(m.except_on(0), None);
+        assert_eq!(m.except_on(1), Some((5, 9)));
+    }
+}
