@@ -9,12 +9,12 @@ use std::hint::black_box;
 use std::task::{Context, Waker};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use herald::auth::Grant;
 use herald::engine::bus::Bus;
 use herald::engine::interest::Interest;
-use herald::engine::shard::{Batch, Keepalive, Limits, Shard};
+use herald::engine::shard::{Keepalive, Limits, Shard};
 use herald::engine::stats::CoreStats;
 use herald::frontends::native::protocol::{message_frame, parse_request};
+use herald::transport::tcp::Batch;
 use herald::transport::ws::codec::{apply_mask, Decoder};
 
 fn limits() -> Limits {
@@ -23,8 +23,8 @@ fn limits() -> Limits {
         max_subscriptions: 1 << 20,
         close_timeout_ms: 5000,
         publish_rate: 0,
-        jwt_leeway: 0,
         keepalive: Keepalive::off(),
+        closes: herald::runtime::worker::CLOSES,
     }
 }
 
@@ -102,11 +102,7 @@ fn channel_table(c: &mut Criterion) {
     let keys: Vec<usize> = (0..1000)
         .map(|_| {
             shard
-                .open(
-                    -1,
-                    Grant::open(),
-                    herald::frontends::native::protocol::ENCODING,
-                )
+                .open(-1, herald::frontends::native::protocol::ENCODING, 1001)
                 .0
         })
         .collect();
@@ -161,13 +157,7 @@ fn fanout(c: &mut Criterion) {
             herald::frontends::ENCODERS,
         );
         let conns: Vec<(usize, u64)> = (0..n)
-            .map(|_| {
-                shard.open(
-                    -1,
-                    Grant::open(),
-                    herald::frontends::native::protocol::ENCODING,
-                )
-            })
+            .map(|_| shard.open(-1, herald::frontends::native::protocol::ENCODING, 1001))
             .collect();
         for &(k, _) in &conns {
             shard.subscribe(k, "room", &interest).ok();

@@ -7,20 +7,23 @@
 //!
 //! - [`runtime`]: start-up, listeners, signals, each core's reactor and its
 //!   timers.
-//! - [`transport`]: bytes on the wire: HTTP/1.1 ([`transport::http1`]:
-//!   request heads, the request loop, the outgoing client) and WebSocket
-//!   framing ([`transport::ws`]). The only layer that touches sockets.
+//! - [`transport`]: bytes on the wire: a connection's socket halves and
+//!   write batches ([`transport::tcp`]), HTTP/1.1 ([`transport::http1`]:
+//!   request heads, the router, the outgoing client) and WebSocket framing
+//!   ([`transport::ws`]). The only layer that touches sockets.
 //! - [`engine`]: channels, subscribers, the fan-out and the bus between
 //!   cores; it moves encoded frames and knows no protocol.
-//! - [`session`]: one WebSocket connection's reader and writer.
-//! - [`frontends`]: the protocols: herald's own ([`frontends::native`]) and
-//!   Pusher Channels ([`frontends::pusher`]).
+//! - [`session`]: one WebSocket connection's reader and writer, generic
+//!   over the front-end that interprets its messages.
+//! - [`frontends`]: the protocols, each an endpoint the router hands its
+//!   paths to: herald's own ([`frontends::native`]), the conformance echo
+//!   and Pusher Channels ([`frontends::pusher`]).
 //! - [`integrations`]: the authorizer webhook and the metrics.
 //! - [`auth`] (tokens and permission patterns), [`config`], [`cli`] (the
 //!   command-line client).
 //!
 //! The hot path: the [`session`] reads and decodes a frame, the front-end
-//! applies a publish, [`engine::core::Core::publish`] hands the one
+//! ([`frontends::native::session`]) applies a publish, [`engine::core::Core::publish`] hands the one
 //! encoded frame to the [`engine::bus`] and to
 //! [`engine::shard::Shard::deliver`], which queues a refcounted clone per
 //! subscriber; each subscriber's writer takes its queue in

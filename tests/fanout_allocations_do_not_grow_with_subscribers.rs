@@ -12,11 +12,10 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::task::{Context, Waker};
 
-use herald::auth::Grant;
 use herald::config::Config;
-use herald::engine::shard::Batch;
 use herald::frontends::native::protocol::message_frame;
 use herald::runtime::worker::{Shared, Worker};
+use herald::transport::tcp::Batch;
 
 struct Counting;
 
@@ -58,11 +57,11 @@ fn allocations_per_publish(n: usize) -> usize {
     let mut conns = Vec::new();
     for i in 0..n {
         let w = &workers[i % 2];
-        let (key, gen) = w.core.shard.borrow_mut().open(
-            -1,
-            Grant::open(),
-            herald::frontends::native::protocol::ENCODING,
-        );
+        let (key, gen) =
+            w.core
+                .shard
+                .borrow_mut()
+                .open(-1, herald::frontends::native::protocol::ENCODING, 1001);
         w.core
             .shard
             .borrow_mut()

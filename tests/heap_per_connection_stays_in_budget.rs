@@ -2,7 +2,7 @@
 //! RSS noise): the real server runs in this process, and a counting
 //! allocator adds up what its worker threads hold. An idle WebSocket
 //! connection (its tasks, its record in the shard, its socket state)
-//! subscribed to a channel of its own may hold at most 1,536 bytes of heap,
+//! subscribed to a channel of its own may hold at most 1,280 bytes of heap,
 //! which with the allocator's own overhead keeps it under the 2 KiB of RSS
 //! tuning.md promises; a channel may cost at most 100 bytes in a shard's
 //! table (tests/../src/shard.rs budgets the record itself).
@@ -16,7 +16,6 @@ use std::net::TcpListener;
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::{Duration, Instant};
 
-use herald::auth::Grant;
 use herald::config::Config;
 use herald::engine::interest::Interest;
 use herald::engine::shard::{Keepalive, Limits, Shard};
@@ -24,7 +23,7 @@ use herald::engine::stats::CoreStats;
 use tungstenite::Message;
 
 /// Heap budget of an idle connection on its own channel.
-const BUDGET: isize = 1536;
+const BUDGET: isize = 1280;
 /// Heap budget of a channel in one shard's table.
 const CHANNEL_BUDGET: isize = 100;
 
@@ -183,8 +182,8 @@ fn shard() -> Shard {
             max_subscriptions: 16,
             close_timeout_ms: 1000,
             publish_rate: 0,
-            jwt_leeway: 0,
             keepalive: Keepalive::off(),
+            closes: herald::runtime::worker::CLOSES,
         },
         std::sync::Arc::new(CoreStats::new(1)),
         herald::frontends::ENCODERS,
@@ -198,12 +197,8 @@ fn table_bytes_per_channel(n: usize, own: bool) -> f64 {
     let mut s = shard();
     let keys: Vec<usize> = (0..n)
         .map(|_| {
-            s.open(
-                -1,
-                Grant::open(),
-                herald::frontends::native::protocol::ENCODING,
-            )
-            .0
+            s.open(-1, herald::frontends::native::protocol::ENCODING, 1001)
+                .0
         })
         .collect();
     let names: Vec<String> = (0..n)

@@ -80,8 +80,8 @@ impl Core {
     }
 
     /// Waits until no queue towards another core is full.
-    pub async fn wait_for_space(&self) {
-        self.hub.bus.wait_for_space(self.id).await
+    pub fn wait_for_space(&self) -> impl std::future::Future<Output = ()> + '_ {
+        self.hub.bus.wait_for_space(self.id)
     }
 
     /// Publishes `msg`: to other interested cores through the bus, then to

@@ -9,7 +9,6 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
-use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
@@ -17,17 +16,13 @@ use std::time::Instant;
 
 use std::num::NonZeroU64;
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 
-use crate::auth::Grant;
 use crate::engine::interest::Interest;
 use hashbrown::HashTable;
 
 use crate::engine::message::{route_hash, Encoder, Encoding, Message, MAX_ENCODINGS};
 use crate::engine::stats::CoreStats;
-use crate::frontends::pusher::connection::PusherConn;
-use crate::integrations::authorizer::ConnAuthz;
-use crate::transport::ws::frame;
 
 use crate::engine::slots::Slots;
 use crate::engine::subscribers::{ConnSubs, Subscribers};
@@ -42,9 +37,30 @@ pub struct Limits {
     pub max_subscriptions: usize,
     pub close_timeout_ms: u64,
     pub publish_rate: u64,
-    pub jwt_leeway: u64,
     /// Server pings (protocol.md 1.1 "Keep-alive"), in sweeps.
     pub keepalive: Keepalive,
+    /// How the closes the engine decides itself are written.
+    pub closes: Closes,
+}
+
+/// The frames and codes of the closes the engine starts on its own (a
+/// slow consumer, a silent peer, an authorization that expired): the
+/// transport's framing and the wire protocol's codes, handed in by the
+/// runtime so the engine depends on neither.
+#[derive(Debug, Clone, Copy)]
+pub struct Closes {
+    /// A close frame with an optional code and a reason.
+    pub frame: fn(Option<u16>, &str) -> Bytes,
+    /// A keep-alive probe.
+    pub ping: fn() -> Bytes,
+    /// Code and reason for a connection whose queue passed its limit.
+    pub slow_consumer: (u16, &'static str),
+    /// Code and reason for a peer silent after a ping.
+    pub ping_timeout: (u16, &'static str),
+    /// Code and reason for a connection whose authorization expired.
+    pub expired: (u16, &'static str),
+    /// Cuts a connection now (both ways), given its transport handle.
+    pub cut: fn(i32),
 }
 
 /// When the idle sweep pings and gives up, counted in sweeps of the
@@ -100,7 +116,12 @@ pub struct Conn {
     pub gen: u64,
     /// The wire format its front-end reads published messages in.
     encoding: Encoding,
-    fd: RawFd,
+    /// The close code its front-end sends when the server shuts down.
+    shutdown_code: u16,
+    /// When its authorization expires (Unix ms), if it does.
+    expires: Option<NonZeroU64>,
+    /// The transport's handle to cut the connection with ([`Closes::cut`]).
+    handle: i32,
     /// Frames not yet handed to the writer.
     queue: VecDeque<Bytes>,
     /// Bytes in `queue`.
@@ -122,16 +143,10 @@ pub struct Conn {
     last_seen: u32,
     /// The sweep that sent an unanswered ping (0: none pending).
     pinged_at: u32,
-    pub grant: Arc<Grant>,
     /// Channels this connection is subscribed to.
     subs: ConnSubs,
     /// Only with PUBLISH_RATE: boxed, so connections without pay nothing.
     bucket: Option<Box<Bucket>>,
-    /// What the authorizer webhook needs to know of this connection (only
-    /// when AUTHORIZE sends more than `connect`).
-    pub authz: Option<Box<ConnAuthz>>,
-    /// A Pusher-protocol connection's state (app, socket id, presence).
-    pub pusher: Option<Box<PusherConn>>,
 }
 
 impl Conn {
@@ -141,123 +156,15 @@ impl Conn {
     }
 }
 
-/// Frames taken from a connection's queue for one write. Owns the `Bytes`
-/// (so io_uring may hold their pointers) and, for two frames or more, the
-/// iovec array of a vectored write. A single frame (the common case at low
-/// rates) is held apart and needs neither array, so an idle connection's
-/// writer holds no allocation at all.
-pub struct Batch {
-    one: Option<Bytes>,
-    bufs: VecDeque<Bytes>,
-    iov: Vec<libc::iovec>,
-    bytes: usize,
-}
-
-impl Default for Batch {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Batch {
-    pub fn new() -> Self {
-        Batch {
-            one: None,
-            bufs: VecDeque::new(),
-            iov: Vec::new(),
-            bytes: 0,
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.one.is_none() && self.bufs.is_empty()
-    }
-
+/// Where a connection's writer takes its frames for one write (the
+/// transport's write batch): the engine hands over refcounted frames and
+/// never sees how they are written.
+pub trait FrameSink {
     /// Frames held.
-    fn frames(&self) -> usize {
-        usize::from(self.one.is_some()) + self.bufs.len()
-    }
-
-    /// Bytes still to write.
-    pub fn len(&self) -> usize {
-        self.bytes
-    }
-
-    fn push(&mut self, b: Bytes) {
-        self.bytes += b.len();
-        if self.bufs.is_empty() && self.one.is_none() {
-            self.one = Some(b);
-            return;
-        }
-        if let Some(first) = self.one.take() {
-            self.bufs.push_back(first);
-        }
-        self.bufs.push_back(b);
-    }
-
-    /// Rebuilds the iovec array; call before handing the batch to a write.
-    pub fn prepare(&mut self) {
-        self.iov.clear();
-        self.iov.extend(self.bufs.iter().map(|b| libc::iovec {
-            iov_base: b.as_ptr() as *mut libc::c_void,
-            iov_len: b.len(),
-        }));
-    }
-
-    /// Drops what a write of `n` bytes sent.
-    pub fn advance(&mut self, mut n: usize) {
-        self.bytes -= n;
-        if let Some(one) = self.one.as_mut() {
-            if one.len() <= n {
-                self.one = None;
-            } else {
-                one.advance(n);
-            }
-            return;
-        }
-        while n > 0 {
-            let Some(front) = self.bufs.front_mut() else {
-                break;
-            };
-            if front.len() <= n {
-                n -= front.len();
-                self.bufs.pop_front();
-            } else {
-                front.advance(n);
-                n = 0;
-            }
-        }
-    }
-
-    /// Takes the batch's only frame out, for a plain `send` (no iovec to
-    /// import); `restore` puts back what was not written.
-    pub fn take_single(&mut self) -> Option<Bytes> {
-        self.one.take()
-    }
-
-    /// Puts back the frame [`Batch::take_single`] took.
-    pub fn restore(&mut self, b: Bytes) {
-        self.one = Some(b);
-    }
-
-    /// Frees the buffers of an empty batch (its writer is going idle).
-    pub fn release(&mut self) {
-        if self.is_empty() && (self.bufs.capacity() > 0 || self.iov.capacity() > 0) {
-            *self = Batch::new();
-        }
-    }
-}
-
-// SAFETY: `iov` points into the `Bytes` in `bufs`, whose heap data never
-// moves while the batch is owned by the runtime; `prepare` keeps the two in
-// step and nothing changes `bufs` while a write is in flight.
-unsafe impl monoio::buf::IoVecBuf for Batch {
-    fn read_iovec_ptr(&self) -> *const libc::iovec {
-        self.iov.as_ptr()
-    }
-    fn read_iovec_len(&self) -> usize {
-        self.iov.len()
-    }
+    fn frames(&self) -> usize;
+    /// Bytes held.
+    fn bytes(&self) -> usize;
+    fn push(&mut self, frame: Bytes);
 }
 
 /// Why a subscribe was refused.
@@ -329,14 +236,6 @@ pub fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Shuts a socket down both ways: pending reads return EOF, writes fail.
-fn cut_socket(fd: RawFd) {
-    // SAFETY: `fd` belongs to a connection still in the slab, so it is open.
-    unsafe {
-        libc::shutdown(fd, libc::SHUT_RDWR);
-    }
-}
-
 impl Shard {
     pub fn new(
         id: usize,
@@ -376,8 +275,10 @@ impl Shard {
         self.conns.get_mut(key).filter(|c| c.gen == gen)
     }
 
-    /// Registers a new connection; returns its slot and generation.
-    pub fn open(&mut self, fd: RawFd, grant: Arc<Grant>, encoding: Encoding) -> (usize, u64) {
+    /// Registers a new connection whose front-end reads `encoding` and
+    /// closes with `shutdown_code` when the server stops; returns its slot
+    /// and generation.
+    pub fn open(&mut self, handle: i32, encoding: Encoding, shutdown_code: u16) -> (usize, u64) {
         let gen = self.next_gen;
         self.next_gen += 1;
         let bucket = (self.limits.publish_rate > 0).then(|| {
@@ -386,11 +287,12 @@ impl Shard {
                 last: Instant::now(),
             })
         });
-        let exp = grant.exp;
         let key = self.conns.insert(Conn {
             gen,
             encoding,
-            fd,
+            shutdown_code,
+            expires: None,
+            handle,
             queue: VecDeque::new(),
             queued: 0,
             inflight: 0,
@@ -400,33 +302,12 @@ impl Shard {
             cut: false,
             last_seen: self.sweep,
             pinged_at: 0,
-            grant,
             subs: ConnSubs::None,
             bucket,
-            authz: None,
-            pusher: None,
         });
-        self.schedule_expiry(key, gen, exp);
         self.stats.connections.inc();
         self.churn += 1;
         (key, gen)
-    }
-
-    /// The connection's authorizer state, if it has one.
-    pub fn authz_mut(&mut self, key: usize) -> Option<&mut ConnAuthz> {
-        self.conns.get_mut(key)?.authz.as_deref_mut()
-    }
-
-    /// The connection's Pusher state, if it speaks the Pusher protocol.
-    pub fn pusher_mut(&mut self, key: usize) -> Option<&mut PusherConn> {
-        self.conns.get_mut(key)?.pusher.as_deref_mut()
-    }
-
-    /// Makes `key` a Pusher connection.
-    pub fn set_pusher(&mut self, key: usize, state: PusherConn) {
-        if let Some(c) = self.conns.get_mut(key) {
-            c.pusher = Some(Box::new(state));
-        }
     }
 
     /// Is `key` subscribed to `channel`?
@@ -453,30 +334,14 @@ impl Shard {
             .unwrap_or_default()
     }
 
-    /// Calls `f` on every connection's Pusher state (for the idle sweep).
-    pub fn each_pusher(&mut self, mut f: impl FnMut(usize, &mut PusherConn)) {
-        for (key, conn) in self.conns.iter_mut() {
-            if conn.closing.is_none() {
-                if let Some(p) = conn.pusher.as_deref_mut() {
-                    f(key, p);
-                }
-            }
-        }
-    }
-
-    /// Attaches the authorizer state of a connection just opened.
-    pub fn set_authz(&mut self, key: usize, authz: Option<Box<ConnAuthz>>) {
-        if let Some(c) = self.conns.get_mut(key) {
-            c.authz = authz;
-        }
-    }
-
-    fn schedule_expiry(&mut self, key: usize, gen: u64, exp: Option<u64>) {
-        if let Some(exp) = exp {
-            let at = exp
-                .saturating_add(self.limits.jwt_leeway)
-                .saturating_mul(1000)
-                + 1;
+    /// Sets when `key`'s authorization expires (Unix ms; `None`: never).
+    /// Past it, the connection is closed with [`Closes::expired`].
+    pub fn set_expiry(&mut self, key: usize, gen: u64, at_ms: Option<u64>) {
+        let Some(conn) = self.conn_mut(key, gen) else {
+            return;
+        };
+        conn.expires = at_ms.and_then(NonZeroU64::new);
+        if let Some(at) = at_ms {
             self.timers.push(Reverse((at, key, gen)));
         }
     }
@@ -572,32 +437,6 @@ impl Shard {
         true
     }
 
-    /// Replaces a connection's permissions; unsubscribes (and notifies) each
-    /// channel it may no longer read.
-    pub fn reauthorize(&mut self, key: usize, grant: Arc<Grant>, interest: &Interest) {
-        let Some(conn) = self.conns.get_mut(key) else {
-            return;
-        };
-        let gen = conn.gen;
-        let exp = grant.exp;
-        let lost: Vec<Rc<str>> = conn
-            .subs
-            .as_slice()
-            .iter()
-            .filter(|c| !grant.read.allows(c))
-            .cloned()
-            .collect();
-        conn.grant = grant;
-        for channel in lost {
-            self.unsubscribe(key, &channel, interest);
-            self.push(
-                key,
-                crate::frontends::native::protocol::unsubscribed(&channel, None),
-            );
-        }
-        self.schedule_expiry(key, gen, exp);
-    }
-
     /// Takes one publish token; false when the connection is over its rate.
     pub fn take_publish_token(&mut self, key: usize) -> bool {
         let rate = self.limits.publish_rate as f64;
@@ -629,12 +468,8 @@ impl Shard {
         }
         if over_limit(conn, frame.len(), limit) {
             self.stats.slow_consumer_closes.inc();
-            self.close(
-                key,
-                Some(4008),
-                "slow consumer: send queue limit reached",
-                true,
-            );
+            let (code, reason) = self.limits.closes.slow_consumer;
+            self.close(key, Some(code), reason, true);
             return;
         }
         conn.queued += frame.len();
@@ -692,14 +527,10 @@ impl Shard {
             }
             delivered += 1;
         }
+        let (code, reason) = self.limits.closes.slow_consumer;
         for key in overflowed {
             self.stats.slow_consumer_closes.inc();
-            self.close(
-                key,
-                Some(4008),
-                "slow consumer: send queue limit reached",
-                true,
-            );
+            self.close(key, Some(code), reason, true);
         }
         self.stats.messages_out.add(delivered as u64);
         delivered
@@ -732,7 +563,7 @@ impl Shard {
             conn.queue.clear();
             conn.queued = 0;
         }
-        let f = frame::close(code, reason);
+        let f = (self.limits.closes.frame)(code, reason);
         conn.queued += f.len();
         conn.queue.push_back(f);
         conn.closing = NonZeroU64::new(deadline.max(1));
@@ -761,10 +592,11 @@ impl Shard {
 
     /// Cuts the socket of `key` now.
     pub fn cut(&mut self, key: usize, gen: u64) {
+        let cut = self.limits.closes.cut;
         if let Some(conn) = self.conn_mut(key, gen) {
             if !conn.cut {
                 conn.cut = true;
-                cut_socket(conn.fd);
+                cut(conn.handle);
             }
             if let Some(w) = conn.writer.take() {
                 w.wake();
@@ -779,7 +611,7 @@ impl Shard {
         &mut self,
         key: usize,
         gen: u64,
-        batch: &mut Batch,
+        batch: &mut impl FrameSink,
         max_bytes: usize,
         cx: &mut Context<'_>,
     ) -> Poll<bool> {
@@ -791,7 +623,7 @@ impl Shard {
         }
         while let Some(front) = conn.queue.front() {
             if batch.frames() >= MAX_IOV
-                || (batch.bytes > 0 && batch.bytes + front.len() > max_bytes)
+                || (batch.bytes() > 0 && batch.bytes() + front.len() > max_bytes)
             {
                 break;
             }
@@ -804,7 +636,7 @@ impl Shard {
         if conn.queue.is_empty() && conn.queue.capacity() > 64 {
             conn.queue = VecDeque::new();
         }
-        if !batch.is_empty() {
+        if batch.frames() > 0 {
             return Poll::Ready(true);
         }
         if conn.closing.is_some() {
@@ -865,15 +697,16 @@ impl Shard {
             }
         }
         if !ping.is_empty() {
-            let frame = frame::ping();
+            let frame = (self.limits.closes.ping)();
             self.stats.pings_sent.add(ping.len() as u64);
             for key in ping {
                 self.push(key, frame.clone());
             }
         }
+        let (code, reason) = self.limits.closes.ping_timeout;
         for key in dead {
             self.stats.ping_timeouts.inc();
-            self.close(key, Some(1001), "ping timeout", true);
+            self.close(key, Some(code), reason, true);
         }
     }
 
@@ -885,7 +718,6 @@ impl Shard {
                 break;
             }
             self.timers.pop();
-            let leeway = self.limits.jwt_leeway;
             let Some(conn) = self.conn_mut(key, gen) else {
                 continue;
             };
@@ -893,31 +725,28 @@ impl Shard {
                 Some(deadline) if deadline <= now => self.cut(key, gen),
                 Some(_) => {}
                 None => {
-                    let expired = conn
-                        .grant
-                        .exp
-                        .is_some_and(|exp| now > exp.saturating_add(leeway).saturating_mul(1000));
-                    if expired {
+                    // A timer of an expiry that was since replaced (a fresh
+                    // token) finds the new one still ahead.
+                    if conn.expires.is_some_and(|at| at.get() <= now) {
                         self.stats.expired_closes.inc();
-                        self.close(key, Some(4001), "token expired", false);
+                        let (code, reason) = self.limits.closes.expired;
+                        self.close(key, Some(code), reason, false);
                     }
                 }
             }
         }
     }
 
-    /// Closes every connection with 1001 (Pusher ones with 4200) after what
-    /// is queued (shutdown).
-    pub fn close_all(&mut self, deadline: u64) {
-        let keys: Vec<(usize, bool)> = self
+    /// Closes every connection, each with its front-end's shutdown code,
+    /// after what is queued (shutdown).
+    pub fn close_all(&mut self, deadline: u64, reason: &str) {
+        let keys: Vec<(usize, u16)> = self
             .conns
             .iter()
-            .map(|(k, c)| (k, c.pusher.is_some()))
+            .map(|(k, c)| (k, c.shutdown_code))
             .collect();
-        for (key, pusher) in keys {
-            // Pusher clients reconnect at once on 4200 ("generic reconnect").
-            let code = if pusher { 4200 } else { 1001 };
-            self.close_with_deadline(key, Some(code), "server shutting down", false, deadline);
+        for (key, code) in keys {
+            self.close_with_deadline(key, Some(code), reason, false, deadline);
         }
     }
 
@@ -972,6 +801,30 @@ mod tests {
     }
     use std::task::Waker;
 
+    /// Close frames as the tests read them: `[0x88, len, code, reason]`.
+    fn close_frame(code: Option<u16>, reason: &str) -> Bytes {
+        let mut f = vec![0x88, 0];
+        if let Some(c) = code {
+            f.extend_from_slice(&c.to_be_bytes());
+            f.extend_from_slice(reason.as_bytes());
+        }
+        f[1] = (f.len() - 2) as u8;
+        Bytes::from(f)
+    }
+
+    fn ping() -> Bytes {
+        Bytes::from_static(&[0x89, 0])
+    }
+
+    const CLOSES: Closes = Closes {
+        frame: close_frame,
+        ping,
+        slow_consumer: (4008, "slow consumer"),
+        ping_timeout: (1001, "ping timeout"),
+        expired: (4001, "token expired"),
+        cut: |_| {},
+    };
+
     fn shard(limit: usize) -> Shard {
         Shard::new(
             0,
@@ -980,30 +833,46 @@ mod tests {
                 max_subscriptions: 3,
                 close_timeout_ms: 1000,
                 publish_rate: 0,
-                jwt_leeway: 0,
                 keepalive: Keepalive {
                     ping_after: 2,
                     close_after: 2,
                     sweep_ms: 1000,
                 },
+                closes: CLOSES,
             },
             Arc::new(CoreStats::new(1)),
             &[],
         )
     }
 
+    /// A write batch that only collects.
+    #[derive(Default)]
+    struct Sink(Vec<Bytes>);
+
+    impl FrameSink for Sink {
+        fn frames(&self) -> usize {
+            self.0.len()
+        }
+        fn bytes(&self) -> usize {
+            self.0.iter().map(Bytes::len).sum()
+        }
+        fn push(&mut self, frame: Bytes) {
+            self.0.push(frame);
+        }
+    }
+
     fn drain(s: &mut Shard, key: usize, gen: u64) -> Vec<Bytes> {
-        let mut batch = Batch::new();
+        let mut batch = Sink::default();
         let mut cx = Context::from_waker(Waker::noop());
         let _ = s.fill(key, gen, &mut batch, usize::MAX, &mut cx);
-        batch.one.into_iter().chain(batch.bufs).collect()
+        batch.0
     }
 
     #[test]
     fn fan_out_shares_one_buffer_and_skips_sender() {
         let interest = Interest::new();
         let mut s = shard(1 << 20);
-        let conns: Vec<_> = (0..3).map(|_| s.open(-1, Grant::open(), ENC)).collect();
+        let conns: Vec<_> = (0..3).map(|_| s.open(-1, ENC, 1001)).collect();
         for &(k, _) in &conns {
             s.subscribe(k, "news", &interest).unwrap();
         }
@@ -1026,7 +895,7 @@ mod tests {
     fn double_subscribe_delivers_once_and_last_unsubscribe_clears_interest() {
         let interest = Interest::new();
         let mut s = shard(1 << 20);
-        let (k, g) = s.open(-1, Grant::open(), ENC);
+        let (k, g) = s.open(-1, ENC, 1001);
         s.subscribe(k, "a", &interest).unwrap();
         s.subscribe(k, "a", &interest).unwrap();
         assert_eq!(s.deliver(&message_frame("a", "1"), None), 1);
@@ -1040,7 +909,7 @@ mod tests {
     fn subscription_limit() {
         let interest = Interest::new();
         let mut s = shard(1 << 20);
-        let (k, _) = s.open(-1, Grant::open(), ENC);
+        let (k, _) = s.open(-1, ENC, 1001);
         for c in ["a", "b", "c"] {
             s.subscribe(k, c, &interest).unwrap();
         }
@@ -1054,8 +923,8 @@ mod tests {
     fn slow_consumer_is_closed_and_others_keep_receiving() {
         let interest = Interest::new();
         let mut s = shard(100);
-        let (slow, sg) = s.open(-1, Grant::open(), ENC);
-        let (fast, fg) = s.open(-1, Grant::open(), ENC);
+        let (slow, sg) = s.open(-1, ENC, 1001);
+        let (fast, fg) = s.open(-1, ENC, 1001);
         s.subscribe(slow, "a", &interest).unwrap();
         s.subscribe(fast, "a", &interest).unwrap();
         // 41 bytes: the third one passes the 100-byte limit.
@@ -1064,7 +933,7 @@ mod tests {
             s.deliver(&p, None);
             assert_eq!(drain(&mut s, fast, fg).len(), 1);
             let mut cx = Context::from_waker(Waker::noop());
-            let mut b = Batch::new();
+            let mut b = Sink::default();
             let _ = s.fill(fast, fg, &mut b, usize::MAX, &mut cx);
             s.written(fast, fg, p.frame().len());
         }
@@ -1080,7 +949,7 @@ mod tests {
     fn one_oversized_frame_fits_an_empty_queue() {
         let interest = Interest::new();
         let mut s = shard(100);
-        let (k, g) = s.open(-1, Grant::open(), ENC);
+        let (k, g) = s.open(-1, ENC, 1001);
         s.subscribe(k, "a", &interest).unwrap();
         let big = message_frame("a", &format!("\"{}\"", "x".repeat(200)));
         assert_eq!(s.deliver(&big, None), 1);
@@ -1095,7 +964,7 @@ mod tests {
     fn remove_cleans_channels() {
         let interest = Interest::new();
         let mut s = shard(1 << 20);
-        let (k, g) = s.open(-1, Grant::open(), ENC);
+        let (k, g) = s.open(-1, ENC, 1001);
         s.subscribe(k, "a", &interest).unwrap();
         s.remove(k, g, &interest);
         assert_eq!(s.subscriber_count("a"), 0);
@@ -1103,27 +972,6 @@ mod tests {
         assert!(s.is_empty());
     }
 
-    #[test]
-    fn batch_advance_handles_partial_writes() {
-        let mut b = Batch::new();
-        b.push(Bytes::from_static(b"abc"));
-        b.push(Bytes::from_static(b"defg"));
-        b.advance(4);
-        assert_eq!(b.len(), 3);
-        assert_eq!(&b.bufs[0][..], b"efg");
-        b.advance(3);
-        assert!(b.is_empty());
-        b.release();
-        assert_eq!(b.bufs.capacity(), 0);
-        // One frame needs no array.
-        b.push(Bytes::from_static(b"hello"));
-        assert_eq!(b.bufs.capacity(), 0);
-        b.advance(2);
-        assert_eq!(b.take_single().as_deref(), Some(&b"llo"[..]));
-    }
-
-    /// Every connection has one of these: a size budget, checked without
-    /// a clock (tuning.md, memory per connection).
     #[test]
     fn a_connection_record_stays_small() {
         assert!(
@@ -1151,10 +999,10 @@ mod tests {
     #[test]
     fn silent_connections_are_pinged_then_closed_and_talkers_are_not() {
         let mut s = shard(1 << 20);
-        let (quiet, qg) = s.open(-1, Grant::open(), ENC);
-        let (talker, tg) = s.open(-1, Grant::open(), ENC);
-        let (answers, ag) = s.open(-1, Grant::open(), ENC);
-        let ping = frame::ping();
+        let (quiet, qg) = s.open(-1, ENC, 1001);
+        let (talker, tg) = s.open(-1, ENC, 1001);
+        let (answers, ag) = s.open(-1, ENC, 1001);
+        let ping = super::tests::ping();
         s.sweep_idle();
         s.seen(talker);
         assert!(drain(&mut s, quiet, qg).is_empty());
@@ -1190,7 +1038,7 @@ mod tests {
     fn keepalive_off_never_pings() {
         let mut s = shard(1 << 20);
         s.limits.keepalive = Keepalive::off();
-        let (k, g) = s.open(-1, Grant::open(), ENC);
+        let (k, g) = s.open(-1, ENC, 1001);
         for _ in 0..1000 {
             s.sweep_idle();
         }
@@ -1199,22 +1047,24 @@ mod tests {
     }
 
     #[test]
-    fn expiry_closes_with_4001() {
-        let interest = Interest::new();
-        let _ = &interest;
+    fn expiry_closes_with_its_code_and_a_replaced_one_does_not() {
         let mut s = shard(1 << 20);
-        let grant = Arc::new(Grant {
-            sub: None,
-            read: crate::auth::Patterns::all(),
-            write: crate::auth::Patterns::all(),
-            exp: Some(1000),
-        });
-        let (k, g) = s.open(-1, grant, ENC);
+        let (k, g) = s.open(-1, ENC, 1001);
+        s.set_expiry(k, g, Some(1_001_001));
         s.run_timers(1_000_000);
         assert!(!s.conn(k).unwrap().is_closing());
         s.run_timers(1_001_001);
         assert!(s.conn(k).unwrap().is_closing());
         let q = drain(&mut s, k, g);
         assert_eq!(&q[0][2..4], &4001u16.to_be_bytes());
+        // A fresh token moves the expiry: the old timer finds it ahead.
+        let (k, g) = s.open(-1, ENC, 1001);
+        s.set_expiry(k, g, Some(2_000_000));
+        s.set_expiry(k, g, Some(3_000_000));
+        s.run_timers(2_500_000);
+        assert!(!s.conn(k).unwrap().is_closing());
+        s.set_expiry(k, g, None);
+        s.run_timers(3_500_000);
+        assert!(!s.conn(k).unwrap().is_closing());
     }
 }

@@ -78,6 +78,9 @@ pub struct Metrics {
     authorizer: Family<Labels, Counter>,
     channels_distinct: Gauge,
     pusher_connections: Family<Labels, Gauge>,
+    /// The Pusher apps' open connections (by app index), once tracked.
+    app_connections: std::sync::OnceLock<Arc<[std::sync::atomic::AtomicUsize]>>,
+    app_ids: Vec<String>,
     outgoing: Family<Labels, Histogram, fn() -> Histogram>,
     webhooks: Family<Labels, Counter>,
     webhook_drops: Family<Labels, Counter>,
@@ -175,6 +178,8 @@ impl Metrics {
             authorizer,
             channels_distinct,
             pusher_connections,
+            app_connections: std::sync::OnceLock::new(),
+            app_ids: app_ids.iter().map(|a| a.to_string()).collect(),
             outgoing,
             webhooks,
             webhook_drops,
@@ -222,14 +227,23 @@ impl Metrics {
             .clone()
     }
 
+    /// Reads the Pusher apps' open connections from `counts` (by app index)
+    /// at each scrape.
+    pub fn track_app_connections(&self, counts: Arc<[std::sync::atomic::AtomicUsize]>) {
+        let _ = self.app_connections.set(counts);
+    }
+
     /// Sets what a scrape reads from shared state: the distinct channel
-    /// count and each Pusher app's open connections.
-    pub fn set_gauges<'a>(&self, channels: usize, pusher: impl Iterator<Item = (&'a str, usize)>) {
+    /// count, and each Pusher app's open connections.
+    pub fn set_gauges(&self, channels: usize) {
         self.channels_distinct.set(channels as i64);
-        for (app, n) in pusher {
-            self.pusher_connections
-                .get_or_create(&labels(&[("app", app)]))
-                .set(n as i64);
+        if let Some(counts) = self.app_connections.get() {
+            for (app, n) in self.app_ids.iter().zip(counts.iter()) {
+                let n = n.load(std::sync::atomic::Ordering::Relaxed);
+                self.pusher_connections
+                    .get_or_create(&labels(&[("app", app)]))
+                    .set(n as i64);
+            }
         }
     }
 
@@ -583,7 +597,10 @@ mod tests {
         m.core(0).namespaces[1].delivered.add(7);
         m.core(0).messages_out.add(7);
         m.reject("max_connections");
-        m.set_gauges(3, [("a1", 2)].into_iter());
+        let counts: Arc<[std::sync::atomic::AtomicUsize]> =
+            Arc::new([std::sync::atomic::AtomicUsize::new(2)]);
+        m.track_app_connections(counts);
+        m.set_gauges(3);
         let om = m.render(Format::OpenMetrics);
         assert!(om.ends_with("# EOF\n"), "{om}");
         assert!(om.contains("# TYPE herald_publishes counter"), "{om}");

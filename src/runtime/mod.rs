@@ -27,7 +27,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::config::{Config, IoDriver};
 use crate::engine::shard::unix_ms;
 use crate::frontends::pusher::apps::Apps;
-use crate::frontends::pusher::{connection, Control};
+
 use crate::runtime::worker::{Shared, Worker};
 use crate::transport::http1::server::Site;
 
@@ -366,11 +366,10 @@ async fn worker_main(
         libc::shutdown(listen_fd, libc::SHUT_RD);
     }
     let timeout = shared.config.shutdown_timeout;
-    worker
-        .core
-        .shard
-        .borrow_mut()
-        .close_all(unix_ms() + timeout.as_millis() as u64);
+    worker.core.shard.borrow_mut().close_all(
+        unix_ms() + timeout.as_millis() as u64,
+        "server shutting down",
+    );
     // Keep draining the bus while connections close, so a publisher on
     // another core waiting for queue space is never stuck behind us.
     let empty = poll_fn(|cx| worker.core.shard.borrow_mut().poll_empty(cx));
@@ -448,17 +447,8 @@ async fn timer_loop(worker: Rc<Worker>) {
         if ticks % keepalive_every == 0 {
             worker.core.shard.borrow_mut().sweep_idle();
         }
-        if let Some(pusher) = &worker.shared.pusher {
-            for c in pusher.take_controls(worker.id) {
-                match c {
-                    Control::Terminate { ns, user_id } => {
-                        connection::terminate_user(&worker, ns, &user_id)
-                    }
-                }
-            }
-            if ticks % 10 == 0 {
-                connection::sweep(&worker, now);
-            }
+        for endpoint in &worker.endpoints {
+            endpoint.tick(&worker, now);
         }
         if ticks % 10 == 0 {
             give_back_memory(&worker);

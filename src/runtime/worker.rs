@@ -4,19 +4,20 @@
 //! [`Shared`] state.
 
 use std::cell::{Cell, RefCell};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::engine::core::{Core, Hub};
-use crate::engine::shard::{Keepalive, Limits};
+use crate::engine::shard::{Closes, Keepalive, Limits};
 use crate::frontends::pusher::apps::Apps;
-use crate::frontends::pusher::webhooks::WebhookMetrics;
-use crate::frontends::pusher::PusherShared;
+use crate::frontends::{Endpoint, FrontEnds};
 use crate::integrations::authorizer::Authorizer;
 use crate::integrations::metrics::Metrics;
 use crate::transport::http1::pending::Pending;
+use crate::transport::ws::frame;
 
 /// State shared by every worker of the process.
 pub struct Shared {
@@ -31,8 +32,8 @@ pub struct Shared {
     pub ready: AtomicUsize,
     pub workers: usize,
     pub shutdown: AtomicBool,
-    /// Pusher apps and their cross-core state, when any app exists.
-    pub pusher: Option<PusherShared>,
+    /// The front-ends' node-wide state.
+    pub frontends: FrontEnds,
 }
 
 impl Shared {
@@ -44,18 +45,9 @@ impl Shared {
     pub fn with_apps(config: Config, workers: usize, apps: Apps) -> Arc<Shared> {
         let ids: Vec<&str> = apps.iter().map(|a| a.id.as_str()).collect();
         let metrics = Arc::new(Metrics::with_apps(workers, &ids));
-        let pusher = (!apps.is_empty()).then(|| {
-            PusherShared::new(
-                apps,
-                workers,
-                config.pusher_activity_timeout,
-                config.pusher_pong_timeout,
-                config.authorizer_timeout,
-                WebhookMetrics::new(metrics.clone()),
-            )
-        });
+        let frontends = FrontEnds::new(&config, apps, &metrics);
         Arc::new(Shared {
-            pusher,
+            frontends,
             auth: Authenticator::new(config.secret.as_deref(), config.jwt_leeway),
             hub: Arc::new(Hub::new(
                 workers,
@@ -113,7 +105,20 @@ pub struct Worker {
     pub pending: RefCell<Pending>,
     /// Numbers this worker's connections for the authorizer's `connection_id`.
     next_connection: Cell<u64>,
+    /// The front-ends serving this core, in the order the router asks them.
+    pub endpoints: Vec<Rc<dyn Endpoint>>,
 }
+
+/// The closes the engine starts on its own, as this server writes them:
+/// WebSocket close and ping frames, the wire protocol's codes.
+pub const CLOSES: Closes = Closes {
+    frame: frame::close,
+    ping: frame::ping,
+    slow_consumer: (4008, "slow consumer: send queue limit reached"),
+    ping_timeout: (1001, "ping timeout"),
+    expired: (4001, "token expired"),
+    cut: crate::transport::tcp::cut,
+};
 
 impl Worker {
     pub fn new(id: usize, shared: Arc<Shared>) -> Worker {
@@ -123,8 +128,8 @@ impl Worker {
             max_subscriptions: c.max_subscriptions,
             close_timeout_ms: c.close_timeout.as_millis() as u64,
             publish_rate: c.publish_rate,
-            jwt_leeway: c.jwt_leeway,
             keepalive: Keepalive::new(c.ping_interval, c.pong_timeout),
+            closes: CLOSES,
         };
         let stats = shared.metrics.core(id);
         Worker {
@@ -134,6 +139,7 @@ impl Worker {
             authorizer: Authorizer::from_config(c, Some(shared.metrics.outgoing("authorizer"))),
             pending: RefCell::new(Pending::new(c.pending_per_worker())),
             next_connection: Cell::new(0),
+            endpoints: crate::frontends::endpoints(id, &shared),
             shared,
         }
     }

@@ -4,4 +4,5 @@
 //! message.
 
 pub mod http1;
+pub mod tcp;
 pub mod ws;

@@ -35,6 +35,7 @@ pub fn is_api_path(path: &str) -> bool {
 
 /// Answers one API request.
 pub fn handle(
+    shared: &PusherShared,
     worker: &Worker,
     method: &str,
     path: &str,
@@ -42,9 +43,6 @@ pub fn handle(
     body: &[u8],
     now_unix: u64,
 ) -> Answer {
-    let Some(shared) = worker.shared.pusher.as_ref() else {
-        return text(404, "the Pusher API is not enabled (no APPS)");
-    };
     let rest = &path["/apps/".len()..];
     let (app_id, rest) = rest.split_once('/').unwrap_or((rest, ""));
     let Some(app) = shared.apps.by_id(app_id) else {
@@ -63,8 +61,8 @@ pub fn handle(
     let param = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
     let segments: Vec<&str> = rest.split('/').collect();
     match (method, segments.as_slice()) {
-        ("POST", ["events"]) => trigger(worker, app, ns, body, false),
-        ("POST", ["batch_events"]) => trigger(worker, app, ns, body, true),
+        ("POST", ["events"]) => trigger(shared, worker, app, ns, body, false),
+        ("POST", ["batch_events"]) => trigger(shared, worker, app, ns, body, true),
         ("GET", ["channels"]) => channels(shared, ns, param("filter_by_prefix"), param("info")),
         ("GET", ["channels", name]) => channel(shared, ns, name, param("info")),
         ("GET", ["channels", name, "users"]) => users(shared, ns, name),
@@ -88,7 +86,14 @@ pub fn handle(
     }
 }
 
-fn trigger(worker: &Worker, app: &App, ns: u16, body: &[u8], batch: bool) -> Answer {
+fn trigger(
+    shared: &PusherShared,
+    worker: &Worker,
+    app: &App,
+    ns: u16,
+    body: &[u8],
+    batch: bool,
+) -> Answer {
     // Pusher's per-event limit, per app (10 KB unless configured).
     let limit = app.max_event_bytes();
     let events = if batch {
@@ -117,7 +122,7 @@ fn trigger(worker: &Worker, app: &App, ns: u16, body: &[u8], batch: bool) -> Ans
         let except = ev
             .socket_id
             .as_deref()
-            .and_then(|s| super::socket::parse(s, &worker.shared));
+            .and_then(|s| super::socket::parse(s, worker.shared.workers));
         for ch in &ev.channels {
             let frame = wire::event_frame_routed(&ev.name, ch, data, None);
             let mut msg = published(frame, ns);
@@ -129,10 +134,9 @@ fn trigger(worker: &Worker, app: &App, ns: u16, body: &[u8], batch: bool) -> Ans
         }
     }
     // `info` asks for channel attributes back (after the publish).
-    let shared = worker.shared.pusher.as_ref();
     let attrs = |ev: &wire::TriggerBody, ch: &str| -> Map<String, Value> {
         let mut m = Map::new();
-        let (Some(info), Some(shared)) = (ev.info.as_deref(), shared) else {
+        let Some(info) = ev.info.as_deref() else {
             return m;
         };
         let c = shared

@@ -16,7 +16,7 @@ use serde_json::json;
 
 use super::apps::{App, WebhookEvent};
 use super::wire::{self, ChannelKind, ClientMessage};
-use super::PusherShared;
+use super::Pusher;
 use crate::engine::message::{Message, PayloadKind};
 use crate::engine::shard::SubscribeError;
 use crate::runtime::worker::Worker;
@@ -110,23 +110,15 @@ pub fn published(r: wire::Routed, ns: u16) -> Message {
     )
 }
 
-fn pusher(worker: &Worker) -> &PusherShared {
-    worker
-        .shared
-        .pusher
-        .as_ref()
-        .expect("a Pusher connection exists only when Pusher is configured")
-}
-
 fn push(worker: &Worker, key: usize, frame: Bytes) {
     worker.core.shard.borrow_mut().push(key, frame);
 }
 
 /// Handles one text message of a Pusher connection.
-pub fn handle_text(worker: &Worker, key: usize, text: &[u8], now_ms: u64) {
+pub fn handle_text(fe: &Pusher, worker: &Worker, key: usize, text: &[u8], now_ms: u64) {
     {
-        let mut shard = worker.core.shard.borrow_mut();
-        let Some(p) = shard.pusher_mut(key) else {
+        let mut conns = fe.conns.borrow_mut();
+        let Some(p) = conns.get_mut(&key) else {
             return;
         };
         p.seen(now_ms);
@@ -146,23 +138,24 @@ pub fn handle_text(worker: &Worker, key: usize, text: &[u8], now_ms: u64) {
             auth,
             channel_data,
         } => subscribe(
+            fe,
             worker,
             key,
             &channel,
             auth.as_deref(),
             channel_data.as_deref(),
         ),
-        ClientMessage::Unsubscribe { channel } => unsubscribe(worker, key, &channel),
+        ClientMessage::Unsubscribe { channel } => unsubscribe(fe, worker, key, &channel),
         ClientMessage::ClientEvent {
             event,
             channel,
             data,
-        } => client_event(worker, key, &event, &channel, data),
+        } => client_event(fe, worker, key, &event, &channel, data),
         ClientMessage::Internal { event } => {
             let msg = format!("clients may not send {event} events");
             push(worker, key, wire::error(None, &msg));
         }
-        ClientMessage::Other { event } if event == "pusher:signin" => signin(worker, key, text),
+        ClientMessage::Other { event } if event == "pusher:signin" => signin(fe, worker, key, text),
         ClientMessage::Other { event } => {
             let msg = format!("unsupported event {event}");
             push(worker, key, wire::error(None, &msg));
@@ -171,6 +164,7 @@ pub fn handle_text(worker: &Worker, key: usize, text: &[u8], now_ms: u64) {
 }
 
 fn subscribe(
+    fe: &Pusher,
     worker: &Worker,
     key: usize,
     channel: &str,
@@ -178,8 +172,8 @@ fn subscribe(
     channel_data: Option<&str>,
 ) {
     let (app, ns, socket_id, user) = {
-        let mut shard = worker.core.shard.borrow_mut();
-        let Some(p) = shard.pusher_mut(key) else {
+        let mut conns = fe.conns.borrow_mut();
+        let Some(p) = conns.get_mut(&key) else {
             return;
         };
         (p.app.clone(), p.ns, p.socket_id.clone(), p.user.clone())
@@ -234,7 +228,7 @@ fn subscribe(
         }
     }
     let route = crate::engine::message::route_key_string(ns, channel);
-    let shared = pusher(worker);
+    let shared = &*fe.shared;
     let already = worker.core.shard.borrow().is_subscribed(key, &route);
     if !already {
         if let Err(SubscribeError::TooMany(n)) = worker.core.subscribe(key, &route) {
@@ -245,7 +239,7 @@ fn subscribe(
         // no webhooks, not listed by the channels API.
         if kind != ChannelKind::ServerToUser && shared.registry.subscribed(&route) {
             webhook(
-                worker,
+                fe,
                 &app,
                 WebhookEvent::ChannelOccupied,
                 json!({
@@ -257,25 +251,24 @@ fn subscribe(
     let presence = match member {
         None => None,
         Some((user_id, user_info)) => {
-            let joined_before = worker
-                .core
-                .shard
+            let joined_before = fe
+                .conns
                 .borrow_mut()
-                .pusher_mut(key)
+                .get_mut(&key)
                 .and_then(|p| p.user_on(channel).map(str::to_string));
             let members = if joined_before.is_some() {
                 // Subscribing twice: answer with the current members.
                 shared.registry.members(&route)
             } else {
                 let (first, members) = shared.registry.join(&route, &user_id, &user_info);
-                if let Some(p) = worker.core.shard.borrow_mut().pusher_mut(key) {
+                if let Some(p) = fe.conns.borrow_mut().get_mut(&key) {
                     p.presence.push((channel.into(), user_id.clone().into()));
                 }
                 if first {
                     let frame = wire::member_added_routed(channel, &user_id, &user_info);
                     worker.core.publish(published(frame, ns), Some(key));
                     webhook(
-                        worker,
+                        fe,
                         &app,
                         WebhookEvent::MemberAdded,
                         json!({
@@ -300,7 +293,7 @@ fn subscribe(
 /// `socket_id::user::user_data`, and `user_data` must carry an `id`. The
 /// connection then belongs to that user (`terminate_connections`). A bad
 /// signin is refused as Pusher refuses it: error and close 4009.
-fn signin(worker: &Worker, key: usize, text: &[u8]) {
+fn signin(fe: &Pusher, worker: &Worker, key: usize, text: &[u8]) {
     let refuse = |msg: &str| {
         let mut shard = worker.core.shard.borrow_mut();
         shard.push(key, wire::error(Some(4009), msg));
@@ -314,7 +307,7 @@ fn signin(worker: &Worker, key: usize, text: &[u8]) {
     let (Some(auth), Some(user_data)) = (data["auth"].as_str(), data["user_data"].as_str()) else {
         return refuse("pusher:signin needs data.auth and data.user_data");
     };
-    let (app, socket_id) = match worker.core.shard.borrow_mut().pusher_mut(key) {
+    let (app, socket_id) = match fe.conns.borrow_mut().get_mut(&key) {
         Some(p) => (p.app.clone(), p.socket_id.clone()),
         None => return,
     };
@@ -327,7 +320,7 @@ fn signin(worker: &Worker, key: usize, text: &[u8]) {
         serde_json::Value::Number(n) => n.to_string(),
         _ => return refuse("user_data must be a JSON object with an id"),
     };
-    if let Some(p) = worker.core.shard.borrow_mut().pusher_mut(key) {
+    if let Some(p) = fe.conns.borrow_mut().get_mut(&key) {
         p.user = Some(id.into());
     }
     let data = json!({ "user_data": user_data }).to_string();
@@ -339,25 +332,25 @@ fn signin(worker: &Worker, key: usize, text: &[u8]) {
     );
 }
 
-fn unsubscribe(worker: &Worker, key: usize, channel: &str) {
-    let ns = match worker.core.shard.borrow_mut().pusher_mut(key) {
+fn unsubscribe(fe: &Pusher, worker: &Worker, key: usize, channel: &str) {
+    let ns = match fe.conns.borrow_mut().get_mut(&key) {
         Some(p) => p.ns,
         None => return,
     };
     let route = crate::engine::message::route_key_string(ns, channel);
     if worker.core.unsubscribe(key, &route) {
-        left(worker, key, &route);
+        left(fe, worker, key, &route);
     }
 }
 
 /// After `key` stopped being subscribed to `route`: presence and occupancy
 /// bookkeeping, and the events and webhooks it makes due.
-fn left(worker: &Worker, key: usize, route: &str) {
-    let shared = pusher(worker);
+fn left(fe: &Pusher, worker: &Worker, key: usize, route: &str) {
+    let shared = &*fe.shared;
     let channel = channel_of(route);
     let (app, ns, user) = {
-        let mut shard = worker.core.shard.borrow_mut();
-        let Some(p) = shard.pusher_mut(key) else {
+        let mut conns = fe.conns.borrow_mut();
+        let Some(p) = conns.get_mut(&key) else {
             return;
         };
         let user = p
@@ -372,7 +365,7 @@ fn left(worker: &Worker, key: usize, route: &str) {
             let frame = wire::member_removed_routed(channel, &user_id);
             worker.core.publish(published(frame, ns), Some(key));
             webhook(
-                worker,
+                fe,
                 &app,
                 WebhookEvent::MemberRemoved,
                 json!({
@@ -384,7 +377,7 @@ fn left(worker: &Worker, key: usize, route: &str) {
     if ChannelKind::of(channel) != ChannelKind::ServerToUser && shared.registry.unsubscribed(route)
     {
         webhook(
-            worker,
+            fe,
             &app,
             WebhookEvent::ChannelVacated,
             json!({
@@ -394,22 +387,18 @@ fn left(worker: &Worker, key: usize, route: &str) {
     }
 }
 
-fn client_event(worker: &Worker, key: usize, event: &str, channel: &str, data: &str) {
+fn client_event(fe: &Pusher, worker: &Worker, key: usize, event: &str, channel: &str, data: &str) {
     let (app, ns, socket_id, user, allowed) = {
-        let mut shard = worker.core.shard.borrow_mut();
-        let ns = match shard.pusher_mut(key) {
-            Some(p) => p.ns,
-            None => return,
+        let mut conns = fe.conns.borrow_mut();
+        let Some(p) = conns.get_mut(&key) else {
+            return;
         };
         // The routing key on the stack: no allocation per client event.
         let mut buf = [0u8; crate::engine::message::MAX_KEY];
-        let subscribed = shard.is_subscribed(
+        let subscribed = worker.core.shard.borrow().is_subscribed(
             key,
-            crate::engine::message::route_key(&mut buf, ns, channel),
+            crate::engine::message::route_key(&mut buf, p.ns, channel),
         );
-        let Some(p) = shard.pusher_mut(key) else {
-            return;
-        };
         let user = p.user_on(channel).map(str::to_string);
         let allowed = if !p.app.enable_client_messages {
             Err((
@@ -457,7 +446,7 @@ fn client_event(worker: &Worker, key: usize, event: &str, channel: &str, data: &
     let frame = wire::event_frame_routed(event, channel, data, user.as_deref());
     worker.core.publish(published(frame, ns), Some(key));
     // Built only when some webhook wants it: this is the client-event hot path.
-    if pusher(worker).webhooks.is_some() && app.wants_webhook(WebhookEvent::ClientEvent) {
+    if fe.shared.webhooks.is_some() && app.wants_webhook(WebhookEvent::ClientEvent) {
         let mut hook = json!({
             "name": "client_event", "channel": channel, "event": event,
             "data": data_string(data), "socket_id": &*socket_id,
@@ -465,7 +454,7 @@ fn client_event(worker: &Worker, key: usize, event: &str, channel: &str, data: &
         if let Some(u) = user {
             hook["user_id"] = u.into();
         }
-        webhook(worker, &app, WebhookEvent::ClientEvent, hook);
+        webhook(fe, &app, WebhookEvent::ClientEvent, hook);
     }
 }
 
@@ -475,50 +464,50 @@ fn data_string(raw: &str) -> String {
     serde_json::from_str::<String>(raw).unwrap_or_else(|_| raw.to_string())
 }
 
-fn webhook(worker: &Worker, app: &Arc<App>, kind: WebhookEvent, event: serde_json::Value) {
-    if let Some(w) = &pusher(worker).webhooks {
+fn webhook(fe: &Pusher, app: &Arc<App>, kind: WebhookEvent, event: serde_json::Value) {
+    if let Some(w) = &fe.shared.webhooks {
         w.send(app, kind, event);
     }
 }
 
 /// Before a Pusher connection is removed: leaves every channel (presence
-/// members, occupancy, their events and webhooks).
-pub fn on_close(worker: &Worker, key: usize) {
+/// members, occupancy, their events and webhooks), and its app's count.
+pub fn on_close(fe: &Pusher, worker: &Worker, key: usize) {
     let routes = worker.core.shard.borrow().subscriptions(key);
     for route in routes {
         if worker.core.unsubscribe(key, &route) {
-            left(worker, key, &route);
+            left(fe, worker, key, &route);
         }
     }
-    let ns = worker.core.shard.borrow_mut().pusher_mut(key).map(|p| p.ns);
-    if let Some(ns) = ns {
-        super::api::release(pusher(worker), ns);
+    if let Some(p) = fe.conns.borrow_mut().remove(&key) {
+        super::api::release(&fe.shared, p.ns);
     }
 }
 
 /// Pings connections silent for the activity timeout and closes (4201)
 /// those that did not answer a ping within the pong timeout.
-pub fn sweep(worker: &Worker, now_ms: u64) {
-    let Some(shared) = worker.shared.pusher.as_ref() else {
-        return;
-    };
-    let idle = shared.activity_timeout.as_millis() as u64;
-    let grace = shared.pong_timeout.as_millis() as u64;
+pub fn sweep(fe: &Pusher, worker: &Worker, now_ms: u64) {
+    let idle = fe.shared.activity_timeout.as_millis() as u64;
+    let grace = fe.shared.pong_timeout.as_millis() as u64;
     let mut ping = Vec::new();
     let mut close = Vec::new();
-    worker
-        .core
-        .shard
-        .borrow_mut()
-        .each_pusher(|key, p| match p.pinged_at {
-            Some(at) if now_ms.saturating_sub(at) >= grace => close.push(key),
-            Some(_) => {}
-            None if now_ms.saturating_sub(p.last_seen) >= idle => {
-                p.pinged_at = Some(now_ms);
-                ping.push(key);
+    {
+        let shard = worker.core.shard.borrow();
+        for (&key, p) in fe.conns.borrow_mut().iter_mut() {
+            if shard.conn(key).is_none_or(|c| c.is_closing()) {
+                continue;
             }
-            None => {}
-        });
+            match p.pinged_at {
+                Some(at) if now_ms.saturating_sub(at) >= grace => close.push(key),
+                Some(_) => {}
+                None if now_ms.saturating_sub(p.last_seen) >= idle => {
+                    p.pinged_at = Some(now_ms);
+                    ping.push(key);
+                }
+                None => {}
+            }
+        }
+    }
     let mut shard = worker.core.shard.borrow_mut();
     for key in ping {
         shard.push(key, wire::ping());
@@ -536,16 +525,22 @@ pub fn sweep(worker: &Worker, now_ms: u64) {
 /// Closes the connections of `user_id` in namespace `ns` on this core
 /// (`terminate_connections`): those signed in as that user, or present as
 /// that user on a presence channel.
-pub fn terminate_user(worker: &Worker, ns: u16, user_id: &str) {
-    let mut keys = Vec::new();
-    worker.core.shard.borrow_mut().each_pusher(|key, p| {
-        let signed_in = p.user.as_deref() == Some(user_id);
-        if p.ns == ns && (signed_in || p.presence.iter().any(|(_, u)| &**u == user_id)) {
-            keys.push(key);
-        }
-    });
+pub fn terminate_user(fe: &Pusher, worker: &Worker, ns: u16, user_id: &str) {
+    let keys: Vec<usize> = fe
+        .conns
+        .borrow()
+        .iter()
+        .filter(|(_, p)| {
+            let signed_in = p.user.as_deref() == Some(user_id);
+            p.ns == ns && (signed_in || p.presence.iter().any(|(_, u)| &**u == user_id))
+        })
+        .map(|(&k, _)| k)
+        .collect();
     let mut shard = worker.core.shard.borrow_mut();
     for key in keys {
+        if shard.conn(key).is_none_or(|c| c.is_closing()) {
+            continue;
+        }
         let frame = wire::error(Some(4009), "connection terminated by the app");
         shard.push(key, frame);
         shard.close(key, Some(4009), "connection terminated by the app", false);

@@ -12,6 +12,7 @@
 pub mod api;
 pub mod apps;
 pub mod connection;
+pub mod frontend;
 pub mod registry;
 pub mod sign;
 pub mod socket;
@@ -19,7 +20,7 @@ pub mod webhooks;
 pub mod wire;
 
 use std::sync::atomic::AtomicUsize;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -29,6 +30,9 @@ use self::registry::Registry;
 use self::webhooks::Webhooks;
 use crate::config::Config;
 use crate::engine::message::{Encoding, Message};
+use crate::integrations::metrics::Metrics;
+
+pub use self::frontend::Pusher;
 
 /// The Pusher protocol's encoding of published messages.
 pub const ENCODING: Encoding = Encoding(1);
@@ -53,8 +57,9 @@ pub struct PusherShared {
     pub apps: Apps,
     pub registry: Registry,
     pub webhooks: Option<Webhooks>,
-    /// Open connections per app (by index), for `max_connections`.
-    pub app_connections: Vec<AtomicUsize>,
+    /// Open connections per app (by index), for `max_connections` (and
+    /// the metrics, which read the same counters).
+    pub app_connections: Arc<[AtomicUsize]>,
     /// Silence after which a connection is pinged.
     pub activity_timeout: Duration,
     /// Time a pinged connection has to answer before it is closed (4201).
@@ -64,6 +69,23 @@ pub struct PusherShared {
 }
 
 impl PusherShared {
+    /// The Pusher state for `apps`, if there is any app.
+    pub fn start(config: &Config, apps: Apps, metrics: &Arc<Metrics>) -> Option<Arc<PusherShared>> {
+        if apps.is_empty() {
+            return None;
+        }
+        let shared = PusherShared::new(
+            apps,
+            config.worker_count(),
+            config.pusher_activity_timeout,
+            config.pusher_pong_timeout,
+            config.authorizer_timeout,
+            webhooks::WebhookMetrics::new(metrics.clone()),
+        );
+        metrics.track_app_connections(shared.app_connections.clone());
+        Some(Arc::new(shared))
+    }
+
     pub fn new(
         apps: Apps,
         workers: usize,

@@ -5,7 +5,6 @@
 //! process, so a stale id never excludes a later connection.
 
 use crate::config::MAX_WORKERS;
-use crate::runtime::worker::Shared;
 
 /// A connection, as a socket id names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,11 +19,11 @@ pub fn format(worker: usize, key: usize, gen: u64) -> String {
     format!("{}.{}", gen * MAX_WORKERS as u64 + worker as u64, key)
 }
 
-/// Reads a socket id issued by this process (`None` if malformed or not
-/// one of ours).
-pub fn parse(s: &str, shared: &Shared) -> Option<SocketRef> {
+/// Reads a socket id issued by this process of `workers` workers (`None`
+/// if malformed or not one of ours).
+pub fn parse(s: &str, workers: usize) -> Option<SocketRef> {
     let r = decode(s)?;
-    (usize::from(r.worker) < shared.workers).then_some(r)
+    (usize::from(r.worker) < workers).then_some(r)
 }
 
 fn decode(s: &str) -> Option<SocketRef> {

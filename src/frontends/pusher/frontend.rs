@@ -1,0 +1,216 @@
+//! The Pusher front-end of one core: upgrades at `/app/{key}`, the HTTP
+//! API at `/apps/{id}/..`, the idle sweep and other cores' requests once a
+//! second, and each connection's messages (in [`super::connection`]).
+//!
+//! A connection's Pusher state lives in this core's table, keyed by its
+//! slot, because more than the connection reaches it: the idle sweep and
+//! `terminate_connections`.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use super::apps::App;
+use super::connection::{self, PusherConn};
+use super::{api, wire, Control, PusherShared};
+use crate::engine::message::Encoding;
+use crate::frontends::{Answer, Endpoint, LocalFuture, Request, Upgrade};
+use crate::runtime::worker::Worker;
+use crate::session::{Cx, Flow, FrontEnd};
+use crate::transport::ws::frame;
+
+/// The Pusher front-end of one core.
+pub struct Pusher {
+    pub worker_id: usize,
+    pub shared: Arc<PusherShared>,
+    /// This core's Pusher connections, by slot.
+    pub conns: RefCell<HashMap<usize, PusherConn>>,
+    /// When the idle sweep last ran (Unix ms).
+    swept: std::cell::Cell<u64>,
+}
+
+impl Pusher {
+    pub fn new(worker_id: usize, shared: Arc<PusherShared>) -> Pusher {
+        Pusher {
+            worker_id,
+            shared,
+            conns: RefCell::default(),
+            swept: std::cell::Cell::new(0),
+        }
+    }
+}
+
+/// The app a Pusher connection was admitted to, and its namespace.
+pub type Admitted = (Arc<App>, u16);
+
+impl Endpoint for Pusher {
+    fn serves_upgrade(&self, path: &str) -> bool {
+        path.starts_with("/app/")
+    }
+
+    fn upgrade(self: Rc<Self>, up: Upgrade) -> LocalFuture<'static, ()> {
+        Box::pin(upgrade(self, up))
+    }
+
+    fn serves_http(&self, path: &str) -> bool {
+        api::is_api_path(path)
+    }
+
+    fn http<'a>(&'a self, worker: &'a Worker, req: Request<'a>) -> LocalFuture<'a, Answer> {
+        Box::pin(async move {
+            let head = req.head;
+            let query = head.query().unwrap_or("");
+            let now = crate::engine::shard::unix_ms() / 1000;
+            let (status, content_type, body) = api::handle(
+                &self.shared,
+                worker,
+                head.method(),
+                head.path(),
+                query,
+                req.body,
+                now,
+            );
+            Answer::new(status, content_type, body)
+        })
+    }
+
+    fn tick(&self, worker: &Worker, now_ms: u64) {
+        for c in self.shared.take_controls(self.worker_id) {
+            match c {
+                Control::Terminate { ns, user_id } => {
+                    connection::terminate_user(self, worker, ns, &user_id)
+                }
+            }
+        }
+        // The idle sweep, once a second.
+        if now_ms.saturating_sub(self.swept.get()) >= 1000 {
+            self.swept.set(now_ms);
+            connection::sweep(self, worker, now_ms);
+        }
+    }
+}
+
+/// A Pusher client's upgrade (`/app/{key}?protocol=7&...`). Pusher clients
+/// learn why they are refused from a `pusher:error` and a close code after
+/// the handshake (4001 unknown app, 4003 disabled, 4004 over the app's
+/// quota, 4006/4007 protocol version, 4100 over capacity, 4200 shutting
+/// down), so those refusals complete the upgrade first.
+async fn upgrade(fe: Rc<Pusher>, up: Upgrade) {
+    let shared = up.worker.shared.clone();
+    let p = fe.shared.clone();
+    let path = up.head.path();
+    let key = &path["/app/".len()..];
+    let version = up.head.query().and_then(|q| {
+        form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == "protocol")
+            .map(|(_, v)| v.into_owned())
+    });
+    let app = p.apps.by_key(key).cloned();
+    let refusal: Option<(u16, String)> = match (&app, version.as_deref()) {
+        _ if key.is_empty() || key.contains('/') => {
+            Some((4005, format!("no Pusher endpoint at {path}")))
+        }
+        (None, _) => Some((4001, format!("App key {key} does not exist"))),
+        (Some(app), _) if !app.enabled => Some((4003, "App is disabled".into())),
+        (_, Some(v)) if v.parse::<u32>().is_err() => {
+            Some((4006, format!("Invalid version string format: {v}")))
+        }
+        (_, Some(v)) if !matches!(v.parse::<u32>(), Ok(5..=7)) => {
+            Some((4007, format!("Unsupported protocol version {v}")))
+        }
+        _ if shared.is_shutting_down() => Some((4200, "Server is shutting down".into())),
+        _ => None,
+    };
+    let admitted = match (refusal, app) {
+        (None, Some(app)) => {
+            let ns = p.apps.index_of(&app) + 1;
+            if !api::admit(&p, &app, ns) {
+                Err((4004, "Application is over connection quota".to_string()))
+            } else if !shared.try_reserve_connection() {
+                api::release(&p, ns);
+                Err((4100, "Over capacity".to_string()))
+            } else {
+                Ok((app, ns))
+            }
+        }
+        (Some(r), _) => Err(r),
+        (None, None) => Err((4001, "App key does not exist".to_string())),
+    };
+    let peer = up.peer.clone();
+    let Some(conn) = up.accept().await else {
+        if let Ok((_, ns)) = admitted {
+            api::release(&p, ns);
+            shared.release_connection();
+        }
+        return;
+    };
+    match admitted {
+        Ok(a) => conn.start(fe, a),
+        Err((code, msg)) => {
+            tracing::debug!(peer, code, msg, "pusher connection refused");
+            shared.metrics.reject("pusher");
+            let mut out = wire::error(Some(code), &msg).to_vec();
+            out.extend_from_slice(&frame::close(Some(code), &msg));
+            conn.send_and_close(out).await;
+        }
+    }
+}
+
+impl FrontEnd for Pusher {
+    const ENCODING: Encoding = super::ENCODING;
+    /// Pusher clients reconnect at once on 4200 ("generic reconnect").
+    const SHUTDOWN_CODE: u16 = 4200;
+    type Conn = ();
+    type Admitted = Admitted;
+    type Wait = ();
+
+    fn open(&self, cx: &Cx<'_>, (app, ns): Admitted) {
+        let socket_id = super::socket::format(cx.worker.id, cx.key, cx.gen);
+        let timeout = self.shared.activity_timeout.as_secs() as u32;
+        cx.worker
+            .core
+            .shard
+            .borrow_mut()
+            .push(cx.key, wire::connection_established(&socket_id, timeout));
+        let now = crate::engine::shard::unix_ms();
+        self.conns
+            .borrow_mut()
+            .insert(cx.key, PusherConn::new(app, ns, socket_id, now));
+    }
+
+    fn on_text(&self, cx: &Cx<'_>, _: &mut (), text: &[u8]) -> Flow<()> {
+        let now = crate::engine::shard::unix_ms();
+        connection::handle_text(self, cx.worker, cx.key, text, now);
+        Flow::Continue
+    }
+
+    fn on_binary(&self, cx: &Cx<'_>, _: &mut (), _data: &[u8]) -> Flow<()> {
+        let msg = "binary frames are not part of the Pusher protocol";
+        cx.worker
+            .core
+            .shard
+            .borrow_mut()
+            .push(cx.key, wire::error(None, msg));
+        Flow::Continue
+    }
+
+    fn on_activity(&self, cx: &Cx<'_>, _: &mut ()) {
+        if let Some(p) = self.conns.borrow_mut().get_mut(&cx.key) {
+            p.seen(crate::engine::shard::unix_ms());
+        }
+    }
+
+    fn resume<'a>(
+        &'a self,
+        _cx: Cx<'a>,
+        _conn: &'a mut (),
+        _wait: (),
+    ) -> impl std::future::Future<Output = ()> + 'a {
+        std::future::ready(())
+    }
+
+    fn close(&self, cx: &Cx<'_>, _: &mut ()) {
+        connection::on_close(self, cx.worker, cx.key);
+    }
+}

@@ -1,0 +1,302 @@
+//! TCP connections, as the session reads and writes them: the one place
+//! that holds a socket's file descriptor and makes system calls on it.
+//! A TLS stream will implement the same [`Stream`] surface, so nothing
+//! above this layer changes when it lands.
+//!
+//! Reads are readiness-based: wait until readable, then read as much as
+//! there is into the core's shared buffer (an idle connection holds no
+//! read buffer). Writes own their frames ([`Batch`]): one frame goes out
+//! with a plain `send`, several with one vectored write, submitted through
+//! the reactor (io_uring batches the submissions).
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+
+use bytes::{Buf, Bytes};
+use monoio::io::{AsyncWriteRent, OwnedReadHalf, OwnedWriteHalf, Splitable};
+use monoio::net::TcpStream;
+use monoio::BufResult;
+
+use crate::engine::shard::FrameSink;
+
+/// An upgraded connection's socket.
+pub struct Stream {
+    inner: TcpStream,
+}
+
+impl Stream {
+    pub fn new(inner: TcpStream) -> Stream {
+        Stream { inner }
+    }
+
+    /// What the engine cuts the connection with ([`cut`]).
+    pub fn cut_handle(&self) -> i32 {
+        self.inner.as_raw_fd()
+    }
+
+    /// Caps the bytes the kernel keeps unsent for this socket
+    /// (TCP_NOTSENT_LOWAT). Without it, send-buffer autotuning lets a
+    /// stalled client's backlog grow to `tcp_wmem`'s maximum inside the
+    /// kernel, where SEND_QUEUE_LIMIT cannot see it; with it, the backlog
+    /// stays in herald's queue and is counted.
+    pub fn limit_kernel_backlog(&self, send_queue_limit: usize) {
+        let lowat = (send_queue_limit / 4).clamp(16 * 1024, 256 * 1024) as libc::c_int;
+        // SAFETY: setsockopt on an open socket with a correctly sized value.
+        unsafe {
+            libc::setsockopt(
+                self.inner.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_NOTSENT_LOWAT,
+                (&lowat as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+
+    /// The reading and the writing side, for two tasks.
+    pub fn split(self) -> (ReadHalf, WriteHalf) {
+        let fd = self.inner.as_raw_fd();
+        let (rd, wr) = self.inner.into_split();
+        (ReadHalf { rd, fd }, WriteHalf { wr })
+    }
+}
+
+/// Shuts a connection down both ways, given its [`Stream::cut_handle`]:
+/// pending reads see EOF, writes fail, and both tasks end.
+pub fn cut(handle: i32) {
+    // SAFETY: the engine cuts only connections it still holds, whose
+    // sockets are open.
+    unsafe {
+        libc::shutdown(handle, libc::SHUT_RDWR);
+    }
+}
+
+/// The reading side of a connection.
+pub struct ReadHalf {
+    rd: OwnedReadHalf<TcpStream>,
+    fd: RawFd,
+}
+
+impl ReadHalf {
+    /// Waits until the socket is readable (or closed). monoio's own
+    /// future, unwrapped: it lives in every idle connection's task.
+    pub fn readable(&self) -> impl Future<Output = io::Result<()>> + '_ {
+        // SAFETY: a shared reference used only to wait for readiness; the
+        // write half mutates nothing that `readable` reads (monoio's own
+        // split halves share the stream the same way).
+        let stream: &TcpStream = unsafe { &*self.rd.0.get() };
+        stream.readable(false)
+    }
+
+    /// Reads what is there now into `buf`: `Ok(Some(0))` at EOF,
+    /// `Ok(None)` when nothing is (would block).
+    pub fn read_now(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        loop {
+            // SAFETY: `buf` is valid for writes of `buf.len()` bytes.
+            let n = unsafe {
+                libc::recv(
+                    self.fd,
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n >= 0 {
+                return Ok(Some(n as usize));
+            }
+            let err = io::Error::last_os_error();
+            match err.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => return Ok(None),
+                _ => return Err(err),
+            }
+        }
+    }
+}
+
+/// The writing side of a connection.
+pub struct WriteHalf {
+    wr: OwnedWriteHalf<TcpStream>,
+}
+
+impl Stream {
+    /// Writes `bytes` whole (frames sent before a session starts, such as a
+    /// refusal and its close frame), then drops the connection.
+    pub async fn send_and_close(mut self, bytes: Vec<u8>) {
+        use monoio::io::AsyncWriteRentExt;
+        let _ = self.inner.write_all(bytes).await;
+    }
+}
+
+/// monoio's own write futures, unwrapped: they live in every
+/// connection's writer task.
+impl WriteHalf {
+    /// Sends one frame with a plain send (no iovec to import); returns the
+    /// bytes written and the frame.
+    pub fn write(&mut self, frame: Bytes) -> impl Future<Output = BufResult<usize, Bytes>> + '_ {
+        self.wr.write(frame)
+    }
+
+    /// Sends a prepared [`Batch`] of frames with one vectored write;
+    /// returns the bytes written and the batch (advance it by them).
+    pub fn writev(&mut self, batch: Batch) -> impl Future<Output = BufResult<usize, Batch>> + '_ {
+        self.wr.writev(batch)
+    }
+}
+
+/// Frames taken from a connection's queue for one write. Owns the `Bytes`
+/// (so io_uring may hold their pointers) and, for two frames or more, the
+/// iovec array of a vectored write. A single frame (the common case at low
+/// rates) is held apart and needs neither array, so an idle connection's
+/// writer holds no allocation at all.
+pub struct Batch {
+    one: Option<Bytes>,
+    bufs: VecDeque<Bytes>,
+    iov: Vec<libc::iovec>,
+    bytes: usize,
+}
+
+impl Default for Batch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Batch {
+    pub fn new() -> Self {
+        Batch {
+            one: None,
+            bufs: VecDeque::new(),
+            iov: Vec::new(),
+            bytes: 0,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.one.is_none() && self.bufs.is_empty()
+    }
+
+    /// Frames held.
+    pub fn frames(&self) -> usize {
+        usize::from(self.one.is_some()) + self.bufs.len()
+    }
+
+    /// Bytes still to write.
+    pub fn len(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn push(&mut self, b: Bytes) {
+        self.bytes += b.len();
+        if self.bufs.is_empty() && self.one.is_none() {
+            self.one = Some(b);
+            return;
+        }
+        if let Some(first) = self.one.take() {
+            self.bufs.push_back(first);
+        }
+        self.bufs.push_back(b);
+    }
+
+    /// Rebuilds the iovec array; call before handing the batch to a write.
+    pub fn prepare(&mut self) {
+        self.iov.clear();
+        self.iov.extend(self.bufs.iter().map(|b| libc::iovec {
+            iov_base: b.as_ptr() as *mut libc::c_void,
+            iov_len: b.len(),
+        }));
+    }
+
+    /// Drops what a write of `n` bytes sent.
+    pub fn advance(&mut self, mut n: usize) {
+        self.bytes -= n;
+        if let Some(one) = self.one.as_mut() {
+            if one.len() <= n {
+                self.one = None;
+            } else {
+                one.advance(n);
+            }
+            return;
+        }
+        while n > 0 {
+            let Some(front) = self.bufs.front_mut() else {
+                break;
+            };
+            if front.len() <= n {
+                n -= front.len();
+                self.bufs.pop_front();
+            } else {
+                front.advance(n);
+                n = 0;
+            }
+        }
+    }
+
+    /// Takes the batch's only frame out, for a plain `send` (no iovec to
+    /// import); `restore` puts back what was not written.
+    pub fn take_single(&mut self) -> Option<Bytes> {
+        self.one.take()
+    }
+
+    /// Puts back the frame [`Batch::take_single`] took.
+    pub fn restore(&mut self, b: Bytes) {
+        self.one = Some(b);
+    }
+
+    /// Frees the buffers of an empty batch (its writer is going idle).
+    pub fn release(&mut self) {
+        if self.is_empty() && (self.bufs.capacity() > 0 || self.iov.capacity() > 0) {
+            *self = Batch::new();
+        }
+    }
+}
+
+// SAFETY: `iov` points into the `Bytes` in `bufs`, whose heap data never
+// moves while the batch is owned by the runtime; `prepare` keeps the two in
+// step and nothing changes `bufs` while a write is in flight.
+unsafe impl monoio::buf::IoVecBuf for Batch {
+    fn read_iovec_ptr(&self) -> *const libc::iovec {
+        self.iov.as_ptr()
+    }
+    fn read_iovec_len(&self) -> usize {
+        self.iov.len()
+    }
+}
+
+impl FrameSink for Batch {
+    fn frames(&self) -> usize {
+        Batch::frames(self)
+    }
+    fn bytes(&self) -> usize {
+        self.bytes
+    }
+    fn push(&mut self, frame: Bytes) {
+        Batch::push(self, frame)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_advance_handles_partial_writes() {
+        let mut b = Batch::new();
+        b.push(Bytes::from_static(b"abc"));
+        b.push(Bytes::from_static(b"defg"));
+        b.advance(4);
+        assert_eq!(b.len(), 3);
+        assert_eq!(&b.bufs[0][..], b"efg");
+        b.advance(3);
+        assert!(b.is_empty());
+        b.release();
+        assert_eq!(b.bufs.capacity(), 0);
+        // One frame needs no array.
+        b.push(Bytes::from_static(b"hello"));
+        assert_eq!(b.bufs.capacity(), 0);
+        b.advance(2);
+        assert_eq!(b.take_single().as_deref(), Some(&b"llo"[..]));
+    }
+}
