@@ -168,6 +168,12 @@ pub struct Config {
     #[arg(long, env = "APPS_FILE")]
     pub apps_file: Option<std::path::PathBuf>,
 
+    /// wspubsub API keys: a CSV file of `domain,apikey,active` rows; turns
+    /// on /ws/sub/{domain}/{topic} and /ws/pub/{apikey}/{domain}/{topic}.
+    /// Read again within a second of a change.
+    #[arg(long, env = "API_KEYS_FILE")]
+    pub api_keys_file: Option<std::path::PathBuf>,
+
     /// Seconds of silence before a Pusher connection is pinged (sent to
     /// clients as activity_timeout).
     #[arg(long, env = "PUSHER_ACTIVITY_TIMEOUT", default_value = "120", value_parser = parse_secs)]

@@ -35,8 +35,8 @@ fn main() -> ExitCode {
             return ExitCode::from(code as u8);
         }
     };
-    let apps = match herald::frontends::pusher::load_apps(&config) {
-        Ok(apps) => apps,
+    let loaded = match herald::frontends::load(&config) {
+        Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("herald: {e}");
             return ExitCode::from(2);
@@ -48,7 +48,7 @@ fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .init();
-    match herald::runtime::run(config, apps) {
+    match herald::runtime::run(config, loaded) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("herald: {e}");

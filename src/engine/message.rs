@@ -55,6 +55,9 @@ type Except = (u16, u32, u64);
 #[derive(Debug)]
 pub struct Message {
     frame: Bytes,
+    /// The channel name when the frame does not hold it (a raw frame):
+    /// then `channel_at` indexes this instead.
+    channel_src: Option<Bytes>,
     encoding: Encoding,
     channel_at: u32,
     channel_len: u8,
@@ -83,9 +86,41 @@ impl Message {
         debug_assert!(payload.end <= frame.len());
         let mut m = Message {
             frame,
+            channel_src: None,
             encoding,
             channel_at: channel.start as u32,
             channel_len: channel.len() as u8,
+            payload_at: payload.start as u32,
+            payload_len: payload.len() as u32,
+            kind,
+            namespace,
+            hash: 0,
+            except: None,
+            others: Default::default(),
+        };
+        m.hash = m.with_key(route_hash);
+        m
+    }
+
+    /// A message whose frame does not name its channel (a wspubsub
+    /// publisher's raw frame): the name is `channel`, which the publisher
+    /// keeps for its connection's life, so this costs no allocation.
+    pub fn with_channel(
+        frame: Bytes,
+        encoding: Encoding,
+        channel: Bytes,
+        payload: Range<usize>,
+        kind: PayloadKind,
+        namespace: u16,
+    ) -> Message {
+        debug_assert!(channel.len() <= MAX_CHANNEL_LEN);
+        debug_assert!(payload.end <= frame.len());
+        let mut m = Message {
+            frame,
+            channel_at: 0,
+            channel_len: channel.len() as u8,
+            channel_src: Some(channel),
+            encoding,
             payload_at: payload.start as u32,
             payload_len: payload.len() as u32,
             kind,
@@ -110,7 +145,8 @@ impl Message {
     /// The channel this message was published on.
     pub fn channel(&self) -> &str {
         let start = self.channel_at as usize;
-        let bytes = &self.frame[start..start + self.channel_len as usize];
+        let src = self.channel_src.as_ref().unwrap_or(&self.frame);
+        let bytes = &src[start..start + self.channel_len as usize];
         // Channel names are validated ASCII before a frame is built.
         std::str::from_utf8(bytes).unwrap_or("")
     }
@@ -259,6 +295,17 @@ mod tests {
         assert_eq!(m.frame_for(Encoding(2), &encoders), None);
         assert_eq!(m.frame_for(Encoding(7), &encoders), None, "no such encoder");
         assert_eq!(m.frame_for(Encoding(9), &encoders), None);
+    }
+
+    #[test]
+    fn a_raw_frame_names_its_channel_apart() {
+        let channel = Bytes::from_static(b"news:today");
+        let frame = Bytes::from_static(b"\x81\x05hello");
+        let m = Message::with_channel(frame, Encoding(2), channel, 2..7, PayloadKind::Text, 0);
+        assert_eq!(m.channel(), "news:today");
+        assert_eq!(m.payload(), b"hello");
+        assert_eq!(m.hash(), route_hash("news:today"));
+        assert_eq!(&m.frame()[..], b"\x81\x05hello");
     }
 
     #[test]

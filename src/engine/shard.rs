@@ -451,6 +451,7 @@ impl Shard {
             bucket.tokens -= 1.0;
             true
         } else {
+            self.stats.rate_limited.inc();
             false
         }
     }

@@ -85,6 +85,8 @@ pub struct CoreStats {
     pub request_timeouts: Stat,
     pub pings_sent: Stat,
     pub ping_timeouts: Stat,
+    /// Publishes refused for passing PUBLISH_RATE.
+    pub rate_limited: Stat,
     pub memory_collections: Stat,
     /// Indexed by namespace (0: native).
     pub namespaces: Box<[NamespaceStats]>,

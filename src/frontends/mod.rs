@@ -1,10 +1,11 @@
 //! The protocols herald speaks on top of the engine, each a folder: its
 //! own ([`native`]: protocol.md, wsify's commands, the HTTP publish API),
-//! the conformance [`echo`], and Pusher Channels ([`pusher`]).
+//! the conformance [`echo`], Pusher Channels ([`pusher`]) and wspubsub's
+//! raw topics ([`wspubsub`]).
 //!
-//! A front-end plugs in here, in three places: its node-wide state in
-//! [`FrontEnds`], its per-core [`Endpoint`] in [`endpoints`], and its
-//! encoder in [`ENCODERS`]. The router ([`crate::transport::http1::server`])
+//! A front-end plugs in here: what it loads at start-up in [`Loaded`]
+//! and [`load`], its node-wide state in [`FrontEnds`], its per-core
+//! [`Endpoint`] in [`endpoints`], and its encoder in [`ENCODERS`]. The router ([`crate::transport::http1::server`])
 //! hands each WebSocket upgrade and each HTTP request to the endpoint that
 //! serves its path, and ticks each endpoint ten times a second; the session
 //! ([`crate::session`]) drives the connections it admits through its [`FrontEnd`](crate::session::FrontEnd)
@@ -28,21 +29,63 @@ use crate::transport::tcp::Stream;
 pub mod echo;
 pub mod native;
 pub mod pusher;
+pub mod wspubsub;
 
 /// Every front-end's encoder, by encoding: each front-end's `ENCODING` is
 /// its index here (checked by a test below).
-pub static ENCODERS: &[Encoder] = &[native::protocol::encode, pusher::encode];
+pub static ENCODERS: &[Encoder] = &[native::protocol::encode, pusher::encode, wspubsub::encode];
+
+/// What the front-ends read from files and the environment at start-up,
+/// before the server starts (a mistake there stops it with exit code 2).
+#[derive(Default)]
+pub struct Loaded {
+    /// Pusher apps (APPS, APPS_FILE).
+    pub apps: pusher::apps::Apps,
+    /// wspubsub API keys (API_KEYS_FILE).
+    pub api_keys: Option<wspubsub::keys::ApiKeys>,
+}
+
+impl From<pusher::apps::Apps> for Loaded {
+    fn from(apps: pusher::apps::Apps) -> Loaded {
+        Loaded {
+            apps,
+            ..Loaded::default()
+        }
+    }
+}
+
+/// Why the front-ends' configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{0}")]
+    Apps(String),
+    #[error(transparent)]
+    ApiKeys(#[from] wspubsub::keys::LoadError),
+}
+
+/// Loads what `config` names for the front-ends.
+pub fn load(config: &Config) -> Result<Loaded, LoadError> {
+    let apps = pusher::load_apps(config).map_err(LoadError::Apps)?;
+    let api_keys = match &config.api_keys_file {
+        Some(path) => Some(wspubsub::keys::ApiKeys::from_file(path)?),
+        None => None,
+    };
+    Ok(Loaded { apps, api_keys })
+}
 
 /// The front-ends' node-wide state.
 pub struct FrontEnds {
     /// Pusher apps and their cross-core state, when any app exists.
     pub pusher: Option<Arc<pusher::PusherShared>>,
+    /// wspubsub's keys, with API_KEYS_FILE.
+    pub wspubsub: Option<Arc<wspubsub::WsPubSub>>,
 }
 
 impl FrontEnds {
-    pub fn new(config: &Config, apps: pusher::apps::Apps, metrics: &Arc<Metrics>) -> FrontEnds {
+    pub fn new(config: &Config, loaded: Loaded, metrics: &Arc<Metrics>) -> FrontEnds {
         FrontEnds {
-            pusher: pusher::PusherShared::start(config, apps, metrics),
+            pusher: pusher::PusherShared::start(config, loaded.apps, metrics),
+            wspubsub: loaded.api_keys.map(wspubsub::WsPubSub::start),
         }
     }
 }
@@ -55,6 +98,9 @@ pub fn endpoints(worker_id: usize, shared: &Arc<Shared>) -> Vec<Rc<dyn Endpoint>
     }
     if let Some(p) = &shared.frontends.pusher {
         all.push(Rc::new(pusher::Pusher::new(worker_id, p.clone())));
+    }
+    if let Some(w) = &shared.frontends.wspubsub {
+        all.push(Rc::new(wspubsub::WsPubSubEndpoint::new(w.clone())));
     }
     all
 }
@@ -181,54 +227,59 @@ impl Upgrade {
             let err = HttpError::new(503, "connection limit reached (MAX_CONNECTIONS)");
             return self.refuse("max_connections", err).await;
         }
-        match self.accept().await {
-            Some(conn) => conn.start(fe, admitted),
-            None => shared.release_connection(),
-        }
+        self.accept().start(fe, admitted);
     }
 
-    /// Completes the handshake (101): the connection is a WebSocket, with
-    /// what the client sent after its request head. `None` if the client
-    /// is gone.
-    pub async fn accept(mut self) -> Option<Accepted> {
-        let ok = server::send(
-            &mut self.stream,
-            crate::transport::http1::head::switching_protocols(&self.accept),
-        )
-        .await;
-        if !ok {
-            return None;
-        }
-        tracing::trace!(peer = self.peer, worker = self.worker.id, "websocket open");
+    /// Accepts the upgrade: the response (101) goes out when the session
+    /// starts, or ahead of a refusal sent over the WebSocket.
+    pub fn accept(self) -> Accepted {
         // Copied to its own exact size: the handshake buffer is freed now,
         // not kept for the connection's life.
         let leftover = self.leftover.as_slice().to_vec();
-        Some(Accepted {
+        Accepted {
+            response: crate::transport::http1::head::switching_protocols(&self.accept),
             worker: self.worker,
             stream: Stream::new(self.stream),
             leftover,
-        })
+            peer: self.peer,
+        }
     }
 }
 
-/// A connection that became a WebSocket, ready for
-/// [`session::start`](crate::session::start).
+/// An upgrade a front-end accepted, its response (101) not yet sent.
 pub struct Accepted {
     pub worker: Rc<Worker>,
-    pub stream: Stream,
-    pub leftover: Vec<u8>,
+    stream: Stream,
+    response: Vec<u8>,
+    leftover: Vec<u8>,
+    peer: String,
 }
 
 impl Accepted {
-    /// Sends `bytes` (frames written before the session starts, such as a
-    /// refusal and a close frame) and drops the connection.
-    pub async fn send_and_close(self, bytes: Vec<u8>) {
-        self.stream.send_and_close(bytes).await;
+    /// Completes the handshake, sends `frames` (a refusal and a close
+    /// frame, for protocols that refuse over the WebSocket) and drops the
+    /// connection.
+    pub async fn send_and_close(self, frames: Vec<u8>) {
+        let mut out = self.response;
+        out.extend_from_slice(&frames);
+        self.stream.send_and_close(out).await;
     }
 
-    /// Runs the connection's session with front-end `fe`.
+    /// Runs the connection's session with front-end `fe`. The connection
+    /// is registered (its subscriptions live) before the response goes
+    /// out, so a client that sees the handshake complete misses nothing
+    /// published after. The session owns the MAX_CONNECTIONS slot the
+    /// caller reserved, and releases it however the connection ends.
     pub fn start<F: crate::session::FrontEnd>(self, fe: Rc<F>, admitted: F::Admitted) {
-        crate::session::start(self.worker, self.stream, self.leftover, fe, admitted);
+        tracing::trace!(peer = self.peer, worker = self.worker.id, "websocket open");
+        crate::session::start(
+            self.worker,
+            self.stream,
+            self.response,
+            self.leftover,
+            fe,
+            admitted,
+        );
     }
 }
 
@@ -240,6 +291,7 @@ mod tests {
     fn encodings_index_their_encoders() {
         assert_eq!(usize::from(native::protocol::ENCODING.0), 0);
         assert_eq!(usize::from(pusher::ENCODING.0), 1);
-        assert_eq!(ENCODERS.len(), 2);
+        assert_eq!(usize::from(wspubsub::ENCODING.0), 2);
+        assert_eq!(ENCODERS.len(), 3);
     }
 }

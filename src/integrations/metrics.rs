@@ -383,6 +383,11 @@ const CORE_COUNTERS: &[Described<CoreStats, Stat>] = &[
         |s| &s.ping_timeouts,
     ),
     (
+        "rate_limited",
+        "Publishes refused because their connection passed PUBLISH_RATE",
+        |s| &s.rate_limited,
+    ),
+    (
         "memory_collections",
         "Times a worker returned freed memory to the system after connections came and went",
         |s| &s.memory_collections,

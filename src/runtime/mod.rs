@@ -26,7 +26,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::{Config, IoDriver};
 use crate::engine::shard::unix_ms;
-use crate::frontends::pusher::apps::Apps;
+use crate::frontends::Loaded;
 
 use crate::runtime::worker::{Shared, Worker};
 use crate::transport::http1::server::Site;
@@ -58,7 +58,7 @@ enum Event {
 }
 
 /// Runs herald until SIGINT/SIGTERM.
-pub fn run(config: Config, apps: Apps) -> Result<(), ServerError> {
+pub fn run(config: Config, loaded: impl Into<Loaded>) -> Result<(), ServerError> {
     raise_nofile_limit(config.max_connections, config.max_pending);
     let workers = config.worker_count();
     let wanted = SocketAddr::new(config.host(), config.port);
@@ -85,7 +85,7 @@ pub fn run(config: Config, apps: Apps) -> Result<(), ServerError> {
     };
     let shutdown_timeout = config.shutdown_timeout;
     let pin = config.pin_workers;
-    let shared = Shared::with_apps(config, workers, apps);
+    let shared = Shared::with_frontends(config, workers, loaded.into());
     let uring = match shared.config.io_driver {
         IoDriver::Epoll => false,
         IoDriver::IoUring | IoDriver::Auto => {

@@ -12,8 +12,7 @@ use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::engine::core::{Core, Hub};
 use crate::engine::shard::{Closes, Keepalive, Limits};
-use crate::frontends::pusher::apps::Apps;
-use crate::frontends::{Endpoint, FrontEnds};
+use crate::frontends::{Endpoint, FrontEnds, Loaded};
 use crate::integrations::authorizer::Authorizer;
 use crate::integrations::metrics::Metrics;
 use crate::transport::http1::pending::Pending;
@@ -38,14 +37,15 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(config: Config, workers: usize) -> Arc<Shared> {
-        Self::with_apps(config, workers, Apps::default())
+        Self::with_frontends(config, workers, Loaded::default())
     }
 
-    /// Shared state serving `apps` over the Pusher protocol too.
-    pub fn with_apps(config: Config, workers: usize, apps: Apps) -> Arc<Shared> {
-        let ids: Vec<&str> = apps.iter().map(|a| a.id.as_str()).collect();
+    /// Shared state serving what the front-ends `loaded` (Pusher apps,
+    /// wspubsub keys) too.
+    pub fn with_frontends(config: Config, workers: usize, loaded: Loaded) -> Arc<Shared> {
+        let ids: Vec<&str> = loaded.apps.iter().map(|a| a.id.as_str()).collect();
         let metrics = Arc::new(Metrics::with_apps(workers, &ids));
-        let frontends = FrontEnds::new(&config, apps, &metrics);
+        let frontends = FrontEnds::new(&config, loaded, &metrics);
         Arc::new(Shared {
             frontends,
             auth: Authenticator::new(config.secret.as_deref(), config.jwt_leeway),

@@ -115,16 +115,21 @@ const READS_PER_WAKE: usize = 4;
 /// A partial-frame buffer larger than this is freed once emptied.
 const KEEP_PENDING: usize = 4096;
 
-/// Starts an upgraded connection: registers it with the engine, opens it
-/// with its front-end, then spawns its writer and its reader; the reader's
-/// task removes it when it ends and releases its MAX_CONNECTIONS slot.
+/// Starts an accepted connection: registers it with the engine and opens
+/// it with its front-end (its subscriptions are live from here), then, in
+/// a task of its own (so that nothing the caller cancels can leave it half
+/// made), sends the handshake's `response` and spawns the connection's
+/// writer and reader. The reader's task removes the connection when it
+/// ends and releases its MAX_CONNECTIONS slot (as the first task does if
+/// the response cannot be sent).
 ///
-/// The setup runs here, before any task exists, so that the long-lived
-/// reader task carries only what it needs for the connection's whole life
-/// (an idle connection's memory is mostly its two tasks).
+/// The setup runs before the reader's task exists, so that the long-lived
+/// task carries only what it needs for the connection's whole life (an
+/// idle connection's memory is mostly its two tasks).
 pub fn start<F: FrontEnd>(
     worker: Rc<Worker>,
     stream: Stream,
+    response: Vec<u8>,
     leftover: Vec<u8>,
     fe: Rc<F>,
     admitted: F::Admitted,
@@ -136,16 +141,12 @@ pub fn start<F: FrontEnd>(
             .shard
             .borrow_mut()
             .open(stream.cut_handle(), F::ENCODING, F::SHUTDOWN_CODE);
-    let conn = fe.open(
-        &Cx {
-            worker: &worker,
-            key,
-            gen,
-        },
-        admitted,
-    );
-    let (rd, wr) = stream.split();
-    let writer = monoio::spawn(write_loop(wr, worker.clone(), key, gen));
+    let cx = Cx {
+        worker: &worker,
+        key,
+        gen,
+    };
+    let conn = fe.open(&cx, admitted);
     let reader = Reader {
         key,
         gen,
@@ -154,6 +155,25 @@ pub fn start<F: FrontEnd>(
         want: 0,
         conn,
     };
+    monoio::spawn(respond(worker, stream, response, fe, reader));
+}
+
+/// Sends the handshake's response, then runs the connection.
+async fn respond<F: FrontEnd>(
+    worker: Rc<Worker>,
+    mut stream: Stream,
+    response: Vec<u8>,
+    fe: Rc<F>,
+    mut reader: Reader<F>,
+) {
+    if stream.send_all(response).await.is_err() {
+        fe.close(&reader.cx(&worker), &mut reader.conn);
+        worker.core.remove(reader.key, reader.gen);
+        worker.shared.release_connection();
+        return;
+    }
+    let (rd, wr) = stream.split();
+    let writer = monoio::spawn(write_loop(wr, worker.clone(), reader.key, reader.gen));
     monoio::spawn(read_loop(worker, rd, fe, reader, writer));
 }
 

@@ -122,11 +122,17 @@ pub struct WriteHalf {
 }
 
 impl Stream {
-    /// Writes `bytes` whole (frames sent before a session starts, such as a
-    /// refusal and its close frame), then drops the connection.
-    pub async fn send_and_close(mut self, bytes: Vec<u8>) {
+    /// Writes `bytes` whole (the handshake's response, before the
+    /// session's tasks exist).
+    pub async fn send_all(&mut self, bytes: Vec<u8>) -> io::Result<()> {
         use monoio::io::AsyncWriteRentExt;
-        let _ = self.inner.write_all(bytes).await;
+        self.inner.write_all(bytes).await.0.map(|_| ())
+    }
+
+    /// Writes `bytes` whole (a refusal and its close frame), then drops
+    /// the connection.
+    pub async fn send_and_close(mut self, bytes: Vec<u8>) {
+        let _ = self.send_all(bytes).await;
     }
 }
 

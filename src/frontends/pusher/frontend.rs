@@ -138,14 +138,9 @@ async fn upgrade(fe: Rc<Pusher>, up: Upgrade) {
         (None, None) => Err((4001, "App key does not exist".to_string())),
     };
     let peer = up.peer.clone();
-    let Some(conn) = up.accept().await else {
-        if let Ok((_, ns)) = admitted {
-            api::release(&p, ns);
-            shared.release_connection();
-        }
-        return;
-    };
+    let conn = up.accept();
     match admitted {
+        // The session's close releases the app's count and the slot.
         Ok(a) => conn.start(fe, a),
         Err((code, msg)) => {
             tracing::debug!(peer, code, msg, "pusher connection refused");
