@@ -24,7 +24,7 @@ fn limits() -> Limits {
         close_timeout_ms: 5000,
         publish_rate: 0,
         keepalive: Keepalive::off(),
-        closes: herald::runtime::worker::CLOSES,
+        closes: herald::worker::CLOSES,
     }
 }
 

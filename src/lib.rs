@@ -3,31 +3,36 @@
 //!
 //! # Layout
 //!
-//! The tree is the architecture (ARCHITECTURE.md says more):
+//! The tree is the architecture (ARCHITECTURE.md, at the repository's
+//! root, says more); from the
+//! bottom layer up, each importing only from those below it:
 //!
-//! - [`runtime`]: start-up, listeners, signals, each core's reactor and its
-//!   timers.
-//! - [`transport`]: bytes on the wire: a connection's socket halves and
-//!   write batches ([`transport::tcp`]), HTTP/1.1 ([`transport::http1`]:
-//!   request heads, the router, the outgoing client) and WebSocket framing
-//!   ([`transport::ws`]). The only layer that touches sockets.
 //! - [`engine`]: channels, subscribers, the fan-out and the bus between
 //!   cores; it moves encoded frames and knows no protocol.
+//! - [`transport`]: bytes on the wire: a connection's socket halves and
+//!   write batches ([`transport::tcp`]), HTTP/1.1 ([`transport::http1`]:
+//!   request heads, pending connections, the outgoing client) and
+//!   WebSocket framing ([`transport::ws`]). The only layer that touches
+//!   sockets.
+//! - [`auth`] (tokens and permission patterns), [`config`].
+//! - [`integrations`]: the authorizer webhook and the metrics.
+//! - [`worker`]: one reactor's context and the process-wide state.
 //! - [`session`]: one WebSocket connection's reader and writer, generic
 //!   over the front-end that interprets its messages.
 //! - [`frontends`]: the protocols, each an endpoint the router hands its
-//!   paths to: herald's own ([`frontends::native`]), the conformance echo
-//!   and Pusher Channels ([`frontends::pusher`]).
-//! - [`integrations`]: the authorizer webhook and the metrics.
-//! - [`auth`] (tokens and permission patterns), [`config`], [`cli`] (the
-//!   command-line client).
+//!   paths to: herald's own ([`frontends::native`]), Pusher Channels
+//!   ([`frontends::pusher`]), wspubsub ([`frontends::wspubsub`]) and the
+//!   conformance echo.
+//! - [`runtime`]: start-up, listeners, signals, timers, and the HTTP
+//!   [`runtime::router`]; [`cli`]: the command-line client.
 //!
 //! The hot path: the [`session`] reads and decodes a frame, the front-end
-//! ([`frontends::native::session`]) applies a publish, [`engine::core::Core::publish`] hands the one
-//! encoded frame to the [`engine::bus`] and to
-//! [`engine::shard::Shard::deliver`], which queues a refcounted clone per
-//! subscriber; each subscriber's writer takes its queue in
-//! [`engine::shard::Shard::fill`] and writes it with one system call.
+//! ([`frontends::native::session`]) applies a publish,
+//! [`engine::core::Core::publish`] hands the one encoded frame to the
+//! [`engine::bus`] and to [`engine::shard::Shard::deliver`], which queues
+//! a refcounted clone per subscriber; each subscriber's writer takes its
+//! queue in [`engine::shard::Shard::fill`] and writes it with one system
+//! call.
 
 pub mod auth;
 pub mod cli;
@@ -38,3 +43,4 @@ pub mod integrations;
 pub mod runtime;
 pub mod session;
 pub mod transport;
+pub mod worker;

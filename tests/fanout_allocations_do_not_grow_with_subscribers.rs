@@ -14,8 +14,8 @@ use std::task::{Context, Waker};
 
 use herald::config::Config;
 use herald::frontends::native::protocol::message_frame;
-use herald::runtime::worker::{Shared, Worker};
 use herald::transport::tcp::Batch;
+use herald::worker::{Shared, Worker};
 
 struct Counting;
 
@@ -49,7 +49,7 @@ fn allocations() -> usize {
 /// of two workers), after a warm-up publish.
 fn allocations_per_publish(n: usize) -> usize {
     let config = Config::try_from_args(["herald", "--send-queue-limit", "1GiB"]).unwrap();
-    let shared = Shared::new(config, 2);
+    let shared = Shared::new(config, 2, herald::frontends::ENCODERS);
     let workers = [
         Worker::new(0, shared.clone()),
         Worker::new(1, shared.clone()),

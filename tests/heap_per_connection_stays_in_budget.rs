@@ -183,7 +183,7 @@ fn shard() -> Shard {
             close_timeout_ms: 1000,
             publish_rate: 0,
             keepalive: Keepalive::off(),
-            closes: herald::runtime::worker::CLOSES,
+            closes: herald::worker::CLOSES,
         },
         std::sync::Arc::new(CoreStats::new(1)),
         herald::frontends::ENCODERS,

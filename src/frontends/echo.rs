@@ -5,7 +5,7 @@
 
 use std::rc::Rc;
 
-use super::{Endpoint, LocalFuture, Upgrade};
+use super::endpoint::{Endpoint, LocalFuture, Upgrade};
 use crate::engine::message::Encoding;
 use crate::session::{Cx, Flow, FrontEnd};
 use crate::transport::ws::frame;

@@ -3,30 +3,26 @@
 //! the conformance [`echo`], Pusher Channels ([`pusher`]) and wspubsub's
 //! raw topics ([`wspubsub`]).
 //!
-//! A front-end plugs in here: what it loads at start-up in [`Loaded`]
-//! and [`load`], its node-wide state in [`FrontEnds`], its per-core
-//! [`Endpoint`] in [`endpoints`], and its encoder in [`ENCODERS`]. The router ([`crate::transport::http1::server`])
-//! hands each WebSocket upgrade and each HTTP request to the endpoint that
-//! serves its path, and ticks each endpoint ten times a second; the session
-//! ([`crate::session`]) drives the connections it admits through its [`FrontEnd`](crate::session::FrontEnd)
-//! implementation. Nothing else names a front-end.
+//! A front-end implements [`endpoint::Endpoint`] (the upgrades and HTTP
+//! requests at its paths) and [`FrontEnd`](crate::session::FrontEnd)
+//! (what its connections' messages do), and plugs in here: what it loads
+//! at start-up in [`Loaded`] and [`load`], its node-wide state in
+//! [`FrontEnds`], its per-core endpoint in [`endpoints`], its encoder in
+//! [`ENCODERS`]. The router ([`crate::runtime::router`]) hands each
+//! request to the endpoint that serves its path. Nothing else names a
+//! front-end.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
-
-use monoio::net::TcpStream;
 
 use crate::config::Config;
 use crate::engine::message::Encoder;
 use crate::integrations::metrics::Metrics;
-use crate::runtime::worker::{Shared, Worker};
-use crate::transport::http1::head::{HttpError, RequestHead};
-use crate::transport::http1::server;
-use crate::transport::tcp::Stream;
+use crate::worker::Shared;
+use endpoint::Endpoint;
 
 pub mod echo;
+pub mod endpoint;
 pub mod native;
 pub mod pusher;
 pub mod wspubsub;
@@ -91,196 +87,25 @@ impl FrontEnds {
 }
 
 /// One core's endpoints, in the order the router asks them.
-pub fn endpoints(worker_id: usize, shared: &Arc<Shared>) -> Vec<Rc<dyn Endpoint>> {
+pub fn endpoints(
+    worker_id: usize,
+    shared: &Arc<Shared>,
+    frontends: &FrontEnds,
+) -> Rc<[Rc<dyn Endpoint>]> {
     let mut all: Vec<Rc<dyn Endpoint>> = vec![Rc::new(native::Native::new(shared))];
     if shared.config.echo_endpoint {
         all.push(Rc::new(echo::Echo));
     }
-    if let Some(p) = &shared.frontends.pusher {
-        all.push(Rc::new(pusher::Pusher::new(worker_id, p.clone())));
+    if let Some(p) = &frontends.pusher {
+        all.push(Rc::new(pusher::connection::Pusher::new(
+            worker_id,
+            p.clone(),
+        )));
     }
-    if let Some(w) = &shared.frontends.wspubsub {
+    if let Some(w) = &frontends.wspubsub {
         all.push(Rc::new(wspubsub::WsPubSubEndpoint::new(w.clone())));
     }
-    all
-}
-
-/// A future a front-end returns to the router.
-pub type LocalFuture<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
-
-/// What a front-end serves on a core: WebSocket upgrades and plain HTTP
-/// requests at its paths, and a tick once a second.
-pub trait Endpoint {
-    /// Does it take WebSocket upgrades at `path`?
-    fn serves_upgrade(&self, path: &str) -> bool;
-
-    /// Admits or refuses an upgrade (its handshake already checked) and
-    /// starts the session.
-    fn upgrade(self: Rc<Self>, up: Upgrade) -> LocalFuture<'static, ()>;
-
-    /// Does it answer plain HTTP requests at `path`?
-    fn serves_http(&self, _path: &str) -> bool {
-        false
-    }
-
-    /// Answers one HTTP request, its body read whole.
-    fn http<'a>(&'a self, _worker: &'a Worker, _req: Request<'a>) -> LocalFuture<'a, Answer> {
-        Box::pin(async { Answer::text(404, "not found\n") })
-    }
-
-    /// On each core's timer tick, ten times a second (requests from other
-    /// cores, idle sweeps at their own pace).
-    fn tick(&self, _worker: &Worker, _now_ms: u64) {}
-}
-
-/// A plain HTTP request for a front-end.
-pub struct Request<'a> {
-    pub head: &'a RequestHead,
-    pub body: &'a [u8],
-    /// The client's address (behind trusted proxies, the one they name).
-    pub peer: &'a str,
-}
-
-/// A front-end's answer to an HTTP request.
-pub struct Answer {
-    pub status: u16,
-    pub content_type: &'static str,
-    pub body: Vec<u8>,
-    /// Extra headers (`Allow` on a 405).
-    pub headers: Vec<(&'static str, String)>,
-    /// Close the connection after it (the request cannot be followed).
-    pub close: bool,
-}
-
-impl Answer {
-    pub fn new(status: u16, content_type: &'static str, body: Vec<u8>) -> Answer {
-        Answer {
-            status,
-            content_type,
-            body,
-            headers: Vec::new(),
-            close: false,
-        }
-    }
-
-    pub fn json(status: u16, body: Vec<u8>) -> Answer {
-        Answer::new(status, "application/json", body)
-    }
-
-    pub fn text(status: u16, body: impl Into<String>) -> Answer {
-        Answer::new(
-            status,
-            "text/plain; charset=utf-8",
-            body.into().into_bytes(),
-        )
-    }
-}
-
-/// A WebSocket upgrade whose handshake is valid, for a front-end to admit
-/// or refuse.
-pub struct Upgrade {
-    pub worker: Rc<Worker>,
-    stream: TcpStream,
-    pub head: RequestHead,
-    /// Bytes that arrived after the request head (the first frames).
-    leftover: Vec<u8>,
-    /// The `Sec-WebSocket-Accept` value.
-    accept: String,
-    /// The client's address (behind trusted proxies, the one they name).
-    pub peer: String,
-}
-
-impl Upgrade {
-    pub fn new(
-        worker: Rc<Worker>,
-        stream: TcpStream,
-        head: RequestHead,
-        leftover: Vec<u8>,
-        accept: String,
-        peer: String,
-    ) -> Upgrade {
-        Upgrade {
-            worker,
-            stream,
-            head,
-            leftover,
-            accept,
-            peer,
-        }
-    }
-
-    /// Refuses with an HTTP error, counted under `reason`.
-    pub async fn refuse(mut self, reason: &str, err: HttpError) {
-        server::refuse(&self.worker, &mut self.stream, reason, err, &self.peer).await;
-    }
-
-    /// The plain admission most front-ends share: refused with 503 while
-    /// the server stops or at MAX_CONNECTIONS, else accepted and run by
-    /// `fe`'s session.
-    pub async fn admit<F: crate::session::FrontEnd>(self, fe: Rc<F>, admitted: F::Admitted) {
-        let shared = self.worker.shared.clone();
-        if shared.is_shutting_down() {
-            let err = HttpError::new(503, "server shutting down");
-            return self.refuse("shutting_down", err).await;
-        }
-        if !shared.try_reserve_connection() {
-            let err = HttpError::new(503, "connection limit reached (MAX_CONNECTIONS)");
-            return self.refuse("max_connections", err).await;
-        }
-        self.accept().start(fe, admitted);
-    }
-
-    /// Accepts the upgrade: the response (101) goes out when the session
-    /// starts, or ahead of a refusal sent over the WebSocket.
-    pub fn accept(self) -> Accepted {
-        // Copied to its own exact size: the handshake buffer is freed now,
-        // not kept for the connection's life.
-        let leftover = self.leftover.as_slice().to_vec();
-        Accepted {
-            response: crate::transport::http1::head::switching_protocols(&self.accept),
-            worker: self.worker,
-            stream: Stream::new(self.stream),
-            leftover,
-            peer: self.peer,
-        }
-    }
-}
-
-/// An upgrade a front-end accepted, its response (101) not yet sent.
-pub struct Accepted {
-    pub worker: Rc<Worker>,
-    stream: Stream,
-    response: Vec<u8>,
-    leftover: Vec<u8>,
-    peer: String,
-}
-
-impl Accepted {
-    /// Completes the handshake, sends `frames` (a refusal and a close
-    /// frame, for protocols that refuse over the WebSocket) and drops the
-    /// connection.
-    pub async fn send_and_close(self, frames: Vec<u8>) {
-        let mut out = self.response;
-        out.extend_from_slice(&frames);
-        self.stream.send_and_close(out).await;
-    }
-
-    /// Runs the connection's session with front-end `fe`. The connection
-    /// is registered (its subscriptions live) before the response goes
-    /// out, so a client that sees the handshake complete misses nothing
-    /// published after. The session owns the MAX_CONNECTIONS slot the
-    /// caller reserved, and releases it however the connection ends.
-    pub fn start<F: crate::session::FrontEnd>(self, fe: Rc<F>, admitted: F::Admitted) {
-        tracing::trace!(peer = self.peer, worker = self.worker.id, "websocket open");
-        crate::session::start(
-            self.worker,
-            self.stream,
-            self.response,
-            self.leftover,
-            fe,
-            admitted,
-        );
-    }
+    all.into()
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@
 //! stop accepting, close every connection with 1001 after flushing what
 //! is queued, and exit within SHUTDOWN_TIMEOUT; a second signal exits at once.
 
-pub mod worker;
+pub mod router;
 
 use std::future::poll_fn;
 use std::io;
@@ -26,10 +26,10 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::{Config, IoDriver};
 use crate::engine::shard::unix_ms;
-use crate::frontends::Loaded;
-
-use crate::runtime::worker::{Shared, Worker};
-use crate::transport::http1::server::Site;
+use crate::frontends::{FrontEnds, Loaded};
+use crate::integrations::metrics::Metrics;
+use crate::worker::{Shared, Worker};
+use router::{Endpoints, Site};
 
 /// Submission queue entries per io_uring (a fan-out queues one write per subscriber).
 const URING_ENTRIES: u32 = 4096;
@@ -85,7 +85,11 @@ pub fn run(config: Config, loaded: impl Into<Loaded>) -> Result<(), ServerError>
     };
     let shutdown_timeout = config.shutdown_timeout;
     let pin = config.pin_workers;
-    let shared = Shared::with_frontends(config, workers, loaded.into());
+    let loaded: Loaded = loaded.into();
+    let ids: Vec<&str> = loaded.apps.iter().map(|a| a.id.as_str()).collect();
+    let metrics = Arc::new(Metrics::with_apps(workers, &ids));
+    let frontends = Arc::new(FrontEnds::new(&config, loaded, &metrics));
+    let shared = Shared::with_metrics(config, workers, crate::frontends::ENCODERS, metrics);
     let uring = match shared.config.io_driver {
         IoDriver::Epoll => false,
         IoDriver::IoUring | IoDriver::Auto => {
@@ -113,6 +117,7 @@ pub fn run(config: Config, loaded: impl Into<Loaded>) -> Result<(), ServerError>
             None
         };
         let shared = shared.clone();
+        let frontends = frontends.clone();
         let tx = tx.clone();
         let metrics = if id == 0 {
             metrics_listener.take()
@@ -126,7 +131,7 @@ pub fn run(config: Config, loaded: impl Into<Loaded>) -> Result<(), ServerError>
                     core_affinity::set_for_current(core);
                 }
                 let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    run_worker(id, shared, listener, metrics, uring, &tx)
+                    run_worker(id, shared, &frontends, listener, metrics, uring, &tx)
                 }));
                 let res = match res {
                     Ok(Ok(())) => Ok(()),
@@ -290,6 +295,7 @@ static FALLBACK_LOGGED: AtomicBool = AtomicBool::new(false);
 fn run_worker(
     id: usize,
     shared: Arc<Shared>,
+    frontends: &FrontEnds,
     listener: std::net::TcpListener,
     metrics: Option<std::net::TcpListener>,
     uring: bool,
@@ -301,7 +307,11 @@ fn run_worker(
             .enable_timer()
             .build()
         {
-            Ok(mut rt) => return rt.block_on(worker_main(id, shared, listener, metrics, events)),
+            Ok(mut rt) => {
+                return rt.block_on(worker_main(
+                    id, shared, frontends, listener, metrics, events,
+                ))
+            }
             Err(e) => {
                 if !FALLBACK_LOGGED.swap(true, Ordering::Relaxed) {
                     tracing::warn!("io_uring setup failed ({e}); using the epoll driver");
@@ -312,7 +322,9 @@ fn run_worker(
     let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
         .enable_timer()
         .build()?;
-    rt.block_on(worker_main(id, shared, listener, metrics, events))
+    rt.block_on(worker_main(
+        id, shared, frontends, listener, metrics, events,
+    ))
 }
 
 /// Yields once to the other tasks of this thread.
@@ -333,22 +345,30 @@ async fn yield_now() {
 async fn worker_main(
     id: usize,
     shared: Arc<Shared>,
+    frontends: &FrontEnds,
     listener: std::net::TcpListener,
     metrics: Option<std::net::TcpListener>,
     events: &Sender<Event>,
 ) -> io::Result<()> {
     let worker = Rc::new(Worker::new(id, shared.clone()));
+    let endpoints = crate::frontends::endpoints(id, &shared, frontends);
     let listener = TcpListener::from_std(listener)?;
     let listen_fd = listener.as_raw_fd();
-    monoio::spawn(accept_loop(worker.clone(), listener, Site::Main));
+    monoio::spawn(accept_loop(
+        worker.clone(),
+        endpoints.clone(),
+        listener,
+        Site::Main,
+    ));
     if let Some(m) = metrics {
         monoio::spawn(accept_loop(
             worker.clone(),
+            endpoints.clone(),
             TcpListener::from_std(m)?,
             Site::Metrics,
         ));
     }
-    monoio::spawn(timer_loop(worker.clone()));
+    monoio::spawn(timer_loop(worker.clone(), endpoints));
     shared.ready.fetch_add(1, Ordering::AcqRel);
     let _ = events.send(Event::Ready);
 
@@ -391,7 +411,7 @@ async fn worker_main(
     Ok(())
 }
 
-async fn accept_loop(worker: Rc<Worker>, listener: TcpListener, site: Site) {
+async fn accept_loop(worker: Rc<Worker>, endpoints: Endpoints, listener: TcpListener, site: Site) {
     let mut last_warning = 0;
     loop {
         match listener.accept().await {
@@ -400,8 +420,9 @@ async fn accept_loop(worker: Rc<Worker>, listener: TcpListener, site: Site) {
                     break;
                 }
                 let _ = stream.set_nodelay(true);
-                monoio::spawn(crate::transport::http1::server::serve(
+                monoio::spawn(router::serve(
                     worker.clone(),
+                    endpoints.clone(),
                     stream,
                     peer,
                     site,
@@ -431,7 +452,7 @@ async fn accept_loop(worker: Rc<Worker>, listener: TcpListener, site: Site) {
 /// Runs the shard's timers (token expiry, close deadlines) every 100 ms,
 /// the keep-alive sweep (server pings), the Pusher requests from other
 /// cores, and once a second the Pusher idle sweep (pings, 4201).
-async fn timer_loop(worker: Rc<Worker>) {
+async fn timer_loop(worker: Rc<Worker>, endpoints: Endpoints) {
     const TICK_MS: u64 = 100;
     let mut tick = monoio::time::interval(Duration::from_millis(TICK_MS));
     let keepalive_every = (worker.core.shard.borrow().keepalive().sweep_ms / TICK_MS).max(1);
@@ -447,7 +468,7 @@ async fn timer_loop(worker: Rc<Worker>) {
         if ticks % keepalive_every == 0 {
             worker.core.shard.borrow_mut().sweep_idle();
         }
-        for endpoint in &worker.endpoints {
+        for endpoint in endpoints.iter() {
             endpoint.tick(&worker, now);
         }
         if ticks % 10 == 0 {

@@ -31,11 +31,11 @@ use std::rc::Rc;
 use bytes::Bytes;
 
 use crate::engine::message::Encoding;
-use crate::runtime::worker::Worker;
 use crate::transport::tcp::Batch;
 use crate::transport::tcp::{ReadHalf, Stream, WriteHalf};
 use crate::transport::ws::codec::{Decoded, Decoder, Message, WsError};
 use crate::transport::ws::frame;
+use crate::worker::Worker;
 
 /// What a front-end does with one connection's messages.
 ///

@@ -63,6 +63,47 @@ impl Stream {
     }
 }
 
+/// Plain HTTP (before a connection becomes a WebSocket):
+/// reads at most `max` more bytes into `buf`; `Ok(0)` is EOF.
+pub async fn read_more(stream: &TcpStream, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
+    buf.reserve(max.min(16 * 1024));
+    loop {
+        stream.readable(false).await?;
+        let spare = buf.spare_capacity_mut();
+        let room = max.min(spare.len());
+        let spare = &mut spare[..room];
+        // SAFETY: `spare` is valid for writes of its length; recv reports
+        // how many bytes it initialised.
+        let n = unsafe {
+            libc::recv(
+                stream.as_raw_fd(),
+                spare.as_mut_ptr().cast(),
+                spare.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n >= 0 {
+            // SAFETY: recv initialised `n` bytes past the old length.
+            unsafe { buf.set_len(buf.len() + n as usize) };
+            return Ok(n as usize);
+        }
+        let err = io::Error::last_os_error();
+        if !matches!(
+            err.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+        ) {
+            return Err(err);
+        }
+    }
+}
+
+/// Writes `bytes` whole; false if the peer is gone.
+pub async fn send(stream: &mut TcpStream, bytes: Vec<u8>) -> bool {
+    use monoio::io::AsyncWriteRentExt;
+    let (res, _) = stream.write_all(bytes).await;
+    res.is_ok()
+}
+
 /// Shuts a connection down both ways, given its [`Stream::cut_handle`]:
 /// pending reads see EOF, writes fail, and both tasks end.
 pub fn cut(handle: i32) {

@@ -14,11 +14,11 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use self::protocol::ErrorCode;
-use super::{Answer, Endpoint, LocalFuture, Request, Upgrade};
+use super::endpoint::{Answer, Endpoint, LocalFuture, Request, Upgrade};
 use crate::auth::{self, AuthError, Grant};
 use crate::integrations::authorizer::{self, Action, ConnAuthz, Decision};
-use crate::runtime::worker::{Shared, Worker};
 use crate::transport::http1::head::{HttpError, RequestHead};
+use crate::worker::{Shared, Worker};
 
 /// The native front-end of one core.
 pub struct Native;

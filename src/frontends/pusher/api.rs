@@ -7,15 +7,13 @@
 //! [`super::wire::parse_trigger`]. A trigger is encoded once per channel
 //! and fanned out like any publish.
 
-use std::sync::atomic::Ordering;
-
 use serde_json::{json, Map, Value};
 
 use super::apps::App;
 use super::connection::{channel_of, published};
 use super::wire::{self, ChannelKind};
 use super::{Control, PusherShared};
-use crate::runtime::worker::Worker;
+use crate::worker::Worker;
 
 /// An answer: status, content type, body.
 pub type Answer = (u16, &'static str, Vec<u8>);
@@ -242,24 +240,4 @@ fn users(shared: &PusherShared, ns: u16, name: &str) -> Answer {
         .map(|u| json!({ "id": &**u }))
         .collect();
     ok_json(json!({ "users": users }))
-}
-
-/// Uncounts a connection of app `ns`.
-pub fn release(shared: &PusherShared, ns: u16) {
-    if let Some(c) = shared.app_connections.get(ns as usize - 1) {
-        c.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// Counts a new connection of app `ns`; false over the app's quota.
-pub fn admit(shared: &PusherShared, app: &App, ns: u16) -> bool {
-    let Some(counter) = shared.app_connections.get(ns as usize - 1) else {
-        return false;
-    };
-    let max = app.max_connections.unwrap_or(usize::MAX);
-    counter
-        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-            (n < max).then_some(n + 1)
-        })
-        .is_ok()
 }

@@ -8,6 +8,8 @@
 //! trigger, presence change) is encoded once as the Pusher event frame and
 //! shared by every subscriber on every core, like a native publish.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -16,10 +18,34 @@ use serde_json::json;
 
 use super::apps::{App, WebhookEvent};
 use super::wire::{self, ChannelKind, ClientMessage};
-use super::Pusher;
+use super::PusherShared;
 use crate::engine::message::{Message, PayloadKind};
 use crate::engine::shard::SubscribeError;
-use crate::runtime::worker::Worker;
+use crate::worker::Worker;
+
+/// The Pusher front-end of one core: its connections' state, reached
+/// by their own messages, the idle sweep and `terminate_connections`
+/// (its [`Endpoint`](crate::frontends::endpoint::Endpoint) and
+/// [`FrontEnd`](crate::session::FrontEnd) are in [`super::frontend`]).
+pub struct Pusher {
+    pub worker_id: usize,
+    pub shared: Arc<PusherShared>,
+    /// This core's Pusher connections, by slot.
+    pub conns: RefCell<HashMap<usize, PusherConn>>,
+    /// When the idle sweep last ran (Unix ms).
+    pub(super) swept: std::cell::Cell<u64>,
+}
+
+impl Pusher {
+    pub fn new(worker_id: usize, shared: Arc<PusherShared>) -> Pusher {
+        Pusher {
+            worker_id,
+            shared,
+            conns: RefCell::default(),
+            swept: std::cell::Cell::new(0),
+        }
+    }
+}
 
 /// Close code when a ping went unanswered (Pusher 4201).
 pub const PONG_NOT_RECEIVED: u16 = 4201;
@@ -480,7 +506,7 @@ pub fn on_close(fe: &Pusher, worker: &Worker, key: usize) {
         }
     }
     if let Some(p) = fe.conns.borrow_mut().remove(&key) {
-        super::api::release(&fe.shared, p.ns);
+        fe.shared.release(p.ns);
     }
 }
 

@@ -1,45 +1,19 @@
-//! The Pusher front-end of one core: upgrades at `/app/{key}`, the HTTP
-//! API at `/apps/{id}/..`, the idle sweep and other cores' requests once a
-//! second, and each connection's messages (in [`super::connection`]).
-//!
-//! A connection's Pusher state lives in this core's table, keyed by its
-//! slot, because more than the connection reaches it: the idle sweep and
-//! `terminate_connections`.
+//! How the Pusher front-end of a core ([`Pusher`]) plugs in: upgrades at
+//! `/app/{key}`, the HTTP API at `/apps/{id}/..`, the idle sweep and other
+//! cores' requests on the timer, and each connection's messages (handled
+//! in [`super::connection`]).
 
-use std::cell::RefCell;
-use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 
 use super::apps::App;
-use super::connection::{self, PusherConn};
-use super::{api, wire, Control, PusherShared};
+use super::connection::{self, Pusher, PusherConn};
+use super::{api, wire, Control};
 use crate::engine::message::Encoding;
-use crate::frontends::{Answer, Endpoint, LocalFuture, Request, Upgrade};
-use crate::runtime::worker::Worker;
+use crate::frontends::endpoint::{Answer, Endpoint, LocalFuture, Request, Upgrade};
 use crate::session::{Cx, Flow, FrontEnd};
 use crate::transport::ws::frame;
-
-/// The Pusher front-end of one core.
-pub struct Pusher {
-    pub worker_id: usize,
-    pub shared: Arc<PusherShared>,
-    /// This core's Pusher connections, by slot.
-    pub conns: RefCell<HashMap<usize, PusherConn>>,
-    /// When the idle sweep last ran (Unix ms).
-    swept: std::cell::Cell<u64>,
-}
-
-impl Pusher {
-    pub fn new(worker_id: usize, shared: Arc<PusherShared>) -> Pusher {
-        Pusher {
-            worker_id,
-            shared,
-            conns: RefCell::default(),
-            swept: std::cell::Cell::new(0),
-        }
-    }
-}
+use crate::worker::Worker;
 
 /// The app a Pusher connection was admitted to, and its namespace.
 pub type Admitted = (Arc<App>, u16);
@@ -125,10 +99,10 @@ async fn upgrade(fe: Rc<Pusher>, up: Upgrade) {
     let admitted = match (refusal, app) {
         (None, Some(app)) => {
             let ns = p.apps.index_of(&app) + 1;
-            if !api::admit(&p, &app, ns) {
+            if !p.admit(&app, ns) {
                 Err((4004, "Application is over connection quota".to_string()))
             } else if !shared.try_reserve_connection() {
-                api::release(&p, ns);
+                p.release(ns);
                 Err((4100, "Over capacity".to_string()))
             } else {
                 Ok((app, ns))

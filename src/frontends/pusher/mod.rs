@@ -19,7 +19,7 @@ pub mod socket;
 pub mod webhooks;
 pub mod wire;
 
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,8 +31,6 @@ use self::webhooks::Webhooks;
 use crate::config::Config;
 use crate::engine::message::{Encoding, Message};
 use crate::integrations::metrics::Metrics;
-
-pub use self::frontend::Pusher;
 
 /// The Pusher protocol's encoding of published messages.
 pub const ENCODING: Encoding = Encoding(1);
@@ -69,6 +67,26 @@ pub struct PusherShared {
 }
 
 impl PusherShared {
+    /// Counts a new connection of app `ns`; false over the app's quota.
+    pub fn admit(&self, app: &apps::App, ns: u16) -> bool {
+        let Some(counter) = self.app_connections.get(ns as usize - 1) else {
+            return false;
+        };
+        let max = app.max_connections.unwrap_or(usize::MAX);
+        counter
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// Uncounts a connection of app `ns`.
+    pub fn release(&self, ns: u16) {
+        if let Some(c) = self.app_connections.get(ns as usize - 1) {
+            c.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
     /// The Pusher state for `apps`, if there is any app.
     pub fn start(config: &Config, apps: Apps, metrics: &Arc<Metrics>) -> Option<Arc<PusherShared>> {
         if apps.is_empty() {

@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::{Endpoint, LocalFuture, Upgrade};
+use super::endpoint::{Endpoint, LocalFuture, Upgrade};
 use crate::engine::message::{Encoding, Message, PayloadKind};
 use crate::session::{Cx, Flow, FrontEnd};
 use crate::transport::http1::head::HttpError;

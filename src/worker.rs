@@ -4,15 +4,14 @@
 //! [`Shared`] state.
 
 use std::cell::{Cell, RefCell};
-use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::engine::core::{Core, Hub};
+use crate::engine::message::Encoder;
 use crate::engine::shard::{Closes, Keepalive, Limits};
-use crate::frontends::{Endpoint, FrontEnds, Loaded};
 use crate::integrations::authorizer::Authorizer;
 use crate::integrations::metrics::Metrics;
 use crate::transport::http1::pending::Pending;
@@ -31,29 +30,25 @@ pub struct Shared {
     pub ready: AtomicUsize,
     pub workers: usize,
     pub shutdown: AtomicBool,
-    /// The front-ends' node-wide state.
-    pub frontends: FrontEnds,
 }
 
 impl Shared {
-    pub fn new(config: Config, workers: usize) -> Arc<Shared> {
-        Self::with_frontends(config, workers, Loaded::default())
+    /// Shared state whose engine serves `encoders` (the front-ends').
+    pub fn new(config: Config, workers: usize, encoders: &'static [Encoder]) -> Arc<Shared> {
+        let metrics = Arc::new(Metrics::new(workers));
+        Self::with_metrics(config, workers, encoders, metrics)
     }
 
-    /// Shared state serving what the front-ends `loaded` (Pusher apps,
-    /// wspubsub keys) too.
-    pub fn with_frontends(config: Config, workers: usize, loaded: Loaded) -> Arc<Shared> {
-        let ids: Vec<&str> = loaded.apps.iter().map(|a| a.id.as_str()).collect();
-        let metrics = Arc::new(Metrics::with_apps(workers, &ids));
-        let frontends = FrontEnds::new(&config, loaded, &metrics);
+    /// The same, reporting to `metrics`.
+    pub fn with_metrics(
+        config: Config,
+        workers: usize,
+        encoders: &'static [Encoder],
+        metrics: Arc<Metrics>,
+    ) -> Arc<Shared> {
         Arc::new(Shared {
-            frontends,
             auth: Authenticator::new(config.secret.as_deref(), config.jwt_leeway),
-            hub: Arc::new(Hub::new(
-                workers,
-                config.bus_capacity,
-                crate::frontends::ENCODERS,
-            )),
+            hub: Arc::new(Hub::new(workers, config.bus_capacity, encoders)),
             metrics,
             connections: AtomicUsize::new(0),
             ready: AtomicUsize::new(0),
@@ -105,8 +100,6 @@ pub struct Worker {
     pub pending: RefCell<Pending>,
     /// Numbers this worker's connections for the authorizer's `connection_id`.
     next_connection: Cell<u64>,
-    /// The front-ends serving this core, in the order the router asks them.
-    pub endpoints: Vec<Rc<dyn Endpoint>>,
 }
 
 /// The closes the engine starts on its own, as this server writes them:
@@ -139,7 +132,6 @@ impl Worker {
             authorizer: Authorizer::from_config(c, Some(shared.metrics.outgoing("authorizer"))),
             pending: RefCell::new(Pending::new(c.pending_per_worker())),
             next_connection: Cell::new(0),
-            endpoints: crate::frontends::endpoints(id, &shared),
             shared,
         }
     }

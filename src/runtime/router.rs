@@ -2,24 +2,25 @@
 //! reading a request head (and body) within HANDSHAKE_TIMEOUT, refusing
 //! ambiguous framing, the checks every WebSocket upgrade gets (handshake,
 //! Origin), and the routing of each upgrade and each HTTP request to the
-//! front-end that serves its path ([`crate::frontends::Endpoint`]). It
+//! front-end that serves its path ([`Endpoint`]). It
 //! answers `GET /health` and `GET /metrics` itself, with keep-alive.
 
 use std::future::poll_fn;
-use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 
-use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 
-use crate::frontends::{Answer, Request, Upgrade};
+use crate::frontends::endpoint::{refuse, Answer, Endpoint, Request, Upgrade};
 use crate::integrations::metrics::Format;
-use crate::runtime::worker::{Shared, Worker};
 use crate::transport::http1::forwarded;
 use crate::transport::http1::head::{self, HttpError, RequestHead};
+use crate::transport::tcp::{read_more, send};
+use crate::worker::{Shared, Worker};
+
+/// One core's endpoints, in the order they are asked.
+pub type Endpoints = Rc<[Rc<dyn Endpoint>]>;
 
 /// Largest request head accepted.
 const MAX_HEAD: usize = 16 * 1024;
@@ -28,39 +29,6 @@ enum HeadError {
     /// The peer closed (or reset) before sending a complete head.
     Closed,
     Http(HttpError),
-}
-
-/// Reads at most `max` more bytes into `buf`; `Ok(0)` is EOF.
-async fn read_more(stream: &TcpStream, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
-    buf.reserve(max.min(16 * 1024));
-    loop {
-        stream.readable(false).await?;
-        let spare = buf.spare_capacity_mut();
-        let room = max.min(spare.len());
-        let spare = &mut spare[..room];
-        // SAFETY: `spare` is valid for writes of its length; recv reports
-        // how many bytes it initialised.
-        let n = unsafe {
-            libc::recv(
-                stream.as_raw_fd(),
-                spare.as_mut_ptr().cast(),
-                spare.len(),
-                libc::MSG_DONTWAIT,
-            )
-        };
-        if n >= 0 {
-            // SAFETY: recv initialised `n` bytes past the old length.
-            unsafe { buf.set_len(buf.len() + n as usize) };
-            return Ok(n as usize);
-        }
-        let err = io::Error::last_os_error();
-        if !matches!(
-            err.kind(),
-            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-        ) {
-            return Err(err);
-        }
-    }
 }
 
 async fn read_head(
@@ -86,30 +54,36 @@ async fn read_head(
     }
 }
 
-/// Writes `bytes` whole; false if the peer is gone.
-pub async fn send(stream: &mut TcpStream, bytes: Vec<u8>) -> bool {
-    let (res, _) = stream.write_all(bytes).await;
-    res.is_ok()
-}
-
 /// Serves one accepted TCP connection: HTTP requests until it upgrades to
 /// WebSocket or closes. Until it upgrades it is one of its worker's
 /// [`pending`](crate::transport::http1::pending) connections, closed at once if evicted to
 /// make room for a newer one.
-pub async fn serve(worker: Rc<Worker>, stream: TcpStream, peer: SocketAddr, site: Site) {
+pub async fn serve(
+    worker: Rc<Worker>,
+    endpoints: Endpoints,
+    stream: TcpStream,
+    peer: SocketAddr,
+    site: Site,
+) {
     let (ticket, evicted_other) = worker.pending.borrow_mut().admit();
     if evicted_other {
         worker.core.stats.pending_evictions.inc();
     }
     let evicted = poll_fn(|cx| worker.pending.borrow_mut().poll_evicted(ticket, cx));
     monoio::select! {
-        _ = serve_requests(worker.clone(), stream, peer, site) => {},
+        _ = serve_requests(worker.clone(), &endpoints, stream, peer, site) => {},
         _ = evicted => tracing::debug!(%peer, "pending connection evicted (MAX_PENDING)"),
     }
     worker.pending.borrow_mut().leave(ticket);
 }
 
-async fn serve_requests(worker: Rc<Worker>, mut stream: TcpStream, peer: SocketAddr, site: Site) {
+async fn serve_requests(
+    worker: Rc<Worker>,
+    endpoints: &[Rc<dyn Endpoint>],
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    site: Site,
+) {
     let timeout = worker.shared.config.handshake_timeout;
     let mut buf = Vec::new();
     loop {
@@ -152,19 +126,22 @@ async fn serve_requests(worker: Rc<Worker>, mut stream: TcpStream, peer: SocketA
                 send(&mut stream, head::error_response(&e)).await;
                 return;
             }
-            upgrade(worker, stream, head, buf, client).await;
+            upgrade(worker, endpoints, stream, head, buf, client).await;
             return;
         }
         // Boxed: a request's handling is large and rare next to a
         // connection's life; inline it would enlarge every handshake.
         let keep = Box::pin(api(
-            &worker,
+            Here {
+                worker: &worker,
+                endpoints,
+                site,
+            },
             &mut stream,
             &head,
             body_len,
             &mut buf,
             &client,
-            site,
         ));
         if !keep.await {
             return;
@@ -172,30 +149,17 @@ async fn serve_requests(worker: Rc<Worker>, mut stream: TcpStream, peer: SocketA
     }
 }
 
-/// Refuses an upgrade with `err`, counting it under `reason`.
-pub async fn refuse(
-    worker: &Worker,
-    stream: &mut TcpStream,
-    reason: &str,
-    err: HttpError,
-    peer: &str,
-) {
-    tracing::debug!(peer, reason, error = %err, "upgrade refused");
-    worker.shared.metrics.reject(reason);
-    send(stream, head::error_response(&err)).await;
-}
-
 /// Checks an upgrade's handshake and Origin, then hands it to the
 /// front-end serving its path.
 async fn upgrade(
     worker: Rc<Worker>,
+    endpoints: &[Rc<dyn Endpoint>],
     mut stream: TcpStream,
     head: RequestHead,
     leftover: Vec<u8>,
     peer: String,
 ) {
-    let Some(endpoint) = worker
-        .endpoints
+    let Some(endpoint) = endpoints
         .iter()
         .find(|e| e.serves_upgrade(head.path()))
         .cloned()
@@ -252,15 +216,26 @@ pub enum Site {
 }
 
 /// Serves one plain HTTP request; returns whether to keep the connection.
+/// Where a request is served: the core, its endpoints, the listener.
+struct Here<'a> {
+    worker: &'a Worker,
+    endpoints: &'a [Rc<dyn Endpoint>],
+    site: Site,
+}
+
 async fn api(
-    worker: &Worker,
+    here: Here<'_>,
     stream: &mut TcpStream,
     head: &RequestHead,
     body_len: usize,
     buf: &mut Vec<u8>,
     peer: &str,
-    site: Site,
 ) -> bool {
+    let Here {
+        worker,
+        endpoints,
+        site,
+    } = here;
     let shared = &worker.shared;
     let (method, path) = (head.method(), head.path());
     let answer = match (method, path) {
@@ -291,7 +266,7 @@ async fn api(
             a
         }
         _ => {
-            if let Some(endpoint) = worker.endpoints.iter().find(|e| e.serves_http(path)) {
+            if let Some(endpoint) = endpoints.iter().find(|e| e.serves_http(path)) {
                 let Some(len) = read_body(worker, stream, body_len, buf).await else {
                     return false;
                 };
@@ -308,7 +283,7 @@ async fn api(
                 let answer = endpoint.http(worker, req).await;
                 buf.drain(..len);
                 answer
-            } else if method == "GET" && worker.endpoints.iter().any(|e| e.serves_upgrade(path)) {
+            } else if method == "GET" && endpoints.iter().any(|e| e.serves_upgrade(path)) {
                 let mut a = Answer::text(426, "this endpoint expects a WebSocket upgrade\n");
                 a.close = true;
                 a
@@ -321,7 +296,7 @@ async fn api(
     };
     // A body nobody read must not be parsed as the next request: close
     // after answering instead.
-    let body_read = worker.endpoints.iter().any(|e| e.serves_http(path)) && site == Site::Main;
+    let body_read = endpoints.iter().any(|e| e.serves_http(path)) && site == Site::Main;
     let keep = head.keep_alive()
         && !shared.is_shutting_down()
         && !answer.close
