@@ -25,6 +25,7 @@ fn limits() -> Limits {
         publish_rate: 0,
         keepalive: Keepalive::off(),
         closes: herald::worker::CLOSES,
+        clock: herald::clock::now_ms,
     }
 }
 

@@ -14,7 +14,8 @@
 //!   request heads, pending connections, the outgoing client) and
 //!   WebSocket framing ([`transport::ws`]). The only layer that touches
 //!   sockets.
-//! - [`auth`] (tokens and permission patterns), [`config`].
+//! - [`clock`] (monotonic deadlines, Unix time where protocols need it),
+//!   [`auth`] (tokens and permission patterns), [`config`].
 //! - [`integrations`]: the authorizer webhook and the metrics.
 //! - [`worker`]: one reactor's context and the process-wide state.
 //! - [`session`]: one WebSocket connection's reader and writer, generic
@@ -36,6 +37,7 @@
 
 pub mod auth;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod engine;
 pub mod frontends;

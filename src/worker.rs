@@ -123,6 +123,7 @@ impl Worker {
             publish_rate: c.publish_rate,
             keepalive: Keepalive::new(c.ping_interval, c.pong_timeout),
             closes: CLOSES,
+            clock: crate::clock::now_ms,
         };
         let stats = shared.metrics.core(id);
         Worker {

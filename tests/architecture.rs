@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 /// do not import each other.
 const LAYERS: &[(&str, u8)] = &[
     ("engine", 0),
+    ("clock", 0),
     ("auth", 1),
     ("transport", 1),
     ("config", 2),

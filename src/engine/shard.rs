@@ -12,7 +12,6 @@ use std::collections::{BinaryHeap, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
-use std::time::Instant;
 
 use std::num::NonZeroU64;
 
@@ -41,6 +40,9 @@ pub struct Limits {
     pub keepalive: Keepalive,
     /// How the closes the engine decides itself are written.
     pub closes: Closes,
+    /// The monotonic clock, in milliseconds (never 0): close deadlines,
+    /// expiries and publish rates are measured on it.
+    pub clock: fn() -> u64,
 }
 
 /// The frames and codes of the closes the engine starts on its own (a
@@ -106,7 +108,8 @@ impl Keepalive {
 #[derive(Debug)]
 struct Bucket {
     tokens: f64,
-    last: Instant,
+    /// When it was last refilled ([`Limits::clock`]).
+    last: u64,
 }
 
 /// A WebSocket connection as its reactor sees it.
@@ -118,7 +121,7 @@ pub struct Conn {
     encoding: Encoding,
     /// The close code its front-end sends when the server shuts down.
     shutdown_code: u16,
-    /// When its authorization expires (Unix ms), if it does.
+    /// When its authorization expires ([`Limits::clock`]), if it does.
     expires: Option<NonZeroU64>,
     /// The transport's handle to cut the connection with ([`Closes::cut`]).
     handle: i32,
@@ -132,7 +135,7 @@ pub struct Conn {
     writer: Option<Waker>,
     /// Set once a close frame is queued (or the peer vanished): nothing else
     /// is queued after it, and the TCP connection is cut at this deadline
-    /// (Unix ms).
+    /// ([`Limits::clock`]).
     closing: Option<NonZeroU64>,
     /// The writer took frames since the last keep-alive sweep (an idle
     /// connection's empty queue is freed by the sweep).
@@ -185,7 +188,7 @@ pub struct Shard {
     encoders: &'static [Encoder],
     /// Connections opened or closed since the last [`Shard::take_churn`].
     churn: usize,
-    /// (deadline in Unix ms, slot, gen): token expiries and close deadlines.
+    /// (deadline on [`Limits::clock`], slot, gen): token expiries and close deadlines.
     timers: BinaryHeap<Reverse<(u64, usize, u64)>>,
     next_gen: u64,
     stats: Arc<CoreStats>,
@@ -226,14 +229,6 @@ fn enqueue(queue: &mut VecDeque<Bytes>, frame: Bytes) {
         queue.reserve_exact(1);
     }
     queue.push_back(frame);
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 impl Shard {
@@ -284,7 +279,7 @@ impl Shard {
         let bucket = (self.limits.publish_rate > 0).then(|| {
             Box::new(Bucket {
                 tokens: self.limits.publish_rate as f64,
-                last: Instant::now(),
+                last: (self.limits.clock)(),
             })
         });
         let key = self.conns.insert(Conn {
@@ -334,7 +329,8 @@ impl Shard {
             .unwrap_or_default()
     }
 
-    /// Sets when `key`'s authorization expires (Unix ms; `None`: never).
+    /// Sets when `key`'s authorization expires (on [`Limits::clock`];
+    /// `None`: never).
     /// Past it, the connection is closed with [`Closes::expired`].
     pub fn set_expiry(&mut self, key: usize, gen: u64, at_ms: Option<u64>) {
         let Some(conn) = self.conn_mut(key, gen) else {
@@ -443,8 +439,8 @@ impl Shard {
         let Some(bucket) = self.conns.get_mut(key).and_then(|c| c.bucket.as_mut()) else {
             return true;
         };
-        let now = Instant::now();
-        let refill = now.duration_since(bucket.last).as_secs_f64() * rate;
+        let now = (self.limits.clock)();
+        let refill = now.saturating_sub(bucket.last) as f64 / 1000.0 * rate;
         bucket.tokens = (bucket.tokens + refill).min(rate);
         bucket.last = now;
         if bucket.tokens >= 1.0 {
@@ -542,10 +538,11 @@ impl Shard {
     /// and sets the deadline after which the socket is cut.
     pub fn close(&mut self, key: usize, code: Option<u16>, reason: &str, discard_queued: bool) {
         let timeout = self.limits.close_timeout_ms;
-        self.close_with_deadline(key, code, reason, discard_queued, unix_ms() + timeout);
+        let deadline = (self.limits.clock)() + timeout;
+        self.close_with_deadline(key, code, reason, discard_queued, deadline);
     }
 
-    /// [`Shard::close`] with an explicit deadline (Unix ms).
+    /// [`Shard::close`] with an explicit deadline ([`Limits::clock`]).
     pub fn close_with_deadline(
         &mut self,
         key: usize,
@@ -578,13 +575,14 @@ impl Shard {
     /// The reader stopped without a closing handshake of ours (peer gone):
     /// drop the queue and let the writer finish.
     pub fn abandon(&mut self, key: usize, gen: u64) {
+        let now = (self.limits.clock)();
         let Some(conn) = self.conn_mut(key, gen) else {
             return;
         };
         if conn.closing.is_none() {
             conn.queue.clear();
             conn.queued = 0;
-            conn.closing = NonZeroU64::new(unix_ms().max(1));
+            conn.closing = NonZeroU64::new(now.max(1));
         }
         if let Some(w) = conn.writer.take() {
             w.wake();
@@ -711,9 +709,10 @@ impl Shard {
         }
     }
 
-    /// Runs due timers at `now` (Unix ms): closes connections whose token
+    /// Runs the timers due now ([`Limits::clock`]): closes connections whose token
     /// expired (4001) and cuts those whose close deadline passed.
-    pub fn run_timers(&mut self, now: u64) {
+    pub fn run_timers(&mut self) {
+        let now = (self.limits.clock)();
         while let Some(&Reverse((at, key, gen))) = self.timers.peek() {
             if at > now {
                 break;
@@ -817,13 +816,32 @@ mod tests {
         Bytes::from_static(&[0x89, 0])
     }
 
+    thread_local! {
+        /// The tests' clock, moved by hand.
+        static NOW: std::cell::Cell<u64> = const { std::cell::Cell::new(1) };
+        /// Handles cut so far.
+        static CUTS: std::cell::RefCell<Vec<i32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    fn clock() -> u64 {
+        NOW.with(|n| n.get())
+    }
+
+    fn set_clock(ms: u64) {
+        NOW.with(|n| n.set(ms));
+    }
+
+    fn cuts() -> Vec<i32> {
+        CUTS.with(|c| c.borrow().clone())
+    }
+
     const CLOSES: Closes = Closes {
         frame: close_frame,
         ping,
         slow_consumer: (4008, "slow consumer"),
         ping_timeout: (1001, "ping timeout"),
         expired: (4001, "token expired"),
-        cut: |_| {},
+        cut: |h| CUTS.with(|c| c.borrow_mut().push(h)),
     };
 
     fn shard(limit: usize) -> Shard {
@@ -840,6 +858,7 @@ mod tests {
                     sweep_ms: 1000,
                 },
                 closes: CLOSES,
+                clock,
             },
             Arc::new(CoreStats::new(1)),
             &[],
@@ -1052,9 +1071,15 @@ mod tests {
         let mut s = shard(1 << 20);
         let (k, g) = s.open(-1, ENC, 1001);
         s.set_expiry(k, g, Some(1_001_001));
-        s.run_timers(1_000_000);
+        {
+            set_clock(1_000_000);
+            s.run_timers();
+        }
         assert!(!s.conn(k).unwrap().is_closing());
-        s.run_timers(1_001_001);
+        {
+            set_clock(1_001_001);
+            s.run_timers();
+        }
         assert!(s.conn(k).unwrap().is_closing());
         let q = drain(&mut s, k, g);
         assert_eq!(&q[0][2..4], &4001u16.to_be_bytes());
@@ -1062,10 +1087,57 @@ mod tests {
         let (k, g) = s.open(-1, ENC, 1001);
         s.set_expiry(k, g, Some(2_000_000));
         s.set_expiry(k, g, Some(3_000_000));
-        s.run_timers(2_500_000);
+        {
+            set_clock(2_500_000);
+            s.run_timers();
+        }
         assert!(!s.conn(k).unwrap().is_closing());
         s.set_expiry(k, g, None);
-        s.run_timers(3_500_000);
+        {
+            set_clock(3_500_000);
+            s.run_timers();
+        }
         assert!(!s.conn(k).unwrap().is_closing());
+    }
+
+    #[test]
+    fn a_close_cuts_the_socket_at_its_deadline_on_the_given_clock() {
+        set_clock(10_000);
+        let mut s = shard(1 << 20);
+        let (k, g) = s.open(77, ENC, 1001);
+        s.close(k, Some(1000), "bye", false);
+        assert!(s.conn(k).unwrap().is_closing());
+        // close_timeout_ms is 1000: due at 11,000.
+        {
+            set_clock(10_999);
+            s.run_timers();
+        }
+        assert!(!cuts().contains(&77));
+        {
+            set_clock(11_000);
+            s.run_timers();
+        }
+        assert!(cuts().contains(&77), "cut at the deadline");
+        let _ = g;
+    }
+
+    #[test]
+    fn the_publish_rate_refills_with_the_clock() {
+        set_clock(5_000);
+        let mut s = shard(1 << 20);
+        s.limits.publish_rate = 2;
+        let (k, _) = s.open(-1, ENC, 1001);
+        assert!(s.take_publish_token(k));
+        assert!(s.take_publish_token(k));
+        assert!(!s.take_publish_token(k), "a burst of 2 at most");
+        set_clock(5_499);
+        assert!(!s.take_publish_token(k), "less than one token back");
+        set_clock(5_500);
+        assert!(s.take_publish_token(k), "one token per 500 ms at 2/s");
+        set_clock(60_000);
+        assert!(s.take_publish_token(k));
+        assert!(s.take_publish_token(k));
+        assert!(!s.take_publish_token(k), "refills up to the burst only");
+        assert_eq!(s.stats.rate_limited.get(), 3);
     }
 }

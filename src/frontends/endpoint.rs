@@ -42,7 +42,8 @@ pub trait Endpoint {
     }
 
     /// On each core's timer tick, ten times a second (requests from other
-    /// cores, idle sweeps at their own pace).
+    /// cores, idle sweeps at their own pace); `now_ms` is
+    /// [`crate::clock::now_ms`].
     fn tick(&self, _worker: &Worker, _now_ms: u64) {}
 }
 

@@ -24,8 +24,8 @@ use crossbeam_channel::Sender;
 use monoio::net::TcpListener;
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::clock;
 use crate::config::{Config, IoDriver};
-use crate::engine::shard::unix_ms;
 use crate::frontends::{FrontEnds, Loaded};
 use crate::integrations::metrics::Metrics;
 use crate::worker::{Shared, Worker};
@@ -387,7 +387,7 @@ async fn worker_main(
     }
     let timeout = shared.config.shutdown_timeout;
     worker.core.shard.borrow_mut().close_all(
-        unix_ms() + timeout.as_millis() as u64,
+        clock::now_ms() + timeout.as_millis() as u64,
         "server shutting down",
     );
     // Keep draining the bus while connections close, so a publisher on
@@ -432,7 +432,7 @@ async fn accept_loop(worker: Rc<Worker>, endpoints: Endpoints, listener: TcpList
                 if worker.shared.is_shutting_down() {
                     break;
                 }
-                let now = unix_ms();
+                let now = clock::now_ms();
                 if now - last_warning > 1000 {
                     last_warning = now;
                     tracing::warn!(worker = worker.id, "accept failed: {e}");
@@ -463,8 +463,8 @@ async fn timer_loop(worker: Rc<Worker>, endpoints: Endpoints) {
             break;
         }
         ticks += 1;
-        let now = unix_ms();
-        worker.core.shard.borrow_mut().run_timers(now);
+        let now = clock::now_ms();
+        worker.core.shard.borrow_mut().run_timers();
         if ticks % keepalive_every == 0 {
             worker.core.shard.borrow_mut().sweep_idle();
         }

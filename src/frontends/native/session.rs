@@ -87,9 +87,11 @@ impl FrontEnd for Native {
 /// it the connection is closed with 4001.
 fn set_expiry(cx: &Cx<'_>, grant: &Grant) {
     let leeway = cx.worker.shared.config.jwt_leeway;
+    // `exp` is Unix time; the engine's deadlines are on the monotonic
+    // clock.
     let at = grant
         .exp
-        .map(|exp| exp.saturating_add(leeway).saturating_mul(1000) + 1);
+        .map(|exp| crate::clock::monotonic_at(exp.saturating_add(leeway).saturating_mul(1000) + 1));
     cx.worker
         .core
         .shard

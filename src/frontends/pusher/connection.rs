@@ -32,7 +32,7 @@ pub struct Pusher {
     pub shared: Arc<PusherShared>,
     /// This core's Pusher connections, by slot.
     pub conns: RefCell<HashMap<usize, PusherConn>>,
-    /// When the idle sweep last ran (Unix ms).
+    /// When the idle sweep last ran ([`crate::clock::now_ms`]).
     pub(super) swept: std::cell::Cell<u64>,
 }
 
@@ -64,9 +64,9 @@ pub struct PusherConn {
     /// Client-event token bucket: tokens left and when it was refilled.
     tokens: f64,
     refilled: Instant,
-    /// Unix ms of the last message from the client.
+    /// When ([`crate::clock::now_ms`]) the last message came from the client.
     pub last_seen: u64,
-    /// Unix ms a server ping was sent without an answer yet.
+    /// When a server ping was sent without an answer yet.
     pub pinged_at: Option<u64>,
 }
 

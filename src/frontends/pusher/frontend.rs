@@ -35,7 +35,7 @@ impl Endpoint for Pusher {
         Box::pin(async move {
             let head = req.head;
             let query = head.query().unwrap_or("");
-            let now = crate::engine::shard::unix_ms() / 1000;
+            let now = crate::clock::unix_secs();
             let (status, content_type, body) = api::handle(
                 &self.shared,
                 worker,
@@ -142,14 +142,14 @@ impl FrontEnd for Pusher {
             .shard
             .borrow_mut()
             .push(cx.key, wire::connection_established(&socket_id, timeout));
-        let now = crate::engine::shard::unix_ms();
+        let now = crate::clock::now_ms();
         self.conns
             .borrow_mut()
             .insert(cx.key, PusherConn::new(app, ns, socket_id, now));
     }
 
     fn on_text(&self, cx: &Cx<'_>, _: &mut (), text: &[u8]) -> Flow<()> {
-        let now = crate::engine::shard::unix_ms();
+        let now = crate::clock::now_ms();
         connection::handle_text(self, cx.worker, cx.key, text, now);
         Flow::Continue
     }
@@ -166,7 +166,7 @@ impl FrontEnd for Pusher {
 
     fn on_activity(&self, cx: &Cx<'_>, _: &mut ()) {
         if let Some(p) = self.conns.borrow_mut().get_mut(&cx.key) {
-            p.seen(crate::engine::shard::unix_ms());
+            p.seen(crate::clock::now_ms());
         }
     }
 

@@ -140,13 +140,6 @@ pub fn body(time_ms: u64, events: &[Value]) -> Vec<u8> {
     v.to_string().into_bytes()
 }
 
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 /// The sender thread: runs the dispatcher until every sender is gone.
 fn run(rx: mpsc::Receiver<Queued>, timeout: Duration, metrics: WebhookMetrics) {
     let rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
@@ -244,7 +237,7 @@ async fn run_lane(lane: Rc<Lane>, client: Rc<Client>, timeout: Duration, metrics
         if events.is_empty() {
             continue;
         }
-        let body = Bytes::from(body(unix_ms(), &events));
+        let body = Bytes::from(body(crate::clock::unix_ms(), &events));
         post(&client, &lane.app, &lane.target, body, timeout, &metrics).await;
     }
 }
