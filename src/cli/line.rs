@@ -143,7 +143,10 @@ pub fn message_line(channel: &str, data: &str) -> String {
 /// The line for a binary message (protocol.md: one length byte, the
 /// channel, the payload): `channel<TAB>base64:<payload>`, or with `json`
 /// `{"op":"message","channel":..,"base64":..}`.
-pub fn binary_line(frame: &[u8], json: bool) -> Result<String, &'static str> {
+pub fn binary_line(
+    frame: &[u8],
+    json: bool,
+) -> Result<String, crate::frontends::native::protocol::BinaryError> {
     let (channel, payload) = crate::frontends::native::protocol::parse_binary(frame)?;
     let encoded = base64::engine::general_purpose::STANDARD.encode(payload);
     Ok(if json {

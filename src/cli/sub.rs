@@ -48,7 +48,7 @@ pub struct SubArgs {
 
 /// Checks a channel name as the server would (protocol.md "Channel names").
 pub fn parse_channel(s: &str) -> Result<String, String> {
-    crate::frontends::native::protocol::validate_channel(s).map_err(str::to_string)?;
+    crate::frontends::native::protocol::validate_channel(s).map_err(|e| e.to_string())?;
     Ok(s.to_string())
 }
 

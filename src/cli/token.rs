@@ -126,7 +126,7 @@ pub fn parse_pattern(s: &str) -> Result<String, String> {
         return Err("'*' may only end a pattern".into());
     }
     // A prefix is checked like a name: a pattern no channel can match is a mistake.
-    crate::frontends::native::protocol::validate_channel(name).map_err(str::to_string)?;
+    crate::frontends::native::protocol::validate_channel(name).map_err(|e| e.to_string())?;
     Ok(s.to_string())
 }
 

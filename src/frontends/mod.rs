@@ -53,15 +53,15 @@ impl From<pusher::apps::Apps> for Loaded {
 /// Why the front-ends' configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("{0}")]
-    Apps(String),
+    #[error(transparent)]
+    Apps(#[from] pusher::apps::AppsError),
     #[error(transparent)]
     ApiKeys(#[from] wspubsub::keys::LoadError),
 }
 
 /// Loads what `config` names for the front-ends.
 pub fn load(config: &Config) -> Result<Loaded, LoadError> {
-    let apps = pusher::load_apps(config).map_err(LoadError::Apps)?;
+    let apps = pusher::load_apps(config)?;
     let api_keys = match &config.api_keys_file {
         Some(path) => Some(wspubsub::keys::ApiKeys::from_file(path)?),
         None => None,

@@ -298,16 +298,20 @@ struct RawAnswer {
     exp: Option<u64>,
 }
 
+/// An authorizer's answer to `connect` whose claims are ill-typed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("authorizer answer has invalid claims: {0}")]
+pub struct AnswerError(String);
+
 /// Reads a 200 answer to `connect`. An empty body, or one that is not a
 /// JSON object, carries nothing; an object with ill-typed claims is an
 /// error (the backend meant to say something and said it wrong).
-pub fn parse_connect_answer(body: &[u8]) -> Result<ConnectAnswer, String> {
+pub fn parse_connect_answer(body: &[u8]) -> Result<ConnectAnswer, AnswerError> {
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
     if first != Some(&b'{') {
         return Ok(ConnectAnswer::default());
     }
-    let raw: RawAnswer = serde_json::from_slice(body)
-        .map_err(|e| format!("authorizer answer has invalid claims: {e}"))?;
+    let raw: RawAnswer = serde_json::from_slice(body).map_err(|e| AnswerError(e.to_string()))?;
     let claims = (raw.read.is_some() || raw.write.is_some()).then(|| Claims {
         sub: raw.sub.clone(),
         read: raw.read.unwrap_or_default(),

@@ -123,7 +123,7 @@ async fn authorize_connect(
     let answer = match decision {
         Decision::Allow(body) => authorizer::parse_connect_answer(&body).map_err(|e| {
             tracing::warn!(error = %e, "authorizer answer to connect ignored");
-            ("authorizer_unavailable", HttpError::new(503, e))
+            ("authorizer_unavailable", HttpError::new(503, e.to_string()))
         })?,
         Decision::Deny(status) => {
             let msg = format!("not authorized (authorizer answered {status})");

@@ -140,14 +140,23 @@ fn channel_field<'a>(
     raw: Option<&'a RawValue>,
 ) -> Result<Cow<'a, str>, BadRequest<'a>> {
     let channel = string_field(id, raw, "channel")?;
-    validate_channel(&channel).map_err(|m| bad(id, m))?;
+    validate_channel(&channel).map_err(|e| bad(id, e.to_string()))?;
     Ok(channel)
 }
 
+/// Why a channel name is refused (protocol.md "Channel names").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ChannelError {
+    #[error("invalid channel name: must be 1 to 255 bytes")]
+    Length,
+    #[error("invalid channel name: allowed characters are A-Z a-z 0-9 _ - = @ , . ; :")]
+    Characters,
+}
+
 /// Checks a channel name: 1 to 255 bytes of `A-Z a-z 0-9 _ - = @ , . ; :`.
-pub fn validate_channel(name: &str) -> Result<(), &'static str> {
+pub fn validate_channel(name: &str) -> Result<(), ChannelError> {
     if name.is_empty() || name.len() > MAX_CHANNEL_LEN {
-        return Err("invalid channel name: must be 1 to 255 bytes");
+        return Err(ChannelError::Length);
     }
     let ok = name
         .bytes()
@@ -155,8 +164,21 @@ pub fn validate_channel(name: &str) -> Result<(), &'static str> {
     if ok {
         Ok(())
     } else {
-        Err("invalid channel name: allowed characters are A-Z a-z 0-9 _ - = @ , . ; :")
+        Err(ChannelError::Characters)
     }
+}
+
+/// Why a binary publish is refused (protocol.md "Binary frames").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BinaryError {
+    #[error("empty binary frame: expected a channel length byte")]
+    Empty,
+    #[error("binary frame too short for its channel length byte")]
+    Short,
+    #[error("binary channel is not UTF-8")]
+    NotUtf8,
+    #[error(transparent)]
+    Channel(#[from] ChannelError),
 }
 
 /// Is the first non-blank byte `{`? serde would also accept a JSON array
@@ -302,15 +324,13 @@ pub fn parse_http_publish(
 }
 
 /// Splits a binary publish (`n`, `n` bytes of channel, payload).
-pub fn parse_binary(payload: &[u8]) -> Result<(&str, &[u8]), &'static str> {
-    let (&n, rest) = payload
-        .split_first()
-        .ok_or("empty binary frame: expected a channel length byte")?;
+pub fn parse_binary(payload: &[u8]) -> Result<(&str, &[u8]), BinaryError> {
+    let (&n, rest) = payload.split_first().ok_or(BinaryError::Empty)?;
     let n = n as usize;
     if n == 0 || rest.len() < n {
-        return Err("binary frame too short for its channel length byte");
+        return Err(BinaryError::Short);
     }
-    let channel = std::str::from_utf8(&rest[..n]).map_err(|_| "binary channel is not UTF-8")?;
+    let channel = std::str::from_utf8(&rest[..n]).map_err(|_| BinaryError::NotUtf8)?;
     validate_channel(channel)?;
     Ok((channel, &rest[n..]))
 }

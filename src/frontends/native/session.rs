@@ -335,8 +335,11 @@ fn reauthorize(cx: &Cx<'_>, conn: &mut NativeConn, grant: Arc<Grant>) {
 fn handle_binary(cx: &Cx<'_>, conn: &mut NativeConn, data: &[u8]) -> Flow {
     let (channel, payload) = match protocol::parse_binary(data) {
         Ok(parts) => parts,
-        Err(msg) => {
-            push(cx, protocol::error(None, ErrorCode::BadRequest, msg));
+        Err(e) => {
+            push(
+                cx,
+                protocol::error(None, ErrorCode::BadRequest, &e.to_string()),
+            );
             return Flow::Continue;
         }
     };

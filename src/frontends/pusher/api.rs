@@ -101,11 +101,11 @@ fn trigger(
     };
     let events = match events {
         Ok(e) => e,
-        Err(e) => return text(400, e),
+        Err(e) => return text(400, e.to_string()),
     };
     for ev in &events {
-        if ev.data.len() > limit {
-            return text(413, format!("Payload too large: data over {limit} bytes"));
+        if let Err(e) = wire::check_data_size(ev, limit) {
+            return text(413, e.to_string());
         }
         for ch in &ev.channels {
             if let Err(e) = wire::validate_channel(ch) {

@@ -105,26 +105,26 @@ impl App {
         self.webhooks.iter().any(|w| w.wants(event))
     }
 
-    fn validate(&self) -> Result<(), String> {
+    fn validate(&self) -> Result<(), AppError> {
         check_name("id", &self.id)?;
         check_name("key", &self.key)?;
         if self.secret.is_empty() {
-            return Err("\"secret\" must not be empty".into());
+            return Err(AppError::Empty("secret"));
         }
         if self.max_client_events_per_second == 0 {
-            return Err("\"max_client_events_per_second\" must be at least 1".into());
+            return Err(AppError::AtLeastOne("max_client_events_per_second"));
         }
         if self.max_event_payload_in_kb == 0 {
-            return Err("\"max_event_payload_in_kb\" must be at least 1".into());
+            return Err(AppError::AtLeastOne("max_event_payload_in_kb"));
         }
         if self.max_connections == Some(0) {
-            return Err(
-                "\"max_connections\" must be at least 1 (leave it out for no limit)".into(),
-            );
+            return Err(AppError::ZeroConnections);
         }
         for (i, w) in self.webhooks.iter().enumerate() {
-            w.validate()
-                .map_err(|e| format!("webhook {}: {e}", i + 1))?;
+            w.validate().map_err(|error| AppError::Webhook {
+                index: i + 1,
+                error,
+            })?;
         }
         Ok(())
     }
@@ -153,19 +153,84 @@ impl fmt::Debug for App {
 
 /// Ids and keys travel in URL paths (`/apps/{id}`, `/app/{key}`), so they
 /// are kept to characters that never need escaping there.
-fn check_name(field: &str, value: &str) -> Result<(), String> {
+fn check_name(field: &'static str, value: &str) -> Result<(), AppError> {
     if value.is_empty() {
-        return Err(format!("\"{field}\" must not be empty"));
+        return Err(AppError::Empty(field));
     }
     if !value
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
     {
-        return Err(format!(
-            "\"{field}\" may only contain A-Z a-z 0-9 - _ . (got {value:?})"
-        ));
+        return Err(AppError::Name {
+            field,
+            value: value.to_owned(),
+        });
     }
     Ok(())
+}
+
+/// What is wrong with one app's settings.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AppError {
+    #[error("\"{0}\" must not be empty")]
+    Empty(&'static str),
+    #[error("\"{field}\" may only contain A-Z a-z 0-9 - _ . (got {value:?})")]
+    Name { field: &'static str, value: String },
+    #[error("\"{0}\" must be at least 1")]
+    AtLeastOne(&'static str),
+    #[error("\"max_connections\" must be at least 1 (leave it out for no limit)")]
+    ZeroConnections,
+    #[error("webhook {index}: {error}")]
+    Webhook { index: usize, error: WebhookError },
+}
+
+/// What is wrong with one webhook's settings.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WebhookError {
+    #[error("\"url\" {url:?} is not a URL: {reason}")]
+    NotUrl { url: String, reason: String },
+    #[error("\"url\" must start with http:// or https:// and name a host (got {0:?})")]
+    Url(String),
+    #[error("\"events\" must not be empty (leave it out for every event)")]
+    NoEvents,
+}
+
+/// Why a list of apps was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AppsError {
+    #[error("{0} apps: at most 65536 are supported")]
+    TooMany(usize),
+    #[error("app {n}: {error}")]
+    App { n: usize, error: AppError },
+    #[error("app {n}: {field} {value:?} is already used by app {other}")]
+    Duplicate {
+        n: usize,
+        field: &'static str,
+        value: String,
+        other: usize,
+    },
+    #[error("expected a JSON array of apps, like [{{\"id\":..,\"key\":..,\"secret\":..}}]")]
+    NotArray,
+    #[error("not valid JSON: {0}")]
+    NotJson(String),
+    /// An app the JSON could not be read into: serde's message, and where
+    /// in the whole text when it spans lines.
+    #[error("app {n}{}: {message}", at.map(|(l, c)| format!(" (line {l}, column {c})")).unwrap_or_default())]
+    Parse {
+        n: usize,
+        at: Option<(usize, usize)>,
+        message: String,
+    },
+    #[error("APPS and APPS_FILE are both set: use one of them")]
+    BothSources,
+    /// An error in the list read from `source` (APPS or APPS_FILE).
+    #[error("{source_name}: {error}")]
+    In {
+        source_name: &'static str,
+        error: Box<AppsError>,
+    },
+    #[error("APPS_FILE {path}: {message}")]
+    File { path: String, message: String },
 }
 
 /// A webhook endpoint and the events it receives.
@@ -185,20 +250,20 @@ impl Webhook {
         self.events.contains(&event)
     }
 
-    fn validate(&self) -> Result<(), String> {
-        let uri: http::Uri = self
-            .url
-            .parse()
-            .map_err(|e| format!("\"url\" {:?} is not a URL: {e}", self.url))?;
+    fn validate(&self) -> Result<(), WebhookError> {
+        let uri: http::Uri =
+            self.url
+                .parse()
+                .map_err(|e: http::uri::InvalidUri| WebhookError::NotUrl {
+                    url: self.url.clone(),
+                    reason: e.to_string(),
+                })?;
         let scheme_ok = matches!(uri.scheme_str(), Some("http") | Some("https"));
         if !scheme_ok || uri.host().is_none_or(str::is_empty) {
-            return Err(format!(
-                "\"url\" must start with http:// or https:// and name a host (got {:?})",
-                self.url
-            ));
+            return Err(WebhookError::Url(self.url.clone()));
         }
         if self.events.is_empty() {
-            return Err("\"events\" must not be empty (leave it out for every event)".into());
+            return Err(WebhookError::NoEvents);
         }
         Ok(())
     }
@@ -296,27 +361,30 @@ pub struct Apps {
 impl Apps {
     /// Validates `apps`, checks that ids and keys are unique, and numbers
     /// them in order (`index` 0, 1, ...).
-    pub fn new(apps: Vec<App>) -> Result<Apps, String> {
+    pub fn new(apps: Vec<App>) -> Result<Apps, AppsError> {
         if apps.len() > usize::from(u16::MAX) + 1 {
-            return Err(format!("{} apps: at most 65536 are supported", apps.len()));
+            return Err(AppsError::TooMany(apps.len()));
         }
         let mut out = Apps::default();
         for (i, mut app) in apps.into_iter().enumerate() {
             let n = i + 1;
-            app.validate().map_err(|e| format!("app {n}: {e}"))?;
+            app.validate()
+                .map_err(|error| AppsError::App { n, error })?;
             if let Some(&j) = out.by_id.get(app.id.as_str()) {
-                return Err(format!(
-                    "app {n}: id {:?} is already used by app {}",
-                    app.id,
-                    j + 1
-                ));
+                return Err(AppsError::Duplicate {
+                    n,
+                    field: "id",
+                    value: app.id,
+                    other: j + 1,
+                });
             }
             if let Some(&j) = out.by_key.get(app.key.as_str()) {
-                return Err(format!(
-                    "app {n}: key {:?} is already used by app {}",
-                    app.key,
-                    j + 1
-                ));
+                return Err(AppsError::Duplicate {
+                    n,
+                    field: "key",
+                    value: app.key,
+                    other: j + 1,
+                });
             }
             // Bounded by the length check above.
             app.index = i as u16;
@@ -379,11 +447,17 @@ pub fn load(
     apps_json: Option<&str>,
     apps_file_contents: Option<&str>,
     open_mode: bool,
-) -> Result<Apps, String> {
+) -> Result<Apps, AppsError> {
+    let within = |source_name| {
+        move |e| AppsError::In {
+            source_name,
+            error: Box::new(e),
+        }
+    };
     match (apps_json, apps_file_contents) {
-        (Some(_), Some(_)) => Err("APPS and APPS_FILE are both set: use one of them".into()),
-        (Some(text), None) => parse_list(text).map_err(|e| format!("APPS: {e}")),
-        (None, Some(text)) => parse_list(text).map_err(|e| format!("APPS_FILE: {e}")),
+        (Some(_), Some(_)) => Err(AppsError::BothSources),
+        (Some(text), None) => parse_list(text).map_err(within("APPS")),
+        (None, Some(text)) => parse_list(text).map_err(within("APPS_FILE")),
         (None, None) if open_mode => Ok(Apps::open_default()),
         (None, None) => Ok(Apps::default()),
     }
@@ -391,12 +465,12 @@ pub fn load(
 
 /// Parses a JSON array of apps, reporting errors per app with the position
 /// in the whole text when it spans several lines.
-fn parse_list(text: &str) -> Result<Apps, String> {
+fn parse_list(text: &str) -> Result<Apps, AppsError> {
     let items: Vec<&RawValue> = serde_json::from_str(text).map_err(|e| {
         if e.is_data() {
-            "expected a JSON array of apps, like [{\"id\":..,\"key\":..,\"secret\":..}]".to_owned()
+            AppsError::NotArray
         } else {
-            format!("not valid JSON: {e}")
+            AppsError::NotJson(e.to_string())
         }
     })?;
     let multiline = text.contains('\n');
@@ -404,12 +478,11 @@ fn parse_list(text: &str) -> Result<Apps, String> {
     for (i, raw) in items.iter().enumerate() {
         let app = serde_json::from_str::<App>(raw.get()).map_err(|e| {
             let base = text_offset(text, raw.get());
-            let msg = strip_position(&e);
-            if multiline && e.line() > 0 {
-                let (line, column) = absolute_position(text, base, e.line(), e.column());
-                format!("app {} (line {line}, column {column}): {msg}", i + 1)
-            } else {
-                format!("app {}: {msg}", i + 1)
+            AppsError::Parse {
+                n: i + 1,
+                at: (multiline && e.line() > 0)
+                    .then(|| absolute_position(text, base, e.line(), e.column())),
+                message: strip_position(&e),
             }
         })?;
         apps.push(app);
@@ -528,19 +601,21 @@ mod tests {
 
     #[test]
     fn both_sources_is_an_error() {
-        let e = load(Some("[]"), Some("[]"), false).unwrap_err();
+        let e = load(Some("[]"), Some("[]"), false).unwrap_err().to_string();
         assert!(e.contains("APPS and APPS_FILE"), "{e}");
     }
 
     fn err(json: &str) -> String {
-        load(Some(json), None, false).unwrap_err()
+        load(Some(json), None, false).unwrap_err().to_string()
     }
 
     #[test]
     fn errors_name_the_source_and_the_app() {
         let e = err(r#"[{"id":"1","key":"k","secret":"s"},{"id":"2","key":"k2"}]"#);
         assert_eq!(e, "APPS: app 2: missing field `secret`");
-        let e = load(None, Some(r#"[{"id":"1","key":"k"}]"#), false).unwrap_err();
+        let e = load(None, Some(r#"[{"id":"1","key":"k"}]"#), false)
+            .unwrap_err()
+            .to_string();
         assert_eq!(e, "APPS_FILE: app 1: missing field `secret`");
         let e = err(r#"[{"id":"1","key":"k","secret":"s","enable_client_events":true}]"#);
         assert!(
@@ -562,7 +637,7 @@ mod tests {
     #[test]
     fn file_errors_point_at_the_line() {
         let text = "[\n  {\"id\":\"1\",\"key\":\"k\",\"secret\":\"s\"},\n  {\"id\":\"2\",\n   \"key\":\"k2\",\n   \"secret\":\"s\", \"colour\":1}\n]\n";
-        let e = load(None, Some(text), false).unwrap_err();
+        let e = load(None, Some(text), false).unwrap_err().to_string();
         assert!(e.starts_with("APPS_FILE: app 2 (line 5, column"), "{e}");
         assert!(e.contains("unknown field `colour`"), "{e}");
     }

@@ -213,7 +213,7 @@ fn subscribe(
     };
     let kind = match wire::validate_channel(channel) {
         Ok(k) => k,
-        Err(e) => return fail("InvalidChannel", e, 400),
+        Err(e) => return fail("InvalidChannel", &e.to_string(), 400),
     };
     let mut member = None;
     match kind {
@@ -249,7 +249,7 @@ fn subscribe(
             }
             match wire::parse_channel_data(data) {
                 Ok(m) => member = Some(m),
-                Err(e) => return fail("AuthError", e, 400),
+                Err(e) => return fail("AuthError", &e.to_string(), 400),
             }
         }
     }

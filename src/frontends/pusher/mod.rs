@@ -142,11 +142,13 @@ impl PusherShared {
 
 /// The Pusher apps `config` asks for: APPS, or the contents of APPS_FILE,
 /// or in open mode the default app. The error is one line for `main`.
-pub fn load_apps(config: &Config) -> Result<Apps, String> {
+pub fn load_apps(config: &Config) -> Result<Apps, apps::AppsError> {
     let file = match &config.apps_file {
         Some(path) => Some(
-            std::fs::read_to_string(path)
-                .map_err(|e| format!("APPS_FILE {}: {e}", path.display()))?,
+            std::fs::read_to_string(path).map_err(|e| apps::AppsError::File {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })?,
         ),
         None => None,
     };

@@ -169,13 +169,13 @@ impl ChannelKind {
 /// Checks a channel name: 1 to 164 bytes of `A-Z a-z 0-9 _ - = @ , . ;`
 /// (Pusher's channels page; the same set pusher-http-node and
 /// pusher-http-python check), and returns its kind.
-pub fn validate_channel(name: &str) -> Result<ChannelKind, &'static str> {
+pub fn validate_channel(name: &str) -> Result<ChannelKind, ChannelError> {
     if name.is_empty() || name.len() > MAX_CHANNEL_LEN {
-        return Err("invalid channel name: must be 1 to 164 characters");
+        return Err(ChannelError::Length);
     }
     // `#` only as the prefix of a server-to-user channel, with a user id.
     let rest = match name.strip_prefix(SERVER_TO_USER) {
-        Some("") => return Err("invalid channel name: #server-to-user- needs a user id"),
+        Some("") => return Err(ChannelError::NoUserId),
         Some(id) => id,
         None => name,
     };
@@ -185,8 +185,19 @@ pub fn validate_channel(name: &str) -> Result<ChannelKind, &'static str> {
     if ok {
         Ok(ChannelKind::of(name))
     } else {
-        Err("invalid channel name: allowed characters are A-Z a-z 0-9 _ - = @ , . ;")
+        Err(ChannelError::Characters)
     }
+}
+
+/// Why a Pusher channel name is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ChannelError {
+    #[error("invalid channel name: must be 1 to 164 characters")]
+    Length,
+    #[error("invalid channel name: #server-to-user- needs a user id")]
+    NoUserId,
+    #[error("invalid channel name: allowed characters are A-Z a-z 0-9 _ - = @ , . ;")]
+    Characters,
 }
 
 // ---------------------------------------------------------------------------
@@ -225,8 +236,8 @@ pub enum WireError {
     NotString(&'static str),
     #[error("field \"data\" of {0} must be an object")]
     BadData(&'static str),
-    #[error("{0}")]
-    InvalidChannel(&'static str),
+    #[error(transparent)]
+    InvalidChannel(#[from] ChannelError),
     #[error("invalid event name: must be 1 to 200 characters")]
     InvalidEventName,
 }
@@ -444,27 +455,42 @@ struct RawChannelData<'a> {
 /// "user_info":..}`): the user id as a string (the libraries' output may
 /// hold a number, written here as it was sent, `10` becoming `"10"`) and
 /// `user_info` as raw JSON (`null` when absent).
-pub fn parse_channel_data(s: &str) -> Result<(String, String), &'static str> {
+pub fn parse_channel_data(s: &str) -> Result<(String, String), ChannelDataError> {
+    use ChannelDataError as E;
     if !is_object(s.as_bytes()) {
-        return Err("channel_data must be a JSON object with a user_id");
+        return Err(E::NotObject);
     }
-    let d: RawChannelData<'_> =
-        serde_json::from_str(s).map_err(|_| "channel_data must be a JSON object with a user_id")?;
+    let d: RawChannelData<'_> = serde_json::from_str(s).map_err(|_| E::NotObject)?;
     let id = d
         .user_id
         .map(RawValue::get)
         .filter(|&r| r != "null")
-        .ok_or("channel_data must have a user_id")?;
+        .ok_or(E::NoUserId)?;
     let user_id = match id.as_bytes()[0] {
-        b'"' => serde_json::from_str::<String>(id).map_err(|_| "user_id is not a valid string")?,
+        b'"' => serde_json::from_str::<String>(id).map_err(|_| E::BadString)?,
         b'-' | b'0'..=b'9' => id.to_owned(),
-        _ => return Err("user_id must be a string or a number"),
+        _ => return Err(E::BadType),
     };
     if user_id.is_empty() {
-        return Err("user_id must not be empty");
+        return Err(E::Empty);
     }
     let user_info = d.user_info.map_or("null", RawValue::get).to_owned();
     Ok((user_id, user_info))
+}
+
+/// Why a presence subscription's `channel_data` is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ChannelDataError {
+    #[error("channel_data must be a JSON object with a user_id")]
+    NotObject,
+    #[error("channel_data must have a user_id")]
+    NoUserId,
+    #[error("user_id is not a valid string")]
+    BadString,
+    #[error("user_id must be a string or a number")]
+    BadType,
+    #[error("user_id must not be empty")]
+    Empty,
 }
 
 /// Appends `s` as a JSON string literal.
@@ -767,84 +793,123 @@ struct RawBatch<'a> {
     batch: Option<&'a RawValue>,
 }
 
-fn body_object<'a, T: Deserialize<'a>>(text: &'a [u8]) -> Result<T, String> {
+/// Why an HTTP API body is refused (a 400, or 413 for [`TriggerError::TooLarge`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TriggerError {
+    #[error("body is not valid JSON")]
+    NotJson,
+    #[error("body must be a JSON object")]
+    NotObject,
+    #[error("missing field \"{0}\"")]
+    Missing(&'static str),
+    #[error("\"{0}\" must be a string")]
+    NotString(&'static str),
+    #[error("event name must be 1 to {MAX_EVENT_NAME_LEN} characters")]
+    EventName,
+    #[error("\"data\" must be a string (the Pusher libraries JSON-encode objects before sending)")]
+    DataNotString,
+    #[error("send either \"channel\" or \"channels\", not both")]
+    BothChannelFields,
+    #[error("a batch event names one \"channel\", not \"channels\"")]
+    ChannelsInBatch,
+    #[error("missing field \"channels\" (or \"channel\")")]
+    NoChannels,
+    #[error("\"channels\" must be an array of strings")]
+    ChannelsNotArray,
+    #[error("\"channels\" must not be empty")]
+    ChannelsEmpty,
+    #[error("an event may target at most {MAX_TRIGGER_CHANNELS} channels (got {0})")]
+    TooManyChannels(usize),
+    #[error("{error} (got {name:?})")]
+    Channel { error: ChannelError, name: String },
+    #[error("invalid socket_id {0:?}")]
+    SocketId(String),
+    #[error("\"batch\" must be an array of events")]
+    BatchNotArray,
+    #[error("a batch may hold at most {MAX_BATCH_EVENTS} events (got {0})")]
+    BatchTooLarge(usize),
+    #[error("batch[{0}]: each event must be a JSON object")]
+    BatchItemNotObject(usize),
+    #[error("batch[{index}]: {error}")]
+    InBatch {
+        index: usize,
+        error: Box<TriggerError>,
+    },
+    #[error("Request Entity Too Large: the data of event {name:?} is {size} bytes, more than the {max} allowed")]
+    TooLarge {
+        name: String,
+        size: usize,
+        max: usize,
+    },
+}
+
+fn body_object<'a, T: Deserialize<'a>>(text: &'a [u8]) -> Result<T, TriggerError> {
     if !is_object(text) {
         return Err(match serde_json::from_slice::<&RawValue>(text) {
-            Ok(_) => "body must be a JSON object".into(),
-            Err(_) => "body is not valid JSON".into(),
+            Ok(_) => TriggerError::NotObject,
+            Err(_) => TriggerError::NotJson,
         });
     }
     serde_json::from_slice(text).map_err(|e| {
         if e.is_data() {
-            "body must be a JSON object".into()
+            TriggerError::NotObject
         } else {
-            "body is not valid JSON".into()
+            TriggerError::NotJson
         }
     })
 }
 
-fn api_string(raw: Option<&RawValue>, name: &str) -> Result<Option<String>, String> {
+fn api_string(raw: Option<&RawValue>, name: &'static str) -> Result<Option<String>, TriggerError> {
     match raw {
         None => Ok(None),
         Some(r) if r.get() == "null" => Ok(None),
         Some(r) => serde_json::from_str::<String>(r.get())
             .map(Some)
-            .map_err(|_| format!("\"{name}\" must be a string")),
+            .map_err(|_| TriggerError::NotString(name)),
     }
 }
 
-fn checked_channel(name: String) -> Result<String, String> {
-    validate_channel(&name).map_err(|e| format!("{e} (got {:?})", shown(&name)))?;
-    Ok(name)
+fn checked_channel(name: String) -> Result<String, TriggerError> {
+    match validate_channel(&name) {
+        Ok(_) => Ok(name),
+        Err(error) => Err(TriggerError::Channel {
+            error,
+            name: shown(&name).to_string(),
+        }),
+    }
 }
 
 /// Reads one event object; `in_batch` events name one `channel` each, as
 /// Pusher's batch format has it.
-fn trigger_from(raw: RawTrigger<'_>, in_batch: bool) -> Result<TriggerBody, String> {
-    let name = api_string(raw.name, "name")?.ok_or("missing field \"name\"")?;
+fn trigger_from(raw: RawTrigger<'_>, in_batch: bool) -> Result<TriggerBody, TriggerError> {
+    use TriggerError as E;
+    let name = api_string(raw.name, "name")?.ok_or(E::Missing("name"))?;
     if name.is_empty() || name.chars().count() > MAX_EVENT_NAME_LEN {
-        return Err(format!(
-            "event name must be 1 to {MAX_EVENT_NAME_LEN} characters"
-        ));
+        return Err(E::EventName);
     }
     let data_raw = raw
         .data
         .filter(|r| r.get() != "null")
-        .ok_or("missing field \"data\"")?;
-    let data = serde_json::from_str::<String>(data_raw.get()).map_err(|_| {
-        "\"data\" must be a string (the Pusher libraries JSON-encode objects before sending)"
-            .to_owned()
-    })?;
+        .ok_or(E::Missing("data"))?;
+    let data = serde_json::from_str::<String>(data_raw.get()).map_err(|_| E::DataNotString)?;
 
     let channels = match (raw.channel, raw.channels) {
-        (Some(_), Some(_)) => {
-            return Err("send either \"channel\" or \"channels\", not both".into())
-        }
-        (_, Some(_)) if in_batch => {
-            return Err("a batch event names one \"channel\", not \"channels\"".into())
-        }
-        (None, None) => {
-            return Err(if in_batch {
-                "missing field \"channel\"".into()
-            } else {
-                "missing field \"channels\" (or \"channel\")".into()
-            })
-        }
+        (Some(_), Some(_)) => return Err(E::BothChannelFields),
+        (_, Some(_)) if in_batch => return Err(E::ChannelsInBatch),
+        (None, None) if in_batch => return Err(E::Missing("channel")),
+        (None, None) => return Err(E::NoChannels),
         (Some(c), None) => {
-            let c = api_string(Some(c), "channel")?.ok_or("missing field \"channel\"")?;
+            let c = api_string(Some(c), "channel")?.ok_or(E::Missing("channel"))?;
             vec![checked_channel(c)?]
         }
         (None, Some(list)) => {
-            let list: Vec<String> = serde_json::from_str(list.get())
-                .map_err(|_| "\"channels\" must be an array of strings".to_owned())?;
+            let list: Vec<String> =
+                serde_json::from_str(list.get()).map_err(|_| E::ChannelsNotArray)?;
             if list.is_empty() {
-                return Err("\"channels\" must not be empty".into());
+                return Err(E::ChannelsEmpty);
             }
             if list.len() > MAX_TRIGGER_CHANNELS {
-                return Err(format!(
-                    "an event may target at most {MAX_TRIGGER_CHANNELS} channels (got {})",
-                    list.len()
-                ));
+                return Err(E::TooManyChannels(list.len()));
             }
             let mut out: Vec<String> = Vec::with_capacity(list.len());
             for c in list {
@@ -860,7 +925,7 @@ fn trigger_from(raw: RawTrigger<'_>, in_batch: bool) -> Result<TriggerBody, Stri
     let socket_id = api_string(raw.socket_id, "socket_id")?;
     if let Some(s) = &socket_id {
         if !valid_socket_id(s) {
-            return Err(format!("invalid socket_id {:?}", shown(s)));
+            return Err(E::SocketId(shown(s).to_string()));
         }
     }
     let info = api_string(raw.info, "info")?;
@@ -877,7 +942,7 @@ fn trigger_from(raw: RawTrigger<'_>, in_batch: bool) -> Result<TriggerBody, Stri
 /// Parses the body of `POST /apps/{id}/events`:
 /// `{"name":..,"data":"<string>","channels":[..]|"channel":..,
 /// "socket_id":..?,"info":..?}`. Errors are 400 messages.
-pub fn parse_trigger(body: &[u8]) -> Result<TriggerBody, String> {
+pub fn parse_trigger(body: &[u8]) -> Result<TriggerBody, TriggerError> {
     trigger_from(body_object(body)?, false)
 }
 
@@ -885,37 +950,37 @@ pub fn parse_trigger(body: &[u8]) -> Result<TriggerBody, String> {
 /// `{"batch":[{"channel":..,"name":..,"data":..,"socket_id":..?}, ..]}`,
 /// at most [`MAX_BATCH_EVENTS`] events. Errors are 400 messages naming the
 /// event (`batch[2]: ...`).
-pub fn parse_batch(body: &[u8]) -> Result<Vec<TriggerBody>, String> {
+pub fn parse_batch(body: &[u8]) -> Result<Vec<TriggerBody>, TriggerError> {
     let raw: RawBatch<'_> = body_object(body)?;
-    let batch = raw.batch.ok_or("missing field \"batch\"")?;
-    let items: Vec<&RawValue> = serde_json::from_str(batch.get())
-        .map_err(|_| "\"batch\" must be an array of events".to_owned())?;
+    let batch = raw.batch.ok_or(TriggerError::Missing("batch"))?;
+    let items: Vec<&RawValue> =
+        serde_json::from_str(batch.get()).map_err(|_| TriggerError::BatchNotArray)?;
     if items.len() > MAX_BATCH_EVENTS {
-        return Err(format!(
-            "a batch may hold at most {MAX_BATCH_EVENTS} events (got {})",
-            items.len()
-        ));
+        return Err(TriggerError::BatchTooLarge(items.len()));
     }
     items
         .iter()
         .enumerate()
-        .map(|(i, item)| {
+        .map(|(index, item)| {
             let raw: RawTrigger<'_> = body_object(item.get().as_bytes())
-                .map_err(|_| format!("batch[{i}]: each event must be a JSON object"))?;
-            trigger_from(raw, true).map_err(|e| format!("batch[{i}]: {e}"))
+                .map_err(|_| TriggerError::BatchItemNotObject(index))?;
+            trigger_from(raw, true).map_err(|e| TriggerError::InBatch {
+                index,
+                error: Box::new(e),
+            })
         })
         .collect()
 }
 
 /// Checks an event's `data` against a byte limit (Pusher: 10 KB, answered
 /// with 413 and this message).
-pub fn check_data_size(event: &TriggerBody, max_bytes: usize) -> Result<(), String> {
+pub fn check_data_size(event: &TriggerBody, max_bytes: usize) -> Result<(), TriggerError> {
     if event.data.len() > max_bytes {
-        return Err(format!(
-            "Request Entity Too Large: the data of event {:?} is {} bytes, more than the {max_bytes} allowed",
-            shown(&event.name),
-            event.data.len()
-        ));
+        return Err(TriggerError::TooLarge {
+            name: shown(&event.name).to_string(),
+            size: event.data.len(),
+            max: max_bytes,
+        });
     }
     Ok(())
 }
@@ -1133,9 +1198,7 @@ mod tests {
         );
         assert_eq!(
             parse(br#"{"event":"pusher:subscribe","data":{"channel":"a b"}}"#),
-            Err(WireError::InvalidChannel(
-                "invalid channel name: allowed characters are A-Z a-z 0-9 _ - = @ , . ;"
-            ))
+            Err(WireError::InvalidChannel(ChannelError::Characters))
         );
         assert_eq!(
             parse(br#"{"event":"pusher:subscribe","data":{"channel":"a","auth":7}}"#),
@@ -1379,7 +1442,7 @@ mod tests {
             ),
         ];
         for (body, want) in cases {
-            let e = parse_trigger(body).unwrap_err();
+            let e = parse_trigger(body).unwrap_err().to_string();
             assert!(e.contains(want), "{}: {e}", String::from_utf8_lossy(body));
         }
         let long = format!(
@@ -1396,6 +1459,7 @@ mod tests {
         let body = json!({"name":"e","data":"x","channels":many}).to_string();
         assert!(parse_trigger(body.as_bytes())
             .unwrap_err()
+            .to_string()
             .contains("at most 100"));
         let body = json!({"name":"e","data":"x","channels":&many[..100]}).to_string();
         assert_eq!(parse_trigger(body.as_bytes()).unwrap().channels.len(), 100);
@@ -1419,22 +1483,27 @@ mod tests {
         let e = parse_batch(
             br#"{"batch":[{"channel":"a","name":"e","data":"1"},{"name":"e","data":"1"}]}"#,
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert_eq!(e, "batch[1]: missing field \"channel\"");
-        let e =
-            parse_batch(br#"{"batch":[{"channels":["a"],"name":"e","data":"1"}]}"#).unwrap_err();
+        let e = parse_batch(br#"{"batch":[{"channels":["a"],"name":"e","data":"1"}]}"#)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.starts_with("batch[0]: a batch event names one \"channel\""),
             "{e}"
         );
         assert!(parse_batch(br#"{"batch":[1]}"#)
             .unwrap_err()
+            .to_string()
             .contains("batch[0]"));
         assert!(parse_batch(br#"{"events":[]}"#)
             .unwrap_err()
+            .to_string()
             .contains("\"batch\""));
         assert!(parse_batch(br#"{"batch":{}}"#)
             .unwrap_err()
+            .to_string()
             .contains("array"));
         let ten: Vec<Value> = (0..10)
             .map(|i| json!({"channel":"a","name":format!("e{i}"),"data":"x"}))
@@ -1450,6 +1519,7 @@ mod tests {
             .collect();
         assert!(parse_batch(json!({"batch":eleven}).to_string().as_bytes())
             .unwrap_err()
+            .to_string()
             .contains("at most 10"));
     }
 
@@ -1474,6 +1544,7 @@ mod tests {
         .unwrap();
         assert!(check_data_size(&t, MAX_EVENT_DATA_BYTES)
             .unwrap_err()
+            .to_string()
             .starts_with("Request Entity Too Large"));
     }
 }

@@ -79,22 +79,36 @@ pub struct Target {
     path: String,
 }
 
+/// Why a URL is not a target.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UrlError {
+    #[error("invalid URL {url}: {reason}")]
+    Invalid { url: String, reason: String },
+    #[error("{0}: expected an http:// or https:// URL")]
+    Scheme(String),
+    #[error("{0}: no host")]
+    NoHost(String),
+}
+
 impl Target {
     /// Parses an `http://` or `https://` URL.
-    pub fn parse(url: &str) -> Result<Target, String> {
-        let uri: http::Uri = url
-            .trim()
-            .parse()
-            .map_err(|e| format!("invalid URL {url}: {e}"))?;
+    pub fn parse(url: &str) -> Result<Target, UrlError> {
+        let uri: http::Uri =
+            url.trim()
+                .parse()
+                .map_err(|e: http::uri::InvalidUri| UrlError::Invalid {
+                    url: url.to_string(),
+                    reason: e.to_string(),
+                })?;
         let https = match uri.scheme_str() {
             Some("http") => false,
             Some("https") => true,
-            _ => return Err(format!("{url}: expected an http:// or https:// URL")),
+            _ => return Err(UrlError::Scheme(url.to_string())),
         };
         let host = uri
             .host()
             .filter(|h| !h.is_empty())
-            .ok_or_else(|| format!("{url}: no host"))?;
+            .ok_or_else(|| UrlError::NoHost(url.to_string()))?;
         let host = host
             .trim_start_matches('[')
             .trim_end_matches(']')
