@@ -12,9 +12,14 @@
 //! [`Bus::congested`] before it decodes the next client message, and waits
 //! in [`Bus::wait_for_space`] until the destination has drained. Each pair
 //! has exactly one producing thread, so check-then-send cannot overshoot.
+//!
+//! That check runs for every frame a client sends, so it reads one word
+//! the source alone writes: a mark per destination, set by a send that
+//! fills a link to its mark, cleared when the check finds the link drained.
+//! Until a link fills, no check touches a cache line another core writes.
 
 use std::future::poll_fn;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 
@@ -38,6 +43,11 @@ struct Link {
     producer_waiting: AtomicBool,
 }
 
+/// A source's marks (bit `dst`: the link to `dst` reached its mark), on
+/// a cache line of its own.
+#[repr(align(128))]
+struct Marks(AtomicU64);
+
 struct Inbox {
     pending: AtomicBool,
     waker: AtomicWaker,
@@ -49,6 +59,8 @@ pub struct Bus {
     capacity: usize,
     links: Box<[Link]>,
     inboxes: Box<[Inbox]>,
+    /// By source; written only by the source's thread.
+    marks: Box<[Marks]>,
 }
 
 impl Bus {
@@ -78,11 +90,13 @@ impl Bus {
                 waker: AtomicWaker::new(),
             })
             .collect();
+        assert!(cores <= 64, "the congestion marks hold 64 cores");
         Arc::new(Bus {
             cores,
             capacity,
             links,
             inboxes,
+            marks: (0..cores).map(|_| Marks(AtomicU64::new(0))).collect(),
         })
     }
 
@@ -90,17 +104,44 @@ impl Bus {
         &self.links[src * self.cores + dst]
     }
 
-    /// Is any queue leaving `src` at its mark? Then `src` must stop reading.
+    /// Is any queue leaving `src` at its mark? Then `src` must stop
+    /// reading. Called by `src`'s thread only.
+    #[inline]
     pub fn congested(&self, src: usize) -> bool {
-        (0..self.cores).any(|dst| dst != src && self.link(src, dst).tx.len() >= self.capacity)
+        let marks = self.marks[src].0.load(Ordering::Relaxed);
+        marks != 0 && self.recheck(src, marks) != 0
+    }
+
+    /// Clears the marks of the links that drained below their mark;
+    /// returns those still full.
+    #[cold]
+    fn recheck(&self, src: usize, marks: u64) -> u64 {
+        let mut still = marks;
+        let mut bits = marks;
+        while bits != 0 {
+            let dst = bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            if self.link(src, dst).tx.len() < self.capacity {
+                still &= !(1 << dst);
+            }
+        }
+        if still != marks {
+            self.marks[src].0.store(still, Ordering::Relaxed);
+        }
+        still
     }
 
     /// Queues `msg` from `src` to `dst` and wakes `dst` if it was idle.
     /// Returns false only if the queue's slack was exhausted, which the
     /// congestion check prevents.
     pub fn send(&self, src: usize, dst: usize, msg: Shared) -> bool {
-        match self.link(src, dst).tx.try_send(msg) {
+        let link = self.link(src, dst);
+        match link.tx.try_send(msg) {
             Ok(()) => {
+                if link.tx.len() >= self.capacity {
+                    let m = &self.marks[src].0;
+                    m.store(m.load(Ordering::Relaxed) | 1 << dst, Ordering::Relaxed);
+                }
                 self.notify(dst);
                 true
             }
@@ -164,7 +205,10 @@ impl Bus {
     pub async fn wait_for_space(&self, src: usize) {
         poll_fn(|cx| {
             let mut blocked = false;
-            for dst in (0..self.cores).filter(|&d| d != src) {
+            let mut bits = self.marks[src].0.load(Ordering::Relaxed);
+            while bits != 0 {
+                let dst = bits.trailing_zeros() as usize;
+                bits &= bits - 1;
                 let link = self.link(src, dst);
                 if link.tx.len() >= self.capacity {
                     link.space.register(cx.waker());
@@ -179,6 +223,7 @@ impl Bus {
             if blocked {
                 Poll::Pending
             } else {
+                self.marks[src].0.store(0, Ordering::Relaxed);
                 Poll::Ready(())
             }
         })
@@ -223,6 +268,24 @@ mod tests {
         assert!(!bus.congested(1));
         let (n, _) = bus.drain(1, 2, |_| {});
         assert_eq!(n, 2);
+        assert!(!bus.congested(0));
+        assert_eq!(bus.marks[0].0.load(Ordering::Relaxed), 0, "mark cleared");
+    }
+
+    #[test]
+    fn a_mark_names_the_full_link_only() {
+        let bus = Bus::new(4, 2);
+        for _ in 0..2 {
+            bus.send(0, 3, message_frame("a", "1"));
+        }
+        bus.send(0, 1, message_frame("a", "1"));
+        assert_eq!(bus.marks[0].0.load(Ordering::Relaxed), 1 << 3);
+        assert!(bus.congested(0));
+        // Waiting for space resolves once the full link drains.
+        bus.drain(3, 100, |_| {});
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let mut wait = std::pin::pin!(bus.wait_for_space(0));
+        assert!(std::future::Future::poll(wait.as_mut(), &mut cx).is_ready());
         assert!(!bus.congested(0));
     }
 }

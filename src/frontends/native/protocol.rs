@@ -413,19 +413,34 @@ fn push_id(out: &mut Vec<u8>, id: Option<&str>) {
     }
 }
 
+/// A reply frame, written straight into the frame's one buffer (its size
+/// is known before it is written: one allocation per reply).
 fn reply(op: &str, channel: Option<&str>, id: Option<&str>) -> Bytes {
-    let mut out = Vec::with_capacity(64);
-    out.extend_from_slice(br#"{"op":""#);
-    out.extend_from_slice(op.as_bytes());
-    out.push(b'"');
+    const OP: &[u8] = br#"{"op":""#;
+    const CHANNEL: &[u8] = br#","channel":""#;
+    const ID: &[u8] = br#","id":"#;
+    let len = OP.len()
+        + op.len()
+        + 1
+        + channel.map_or(0, |c| CHANNEL.len() + c.len() + 1)
+        + id.map_or(0, |i| ID.len() + i.len())
+        + 1;
+    let mut out = frame::start(OpCode::Data(Data::Text), len);
+    out.put_slice(OP);
+    out.put_slice(op.as_bytes());
+    out.put_u8(b'"');
     if let Some(c) = channel {
-        out.extend_from_slice(br#","channel":""#);
-        out.extend_from_slice(c.as_bytes());
-        out.push(b'"');
+        out.put_slice(CHANNEL);
+        out.put_slice(c.as_bytes());
+        out.put_u8(b'"');
     }
-    push_id(&mut out, id);
-    out.push(b'}');
-    frame::text(&out)
+    if let Some(i) = id {
+        out.put_slice(ID);
+        out.put_slice(i.as_bytes());
+    }
+    out.put_u8(b'}');
+    debug_assert_eq!(out.capacity(), out.len(), "sized exactly");
+    out.freeze()
 }
 
 /// `{"op":"subscribed","channel":..,"id":..}`
