@@ -26,6 +26,7 @@ fn limits() -> Limits {
         keepalive: Keepalive::off(),
         closes: herald::worker::CLOSES,
         clock: herald::clock::now_ms,
+        coalesce: false,
     }
 }
 

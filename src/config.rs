@@ -62,6 +62,12 @@ pub struct Config {
     #[arg(long, env = "WRITE_BUFFER_SIZE", default_value = "256KiB", value_parser = parse_size)]
     pub write_buffer_size: usize,
 
+    /// Write coalescing: deliveries wait up to this long (microseconds,
+    /// or a duration such as 2ms) so that each connection's writer sends
+    /// what gathered in one write. 0 (the default): written at once.
+    #[arg(long, env = "WRITE_DELAY", default_value = "0", value_parser = parse_delay)]
+    pub write_delay: Duration,
+
     /// Unsent output a connection may hold; past it the connection is closed with 4008.
     #[arg(long, env = "SEND_QUEUE_LIMIT", default_value = "1MiB", value_parser = parse_size)]
     pub send_queue_limit: usize,
@@ -199,6 +205,21 @@ fn parse_addr(s: &str) -> Result<std::net::SocketAddr, String> {
         .map_or(s.to_string(), |p| format!("127.0.0.1:{p}"));
     s.parse()
         .map_err(|_| "expected an address and port such as 127.0.0.1:9100".into())
+}
+
+/// Microseconds (`500`) or a duration (`2ms`), at most one second.
+fn parse_delay(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let d = match s.parse::<u64>() {
+        Ok(us) => Duration::from_micros(us),
+        Err(_) => humantime::parse_duration(s).map_err(|_| {
+            "expected microseconds such as 500, or a duration such as 2ms".to_string()
+        })?,
+    };
+    if d > Duration::from_secs(1) {
+        return Err("expected at most 1s".into());
+    }
+    Ok(d)
 }
 
 fn parse_secs_or_zero(s: &str) -> Result<Duration, String> {

@@ -124,6 +124,7 @@ impl Worker {
             keepalive: Keepalive::new(c.ping_interval, c.pong_timeout),
             closes: CLOSES,
             clock: crate::clock::now_ms,
+            coalesce: !c.write_delay.is_zero(),
         };
         let stats = shared.metrics.core(id);
         Worker {

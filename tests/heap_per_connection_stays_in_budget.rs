@@ -185,6 +185,7 @@ fn shard() -> Shard {
             keepalive: Keepalive::off(),
             closes: herald::worker::CLOSES,
             clock: herald::clock::now_ms,
+            coalesce: false,
         },
         std::sync::Arc::new(CoreStats::new(1)),
         herald::frontends::ENCODERS,

@@ -66,6 +66,8 @@ fn invalid_values_exit_2_with_one_line_naming_the_variable() {
         ("MAX_PENDING", "0"),
         ("PING_INTERVAL", "soon"),
         ("PONG_TIMEOUT", "0"),
+        ("WRITE_DELAY", "soon"),
+        ("WRITE_DELAY", "2s"),
     ];
     for &(var, value) in cases {
         let mut env = vec![("PORT", "0"), ("WORKERS", "1")];

@@ -131,3 +131,32 @@ fn websocket_ping_gets_pong_with_same_payload() {
         other => panic!("pong expected, got {other:?}"),
     }
 }
+
+#[test]
+fn write_coalescing_delivers_everything_in_order() {
+    // WRITE_DELAY: deliveries wait up to 2 ms to share one write per
+    // connection; nothing is lost or reordered, and replies do not wait.
+    let server = Server::start(&[("WRITE_DELAY", "2ms")]);
+    let mut subs: Vec<Client> = (0..4).map(|_| Client::connect(&server, "/ws")).collect();
+    for s in &mut subs {
+        s.subscribe("burst");
+    }
+    let mut publisher = Client::connect(&server, "/ws");
+    for i in 0..300 {
+        publisher.send_text(&format!(
+            r#"{{"op":"publish","channel":"burst","data":{i}}}"#
+        ));
+    }
+    assert!(
+        publisher.sync().is_empty(),
+        "no reply to publishes without id"
+    );
+    for s in &mut subs {
+        for i in 0..300 {
+            assert_eq!(
+                s.recv_json(),
+                json!({"op":"message","channel":"burst","data":i})
+            );
+        }
+    }
+}

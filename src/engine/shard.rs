@@ -43,6 +43,9 @@ pub struct Limits {
     /// The monotonic clock, in milliseconds (never 0): close deadlines,
     /// expiries and publish rates are measured on it.
     pub clock: fn() -> u64,
+    /// Write coalescing: a delivery does not wake its writer but leaves it
+    /// to [`Shard::flush`], which the runtime calls after its delay.
+    pub coalesce: bool,
 }
 
 /// The frames and codes of the closes the engine starts on its own (a
@@ -196,6 +199,11 @@ pub struct Shard {
     sweep: u32,
     /// Woken when the last connection leaves (for shutdown).
     empty_waker: Option<Waker>,
+    /// With [`Limits::coalesce`]: writers with frames, woken at the next
+    /// [`Shard::flush`].
+    deferred: Vec<Waker>,
+    /// The task that flushes, waiting for a first deferred writer.
+    flusher: Option<Waker>,
 }
 
 /// Would queueing `len` more bytes pass the connection's limit? A frame
@@ -250,6 +258,8 @@ impl Shard {
             stats,
             sweep: 1,
             empty_waker: None,
+            deferred: Vec::new(),
+            flusher: None,
         }
     }
 
@@ -492,6 +502,8 @@ impl Shard {
         let mut others: [Option<Option<Bytes>>; MAX_ENCODINGS] = Default::default();
         let mut delivered = 0;
         let mut overflowed: Vec<usize> = Vec::new();
+        let coalesce = self.limits.coalesce;
+        let deferred = &mut self.deferred;
         for e in subs.iter() {
             let key = (e & SLOT_MASK) as usize;
             if Some(key) == except {
@@ -520,9 +532,18 @@ impl Shard {
             conn.queued += frame.len();
             enqueue(&mut conn.queue, frame.clone());
             if let Some(w) = conn.writer.take() {
-                w.wake();
+                if coalesce {
+                    deferred.push(w);
+                } else {
+                    w.wake();
+                }
             }
             delivered += 1;
+        }
+        if !self.deferred.is_empty() {
+            if let Some(f) = self.flusher.take() {
+                f.wake();
+            }
         }
         let (code, reason) = self.limits.closes.slow_consumer;
         for key in overflowed {
@@ -750,6 +771,26 @@ impl Shard {
         }
     }
 
+    /// For the flushing task: ready once a writer waits for the next flush.
+    pub fn poll_deferred(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.deferred.is_empty() {
+            self.flusher = Some(cx.waker().clone());
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    }
+
+    /// Wakes every writer deliveries left waiting (write coalescing).
+    pub fn flush(&mut self) {
+        for w in self.deferred.drain(..) {
+            w.wake();
+        }
+        if self.deferred.capacity() > 4096 {
+            self.deferred = Vec::new();
+        }
+    }
+
     /// Registers a waker for when the shard has no connection left.
     pub fn poll_empty(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         if self.conns.is_empty() {
@@ -859,6 +900,7 @@ mod tests {
                 },
                 closes: CLOSES,
                 clock,
+                coalesce: false,
             },
             Arc::new(CoreStats::new(1)),
             &[],
@@ -1139,5 +1181,59 @@ mod tests {
         assert!(s.take_publish_token(k));
         assert!(!s.take_publish_token(k), "refills up to the burst only");
         assert_eq!(s.stats.rate_limited.get(), 3);
+    }
+
+    /// A waker that counts its wakes.
+    struct Count(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn coalescing_wakes_writers_at_the_flush_only() {
+        let interest = Interest::new();
+        let mut s = shard(1 << 20);
+        s.limits.coalesce = true;
+        let (k, g) = s.open(-1, ENC, 1001);
+        s.subscribe(k, "news", &interest).unwrap();
+        let writer = Arc::new(Count(Default::default()));
+        let flusher = Arc::new(Count(Default::default()));
+        let wakes = |c: &Arc<Count>| c.0.load(std::sync::atomic::Ordering::Relaxed);
+        let waker = Waker::from(writer.clone());
+        let mut batch = Sink::default();
+        assert!(s
+            .fill(
+                k,
+                g,
+                &mut batch,
+                usize::MAX,
+                &mut Context::from_waker(&waker)
+            )
+            .is_pending());
+        let fw = Waker::from(flusher.clone());
+        assert!(s.poll_deferred(&mut Context::from_waker(&fw)).is_pending());
+        s.deliver(&message_frame("news", "1"), None);
+        s.deliver(&message_frame("news", "2"), None);
+        assert_eq!(wakes(&writer), 0, "the writer waits for the flush");
+        assert_eq!(wakes(&flusher), 1, "the flusher is told once");
+        assert!(s.poll_deferred(&mut Context::from_waker(&fw)).is_ready());
+        s.flush();
+        assert_eq!(wakes(&writer), 1);
+        assert_eq!(drain(&mut s, k, g).len(), 2, "both frames in one batch");
+        // A reply is not delayed.
+        assert!(s
+            .fill(
+                k,
+                g,
+                &mut batch,
+                usize::MAX,
+                &mut Context::from_waker(&waker)
+            )
+            .is_pending());
+        s.push(k, Bytes::from_static(b"ack"));
+        assert_eq!(wakes(&writer), 2);
     }
 }

@@ -369,6 +369,9 @@ async fn worker_main(
         ));
     }
     monoio::spawn(timer_loop(worker.clone(), endpoints));
+    if !shared.config.write_delay.is_zero() {
+        monoio::spawn(flush_loop(worker.clone()));
+    }
     shared.ready.fetch_add(1, Ordering::AcqRel);
     let _ = events.send(Event::Ready);
 
@@ -474,6 +477,18 @@ async fn timer_loop(worker: Rc<Worker>, endpoints: Endpoints) {
         if ticks % 10 == 0 {
             give_back_memory(&worker);
         }
+    }
+}
+
+/// Write coalescing (WRITE_DELAY): once a delivery leaves a writer
+/// waiting, waits out the delay, then wakes every writer that gathered
+/// frames meanwhile. One timer per core, none per connection.
+async fn flush_loop(worker: Rc<Worker>) {
+    let delay = worker.shared.config.write_delay;
+    loop {
+        poll_fn(|cx| worker.core.shard.borrow_mut().poll_deferred(cx)).await;
+        monoio::time::sleep(delay).await;
+        worker.core.shard.borrow_mut().flush();
     }
 }
 
