@@ -112,4 +112,10 @@ fn allocations_per_publish_do_not_grow_with_subscribers() {
         small, large,
         "one publish allocated {small} times for 10 subscribers but {large} for 10,000"
     );
+    // The budget tuning.md states: the frame, the message's Arc, the
+    // shared header of the frame's Bytes.
+    assert!(
+        large <= 3,
+        "one publish allocated {large} times; tuning.md promises at most 3"
+    );
 }

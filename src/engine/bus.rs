@@ -1,9 +1,12 @@
 //! The cross-core bus: how a publish reaches subscribers owned by other
 //! reactors.
 //!
-//! One bounded crossbeam queue per (source, destination) pair carries
+//! One crossbeam queue per (source, destination) pair carries
 //! [`Message`]s, already encoded: crossing a core costs a refcount
-//! increment, never a copy. Each destination has one coalescing wakeup: the
+//! increment, never a copy. The queues are linked lists of 31-slot blocks,
+//! holding memory only for what is queued: preallocated rings would cost
+//! `BUS_CAPACITY` slots for each of the `workers x (workers - 1)` links
+//! (1 MiB each by default, 4 GiB at 64 workers) whether used or not. Each destination has one coalescing wakeup: the
 //! first message of a burst flips `pending` and wakes the destination's
 //! drain task (monoio turns a cross-thread wake into one eventfd write);
 //! later messages of the burst find `pending` set and wake no one.
@@ -11,7 +14,8 @@
 //! Backpressure instead of unbounded memory: a source checks
 //! [`Bus::congested`] before it decodes the next client message, and waits
 //! in [`Bus::wait_for_space`] until the destination has drained. Each pair
-//! has exactly one producing thread, so check-then-send cannot overshoot.
+//! has exactly one producing thread, so a link holds at most its capacity
+//! plus what the one client message read after the check produced.
 //!
 //! That check runs for every frame a client sends, so it reads one word
 //! the source alone writes: a mark per destination, set by a send that
@@ -24,16 +28,12 @@ use std::sync::Arc;
 use std::task::Poll;
 
 use atomic_waker::AtomicWaker;
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, Sender};
 
 use crate::engine::message::Message;
 
 /// What crosses cores: a published message, shared.
 pub type Shared = Arc<Message>;
-
-/// Room kept above the congestion mark, for the messages one client
-/// message may produce after the check.
-const SLACK: usize = 1024;
 
 struct Link {
     tx: Sender<Shared>,
@@ -67,15 +67,8 @@ impl Bus {
     /// A bus for `cores` reactors, each link holding about `capacity` messages.
     pub fn new(cores: usize, capacity: usize) -> Arc<Bus> {
         let links = (0..cores * cores)
-            .map(|i| {
-                // A core never sends to itself: its own link holds no
-                // buffer (a bounded queue allocates all its slots at once).
-                let room = if i / cores == i % cores {
-                    0
-                } else {
-                    capacity + SLACK
-                };
-                let (tx, rx) = crossbeam_channel::bounded(room);
+            .map(|_| {
+                let (tx, rx) = crossbeam_channel::unbounded();
                 Link {
                     tx,
                     rx,
@@ -132,21 +125,15 @@ impl Bus {
     }
 
     /// Queues `msg` from `src` to `dst` and wakes `dst` if it was idle.
-    /// Returns false only if the queue's slack was exhausted, which the
-    /// congestion check prevents.
-    pub fn send(&self, src: usize, dst: usize, msg: Shared) -> bool {
+    /// A link that reaches its capacity marks `src` congested; the send
+    /// itself never fails (the bus owns both ends of every link).
+    pub fn send(&self, src: usize, dst: usize, msg: Shared) {
         let link = self.link(src, dst);
-        match link.tx.try_send(msg) {
-            Ok(()) => {
-                if link.tx.len() >= self.capacity {
-                    let m = &self.marks[src].0;
-                    m.store(m.load(Ordering::Relaxed) | 1 << dst, Ordering::Relaxed);
-                }
-                self.notify(dst);
-                true
-            }
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => false,
+        if link.tx.send(msg).is_ok() && link.tx.len() >= self.capacity {
+            let m = &self.marks[src].0;
+            m.store(m.load(Ordering::Relaxed) | 1 << dst, Ordering::Relaxed);
         }
+        self.notify(dst);
     }
 
     /// Wakes `dst`'s drain task unless a wakeup is already pending.
@@ -248,7 +235,7 @@ mod tests {
     fn messages_cross_and_share_the_buffer() {
         let bus = Bus::new(2, 8);
         let p = message_frame("a", "1");
-        assert!(bus.send(0, 1, p.clone()));
+        bus.send(0, 1, p.clone());
         let mut got = Vec::new();
         let (n, more) = bus.drain(1, 100, |m| got.push(m));
         assert_eq!((n, more), (1, false));

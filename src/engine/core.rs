@@ -100,13 +100,7 @@ impl Core {
         while others != 0 {
             let dst = others.trailing_zeros() as usize;
             others &= others - 1;
-            if !self.hub.bus.send(self.id, dst, msg.clone()) {
-                tracing::error!(
-                    worker = self.id,
-                    dst,
-                    "cross-core queue overflow: message dropped"
-                );
-            }
+            self.hub.bus.send(self.id, dst, msg.clone());
         }
         let mut shard = self.shard.borrow_mut();
         let except = except.or_else(|| excluded(&shard, &msg, self.id));
