@@ -11,6 +11,7 @@ pub mod bus;
 pub mod core;
 pub mod interest;
 pub mod message;
+pub mod presence;
 pub mod shard;
 pub mod slots;
 pub mod stats;

@@ -138,7 +138,7 @@ fn trigger(
             return m;
         };
         let c = shared
-            .registry
+            .presence
             .channel(&crate::engine::message::route_key_string(ns, ch));
         for what in info.split(',').map(str::trim) {
             match what {
@@ -193,7 +193,7 @@ fn channels(shared: &PusherShared, ns: u16, prefix: Option<&str>, info: Option<&
     }
     let key_prefix = crate::engine::message::route_key_string(ns, prefix);
     let mut out = Map::new();
-    for (key, c) in shared.registry.channels(&key_prefix) {
+    for (key, c) in shared.presence.channels(&key_prefix) {
         let mut attrs = Map::new();
         if want_users {
             attrs.insert("user_count".into(), c.users.into());
@@ -213,7 +213,7 @@ fn channel(shared: &PusherShared, ns: u16, name: &str, info: Option<&str>) -> An
         return text(400, "info=user_count is only allowed for presence channels");
     }
     let key = crate::engine::message::route_key_string(ns, name);
-    let c = shared.registry.channel(&key);
+    let c = shared.presence.channel(&key);
     let mut out = json!({ "occupied": c.is_some() });
     if let Some(c) = c {
         if wants("user_count") {
@@ -234,7 +234,7 @@ fn users(shared: &PusherShared, ns: u16, name: &str) -> Answer {
     }
     let key = crate::engine::message::route_key_string(ns, name);
     let users: Vec<Value> = shared
-        .registry
+        .presence
         .users(&key)
         .iter()
         .map(|u| json!({ "id": &**u }))

@@ -263,7 +263,7 @@ fn subscribe(
         }
         // A user's own channel is not a channel of the app's: no occupancy,
         // no webhooks, not listed by the channels API.
-        if kind != ChannelKind::ServerToUser && shared.registry.subscribed(&route) {
+        if kind != ChannelKind::ServerToUser && shared.presence.subscribed(&route) {
             webhook(
                 fe,
                 &app,
@@ -284,9 +284,9 @@ fn subscribe(
                 .and_then(|p| p.user_on(channel).map(str::to_string));
             let members = if joined_before.is_some() {
                 // Subscribing twice: answer with the current members.
-                shared.registry.members(&route)
+                shared.presence.members(&route)
             } else {
-                let (first, members) = shared.registry.join(&route, &user_id, &user_info);
+                let (first, members) = shared.presence.join(&route, &user_id, &user_info);
                 if let Some(p) = fe.conns.borrow_mut().get_mut(&key) {
                     p.presence.push((channel.into(), user_id.clone().into()));
                 }
@@ -387,7 +387,7 @@ fn left(fe: &Pusher, worker: &Worker, key: usize, route: &str) {
         (p.app.clone(), p.ns, user)
     };
     if let Some(user_id) = user {
-        if shared.registry.leave(route, &user_id) {
+        if shared.presence.leave(route, &user_id) {
             let frame = wire::member_removed_routed(channel, &user_id);
             worker.core.publish(published(frame, ns), Some(key));
             webhook(
@@ -400,7 +400,7 @@ fn left(fe: &Pusher, worker: &Worker, key: usize, route: &str) {
             );
         }
     }
-    if ChannelKind::of(channel) != ChannelKind::ServerToUser && shared.registry.unsubscribed(route)
+    if ChannelKind::of(channel) != ChannelKind::ServerToUser && shared.presence.unsubscribed(route)
     {
         webhook(
             fe,

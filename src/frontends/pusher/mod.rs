@@ -4,8 +4,8 @@
 //!
 //! Pure parts: [`apps`] (APPS configuration), [`sign`] (HMAC signatures of
 //! channel auth, the HTTP API and webhooks), [`wire`] (client messages and
-//! server frames), [`socket`] (socket ids). Shared state: [`registry`]
-//! (subscription counts and presence members across cores). IO:
+//! server frames), [`socket`] (socket ids). Shared state: the engine's
+//! [`Presence`] (subscription counts and presence members across cores). IO:
 //! [`connection`] (a client's messages), [`api`] (HTTP API), [`webhooks`]
 //! (the sender thread).
 
@@ -13,7 +13,6 @@ pub mod api;
 pub mod apps;
 pub mod connection;
 pub mod frontend;
-pub mod registry;
 pub mod sign;
 pub mod socket;
 pub mod webhooks;
@@ -26,10 +25,10 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use self::apps::Apps;
-use self::registry::Registry;
 use self::webhooks::Webhooks;
 use crate::config::Config;
 use crate::engine::message::{Encoding, Message};
+use crate::engine::presence::{LocalPresence, Presence};
 use crate::integrations::metrics::Metrics;
 
 /// The Pusher protocol's encoding of published messages.
@@ -53,7 +52,8 @@ pub enum Control {
 /// The Pusher state shared by every worker.
 pub struct PusherShared {
     pub apps: Apps,
-    pub registry: Registry,
+    /// Subscription counts and presence members (node-wide).
+    pub presence: Box<dyn Presence>,
     pub webhooks: Option<Webhooks>,
     /// Open connections per app (by index), for `max_connections` (and
     /// the metrics, which read the same counters).
@@ -116,7 +116,7 @@ impl PusherShared {
         PusherShared {
             app_connections: (0..apps.len()).map(|_| AtomicUsize::new(0)).collect(),
             apps,
-            registry: Registry::default(),
+            presence: Box::new(LocalPresence::default()),
             webhooks,
             activity_timeout,
             pong_timeout,

@@ -13,7 +13,7 @@
 //! retries with exponential backoff on 5xx, timeouts and failed
 //! connections, each retry on a fresh connection. Batches of a lane go out
 //! in order, one at a time. Each event is queued exactly once, by the core
-//! whose registry update decided it (see [`super::registry`]). Outcomes are
+//! whose presence update decided it (see [`crate::engine::presence`]). Outcomes are
 //! counted per app in `herald_pusher_webhook_batches_total`.
 
 use std::cell::RefCell;

@@ -1,13 +1,18 @@
-//! What the Pusher side must know across cores: how many subscriptions
-//! each channel has (for `channel_occupied`/`channel_vacated` and the
-//! channels API) and who is present on each presence channel (members keyed
-//! by `user_id`, each counting its connections).
+//! Who is on a channel, node-wide: how many subscriptions each channel
+//! has (occupied / vacated transitions, the channel listings of an HTTP
+//! API) and, on channels that track members, who is present (members keyed
+//! by a user id, each counting its connections, with the raw `info` it
+//! joined with). Front-ends speak it in their own words (Pusher's
+//! `member_added`, `channel_occupied`); the engine only keeps the counts.
 //!
-//! Subscribing is rare next to publishing, so this is plain shared state:
-//! 64 mutex-guarded shards keyed by routing key (`{namespace}#{channel}`).
-//! Every transition (first subscription, last one, a user's first or last
-//! connection) is decided under its shard's lock, so exactly one core sees
-//! it and reports it once, however the channel's subscribers are spread.
+//! [`Presence`] is the seam: [`LocalPresence`] is this node's in-memory
+//! implementation; a cluster supplies one that agrees across nodes.
+//!
+//! Subscribing is rare next to publishing, so the local one is plain shared
+//! state: 64 mutex-guarded shards keyed by routing key. Every transition
+//! (first subscription, last one, a user's first or last connection) is
+//! decided under its shard's lock, so exactly one core sees it and reports
+//! it once, however the channel's subscribers are spread.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -24,18 +29,43 @@ struct Channel {
     members: Vec<(Box<str>, usize, Box<str>)>,
 }
 
-/// A presence channel's members, as `subscription_succeeded` lists them.
+/// A channel's members in join order: (user id, raw info JSON).
 pub type Members = Vec<(Box<str>, Box<str>)>;
 
-/// Subscription counts and presence members of every channel.
-pub struct Registry {
+/// Subscription counts and members of every channel, wherever they are
+/// kept. Keys are routing keys (`{namespace}#{channel}`).
+pub trait Presence: Send + Sync {
+    /// Counts a subscription; true if it is the channel's first (occupied).
+    fn subscribed(&self, key: &str) -> bool;
+    /// Uncounts a subscription; true if it was the channel's last (vacated).
+    fn unsubscribed(&self, key: &str) -> bool;
+    /// Adds a connection of `user_id`. Returns whether it is the user's
+    /// first connection there (so others are told of a new member) and the
+    /// members now present.
+    fn join(&self, key: &str, user_id: &str, user_info: &str) -> (bool, Members);
+    /// Removes a connection of `user_id`; true if it was the user's last
+    /// there (so others are told the member left).
+    fn leave(&self, key: &str, user_id: &str) -> bool;
+    /// A channel's counts, if it has a subscriber.
+    fn channel(&self, key: &str) -> Option<ChannelInfo>;
+    /// The members present on a channel.
+    fn members(&self, key: &str) -> Members;
+    /// The user ids present on a channel.
+    fn users(&self, key: &str) -> Vec<Box<str>>;
+    /// Occupied channels whose key starts with `prefix` (a namespace's
+    /// `{n}#` followed by an optional channel-name prefix), sorted.
+    fn channels(&self, prefix: &str) -> Vec<(Box<str>, ChannelInfo)>;
+}
+
+/// This node's subscription counts and members, in memory.
+pub struct LocalPresence {
     shards: Vec<Mutex<HashMap<Box<str>, Channel>>>,
     hasher: RandomState,
 }
 
-impl Default for Registry {
+impl Default for LocalPresence {
     fn default() -> Self {
-        Registry {
+        LocalPresence {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             hasher: RandomState::new(),
         }
@@ -49,24 +79,24 @@ pub struct ChannelInfo {
     pub users: usize,
 }
 
-impl Registry {
+impl LocalPresence {
     fn shard(&self, key: &str) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Channel>> {
         let i = self.hasher.hash_one(key) as usize % SHARDS;
         // A panic while holding the lock cannot leave a half-updated
         // counter behind (every update is one statement), so keep going.
         self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
     }
+}
 
-    /// Counts a subscription; true if it is the channel's first (occupied).
-    pub fn subscribed(&self, key: &str) -> bool {
+impl Presence for LocalPresence {
+    fn subscribed(&self, key: &str) -> bool {
         let mut shard = self.shard(key);
         let ch = shard.entry(key.into()).or_default();
         ch.subscriptions += 1;
         ch.subscriptions == 1
     }
 
-    /// Uncounts a subscription; true if it was the channel's last (vacated).
-    pub fn unsubscribed(&self, key: &str) -> bool {
+    fn unsubscribed(&self, key: &str) -> bool {
         let mut shard = self.shard(key);
         let Some(ch) = shard.get_mut(key) else {
             return false;
@@ -79,10 +109,7 @@ impl Registry {
         vacated
     }
 
-    /// Adds a connection of `user_id` to a presence channel. Returns whether
-    /// it is the user's first connection there (so `member_added` is due)
-    /// and the members now present.
-    pub fn join(&self, key: &str, user_id: &str, user_info: &str) -> (bool, Members) {
+    fn join(&self, key: &str, user_id: &str, user_info: &str) -> (bool, Members) {
         let mut shard = self.shard(key);
         let ch = shard.entry(key.into()).or_default();
         let first = match ch.members.iter_mut().find(|m| &*m.0 == user_id) {
@@ -103,9 +130,7 @@ impl Registry {
         (first, members)
     }
 
-    /// Removes a connection of `user_id`; true if it was the user's last
-    /// there (so `member_removed` is due).
-    pub fn leave(&self, key: &str, user_id: &str) -> bool {
+    fn leave(&self, key: &str, user_id: &str) -> bool {
         let mut shard = self.shard(key);
         let Some(ch) = shard.get_mut(key) else {
             return false;
@@ -124,8 +149,7 @@ impl Registry {
         last
     }
 
-    /// A channel's counts, if it has a subscriber.
-    pub fn channel(&self, key: &str) -> Option<ChannelInfo> {
+    fn channel(&self, key: &str) -> Option<ChannelInfo> {
         let shard = self.shard(key);
         shard
             .get(key)
@@ -136,8 +160,7 @@ impl Registry {
             })
     }
 
-    /// The members present on a presence channel.
-    pub fn members(&self, key: &str) -> Members {
+    fn members(&self, key: &str) -> Members {
         let shard = self.shard(key);
         shard
             .get(key)
@@ -150,8 +173,7 @@ impl Registry {
             .unwrap_or_default()
     }
 
-    /// The user ids present on a presence channel.
-    pub fn users(&self, key: &str) -> Vec<Box<str>> {
+    fn users(&self, key: &str) -> Vec<Box<str>> {
         let shard = self.shard(key);
         shard
             .get(key)
@@ -159,9 +181,7 @@ impl Registry {
             .unwrap_or_default()
     }
 
-    /// Occupied channels whose key starts with `prefix` (a namespace's
-    /// `{n}#` followed by an optional channel-name prefix), sorted.
-    pub fn channels(&self, prefix: &str) -> Vec<(Box<str>, ChannelInfo)> {
+    fn channels(&self, prefix: &str) -> Vec<(Box<str>, ChannelInfo)> {
         let mut out = Vec::new();
         for shard in &self.shards {
             let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
@@ -188,7 +208,7 @@ mod tests {
 
     #[test]
     fn occupied_and_vacated_once() {
-        let r = Registry::default();
+        let r = LocalPresence::default();
         assert!(r.subscribed("1#a"));
         assert!(!r.subscribed("1#a"));
         assert_eq!(
@@ -206,7 +226,7 @@ mod tests {
 
     #[test]
     fn members_count_once_per_user() {
-        let r = Registry::default();
+        let r = LocalPresence::default();
         r.subscribed("1#presence-x");
         let (first, m) = r.join("1#presence-x", "u1", r#"{"n":1}"#);
         assert!(first);
@@ -227,7 +247,7 @@ mod tests {
 
     #[test]
     fn lists_by_prefix() {
-        let r = Registry::default();
+        let r = LocalPresence::default();
         for k in ["1#b", "1#a", "2#a", "1#presence-c"] {
             r.subscribed(k);
         }
