@@ -88,6 +88,19 @@ pub struct Config {
     #[arg(long, env = "PUBLISH_RATE", default_value_t = 0, value_parser = parse_u64)]
     pub publish_rate: u64,
 
+    /// Which channels keep history: `pattern=size/ttl,...` (e.g.
+    /// `chat:*=100/5m,news=1000/1h`; the first matching pattern wins).
+    #[arg(long, env = "HISTORY", default_value = "", value_parser = parse_history)]
+    pub history: crate::engine::history::Rules,
+
+    /// Most messages one recovery replays (and one history read returns).
+    #[arg(long, env = "HISTORY_RECOVER_MAX", default_value_t = 1000, value_parser = parse_count)]
+    pub history_recover_max: usize,
+
+    /// Seconds a publish's idempotency_key is remembered.
+    #[arg(long, env = "IDEMPOTENCY_WINDOW", default_value = "300", value_parser = parse_secs)]
+    pub idempotency_window: Duration,
+
     /// Channels one connection may be subscribed to at once.
     #[arg(long, env = "MAX_SUBSCRIPTIONS", default_value_t = 10_000, value_parser = parse_count)]
     pub max_subscriptions: usize,
@@ -455,6 +468,10 @@ fn parse_workers(s: &str) -> Result<usize, String> {
         Ok(n) if (1..=MAX_WORKERS).contains(&n) => Ok(n),
         _ => Err(format!("expected a whole number from 1 to {MAX_WORKERS}")),
     }
+}
+
+fn parse_history(s: &str) -> Result<crate::engine::history::Rules, String> {
+    crate::engine::history::Rules::parse(s).map_err(|e| e.to_string())
 }
 
 fn parse_count(s: &str) -> Result<usize, String> {

@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use crate::auth::Authenticator;
 use crate::config::Config;
-use crate::engine::core::{Core, Hub};
-use crate::engine::message::Encoder;
+use crate::engine::core::{Core, HistorySettings, Hub};
+use crate::engine::message::{Encoder, Encoding};
 use crate::engine::shard::{Closes, Keepalive, Limits};
 use crate::integrations::authorizer::Authorizer;
 use crate::integrations::metrics::Metrics;
@@ -48,7 +48,16 @@ impl Shared {
     ) -> Arc<Shared> {
         Arc::new(Shared {
             auth: Authenticator::new(config.secret.as_deref(), config.jwt_leeway),
-            hub: Arc::new(Hub::new(workers, config.bus_capacity, encoders)),
+            hub: Arc::new(
+                Hub::new(workers, config.bus_capacity, encoders).with_history(HistorySettings {
+                    rules: config.history.clone(),
+                    // The first registered encoding (the native protocol's)
+                    // is the one whose frames history keeps.
+                    encoding: Encoding(0),
+                    recover_max: config.history_recover_max,
+                    idempotency_window_ms: config.idempotency_window.as_millis() as u64,
+                }),
+            ),
             metrics,
             connections: AtomicUsize::new(0),
             ready: AtomicUsize::new(0),

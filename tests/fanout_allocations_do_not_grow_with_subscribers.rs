@@ -4,8 +4,9 @@
 //! so parallel tests do not disturb each other) wraps the system allocator.
 //!
 //! The path is the real one minus the sockets: two workers in one thread,
-//! subscribers on both, `Worker::publish` on worker 0 (interest map, local
-//! fan-out, the bus to worker 1), worker 1 draining its bus, and every
+//! subscribers on both, a publish on worker 0 (to the channel's owner,
+//! interest map, local fan-out, the bus to the other worker), both workers
+//! draining their bus, and every
 //! subscriber's writer taking its frames into a write batch.
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -74,7 +75,13 @@ fn allocations_per_publish(n: usize) -> usize {
     let mut publish_once = || {
         let data = r#"{"text":"sixty-four bytes of payload, give or take a few"}"#;
         workers[0].core.publish(message_frame("room", data), None);
-        while workers[1].core.drain(usize::MAX) {}
+        // The channel's owner may be either worker: hand over until both
+        // queues are empty (at most publisher -> owner -> the other).
+        for _ in 0..2 {
+            for w in &workers {
+                while w.core.drain(usize::MAX) {}
+            }
+        }
         let mut delivered = 0;
         for &(w, key, gen) in &conns {
             let mut shard = workers[w].core.shard.borrow_mut();

@@ -1,9 +1,10 @@
 //! The cross-core bus: how a publish reaches subscribers owned by other
 //! reactors.
 //!
-//! One crossbeam queue per (source, destination) pair carries
-//! [`Message`]s, already encoded: crossing a core costs a refcount
-//! increment, never a copy. The queues are linked lists of 31-slot blocks,
+//! One crossbeam queue per (source, destination) pair carries what one
+//! core hands another (the engine's envelopes: published messages, already
+//! encoded, so crossing a core costs a refcount increment, never a copy;
+//! and work to run there), first in, first out. The queues are linked lists of 31-slot blocks,
 //! holding memory only for what is queued: preallocated rings would cost
 //! `BUS_CAPACITY` slots for each of the `workers x (workers - 1)` links
 //! (1 MiB each by default, 4 GiB at 64 workers) whether used or not. Each destination has one coalescing wakeup: the
@@ -25,21 +26,20 @@
 use std::future::poll_fn;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::Poll;
+use std::sync::{Mutex, MutexGuard};
+use std::task::{Poll, Waker};
 
 use atomic_waker::AtomicWaker;
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::engine::message::Message;
-
-/// What crosses cores: a published message, shared.
-pub type Shared = Arc<Message>;
-
-struct Link {
-    tx: Sender<Shared>,
-    rx: Receiver<Shared>,
-    /// The source reactor waits here for the destination to drain.
-    space: AtomicWaker,
+struct Link<T> {
+    tx: Sender<T>,
+    rx: Receiver<T>,
+    /// The source reactor's tasks waiting for the destination to drain:
+    /// every one of them (many connections of a core may be paused on the
+    /// same link), so not an `AtomicWaker`, which keeps only the last.
+    /// Touched only under congestion.
+    space: Mutex<Vec<Waker>>,
     producer_waiting: AtomicBool,
 }
 
@@ -53,26 +53,26 @@ struct Inbox {
     waker: AtomicWaker,
 }
 
-/// The queues between every pair of cores.
-pub struct Bus {
+/// The queues between every pair of cores, carrying `T`s.
+pub struct Bus<T> {
     cores: usize,
     capacity: usize,
-    links: Box<[Link]>,
+    links: Box<[Link<T>]>,
     inboxes: Box<[Inbox]>,
     /// By source; written only by the source's thread.
     marks: Box<[Marks]>,
 }
 
-impl Bus {
+impl<T> Bus<T> {
     /// A bus for `cores` reactors, each link holding about `capacity` messages.
-    pub fn new(cores: usize, capacity: usize) -> Arc<Bus> {
+    pub fn new(cores: usize, capacity: usize) -> Arc<Bus<T>> {
         let links = (0..cores * cores)
             .map(|_| {
                 let (tx, rx) = crossbeam_channel::unbounded();
                 Link {
                     tx,
                     rx,
-                    space: AtomicWaker::new(),
+                    space: Mutex::new(Vec::new()),
                     producer_waiting: AtomicBool::new(false),
                 }
             })
@@ -93,7 +93,7 @@ impl Bus {
         })
     }
 
-    fn link(&self, src: usize, dst: usize) -> &Link {
+    fn link(&self, src: usize, dst: usize) -> &Link<T> {
         &self.links[src * self.cores + dst]
     }
 
@@ -127,7 +127,7 @@ impl Bus {
     /// Queues `msg` from `src` to `dst` and wakes `dst` if it was idle.
     /// A link that reaches its capacity marks `src` congested; the send
     /// itself never fails (the bus owns both ends of every link).
-    pub fn send(&self, src: usize, dst: usize, msg: Shared) {
+    pub fn send(&self, src: usize, dst: usize, msg: T) {
         let link = self.link(src, dst);
         if link.tx.send(msg).is_ok() && link.tx.len() >= self.capacity {
             let m = &self.marks[src].0;
@@ -161,7 +161,7 @@ impl Bus {
     /// Hands up to `max` queued messages for `dst` to `deliver`, oldest
     /// first per source. Returns how many were handed over and whether
     /// more are waiting.
-    pub fn drain(&self, dst: usize, max: usize, mut deliver: impl FnMut(Shared)) -> (usize, bool) {
+    pub fn drain(&self, dst: usize, max: usize, mut deliver: impl FnMut(T)) -> (usize, bool) {
         let mut n = 0;
         let mut more = false;
         for src in (0..self.cores).filter(|&s| s != dst) {
@@ -182,7 +182,10 @@ impl Bus {
                 && link.rx.len() < self.capacity / 2 + 1
                 && link.producer_waiting.swap(false, Ordering::AcqRel)
             {
-                link.space.wake();
+                let waiting = std::mem::take(&mut *lock(&link.space));
+                for w in waiting {
+                    w.wake();
+                }
             }
         }
         (n, more)
@@ -198,7 +201,12 @@ impl Bus {
                 bits &= bits - 1;
                 let link = self.link(src, dst);
                 if link.tx.len() >= self.capacity {
-                    link.space.register(cx.waker());
+                    {
+                        let mut waiting = lock(&link.space);
+                        if !waiting.iter().any(|w| w.will_wake(cx.waker())) {
+                            waiting.push(cx.waker().clone());
+                        }
+                    }
                     link.producer_waiting.store(true, Ordering::Release);
                     // Re-check after registering: the drain may have just run.
                     if link.tx.len() >= self.capacity {
@@ -218,6 +226,12 @@ impl Bus {
     }
 }
 
+/// A lock that a panic elsewhere cannot poison for good (the list of
+/// wakers stays valid whatever happened).
+fn lock(m: &Mutex<Vec<Waker>>) -> MutexGuard<'_, Vec<Waker>> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,7 +247,7 @@ mod tests {
 
     #[test]
     fn messages_cross_and_share_the_buffer() {
-        let bus = Bus::new(2, 8);
+        let bus = Bus::<Arc<Message>>::new(2, 8);
         let p = message_frame("a", "1");
         bus.send(0, 1, p.clone());
         let mut got = Vec::new();
@@ -246,7 +260,7 @@ mod tests {
 
     #[test]
     fn congestion_at_capacity() {
-        let bus = Bus::new(2, 4);
+        let bus = Bus::<Arc<Message>>::new(2, 4);
         for _ in 0..4 {
             assert!(!bus.congested(0));
             bus.send(0, 1, message_frame("a", "1"));
@@ -261,7 +275,7 @@ mod tests {
 
     #[test]
     fn a_mark_names_the_full_link_only() {
-        let bus = Bus::new(4, 2);
+        let bus = Bus::<Arc<Message>>::new(4, 2);
         for _ in 0..2 {
             bus.send(0, 3, message_frame("a", "1"));
         }
@@ -274,5 +288,34 @@ mod tests {
         let mut wait = std::pin::pin!(bus.wait_for_space(0));
         assert!(std::future::Future::poll(wait.as_mut(), &mut cx).is_ready());
         assert!(!bus.congested(0));
+    }
+
+    struct Flag(std::sync::atomic::AtomicBool);
+    impl std::task::Wake for Flag {
+        fn wake(self: Arc<Self>) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn every_task_waiting_for_space_is_woken() {
+        use std::future::Future;
+        let bus = Bus::<Arc<Message>>::new(2, 2);
+        for _ in 0..2 {
+            bus.send(0, 1, message_frame("a", "1"));
+        }
+        let flags: Vec<Arc<Flag>> = (0..3).map(|_| Arc::new(Flag(Default::default()))).collect();
+        let mut waits: Vec<_> = (0..3).map(|_| Box::pin(bus.wait_for_space(0))).collect();
+        for (w, f) in waits.iter_mut().zip(&flags) {
+            let waker = std::task::Waker::from(f.clone());
+            let mut cx = std::task::Context::from_waker(&waker);
+            assert!(w.as_mut().poll(&mut cx).is_pending());
+            // Polled again (a spurious wake): still one entry per task.
+            assert!(w.as_mut().poll(&mut cx).is_pending());
+        }
+        bus.drain(1, 100, |_| {});
+        for (i, f) in flags.iter().enumerate() {
+            assert!(f.0.load(Ordering::SeqCst), "task {i} was not woken");
+        }
     }
 }

@@ -2,27 +2,112 @@
 //! the other cores through the node-wide [`Hub`] (the interest map and the
 //! bus).
 //!
-//! [`Core::publish`] is the whole fan-out: read the interest map with the
-//! message's precomputed hash, hand a refcounted clone of the message to
-//! each other interested core through the bus, then deliver to local
-//! subscribers. [`Core::drain`] is the other cores' half.
+//! Every channel has an **owner** core, chosen by its routing hash, that
+//! puts its messages in one order: [`Core::publish`] hands a message to
+//! its channel's owner (a refcount across the bus, or nothing when the
+//! publisher's core is the owner); the owner (`Core::sequence`) numbers
+//! it if the channel keeps history, stores its frame, then fans it out:
+//! a refcounted clone to each other interested core through the bus, then
+//! its own subscribers. Each pair of cores is one FIFO queue, so every
+//! core delivers a channel's messages in the owner's order, and so does
+//! every subscriber. [`Core::drain`] is the other cores' half.
+//!
+//! The same queues carry work to run on another core ([`Envelope::Run`]),
+//! in order with the messages: a subscription with history asks the owner
+//! for the channel's position (and what to replay), and the answer comes
+//! back behind every message numbered before it and ahead of every one
+//! after, which is what makes recovery exact ([`Core::join`]).
 
 use std::cell::RefCell;
 use std::sync::Arc;
 
-use super::bus::{self, Bus};
+use bytes::Bytes;
+
+use super::bus::Bus;
+use super::history::{Idempotency, Keep, Outcome, Rules, Since, Store, Stream};
 use super::interest::Interest;
-use super::message::{Encoder, Message};
+use super::message::{Encoder, Encoding, Message};
 use super::shard::{Limits, Shard, SubscribeError};
 use super::stats::CoreStats;
+
+/// Work for a core, run there in order with its messages.
+pub type Task = Box<dyn FnOnce(&Core) + Send>;
+
+/// Runs on the channel's owner once a publish is sequenced (or found to
+/// repeat an idempotency key).
+pub type Done = Box<dyn FnOnce(&Core, &Outcome) + Send>;
+
+/// Runs on the subscriber's core when a subscription with history is
+/// complete; its frames are queued before any later message.
+pub type Joined = Box<dyn FnOnce(&Core, Result<Join, SubscribeError>) + Send>;
+
+/// Runs on a channel's owner with its history (`None`: it keeps none).
+pub type ReadHistory = Box<dyn FnOnce(&Core, Option<&Stream>) + Send>;
+
+/// What crosses from one core to another.
+pub enum Envelope {
+    /// A sequenced message: deliver it to this core's subscribers.
+    Deliver(Arc<Message>),
+    /// A message for this core, its channel's owner, to sequence.
+    Sequence(Arc<Message>),
+    /// The same, with an idempotency key or work to run once sequenced.
+    SequenceWith(Box<Publish>),
+    /// Work to run on this core.
+    Run(Task),
+}
+
+/// A publish with more than its message.
+pub struct Publish {
+    pub msg: Arc<Message>,
+    pub idempotency_key: Option<Box<str>>,
+    pub done: Option<Done>,
+}
+
+/// How channels keep history, node-wide.
+pub struct HistorySettings {
+    pub rules: Rules,
+    /// The encoding whose frames are stored (and carry offsets).
+    pub encoding: Encoding,
+    /// Most messages one recovery replays.
+    pub recover_max: usize,
+    /// How long an idempotency key is remembered, in milliseconds.
+    pub idempotency_window_ms: u64,
+}
+
+impl Default for HistorySettings {
+    fn default() -> Self {
+        HistorySettings {
+            rules: Rules::default(),
+            encoding: Encoding(0),
+            recover_max: 1000,
+            idempotency_window_ms: 300_000,
+        }
+    }
+}
+
+/// A subscription's place in its channel's history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Join {
+    pub epoch: Arc<str>,
+    /// The channel's newest offset when the subscription took effect:
+    /// every message delivered after it has a larger one.
+    pub top: u64,
+    /// With `since`: whether everything after it is replayed.
+    pub recovered: bool,
+    /// Frames to send before anything live (offsets after `since` up to
+    /// `top`), oldest first.
+    pub replay: Vec<Bytes>,
+}
 
 /// What every core shares: which cores want which channels, and the
 /// queues between them.
 pub struct Hub {
     pub interest: Interest,
-    pub bus: Arc<Bus>,
+    pub bus: Arc<Bus<Envelope>>,
     /// The encoders of the node's front-ends, by encoding.
     pub encoders: &'static [Encoder],
+    pub history: HistorySettings,
+    cores: usize,
 }
 
 impl Hub {
@@ -31,7 +116,31 @@ impl Hub {
             interest: Interest::new(),
             bus: Bus::new(cores, bus_capacity),
             encoders,
+            history: HistorySettings::default(),
+            cores,
         }
+    }
+
+    /// The same hub, keeping history as `history` says.
+    pub fn with_history(mut self, history: HistorySettings) -> Hub {
+        self.history = history;
+        self
+    }
+
+    /// The core that sequences the channel with routing hash `hash`.
+    pub fn owner(&self, hash: u64) -> usize {
+        // The middle bits: tables use the low ones, the interest map's
+        // locks the top ones.
+        ((((hash >> 16) & 0xffff_ffff) * self.cores as u64) >> 32) as usize
+    }
+
+    /// What `channel` (a routing key) keeps, if anything: history is for
+    /// the native namespace's channels.
+    pub fn keeps(&self, namespace: u16, channel: &str) -> Option<Keep> {
+        if namespace != 0 || self.history.rules.is_empty() {
+            return None;
+        }
+        self.history.rules.keep(channel)
     }
 }
 
@@ -41,6 +150,9 @@ pub struct Core {
     pub shard: RefCell<Shard>,
     pub stats: Arc<CoreStats>,
     pub hub: Arc<Hub>,
+    /// Histories of the channels this core owns.
+    pub history: RefCell<Store>,
+    idempotency: RefCell<Idempotency>,
 }
 
 impl Core {
@@ -50,6 +162,8 @@ impl Core {
             shard: RefCell::new(Shard::new(id, limits, stats.clone(), hub.encoders)),
             stats,
             hub,
+            history: RefCell::new(Store::default()),
+            idempotency: RefCell::new(Idempotency::default()),
         }
     }
 
@@ -84,50 +198,307 @@ impl Core {
         self.hub.bus.wait_for_space(self.id)
     }
 
-    /// Publishes `msg`: to other interested cores through the bus, then to
-    /// local subscribers except `except`. The caller has checked
-    /// [`Core::congested`] before decoding the message.
+    /// Runs `task` on core `dst`: here and now if it is this one, else in
+    /// order behind what this core already sent there.
+    pub fn run_on(&self, dst: usize, task: Task) {
+        if dst == self.id {
+            task(self);
+        } else {
+            self.hub.bus.send(self.id, dst, Envelope::Run(task));
+        }
+    }
+
+    /// Publishes `msg` to every subscriber of its channel but the local
+    /// connection `except`. The caller has checked [`Core::congested`]
+    /// before decoding the message.
     pub fn publish(&self, msg: Message, except: Option<usize>) {
+        self.publish_with(msg, except, None, None);
+    }
+
+    /// [`Core::publish`] with an idempotency key, and `done` to run on the
+    /// channel's owner with the outcome (offset, repeat).
+    pub fn publish_with(
+        &self,
+        mut msg: Message,
+        except: Option<usize>,
+        idempotency_key: Option<Box<str>>,
+        done: Option<Done>,
+    ) {
         self.stats.publishes.inc();
-        let ns = self.stats.namespace(msg.namespace());
-        if let Some(ns) = ns {
+        if let Some(ns) = self.stats.namespace(msg.namespace()) {
             ns.published.inc();
         }
+        if let Some(key) = except {
+            let gen = self.shard.borrow().conn(key).map(|c| c.gen);
+            if let Some(gen) = gen {
+                msg.set_except(self.id as u16, key as u32, gen);
+            }
+        }
+        let owner = self.hub.owner(msg.hash());
+        let msg = Arc::new(msg);
+        if owner == self.id {
+            self.sequence(msg, idempotency_key, done);
+            return;
+        }
+        let envelope = match (idempotency_key, done) {
+            (None, None) => Envelope::Sequence(msg),
+            (idempotency_key, done) => Envelope::SequenceWith(Box::new(Publish {
+                msg,
+                idempotency_key,
+                done,
+            })),
+        };
+        self.hub.bus.send(self.id, owner, envelope);
+    }
+
+    /// On the channel's owner: drops a repeated idempotency key, numbers
+    /// and stores the message if its channel keeps history, fans it out.
+    fn sequence(
+        &self,
+        mut msg: Arc<Message>,
+        idempotency_key: Option<Box<str>>,
+        done: Option<Done>,
+    ) {
+        let now = || self.shard.borrow().now();
+        if let Some(k) = &idempotency_key {
+            let seen = msg.with_key(|ch| self.idempotency.borrow_mut().check(ch, k, now()));
+            if let Some(position) = seen {
+                self.stats.idempotent_repeats.inc();
+                if let Some(done) = done {
+                    done(
+                        self,
+                        &Outcome {
+                            position,
+                            duplicate: true,
+                        },
+                    );
+                }
+                return;
+            }
+        }
+        let keep = match msg.namespace() {
+            0 => self.hub.keeps(0, msg.channel()),
+            _ => None,
+        };
+        let position = keep.map(|keep| {
+            let now = now();
+            let encoding = self.hub.history.encoding;
+            let m = Arc::get_mut(&mut msg).expect("a message is not shared before it is sequenced");
+            let mut store = self.history.borrow_mut();
+            let next = m.with_key(|ch| store.stream(ch, keep, now).top + 1);
+            m.set_offset(next, encoding);
+            let frame = m.frame_for(encoding, self.hub.encoders).unwrap_or_default();
+            let pos = m.with_key(|ch| store.append(ch, keep, frame, now));
+            debug_assert_eq!(pos.1, next);
+            self.history_gauges(&store);
+            pos
+        });
+        if let Some(k) = idempotency_key {
+            let until = now().saturating_add(self.hub.history.idempotency_window_ms);
+            msg.with_key(|ch| {
+                self.idempotency
+                    .borrow_mut()
+                    .remember(ch, &k, position.clone(), until)
+            });
+        }
+        self.fan_out(&msg);
+        if let Some(done) = done {
+            done(
+                self,
+                &Outcome {
+                    position,
+                    duplicate: false,
+                },
+            );
+        }
+    }
+
+    /// Hands a sequenced message to every other interested core, then to
+    /// this core's subscribers.
+    fn fan_out(&self, msg: &Arc<Message>) {
         let hash = msg.hash();
         let interested = msg.with_key(|k| self.hub.interest.cores_hashed(k, hash));
         let mut others = interested & !(1u64 << self.id);
-        let msg: bus::Shared = Arc::new(msg);
         while others != 0 {
             let dst = others.trailing_zeros() as usize;
             others &= others - 1;
-            self.hub.bus.send(self.id, dst, msg.clone());
+            self.hub
+                .bus
+                .send(self.id, dst, Envelope::Deliver(msg.clone()));
         }
+        if interested & (1u64 << self.id) != 0 {
+            self.deliver(msg);
+        }
+    }
+
+    fn deliver(&self, msg: &Message) {
         let mut shard = self.shard.borrow_mut();
-        let except = except.or_else(|| excluded(&shard, &msg, self.id));
-        let n = shard.deliver(&msg, except);
-        if let Some(ns) = ns {
+        let except = excluded(&shard, msg, self.id);
+        let n = shard.deliver(msg, except);
+        if let Some(ns) = self.stats.namespace(msg.namespace()) {
             ns.delivered.add(n as u64);
         }
     }
 
-    /// Delivers what other cores published, in batches of at most `max`.
+    /// Subscribes connection `key` to `channel`, which keeps history
+    /// (`keep`): the channel's owner gives the subscription its place
+    /// (epoch and top offset) and, with `since`, the frames to replay;
+    /// `joined` runs here with them, and its frames go out before any
+    /// message numbered after `top`. A connection already subscribed is
+    /// re-joined (it gets nothing twice: what it missed after `since` is
+    /// replayed, then live messages).
+    pub fn join(
+        &self,
+        key: usize,
+        channel: &str,
+        keep: Keep,
+        since: Option<Since>,
+        joined: Joined,
+    ) {
+        let (gen, already) = {
+            let shard = self.shard.borrow();
+            let Some(conn) = shard.conn(key) else {
+                return;
+            };
+            (conn.gen, shard.is_subscribed(key, channel))
+        };
+        if !already && self.shard.borrow().at_subscription_limit(key) {
+            let max = self.shard.borrow().max_subscriptions();
+            joined(self, Err(SubscribeError::TooMany(max)));
+            return;
+        }
+        {
+            let mut shard = self.shard.borrow_mut();
+            shard.reserve(channel, &self.hub.interest);
+            if already {
+                shard.unsubscribe(key, channel, &self.hub.interest);
+            }
+        }
+        let owner = self.hub.owner(super::message::route_hash(channel));
+        let here = self.id;
+        let channel: Box<str> = channel.into();
+        let recover_max = self.hub.history.recover_max;
+        self.run_on(
+            owner,
+            Box::new(move |owner: &Core| {
+                let now = owner.shard.borrow().now();
+                let join = {
+                    let mut store = owner.history.borrow_mut();
+                    let stream = store.stream(&channel, keep, now);
+                    position(stream, since.as_ref(), recover_max)
+                };
+                owner.run_on(
+                    here,
+                    Box::new(move |core: &Core| {
+                        core.complete_join(key, gen, &channel, join, joined)
+                    }),
+                );
+            }),
+        );
+    }
+
+    /// Back on the subscriber's core, in order with the channel's messages.
+    fn complete_join(&self, key: usize, gen: u64, channel: &str, join: Join, joined: Joined) {
+        let alive = self
+            .shard
+            .borrow()
+            .conn(key)
+            .is_some_and(|c| c.gen == gen && !c.is_closing());
+        let result = if alive {
+            Some(self.subscribe(key, channel))
+        } else {
+            None
+        };
+        self.shard.borrow_mut().release(channel, &self.hub.interest);
+        if let Some(result) = result {
+            joined(self, result.map(|()| join));
+        }
+    }
+
+    /// Runs `read` on `channel`'s owner with its history (`None` when the
+    /// channel keeps none); `read` sends what it found where it is needed.
+    pub fn read_history(&self, channel: &str, read: ReadHistory) {
+        let Some(keep) = self.hub.keeps(0, channel) else {
+            read(self, None);
+            return;
+        };
+        let owner = self.hub.owner(super::message::route_hash(channel));
+        let channel: Box<str> = channel.into();
+        self.run_on(
+            owner,
+            Box::new(move |owner: &Core| {
+                let now = owner.shard.borrow().now();
+                let mut store = owner.history.borrow_mut();
+                let stream = store.stream(&channel, keep, now);
+                // `read` may send to other cores but never re-enters this
+                // core's store.
+                read(owner, Some(stream));
+            }),
+        );
+    }
+
+    /// Drops expired history; called by the runtime once a second.
+    pub fn prune_history(&self) {
+        let now = self.shard.borrow().now();
+        let mut store = self.history.borrow_mut();
+        if store.prune(now) > 0 {
+            self.history_gauges(&store);
+        }
+    }
+
+    fn history_gauges(&self, store: &Store) {
+        let s = &self.stats;
+        s.history_messages
+            .add(store.frames as i64 - s.history_messages.get());
+        s.history_bytes
+            .add(store.bytes as i64 - s.history_bytes.get());
+    }
+
+    /// Handles what other cores sent, in batches of at most `max`.
     /// Returns whether more are waiting.
     pub fn drain(&self, max: usize) -> bool {
-        let mut shard = self.shard.borrow_mut();
-        let (n, more) = self.hub.bus.drain(self.id, max, |msg| {
-            let except = excluded(&shard, &msg, self.id);
-            let n = shard.deliver(&msg, except);
-            if let Some(ns) = self.stats.namespace(msg.namespace()) {
-                ns.delivered.add(n as u64);
+        let (_, more) = self.hub.bus.drain(self.id, max, |envelope| match envelope {
+            Envelope::Deliver(msg) => {
+                self.stats.cross_core_in.inc();
+                self.deliver(&msg)
             }
+            Envelope::Sequence(msg) => {
+                self.stats.sequenced_for_others.inc();
+                self.sequence(msg, None, None)
+            }
+            Envelope::SequenceWith(p) => {
+                self.stats.sequenced_for_others.inc();
+                let Publish {
+                    msg,
+                    idempotency_key,
+                    done,
+                } = *p;
+                self.sequence(msg, idempotency_key, done)
+            }
+            Envelope::Run(task) => task(self),
         });
-        self.stats.cross_core_in.add(n as u64);
         more
     }
 
     /// Waits until another core has queued something for this one.
     pub async fn wait_for_messages(&self) {
         self.hub.bus.wait_for_messages(self.id).await
+    }
+}
+
+/// Where a subscription starts in `stream`, and what it replays.
+fn position(stream: &Stream, since: Option<&Since>, recover_max: usize) -> Join {
+    let replay = since
+        .filter(|s| *s.epoch == *stream.epoch)
+        .and_then(|s| stream.after(s.offset, recover_max + 1))
+        .filter(|frames| frames.len() <= recover_max);
+    Join {
+        epoch: stream.epoch.clone(),
+        top: stream.top,
+        recovered: replay.is_some(),
+        replay: replay
+            .map(|frames| frames.into_iter().map(|(_, f)| f).collect())
+            .unwrap_or_default(),
     }
 }
 

@@ -67,6 +67,12 @@ pub struct Message {
     namespace: u16,
     hash: u64,
     except: Option<Except>,
+    /// Its offset in its channel's history (0: none).
+    offset: u64,
+    /// The publisher's frame lacks the offset its encoding carries: it
+    /// is then only the source of channel and payload, and subscribers of
+    /// that encoding get a frame built like the others'.
+    reframe: bool,
     /// Frames of other encodings, built on first need.
     others: [OnceLock<Option<Bytes>>; MAX_ENCODINGS],
 }
@@ -96,6 +102,8 @@ impl Message {
             namespace,
             hash: 0,
             except: None,
+            offset: 0,
+            reframe: false,
             others: Default::default(),
         };
         m.hash = m.with_key(route_hash);
@@ -127,6 +135,8 @@ impl Message {
             namespace,
             hash: 0,
             except: None,
+            offset: 0,
+            reframe: false,
             others: Default::default(),
         };
         m.hash = m.with_key(route_hash);
@@ -194,10 +204,29 @@ impl Message {
         f(route_key(&mut buf, self.namespace, self.channel()))
     }
 
+    /// The message's offset in its channel's history (0: none).
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// Gives the message its offset, before it is shared. `carried_by`
+    /// is the encoding whose frames show offsets: if the publisher's frame
+    /// is in it, that frame is rebuilt (once) rather than sent as it is.
+    pub fn set_offset(&mut self, offset: u64, carried_by: Encoding) {
+        self.offset = offset;
+        self.reframe = offset > 0 && carried_by == self.encoding;
+    }
+
+    /// Is the publisher's frame only a source, subscribers of its encoding
+    /// getting a rebuilt one?
+    pub fn reframed(&self) -> bool {
+        self.reframe
+    }
+
     /// The frame for subscribers in `encoding`: the publisher's own, or one
     /// built by `encoders[encoding]` the first time any core asks.
     pub fn frame_for(&self, encoding: Encoding, encoders: &[Encoder]) -> Option<Bytes> {
-        if encoding == self.encoding {
+        if encoding == self.encoding && !self.reframe {
             return Some(self.frame.clone());
         }
         let i = usize::from(encoding.0);

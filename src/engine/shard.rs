@@ -8,7 +8,7 @@
 //! each subscriber's queue, and a wake of that subscriber's writer task.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
@@ -204,6 +204,9 @@ pub struct Shard {
     deferred: Vec<Waker>,
     /// The task that flushes, waiting for a first deferred writer.
     flusher: Option<Waker>,
+    /// Subscriptions on their way (waiting for the channel's owner core):
+    /// routing key to how many. Each keeps the core's interest bit set.
+    pending: HashMap<Box<str>, u32, ahash::RandomState>,
 }
 
 /// Would queueing `len` more bytes pass the connection's limit? A frame
@@ -260,7 +263,51 @@ impl Shard {
             empty_waker: None,
             deferred: Vec::new(),
             flusher: None,
+            pending: HashMap::default(),
         }
+    }
+
+    /// Holds this core's interest in `channel` for a subscription that
+    /// will be completed later (by [`Shard::subscribe`]): every message
+    /// the channel's owner sequences from now on crosses to this core.
+    pub fn reserve(&mut self, channel: &str, interest: &Interest) {
+        *self.pending.entry(channel.into()).or_insert(0) += 1;
+        interest.add(channel, self.id);
+    }
+
+    /// Ends a reservation; the interest bit goes when nothing else holds it.
+    pub fn release(&mut self, channel: &str, interest: &Interest) {
+        let Some(n) = self.pending.get_mut(channel) else {
+            return;
+        };
+        *n -= 1;
+        if *n > 0 {
+            return;
+        }
+        self.pending.remove(channel);
+        if self.pending.capacity() > 64 && self.pending.len() < self.pending.capacity() / 4 {
+            self.pending.shrink_to_fit();
+        }
+        if self.table(channel).is_none() {
+            interest.remove(channel, self.id);
+        }
+    }
+
+    /// Would one more subscription of `key` pass its limit?
+    pub fn at_subscription_limit(&self, key: usize) -> bool {
+        self.conns
+            .get(key)
+            .is_some_and(|c| c.subs.len() >= self.limits.max_subscriptions)
+    }
+
+    /// Most channels one connection may subscribe to.
+    pub fn max_subscriptions(&self) -> usize {
+        self.limits.max_subscriptions
+    }
+
+    /// Reads the monotonic clock this shard runs on.
+    pub fn now(&self) -> u64 {
+        (self.limits.clock)()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -382,7 +429,9 @@ impl Shard {
         found.get_mut().1.remove(entry);
         if found.get().1.is_empty() {
             found.remove();
-            interest.remove(channel, self.id);
+            if !self.pending.contains_key(channel) {
+                interest.remove(channel, self.id);
+            }
             self.stats.channels.dec();
         }
     }
@@ -462,6 +511,16 @@ impl Shard {
         }
     }
 
+    /// Queues `frame` for `key` if it is still connection `gen` (work
+    /// that comes back from another core may find the slot reused).
+    pub fn push_to(&mut self, key: usize, gen: u64, frame: Bytes) -> bool {
+        if self.conn_mut(key, gen).is_none_or(|c| c.is_closing()) {
+            return false;
+        }
+        self.push(key, frame);
+        true
+    }
+
     /// Queues `frame` for `key`. A connection whose unsent output would
     /// pass the limit is closed with 4008 instead (its queue is dropped;
     /// other connections are unaffected).
@@ -497,7 +556,12 @@ impl Shard {
             return 0;
         };
         let limit = self.limits.send_queue_limit;
-        let own = msg.encoding();
+        // The publisher's frame goes out as it is, unless it must be
+        // rebuilt with the message's offset (then no encoding matches).
+        let own = match msg.reframed() {
+            false => msg.encoding(),
+            true => Encoding(u8::MAX),
+        };
         // Frames of other encodings, looked up once per delivery.
         let mut others: [Option<Option<Bytes>>; MAX_ENCODINGS] = Default::default();
         let mut delivered = 0;

@@ -76,7 +76,16 @@ pub struct CoreStats {
     /// Frames queued to connections (deliveries and replies).
     pub messages_out: Stat,
     pub bytes_out: Stat,
+    /// Published messages delivered here after another core sequenced them.
     pub cross_core_in: Stat,
+    /// Publishes other cores handed to this one, their channels' owner.
+    pub sequenced_for_others: Stat,
+    /// Publishes dropped as repeats of an idempotency key.
+    pub idempotent_repeats: Stat,
+    /// Messages (and their frames' bytes) kept in the histories this
+    /// core owns.
+    pub history_messages: Level,
+    pub history_bytes: Level,
     pub slow_consumer_closes: Stat,
     /// Connections closed when their authorization expired.
     pub expired_closes: Stat,

@@ -342,6 +342,16 @@ const CORE_GAUGES: &[Described<CoreStats, Level>] = &[
     ("channels", "Channels with a local subscriber", |s| {
         &s.channels
     }),
+    (
+        "history_messages",
+        "Messages kept in the histories of the channels this worker owns",
+        |s| &s.history_messages,
+    ),
+    (
+        "history_bytes",
+        "Bytes of the frames kept in those histories",
+        |s| &s.history_bytes,
+    ),
 ];
 
 /// Counters read from each core's [`CoreStats`]: name, help, field.
@@ -369,6 +379,16 @@ const CORE_COUNTERS: &[Described<CoreStats, Stat>] = &[
         "cross_core_messages",
         "Published frames received from other workers",
         |s| &s.cross_core_in,
+    ),
+    (
+        "sequenced_for_others",
+        "Publishes received from other workers to be ordered here, their channel's owner",
+        |s| &s.sequenced_for_others,
+    ),
+    (
+        "idempotent_repeats",
+        "Publishes not delivered again: their idempotency key was seen within IDEMPOTENCY_WINDOW",
+        |s| &s.idempotent_repeats,
     ),
     (
         "slow_consumer_closes",

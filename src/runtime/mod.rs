@@ -454,7 +454,8 @@ async fn accept_loop(worker: Rc<Worker>, endpoints: Endpoints, listener: TcpList
 
 /// Runs the shard's timers (token expiry, close deadlines) every 100 ms,
 /// the keep-alive sweep (server pings), the Pusher requests from other
-/// cores, and once a second the Pusher idle sweep (pings, 4201).
+/// cores, and once a second the Pusher idle sweep (pings, 4201) and the
+/// pruning of expired history.
 async fn timer_loop(worker: Rc<Worker>, endpoints: Endpoints) {
     const TICK_MS: u64 = 100;
     let mut tick = monoio::time::interval(Duration::from_millis(TICK_MS));
@@ -475,6 +476,7 @@ async fn timer_loop(worker: Rc<Worker>, endpoints: Endpoints) {
             endpoint.tick(&worker, now);
         }
         if ticks % 10 == 0 {
+            worker.core.prune_history();
             give_back_memory(&worker);
         }
     }

@@ -7,6 +7,7 @@
 //! - here: who may connect (a token, or the authorizer webhook) and the
 //!   HTTP API.
 
+pub mod history;
 pub mod protocol;
 pub mod session;
 
@@ -39,11 +40,24 @@ impl Endpoint for Native {
     }
 
     fn serves_http(&self, path: &str) -> bool {
-        matches!(path, "/publish" | "/broadcast")
+        matches!(path, "/publish" | "/broadcast" | "/history")
     }
 
     fn http<'a>(&'a self, worker: &'a Worker, req: Request<'a>) -> LocalFuture<'a, Answer> {
         Box::pin(async move {
+            if req.head.path() == "/history" {
+                if req.head.method() != "GET" {
+                    let msg = format!(
+                        "method {} not allowed on /history: use GET",
+                        req.head.method()
+                    );
+                    let mut a = json_error(ErrorCode::BadRequest, &msg);
+                    a.status = 405;
+                    a.headers.push(("Allow", "GET".into()));
+                    return a;
+                }
+                return history::get(worker, req.head, req.peer).await;
+            }
             if req.head.method() != "POST" {
                 let path = req.head.path();
                 let msg = format!(
@@ -183,12 +197,12 @@ async fn publish(
     worker.core.stats.messages_in.inc();
     worker.core.stats.bytes_in.add(body.len() as u64);
     if let (Some(authorizer), true) = (&worker.authorizer, shared.auth.is_open()) {
-        let (channel, data) = match protocol::parse_http_publish(body, wsify) {
+        let p = match protocol::parse_http_publish(body, wsify) {
             Ok(parts) => parts,
             Err(msg) => return json_error(ErrorCode::BadRequest, &msg),
         };
         let client = authorizer::http_client_json(head.headers(), peer);
-        let req = authorizer::action_body(Action::Publish, &channel, Some(data), &client);
+        let req = authorizer::action_body(Action::Publish, &p.channel, Some(p.data), &client);
         let decision = authorizer.ask(req).await;
         shared.metrics.authorized("publish", decision.label());
         return match decision {
@@ -196,10 +210,7 @@ async fn publish(
                 if worker.core.congested() {
                     worker.core.wait_for_space().await;
                 }
-                worker
-                    .core
-                    .publish(protocol::message_frame(&channel, data), None);
-                accepted()
+                publish_parsed(worker, p).await
             }
             Decision::Deny(status) => {
                 let msg = format!("not authorized (authorizer answered {status})");
@@ -221,16 +232,44 @@ async fn publish(
         Ok(g) => g,
         Err(e) => return json_error(ErrorCode::Unauthorized, &e.to_string()),
     };
-    let (channel, data) = match protocol::parse_http_publish(body, wsify) {
+    let p = match protocol::parse_http_publish(body, wsify) {
         Ok(parts) => parts,
         Err(msg) => return json_error(ErrorCode::BadRequest, &msg),
     };
-    if !grant.write.allows(&channel) {
-        let msg = format!("no write permission on channel {channel}");
+    if !grant.write.allows(&p.channel) {
+        let msg = format!("no write permission on channel {}", p.channel);
         return json_error(ErrorCode::Forbidden, &msg);
     }
-    worker
-        .core
-        .publish(protocol::message_frame(&channel, data), None);
-    accepted()
+    publish_parsed(worker, p).await
+}
+
+/// Publishes an allowed HTTP publish. On a channel with history the reply
+/// waits for the channel's owner: `{"ok":true,"epoch":..,"offset":N}`
+/// (protocol.md 1.1); a repeated idempotency key gets the first reply.
+async fn publish_parsed(worker: &Worker, p: protocol::HttpPublish<'_>) -> Answer {
+    let msg = protocol::message_frame(&p.channel, p.data);
+    let key = p.idempotency_key.as_deref().map(Into::into);
+    if worker.core.hub.keeps(0, &p.channel).is_none() {
+        worker.core.publish_with(msg, None, key, None);
+        return accepted();
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let done: crate::engine::core::Done = Box::new(move |_owner, outcome| {
+        let _ = tx.send(outcome.clone());
+    });
+    worker.core.publish_with(msg, None, key, Some(done));
+    match rx.await {
+        Ok(outcome) => match outcome.position {
+            Some((epoch, offset)) => {
+                let body = serde_json::json!({"ok": true, "epoch": &*epoch, "offset": offset});
+                Answer::json(202, body.to_string().into_bytes())
+            }
+            None => accepted(),
+        },
+        // The owner dropped the publish: the server is stopping.
+        Err(_) => {
+            let body = serde_json::json!({"code":"unavailable","message":"server shutting down"});
+            Answer::json(503, body.to_string().into_bytes())
+        }
+    }
 }

@@ -12,6 +12,7 @@ use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 use tungstenite::protocol::frame::coding::{Data, OpCode};
 
+use crate::engine::history::Since;
 use crate::engine::message::{Encoding, Message, PayloadKind};
 use crate::transport::ws::frame;
 
@@ -25,6 +26,8 @@ pub enum ErrorCode {
     Unauthorized,
     TooLarge,
     RateLimited,
+    /// protocol.md 1.1: history asked of a channel that keeps none.
+    NotFound,
 }
 
 impl ErrorCode {
@@ -35,6 +38,7 @@ impl ErrorCode {
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::TooLarge => "too_large",
             ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::NotFound => "not_found",
         }
     }
 
@@ -46,6 +50,7 @@ impl ErrorCode {
             ErrorCode::Forbidden => 403,
             ErrorCode::TooLarge => 413,
             ErrorCode::RateLimited => 429,
+            ErrorCode::NotFound => 404,
         }
     }
 }
@@ -63,6 +68,8 @@ pub struct BadRequest<'a> {
 pub enum Op<'a> {
     Subscribe {
         channel: Cow<'a, str>,
+        /// protocol.md 1.1 "Recovery on subscribe".
+        since: Option<Since>,
     },
     Unsubscribe {
         channel: Cow<'a, str>,
@@ -70,6 +77,14 @@ pub enum Op<'a> {
     Publish {
         channel: Cow<'a, str>,
         data: &'a str,
+        /// protocol.md 1.1 "Idempotent publish".
+        idempotency_key: Option<Cow<'a, str>>,
+    },
+    /// protocol.md 1.1 "Reading history".
+    History {
+        channel: Cow<'a, str>,
+        since: Option<Since>,
+        limit: Option<usize>,
     },
     Auth {
         token: Cow<'a, str>,
@@ -97,6 +112,12 @@ struct RawRequest<'a> {
     data: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "raw")]
     token: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw")]
+    since: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw")]
+    idempotency_key: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw")]
+    limit: Option<&'a RawValue>,
     /// wsify's form: `{"command":..,"args":{..}}`.
     #[serde(borrow, default, deserialize_with = "raw")]
     command: Option<&'a RawValue>,
@@ -142,6 +163,69 @@ fn channel_field<'a>(
     let channel = string_field(id, raw, "channel")?;
     validate_channel(&channel).map_err(|e| bad(id, e.to_string()))?;
     Ok(channel)
+}
+
+/// Longest epoch and idempotency key (protocol.md 1.1).
+pub const MAX_EPOCH_LEN: usize = 64;
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 64;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSince<'a> {
+    #[serde(borrow)]
+    epoch: Cow<'a, str>,
+    offset: u64,
+}
+
+/// `since`: `{"epoch":"..","offset":N}`, or absent (`null` too).
+fn since_field<'a>(
+    id: Option<&'a str>,
+    raw: Option<&'a RawValue>,
+) -> Result<Option<Since>, BadRequest<'a>> {
+    let Some(raw) = raw.filter(|r| r.get() != "null") else {
+        return Ok(None);
+    };
+    let since: RawSince<'_> = serde_json::from_str(raw.get()).map_err(|_| {
+        bad(
+            id,
+            "field 'since' must be an object {\"epoch\":string,\"offset\":non-negative integer}",
+        )
+    })?;
+    if since.epoch.len() > MAX_EPOCH_LEN {
+        return Err(bad(id, "field 'since.epoch' is longer than 64 bytes"));
+    }
+    Ok(Some(Since {
+        epoch: since.epoch.into(),
+        offset: since.offset,
+    }))
+}
+
+/// `idempotency_key`: a string of at most 64 bytes, or absent.
+fn idempotency_field(raw: Option<&RawValue>) -> Result<Option<Cow<'_, str>>, &'static str> {
+    let Some(raw) = raw.filter(|r| r.get() != "null") else {
+        return Ok(None);
+    };
+    let key = serde_json::from_str::<Cow<'_, str>>(raw.get())
+        .map_err(|_| "field 'idempotency_key' must be a string")?;
+    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_LEN {
+        return Err("field 'idempotency_key' must be 1 to 64 bytes");
+    }
+    Ok(Some(key))
+}
+
+/// `limit`: a positive integer, or absent.
+fn limit_field<'a>(
+    id: Option<&'a str>,
+    raw: Option<&'a RawValue>,
+) -> Result<Option<usize>, BadRequest<'a>> {
+    let Some(raw) = raw.filter(|r| r.get() != "null") else {
+        return Ok(None);
+    };
+    serde_json::from_str::<u64>(raw.get())
+        .ok()
+        .filter(|n| *n > 0)
+        .map(|n| Some(n.min(usize::MAX as u64) as usize))
+        .ok_or_else(|| bad(id, "field 'limit' must be a positive integer"))
 }
 
 /// Why a channel name is refused (protocol.md "Channel names").
@@ -219,6 +303,7 @@ pub fn parse_request(text: &[u8]) -> Result<Request<'_>, BadRequest<'_>> {
     let op = match &*op {
         "subscribe" => Op::Subscribe {
             channel: channel_field(id, raw.channel)?,
+            since: since_field(id, raw.since)?,
         },
         "unsubscribe" => Op::Unsubscribe {
             channel: channel_field(id, raw.channel)?,
@@ -229,8 +314,18 @@ pub fn parse_request(text: &[u8]) -> Result<Request<'_>, BadRequest<'_>> {
                 .data
                 .ok_or_else(|| bad(id, "missing field 'data'"))?
                 .get();
-            Op::Publish { channel, data }
+            let idempotency_key = idempotency_field(raw.idempotency_key).map_err(|m| bad(id, m))?;
+            Op::Publish {
+                channel,
+                data,
+                idempotency_key,
+            }
         }
+        "history" => Op::History {
+            channel: channel_field(id, raw.channel)?,
+            since: since_field(id, raw.since)?,
+            limit: limit_field(id, raw.limit)?,
+        },
         "auth" => Op::Auth {
             token: string_field(id, raw.token, "token")?,
         },
@@ -269,14 +364,21 @@ fn parse_wsify<'a>(
         serde_json::from_str(args.get()).map_err(|_| bad(id, "field 'args' must be an object"))?;
     let channel = channel_field(id, args.channel)?;
     let op = match &*command {
-        "join" => Op::Subscribe { channel },
+        "join" => Op::Subscribe {
+            channel,
+            since: None,
+        },
         "leave" => Op::Unsubscribe { channel },
         "broadcast" => {
             let data = args
                 .content
                 .ok_or_else(|| bad(id, "missing field 'args.content'"))?
                 .get();
-            Op::Publish { channel, data }
+            Op::Publish {
+                channel,
+                data,
+                idempotency_key: None,
+            }
         }
         _ => unreachable!("checked above"),
     };
@@ -291,15 +393,23 @@ struct RawHttpPublish<'a> {
     data: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "raw")]
     content: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw")]
+    idempotency_key: Option<&'a RawValue>,
+}
+
+/// A parsed `POST /publish` (or `/broadcast`) body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpPublish<'a> {
+    pub channel: Cow<'a, str>,
+    /// The raw JSON to deliver as `data`.
+    pub data: &'a str,
+    pub idempotency_key: Option<Cow<'a, str>>,
 }
 
 /// Parses the body of `POST /publish` (`{"channel":..,"data":..}`) or, with
-/// `wsify`, of `POST /broadcast` (`{"channel":..,"content":..}`). Returns
-/// the channel and the raw JSON to deliver as `data`.
-pub fn parse_http_publish(
-    body: &[u8],
-    wsify: bool,
-) -> Result<(Cow<'_, str>, &str), Cow<'static, str>> {
+/// `wsify`, of `POST /broadcast` (`{"channel":..,"content":..}`), either
+/// with an optional `idempotency_key`.
+pub fn parse_http_publish(body: &[u8], wsify: bool) -> Result<HttpPublish<'_>, Cow<'static, str>> {
     if !is_object(body) {
         return Err(match serde_json::from_slice::<&RawValue>(body) {
             Ok(_) => Cow::Borrowed("body must be a JSON object"),
@@ -320,7 +430,12 @@ pub fn parse_http_publish(
         ("data", raw.data)
     };
     let data = value.ok_or_else(|| Cow::Owned(format!("missing field '{field}'")))?;
-    Ok((channel, data.get()))
+    let idempotency_key = idempotency_field(raw.idempotency_key).map_err(Cow::Borrowed)?;
+    Ok(HttpPublish {
+        channel,
+        data: data.get(),
+        idempotency_key,
+    })
 }
 
 /// Splits a binary publish (`n`, `n` bytes of channel, payload).
@@ -388,22 +503,198 @@ pub fn binary_frame(channel: &str, payload: &[u8]) -> Message {
     )
 }
 
-/// The native frame of a message published in another encoding (a
-/// wspubsub publisher's raw text or bytes): a JSON payload becomes `data`
-/// as it is, other text a JSON string, bytes a binary frame.
+const MSG_OFFSET: &[u8] = br#"","offset":"#;
+const MSG_DATA: &[u8] = br#","data":"#;
+
+/// `{"op":"message","channel":..,"offset":N,"data":..}`: a message of a
+/// channel with history (protocol.md 1.1), built once by its channel's
+/// owner when the offset is known.
+pub fn message_frame_at(channel: &str, offset: u64, data: &str) -> Bytes {
+    let mut digits = itoa::Buffer::new();
+    let digits = digits.format(offset).as_bytes();
+    let len = MSG_HEAD.len()
+        + channel.len()
+        + MSG_OFFSET.len()
+        + digits.len()
+        + MSG_DATA.len()
+        + data.len()
+        + 1;
+    let mut buf = frame::start(OpCode::Data(Data::Text), len);
+    buf.put_slice(MSG_HEAD);
+    buf.put_slice(channel.as_bytes());
+    buf.put_slice(MSG_OFFSET);
+    buf.put_slice(digits);
+    buf.put_slice(MSG_DATA);
+    buf.put_slice(data.as_bytes());
+    buf.put_u8(b'}');
+    buf.freeze()
+}
+
+/// The native frame of a message: for one published in another encoding
+/// (a wspubsub publisher's raw text or bytes) a JSON payload becomes
+/// `data` as it is, other text a JSON string, bytes a binary frame; with
+/// an offset (a channel with history), the offset is in the frame (binary
+/// frames have no place for one).
 pub fn encode(m: &Message) -> Option<Bytes> {
     let channel = m.channel();
+    let offset = m.offset();
+    let json = |data: &str| match offset {
+        0 => message_frame(channel, data).frame().clone(),
+        n => message_frame_at(channel, n, data),
+    };
     Some(match m.kind() {
-        PayloadKind::Json => message_frame(channel, std::str::from_utf8(m.payload()).ok()?)
-            .frame()
-            .clone(),
+        PayloadKind::Json => json(std::str::from_utf8(m.payload()).ok()?),
         PayloadKind::Text => {
             let text = std::str::from_utf8(m.payload()).ok()?;
-            let json = serde_json::to_string(text).ok()?;
-            message_frame(channel, &json).frame().clone()
+            json(&serde_json::to_string(text).ok()?)
         }
         PayloadKind::Binary => binary_frame(channel, m.payload()).frame().clone(),
     })
+}
+
+/// What a stored native frame carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoredData<'a> {
+    /// The publisher's `data`, raw JSON.
+    Json(&'a [u8]),
+    /// A binary publish's payload.
+    Binary(&'a [u8]),
+}
+
+/// The publisher's data inside a frame this module built (a message
+/// frame, with or without offset, or a binary frame).
+pub fn stored_data(frame: &[u8]) -> Option<StoredData<'_>> {
+    let (&b0, rest) = frame.split_first()?;
+    let (&b1, rest) = rest.split_first()?;
+    let body = match b1 & 0x7f {
+        126 => rest.get(2..)?,
+        127 => rest.get(8..)?,
+        _ => rest,
+    };
+    match b0 & 0x0f {
+        0x1 => {
+            // Channel names hold no `"`, so the first `,"data":` is ours.
+            let at = body.windows(MSG_DATA.len()).position(|w| w == MSG_DATA)?;
+            body.get(at + MSG_DATA.len()..body.len().checked_sub(1)?)
+                .map(StoredData::Json)
+        }
+        0x2 => {
+            let (&n, rest) = body.split_first()?;
+            rest.get(n as usize..).map(StoredData::Binary)
+        }
+        _ => None,
+    }
+}
+
+/// A channel's position in its history, as replies show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position<'a> {
+    pub epoch: &'a str,
+    pub offset: u64,
+}
+
+fn push_position(out: &mut Vec<u8>, pos: Position<'_>) {
+    out.extend_from_slice(br#","epoch":"#);
+    // Epochs are the server's own hex strings; quoted anyway.
+    let _ = serde_json::to_writer(&mut *out, pos.epoch);
+    out.extend_from_slice(br#","offset":"#);
+    out.extend_from_slice(itoa::Buffer::new().format(pos.offset).as_bytes());
+}
+
+/// `{"op":"subscribed","channel":..,"id":..,"epoch":..,"offset":T}`, with
+/// `"recovered":..` when the subscribe asked to recover.
+pub fn subscribed_at(
+    channel: &str,
+    id: Option<&str>,
+    pos: Position<'_>,
+    recovered: Option<bool>,
+) -> Bytes {
+    let mut out = Vec::with_capacity(96 + channel.len() + pos.epoch.len());
+    out.extend_from_slice(br#"{"op":"subscribed","channel":""#);
+    out.extend_from_slice(channel.as_bytes());
+    out.push(b'"');
+    push_id(&mut out, id);
+    push_position(&mut out, pos);
+    if let Some(r) = recovered {
+        out.extend_from_slice(if r {
+            br#","recovered":true"#.as_slice()
+        } else {
+            br#","recovered":false"#.as_slice()
+        });
+    }
+    out.push(b'}');
+    frame::text(&out)
+}
+
+/// `{"op":"ack","id":..,"offset":N}`: a publish on a channel with history.
+pub fn ack_at(id: &str, offset: u64) -> Bytes {
+    let mut out = Vec::with_capacity(48 + id.len());
+    out.extend_from_slice(br#"{"op":"ack""#);
+    push_id(&mut out, Some(id));
+    out.extend_from_slice(br#","offset":"#);
+    out.extend_from_slice(itoa::Buffer::new().format(offset).as_bytes());
+    out.push(b'}');
+    frame::text(&out)
+}
+
+/// The history object (protocol.md 1.1 "Reading history"): with
+/// `request` (the op's `id`, if any) as the WebSocket reply
+/// `{"op":"history","channel":..,"id":..,"epoch":..,"offset":T,"messages":[..]}`,
+/// without it as `GET /history`'s body. Each message is
+/// `{"offset":N,"data":..}`; a binary publish's is `{"offset":N,"binary":"<base64>"}`.
+pub fn history(
+    channel: &str,
+    request: Option<Option<&str>>,
+    pos: Position<'_>,
+    messages: &[(u64, Bytes)],
+) -> Vec<u8> {
+    use base64::Engine;
+    let size: usize = messages.iter().map(|m| m.1.len() + 24).sum();
+    let mut out = Vec::with_capacity(96 + channel.len() + size);
+    out.push(b'{');
+    if let Some(id) = request {
+        out.extend_from_slice(br#""op":"history","#);
+        out.extend_from_slice(br#""channel":""#);
+        out.extend_from_slice(channel.as_bytes());
+        out.push(b'"');
+        push_id(&mut out, id);
+    } else {
+        out.extend_from_slice(br#""channel":""#);
+        out.extend_from_slice(channel.as_bytes());
+        out.push(b'"');
+    }
+    push_position(&mut out, pos);
+    out.extend_from_slice(br#","messages":["#);
+    let mut first = true;
+    for (offset, frame) in messages {
+        let Some(data) = stored_data(frame) else {
+            continue;
+        };
+        if !first {
+            out.push(b',');
+        }
+        first = false;
+        out.extend_from_slice(br#"{"offset":"#);
+        out.extend_from_slice(itoa::Buffer::new().format(*offset).as_bytes());
+        match data {
+            StoredData::Json(d) => {
+                out.extend_from_slice(br#","data":"#);
+                out.extend_from_slice(d);
+            }
+            StoredData::Binary(b) => {
+                out.extend_from_slice(br#","binary":""#);
+                out.extend_from_slice(
+                    base64::engine::general_purpose::STANDARD
+                        .encode(b)
+                        .as_bytes(),
+                );
+                out.push(b'"');
+            }
+        }
+        out.push(b'}');
+    }
+    out.extend_from_slice(b"]}");
+    out
 }
 
 fn push_id(out: &mut Vec<u8>, id: Option<&str>) {
@@ -501,7 +792,8 @@ mod tests {
         assert_eq!(
             r.op,
             Op::Subscribe {
-                channel: "hello".into()
+                channel: "hello".into(),
+                since: None,
             }
         );
         let r = parse_request(br#"{"command":"leave","args":{"channel":"hello"}}"#).unwrap();
@@ -520,7 +812,8 @@ mod tests {
             r.op,
             Op::Publish {
                 channel: "hello".into(),
-                data: r#""hi there""#
+                data: r#""hi there""#,
+                idempotency_key: None,
             }
         );
         let e = parse_request(br#"{"command":"broadcast","args":{"channel":"a"}}"#).unwrap_err();
@@ -547,7 +840,8 @@ mod tests {
         assert_eq!(
             r.op,
             Op::Subscribe {
-                channel: "news".into()
+                channel: "news".into(),
+                since: None,
             }
         );
         let r = parse_request(br#"{"op":"publish","channel":"a","data":{"x": [1, 2]}}"#).unwrap();
@@ -555,7 +849,8 @@ mod tests {
             r.op,
             Op::Publish {
                 channel: "a".into(),
-                data: r#"{"x": [1, 2]}"#
+                data: r#"{"x": [1, 2]}"#,
+                idempotency_key: None,
             }
         );
         let r = parse_request(br#"{"op":"publish","channel":"a","data":null,"id":"q"}"#).unwrap();
@@ -563,7 +858,8 @@ mod tests {
             r.op,
             Op::Publish {
                 channel: "a".into(),
-                data: "null"
+                data: "null",
+                idempotency_key: None,
             }
         );
         assert_eq!(r.id, Some(r#""q""#));
@@ -585,7 +881,8 @@ mod tests {
         assert_eq!(
             r.op,
             Op::Subscribe {
-                channel: "ab".into()
+                channel: "ab".into(),
+                since: None,
             }
         );
         assert!(parse_request(br#"{"op":"subscribe","channel":"a\u0020b"}"#).is_err());
@@ -701,9 +998,11 @@ mod tests {
 
     #[test]
     fn http_publish_bodies() {
-        let (c, d) = parse_http_publish(br#"{"channel":"news","data":[1, 2]}"#, false).unwrap();
+        let p = parse_http_publish(br#"{"channel":"news","data":[1, 2]}"#, false).unwrap();
+        let (c, d) = (p.channel, p.data);
         assert_eq!((&*c, d), ("news", "[1, 2]"));
-        let (c, d) = parse_http_publish(br#"{"channel":"news","content":"hi"}"#, true).unwrap();
+        let p = parse_http_publish(br#"{"channel":"news","content":"hi"}"#, true).unwrap();
+        let (c, d) = (p.channel, p.data);
         assert_eq!((&*c, d), ("news", r#""hi""#));
         assert!(parse_http_publish(br#"{"channel":"news","content":"hi"}"#, false).is_err());
         assert!(parse_http_publish(br#"{"channel":"bad name","data":1}"#, false).is_err());

@@ -12,15 +12,32 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use super::protocol::{self, ErrorCode, Op};
+use super::protocol::{self, ErrorCode, Op, Position};
 use super::Native;
 use crate::auth::Grant;
+use crate::engine::core::{Core, Join};
+use crate::engine::history::{Keep, Outcome, Since, Stream};
 use crate::engine::message::{Encoding, Message};
 use crate::engine::shard::SubscribeError;
 use crate::integrations::authorizer::{self, Action, ConnAuthz, Decision};
 use crate::session::{Cx, FrontEnd};
 
-type Flow = crate::session::Flow<Box<Deferred>>;
+type Flow = crate::session::Flow<Held>;
+
+/// A reply another core is preparing (an ack from the channel's owner, a
+/// subscription with history, a history read): the connection's later
+/// messages wait for it, so that replies keep the order of the requests.
+type Later = tokio::sync::oneshot::Receiver<Option<Bytes>>;
+
+/// Why a connection's reading is held.
+#[derive(Debug)]
+pub enum Held {
+    /// The authorizer must approve an action first.
+    Authorize(Box<Deferred>),
+    /// A reply is being prepared elsewhere (`None`: it queued its frames
+    /// itself).
+    Reply(Later),
+}
 
 /// What the native front-end keeps per connection.
 #[derive(Debug)]
@@ -44,6 +61,16 @@ pub struct Deferred {
     body: Vec<u8>,
     /// The encoded message, for a publish.
     publish: Option<Message>,
+    /// A subscribe's `since`, a publish's `idempotency_key`.
+    extra: Extra,
+}
+
+/// What a subscribe or publish may carry besides its channel (protocol.md
+/// 1.1).
+#[derive(Debug, Default)]
+pub struct Extra {
+    since: Option<Since>,
+    idempotency_key: Option<Box<str>>,
 }
 
 impl FrontEnd for Native {
@@ -52,7 +79,7 @@ impl FrontEnd for Native {
     const SHUTDOWN_CODE: u16 = 1001;
     type Conn = NativeConn;
     type Admitted = (Arc<Grant>, Option<Box<ConnAuthz>>);
-    type Wait = Box<Deferred>;
+    type Wait = Held;
 
     fn open(&self, cx: &Cx<'_>, (grant, authz): Self::Admitted) -> NativeConn {
         set_expiry(cx, &grant);
@@ -67,13 +94,15 @@ impl FrontEnd for Native {
         handle_binary(cx, conn, data)
     }
 
-    fn resume<'a>(
-        &'a self,
-        cx: Cx<'a>,
-        conn: &'a mut NativeConn,
-        wait: Box<Deferred>,
-    ) -> impl std::future::Future<Output = ()> + 'a {
-        authorize(cx, conn, *wait)
+    async fn resume<'a>(&'a self, cx: Cx<'a>, conn: &'a mut NativeConn, wait: Held) {
+        match wait {
+            Held::Authorize(d) => authorize(cx, conn, *d).await,
+            Held::Reply(later) => {
+                if let Ok(Some(frame)) = later.await {
+                    push(&cx, frame);
+                }
+            }
+        }
     }
 
     fn too_large(&self, reason: &str) -> Option<Bytes> {
@@ -138,7 +167,11 @@ async fn authorize(cx: Cx<'_>, conn: &mut NativeConn, d: Deferred) {
                     a.remember(d.action, &d.channel, Instant::now() + ttl);
                 }
             }
-            apply(&cx, d.action, &d.channel, id, d.publish);
+            if let Some(later) = apply(&cx, d.action, &d.channel, id, d.publish, d.extra) {
+                if let Ok(Some(frame)) = later.await {
+                    push(&cx, frame);
+                }
+            }
         }
         Decision::Deny(status) => {
             let msg = format!(
@@ -218,45 +251,195 @@ fn defer(
     channel: &str,
     id: Option<&str>,
     data: Option<&str>,
-    publish: impl FnOnce() -> Option<Message>,
+    held: impl FnOnce() -> (Option<Message>, Extra),
 ) -> Option<Flow> {
     let body = needs_approval(cx, conn, action, channel, data)?;
-    Some(Flow::Wait(Box::new(Deferred {
+    let (publish, extra) = held();
+    Some(Flow::Wait(Held::Authorize(Box::new(Deferred {
         action,
         channel: channel.into(),
         id: id.map(Into::into),
         body,
-        publish: publish(),
-    })))
+        publish,
+        extra,
+    }))))
 }
 
-/// Carries out an allowed action and queues its reply.
-fn apply(cx: &Cx<'_>, action: Action, channel: &str, id: Option<&str>, publish: Option<Message>) {
-    let core = &cx.worker.core;
-    let reply = match action {
-        Action::Subscribe => match core.subscribe(cx.key, channel) {
-            Ok(()) => protocol::subscribed(channel, id),
-            Err(SubscribeError::TooMany(n)) => {
-                let msg = format!("subscription limit of {n} channels reached");
-                protocol::error(id, ErrorCode::Forbidden, &msg)
+/// Goes on at once if the reply is already there (the channel's owner is
+/// this core), else holds the connection's later messages until it is.
+fn settle(cx: &Cx<'_>, later: Option<Later>) -> Flow {
+    let Some(mut later) = later else {
+        return Flow::Continue;
+    };
+    match later.try_recv() {
+        Ok(frame) => {
+            if let Some(frame) = frame {
+                push(cx, frame);
             }
+            Flow::Continue
+        }
+        Err(tokio::sync::oneshot::error::TryRecvError::Empty) => Flow::Wait(Held::Reply(later)),
+        Err(tokio::sync::oneshot::error::TryRecvError::Closed) => Flow::Continue,
+    }
+}
+
+fn too_many(id: Option<&str>, n: usize) -> Bytes {
+    let msg = format!("subscription limit of {n} channels reached");
+    protocol::error(id, ErrorCode::Forbidden, &msg)
+}
+
+/// Carries out an allowed action and queues its reply, or returns the
+/// reply another core is preparing.
+fn apply(
+    cx: &Cx<'_>,
+    action: Action,
+    channel: &str,
+    id: Option<&str>,
+    publish: Option<Message>,
+    extra: Extra,
+) -> Option<Later> {
+    let core = &cx.worker.core;
+    let keep = core.hub.keeps(0, channel);
+    let reply = match action {
+        Action::Subscribe => match keep {
+            Some(keep) => return Some(join(cx, channel, id, keep, extra.since)),
+            None => match core.subscribe(cx.key, channel) {
+                // protocol.md 1.1: `since` on a channel without history.
+                Ok(()) if extra.since.is_some() => protocol::subscribed_at(
+                    channel,
+                    id,
+                    Position {
+                        epoch: "",
+                        offset: 0,
+                    },
+                    Some(false),
+                ),
+                Ok(()) => protocol::subscribed(channel, id),
+                Err(SubscribeError::TooMany(n)) => too_many(id, n),
+            },
         },
         Action::Unsubscribe => {
             core.unsubscribe(cx.key, channel);
             protocol::unsubscribed(channel, id)
         }
         Action::Publish => {
-            if let Some(msg) = publish {
-                core.publish(msg, Some(cx.key));
-            }
-            match id {
-                Some(id) => protocol::ack(id),
-                None => return,
-            }
+            let msg = publish?;
+            // An ack means the message has its place in the channel's
+            // order (and, with history, carries its offset): the channel's
+            // owner builds it once it has sequenced the message, so a
+            // subscription made after the ack never sees the message.
+            let Some(id) = id else {
+                core.publish_with(msg, Some(cx.key), extra.idempotency_key, None);
+                return None;
+            };
+            let (tx, later) = tokio::sync::oneshot::channel();
+            let id: Box<str> = id.into();
+            let done: crate::engine::core::Done = Box::new(move |_owner, outcome: &Outcome| {
+                let frame = match &outcome.position {
+                    Some((_, offset)) => protocol::ack_at(&id, *offset),
+                    None => protocol::ack(&id),
+                };
+                let _ = tx.send(Some(frame));
+            });
+            core.publish_with(msg, Some(cx.key), extra.idempotency_key, Some(done));
+            return Some(later);
         }
-        Action::Connect => return,
+        Action::Connect => return None,
     };
     push(cx, reply);
+    None
+}
+
+/// Subscribes to a channel with history: `subscribed` with the channel's
+/// epoch and top offset (and `recovered` when `since` was given), then the
+/// missed messages if they could all be recovered, then live ones.
+fn join(cx: &Cx<'_>, channel: &str, id: Option<&str>, keep: Keep, since: Option<Since>) -> Later {
+    let (tx, later) = tokio::sync::oneshot::channel();
+    let (key, gen) = (cx.key, cx.gen);
+    let id: Option<Box<str>> = id.map(Into::into);
+    let channel_name: Box<str> = channel.into();
+    let asked = since.is_some();
+    let joined = Box::new(move |core: &Core, result: Result<Join, SubscribeError>| {
+        let mut shard = core.shard.borrow_mut();
+        match result {
+            Ok(join) => {
+                let pos = Position {
+                    epoch: &join.epoch,
+                    offset: join.top,
+                };
+                let recovered = asked.then_some(join.recovered);
+                let reply = protocol::subscribed_at(&channel_name, id.as_deref(), pos, recovered);
+                if shard.push_to(key, gen, reply) {
+                    for frame in join.replay {
+                        shard.push_to(key, gen, frame);
+                    }
+                }
+            }
+            Err(SubscribeError::TooMany(n)) => {
+                shard.push_to(key, gen, too_many(id.as_deref(), n));
+            }
+        }
+        let _ = tx.send(None);
+    });
+    cx.worker.core.join(key, channel, keep, since, joined);
+    later
+}
+
+/// protocol.md 1.1 "Reading history": the channel's owner reads it and
+/// builds the reply.
+fn read_history(
+    cx: &Cx<'_>,
+    channel: &str,
+    id: Option<&str>,
+    since: Option<Since>,
+    limit: Option<usize>,
+) -> Later {
+    let (tx, later) = tokio::sync::oneshot::channel();
+    let max = cx.worker.core.hub.history.recover_max;
+    let limit = limit.unwrap_or(max).min(max);
+    let id: Option<Box<str>> = id.map(Into::into);
+    let channel_name: Box<str> = channel.into();
+    cx.worker.core.read_history(
+        channel,
+        Box::new(move |_owner: &Core, stream: Option<&Stream>| {
+            let frame = match stream {
+                None => protocol::error(
+                    id.as_deref(),
+                    ErrorCode::NotFound,
+                    &format!("channel {channel_name} keeps no history"),
+                ),
+                Some(stream) => {
+                    let messages = history_page(stream, since.as_ref(), limit);
+                    let pos = Position {
+                        epoch: &stream.epoch,
+                        offset: stream.top,
+                    };
+                    let body =
+                        protocol::history(&channel_name, Some(id.as_deref()), pos, &messages);
+                    crate::transport::ws::frame::text(&body)
+                }
+            };
+            let _ = tx.send(Some(frame));
+        }),
+    );
+    later
+}
+
+/// The messages a history read returns: after `since` (from the start of
+/// the current epoch when `since` names another, from the oldest kept
+/// when some are gone), else the newest; at most `limit`, oldest first.
+pub fn history_page(stream: &Stream, since: Option<&Since>, limit: usize) -> Vec<(u64, Bytes)> {
+    match since {
+        None => stream.newest(limit),
+        Some(s) => {
+            let after = if *s.epoch == *stream.epoch {
+                s.offset.max(stream.first() - 1)
+            } else {
+                stream.first() - 1
+            };
+            stream.after(after, limit).unwrap_or_default()
+        }
+    }
 }
 
 /// Applies one JSON request of protocol.md and queues its reply.
@@ -270,39 +453,63 @@ fn handle_request(cx: &Cx<'_>, conn: &mut NativeConn, text: &[u8]) -> Flow {
     };
     let id = req.id;
     let reply = match req.op {
-        Op::Subscribe { channel } => {
+        Op::Subscribe { channel, since } => {
             if !conn.grant.read.allows(&channel) {
                 let msg = format!("no read permission on channel {channel}");
                 protocol::error(id, ErrorCode::Forbidden, &msg)
             } else {
                 let action = Action::Subscribe;
-                if let Some(wait) = defer(cx, conn, action, &channel, id, None, || None) {
+                let extra = || Extra {
+                    since: since.clone(),
+                    idempotency_key: None,
+                };
+                if let Some(wait) = defer(cx, conn, action, &channel, id, None, || (None, extra()))
+                {
                     return wait;
                 }
-                apply(cx, action, &channel, id, None);
-                return Flow::Continue;
+                return settle(cx, apply(cx, action, &channel, id, None, extra()));
             }
         }
         Op::Unsubscribe { channel } => {
             let action = Action::Unsubscribe;
-            if let Some(wait) = defer(cx, conn, action, &channel, id, None, || None) {
+            let held = || (None, Extra::default());
+            if let Some(wait) = defer(cx, conn, action, &channel, id, None, held) {
                 return wait;
             }
-            apply(cx, action, &channel, id, None);
-            return Flow::Continue;
+            return settle(cx, apply(cx, action, &channel, id, None, Extra::default()));
         }
-        Op::Publish { channel, data } => match may_publish(cx, conn, &channel, id) {
+        Op::Publish {
+            channel,
+            data,
+            idempotency_key,
+        } => match may_publish(cx, conn, &channel, id) {
             Err(reply) => reply,
             Ok(()) => {
                 let message = || Some(protocol::message_frame(&channel, data));
+                let extra = || Extra {
+                    since: None,
+                    idempotency_key: idempotency_key.as_deref().map(Into::into),
+                };
                 let action = Action::Publish;
-                if let Some(wait) = defer(cx, conn, action, &channel, id, Some(data), message) {
+                let held = || (message(), extra());
+                if let Some(wait) = defer(cx, conn, action, &channel, id, Some(data), held) {
                     return wait;
                 }
-                apply(cx, action, &channel, id, message());
-                return Flow::Continue;
+                return settle(cx, apply(cx, action, &channel, id, message(), extra()));
             }
         },
+        Op::History {
+            channel,
+            since,
+            limit,
+        } => {
+            if !conn.grant.read.allows(&channel) {
+                let msg = format!("no read permission on channel {channel}");
+                protocol::error(id, ErrorCode::Forbidden, &msg)
+            } else {
+                return settle(cx, Some(read_history(cx, &channel, id, since, limit)));
+            }
+        }
         Op::Auth { token } => match cx.worker.shared.auth.verify(&token) {
             Ok(grant) => {
                 reauthorize(cx, conn, grant);
@@ -358,9 +565,12 @@ fn handle_binary(cx: &Cx<'_>, conn: &mut NativeConn, data: &[u8]) -> Flow {
         _ => "null".into(),
     };
     let action = Action::Publish;
-    if let Some(wait) = defer(cx, conn, action, channel, None, Some(&shown), message) {
+    let held = || (message(), Extra::default());
+    if let Some(wait) = defer(cx, conn, action, channel, None, Some(&shown), held) {
         return wait;
     }
-    apply(cx, action, channel, None, message());
-    Flow::Continue
+    settle(
+        cx,
+        apply(cx, action, channel, None, message(), Extra::default()),
+    )
 }

@@ -1,0 +1,523 @@
+//! Channel history: which channels keep it ([`Rules`], from `HISTORY`),
+//! and each owner core's [`Store`] of the recent frames of the channels it
+//! sequences, with their epochs and offsets (protocol.md 1.1, "Channel
+//! order and offsets", "History").
+//!
+//! A channel's messages are numbered by the one core that owns it (see
+//! [`super::core::Core::publish`]), so a store is touched by one thread
+//! only: no locks. What is kept is the frame subscribers were sent, as
+//! built once for the publish: a replay is the same zero-copy write as a
+//! live delivery. An entry is the frame's handle and its time, 40 bytes
+//! beside the frame; offsets are implied by position.
+//!
+//! Size and age are both enforced without a timer per message: appends
+//! drop what falls out of the size, reads skip what is too old, and the
+//! core's once-a-second sweep ([`Store::prune`]) visits only the channels
+//! whose oldest entry is due, in deadline order.
+//!
+//! Idempotency keys ([`Idempotency`]) live beside the store on the same
+//! owner core: a repeated publish is answered as the first was.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+/// How long a channel's epoch and top offset are kept after its last
+/// message left its history, so that a client that saw everything can
+/// still resume (`recovered:true`, nothing to replay) instead of being
+/// told its epoch is gone.
+pub const META_TTL_MS: u64 = 24 * 3600 * 1000;
+
+/// Which channels keep how much history.
+#[derive(Debug, Clone, Default)]
+pub struct Rules(Vec<Rule>);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Rule {
+    pattern: Pattern,
+    keep: Keep,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Pattern {
+    All,
+    Prefix(Box<str>),
+    Exact(Box<str>),
+}
+
+/// How much of a channel's history is kept: the last `size` messages, none
+/// older than `ttl_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keep {
+    pub size: usize,
+    pub ttl_ms: u64,
+}
+
+/// Why a `HISTORY` value was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RulesError {
+    #[error("`{0}`: expected pattern=size/ttl, e.g. chat:*=100/5m")]
+    Shape(String),
+    #[error("`{0}`: the size must be a whole number from 1 to 1000000")]
+    Size(String),
+    #[error("`{0}`: the time to live must be a duration from 1s to 365d, e.g. 30s, 5m, 1h")]
+    Ttl(String),
+    #[error("`{0}`: a pattern is a channel name, a prefix ending in `*`, or `*`")]
+    Pattern(String),
+}
+
+impl Rules {
+    /// Parses `pattern=size/ttl[,pattern=size/ttl...]`; empty: none.
+    pub fn parse(s: &str) -> Result<Rules, RulesError> {
+        let mut rules = Vec::new();
+        for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let (pattern, keep) = item
+                .rsplit_once('=')
+                .ok_or_else(|| RulesError::Shape(item.into()))?;
+            let (size, ttl) = keep
+                .split_once('/')
+                .ok_or_else(|| RulesError::Shape(item.into()))?;
+            let size: usize = size
+                .trim()
+                .parse()
+                .ok()
+                .filter(|n| (1..=1_000_000).contains(n))
+                .ok_or_else(|| RulesError::Size(item.into()))?;
+            let ttl: Duration = humantime::parse_duration(ttl.trim())
+                .ok()
+                .filter(|d| *d >= Duration::from_secs(1) && *d <= Duration::from_secs(365 * 86400))
+                .ok_or_else(|| RulesError::Ttl(item.into()))?;
+            let pattern = pattern.trim();
+            let pattern = match pattern {
+                "*" => Pattern::All,
+                p if p.is_empty() || p[..p.len() - 1].contains('*') => {
+                    return Err(RulesError::Pattern(item.into()))
+                }
+                p => match p.strip_suffix('*') {
+                    Some(prefix) => Pattern::Prefix(prefix.into()),
+                    None => Pattern::Exact(p.into()),
+                },
+            };
+            rules.push(Rule {
+                pattern,
+                keep: Keep {
+                    size,
+                    ttl_ms: ttl.as_millis() as u64,
+                },
+            });
+        }
+        Ok(Rules(rules))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// What `channel` keeps: the first matching rule's, if any.
+    pub fn keep(&self, channel: &str) -> Option<Keep> {
+        self.0
+            .iter()
+            .find(|r| match &r.pattern {
+                Pattern::All => true,
+                Pattern::Prefix(p) => channel.starts_with(&**p),
+                Pattern::Exact(c) => **c == *channel,
+            })
+            .map(|r| r.keep)
+    }
+}
+
+/// A new epoch: 16 random hex digits.
+pub fn new_epoch() -> Arc<str> {
+    let mut b = [0u8; 8];
+    if getrandom::fill(&mut b).is_err() {
+        // No randomness from the OS (never on Linux): still different
+        // from the last run's epochs, which is what matters.
+        let t = fallback_seed();
+        b = t.to_le_bytes();
+    }
+    let mut s = String::with_capacity(16);
+    for x in b {
+        s.push_str(&format!("{x:02x}"));
+    }
+    s.into()
+}
+
+fn fallback_seed() -> u64 {
+    ahash::RandomState::new().hash_one(std::process::id())
+}
+
+/// Where a reader wants to start: after `offset` of `epoch`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Since {
+    pub epoch: Box<str>,
+    pub offset: u64,
+}
+
+/// One channel's history on its owner core.
+#[derive(Debug)]
+pub struct Stream {
+    pub epoch: Arc<str>,
+    /// The offset of the newest message (0: none yet in this epoch).
+    pub top: u64,
+    keep: Keep,
+    /// Frames of offsets `top - entries.len() + 1 ..= top`, oldest first.
+    entries: VecDeque<(u64, Bytes)>,
+    /// When the last message was appended (the store's clock).
+    last_ms: u64,
+    /// A prune of this stream is queued for this time.
+    due: Option<u64>,
+}
+
+impl Stream {
+    fn new(keep: Keep, now: u64) -> Stream {
+        Stream {
+            epoch: new_epoch(),
+            top: 0,
+            keep,
+            entries: VecDeque::new(),
+            last_ms: now,
+            due: None,
+        }
+    }
+
+    /// The offset of the oldest kept message (top + 1 when none).
+    pub fn first(&self) -> u64 {
+        self.top + 1 - self.entries.len() as u64
+    }
+
+    /// Drops entries older than the TTL; returns how many and their bytes.
+    fn drop_expired(&mut self, now: u64) -> (usize, usize) {
+        let mut dropped = (0, 0);
+        while self
+            .entries
+            .front()
+            .is_some_and(|(at, _)| at.saturating_add(self.keep.ttl_ms) <= now)
+        {
+            if let Some((_, f)) = self.entries.pop_front() {
+                dropped.0 += 1;
+                dropped.1 += f.len();
+            }
+        }
+        if self.entries.is_empty() && self.entries.capacity() > 0 {
+            self.entries = VecDeque::new();
+        }
+        dropped
+    }
+
+    /// The frames after `after`, oldest first, at most `limit`, or `None`
+    /// when some of them are no longer kept.
+    pub fn after(&self, after: u64, limit: usize) -> Option<Vec<(u64, Bytes)>> {
+        if after > self.top {
+            return None;
+        }
+        if after + 1 < self.first() {
+            return None;
+        }
+        let skip = (after + 1 - self.first()) as usize;
+        Some(
+            self.entries
+                .iter()
+                .skip(skip)
+                .take(limit)
+                .enumerate()
+                .map(|(i, (_, f))| (after + 1 + i as u64, f.clone()))
+                .collect(),
+        )
+    }
+
+    /// The newest `limit` frames, oldest first.
+    pub fn newest(&self, limit: usize) -> Vec<(u64, Bytes)> {
+        let n = self.entries.len().min(limit);
+        let start = self.top + 1 - n as u64;
+        self.entries
+            .iter()
+            .skip(self.entries.len() - n)
+            .enumerate()
+            .map(|(i, (_, f))| (start + i as u64, f.clone()))
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// The histories of the channels one core owns.
+#[derive(Debug, Default)]
+pub struct Store {
+    streams: HashMap<Box<str>, Stream, ahash::RandomState>,
+    /// (when, channel): streams to prune then, checked lazily.
+    due: BinaryHeap<Reverse<(u64, Box<str>)>>,
+    /// Frames kept, and their bytes.
+    pub frames: usize,
+    pub bytes: usize,
+}
+
+impl Store {
+    /// The stream of `key`, created (with a new epoch) if needed; old
+    /// entries are dropped first, so what it holds is current.
+    pub fn stream(&mut self, key: &str, keep: Keep, now: u64) -> &mut Stream {
+        if !self.streams.contains_key(key) {
+            self.streams.insert(key.into(), Stream::new(keep, now));
+        }
+        let s = self.streams.get_mut(key).expect("just inserted");
+        let (n, b) = s.drop_expired(now);
+        self.frames -= n;
+        self.bytes -= b;
+        s.keep = keep;
+        s
+    }
+
+    /// A stream if the channel has one (no epoch is created).
+    pub fn get(&mut self, key: &str, now: u64) -> Option<&Stream> {
+        let s = self.streams.get_mut(key)?;
+        let (n, b) = s.drop_expired(now);
+        self.frames -= n;
+        self.bytes -= b;
+        Some(s)
+    }
+
+    /// Appends the next message's frame to `key`'s stream; returns its
+    /// offset and the stream's epoch.
+    pub fn append(&mut self, key: &str, keep: Keep, frame: Bytes, now: u64) -> (Arc<str>, u64) {
+        let len = frame.len();
+        let s = self.stream(key, keep, now);
+        s.top += 1;
+        s.last_ms = now;
+        s.entries.push_back((now, frame));
+        let mut dropped = (0, 0);
+        while s.entries.len() > s.keep.size {
+            if let Some((_, f)) = s.entries.pop_front() {
+                dropped.0 += 1;
+                dropped.1 += f.len();
+            }
+        }
+        let out = (s.epoch.clone(), s.top);
+        let schedule = s.due.is_none().then(|| {
+            let at = now.saturating_add(s.keep.ttl_ms);
+            s.due = Some(at);
+            at
+        });
+        self.frames = self.frames + 1 - dropped.0;
+        self.bytes = self.bytes + len - dropped.1;
+        if let Some(at) = schedule {
+            self.due.push(Reverse((at, key.into())));
+        }
+        out
+    }
+
+    /// Drops what has expired by `now` from the streams that are due, and
+    /// forgets streams empty for [`META_TTL_MS`]. Returns how many frames
+    /// were dropped.
+    pub fn prune(&mut self, now: u64) -> usize {
+        let mut dropped = 0;
+        while let Some(Reverse((at, _))) = self.due.peek() {
+            if *at > now {
+                break;
+            }
+            let Some(Reverse((_, key))) = self.due.pop() else {
+                break;
+            };
+            let Some(s) = self.streams.get_mut(&key) else {
+                continue;
+            };
+            let (n, b) = s.drop_expired(now);
+            dropped += n;
+            self.frames -= n;
+            self.bytes -= b;
+            let next = match s.entries.front() {
+                Some((at, _)) => Some(at.saturating_add(s.keep.ttl_ms)),
+                None if s.last_ms.saturating_add(META_TTL_MS) <= now => {
+                    self.streams.remove(&key);
+                    continue;
+                }
+                None => Some(s.last_ms.saturating_add(META_TTL_MS)),
+            };
+            s.due = next;
+            if let Some(at) = next {
+                self.due.push(Reverse((at, key)));
+            }
+        }
+        dropped
+    }
+
+    /// Channels with a stream (kept messages or a remembered epoch).
+    pub fn channels(&self) -> usize {
+        self.streams.len()
+    }
+}
+
+/// A message's place: its channel's epoch and its offset.
+pub type Place = (Arc<str>, u64);
+
+/// What a publish was given: its channel's epoch and its offset (both
+/// absent on a channel without history).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Outcome {
+    pub position: Option<Place>,
+    /// A repeat of an idempotency key seen within the window: not
+    /// delivered again; `position` is the first publish's.
+    pub duplicate: bool,
+}
+
+/// Most idempotency keys one core remembers; past it the oldest are
+/// forgotten early (a publisher retrying after that long has other
+/// problems), so a flood of keys cannot take memory without bound.
+pub const MAX_IDEMPOTENCY_KEYS: usize = 200_000;
+
+/// Recent idempotency keys of the channels one core owns.
+#[derive(Debug, Default)]
+pub struct Idempotency {
+    seen: HashMap<(Box<str>, Box<str>), Option<Place>, ahash::RandomState>,
+    /// Insertion order = expiry order (one window for all).
+    order: VecDeque<(u64, Box<str>, Box<str>)>,
+}
+
+impl Idempotency {
+    /// The first outcome of (`channel`, `key`) if seen within the window.
+    pub fn check(&mut self, channel: &str, key: &str, now: u64) -> Option<Option<Place>> {
+        self.expire(now);
+        self.seen.get(&(channel.into(), key.into())).cloned()
+    }
+
+    /// Remembers (`channel`, `key`) until `until`.
+    pub fn remember(&mut self, channel: &str, key: &str, pos: Option<Place>, until: u64) {
+        if self.seen.len() >= MAX_IDEMPOTENCY_KEYS {
+            if let Some((_, c, k)) = self.order.pop_front() {
+                self.seen.remove(&(c, k));
+            }
+        }
+        self.seen.insert((channel.into(), key.into()), pos);
+        self.order.push_back((until, channel.into(), key.into()));
+    }
+
+    fn expire(&mut self, now: u64) {
+        while self
+            .order
+            .front()
+            .is_some_and(|(until, _, _)| *until <= now)
+        {
+            if let Some((_, c, k)) = self.order.pop_front() {
+                self.seen.remove(&(c, k));
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keep(size: usize, ttl_ms: u64) -> Keep {
+        Keep { size, ttl_ms }
+    }
+
+    #[test]
+    fn rules_parse_and_first_match_wins() {
+        let r = Rules::parse("chat:*=100/5m, news=1000/1h,*=5/10s").unwrap();
+        assert_eq!(r.keep("chat:a"), Some(keep(100, 300_000)));
+        assert_eq!(r.keep("news"), Some(keep(1000, 3_600_000)));
+        assert_eq!(r.keep("newsroom"), Some(keep(5, 10_000)));
+        assert!(Rules::parse("").unwrap().is_empty());
+        assert_eq!(Rules::parse("news=10/1h").unwrap().keep("other"), None);
+        for bad in [
+            "news",
+            "news=10",
+            "news=0/1h",
+            "news=x/1h",
+            "news=10/0s",
+            "news=10/forever",
+            "a*b=1/1s",
+            "=1/1s",
+        ] {
+            assert!(Rules::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn offsets_are_gapless_and_size_is_kept() {
+        let mut s = Store::default();
+        let k = keep(3, 60_000);
+        let mut epoch = None;
+        for i in 1..=5u64 {
+            let (e, off) = s.append("c", k, Bytes::from(vec![i as u8; 10]), 1000 + i);
+            assert_eq!(off, i);
+            epoch.get_or_insert(e.clone());
+            assert_eq!(Some(&e), epoch.as_ref(), "one epoch");
+        }
+        assert_eq!((s.frames, s.bytes), (3, 30));
+        let st = s.get("c", 1010).unwrap();
+        assert_eq!((st.first(), st.top), (3, 5));
+        let after = st.after(3, 10).unwrap();
+        assert_eq!(after.iter().map(|e| e.0).collect::<Vec<_>>(), vec![4, 5]);
+        assert_eq!(after[0].1[0], 4);
+        assert!(st.after(1, 10).is_none(), "offset 2 is gone");
+        assert_eq!(st.after(5, 10).unwrap().len(), 0, "up to date");
+        assert!(st.after(6, 10).is_none(), "from the future");
+        assert_eq!(st.after(2, 1).unwrap().len(), 1, "limited");
+        assert_eq!(
+            st.newest(2).iter().map(|e| e.0).collect::<Vec<_>>(),
+            vec![4, 5]
+        );
+    }
+
+    #[test]
+    fn ttl_drops_old_frames_without_a_timer_each_and_keeps_the_epoch() {
+        let mut s = Store::default();
+        let k = keep(100, 1000);
+        let (e1, _) = s.append("c", k, Bytes::from_static(b"a"), 0);
+        s.append("c", k, Bytes::from_static(b"b"), 500);
+        assert_eq!(s.prune(999), 0);
+        assert_eq!(s.prune(1000), 1, "the first expired");
+        assert_eq!(s.frames, 1);
+        assert_eq!(s.prune(1500), 1);
+        assert_eq!((s.frames, s.bytes), (0, 0));
+        let st = s.get("c", 1500).unwrap();
+        assert_eq!((st.top, st.len()), (2, 0));
+        assert_eq!(st.epoch, e1, "meta kept");
+        assert!(
+            st.after(2, 10).unwrap().is_empty(),
+            "a reader at the top recovers"
+        );
+        assert!(st.after(1, 10).is_none());
+        s.prune(500 + META_TTL_MS);
+        assert_eq!(s.channels(), 0, "forgotten after the meta TTL");
+        let (e2, off) = s.append("c", k, Bytes::from_static(b"c"), 600 + META_TTL_MS);
+        assert_eq!(off, 1);
+        assert_ne!(e2, e1, "a new epoch");
+    }
+
+    #[test]
+    fn idempotency_keys_expire_and_are_bounded() {
+        let mut i = Idempotency::default();
+        assert_eq!(i.check("c", "k", 0), None);
+        i.remember("c", "k", Some(("e".into(), 7)), 100);
+        assert_eq!(i.check("c", "k", 99), Some(Some(("e".into(), 7))));
+        assert_eq!(i.check("d", "k", 99), None, "per channel");
+        assert_eq!(i.check("c", "k", 100), None, "expired");
+        for n in 0..MAX_IDEMPOTENCY_KEYS + 10 {
+            i.remember("c", &n.to_string(), None, 1000);
+        }
+        assert_eq!(i.len(), MAX_IDEMPOTENCY_KEYS);
+        assert_eq!(i.check("c", "0", 1), None, "oldest forgotten first");
+        assert_eq!(
+            i.check("c", &(MAX_IDEMPOTENCY_KEYS + 9).to_string(), 1),
+            Some(None)
+        );
+    }
+}
