@@ -567,3 +567,105 @@ fn sub_reconnects_when_the_server_restarts_on_the_same_port() {
     assert_eq!(status.code(), Some(0), "{stderr:?}");
     assert!(stderr.is_empty(), "{stderr:?}");
 }
+
+/// A loopback TCP relay the test can cut: each accepted connection is
+/// relayed to `to` until [`Relay::cut`], and the next connection is only
+/// accepted after [`Relay::resume`].
+struct Relay {
+    addr: std::net::SocketAddr,
+    cut: std::sync::mpsc::Sender<()>,
+    resume: std::sync::mpsc::Sender<()>,
+}
+
+impl Relay {
+    fn start(to: std::net::SocketAddr) -> Relay {
+        use std::net::{Shutdown, TcpStream};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (cut, cut_rx) = mpsc::channel::<()>();
+        let (resume, resume_rx) = mpsc::channel::<()>();
+        std::thread::spawn(move || loop {
+            let Ok((client, _)) = listener.accept() else {
+                return;
+            };
+            let server = TcpStream::connect(to).unwrap();
+            for (mut from, mut into) in [
+                (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                (server.try_clone().unwrap(), client.try_clone().unwrap()),
+            ] {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut into);
+                    let _ = into.shutdown(Shutdown::Write);
+                });
+            }
+            if cut_rx.recv().is_err() {
+                return;
+            }
+            let _ = client.shutdown(Shutdown::Both);
+            let _ = server.shutdown(Shutdown::Both);
+            if resume_rx.recv().is_err() {
+                return;
+            }
+        });
+        Relay { addr, cut, resume }
+    }
+
+    fn cut(&self) {
+        self.cut.send(()).unwrap();
+    }
+
+    fn resume(&self) {
+        self.resume.send(()).unwrap();
+    }
+}
+
+#[test]
+fn sub_resumes_where_it_stopped_after_a_reconnect() {
+    let server = Server::start(&[("HISTORY", "feed=100/1h")]);
+    let relay = Relay::start(server.addr);
+    let url = format!("ws://{}/ws", relay.addr);
+    let mut sub = Sub::start_with_env(&url, None, &["feed"], &[]);
+    sub.wait_stderr("connected to");
+    publish(&server, None, "feed", Some("1"), "");
+    assert_eq!(sub.next_line(), "feed\t1");
+
+    // The connection drops; two messages are published while sub is away
+    // (the relay holds its reconnect until they are in).
+    relay.cut();
+    sub.wait_stderr("connection lost");
+    publish(&server, None, "feed", Some("2"), "");
+    publish(&server, None, "feed", Some("3"), "");
+    relay.resume();
+    sub.wait_stderr("reconnected to");
+    publish(&server, None, "feed", Some("4"), "");
+    for want in ["feed\t2", "feed\t3", "feed\t4"] {
+        assert_eq!(sub.next_line(), want, "missed or repeated while away");
+    }
+    sub.signal(libc::SIGTERM);
+    let (status, stderr) = sub.wait_exit();
+    assert_eq!(status.code(), Some(0), "{stderr:?}");
+    assert!(
+        stderr.iter().all(|l| !l.contains("could not be recovered")),
+        "{stderr:?}"
+    );
+}
+
+#[test]
+fn sub_says_when_a_restart_lost_the_history() {
+    let mut first = Server::start(&[("HISTORY", "feed=100/1h")]);
+    let port = first.addr.port().to_string();
+    let mut sub = Sub::start(&first, None, &["feed"]);
+    sub.wait_stderr("connected to");
+    publish(&first, None, "feed", Some("1"), "");
+    assert_eq!(sub.next_line(), "feed\t1");
+    first.signal(libc::SIGTERM);
+    first.wait_exit(TIMEOUT);
+    sub.wait_stderr("connection lost");
+    // History in memory: the new server's epochs are new ones.
+    let second = Server::start(&[("PORT", &port), ("HISTORY", "feed=100/1h")]);
+    let line = sub.wait_stderr("could not be recovered");
+    assert!(line.contains("feed"), "{line}");
+    sub.wait_stderr("reconnected to");
+    publish(&second, None, "feed", Some("2"), "");
+    assert_eq!(sub.next_line(), "feed\t2");
+}

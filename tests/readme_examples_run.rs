@@ -4,6 +4,8 @@
 //! an example that stops working fails the suite instead of rotting.
 //!
 //! - `quick-publish`: the curl publish of "A quick session";
+//! - `history-server`, `history-publish`: "History and recovery"'s server
+//!   settings and curl session;
 //! - `pusher-server`: the command that starts herald as a Pusher server;
 //! - `pusher-backend`: the Node backend that triggers and sends to a user;
 //! - `pusher-auth-server`: the Node auth endpoint, driven by pusher-js.
@@ -94,6 +96,34 @@ fn the_quick_session_publish_reaches_a_subscriber() {
     assert_eq!(
         sub.recv_json(),
         json!({"op":"message","channel":"news","data":{"hello":"world"}})
+    );
+}
+
+#[test]
+fn the_history_session_gets_offsets_and_reads_them_back() {
+    let start = example("history-server");
+    let history = start
+        .split_once("HISTORY='")
+        .and_then(|(_, rest)| rest.split_once('\''))
+        .map(|(v, _)| v.to_string())
+        .expect("HISTORY='..' in the history-server example");
+    let server = Server::start(&[("HISTORY", &history)]);
+    let script = example("history-publish").replace("127.0.0.1:6380", &server.addr.to_string());
+    let out = Command::new("sh").arg("-c").arg(&script).output().unwrap();
+    assert!(out.status.success(), "{script}\n{out:?}");
+    // curl prints the bodies back to back.
+    let replies: Vec<Value> = serde_json::Deserializer::from_slice(&out.stdout)
+        .into_iter::<Value>()
+        .collect::<Result<_, _>>()
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)));
+    assert_eq!(replies.len(), 3, "{replies:?}");
+    let epoch = replies[0]["epoch"].as_str().expect("an epoch").to_string();
+    assert_eq!(replies[0], json!({"ok":true,"epoch":epoch,"offset":1}));
+    assert_eq!(replies[1], json!({"ok":true,"epoch":epoch,"offset":2}));
+    assert_eq!(
+        replies[2],
+        json!({"channel":"news","epoch":epoch,"offset":2,
+               "messages":[{"offset":1,"data":"first"},{"offset":2,"data":"second"}]})
     );
 }
 

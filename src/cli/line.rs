@@ -19,9 +19,16 @@ pub enum Frame<'a> {
     Message {
         channel: Cow<'a, str>,
         data: &'a str,
+        /// On a channel with history (protocol.md 1.1).
+        offset: Option<u64>,
     },
     Subscribed {
         id: Option<&'a str>,
+        /// On a channel with history: its epoch and top offset, and with
+        /// `since`, whether what was missed follows.
+        epoch: Option<Cow<'a, str>>,
+        offset: Option<u64>,
+        recovered: Option<bool>,
     },
     /// Also sent, without `id`, when an `auth` removed read permission.
     Unsubscribed {
@@ -56,6 +63,12 @@ struct Wire<'a> {
     code: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     message: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    epoch: Option<Cow<'a, str>>,
+    #[serde(default)]
+    offset: Option<u64>,
+    #[serde(default)]
+    recovered: Option<bool>,
 }
 
 /// Reads a server text frame; `None` if it is not a JSON object with `op`.
@@ -66,8 +79,14 @@ pub fn parse_frame(text: &str) -> Option<Frame<'_>> {
         "message" => Frame::Message {
             channel: w.channel?,
             data: w.data.map(RawValue::get).unwrap_or("null"),
+            offset: w.offset,
         },
-        "subscribed" => Frame::Subscribed { id },
+        "subscribed" => Frame::Subscribed {
+            id,
+            epoch: w.epoch,
+            offset: w.offset,
+            recovered: w.recovered,
+        },
         "unsubscribed" => Frame::Unsubscribed {
             channel: w.channel.unwrap_or_default(),
             id,
@@ -82,9 +101,14 @@ pub fn parse_frame(text: &str) -> Option<Frame<'_>> {
     })
 }
 
-/// `{"op":"subscribe","channel":..,"id":id}`
-pub fn subscribe_request(channel: &str, id: u64) -> String {
-    serde_json::json!({"op": "subscribe", "channel": channel, "id": id}).to_string()
+/// `{"op":"subscribe","channel":..,"id":id}`, with
+/// `"since":{"epoch":..,"offset":..}` to resume after that message.
+pub fn subscribe_request(channel: &str, id: u64, since: Option<(&str, u64)>) -> String {
+    let mut req = serde_json::json!({"op": "subscribe", "channel": channel, "id": id});
+    if let Some((epoch, offset)) = since {
+        req["since"] = serde_json::json!({"epoch": epoch, "offset": offset});
+    }
+    req.to_string()
 }
 
 /// `{"op":"publish","channel":..,"data":..,"id":id}` with `data` (JSON text,
@@ -184,10 +208,18 @@ mod tests {
             publish_request("chat:1", r#"{ "x": 1 }"#, 7),
             r#"{"op":"publish","channel":"chat:1","data":{ "x": 1 },"id":7}"#
         );
-        let v: serde_json::Value = serde_json::from_str(&subscribe_request("news", 3)).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&subscribe_request("news", 3, None)).unwrap();
         assert_eq!(
             v,
             serde_json::json!({"op":"subscribe","channel":"news","id":3})
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&subscribe_request("news", 3, Some(("ep", 7)))).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"op":"subscribe","channel":"news","id":3,
+                               "since":{"epoch":"ep","offset":7}})
         );
     }
 
@@ -209,19 +241,45 @@ mod tests {
             parse_frame(r#"{"op":"message","channel":"c","data":{"x": 1}}"#),
             Some(Frame::Message {
                 channel: "c".into(),
-                data: r#"{"x": 1}"#
+                data: r#"{"x": 1}"#,
+                offset: None,
             })
         );
         assert_eq!(
             parse_frame(r#"{"op":"message","channel":"c","data":null}"#),
             Some(Frame::Message {
                 channel: "c".into(),
-                data: "null"
+                data: "null",
+                offset: None,
             })
         );
         assert_eq!(
             parse_frame(r#"{"op":"subscribed","channel":"c","id":2}"#),
-            Some(Frame::Subscribed { id: Some("2") })
+            Some(Frame::Subscribed {
+                id: Some("2"),
+                epoch: None,
+                offset: None,
+                recovered: None,
+            })
+        );
+        assert_eq!(
+            parse_frame(
+                r#"{"op":"subscribed","channel":"c","id":2,"epoch":"e","offset":4,"recovered":false}"#
+            ),
+            Some(Frame::Subscribed {
+                id: Some("2"),
+                epoch: Some("e".into()),
+                offset: Some(4),
+                recovered: Some(false),
+            })
+        );
+        assert_eq!(
+            parse_frame(r#"{"op":"message","channel":"c","offset":9,"data":1}"#),
+            Some(Frame::Message {
+                channel: "c".into(),
+                data: "1",
+                offset: Some(9),
+            })
         );
         assert_eq!(
             parse_frame(r#"{"op":"ack","id":5}"#),

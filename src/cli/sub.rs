@@ -8,8 +8,15 @@
 //! attempts ([`Backoff`]). Turning a frame into a line is [`super::line`]'s
 //! job. stdout carries only messages; status goes to stderr, one line per
 //! event, prefixed `herald sub:`.
+//!
+//! On channels with history (protocol.md 1.1) it remembers each channel's
+//! epoch and the offset of the last message printed, and resubscribes
+//! after a reconnect with `since`: what was published meanwhile is printed
+//! then, once and in order. When the server cannot give it back (too much
+//! missed, or the history was lost), it says so on stderr.
 
 use std::collections::hash_map::RandomState;
+use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::io::{self, Write};
 use std::net::TcpStream;
@@ -123,10 +130,17 @@ pub fn run(args: SubArgs) -> Result<(), CliError> {
     let mut outage_reported = false;
     let random = RandomState::new();
     let mut attempt = 0u64;
+    let mut positions = Positions::new();
     loop {
         match conn::connect(&args.conn) {
             Ok(mut ws) => {
-                let end = session(&mut ws, &args, &mut subscribed_once, &mut backoff);
+                let end = session(
+                    &mut ws,
+                    &args,
+                    &mut subscribed_once,
+                    &mut backoff,
+                    &mut positions,
+                );
                 match end {
                     End::Lost(why) => {
                         eprintln!("herald sub: connection lost ({why}); reconnecting");
@@ -151,18 +165,27 @@ pub fn run(args: SubArgs) -> Result<(), CliError> {
     }
 }
 
-/// One connection: subscribe to every channel, then print until it ends.
+/// Per channel with history: its epoch and the offset of the last message
+/// printed (or of the channel's newest when subscribed).
+type Positions = HashMap<String, (String, u64)>;
+
+/// One connection: subscribe to every channel (resuming where the last
+/// connection stopped), then print until it ends.
 fn session(
     ws: &mut WebSocket<TcpStream>,
     args: &SubArgs,
     subscribed_once: &mut bool,
     backoff: &mut Backoff,
+    positions: &mut Positions,
 ) -> End {
     if let Err(e) = ws.get_mut().set_read_timeout(Some(KEEPALIVE)) {
         return End::Lost(e.to_string());
     }
     for (i, channel) in args.channels.iter().enumerate() {
-        let request = line::subscribe_request(channel, i as u64);
+        let since = positions
+            .get(channel)
+            .map(|(epoch, offset)| (epoch.as_str(), *offset));
+        let request = line::subscribe_request(channel, i as u64, since);
         if let Err(e) = ws.send(Message::text(request)) {
             return End::Lost(conn::describe_error(&e));
         }
@@ -193,13 +216,44 @@ fn session(
         ping_sent = false;
         let out = match msg {
             Message::Text(text) => match line::parse_frame(&text) {
-                Some(Frame::Message { channel, data }) => Some(if args.json {
-                    line::compact_json(&text).into_owned()
-                } else {
-                    line::message_line(&channel, data)
-                }),
-                Some(Frame::Subscribed { id }) => {
+                Some(Frame::Message {
+                    channel,
+                    data,
+                    offset,
+                }) => {
+                    if let (Some(offset), Some(pos)) = (offset, positions.get_mut(&*channel)) {
+                        pos.1 = offset;
+                    }
+                    Some(if args.json {
+                        line::compact_json(&text).into_owned()
+                    } else {
+                        line::message_line(&channel, data)
+                    })
+                }
+                Some(Frame::Subscribed {
+                    id,
+                    epoch,
+                    offset,
+                    recovered,
+                }) => {
                     if let Some(i) = our_id(id, &confirmed) {
+                        let channel = &args.channels[i];
+                        if recovered == Some(false) {
+                            eprintln!(
+                                "herald sub: messages of {channel} published while disconnected \
+                                 could not be recovered (too many, or the server lost its history)"
+                            );
+                        }
+                        match (epoch, offset) {
+                            // Resumed: replayed messages move the position.
+                            (Some(_), Some(_)) if recovered == Some(true) => {}
+                            (Some(epoch), Some(top)) => {
+                                positions.insert(channel.clone(), (epoch.into_owned(), top));
+                            }
+                            _ => {
+                                positions.remove(channel);
+                            }
+                        }
                         if !std::mem::replace(&mut confirmed[i], true) {
                             waiting -= 1;
                         }

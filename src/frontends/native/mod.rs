@@ -261,8 +261,9 @@ async fn publish_parsed(worker: &Worker, p: protocol::HttpPublish<'_>) -> Answer
     match rx.await {
         Ok(outcome) => match outcome.position {
             Some((epoch, offset)) => {
-                let body = serde_json::json!({"ok": true, "epoch": &*epoch, "offset": offset});
-                Answer::json(202, body.to_string().into_bytes())
+                // In protocol.md's order; epochs are the server's own hex.
+                let body = format!(r#"{{"ok":true,"epoch":"{epoch}","offset":{offset}}}"#);
+                Answer::json(202, body.into_bytes())
             }
             None => accepted(),
         },

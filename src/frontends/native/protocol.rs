@@ -787,6 +787,109 @@ mod tests {
     }
 
     #[test]
+    fn parses_the_1_1_fields() {
+        let r = parse_request(
+            br#"{"op":"subscribe","channel":"n","id":1,"since":{"epoch":"ab","offset":17}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            r.op,
+            Op::Subscribe {
+                channel: "n".into(),
+                since: Some(Since {
+                    epoch: "ab".into(),
+                    offset: 17
+                }),
+            }
+        );
+        let r = parse_request(br#"{"op":"subscribe","channel":"n","since":null}"#).unwrap();
+        assert!(matches!(r.op, Op::Subscribe { since: None, .. }));
+        for bad in [
+            r#"{"op":"subscribe","channel":"n","id":2,"since":1}"#,
+            r#"{"op":"subscribe","channel":"n","id":2,"since":{"epoch":"e"}}"#,
+            r#"{"op":"subscribe","channel":"n","id":2,"since":{"epoch":"e","offset":1.5}}"#,
+            r#"{"op":"subscribe","channel":"n","id":2,"since":{"epoch":"e","offset":1,"x":1}}"#,
+            r#"{"op":"history","channel":"n","id":2,"limit":0}"#,
+            r#"{"op":"history","channel":"n","id":2,"limit":"5"}"#,
+            r#"{"op":"publish","channel":"n","id":2,"data":1,"idempotency_key":""}"#,
+        ] {
+            let e = parse_request(bad.as_bytes()).unwrap_err();
+            assert_eq!(e.id, Some("2"), "{bad}");
+        }
+        let r = parse_request(br#"{"op":"history","channel":"n","limit":5}"#).unwrap();
+        assert_eq!(
+            r.op,
+            Op::History {
+                channel: "n".into(),
+                since: None,
+                limit: Some(5)
+            }
+        );
+        let r = parse_request(br#"{"op":"publish","channel":"n","data":1,"idempotency_key":"k"}"#)
+            .unwrap();
+        assert!(matches!(r.op, Op::Publish { idempotency_key: Some(k), .. } if k == "k"));
+        let p = parse_http_publish(br#"{"channel":"n","data":1,"idempotency_key":"k"}"#, false)
+            .unwrap();
+        assert_eq!(p.idempotency_key.as_deref(), Some("k"));
+    }
+
+    #[test]
+    fn frames_with_offsets_and_what_history_reads_back() {
+        let f = message_frame_at("news", 42, r#"{"a":[1,2]}"#);
+        assert_eq!(
+            payload(&f),
+            json!({"op":"message","channel":"news","offset":42,"data":{"a":[1,2]}})
+        );
+        assert_eq!(stored_data(&f), Some(StoredData::Json(br#"{"a":[1,2]}"#)));
+        // A payload large enough for the 16-bit length form, holding the
+        // marker text itself: the first occurrence is the frame's own.
+        let big = format!(r#""{}""#, r#","data":"#.repeat(40));
+        let f = message_frame_at("n", 1, &big);
+        assert_eq!(stored_data(&f), Some(StoredData::Json(big.as_bytes())));
+        let plain = message_frame("n", "null");
+        assert_eq!(stored_data(plain.frame()), Some(StoredData::Json(b"null")));
+        let bin = binary_frame("n", &[0, 1, 2]);
+        assert_eq!(
+            stored_data(bin.frame()),
+            Some(StoredData::Binary(&[0, 1, 2]))
+        );
+        assert_eq!(stored_data(b""), None);
+        assert_eq!(stored_data(&[0x81]), None);
+
+        let pos = Position {
+            epoch: "ep",
+            offset: 9,
+        };
+        assert_eq!(
+            payload(&subscribed_at("n", Some("1"), pos, None)),
+            json!({"op":"subscribed","channel":"n","id":1,"epoch":"ep","offset":9})
+        );
+        assert_eq!(
+            payload(&subscribed_at("n", None, pos, Some(false))),
+            json!({"op":"subscribed","channel":"n","epoch":"ep","offset":9,"recovered":false})
+        );
+        assert_eq!(
+            payload(&ack_at("\"x\"", 3)),
+            json!({"op":"ack","id":"x","offset":3})
+        );
+        let msgs = vec![
+            (8, message_frame_at("n", 8, "1")),
+            (9, binary_frame("n", b"hi").frame().clone()),
+        ];
+        let h: Value = serde_json::from_slice(&history("n", Some(Some("4")), pos, &msgs)).unwrap();
+        assert_eq!(
+            h,
+            json!({"op":"history","channel":"n","id":4,"epoch":"ep","offset":9,
+                   "messages":[{"offset":8,"data":1},{"offset":9,"binary":"aGk="}]})
+        );
+        let h: Value = serde_json::from_slice(&history("n", None, pos, &[])).unwrap();
+        assert_eq!(
+            h,
+            json!({"channel":"n","epoch":"ep","offset":9,"messages":[]})
+        );
+    }
+
+    #[test]
     fn parses_wsify_commands() {
         let r = parse_request(br#"{"command":"join","args":{"channel":"hello"}}"#).unwrap();
         assert_eq!(
