@@ -148,7 +148,7 @@ pub struct Config {
     pub echo_endpoint: bool,
 
     /// Messages a worker may have queued towards another worker before it stops reading.
-    #[arg(long, env = "BUS_CAPACITY", default_value_t = 65_536, value_parser = parse_count)]
+    #[arg(long, env = "BUS_CAPACITY", default_value_t = 1024, value_parser = parse_count)]
     pub bus_capacity: usize,
 
     /// I/O driver: auto (io_uring where it can be set up, else epoll), io_uring, or epoll.

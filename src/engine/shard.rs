@@ -207,6 +207,21 @@ pub struct Shard {
     /// Subscriptions on their way (waiting for the channel's owner core):
     /// routing key to how many. Each keeps the core's interest bit set.
     pending: HashMap<Box<str>, u32, ahash::RandomState>,
+    /// Connections with replies being prepared on other cores, and the
+    /// replies queued behind them (see [`Shard::reply`]).
+    replies: HashMap<usize, Box<Replies>, ahash::RandomState>,
+}
+
+/// One connection's replies in request order while some are still being
+/// prepared elsewhere: slot `i` is ticket `base + i`.
+#[derive(Debug, Default)]
+struct Replies {
+    gen: u64,
+    base: u64,
+    next: u64,
+    slots: VecDeque<Option<Vec<Bytes>>>,
+    /// The connection's reader, waiting for every reply to be out.
+    waiter: Option<Waker>,
 }
 
 /// Would queueing `len` more bytes pass the connection's limit? A frame
@@ -264,7 +279,86 @@ impl Shard {
             deferred: Vec::new(),
             flusher: None,
             pending: HashMap::default(),
+            replies: HashMap::default(),
         }
+    }
+
+    /// Queues a reply of `key`: at once, or behind the replies of earlier
+    /// requests still being prepared on other cores, so a connection's
+    /// replies always come in the order of its requests. (Published
+    /// messages do not wait: they are not replies.)
+    pub fn reply(&mut self, key: usize, frame: Bytes) {
+        match self.replies.get_mut(&key) {
+            None => self.push(key, frame),
+            Some(r) => {
+                r.next += 1;
+                r.slots.push_back(Some(vec![frame]));
+            }
+        }
+    }
+
+    /// Holds a place for a reply of connection `key` (generation `gen`)
+    /// that another core prepares; later replies queue behind it until
+    /// [`Shard::fill_reply`] gives it.
+    pub fn reserve_reply(&mut self, key: usize, gen: u64) -> u64 {
+        let r = self.replies.entry(key).or_insert_with(|| {
+            Box::new(Replies {
+                gen,
+                ..Replies::default()
+            })
+        });
+        let ticket = r.next;
+        r.next += 1;
+        r.slots.push_back(None);
+        ticket
+    }
+
+    /// Gives the reply held by `ticket` (one or more frames), and sends
+    /// every reply that was waiting for it only.
+    pub fn fill_reply(&mut self, key: usize, gen: u64, ticket: u64, frames: Vec<Bytes>) {
+        let Some(r) = self.replies.get_mut(&key).filter(|r| r.gen == gen) else {
+            return;
+        };
+        if let Some(slot) = ticket
+            .checked_sub(r.base)
+            .and_then(|i| r.slots.get_mut(i as usize))
+        {
+            *slot = Some(frames);
+        }
+        let mut ready = Vec::new();
+        while let Some(Some(_)) = r.slots.front() {
+            if let Some(Some(frames)) = r.slots.pop_front() {
+                ready.extend(frames);
+            }
+            r.base += 1;
+        }
+        let done = r.slots.is_empty();
+        let waiter = if done { r.waiter.take() } else { None };
+        if done {
+            self.replies.remove(&key);
+        }
+        for frame in ready {
+            self.push_to(key, gen, frame);
+        }
+        if let Some(w) = waiter {
+            w.wake();
+        }
+    }
+
+    /// Ready once `key` has no reply being prepared elsewhere.
+    pub fn poll_replies(&mut self, key: usize, cx: &mut Context<'_>) -> Poll<()> {
+        match self.replies.get_mut(&key) {
+            None => Poll::Ready(()),
+            Some(r) => {
+                r.waiter = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+
+    /// Does `key` have replies being prepared elsewhere?
+    pub fn replies_pending(&self, key: usize) -> bool {
+        self.replies.contains_key(&key)
     }
 
     /// Holds this core's interest in `channel` for a subscription that
@@ -407,6 +501,7 @@ impl Shard {
         let Some(conn) = self.conns.try_remove(key) else {
             return;
         };
+        self.replies.remove(&key);
         let entry = entry(key, conn.encoding);
         for channel in conn.subs.as_slice() {
             self.drop_subscriber(channel, entry, interest);

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use super::protocol::{self, ErrorCode, Op, Position};
 use super::Native;
 use crate::auth::Grant;
-use crate::engine::core::{Core, Join};
+use crate::engine::core::{Core, Done, Join};
 use crate::engine::history::{Keep, Outcome, Since, Stream};
 use crate::engine::message::{Encoding, Message};
 use crate::engine::shard::SubscribeError;
@@ -24,19 +24,22 @@ use crate::session::{Cx, FrontEnd};
 
 type Flow = crate::session::Flow<Held>;
 
-/// A reply another core is preparing (an ack from the channel's owner, a
-/// subscription with history, a history read): the connection's later
-/// messages wait for it, so that replies keep the order of the requests.
-type Later = tokio::sync::oneshot::Receiver<Option<Bytes>>;
-
 /// Why a connection's reading is held.
+///
+/// Replies prepared on another core (an ack with an offset, a history
+/// read, a subscription with history) hold a place in the connection's
+/// replies ([`crate::engine::shard::Shard::reserve_reply`]) and do not
+/// hold the reading: later requests go on, their replies queue behind.
+/// Only what changes the connection's subscriptions (subscribe,
+/// unsubscribe, auth) waits for the earlier replies to be out, so that a
+/// `subscribed` comes before the channel's messages and a subscription on
+/// its way is not overtaken.
 #[derive(Debug)]
 pub enum Held {
     /// The authorizer must approve an action first.
     Authorize(Box<Deferred>),
-    /// A reply is being prepared elsewhere (`None`: it queued its frames
-    /// itself).
-    Reply(Later),
+    /// This request, once every earlier reply is out.
+    Settle(Box<[u8]>),
 }
 
 /// What the native front-end keeps per connection.
@@ -95,12 +98,21 @@ impl FrontEnd for Native {
     }
 
     async fn resume<'a>(&'a self, cx: Cx<'a>, conn: &'a mut NativeConn, wait: Held) {
-        match wait {
-            Held::Authorize(d) => authorize(cx, conn, *d).await,
-            Held::Reply(later) => {
-                if let Ok(Some(frame)) = later.await {
-                    push(&cx, frame);
+        let mut held = wait;
+        loop {
+            let flow = match held {
+                Held::Authorize(d) => {
+                    authorize(cx, conn, *d).await;
+                    return;
                 }
+                Held::Settle(request) => {
+                    settled(&cx).await;
+                    handle_request(&cx, conn, &request)
+                }
+            };
+            match flow {
+                Flow::Wait(next) => held = next,
+                _ => return,
             }
         }
     }
@@ -128,8 +140,29 @@ fn set_expiry(cx: &Cx<'_>, grant: &Grant) {
         .set_expiry(cx.key, cx.gen, at);
 }
 
+/// Queues a reply, in request order (see [`Held`]).
 fn push(cx: &Cx<'_>, frame: Bytes) {
-    cx.worker.core.shard.borrow_mut().push(cx.key, frame);
+    cx.worker.core.shard.borrow_mut().reply(cx.key, frame);
+}
+
+/// Waits until every reply prepared elsewhere for this connection is out.
+async fn settled(cx: &Cx<'_>) {
+    std::future::poll_fn(|c| cx.worker.core.shard.borrow_mut().poll_replies(cx.key, c)).await
+}
+
+/// Holds a place for a reply another core prepares; returns what fills it
+/// from there (it runs on that core and sends the frames back here).
+fn reply_later(cx: &Cx<'_>) -> impl FnOnce(&Core, Vec<Bytes>) + Send + 'static {
+    let (here, key, gen) = (cx.worker.core.id, cx.key, cx.gen);
+    let ticket = cx.worker.core.shard.borrow_mut().reserve_reply(key, gen);
+    move |there: &Core, frames: Vec<Bytes>| {
+        there.run_on(
+            here,
+            Box::new(move |core: &Core| {
+                core.shard.borrow_mut().fill_reply(key, gen, ticket, frames);
+            }),
+        );
+    }
 }
 
 /// Asks the authorizer about `d` and applies the answer: allowed, the
@@ -167,11 +200,10 @@ async fn authorize(cx: Cx<'_>, conn: &mut NativeConn, d: Deferred) {
                     a.remember(d.action, &d.channel, Instant::now() + ttl);
                 }
             }
-            if let Some(later) = apply(&cx, d.action, &d.channel, id, d.publish, d.extra) {
-                if let Ok(Some(frame)) = later.await {
-                    push(&cx, frame);
-                }
+            if matches!(d.action, Action::Subscribe | Action::Unsubscribe) {
+                settled(&cx).await;
             }
+            apply(&cx, d.action, &d.channel, id, d.publish, d.extra);
         }
         Decision::Deny(status) => {
             let msg = format!(
@@ -265,31 +297,14 @@ fn defer(
     }))))
 }
 
-/// Goes on at once if the reply is already there (the channel's owner is
-/// this core), else holds the connection's later messages until it is.
-fn settle(cx: &Cx<'_>, later: Option<Later>) -> Flow {
-    let Some(mut later) = later else {
-        return Flow::Continue;
-    };
-    match later.try_recv() {
-        Ok(frame) => {
-            if let Some(frame) = frame {
-                push(cx, frame);
-            }
-            Flow::Continue
-        }
-        Err(tokio::sync::oneshot::error::TryRecvError::Empty) => Flow::Wait(Held::Reply(later)),
-        Err(tokio::sync::oneshot::error::TryRecvError::Closed) => Flow::Continue,
-    }
-}
-
 fn too_many(id: Option<&str>, n: usize) -> Bytes {
     let msg = format!("subscription limit of {n} channels reached");
     protocol::error(id, ErrorCode::Forbidden, &msg)
 }
 
-/// Carries out an allowed action and queues its reply, or returns the
-/// reply another core is preparing.
+/// Carries out an allowed action and queues its reply (or holds its
+/// place, when another core prepares it). A subscription is applied only
+/// once the connection's earlier replies are out.
 fn apply(
     cx: &Cx<'_>,
     action: Action,
@@ -297,12 +312,12 @@ fn apply(
     id: Option<&str>,
     publish: Option<Message>,
     extra: Extra,
-) -> Option<Later> {
+) {
     let core = &cx.worker.core;
     let keep = core.hub.keeps(0, channel);
     let reply = match action {
         Action::Subscribe => match keep {
-            Some(keep) => return Some(join(cx, channel, id, keep, extra.since)),
+            Some(keep) => return join(cx, channel, id, keep, extra.since),
             None => match core.subscribe(cx.key, channel) {
                 // protocol.md 1.1: `since` on a channel without history.
                 Ok(()) if extra.since.is_some() => protocol::subscribed_at(
@@ -323,66 +338,73 @@ fn apply(
             protocol::unsubscribed(channel, id)
         }
         Action::Publish => {
-            let msg = publish?;
-            // An ack means the message has its place in the channel's
-            // order (and, with history, carries its offset): the channel's
-            // owner builds it once it has sequenced the message, so a
-            // subscription made after the ack never sees the message.
-            let Some(id) = id else {
-                core.publish_with(msg, Some(cx.key), extra.idempotency_key, None);
-                return None;
+            let Some(msg) = publish else {
+                return;
             };
-            let (tx, later) = tokio::sync::oneshot::channel();
-            let id: Box<str> = id.into();
-            let done: crate::engine::core::Done = Box::new(move |_owner, outcome: &Outcome| {
-                let frame = match &outcome.position {
-                    Some((_, offset)) => protocol::ack_at(&id, *offset),
-                    None => protocol::ack(&id),
-                };
-                let _ = tx.send(Some(frame));
-            });
-            core.publish_with(msg, Some(cx.key), extra.idempotency_key, Some(done));
-            return Some(later);
+            let key = extra.idempotency_key;
+            match (id, keep) {
+                (None, _) => {
+                    core.publish_with(msg, Some(cx.key), key, None);
+                    return;
+                }
+                // The ack carries the offset the channel's owner gives.
+                (Some(id), Some(_)) => {
+                    let fill = reply_later(cx);
+                    let id: Box<str> = id.into();
+                    let done: Done = Box::new(move |owner, outcome: &Outcome| {
+                        let frame = match &outcome.position {
+                            Some((_, offset)) => protocol::ack_at(&id, *offset),
+                            None => protocol::ack(&id),
+                        };
+                        fill(owner, vec![frame]);
+                    });
+                    core.publish_with(msg, Some(cx.key), key, Some(done));
+                    return;
+                }
+                // The message is on its way to its place in the order.
+                (Some(id), None) => {
+                    core.publish_with(msg, Some(cx.key), key, None);
+                    protocol::ack(id)
+                }
+            }
         }
-        Action::Connect => return None,
+        Action::Connect => return,
     };
     push(cx, reply);
-    None
 }
 
 /// Subscribes to a channel with history: `subscribed` with the channel's
 /// epoch and top offset (and `recovered` when `since` was given), then the
 /// missed messages if they could all be recovered, then live ones.
-fn join(cx: &Cx<'_>, channel: &str, id: Option<&str>, keep: Keep, since: Option<Since>) -> Later {
-    let (tx, later) = tokio::sync::oneshot::channel();
+fn join(cx: &Cx<'_>, channel: &str, id: Option<&str>, keep: Keep, since: Option<Since>) {
     let (key, gen) = (cx.key, cx.gen);
+    let ticket = cx.worker.core.shard.borrow_mut().reserve_reply(key, gen);
     let id: Option<Box<str>> = id.map(Into::into);
     let channel_name: Box<str> = channel.into();
     let asked = since.is_some();
     let joined = Box::new(move |core: &Core, result: Result<Join, SubscribeError>| {
-        let mut shard = core.shard.borrow_mut();
-        match result {
+        let frames = match result {
             Ok(join) => {
                 let pos = Position {
                     epoch: &join.epoch,
                     offset: join.top,
                 };
                 let recovered = asked.then_some(join.recovered);
-                let reply = protocol::subscribed_at(&channel_name, id.as_deref(), pos, recovered);
-                if shard.push_to(key, gen, reply) {
-                    for frame in join.replay {
-                        shard.push_to(key, gen, frame);
-                    }
-                }
+                let mut frames = Vec::with_capacity(1 + join.replay.len());
+                frames.push(protocol::subscribed_at(
+                    &channel_name,
+                    id.as_deref(),
+                    pos,
+                    recovered,
+                ));
+                frames.extend(join.replay);
+                frames
             }
-            Err(SubscribeError::TooMany(n)) => {
-                shard.push_to(key, gen, too_many(id.as_deref(), n));
-            }
-        }
-        let _ = tx.send(None);
+            Err(SubscribeError::TooMany(n)) => vec![too_many(id.as_deref(), n)],
+        };
+        core.shard.borrow_mut().fill_reply(key, gen, ticket, frames);
     });
     cx.worker.core.join(key, channel, keep, since, joined);
-    later
 }
 
 /// protocol.md 1.1 "Reading history": the channel's owner reads it and
@@ -393,15 +415,15 @@ fn read_history(
     id: Option<&str>,
     since: Option<Since>,
     limit: Option<usize>,
-) -> Later {
-    let (tx, later) = tokio::sync::oneshot::channel();
+) {
+    let fill = reply_later(cx);
     let max = cx.worker.core.hub.history.recover_max;
     let limit = limit.unwrap_or(max).min(max);
     let id: Option<Box<str>> = id.map(Into::into);
     let channel_name: Box<str> = channel.into();
     cx.worker.core.read_history(
         channel,
-        Box::new(move |_owner: &Core, stream: Option<&Stream>| {
+        Box::new(move |owner: &Core, stream: Option<&Stream>| {
             let frame = match stream {
                 None => protocol::error(
                     id.as_deref(),
@@ -419,10 +441,9 @@ fn read_history(
                     crate::transport::ws::frame::text(&body)
                 }
             };
-            let _ = tx.send(Some(frame));
+            fill(owner, vec![frame]);
         }),
     );
-    later
 }
 
 /// The messages a history read returns: after `since` (from the start of
@@ -452,6 +473,13 @@ fn handle_request(cx: &Cx<'_>, conn: &mut NativeConn, text: &[u8]) -> Flow {
         }
     };
     let id = req.id;
+    // What changes the connection's subscriptions waits for a subscription
+    // still on its way (and every reply before it).
+    let changes_subscriptions =
+        !matches!(req.op, Op::Publish { .. } | Op::Ping | Op::History { .. });
+    if changes_subscriptions && cx.worker.core.shard.borrow().replies_pending(cx.key) {
+        return Flow::Wait(Held::Settle(text.into()));
+    }
     let reply = match req.op {
         Op::Subscribe { channel, since } => {
             if !conn.grant.read.allows(&channel) {
@@ -467,7 +495,8 @@ fn handle_request(cx: &Cx<'_>, conn: &mut NativeConn, text: &[u8]) -> Flow {
                 {
                     return wait;
                 }
-                return settle(cx, apply(cx, action, &channel, id, None, extra()));
+                apply(cx, action, &channel, id, None, extra());
+                return Flow::Continue;
             }
         }
         Op::Unsubscribe { channel } => {
@@ -476,7 +505,8 @@ fn handle_request(cx: &Cx<'_>, conn: &mut NativeConn, text: &[u8]) -> Flow {
             if let Some(wait) = defer(cx, conn, action, &channel, id, None, held) {
                 return wait;
             }
-            return settle(cx, apply(cx, action, &channel, id, None, Extra::default()));
+            apply(cx, action, &channel, id, None, Extra::default());
+            return Flow::Continue;
         }
         Op::Publish {
             channel,
@@ -495,7 +525,8 @@ fn handle_request(cx: &Cx<'_>, conn: &mut NativeConn, text: &[u8]) -> Flow {
                 if let Some(wait) = defer(cx, conn, action, &channel, id, Some(data), held) {
                     return wait;
                 }
-                return settle(cx, apply(cx, action, &channel, id, message(), extra()));
+                apply(cx, action, &channel, id, message(), extra());
+                return Flow::Continue;
             }
         },
         Op::History {
@@ -507,7 +538,8 @@ fn handle_request(cx: &Cx<'_>, conn: &mut NativeConn, text: &[u8]) -> Flow {
                 let msg = format!("no read permission on channel {channel}");
                 protocol::error(id, ErrorCode::Forbidden, &msg)
             } else {
-                return settle(cx, Some(read_history(cx, &channel, id, since, limit)));
+                read_history(cx, &channel, id, since, limit);
+                return Flow::Continue;
             }
         }
         Op::Auth { token } => match cx.worker.shared.auth.verify(&token) {
@@ -569,8 +601,6 @@ fn handle_binary(cx: &Cx<'_>, conn: &mut NativeConn, data: &[u8]) -> Flow {
     if let Some(wait) = defer(cx, conn, action, channel, None, Some(&shown), held) {
         return wait;
     }
-    settle(
-        cx,
-        apply(cx, action, channel, None, message(), Extra::default()),
-    )
+    apply(cx, action, channel, None, message(), Extra::default());
+    Flow::Continue
 }
