@@ -49,7 +49,14 @@ fn allocations() -> usize {
 /// Heap allocations made by one publish to `n` subscribers (half on each
 /// of two workers), after a warm-up publish.
 fn allocations_per_publish(n: usize) -> usize {
-    let config = Config::try_from_args(["herald", "--send-queue-limit", "1GiB"]).unwrap();
+    allocations_per_publish_with(n, "")
+}
+
+/// The same, with `HISTORY` set to `history`.
+fn allocations_per_publish_with(n: usize, history: &str) -> usize {
+    let config =
+        Config::try_from_args(["herald", "--send-queue-limit", "1GiB", "--history", history])
+            .unwrap();
     let shared = Shared::new(config, 2, herald::frontends::ENCODERS);
     let workers = [
         Worker::new(0, shared.clone()),
@@ -124,5 +131,21 @@ fn allocations_per_publish_do_not_grow_with_subscribers() {
     assert!(
         large <= 3,
         "one publish allocated {large} times; tuning.md promises at most 3"
+    );
+}
+
+#[test]
+fn with_history_allocations_per_publish_do_not_grow_with_subscribers() {
+    let small = allocations_per_publish_with(10, "*=1000/1h");
+    let large = allocations_per_publish_with(10_000, "*=1000/1h");
+    eprintln!("with history: {small} with 10 subscribers, {large} with 10,000");
+    assert_eq!(
+        small, large,
+        "with history, one publish allocated {small} times for 10 subscribers but {large} for 10,000"
+    );
+    // tuning.md: the frame built again with its offset, on top of the 3.
+    assert!(
+        large <= 4,
+        "with history, one publish allocated {large} times"
     );
 }
