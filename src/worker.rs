@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use crate::auth::Authenticator;
 use crate::config::Config;
-use crate::engine::core::{Core, HistorySettings, Hub};
+use crate::engine::core::{Core, HistorySettings, Hub, NamespacedHistory};
 use crate::engine::message::{Encoder, Encoding};
 use crate::engine::shard::{Closes, Keepalive, Limits};
 use crate::integrations::authorizer::Authorizer;
@@ -46,11 +46,24 @@ impl Shared {
         encoders: &'static [Encoder],
         metrics: Arc<Metrics>,
     ) -> Arc<Shared> {
+        Self::build(config, workers, encoders, None, metrics)
+    }
+
+    /// The same, with the front-end namespaces' channels keeping history
+    /// as `namespaced` says (Pusher's cache channels).
+    pub fn build(
+        config: Config,
+        workers: usize,
+        encoders: &'static [Encoder],
+        namespaced: Option<NamespacedHistory>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Shared> {
         Arc::new(Shared {
             auth: Authenticator::new(config.secret.as_deref(), config.jwt_leeway),
             hub: Arc::new(
                 Hub::new(workers, config.bus_capacity, encoders).with_history(HistorySettings {
                     rules: config.history.clone(),
+                    namespaced,
                     // The first registered encoding (the native protocol's)
                     // is the one whose frames history keeps.
                     encoding: Encoding(0),

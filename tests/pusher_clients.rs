@@ -864,3 +864,21 @@ fn webhooks_report_channels_members_and_client_events_signed() {
         assert_eq!(c["time_ms"], q.body["time_ms"], "getTime(): {q:?}");
     }
 }
+
+#[test]
+fn pusher_js_cache_channels_replay_the_last_event_or_miss() {
+    let server = start(None);
+    let r = Outcome {
+        script: "cache.js",
+        v: run_node(&server, "cache.js", &[], None, no_barrier),
+    };
+    r.expect("/miss_at_a", json!(1));
+    r.status("/trigger", 200);
+    r.expect("/live_1", json!({"home": 1}));
+    r.expect("/live_2", json!({"home": 2}));
+    // The last event, first; then the live one; and no miss.
+    r.expect("/cached_at_b", json!({"home": 2}));
+    r.expect("/live_at_b", json!({"home": 3}));
+    r.expect("/scores_at_b", json!(2));
+    r.expect("/miss_at_b", json!(0));
+}

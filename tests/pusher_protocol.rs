@@ -504,3 +504,65 @@ fn the_event_size_limit_is_per_app() {
     );
     assert!(p.sync().is_empty());
 }
+
+#[test]
+fn cache_channels_replay_their_last_event_or_say_cache_miss() {
+    let hook = webhook::Webhook::start(|_| webhook::Reply::allow());
+    let apps = json!([{"id":"c","key":"kc","secret":"sc","enable_client_messages":true,
+                       "webhooks":[{"url": hook.url(), "events":["cache_miss"]}]}])
+    .to_string();
+    let server = Server::start(&[("APPS", &apps)]);
+    let creds = ("kc", "sc");
+
+    // Nothing cached yet: success, then pusher:cache_miss, and a webhook.
+    let mut first = connect(&server, "kc");
+    first
+        .c
+        .send_json(json!({"event":"pusher:subscribe","data":{"channel":"cache-news"}}));
+    let r = first.c.recv_json();
+    assert_eq!(r["event"], "pusher_internal:subscription_succeeded", "{r}");
+    assert_eq!(
+        first.c.recv_json(),
+        json!({"event":"pusher:cache_miss","channel":"cache-news"})
+    );
+    let reqs = hook.wait_requests(1);
+    assert_eq!(
+        reqs[0].body["events"],
+        json!([{"name":"cache_miss","channel":"cache-news"}])
+    );
+
+    // Two events; a new subscriber gets the last one, then live ones.
+    for n in 1..=2 {
+        let body =
+            json!({"name":"update","channel":"cache-news","data":format!("v{n}")}).to_string();
+        let (status, _) = api_as(&server, creds, "POST", "/apps/c/events", &body);
+        assert_eq!(status, 200);
+        let e = first.c.recv_json();
+        assert_eq!(
+            (e["event"].as_str(), e["data"].as_str()),
+            (Some("update"), Some(&*format!("v{n}")))
+        );
+    }
+    let mut late = connect(&server, "kc");
+    late.c
+        .send_json(json!({"event":"pusher:subscribe","data":{"channel":"cache-news"}}));
+    let r = late.c.recv_json();
+    assert_eq!(r["event"], "pusher_internal:subscription_succeeded", "{r}");
+    let cached = late.c.recv_json();
+    assert_eq!(
+        (
+            cached["event"].as_str(),
+            cached["channel"].as_str(),
+            cached["data"].as_str()
+        ),
+        (Some("update"), Some("cache-news"), Some("v2")),
+        "{cached}"
+    );
+    assert!(late.sync().is_empty(), "the last event only, once");
+
+    // A channel that is not a cache channel replays nothing.
+    let mut plain = connect(&server, "kc");
+    plain.subscribe("news");
+    assert!(plain.sync().is_empty());
+    assert_eq!(hook.requests().len(), 1, "no other cache_miss");
+}

@@ -49,14 +49,26 @@ fn js_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js")
 }
 
-/// A child process killed on drop.
+/// A child process killed on drop, with everything it started: it leads
+/// its own process group (see [`in_own_group`]), and the whole group is
+/// killed, so a server started by `sh -c` is not left running.
 struct Running(Child);
 
 impl Drop for Running {
     fn drop(&mut self) {
+        // SAFETY: kill(2) on our child's process group.
+        unsafe {
+            libc::kill(-(self.0.id() as i32), libc::SIGKILL);
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Makes `cmd` start a process group of its own.
+fn in_own_group(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    cmd.process_group(0)
 }
 
 /// Reads `child`'s stream `out` line by line until a line contains
@@ -135,7 +147,7 @@ fn pusher_server() -> (Running, SocketAddr) {
         .replace("HOST=0.0.0.0", "HOST=127.0.0.1")
         .replace("PORT=6001", &format!("PORT={port} WORKERS=2"));
     let bin = Path::new(env!("CARGO_BIN_EXE_herald"));
-    let mut child = Command::new("sh")
+    let mut child = in_own_group(&mut Command::new("sh"))
         .arg("-c")
         .arg(&script)
         .env(

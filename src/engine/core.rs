@@ -63,9 +63,21 @@ pub struct Publish {
     pub done: Option<Done>,
 }
 
+/// How the channels of front-end namespaces (> 0) keep history: the
+/// front-end says which channels keep what, and in which encoding their
+/// frames are kept (as published: offsets are not shown in it).
+#[derive(Clone, Copy)]
+pub struct NamespacedHistory {
+    pub keep: fn(&str) -> Option<Keep>,
+    pub encoding: Encoding,
+}
+
 /// How channels keep history, node-wide.
 pub struct HistorySettings {
+    /// Channels of namespace 0 (herald's own).
     pub rules: Rules,
+    /// Channels of the other namespaces.
+    pub namespaced: Option<NamespacedHistory>,
     /// The encoding whose frames are stored (and carry offsets).
     pub encoding: Encoding,
     /// Most messages one recovery replays.
@@ -78,6 +90,7 @@ impl Default for HistorySettings {
     fn default() -> Self {
         HistorySettings {
             rules: Rules::default(),
+            namespaced: None,
             encoding: Encoding(0),
             recover_max: 1000,
             idempotency_window_ms: 300_000,
@@ -97,6 +110,8 @@ pub struct Join {
     /// Frames to send before anything live (offsets after `since` up to
     /// `top`), oldest first.
     pub replay: Vec<Bytes>,
+    /// The newest kept frame, if any (what a cache channel replays).
+    pub newest: Option<Bytes>,
 }
 
 /// What every core shares: which cores want which channels, and the
@@ -134,10 +149,12 @@ impl Hub {
         ((((hash >> 16) & 0xffff_ffff) * self.cores as u64) >> 32) as usize
     }
 
-    /// What `channel` (a routing key) keeps, if anything: history is for
-    /// the native namespace's channels.
+    /// What `channel` (its name, in `namespace`) keeps, if anything.
     pub fn keeps(&self, namespace: u16, channel: &str) -> Option<Keep> {
-        if namespace != 0 || self.history.rules.is_empty() {
+        if namespace != 0 {
+            return self.history.namespaced.and_then(|n| (n.keep)(channel));
+        }
+        if self.history.rules.is_empty() {
             return None;
         }
         self.history.rules.keep(channel)
@@ -276,17 +293,22 @@ impl Core {
                 return;
             }
         }
-        let keep = match msg.namespace() {
-            0 => self.hub.keeps(0, msg.channel()),
-            _ => None,
+        let keep = match msg.is_transient() {
+            false => self.hub.keeps(msg.namespace(), msg.channel()),
+            true => None,
         };
         let position = keep.map(|keep| {
             let now = now();
-            let encoding = self.hub.history.encoding;
+            // The native encoding shows offsets; a namespace's is kept as
+            // published.
+            let (encoding, carried_by) = match (msg.namespace(), self.hub.history.namespaced) {
+                (0, _) | (_, None) => (self.hub.history.encoding, self.hub.history.encoding),
+                (_, Some(n)) => (n.encoding, Encoding(u8::MAX)),
+            };
             let m = Arc::get_mut(&mut msg).expect("a message is not shared before it is sequenced");
             let mut store = self.history.borrow_mut();
             let next = m.with_key(|ch| store.stream(ch, keep, now).top + 1);
-            m.set_offset(next, encoding);
+            m.set_offset(next, carried_by);
             let frame = m.frame_for(encoding, self.hub.encoders).unwrap_or_default();
             let pos = m.with_key(|ch| store.append(ch, keep, frame, now));
             debug_assert_eq!(pos.1, next);
@@ -495,6 +517,7 @@ fn position(stream: &Stream, since: Option<&Since>, recover_max: usize) -> Join 
     Join {
         epoch: stream.epoch.clone(),
         top: stream.top,
+        newest: stream.newest(1).pop().map(|(_, f)| f),
         recovered: replay.is_some(),
         replay: replay
             .map(|frames| frames.into_iter().map(|(_, f)| f).collect())

@@ -73,6 +73,9 @@ pub struct Message {
     /// is then only the source of channel and payload, and subscribers of
     /// that encoding get a frame built like the others'.
     reframe: bool,
+    /// Delivered but never kept in history (a front-end's own notices,
+    /// such as Pusher's member events).
+    transient: bool,
     /// Frames of other encodings, built on first need.
     others: [OnceLock<Option<Bytes>>; MAX_ENCODINGS],
 }
@@ -104,6 +107,7 @@ impl Message {
             except: None,
             offset: 0,
             reframe: false,
+            transient: false,
             others: Default::default(),
         };
         m.hash = m.with_key(route_hash);
@@ -137,6 +141,7 @@ impl Message {
             except: None,
             offset: 0,
             reframe: false,
+            transient: false,
             others: Default::default(),
         };
         m.hash = m.with_key(route_hash);
@@ -215,6 +220,15 @@ impl Message {
     pub fn set_offset(&mut self, offset: u64, carried_by: Encoding) {
         self.offset = offset;
         self.reframe = offset > 0 && carried_by == self.encoding;
+    }
+
+    /// Marks the message as one history never keeps.
+    pub fn set_transient(&mut self) {
+        self.transient = true;
+    }
+
+    pub fn is_transient(&self) -> bool {
+        self.transient
     }
 
     /// Is the publisher's frame only a source, subscribers of its encoding

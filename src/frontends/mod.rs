@@ -16,6 +16,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use crate::config::Config;
+use crate::engine::core::NamespacedHistory;
 use crate::engine::message::Encoder;
 use crate::integrations::metrics::Metrics;
 use crate::worker::Shared;
@@ -30,6 +31,13 @@ pub mod wspubsub;
 /// Every front-end's encoder, by encoding: each front-end's `ENCODING` is
 /// its index here (checked by a test below).
 pub static ENCODERS: &[Encoder] = &[native::protocol::encode, pusher::encode, wspubsub::encode];
+
+/// How the channels of the front-ends' namespaces keep history: Pusher's
+/// cache channels keep their last event.
+pub static NAMESPACED_HISTORY: NamespacedHistory = NamespacedHistory {
+    keep: pusher::cache::keep,
+    encoding: pusher::ENCODING,
+};
 
 /// What the front-ends read from files and the environment at start-up,
 /// before the server starts (a mistake there stops it with exit code 2).

@@ -89,7 +89,13 @@ pub fn run(config: Config, loaded: impl Into<Loaded>) -> Result<(), ServerError>
     let ids: Vec<&str> = loaded.apps.iter().map(|a| a.id.as_str()).collect();
     let metrics = Arc::new(Metrics::with_apps(workers, &ids));
     let frontends = Arc::new(FrontEnds::new(&config, loaded, &metrics));
-    let shared = Shared::with_metrics(config, workers, crate::frontends::ENCODERS, metrics);
+    let shared = Shared::build(
+        config,
+        workers,
+        crate::frontends::ENCODERS,
+        Some(crate::frontends::NAMESPACED_HISTORY),
+        metrics,
+    );
     let uring = match shared.config.io_driver {
         IoDriver::Epoll => false,
         IoDriver::IoUring | IoDriver::Auto => {

@@ -278,16 +278,19 @@ pub enum WebhookEvent {
     MemberAdded,
     MemberRemoved,
     ClientEvent,
+    /// A subscriber of a cache channel found nothing cached.
+    CacheMiss,
 }
 
 impl WebhookEvent {
     /// Every event, in Pusher's documentation order.
-    pub const ALL: [WebhookEvent; 5] = [
+    pub const ALL: [WebhookEvent; 6] = [
         WebhookEvent::ChannelOccupied,
         WebhookEvent::ChannelVacated,
         WebhookEvent::MemberAdded,
         WebhookEvent::MemberRemoved,
         WebhookEvent::ClientEvent,
+        WebhookEvent::CacheMiss,
     ];
 
     fn all() -> Vec<WebhookEvent> {
@@ -302,6 +305,7 @@ impl WebhookEvent {
             WebhookEvent::MemberAdded => "member_added",
             WebhookEvent::MemberRemoved => "member_removed",
             WebhookEvent::ClientEvent => "client_event",
+            WebhookEvent::CacheMiss => "cache_miss",
         }
     }
 }

@@ -19,6 +19,7 @@ use serde_json::json;
 use super::apps::{App, WebhookEvent};
 use super::wire::{self, ChannelKind, ClientMessage};
 use super::PusherShared;
+use crate::engine::core::{Core, Join};
 use crate::engine::message::{Message, PayloadKind};
 use crate::engine::shard::SubscribeError;
 use crate::worker::Worker;
@@ -122,6 +123,14 @@ pub fn channel_of(key: &str) -> &str {
 
 /// A frame built by [`wire`] with its channel's place, ready for the
 /// fan-out in namespace `ns`.
+/// A presence notice (`member_added`, `member_removed`): published like an
+/// event, never kept by a cache channel.
+fn notice(r: wire::Routed, ns: u16) -> Message {
+    let mut m = published(r, ns);
+    m.set_transient();
+    m
+}
+
 pub fn published(r: wire::Routed, ns: u16) -> Message {
     let channel = r.channel_at as usize..r.channel_at as usize + r.channel_len as usize;
     // Pusher namespaces hold Pusher subscribers only: no other encoding is
@@ -136,8 +145,9 @@ pub fn published(r: wire::Routed, ns: u16) -> Message {
     )
 }
 
+/// Queues a reply, behind any still being prepared on another core.
 fn push(worker: &Worker, key: usize, frame: Bytes) {
-    worker.core.shard.borrow_mut().push(key, frame);
+    worker.core.shard.borrow_mut().reply(key, frame);
 }
 
 /// Handles one text message of a Pusher connection.
@@ -256,8 +266,23 @@ fn subscribe(
     let route = crate::engine::message::route_key_string(ns, channel);
     let shared = &*fe.shared;
     let already = worker.core.shard.borrow().is_subscribed(key, &route);
+    // A cache channel's subscription takes effect on its owner core, with
+    // the cached event (see `super::cache`).
+    let cached = worker.core.hub.keeps(ns, channel);
     if !already {
-        if let Err(SubscribeError::TooMany(n)) = worker.core.subscribe(key, &route) {
+        let refused = match cached {
+            Some(_) => worker
+                .core
+                .shard
+                .borrow()
+                .at_subscription_limit(key)
+                .then(|| worker.core.shard.borrow().max_subscriptions()),
+            None => match worker.core.subscribe(key, &route) {
+                Err(SubscribeError::TooMany(n)) => Some(n),
+                Ok(()) => None,
+            },
+        };
+        if let Some(n) = refused {
             let msg = format!("subscription limit of {n} channels reached");
             return fail("LimitReached", &msg, 403);
         }
@@ -292,7 +317,7 @@ fn subscribe(
                 }
                 if first {
                     let frame = wire::member_added_routed(channel, &user_id, &user_info);
-                    worker.core.publish(published(frame, ns), Some(key));
+                    worker.core.publish(notice(frame, ns), Some(key));
                     webhook(
                         fe,
                         &app,
@@ -308,11 +333,40 @@ fn subscribe(
             Some(wire::presence_data(&list))
         }
     };
-    push(
-        worker,
-        key,
-        wire::subscription_succeeded(channel, presence.as_deref()),
-    );
+    let succeeded = wire::subscription_succeeded(channel, presence.as_deref());
+    let Some(keep) = cached else {
+        push(worker, key, succeeded);
+        return;
+    };
+    // The cached event (or `pusher:cache_miss`) right after the success,
+    // before any live event.
+    let gen = worker.core.shard.borrow().conn(key).map_or(0, |c| c.gen);
+    let ticket = worker.core.shard.borrow_mut().reserve_reply(key, gen);
+    let (pusher, app) = (fe.shared.clone(), app.clone());
+    let name: Box<str> = channel.into();
+    let joined = Box::new(move |core: &Core, result: Result<Join, SubscribeError>| {
+        let frames = match result {
+            Ok(join) => match join.newest {
+                Some(event) => vec![succeeded, event],
+                None => {
+                    if let Some(w) = &pusher.webhooks {
+                        w.send(
+                            &app,
+                            WebhookEvent::CacheMiss,
+                            json!({"name": "cache_miss", "channel": &*name}),
+                        );
+                    }
+                    vec![succeeded, super::cache::cache_miss(&name)]
+                }
+            },
+            Err(SubscribeError::TooMany(n)) => {
+                let msg = format!("subscription limit of {n} channels reached");
+                vec![wire::subscription_error(&name, "LimitReached", &msg, 403)]
+            }
+        };
+        core.shard.borrow_mut().fill_reply(key, gen, ticket, frames);
+    });
+    worker.core.join(key, &route, keep, None, joined);
 }
 
 /// `pusher:signin` (user authentication): `data.auth` must sign
@@ -389,7 +443,7 @@ fn left(fe: &Pusher, worker: &Worker, key: usize, route: &str) {
     if let Some(user_id) = user {
         if shared.presence.leave(route, &user_id) {
             let frame = wire::member_removed_routed(channel, &user_id);
-            worker.core.publish(published(frame, ns), Some(key));
+            worker.core.publish(notice(frame, ns), Some(key));
             webhook(
                 fe,
                 &app,

@@ -11,6 +11,7 @@
 
 pub mod api;
 pub mod apps;
+pub mod cache;
 pub mod connection;
 pub mod frontend;
 pub mod sign;

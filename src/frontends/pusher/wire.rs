@@ -535,7 +535,7 @@ pub fn presence_data(members: &[(&str, &str)]) -> String {
 // Server frames
 
 /// A text frame of `payload`.
-fn text_frame(payload: &[u8]) -> Bytes {
+pub fn text_frame(payload: &[u8]) -> Bytes {
     frame::text(payload)
 }
 
