@@ -9,6 +9,7 @@ mod conns;
 mod fanout;
 mod floor;
 mod procstat;
+mod recover;
 mod report;
 mod run;
 mod webhook;
@@ -102,6 +103,9 @@ enum Cmd {
     Conns(conns::Args),
     /// Connect, subscribe, receive one message, disconnect, at a rate.
     Churn(churn::Args),
+    /// Herald with HISTORY: N clients come back at once, each recovering
+    /// the M messages it missed (`subscribe` with `since`).
+    Recover(recover::Args),
     /// No server: the kernel's own cost and latency of a fan-out over
     /// loopback TCP (one send per subscriber), a floor for any server.
     Floor(floor::Args),
@@ -135,6 +139,7 @@ fn main() -> ExitCode {
         Cmd::Fanout(a) => ("fanout", a.command()),
         Cmd::Conns(a) => ("conns", a.command()),
         Cmd::Churn(a) => ("churn", a.command()),
+        Cmd::Recover(a) => ("recover", a.command()),
         Cmd::Floor(a) => {
             return match floor::run(a, c.label.clone()) {
                 Ok(r) => {
@@ -290,6 +295,10 @@ fn setup_and_run(c: Common, cmd: Cmd) -> anyhow::Result<(String, bool)> {
             a.check()?;
             a.time_limit()
         }
+        Cmd::Recover(a) => {
+            a.check()?;
+            a.time_limit()
+        }
         Cmd::Floor(_) | Cmd::Webhook(_) | Cmd::Summarize { .. } => unreachable!(),
     };
     procstat::raise_nofile();
@@ -336,6 +345,10 @@ fn setup_and_run(c: Common, cmd: Cmd) -> anyhow::Result<(String, bool)> {
             }
             Cmd::Churn(a) => {
                 let r = churn::run(ctx, a, label).await?;
+                Ok((out(json, &r, r.table()), r.outcome.ok))
+            }
+            Cmd::Recover(a) => {
+                let r = recover::run(ctx, a, label).await?;
                 Ok((out(json, &r, r.table()), r.outcome.ok))
             }
             Cmd::Floor(_) | Cmd::Webhook(_) | Cmd::Summarize { .. } => unreachable!(),
