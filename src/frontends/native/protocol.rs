@@ -626,6 +626,18 @@ pub fn subscribed_at(
     frame::text(&out)
 }
 
+/// `{"op":"subscribed","channel":..,"id":..,"recovered":false}`: `since`
+/// on a channel without history (no epoch or offset to give).
+pub fn subscribed_unrecovered(channel: &str, id: Option<&str>) -> Bytes {
+    let mut out = Vec::with_capacity(64 + channel.len());
+    out.extend_from_slice(br#"{"op":"subscribed","channel":""#);
+    out.extend_from_slice(channel.as_bytes());
+    out.push(b'"');
+    push_id(&mut out, id);
+    out.extend_from_slice(br#","recovered":false}"#);
+    frame::text(&out)
+}
+
 /// `{"op":"ack","id":..,"offset":N}`: a publish on a channel with history.
 pub fn ack_at(id: &str, offset: u64) -> Bytes {
     let mut out = Vec::with_capacity(48 + id.len());
@@ -871,6 +883,10 @@ mod tests {
         assert_eq!(
             payload(&ack_at("\"x\"", 3)),
             json!({"op":"ack","id":"x","offset":3})
+        );
+        assert_eq!(
+            payload(&subscribed_unrecovered("n", Some("2"))),
+            json!({"op":"subscribed","channel":"n","id":2,"recovered":false})
         );
         let msgs = vec![
             (8, message_frame_at("n", 8, "1")),

@@ -320,15 +320,7 @@ fn apply(
             Some(keep) => return join(cx, channel, id, keep, extra.since),
             None => match core.subscribe(cx.key, channel) {
                 // protocol.md 1.1: `since` on a channel without history.
-                Ok(()) if extra.since.is_some() => protocol::subscribed_at(
-                    channel,
-                    id,
-                    Position {
-                        epoch: "",
-                        offset: 0,
-                    },
-                    Some(false),
-                ),
+                Ok(()) if extra.since.is_some() => protocol::subscribed_unrecovered(channel, id),
                 Ok(()) => protocol::subscribed(channel, id),
                 Err(SubscribeError::TooMany(n)) => too_many(id, n),
             },
