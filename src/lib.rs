@@ -8,7 +8,8 @@
 //! bottom layer up, each importing only from those below it:
 //!
 //! - [`engine`]: channels, subscribers, the fan-out and the bus between
-//!   cores; it moves encoded frames and knows no protocol.
+//!   cores, each channel's order (its owner core) and history; it moves
+//!   encoded frames and knows no protocol.
 //! - [`transport`]: bytes on the wire: a connection's socket halves and
 //!   write batches ([`transport::tcp`]), HTTP/1.1 ([`transport::http1`]:
 //!   request heads, pending connections, the outgoing client) and
@@ -30,8 +31,10 @@
 //! The hot path: the [`session`] reads and decodes a frame, the front-end
 //! ([`frontends::native::session`]) applies a publish,
 //! [`engine::core::Core::publish`] hands the one encoded frame to the
-//! [`engine::bus`] and to [`engine::shard::Shard::deliver`], which queues
-//! a refcounted clone per subscriber; each subscriber's writer takes its
+//! channel's owner core, which orders it (and keeps it, with history) and
+//! hands it to the [`engine::bus`] and to
+//! [`engine::shard::Shard::deliver`], which queues a refcounted clone per
+//! subscriber; each subscriber's writer takes its
 //! queue in [`engine::shard::Shard::fill`] and writes it with one system
 //! call.
 
