@@ -93,6 +93,11 @@ pub struct Config {
     #[arg(long, env = "HISTORY", default_value = "", value_parser = parse_history)]
     pub history: crate::engine::history::Rules,
 
+    /// A directory where history is also kept on disk, so that it and its
+    /// epochs survive a restart.
+    #[arg(long, env = "HISTORY_DIR")]
+    pub history_dir: Option<std::path::PathBuf>,
+
     /// Most messages one recovery replays (and one history read returns).
     #[arg(long, env = "HISTORY_RECOVER_MAX", default_value_t = 1000, value_parser = parse_count)]
     pub history_recover_max: usize,

@@ -50,6 +50,11 @@ fn main() -> ExitCode {
         .init();
     match herald::runtime::run(config, loaded) {
         Ok(()) => ExitCode::SUCCESS,
+        // A HISTORY_DIR that cannot be used is a configuration mistake.
+        Err(e @ herald::runtime::ServerError::History(_)) => {
+            eprintln!("herald: {e}");
+            ExitCode::from(2)
+        }
         Err(e) => {
             eprintln!("herald: {e}");
             ExitCode::from(1)

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::engine::core::{Core, HistorySettings, Hub, NamespacedHistory};
+use crate::engine::history::{HistorySink, Restored};
 use crate::engine::message::{Encoder, Encoding};
 use crate::engine::shard::{Closes, Keepalive, Limits};
 use crate::integrations::authorizer::Authorizer;
@@ -32,6 +33,10 @@ pub struct Shared {
     pub shutdown: AtomicBool,
 }
 
+/// History kept on disk: where new messages go, and what was read back
+/// at start, by owner core.
+pub type StoredHistory = (Arc<dyn HistorySink>, Vec<Vec<Restored>>);
+
 impl Shared {
     /// Shared state whose engine serves `encoders` (the front-ends').
     pub fn new(config: Config, workers: usize, encoders: &'static [Encoder]) -> Arc<Shared> {
@@ -46,7 +51,7 @@ impl Shared {
         encoders: &'static [Encoder],
         metrics: Arc<Metrics>,
     ) -> Arc<Shared> {
-        Self::build(config, workers, encoders, None, metrics)
+        Self::build(config, workers, encoders, None, None, metrics)
     }
 
     /// The same, with the front-end namespaces' channels keeping history
@@ -56,8 +61,13 @@ impl Shared {
         workers: usize,
         encoders: &'static [Encoder],
         namespaced: Option<NamespacedHistory>,
+        disk: Option<StoredHistory>,
         metrics: Arc<Metrics>,
     ) -> Arc<Shared> {
+        let (sink, restored) = match disk {
+            Some((sink, restored)) => (Some(sink), restored),
+            None => (None, Vec::new()),
+        };
         Arc::new(Shared {
             auth: Authenticator::new(config.secret.as_deref(), config.jwt_leeway),
             hub: Arc::new(
@@ -69,6 +79,8 @@ impl Shared {
                     encoding: Encoding(0),
                     recover_max: config.history_recover_max,
                     idempotency_window_ms: config.idempotency_window.as_millis() as u64,
+                    sink,
+                    restored: std::sync::Mutex::new(restored),
                 }),
             ),
             metrics,

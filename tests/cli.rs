@@ -669,3 +669,36 @@ fn sub_says_when_a_restart_lost_the_history() {
     publish(&second, None, "feed", Some("2"), "");
     assert_eq!(sub.next_line(), "feed\t2");
 }
+
+#[test]
+fn sub_misses_nothing_across_a_restart_with_history_dir() {
+    let dir = std::env::temp_dir().join(format!("herald-cli-history-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let dir_s = dir.to_str().unwrap().to_string();
+    let env = [("HISTORY", "feed=100/1h"), ("HISTORY_DIR", dir_s.as_str())];
+    let mut first = Server::start(&env);
+    let port = first.addr.port().to_string();
+    let mut sub = Sub::start(&first, None, &["feed"]);
+    sub.wait_stderr("connected to");
+    publish(&first, None, "feed", Some("1"), "");
+    assert_eq!(sub.next_line(), "feed\t1");
+    first.signal(libc::SIGTERM);
+    first.wait_exit(TIMEOUT);
+    sub.wait_stderr("connection lost");
+    // Published as soon as the new server is up, before or after sub is
+    // back: printed once either way.
+    let second = Server::start(&[env[0], env[1], ("PORT", &port)]);
+    publish(&second, None, "feed", Some("2"), "");
+    sub.wait_stderr("reconnected to");
+    publish(&second, None, "feed", Some("3"), "");
+    assert_eq!(sub.next_line(), "feed\t2");
+    assert_eq!(sub.next_line(), "feed\t3");
+    sub.signal(libc::SIGTERM);
+    let (status, stderr) = sub.wait_exit();
+    assert_eq!(status.code(), Some(0), "{stderr:?}");
+    assert!(
+        stderr.iter().all(|l| !l.contains("could not be recovered")),
+        "{stderr:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

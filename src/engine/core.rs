@@ -24,7 +24,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::bus::Bus;
-use super::history::{Idempotency, Keep, Outcome, Rules, Since, Store, Stream};
+use super::history::{
+    HistorySink, Idempotency, Keep, Outcome, Restored, Rules, Since, Store, Stream,
+};
 use super::interest::Interest;
 use super::message::{Encoder, Encoding, Message};
 use super::shard::{Limits, Shard, SubscribeError};
@@ -84,6 +86,10 @@ pub struct HistorySettings {
     pub recover_max: usize,
     /// How long an idempotency key is remembered, in milliseconds.
     pub idempotency_window_ms: u64,
+    /// Where kept messages are also written (`HISTORY_DIR`).
+    pub sink: Option<Arc<dyn HistorySink>>,
+    /// History read back at start, by owner core; each core takes its own.
+    pub restored: std::sync::Mutex<Vec<Vec<Restored>>>,
 }
 
 impl Default for HistorySettings {
@@ -94,6 +100,8 @@ impl Default for HistorySettings {
             encoding: Encoding(0),
             recover_max: 1000,
             idempotency_window_ms: 300_000,
+            sink: None,
+            restored: Default::default(),
         }
     }
 }
@@ -144,9 +152,7 @@ impl Hub {
 
     /// The core that sequences the channel with routing hash `hash`.
     pub fn owner(&self, hash: u64) -> usize {
-        // The middle bits: tables use the low ones, the interest map's
-        // locks the top ones.
-        ((((hash >> 16) & 0xffff_ffff) * self.cores as u64) >> 32) as usize
+        owner_of(hash, self.cores)
     }
 
     /// What `channel` (its name, in `namespace`) keeps, if anything.
@@ -159,6 +165,14 @@ impl Hub {
         }
         self.history.rules.keep(channel)
     }
+}
+
+/// The core of `cores` that sequences the channel with routing hash
+/// `hash`.
+pub fn owner_of(hash: u64, cores: usize) -> usize {
+    // The middle bits: tables use the low ones, the interest map's locks
+    // the top ones.
+    ((((hash >> 16) & 0xffff_ffff) * cores as u64) >> 32) as usize
 }
 
 /// One reactor's engine.
@@ -174,14 +188,28 @@ pub struct Core {
 
 impl Core {
     pub fn new(id: usize, hub: Arc<Hub>, limits: Limits, stats: Arc<CoreStats>) -> Core {
-        Core {
+        let now = (limits.clock)();
+        let mut store = Store::default();
+        let restored = hub
+            .history
+            .restored
+            .lock()
+            .ok()
+            .and_then(|mut r| r.get_mut(id).map(std::mem::take))
+            .unwrap_or_default();
+        for r in restored {
+            store.restore(r, now);
+        }
+        let core = Core {
             id,
             shard: RefCell::new(Shard::new(id, limits, stats.clone(), hub.encoders)),
             stats,
             hub,
-            history: RefCell::new(Store::default()),
+            history: RefCell::new(store),
             idempotency: RefCell::new(Idempotency::default()),
-        }
+        };
+        core.history_gauges(&core.history.borrow());
+        core
     }
 
     /// Subscribes connection `key` to routing key `channel` (the interest
@@ -307,11 +335,27 @@ impl Core {
             };
             let m = Arc::get_mut(&mut msg).expect("a message is not shared before it is sequenced");
             let mut store = self.history.borrow_mut();
+            // Herald's own channels only (a cache channel is in memory).
+            let sink = self
+                .hub
+                .history
+                .sink
+                .as_deref()
+                .filter(|_| m.namespace() == 0);
+            if let Some(sink) = sink {
+                // Its stored history could not be written: a new epoch.
+                if m.with_key(|ch| sink.lost(ch)) {
+                    m.with_key(|ch| store.restart(ch, keep, now));
+                }
+            }
             let next = m.with_key(|ch| store.stream(ch, keep, now).top + 1);
             m.set_offset(next, carried_by);
             let frame = m.frame_for(encoding, self.hub.encoders).unwrap_or_default();
-            let pos = m.with_key(|ch| store.append(ch, keep, frame, now));
+            let pos = m.with_key(|ch| store.append(ch, keep, frame.clone(), now));
             debug_assert_eq!(pos.1, next);
+            if let Some(sink) = sink {
+                m.with_key(|ch| sink.append(ch, &pos.0, pos.1, keep, &frame));
+            }
             self.history_gauges(&store);
             pos
         });

@@ -275,6 +275,45 @@ impl Store {
         s
     }
 
+    /// Puts back a channel's history read at start.
+    pub fn restore(&mut self, r: Restored, now: u64) {
+        let len = r.entries.len();
+        let bytes: usize = r.entries.iter().map(|e| e.1.len()).sum();
+        let oldest = r.entries.first().map(|e| e.0);
+        let stream = Stream {
+            epoch: r.epoch,
+            top: r.top,
+            keep: r.keep,
+            entries: r.entries.into(),
+            last_ms: now,
+            due: None,
+        };
+        if let Some(old) = self.streams.insert(r.key.clone(), stream) {
+            self.frames -= old.entries.len();
+            self.bytes -= old.entries.iter().map(|e| e.1.len()).sum::<usize>();
+        }
+        self.frames += len;
+        self.bytes += bytes;
+        let at = match oldest {
+            Some(at) => at.saturating_add(r.keep.ttl_ms),
+            None => now.saturating_add(META_TTL_MS),
+        };
+        if let Some(s) = self.streams.get_mut(&r.key) {
+            s.due = Some(at);
+        }
+        self.due.push(Reverse((at, r.key)));
+    }
+
+    /// Starts `key`'s history again under a new epoch (what was kept is
+    /// no longer an unbroken run).
+    pub fn restart(&mut self, key: &str, keep: Keep, now: u64) {
+        if let Some(old) = self.streams.remove(key) {
+            self.frames -= old.entries.len();
+            self.bytes -= old.entries.iter().map(|e| e.1.len()).sum::<usize>();
+        }
+        self.streams.insert(key.into(), Stream::new(keep, now));
+    }
+
     /// A stream if the channel has one (no epoch is created).
     pub fn get(&mut self, key: &str, now: u64) -> Option<&Stream> {
         let s = self.streams.get_mut(key)?;
@@ -352,6 +391,29 @@ impl Store {
     pub fn channels(&self) -> usize {
         self.streams.len()
     }
+}
+
+/// Where kept history goes besides memory (`HISTORY_DIR`): told of every
+/// message a channel keeps, by the channel's owner core, which must never
+/// wait on it.
+pub trait HistorySink: Send + Sync {
+    /// `frame` is message `offset` of `key`'s epoch `epoch`, sent now; the
+    /// channel keeps `keep`.
+    fn append(&self, key: &str, epoch: &Arc<str>, offset: u64, keep: Keep, frame: &Bytes);
+    /// Could `key`'s stored history not be written? Its epoch must then
+    /// change (what is on disk is no longer the unbroken history).
+    fn lost(&self, key: &str) -> bool;
+}
+
+/// A channel's history read back at start, for its owner core's store.
+#[derive(Debug)]
+pub struct Restored {
+    pub key: Box<str>,
+    pub epoch: Arc<str>,
+    pub top: u64,
+    pub keep: Keep,
+    /// (time on the store's clock, frame) of offsets `top - len + 1 ..= top`.
+    pub entries: Vec<(u64, Bytes)>,
 }
 
 /// A message's place: its channel's epoch and its offset.
@@ -500,6 +562,39 @@ mod tests {
         let (e2, off) = s.append("c", k, Bytes::from_static(b"c"), 600 + META_TTL_MS);
         assert_eq!(off, 1);
         assert_ne!(e2, e1, "a new epoch");
+    }
+
+    #[test]
+    fn restored_history_continues_and_a_restart_changes_the_epoch() {
+        let mut s = Store::default();
+        let k = keep(10, 1000);
+        s.restore(
+            Restored {
+                key: "c".into(),
+                epoch: "e1".into(),
+                top: 7,
+                keep: k,
+                entries: vec![
+                    (100, Bytes::from_static(b"6")),
+                    (200, Bytes::from_static(b"7")),
+                ],
+            },
+            300,
+        );
+        assert_eq!((s.frames, s.bytes), (2, 2));
+        let (e, off) = s.append("c", k, Bytes::from_static(b"8"), 400);
+        assert_eq!((&*e, off), ("e1", 8), "offsets continue in the same epoch");
+        assert_eq!(s.get("c", 400).unwrap().after(5, 10).unwrap().len(), 3);
+        assert_eq!(
+            s.prune(1100),
+            1,
+            "restored entries expire on their own times"
+        );
+        s.restart("c", k, 1200);
+        let (e, off) = s.append("c", k, Bytes::from_static(b"x"), 1200);
+        assert_ne!(&*e, "e1");
+        assert_eq!(off, 1);
+        assert_eq!(s.frames, 1);
     }
 
     #[test]

@@ -88,6 +88,9 @@ pub struct Metrics {
     outgoing: Family<Labels, Histogram, fn() -> Histogram>,
     webhooks: Family<Labels, Counter>,
     webhook_drops: Family<Labels, Counter>,
+    /// HISTORY_DIR: messages committed, and messages that could not be.
+    pub history_disk_written: Counter,
+    pub history_disk_dropped: Counter,
 }
 
 /// Buckets for outgoing HTTP request durations, 1 ms to 10 s.
@@ -128,6 +131,18 @@ impl Metrics {
             cores: cores.clone(),
             apps: app_ids.iter().map(|a| a.to_string()).collect(),
         }));
+        let history_disk_written = Counter::default();
+        registry.register(
+            "history_disk_written",
+            "Messages written to HISTORY_DIR (committed)",
+            history_disk_written.clone(),
+        );
+        let history_disk_dropped = Counter::default();
+        registry.register(
+            "history_disk_dropped",
+            "Messages that could not be written to HISTORY_DIR (queue full, disk full); their channels start new epochs",
+            history_disk_dropped.clone(),
+        );
         let rejected = Family::<Labels, Counter>::default();
         registry.register(
             "rejected_upgrades",
@@ -192,6 +207,8 @@ impl Metrics {
             outgoing,
             webhooks,
             webhook_drops,
+            history_disk_written,
+            history_disk_dropped,
         }
     }
 

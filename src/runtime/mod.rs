@@ -26,7 +26,11 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::clock;
 use crate::config::{Config, IoDriver};
+use crate::engine::core::owner_of;
+use crate::engine::history::HistorySink;
+use crate::engine::message::route_hash;
 use crate::frontends::{FrontEnds, Loaded};
+use crate::integrations::history_disk::HistoryDisk;
 use crate::integrations::metrics::Metrics;
 use crate::worker::{Shared, Worker};
 use router::{Endpoints, Site};
@@ -49,6 +53,8 @@ pub enum ServerError {
     Signals(io::Error),
     #[error("worker {0} stopped unexpectedly: {1}")]
     WorkerFailed(usize, String),
+    #[error(transparent)]
+    History(#[from] crate::integrations::history_disk::DiskError),
 }
 
 enum Event {
@@ -89,11 +95,28 @@ pub fn run(config: Config, loaded: impl Into<Loaded>) -> Result<(), ServerError>
     let ids: Vec<&str> = loaded.apps.iter().map(|a| a.id.as_str()).collect();
     let metrics = Arc::new(Metrics::with_apps(workers, &ids));
     let frontends = Arc::new(FrontEnds::new(&config, loaded, &metrics));
+    let disk = match &config.history_dir {
+        Some(dir) => {
+            let (disk, restored) = HistoryDisk::open(
+                dir,
+                &config.history,
+                clock::now_ms(),
+                workers,
+                |key| owner_of(route_hash(key), workers),
+                &metrics,
+            )
+            .map_err(ServerError::History)?;
+            Some((disk, restored))
+        }
+        None => None,
+    };
+    let history_disk = disk.as_ref().map(|d| d.0.clone());
     let shared = Shared::build(
         config,
         workers,
         crate::frontends::ENCODERS,
         Some(crate::frontends::NAMESPACED_HISTORY),
+        disk.map(|(d, r)| (d as Arc<dyn HistorySink>, r)),
         metrics,
     );
     let uring = match shared.config.io_driver {
@@ -214,6 +237,13 @@ pub fn run(config: Config, loaded: impl Into<Loaded>) -> Result<(), ServerError>
     if running == 0 {
         for t in threads {
             let _ = t.join();
+        }
+    }
+    // Every core has stopped sequencing: write what is queued and mark the
+    // history clean, so the next start continues its epochs.
+    if let Some(disk) = history_disk {
+        if running == 0 {
+            disk.stop(shutdown_timeout.max(Duration::from_secs(1)));
         }
     }
     match failure {

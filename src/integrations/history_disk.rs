@@ -1,0 +1,390 @@
+//! History on disk (`HISTORY_DIR`): every message a channel keeps is also
+//! written to a redb database (`history.redb` in that directory), so that
+//! a restart continues each channel's epoch and offsets.
+//!
+//! The owner cores never wait on the disk: they hand each kept message to
+//! a bounded queue ([`HistoryDisk::append`]); one storage thread takes
+//! what gathered and commits it in one transaction (a group commit, at
+//! most every [`GROUP_COMMIT`]), pruning what falls out of each channel's
+//! size. A message that cannot be queued or written (the queue is full,
+//! the disk is full) is counted and logged once, and its channel starts a
+//! new epoch on its next message ([`HistorySink::lost`]): clients are told
+//! `recovered:false` rather than given a gap.
+//!
+//! At start ([`HistoryDisk::open`]) the database is read back. After a
+//! clean stop (the storage thread flushed everything and marked the file
+//! clean) each channel continues its epoch; after a crash (`kill -9`,
+//! power loss) the last group commit's messages may be missing while
+//! clients saw them, so every channel starts a new epoch and what was kept
+//! is dropped.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use redb::{Database, ReadableTable, TableDefinition};
+
+use prometheus_client::metrics::counter::Counter;
+
+use super::metrics::Metrics;
+use crate::engine::history::{HistorySink, Keep, Restored, Rules};
+
+/// The longest a kept message waits before it is committed.
+pub const GROUP_COMMIT: Duration = Duration::from_millis(20);
+
+/// Messages waiting for the storage thread before new ones are dropped
+/// (and their channels start new epochs).
+const QUEUE: usize = 65_536;
+
+/// channel -> (epoch, top offset).
+const CHANNELS: TableDefinition<&str, (&str, u64)> = TableDefinition::new("channels");
+/// (channel, offset) -> (Unix ms, frame).
+const MESSAGES: TableDefinition<(&str, u64), (u64, &[u8])> = TableDefinition::new("messages");
+/// "clean" -> 1 when the last run stopped cleanly.
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// Why `HISTORY_DIR` cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("HISTORY_DIR {0}: {1}")]
+    Dir(PathBuf, std::io::Error),
+    #[error("HISTORY_DIR {0}: {1}")]
+    Db(PathBuf, String),
+}
+
+struct Append {
+    key: Box<str>,
+    epoch: Arc<str>,
+    offset: u64,
+    unix_ms: u64,
+    keep: Keep,
+    frame: Bytes,
+}
+
+enum Op {
+    Append(Append),
+    /// Flush everything, mark the file clean, stop.
+    Stop(Sender<()>),
+}
+
+/// What the cores share with the storage thread.
+struct Shared {
+    /// Channels whose history could not be written.
+    lost: Mutex<HashSet<Box<str>>>,
+    any_lost: AtomicBool,
+    /// Messages that could not be stored (queue full, write failed).
+    dropped: Counter,
+    /// Messages committed.
+    written: Counter,
+    warned: AtomicBool,
+}
+
+impl Shared {
+    fn lose(&self, key: &str, why: &str) {
+        self.dropped.inc();
+        if let Ok(mut l) = self.lost.lock() {
+            l.insert(key.into());
+        }
+        self.any_lost.store(true, Ordering::Release);
+        if !self.warned.swap(true, Ordering::Relaxed) {
+            tracing::error!(
+                "history could not be written to HISTORY_DIR ({why}); live delivery goes on, \
+                 the affected channels start new epochs (logged once)"
+            );
+        }
+    }
+}
+
+/// The storage side of `HISTORY_DIR`.
+pub struct HistoryDisk {
+    tx: Sender<Op>,
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl HistorySink for HistoryDisk {
+    fn append(&self, key: &str, epoch: &Arc<str>, offset: u64, keep: Keep, frame: &Bytes) {
+        let op = Op::Append(Append {
+            key: key.into(),
+            epoch: epoch.clone(),
+            offset,
+            unix_ms: crate::clock::unix_ms(),
+            keep,
+            frame: frame.clone(),
+        });
+        match self.tx.try_send(op) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => self.shared.lose(key, "the storage queue is full"),
+            Err(TrySendError::Disconnected(_)) => {
+                self.shared.lose(key, "the storage thread stopped")
+            }
+        }
+    }
+
+    fn lost(&self, key: &str) -> bool {
+        if !self.shared.any_lost.load(Ordering::Acquire) {
+            return false;
+        }
+        let Ok(mut l) = self.shared.lost.lock() else {
+            return false;
+        };
+        let was = l.remove(key);
+        if l.is_empty() {
+            self.shared.any_lost.store(false, Ordering::Release);
+        }
+        was
+    }
+}
+
+fn db_err(dir: &Path, e: impl std::fmt::Display) -> DiskError {
+    DiskError::Db(dir.to_path_buf(), e.to_string())
+}
+
+impl HistoryDisk {
+    /// Opens (or creates) the database in `dir`, reads back what the
+    /// channels `rules` still cover, and starts the storage thread.
+    /// `now_ms` is the engine's clock; `owner` says which of `cores` owns
+    /// a routing key. Returns the history by owner core.
+    pub fn open(
+        dir: &Path,
+        rules: &Rules,
+        now_ms: u64,
+        cores: usize,
+        owner: impl Fn(&str) -> usize,
+        metrics: &Metrics,
+    ) -> Result<(Arc<HistoryDisk>, Vec<Vec<Restored>>), DiskError> {
+        std::fs::create_dir_all(dir).map_err(|e| DiskError::Dir(dir.to_path_buf(), e))?;
+        let db = Database::create(dir.join("history.redb")).map_err(|e| db_err(dir, e))?;
+        let unix_now = crate::clock::unix_ms();
+        let mut restored: Vec<Vec<Restored>> = (0..cores).map(|_| Vec::new()).collect();
+        // Read back, and mark the file as in use (not clean) before the
+        // first new message can be written.
+        let txn = db.begin_write().map_err(|e| db_err(dir, e))?;
+        {
+            let mut meta = txn.open_table(META).map_err(|e| db_err(dir, e))?;
+            let clean = meta
+                .get("clean")
+                .map_err(|e| db_err(dir, e))?
+                .is_some_and(|v| v.value() == 1);
+            let mut channels = txn.open_table(CHANNELS).map_err(|e| db_err(dir, e))?;
+            let mut messages = txn.open_table(MESSAGES).map_err(|e| db_err(dir, e))?;
+            let mut known: Vec<(String, String, u64)> = Vec::new();
+            for row in channels.iter().map_err(|e| db_err(dir, e))? {
+                let (k, v) = row.map_err(|e| db_err(dir, e))?;
+                let (epoch, top) = v.value();
+                known.push((k.value().to_string(), epoch.to_string(), top));
+            }
+            let mut kept = 0usize;
+            for (key, epoch, top) in known {
+                // Only namespace 0 (herald's own channels) is kept on disk.
+                let keep = match rules.keep(&key) {
+                    Some(k) if clean && !key.contains('#') => k,
+                    _ => {
+                        // No longer kept, or a crash: forget it.
+                        channels.remove(key.as_str()).map_err(|e| db_err(dir, e))?;
+                        messages
+                            .retain_in((key.as_str(), 0)..=(key.as_str(), u64::MAX), |_, _| false)
+                            .map_err(|e| db_err(dir, e))?;
+                        continue;
+                    }
+                };
+                let first = top.saturating_sub(keep.size as u64) + 1;
+                let oldest_unix = unix_now.saturating_sub(keep.ttl_ms);
+                let mut entries = Vec::new();
+                let range = messages
+                    .range((key.as_str(), first)..=(key.as_str(), top))
+                    .map_err(|e| db_err(dir, e))?;
+                for row in range {
+                    let (k, v) = row.map_err(|e| db_err(dir, e))?;
+                    let (unix_ms, frame) = v.value();
+                    let offset = k.value().1;
+                    // Entries must be contiguous up to the top: restart the
+                    // run at any hole.
+                    if entries.len() as u64 != offset - first {
+                        entries.clear();
+                    }
+                    let at = now_ms.saturating_sub(unix_now.saturating_sub(unix_ms));
+                    entries.push((offset, unix_ms, at, Bytes::copy_from_slice(frame)));
+                }
+                // Contiguous to the top, and not expired.
+                let contiguous = entries
+                    .iter()
+                    .rev()
+                    .enumerate()
+                    .take_while(|(i, e)| e.0 == top - *i as u64)
+                    .count();
+                let entries: Vec<(u64, Bytes)> = entries
+                    .split_off(entries.len() - contiguous)
+                    .into_iter()
+                    .filter(|e| e.1 > oldest_unix)
+                    .map(|e| (e.2, e.3))
+                    .collect();
+                kept += entries.len();
+                let restored_key: Box<str> = key.as_str().into();
+                restored[owner(&key) % cores].push(Restored {
+                    key: restored_key,
+                    epoch: epoch.into(),
+                    top,
+                    keep,
+                    entries,
+                });
+            }
+            meta.insert("clean", 0).map_err(|e| db_err(dir, e))?;
+            if !clean {
+                tracing::warn!(
+                    "HISTORY_DIR: the last run did not stop cleanly; every channel starts a new epoch"
+                );
+            }
+            tracing::info!(
+                channels = restored.iter().map(Vec::len).sum::<usize>(),
+                messages = kept,
+                "history read back from HISTORY_DIR"
+            );
+        }
+        txn.commit().map_err(|e| db_err(dir, e))?;
+        let (tx, rx) = crossbeam_channel::bounded(QUEUE);
+        let shared = Arc::new(Shared {
+            lost: Mutex::new(HashSet::new()),
+            any_lost: AtomicBool::new(false),
+            dropped: metrics.history_disk_dropped.clone(),
+            written: metrics.history_disk_written.clone(),
+            warned: AtomicBool::new(false),
+        });
+        let s2 = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("herald-history".into())
+            .spawn(move || writer(db, rx, s2))
+            .map_err(|e| DiskError::Dir(dir.to_path_buf(), e))?;
+        Ok((
+            Arc::new(HistoryDisk {
+                tx,
+                shared,
+                thread: Mutex::new(Some(thread)),
+            }),
+            restored,
+        ))
+    }
+
+    /// Writes what is queued, marks the database clean and stops the
+    /// storage thread (a graceful shutdown; within `timeout`).
+    pub fn stop(&self, timeout: Duration) {
+        let (done, wait) = crossbeam_channel::bounded(1);
+        if self.tx.send_timeout(Op::Stop(done), timeout).is_ok() {
+            let _ = wait.recv_timeout(timeout);
+        }
+        if let Some(t) = self.thread.lock().ok().and_then(|mut t| t.take()) {
+            let _ = t.join();
+        }
+    }
+
+    /// Messages committed to disk so far.
+    pub fn written(&self) -> u64 {
+        self.shared.written.get()
+    }
+
+    /// Messages that could not be stored.
+    pub fn dropped(&self) -> u64 {
+        self.shared.dropped.get()
+    }
+}
+
+/// The storage thread: group commits until told to stop.
+fn writer(db: Database, rx: Receiver<Op>, shared: Arc<Shared>) {
+    let mut batch: Vec<Append> = Vec::new();
+    loop {
+        let first = match rx.recv() {
+            Ok(op) => op,
+            Err(_) => return,
+        };
+        let mut stop = None;
+        match first {
+            Op::Append(a) => batch.push(a),
+            Op::Stop(done) => stop = Some(done),
+        }
+        // Gather what arrives within the group-commit interval.
+        let until = Instant::now() + GROUP_COMMIT;
+        while stop.is_none() && batch.len() < QUEUE {
+            match rx.recv_deadline(until) {
+                Ok(Op::Append(a)) => batch.push(a),
+                Ok(Op::Stop(done)) => stop = Some(done),
+                Err(_) => break,
+            }
+        }
+        if let Some(done) = &stop {
+            // Everything queued before the stop.
+            while let Ok(op) = rx.try_recv() {
+                if let Op::Append(a) = op {
+                    batch.push(a);
+                }
+            }
+            let _ = done;
+        }
+        if !batch.is_empty() {
+            match commit(&db, &batch) {
+                Ok(()) => {
+                    shared.written.inc_by(batch.len() as u64);
+                }
+                Err(e) => {
+                    for a in &batch {
+                        shared.lose(&a.key, &e);
+                    }
+                }
+            }
+            batch.clear();
+        }
+        if let Some(done) = stop {
+            if let Err(e) = mark_clean(&db) {
+                tracing::error!("HISTORY_DIR: could not mark the history clean: {e}");
+            }
+            let _ = done.send(());
+            return;
+        }
+    }
+}
+
+/// One transaction: every message of the batch, each channel's epoch and
+/// top, and what fell out of each channel's size.
+fn commit(db: &Database, batch: &[Append]) -> Result<(), String> {
+    let txn = db.begin_write().map_err(|e| e.to_string())?;
+    {
+        let mut channels = txn.open_table(CHANNELS).map_err(|e| e.to_string())?;
+        let mut messages = txn.open_table(MESSAGES).map_err(|e| e.to_string())?;
+        for a in batch {
+            let key = &*a.key;
+            let stored_epoch = channels
+                .get(key)
+                .map_err(|e| e.to_string())?
+                .map(|v| v.value().0.to_string());
+            if stored_epoch.as_deref() != Some(&*a.epoch) {
+                // A new epoch: what was stored is another run.
+                messages
+                    .retain_in((key, 0)..=(key, u64::MAX), |_, _| false)
+                    .map_err(|e| e.to_string())?;
+            }
+            messages
+                .insert((key, a.offset), (a.unix_ms, &a.frame[..]))
+                .map_err(|e| e.to_string())?;
+            channels
+                .insert(key, (&*a.epoch, a.offset))
+                .map_err(|e| e.to_string())?;
+            if let Some(gone) = a.offset.checked_sub(a.keep.size as u64) {
+                messages.remove((key, gone)).map_err(|e| e.to_string())?;
+            }
+        }
+    }
+    txn.commit().map_err(|e| e.to_string())
+}
+
+fn mark_clean(db: &Database) -> Result<(), String> {
+    let txn = db.begin_write().map_err(|e| e.to_string())?;
+    {
+        let mut meta = txn.open_table(META).map_err(|e| e.to_string())?;
+        meta.insert("clean", 1).map_err(|e| e.to_string())?;
+    }
+    txn.commit().map_err(|e| e.to_string())
+}
