@@ -18,7 +18,7 @@
 //! clients saw them, so every channel starts a new epoch and what was kept
 //! is dropped.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -348,19 +348,25 @@ fn writer(db: Database, rx: Receiver<Op>, shared: Arc<Shared>) {
 }
 
 /// One transaction: every message of the batch, each channel's epoch and
-/// top, and what fell out of each channel's size.
+/// top (written once per channel), and what fell out of each channel's
+/// size.
 fn commit(db: &Database, batch: &[Append]) -> Result<(), String> {
     let txn = db.begin_write().map_err(|e| e.to_string())?;
     {
         let mut channels = txn.open_table(CHANNELS).map_err(|e| e.to_string())?;
         let mut messages = txn.open_table(MESSAGES).map_err(|e| e.to_string())?;
+        // Per channel: the epoch its stored messages belong to, and its top.
+        let mut seen: HashMap<&str, (&Arc<str>, u64)> = HashMap::new();
         for a in batch {
             let key = &*a.key;
-            let stored_epoch = channels
-                .get(key)
-                .map_err(|e| e.to_string())?
-                .map(|v| v.value().0.to_string());
-            if stored_epoch.as_deref() != Some(&*a.epoch) {
+            let same_epoch = match seen.get(key) {
+                Some((epoch, _)) => **epoch == a.epoch,
+                None => channels
+                    .get(key)
+                    .map_err(|e| e.to_string())?
+                    .is_some_and(|v| v.value().0 == &*a.epoch),
+            };
+            if !same_epoch {
                 // A new epoch: what was stored is another run.
                 messages
                     .retain_in((key, 0)..=(key, u64::MAX), |_, _| false)
@@ -369,12 +375,15 @@ fn commit(db: &Database, batch: &[Append]) -> Result<(), String> {
             messages
                 .insert((key, a.offset), (a.unix_ms, &a.frame[..]))
                 .map_err(|e| e.to_string())?;
-            channels
-                .insert(key, (&*a.epoch, a.offset))
-                .map_err(|e| e.to_string())?;
             if let Some(gone) = a.offset.checked_sub(a.keep.size as u64) {
                 messages.remove((key, gone)).map_err(|e| e.to_string())?;
             }
+            seen.insert(key, (&a.epoch, a.offset));
+        }
+        for (key, (epoch, top)) in seen {
+            channels
+                .insert(key, (&**epoch, top))
+                .map_err(|e| e.to_string())?;
         }
     }
     txn.commit().map_err(|e| e.to_string())
