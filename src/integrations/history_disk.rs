@@ -32,10 +32,13 @@ use redb::{Database, ReadableTable, TableDefinition};
 use prometheus_client::metrics::counter::Counter;
 
 use super::metrics::Metrics;
-use crate::engine::history::{HistorySink, Keep, Restored, Rules};
+use crate::engine::history::{HistorySink, Keep, Restored, Rules, META_TTL_MS};
 
 /// The longest a kept message waits before it is committed.
 pub const GROUP_COMMIT: Duration = Duration::from_millis(20);
+
+/// How often the storage thread drops what expired from the disk.
+pub const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 /// Messages waiting for the storage thread before new ones are dropped
 /// (and their channels start new epochs).
@@ -256,9 +259,10 @@ impl HistoryDisk {
             warned: AtomicBool::new(false),
         });
         let s2 = shared.clone();
+        let rules = rules.clone();
         let thread = std::thread::Builder::new()
             .name("herald-history".into())
-            .spawn(move || writer(db, rx, s2))
+            .spawn(move || writer(db, rx, s2, rules))
             .map_err(|e| DiskError::Dir(dir.to_path_buf(), e))?;
         Ok((
             Arc::new(HistoryDisk {
@@ -293,13 +297,22 @@ impl HistoryDisk {
     }
 }
 
-/// The storage thread: group commits until told to stop.
-fn writer(db: Database, rx: Receiver<Op>, shared: Arc<Shared>) {
+/// The storage thread: group commits until told to stop, and every
+/// [`PRUNE_EVERY`] a prune of what expired.
+fn writer(db: Database, rx: Receiver<Op>, shared: Arc<Shared>, rules: Rules) {
     let mut batch: Vec<Append> = Vec::new();
+    let mut next_prune = Instant::now() + PRUNE_EVERY;
     loop {
-        let first = match rx.recv() {
+        if Instant::now() >= next_prune {
+            if let Err(e) = prune(&db, &rules, crate::clock::unix_ms()) {
+                tracing::warn!("HISTORY_DIR: pruning failed: {e}");
+            }
+            next_prune = Instant::now() + PRUNE_EVERY;
+        }
+        let first = match rx.recv_deadline(next_prune) {
             Ok(op) => op,
-            Err(_) => return,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
         };
         let mut stop = None;
         match first {
@@ -389,6 +402,63 @@ fn commit(db: &Database, batch: &[Append]) -> Result<(), String> {
     txn.commit().map_err(|e| e.to_string())
 }
 
+/// Drops from the disk what the channels no longer keep: messages older
+/// than their time to live (oldest first, stopping at the first still
+/// young), and channels no `HISTORY` pattern covers any more or left
+/// without messages for [`META_TTL_MS`]. Returns the messages dropped.
+fn prune(db: &Database, rules: &Rules, unix_now: u64) -> Result<usize, String> {
+    let txn = db.begin_write().map_err(|e| e.to_string())?;
+    let mut dropped = 0;
+    {
+        let mut channels = txn.open_table(CHANNELS).map_err(|e| e.to_string())?;
+        let mut messages = txn.open_table(MESSAGES).map_err(|e| e.to_string())?;
+        let keys: Vec<String> = channels
+            .iter()
+            .map_err(|e| e.to_string())?
+            .filter_map(|r| r.ok().map(|(k, _)| k.value().to_string()))
+            .collect();
+        for key in keys {
+            let k = key.as_str();
+            let Some(keep) = rules.keep(k) else {
+                channels.remove(k).map_err(|e| e.to_string())?;
+                messages
+                    .retain_in((k, 0)..=(k, u64::MAX), |_, _| {
+                        dropped += 1;
+                        false
+                    })
+                    .map_err(|e| e.to_string())?;
+                continue;
+            };
+            let oldest = unix_now.saturating_sub(keep.ttl_ms);
+            let mut expired = Vec::new();
+            let mut newest_unix = None;
+            for row in messages
+                .range((k, 0)..=(k, u64::MAX))
+                .map_err(|e| e.to_string())?
+            {
+                let (id, v) = row.map_err(|e| e.to_string())?;
+                let unix_ms = v.value().0;
+                newest_unix = Some(unix_ms);
+                if unix_ms > oldest {
+                    break;
+                }
+                expired.push(id.value().1);
+            }
+            for offset in &expired {
+                messages.remove((k, *offset)).map_err(|e| e.to_string())?;
+            }
+            dropped += expired.len();
+            let empty = newest_unix.is_none_or(|u| u <= oldest);
+            let last = newest_unix.unwrap_or(0);
+            if empty && last.saturating_add(META_TTL_MS) <= unix_now {
+                channels.remove(k).map_err(|e| e.to_string())?;
+            }
+        }
+    }
+    txn.commit().map_err(|e| e.to_string())?;
+    Ok(dropped)
+}
+
 fn mark_clean(db: &Database) -> Result<(), String> {
     let txn = db.begin_write().map_err(|e| e.to_string())?;
     {
@@ -396,4 +466,67 @@ fn mark_clean(db: &Database) -> Result<(), String> {
         meta.insert("clean", 1).map_err(|e| e.to_string())?;
     }
     txn.commit().map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn append(key: &str, epoch: &Arc<str>, offset: u64, unix_ms: u64) -> Append {
+        Append {
+            key: key.into(),
+            epoch: epoch.clone(),
+            offset,
+            unix_ms,
+            keep: Keep {
+                size: 100,
+                ttl_ms: 1000,
+            },
+            frame: Bytes::from(format!("m{offset}")),
+        }
+    }
+
+    fn offsets(db: &Database, key: &str) -> Vec<u64> {
+        let txn = db.begin_read().unwrap();
+        let t = txn.open_table(MESSAGES).unwrap();
+        t.range((key, 0)..=(key, u64::MAX))
+            .unwrap()
+            .map(|r| r.unwrap().0.value().1)
+            .collect()
+    }
+
+    #[test]
+    fn commits_and_prunes_by_age_and_by_rule() {
+        let dir = std::env::temp_dir().join(format!("herald-disk-unit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = Database::create(dir.join("h.redb")).unwrap();
+        let e: Arc<str> = "e1".into();
+        let batch: Vec<Append> = (1..=4).map(|i| append("news", &e, i, 1000 * i)).collect();
+        let mut batch = batch;
+        batch.push(append("gone", &e, 1, 1000));
+        commit(&db, &batch).unwrap();
+        assert_eq!(offsets(&db, "news"), vec![1, 2, 3, 4]);
+        let rules = Rules::parse("news=100/1s").unwrap();
+        // At 3,500 ms, messages sent at or before 2,500 ms are too old.
+        assert_eq!(prune(&db, &rules, 3500).unwrap(), 2 + 1);
+        assert_eq!(offsets(&db, "news"), vec![3, 4]);
+        assert!(
+            offsets(&db, "gone").is_empty(),
+            "no pattern covers it any more"
+        );
+        // A new epoch replaces what was stored.
+        let e2: Arc<str> = "e2".into();
+        commit(&db, &[append("news", &e2, 1, 5000)]).unwrap();
+        assert_eq!(offsets(&db, "news"), vec![1]);
+        // Long after its last message, the channel itself is forgotten.
+        assert_eq!(prune(&db, &rules, 5000 + META_TTL_MS + 2000).unwrap(), 1);
+        let txn = db.begin_read().unwrap();
+        let t = txn.open_table(CHANNELS).unwrap();
+        assert!(t.get("news").unwrap().is_none());
+        drop(t);
+        drop(txn);
+        drop(db);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
