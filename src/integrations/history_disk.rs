@@ -15,8 +15,8 @@
 //! clean stop (the storage thread flushed everything and marked the file
 //! clean) each channel continues its epoch; after a crash (`kill -9`,
 //! power loss) the last group commit's messages may be missing while
-//! clients saw them, so every channel starts a new epoch and what was kept
-//! is dropped.
+//! clients saw them, so every channel goes on with what reached the disk
+//! under a new epoch, numbered again from 1.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -32,7 +32,7 @@ use redb::{Database, ReadableTable, TableDefinition};
 use prometheus_client::metrics::counter::Counter;
 
 use super::metrics::Metrics;
-use crate::engine::history::{HistorySink, Keep, Restored, Rules, META_TTL_MS};
+use crate::engine::history::{new_epoch, HistorySink, Keep, Restored, Rules, META_TTL_MS};
 
 /// The longest a kept message waits before it is committed.
 pub const GROUP_COMMIT: Duration = Duration::from_millis(20);
@@ -50,6 +50,10 @@ const CHANNELS: TableDefinition<&str, (&str, u64)> = TableDefinition::new("chann
 const MESSAGES: TableDefinition<(&str, u64), (u64, &[u8])> = TableDefinition::new("messages");
 /// "clean" -> 1 when the last run stopped cleanly.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// Rebuilds a stored frame of channel `.0` with another offset (the
+/// front-end that built it knows its layout); `None`: the frame is dropped.
+pub type Reoffset = fn(&str, &[u8], u64) -> Option<Bytes>;
 
 /// Why `HISTORY_DIR` cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -159,6 +163,7 @@ impl HistoryDisk {
         now_ms: u64,
         cores: usize,
         owner: impl Fn(&str) -> usize,
+        reoffset: Reoffset,
         metrics: &Metrics,
     ) -> Result<(Arc<HistoryDisk>, Vec<Vec<Restored>>), DiskError> {
         std::fs::create_dir_all(dir).map_err(|e| DiskError::Dir(dir.to_path_buf(), e))?;
@@ -186,9 +191,9 @@ impl HistoryDisk {
             for (key, epoch, top) in known {
                 // Only namespace 0 (herald's own channels) is kept on disk.
                 let keep = match rules.keep(&key) {
-                    Some(k) if clean && !key.contains('#') => k,
+                    Some(k) if !key.contains('#') => k,
                     _ => {
-                        // No longer kept, or a crash: forget it.
+                        // No longer kept: forget it.
                         channels.remove(key.as_str()).map_err(|e| db_err(dir, e))?;
                         messages
                             .retain_in((key.as_str(), 0)..=(key.as_str(), u64::MAX), |_, _| false)
@@ -221,17 +226,48 @@ impl HistoryDisk {
                     .enumerate()
                     .take_while(|(i, e)| e.0 == top - *i as u64)
                     .count();
-                let entries: Vec<(u64, Bytes)> = entries
+                let alive: Vec<(u64, u64, u64, Bytes)> = entries
                     .split_off(entries.len() - contiguous)
                     .into_iter()
                     .filter(|e| e.1 > oldest_unix)
-                    .map(|e| (e.2, e.3))
                     .collect();
+                let (epoch, top, entries): (Arc<str>, u64, Vec<(u64, Bytes)>) = if clean {
+                    let entries = alive.into_iter().map(|e| (e.2, e.3)).collect();
+                    (epoch.into(), top, entries)
+                } else {
+                    // After a crash the last commit's messages may be
+                    // missing though clients saw them: what was kept goes on
+                    // as a new epoch, numbered again from 1 (each frame
+                    // rebuilt with its new offset), on disk too.
+                    let fresh = new_epoch();
+                    let mut renumbered: Vec<(u64, u64, Bytes)> = Vec::new();
+                    for (_, unix, at, frame) in alive {
+                        let n = renumbered.len() as u64 + 1;
+                        if let Some(f) = reoffset(&key, &frame, n) {
+                            renumbered.push((unix, at, f));
+                        }
+                    }
+                    let k = key.as_str();
+                    messages
+                        .retain_in((k, 0)..=(k, u64::MAX), |_, _| false)
+                        .map_err(|e| db_err(dir, e))?;
+                    for (i, (unix, _, f)) in renumbered.iter().enumerate() {
+                        messages
+                            .insert((k, i as u64 + 1), (*unix, &f[..]))
+                            .map_err(|e| db_err(dir, e))?;
+                    }
+                    let n = renumbered.len() as u64;
+                    channels
+                        .insert(k, (&*fresh, n))
+                        .map_err(|e| db_err(dir, e))?;
+                    let entries = renumbered.into_iter().map(|(_, at, f)| (at, f)).collect();
+                    (fresh, n, entries)
+                };
                 kept += entries.len();
                 let restored_key: Box<str> = key.as_str().into();
                 restored[owner(&key) % cores].push(Restored {
                     key: restored_key,
-                    epoch: epoch.into(),
+                    epoch,
                     top,
                     keep,
                     entries,
@@ -240,7 +276,8 @@ impl HistoryDisk {
             meta.insert("clean", 0).map_err(|e| db_err(dir, e))?;
             if !clean {
                 tracing::warn!(
-                    "HISTORY_DIR: the last run did not stop cleanly; every channel starts a new epoch"
+                    "HISTORY_DIR: the last run did not stop cleanly; every channel goes on with \
+                     what reached the disk, under a new epoch"
                 );
             }
             tracing::info!(

@@ -103,6 +103,7 @@ pub fn run(config: Config, loaded: impl Into<Loaded>) -> Result<(), ServerError>
                 clock::now_ms(),
                 workers,
                 |key| owner_of(route_hash(key), workers),
+                crate::frontends::native::protocol::reoffset,
                 &metrics,
             )
             .map_err(ServerError::History)?;

@@ -586,6 +586,20 @@ pub fn stored_data(frame: &[u8]) -> Option<StoredData<'_>> {
     }
 }
 
+/// A stored frame of `channel` with offset `offset` instead of its own
+/// (history kept through a crash is numbered again in a new epoch).
+pub fn reoffset(channel: &str, frame: &[u8], offset: u64) -> Option<Bytes> {
+    match stored_data(frame)? {
+        StoredData::Json(d) => Some(message_frame_at(
+            channel,
+            offset,
+            std::str::from_utf8(d).ok()?,
+        )),
+        // A binary frame carries no offset.
+        StoredData::Binary(_) => Some(Bytes::copy_from_slice(frame)),
+    }
+}
+
 /// A channel's position in its history, as replies show it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Position<'a> {
@@ -858,6 +872,11 @@ mod tests {
         let big = format!(r#""{}""#, r#","data":"#.repeat(40));
         let f = message_frame_at("n", 1, &big);
         assert_eq!(stored_data(&f), Some(StoredData::Json(big.as_bytes())));
+        let moved = reoffset("news", &message_frame_at("news", 42, r#"{"a":[1,2]}"#), 7).unwrap();
+        assert_eq!(
+            payload(&moved),
+            json!({"op":"message","channel":"news","offset":7,"data":{"a":[1,2]}})
+        );
         let plain = message_frame("n", "null");
         assert_eq!(stored_data(plain.frame()), Some(StoredData::Json(b"null")));
         let bin = binary_frame("n", &[0, 1, 2]);
