@@ -169,3 +169,70 @@ fn a_history_dir_that_cannot_be_used_stops_the_server_at_start() {
     assert!(log.contains("HISTORY_DIR"), "{log}");
     let _ = std::fs::remove_file(&dir.0);
 }
+
+/// A 1 MiB tmpfs, unmounted on drop.
+struct SmallDisk(TempDir);
+
+impl SmallDisk {
+    /// `None` where this process may not mount (not root, no
+    /// CAP_SYS_ADMIN).
+    fn mount() -> Option<SmallDisk> {
+        let dir = TempDir::new("full");
+        std::fs::create_dir_all(&dir.0).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs", dir.path()])
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(SmallDisk(dir))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+#[test]
+fn a_full_disk_is_counted_logged_once_and_live_delivery_goes_on() {
+    let Some(disk) = SmallDisk::mount() else {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let server = Server::start(&[
+        ("HISTORY", "news=100000/1h"),
+        ("HISTORY_DIR", disk.0.path()),
+    ]);
+    let mut sub = Client::connect(&server, "/ws");
+    sub.subscribe("news");
+    let pad = "x".repeat(4000);
+    let first_epoch = publish(&server, json!({"n": 0, "pad": pad})).0;
+    // 1 MiB fills within a few hundred of these.
+    let mut n = 0u64;
+    while server.metric("herald_history_disk_dropped_total") == 0.0 {
+        n += 1;
+        assert!(n < 3000, "the disk never filled");
+        publish(&server, json!({"n": n, "pad": pad}));
+    }
+    // Every message was delivered live, in order.
+    for i in 0..=n {
+        let m = sub.recv_json();
+        assert_eq!(m["data"]["n"], i, "live delivery went on");
+    }
+    // The channel's next message starts a new epoch.
+    let (epoch, offset) = publish(&server, json!({"n": "after"}));
+    assert_ne!(epoch, first_epoch, "a new epoch once the disk failed");
+    assert_eq!(offset, 1);
+    let (status, _) = http(server.addr, "GET", "/health", &[], b"");
+    assert_eq!(status, 200);
+    let log = server.log();
+    assert_eq!(
+        log.matches("history could not be written").count(),
+        1,
+        "logged once:\n{log}"
+    );
+    drop(sub);
+    drop(server);
+}
