@@ -10,20 +10,10 @@
 
 mod common;
 
-use common::{Client, Server};
+use common::{rss_bytes, Client, Server};
 
 /// Extra resident memory one more worker may cost before any connection.
 const PER_WORKER_MAX: f64 = 10.0 * 1048576.0;
-
-fn rss_bytes(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS");
-    kib * 1024.0
-}
 
 /// Resident memory of a fresh server with `workers` workers, once every
 /// worker has served a request (so each has started and allocated).

@@ -7,21 +7,11 @@
 
 mod common;
 
-use common::{wait_for, Client, Server};
+use common::{rss_bytes, wait_for, Client, Server};
 
 const STORM: usize = 5_000;
 /// "Within a few MiB of where it started".
 const LEFT_MAX: f64 = 4.0 * 1048576.0;
-
-fn rss_bytes(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS");
-    kib * 1024.0
-}
 
 /// Lets this test process hold the client side of every connection.
 fn raise_own_nofile() {

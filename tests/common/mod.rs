@@ -395,6 +395,17 @@ pub fn parse_response(raw: &[u8]) -> (u16, String) {
     (status, body)
 }
 
+/// A process's resident memory in bytes, from /proc/PID/status.
+pub fn rss_bytes(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    kib * 1024.0
+}
+
 /// Polls `cond` every 20 ms until it holds, failing after [`TIMEOUT`]. For
 /// conditions only observable by polling (metrics, /health).
 pub fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
