@@ -288,6 +288,9 @@ impl Shard {
     /// replies always come in the order of its requests. (Published
     /// messages do not wait: they are not replies.)
     pub fn reply(&mut self, key: usize, frame: Bytes) {
+        if self.replies.is_empty() {
+            return self.push(key, frame);
+        }
         match self.replies.get_mut(&key) {
             None => self.push(key, frame),
             Some(r) => {
