@@ -537,3 +537,54 @@ fn resubscribing_under_continuous_publishing_has_no_gap_and_no_duplicate() {
         assert!(last >= (ROUNDS * 3) as u64);
     }
 }
+
+#[test]
+fn subscribing_again_while_messages_flow_misses_nothing() {
+    let server = server_recovering(100_000);
+    let mut clients = clients_on_both_workers(&server, 3);
+    let mut publisher = clients.remove(0);
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let publishing = std::thread::spawn(move || {
+        let mut n = 0u64;
+        while !stop2.load(Ordering::Relaxed) && n < 1_000_000 {
+            n += 1;
+            publisher.send_json(json!({"op":"publish","channel":"live","data":n}));
+            if n % 16 == 0 {
+                publisher.sync();
+            }
+        }
+    });
+    let workers: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(k, mut c)| {
+            std::thread::spawn(move || {
+                let first = subscribe(&mut c, "live", None);
+                let mut last = first["offset"].as_u64().unwrap();
+                for round in 0..300 {
+                    // A plain subscribe again: the subscription stays, and
+                    // the reply's offset is the newest one sent before it.
+                    c.send_json(json!({"op":"subscribe","channel":"live","id":"again"}));
+                    loop {
+                        let v = next(&mut c, &format!("client {k} round {round}"));
+                        if v["op"] == "subscribed" {
+                            assert_eq!(v["offset"].as_u64(), Some(last), "client {k}: {v}");
+                            break;
+                        }
+                        let off = v["offset"].as_u64().unwrap();
+                        assert_eq!(off, last + 1, "client {k}: gap or duplicate");
+                        last = off;
+                    }
+                    let v = next(&mut c, &format!("client {k} round {round}: live"));
+                    assert_eq!(v["offset"].as_u64(), Some(last + 1), "client {k}: {v}");
+                    last += 1;
+                }
+            })
+        })
+        .collect();
+    let results: Vec<_> = workers.into_iter().map(|h| h.join()).collect();
+    stop.store(true, Ordering::Relaxed);
+    publishing.join().unwrap();
+    assert!(results.iter().all(|r| r.is_ok()), "a subscriber failed");
+}

@@ -410,9 +410,9 @@ impl Core {
     /// (`keep`): the channel's owner gives the subscription its place
     /// (epoch and top offset) and, with `since`, the frames to replay;
     /// `joined` runs here with them, and its frames go out before any
-    /// message numbered after `top`. A connection already subscribed is
-    /// re-joined (it gets nothing twice: what it missed after `since` is
-    /// replayed, then live messages).
+    /// message numbered after `top`. A connection already subscribed keeps
+    /// its subscription; with `since` it is rebuilt behind the replay
+    /// (nothing twice, nothing missed).
     pub fn join(
         &self,
         key: usize,
@@ -433,7 +433,12 @@ impl Core {
             joined(self, Err(SubscribeError::TooMany(max)));
             return;
         }
-        {
+        // Subscribed already and nothing to replay: the subscription stays
+        // (no message is missed); the owner's answer comes behind every
+        // message it sequenced before, so what follows `joined` is newer.
+        // With `since`, the subscription is taken down and rebuilt behind
+        // the replay, which covers what comes meanwhile.
+        if !(already && since.is_none()) {
             let mut shard = self.shard.borrow_mut();
             shard.reserve(channel, &self.hub.interest);
             if already {
