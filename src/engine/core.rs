@@ -28,7 +28,7 @@ use super::history::{
     HistorySink, Idempotency, Keep, Outcome, Restored, Rules, Since, Store, Stream,
 };
 use super::interest::Interest;
-use super::message::{Encoder, Encoding, Message};
+use super::message::{Encoder, Encoding, Message, MAX_KEY};
 use super::shard::{Limits, Shard, SubscribeError};
 use super::stats::CoreStats;
 
@@ -305,8 +305,22 @@ impl Core {
         done: Option<Done>,
     ) {
         let now = || self.shard.borrow().now();
+        let keep = match msg.is_transient() {
+            false => self.hub.keeps(msg.namespace(), msg.channel()),
+            true => None,
+        };
+        if keep.is_none() && idempotency_key.is_none() {
+            // The common case: nothing to number, store or remember.
+            self.fan_out(&msg);
+            if let Some(done) = done {
+                done(self, &Outcome::default());
+            }
+            return;
+        }
+        let mut buf = [0u8; MAX_KEY];
+        let key = msg.key_in(&mut buf);
         if let Some(k) = &idempotency_key {
-            let seen = msg.with_key(|ch| self.idempotency.borrow_mut().check(ch, k, now()));
+            let seen = self.idempotency.borrow_mut().check(key, k, now());
             if let Some(position) = seen {
                 self.stats.idempotent_repeats.inc();
                 if let Some(done) = done {
@@ -321,10 +335,6 @@ impl Core {
                 return;
             }
         }
-        let keep = match msg.is_transient() {
-            false => self.hub.keeps(msg.namespace(), msg.channel()),
-            true => None,
-        };
         let position = keep.map(|keep| {
             let now = now();
             // The native encoding shows offsets; a namespace's is kept as
@@ -334,7 +344,6 @@ impl Core {
                 (_, Some(n)) => (n.encoding, Encoding(u8::MAX)),
             };
             let m = Arc::get_mut(&mut msg).expect("a message is not shared before it is sequenced");
-            let mut store = self.history.borrow_mut();
             // Herald's own channels only (a cache channel is in memory).
             let sink = self
                 .hub
@@ -342,30 +351,27 @@ impl Core {
                 .sink
                 .as_deref()
                 .filter(|_| m.namespace() == 0);
-            if let Some(sink) = sink {
+            let mut store = self.history.borrow_mut();
+            if sink.is_some_and(|s| s.lost(key)) {
                 // Its stored history could not be written: a new epoch.
-                if m.with_key(|ch| sink.lost(ch)) {
-                    m.with_key(|ch| store.restart(ch, keep, now));
-                }
+                store.restart(key, keep, now);
             }
-            let next = m.with_key(|ch| store.stream(ch, keep, now).top + 1);
-            m.set_offset(next, carried_by);
-            let frame = m.frame_for(encoding, self.hub.encoders).unwrap_or_default();
-            let pos = m.with_key(|ch| store.append(ch, keep, frame.clone(), now));
-            debug_assert_eq!(pos.1, next);
+            let encoders = self.hub.encoders;
+            let (epoch, offset, frame) = store.append_with(key, keep, now, |next| {
+                m.set_offset(next, carried_by);
+                m.frame_for(encoding, encoders).unwrap_or_default()
+            });
             if let Some(sink) = sink {
-                m.with_key(|ch| sink.append(ch, &pos.0, pos.1, keep, &frame));
+                sink.append(key, &epoch, offset, keep, &frame);
             }
             self.history_gauges(&store);
-            pos
+            (epoch, offset)
         });
         if let Some(k) = idempotency_key {
             let until = now().saturating_add(self.hub.history.idempotency_window_ms);
-            msg.with_key(|ch| {
-                self.idempotency
-                    .borrow_mut()
-                    .remember(ch, &k, position.clone(), until)
-            });
+            self.idempotency
+                .borrow_mut()
+                .remember(key, &k, position.clone(), until);
         }
         self.fan_out(&msg);
         if let Some(done) = done {

@@ -326,11 +326,25 @@ impl Store {
     /// Appends the next message's frame to `key`'s stream; returns its
     /// offset and the stream's epoch.
     pub fn append(&mut self, key: &str, keep: Keep, frame: Bytes, now: u64) -> (Arc<str>, u64) {
-        let len = frame.len();
+        let (epoch, offset, _) = self.append_with(key, keep, now, |_| frame);
+        (epoch, offset)
+    }
+
+    /// [`Store::append`] of the frame `build` makes for the next offset
+    /// (one lookup of the stream); returns the frame too.
+    pub fn append_with(
+        &mut self,
+        key: &str,
+        keep: Keep,
+        now: u64,
+        build: impl FnOnce(u64) -> Bytes,
+    ) -> (Arc<str>, u64, Bytes) {
         let s = self.stream(key, keep, now);
         s.top += 1;
+        let frame = build(s.top);
+        let len = frame.len();
         s.last_ms = now;
-        s.entries.push_back((now, frame));
+        s.entries.push_back((now, frame.clone()));
         let mut dropped = (0, 0);
         while s.entries.len() > s.keep.size {
             if let Some((_, f)) = s.entries.pop_front() {
@@ -338,7 +352,7 @@ impl Store {
                 dropped.1 += f.len();
             }
         }
-        let out = (s.epoch.clone(), s.top);
+        let out = (s.epoch.clone(), s.top, frame);
         let schedule = s.due.is_none().then(|| {
             let at = now.saturating_add(s.keep.ttl_ms);
             s.due = Some(at);

@@ -209,7 +209,18 @@ impl Message {
         f(route_key(&mut buf, self.namespace, self.channel()))
     }
 
-    /// The message's offset in its channel's history (0: none).
+    /// The routing key, copied into `buf`: for a caller that changes the
+    /// message while it holds the key.
+    pub fn key_in<'a>(&self, buf: &'a mut [u8; MAX_KEY]) -> &'a str {
+        if self.namespace != 0 {
+            return route_key(buf, self.namespace, self.channel());
+        }
+        let c = self.channel().as_bytes();
+        buf[..c.len()].copy_from_slice(c);
+        // A validated ASCII channel name.
+        std::str::from_utf8(&buf[..c.len()]).unwrap_or("")
+    }
+
     pub fn offset(&self) -> u64 {
         self.offset
     }
