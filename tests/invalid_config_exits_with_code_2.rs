@@ -68,6 +68,11 @@ fn invalid_values_exit_2_with_one_line_naming_the_variable() {
         ("PONG_TIMEOUT", "0"),
         ("WRITE_DELAY", "soon"),
         ("WRITE_DELAY", "2s"),
+        ("HISTORY", "news"),
+        ("HISTORY", "news=0/1h"),
+        ("HISTORY", "a*b=10/1h"),
+        ("HISTORY_RECOVER_MAX", "0"),
+        ("IDEMPOTENCY_WINDOW", "soon"),
     ];
     for &(var, value) in cases {
         let mut env = vec![("PORT", "0"), ("WORKERS", "1")];
@@ -159,4 +164,25 @@ fn an_empty_secret_exits_2_instead_of_accepting_tokens_signed_with_no_key() {
             "stderr does not say SECRET is empty: {err:?}"
         );
     }
+}
+
+#[test]
+fn a_history_dir_that_cannot_be_used_exits_2() {
+    let file = std::env::temp_dir().join(format!("herald-not-a-dir-{}", std::process::id()));
+    std::fs::write(&file, b"a file").unwrap();
+    let path = file.to_str().unwrap().to_string();
+    let env = [
+        ("PORT", "0"),
+        ("WORKERS", "1"),
+        ("HISTORY", "news=10/1h"),
+        ("HISTORY_DIR", path.as_str()),
+    ];
+    let (code, _out, err) = run(&env, &[]);
+    let _ = std::fs::remove_file(&file);
+    assert_eq!(code, 2, "stderr {err:?}");
+    let last = err.lines().last().unwrap_or("");
+    assert!(
+        last.contains("HISTORY_DIR"),
+        "the last line names HISTORY_DIR: {err:?}"
+    );
 }
