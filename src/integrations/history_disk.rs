@@ -322,16 +322,6 @@ impl HistoryDisk {
             let _ = t.join();
         }
     }
-
-    /// Messages committed to disk so far.
-    pub fn written(&self) -> u64 {
-        self.shared.written.get()
-    }
-
-    /// Messages that could not be stored.
-    pub fn dropped(&self) -> u64 {
-        self.shared.dropped.get()
-    }
 }
 
 /// The storage thread: group commits until told to stop, and every
@@ -365,14 +355,13 @@ fn writer(db: Database, rx: Receiver<Op>, shared: Arc<Shared>, rules: Rules) {
                 Err(_) => break,
             }
         }
-        if let Some(done) = &stop {
+        if stop.is_some() {
             // Everything queued before the stop.
             while let Ok(op) = rx.try_recv() {
                 if let Op::Append(a) = op {
                     batch.push(a);
                 }
             }
-            let _ = done;
         }
         if !batch.is_empty() {
             match commit(&db, &batch) {
