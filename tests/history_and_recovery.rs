@@ -441,6 +441,27 @@ fn every_subscriber_sees_one_order_whichever_core_publishes() {
     }
 }
 
+/// Publishes 1, 2, 3, ... on `live` until `stop` (or `max`), in bursts of
+/// 16 each waiting for the server to take it, so subscribers keep up
+/// whatever the machine. Returns how many were published.
+fn publish_until(
+    mut publisher: Client,
+    stop: Arc<AtomicBool>,
+    max: u64,
+) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let mut n = 0u64;
+        while !stop.load(Ordering::Relaxed) && n < max {
+            n += 1;
+            publisher.send_json(json!({"op":"publish","channel":"live","data":n}));
+            if n % 16 == 0 {
+                publisher.sync();
+            }
+        }
+        n
+    })
+}
+
 /// The next JSON message, or a failure that says what was awaited.
 fn next(c: &mut Client, what: &str) -> Value {
     loop {
@@ -457,23 +478,9 @@ fn next(c: &mut Client, what: &str) -> Value {
 fn resubscribing_under_continuous_publishing_has_no_gap_and_no_duplicate() {
     let server = server_recovering(100_000);
     let mut clients = clients_on_both_workers(&server, 5);
-    let mut publisher = clients.remove(0);
+    let publisher = clients.remove(0);
     let stop = Arc::new(AtomicBool::new(false));
-    let stop2 = stop.clone();
-    let publishing = std::thread::spawn(move || {
-        let mut n = 0u64;
-        // Bounded: stops when the subscribers are done, or at MAX_PUBLISHED.
-        // Bursts of 16, each waiting for the server to take it, so the
-        // subscribers keep up whatever the machine.
-        while !stop2.load(Ordering::Relaxed) && n < MAX_PUBLISHED {
-            n += 1;
-            publisher.send_json(json!({"op":"publish","channel":"live","data":n}));
-            if n % 16 == 0 {
-                publisher.sync();
-            }
-        }
-        n
-    });
+    let publishing = publish_until(publisher, stop.clone(), MAX_PUBLISHED);
     const ROUNDS: usize = 1000;
     const MAX_PUBLISHED: u64 = 2_000_000;
     let workers: Vec<_> = clients
@@ -550,19 +557,9 @@ fn resubscribing_under_continuous_publishing_has_no_gap_and_no_duplicate() {
 fn subscribing_again_while_messages_flow_misses_nothing() {
     let server = server_recovering(100_000);
     let mut clients = clients_on_both_workers(&server, 3);
-    let mut publisher = clients.remove(0);
+    let publisher = clients.remove(0);
     let stop = Arc::new(AtomicBool::new(false));
-    let stop2 = stop.clone();
-    let publishing = std::thread::spawn(move || {
-        let mut n = 0u64;
-        while !stop2.load(Ordering::Relaxed) && n < 1_000_000 {
-            n += 1;
-            publisher.send_json(json!({"op":"publish","channel":"live","data":n}));
-            if n % 16 == 0 {
-                publisher.sync();
-            }
-        }
-    });
+    let publishing = publish_until(publisher, stop.clone(), 1_000_000);
     let workers: Vec<_> = clients
         .into_iter()
         .enumerate()
