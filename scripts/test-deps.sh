@@ -9,7 +9,9 @@
 # - promtool (Debian's prometheus package), which checks /metrics
 #   (tests/metrics_are_valid_prometheus.rs);
 # - curl and openssl, which the README's examples use
-#   (tests/readme_examples_run.rs).
+#   (tests/readme_examples_run.rs);
+# - redis-server and redis-cli (Debian's redis-server package), which the
+#   cluster tests start on loopback ports of their own (tests/cluster.rs).
 # Idempotent and silent when everything is already in place.
 set -eu
 
@@ -34,6 +36,9 @@ command -v python3 >/dev/null 2>&1 || apt_install python3 python3-venv
 command -v promtool >/dev/null 2>&1 || apt_install prometheus
 command -v curl >/dev/null 2>&1 || apt_install curl
 command -v openssl >/dev/null 2>&1 || apt_install openssl
+if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
+    apt_install redis-server
+fi
 
 mkdir -p "$target"
 # The test takes the same lock, so the two never build the venv at once.

@@ -102,6 +102,16 @@ pub struct Config {
     #[arg(long, env = "HISTORY_RECOVER_MAX", default_value_t = 1000, value_parser = parse_count)]
     pub history_recover_max: usize,
 
+    /// The broker several herald nodes share to form a cluster:
+    /// `redis://host:port` (Redis or Valkey). Without it the node is alone.
+    #[arg(long, env = "BROKER_URL", value_parser = parse_broker_url)]
+    pub broker_url: Option<BrokerUrl>,
+
+    /// This node's name in its cluster (logs, metrics); a random one by
+    /// default.
+    #[arg(long, env = "NODE_ID", value_parser = parse_node_id)]
+    pub node_id: Option<String>,
+
     /// Seconds a publish's idempotency_key is remembered.
     #[arg(long, env = "IDEMPOTENCY_WINDOW", default_value = "300", value_parser = parse_secs)]
     pub idempotency_window: Duration,
@@ -307,6 +317,61 @@ fn parse_driver(s: &str) -> Result<IoDriver, String> {
     }
 }
 
+/// A cluster's broker (`BROKER_URL`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BrokerUrl {
+    /// Redis or Valkey, as `redis://[user:password@]host[:port][/db]`.
+    Redis(String),
+}
+
+impl BrokerUrl {
+    /// The address without its credentials, for logs and errors.
+    pub fn redacted(&self) -> String {
+        let BrokerUrl::Redis(url) = self;
+        match (url.find("://"), url.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                format!("{}://***@{}", &url[..scheme], &url[at + 1..])
+            }
+            _ => url.clone(),
+        }
+    }
+}
+
+fn parse_broker_url(s: &str) -> Result<BrokerUrl, String> {
+    let s = s.trim();
+    let (scheme, rest) = s.split_once("://").ok_or("expected redis://host:port")?;
+    match scheme {
+        "redis" => {}
+        "nats" => {
+            return Err("nats:// brokers are not supported yet; use redis://host:port".into())
+        }
+        "rediss" => {
+            return Err("rediss:// (TLS) is not supported yet; use redis://host:port".into())
+        }
+        _ => {
+            return Err(format!(
+                "unknown broker scheme {scheme}://; expected redis://host:port"
+            ))
+        }
+    }
+    let host = rest.rsplit('@').next().unwrap_or("");
+    let host = host.split('/').next().unwrap_or("");
+    if host.is_empty() {
+        return Err("expected redis://host:port".into());
+    }
+    Ok(BrokerUrl::Redis(s.to_string()))
+}
+
+fn parse_node_id(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    let ok = !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    ok.then(|| s.to_string())
+        .ok_or_else(|| "expected 1 to 64 of A-Z a-z 0-9 - _ .".into())
+}
+
 /// A configuration that parsed but cannot be used as given.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -316,6 +381,8 @@ pub enum ConfigError {
     TooManyWorkers(usize),
     #[error("SECRET is set but empty: tokens signed with an empty key would be accepted; set a long random SECRET (e.g. openssl rand -hex 32) or unset it")]
     EmptySecret,
+    #[error("HISTORY (or HISTORY_DIR) with BROKER_URL is not supported yet: history in a cluster is not kept in the broker, so offsets would differ between nodes")]
+    HistoryInCluster,
 }
 
 impl Config {
@@ -350,6 +417,9 @@ impl Config {
         }
         if self.open_mode() && !self.host().is_loopback() {
             return Err(ConfigError::OpenModeNotLoopback(self.host()));
+        }
+        if self.broker_url.is_some() && (!self.history.is_empty() || self.history_dir.is_some()) {
+            return Err(ConfigError::HistoryInCluster);
         }
         Ok(())
     }

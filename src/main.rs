@@ -51,7 +51,10 @@ fn main() -> ExitCode {
     match herald::runtime::run(config, loaded) {
         Ok(()) => ExitCode::SUCCESS,
         // A HISTORY_DIR that cannot be used is a configuration mistake.
-        Err(e @ herald::runtime::ServerError::History(_)) => {
+        Err(
+            e @ (herald::runtime::ServerError::History(_)
+            | herald::runtime::ServerError::Cluster(_)),
+        ) => {
             eprintln!("herald: {e}");
             ExitCode::from(2)
         }

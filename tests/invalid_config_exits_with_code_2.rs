@@ -73,6 +73,10 @@ fn invalid_values_exit_2_with_one_line_naming_the_variable() {
         ("HISTORY", "a*b=10/1h"),
         ("HISTORY_RECOVER_MAX", "0"),
         ("IDEMPOTENCY_WINDOW", "soon"),
+        ("BROKER_URL", "localhost:6379"),
+        ("BROKER_URL", "nats://127.0.0.1:4222"),
+        ("BROKER_URL", "redis://"),
+        ("NODE_ID", "has space"),
     ];
     for &(var, value) in cases {
         let mut env = vec![("PORT", "0"), ("WORKERS", "1")];
@@ -90,6 +94,22 @@ fn invalid_values_exit_2_with_one_line_naming_the_variable() {
             "{var}={value}: stderr does not name {var}: {err:?}"
         );
     }
+}
+
+#[test]
+fn history_with_a_broker_exits_2_until_it_is_supported() {
+    let env = [
+        ("PORT", "0"),
+        ("WORKERS", "1"),
+        ("BROKER_URL", "redis://127.0.0.1:1"),
+        ("HISTORY", "news=10/1m"),
+    ];
+    let (code, _out, err) = run(&env, &[]);
+    assert_eq!(code, 2, "stderr {err:?}");
+    assert!(
+        err.contains("HISTORY") && err.contains("BROKER_URL"),
+        "{err}"
+    );
 }
 
 #[test]

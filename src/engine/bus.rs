@@ -53,9 +53,12 @@ struct Inbox {
     waker: AtomicWaker,
 }
 
-/// The queues between every pair of cores, carrying `T`s.
+/// The queues between every pair of cores, carrying `T`s, and from each
+/// extra source (a thread that is not a core, such as a cluster's broker
+/// client: sources `cores..sources`) to every core.
 pub struct Bus<T> {
     cores: usize,
+    sources: usize,
     capacity: usize,
     links: Box<[Link<T>]>,
     inboxes: Box<[Inbox]>,
@@ -66,7 +69,14 @@ pub struct Bus<T> {
 impl<T> Bus<T> {
     /// A bus for `cores` reactors, each link holding about `capacity` messages.
     pub fn new(cores: usize, capacity: usize) -> Arc<Bus<T>> {
-        let links = (0..cores * cores)
+        Self::with_sources(cores, cores, capacity)
+    }
+
+    /// The same, with `sources - cores` more threads sending to the cores
+    /// (as sources `cores..sources`).
+    pub fn with_sources(cores: usize, sources: usize, capacity: usize) -> Arc<Bus<T>> {
+        assert!(sources >= cores);
+        let links = (0..sources * cores)
             .map(|_| {
                 let (tx, rx) = crossbeam_channel::unbounded();
                 Link {
@@ -86,10 +96,11 @@ impl<T> Bus<T> {
         assert!(cores <= 64, "the congestion marks hold 64 cores");
         Arc::new(Bus {
             cores,
+            sources,
             capacity,
             links,
             inboxes,
-            marks: (0..cores).map(|_| Marks(AtomicU64::new(0))).collect(),
+            marks: (0..sources).map(|_| Marks(AtomicU64::new(0))).collect(),
         })
     }
 
@@ -164,7 +175,7 @@ impl<T> Bus<T> {
     pub fn drain(&self, dst: usize, max: usize, mut deliver: impl FnMut(T)) -> (usize, bool) {
         let mut n = 0;
         let mut more = false;
-        for src in (0..self.cores).filter(|&s| s != dst) {
+        for src in (0..self.sources).filter(|&s| s != dst) {
             let link = self.link(src, dst);
             while n < max {
                 match link.rx.try_recv() {
@@ -256,6 +267,21 @@ mod tests {
         assert_eq!(got[0].channel(), "a");
         // Same allocation: the frame crossed as a refcounted clone.
         assert_eq!(got[0].frame().as_ptr(), p.frame().as_ptr());
+    }
+
+    #[test]
+    fn an_extra_source_reaches_every_core() {
+        let bus = Bus::<Arc<Message>>::with_sources(2, 3, 2);
+        bus.send(2, 0, message_frame("a", "1"));
+        bus.send(2, 1, message_frame("b", "1"));
+        bus.send(2, 1, message_frame("c", "1"));
+        assert!(bus.congested(2), "the extra source has marks of its own");
+        assert!(!bus.congested(0) && !bus.congested(1));
+        let mut got = Vec::new();
+        bus.drain(1, 100, |m| got.push(m.channel().to_string()));
+        assert_eq!(got, ["b", "c"]);
+        assert!(!bus.congested(2));
+        assert_eq!(bus.drain(0, 100, |_| {}).0, 1);
     }
 
     #[test]

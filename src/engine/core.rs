@@ -27,7 +27,7 @@ use super::bus::Bus;
 use super::history::{
     HistorySink, Idempotency, Keep, Outcome, Restored, Rules, Since, Store, Stream,
 };
-use super::interest::Interest;
+use super::interest::{Change, Interest};
 use super::message::{Encoder, Encoding, Message, MAX_KEY};
 use super::shard::{Limits, Shard, SubscribeError};
 use super::stats::CoreStats;
@@ -45,6 +45,40 @@ pub type Joined = Box<dyn FnOnce(&Core, Result<Join, SubscribeError>) + Send>;
 
 /// Runs on a channel's owner with its history (`None`: it keeps none).
 pub type ReadHistory = Box<dyn FnOnce(&Core, Option<&Stream>) + Send>;
+
+/// Runs on the subscriber's core once a subscription took effect (or
+/// was refused).
+pub type Subscribed = Box<dyn FnOnce(&Core, Result<(), SubscribeError>) + Send>;
+
+/// Runs on a core once the node receives a channel's messages from the
+/// other nodes of its cluster (`true`), or once that failed (`false`).
+pub type Ready = Box<dyn FnOnce(&Core, bool) + Send>;
+
+/// A cluster's link to the other nodes (`BROKER_URL`), as the engine
+/// sees it. In a cluster every publish goes through it, this node's too,
+/// and comes back (through [`Hub::arrive`]) on every node with subscribers
+/// of its channel: the broker's order is the channel's one order.
+pub trait Broker: Send + Sync {
+    /// Sends `msg` (published on core `src`) to every node with
+    /// subscribers of its channel. `done` runs on core `src` once the
+    /// broker took it (or could not).
+    fn publish(
+        &self,
+        src: usize,
+        msg: Arc<Message>,
+        idempotency_key: Option<Box<str>>,
+        done: Option<Done>,
+    );
+    /// The node's first or last subscriber of routing key `key`: the
+    /// node's broker subscriptions follow these. Called under the interest
+    /// map's lock of the key, so never in the wrong order.
+    fn interest(&self, key: &str, change: Change);
+    /// Runs `ready` on core `core` once this node receives `key`'s
+    /// messages from the cluster (at once if it does already).
+    fn when_ready(&self, key: &str, core: usize, ready: Ready);
+    /// Why the node cannot reach its cluster now, if it cannot.
+    fn unavailable(&self) -> Option<String>;
+}
 
 /// What crosses from one core to another.
 pub enum Envelope {
@@ -130,6 +164,8 @@ pub struct Hub {
     /// The encoders of the node's front-ends, by encoding.
     pub encoders: &'static [Encoder],
     pub history: HistorySettings,
+    /// The cluster's link, when the node is part of one.
+    broker: std::sync::OnceLock<Arc<dyn Broker>>,
     cores: usize,
 }
 
@@ -137,11 +173,51 @@ impl Hub {
     pub fn new(cores: usize, bus_capacity: usize, encoders: &'static [Encoder]) -> Hub {
         Hub {
             interest: Interest::new(),
-            bus: Bus::new(cores, bus_capacity),
+            // One more source: a cluster's broker client.
+            bus: Bus::with_sources(cores, cores + 1, bus_capacity),
             encoders,
             history: HistorySettings::default(),
+            broker: std::sync::OnceLock::new(),
             cores,
         }
+    }
+
+    /// Makes the node part of a cluster, before any subscriber or publish.
+    pub fn join_cluster(&self, broker: Arc<dyn Broker>) {
+        let b = broker.clone();
+        self.interest
+            .observe(Box::new(move |key, change| b.interest(key, change)));
+        let _ = self.broker.set(broker);
+    }
+
+    /// The cluster's link, if the node is part of one.
+    pub fn broker(&self) -> Option<&Arc<dyn Broker>> {
+        self.broker.get()
+    }
+
+    /// The bus source of a thread that is not a core (a broker client).
+    pub fn outside_source(&self) -> usize {
+        self.cores
+    }
+
+    /// A message from the cluster (the broker client's thread, bus source
+    /// `src`): to every core of this node with subscribers of its channel,
+    /// or to its owner when the channel keeps history here (which stores
+    /// it in the order it came). Returns how many cores it was sent to.
+    pub fn arrive(&self, src: usize, msg: Arc<Message>) -> u32 {
+        if self.keeps(msg.namespace(), msg.channel()).is_some() && !msg.is_transient() {
+            let owner = self.owner(msg.hash());
+            self.bus.send(src, owner, Envelope::Sequence(msg));
+            return 1;
+        }
+        let interested = msg.with_key(|k| self.interest.cores_hashed(k, msg.hash()));
+        let mut cores = interested;
+        while cores != 0 {
+            let dst = cores.trailing_zeros() as usize;
+            cores &= cores - 1;
+            self.bus.send(src, dst, Envelope::Deliver(msg.clone()));
+        }
+        interested.count_ones()
     }
 
     /// The same hub, keeping history as `history` says.
@@ -279,6 +355,10 @@ impl Core {
                 msg.set_except(self.id as u16, key as u32, gen);
             }
         }
+        if let Some(broker) = self.hub.broker() {
+            broker.publish(self.id, Arc::new(msg), idempotency_key, done);
+            return;
+        }
         let owner = self.hub.owner(msg.hash());
         let msg = Arc::new(msg);
         if owner == self.id {
@@ -329,6 +409,7 @@ impl Core {
                         &Outcome {
                             position,
                             duplicate: true,
+                            unavailable: false,
                         },
                     );
                 }
@@ -380,6 +461,7 @@ impl Core {
                 &Outcome {
                     position,
                     duplicate: false,
+                    unavailable: false,
                 },
             );
         }
@@ -453,43 +535,120 @@ impl Core {
         }
         let owner = self.hub.owner(super::message::route_hash(channel));
         let here = self.id;
-        let channel: Box<str> = channel.into();
+        let name: Box<str> = channel.into();
         let recover_max = self.hub.history.recover_max;
-        self.run_on(
-            owner,
-            Box::new(move |owner: &Core| {
-                let now = owner.shard.borrow().now();
-                let join = {
-                    let mut store = owner.history.borrow_mut();
-                    let stream = store.stream(&channel, keep, now);
-                    position(stream, since.as_ref(), recover_max)
+        let ask_owner = move |core: &Core, channel: Box<str>, joined: Joined| {
+            core.run_on(
+                owner,
+                Box::new(move |owner: &Core| {
+                    let now = owner.shard.borrow().now();
+                    let join = {
+                        let mut store = owner.history.borrow_mut();
+                        let stream = store.stream(&channel, keep, now);
+                        position(stream, since.as_ref(), recover_max)
+                    };
+                    owner.run_on(
+                        here,
+                        Box::new(move |core: &Core| {
+                            if let Some(result) = core.complete_subscribe(key, gen, &channel) {
+                                joined(core, result.map(|()| join));
+                            }
+                        }),
+                    );
+                }),
+            )
+        };
+        match self.hub.broker() {
+            None => ask_owner(self, name, joined),
+            // In a cluster the node must receive the channel first.
+            Some(broker) => broker.when_ready(
+                channel,
+                here,
+                Box::new(move |core: &Core, ready| match ready {
+                    true => ask_owner(core, name, joined),
+                    false => {
+                        if core.give_up_subscribe(key, gen, &name) {
+                            joined(core, Err(SubscribeError::Unavailable));
+                        }
+                    }
+                }),
+            ),
+        }
+    }
+
+    /// Subscribes connection `key` to routing key `channel` and runs
+    /// `then` with the result: at once on a single node; in a cluster once
+    /// the node receives the channel's messages from the other nodes, so
+    /// that whatever is published after `then` reaches the connection.
+    pub fn subscribe_then(&self, key: usize, channel: &str, then: Subscribed) {
+        let Some(broker) = self.hub.broker() else {
+            let result = self.subscribe(key, channel);
+            then(self, result);
+            return;
+        };
+        let gen = {
+            let shard = self.shard.borrow();
+            let Some(conn) = shard.conn(key) else {
+                return;
+            };
+            if shard.is_subscribed(key, channel) {
+                drop(shard);
+                then(self, Ok(()));
+                return;
+            }
+            if shard.at_subscription_limit(key) {
+                let max = shard.max_subscriptions();
+                drop(shard);
+                then(self, Err(SubscribeError::TooMany(max)));
+                return;
+            }
+            conn.gen
+        };
+        self.shard.borrow_mut().reserve(channel, &self.hub.interest);
+        let name: Box<str> = channel.into();
+        broker.when_ready(
+            channel,
+            self.id,
+            Box::new(move |core: &Core, ready| {
+                let result = match ready {
+                    true => core.complete_subscribe(key, gen, &name),
+                    false => core
+                        .give_up_subscribe(key, gen, &name)
+                        .then_some(Err(SubscribeError::Unavailable)),
                 };
-                owner.run_on(
-                    here,
-                    Box::new(move |core: &Core| {
-                        core.complete_join(key, gen, &channel, join, joined)
-                    }),
-                );
+                if let Some(result) = result {
+                    then(core, result);
+                }
             }),
         );
     }
 
-    /// Back on the subscriber's core, in order with the channel's messages.
-    fn complete_join(&self, key: usize, gen: u64, channel: &str, join: Join, joined: Joined) {
-        let alive = self
-            .shard
+    /// Back on the subscriber's core, in order with the channel's
+    /// messages: subscribes the connection if it is still there (`None`
+    /// if not) and drops the reservation that held the channel meanwhile.
+    fn complete_subscribe(
+        &self,
+        key: usize,
+        gen: u64,
+        channel: &str,
+    ) -> Option<Result<(), SubscribeError>> {
+        let result = self.alive(key, gen).then(|| self.subscribe(key, channel));
+        self.shard.borrow_mut().release(channel, &self.hub.interest);
+        result
+    }
+
+    /// Drops the reservation of a subscription that cannot be made;
+    /// whether the connection is still there to be told.
+    fn give_up_subscribe(&self, key: usize, gen: u64, channel: &str) -> bool {
+        self.shard.borrow_mut().release(channel, &self.hub.interest);
+        self.alive(key, gen)
+    }
+
+    fn alive(&self, key: usize, gen: u64) -> bool {
+        self.shard
             .borrow()
             .conn(key)
-            .is_some_and(|c| c.gen == gen && !c.is_closing());
-        let result = if alive {
-            Some(self.subscribe(key, channel))
-        } else {
-            None
-        };
-        self.shard.borrow_mut().release(channel, &self.hub.interest);
-        if let Some(result) = result {
-            joined(self, result.map(|()| join));
-        }
+            .is_some_and(|c| c.gen == gen && !c.is_closing())
     }
 
     /// Runs `read` on `channel`'s owner with its history (`None` when the

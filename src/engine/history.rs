@@ -441,6 +441,10 @@ pub struct Outcome {
     /// A repeat of an idempotency key seen within the window: not
     /// delivered again; `position` is the first publish's.
     pub duplicate: bool,
+    /// The cluster could not take the publish (its broker is unreachable):
+    /// it reached no one, or, when the broker stopped answering midway,
+    /// possibly some nodes.
+    pub unavailable: bool,
 }
 
 /// Most idempotency keys one core remembers; past it the oldest are

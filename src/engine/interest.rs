@@ -11,7 +11,7 @@
 //! that starts after the client saw `subscribed` finds the bit and reaches
 //! it (protocol.md, "Ordering and liveness").
 
-use std::sync::RwLock;
+use std::sync::{OnceLock, RwLock};
 
 use hashbrown::HashTable;
 
@@ -22,9 +22,15 @@ const SHARDS: usize = 64;
 
 type Map = HashTable<(Box<str>, u64)>;
 
+/// Told of the node's first and last subscriber of each key.
+pub type Observer = Box<dyn Fn(&str, Change) + Send + Sync>;
+
 /// Which cores are interested in which channels (bit `i` = core `i`).
 pub struct Interest {
     shards: Box<[RwLock<Map>]>,
+    /// Called under the key's lock, so the changes of one key reach it in
+    /// the order they happened, whichever cores made them.
+    observer: OnceLock<Observer>,
 }
 
 impl Default for Interest {
@@ -48,6 +54,20 @@ impl Interest {
     pub fn new() -> Self {
         Interest {
             shards: (0..SHARDS).map(|_| RwLock::new(Map::new())).collect(),
+            observer: OnceLock::new(),
+        }
+    }
+
+    /// Tells `observer` of every later first and last subscriber (a
+    /// cluster's broker subscriptions follow them). Set once, before any
+    /// subscriber; false if one was set already.
+    pub fn observe(&self, observer: Observer) -> bool {
+        self.observer.set(observer).is_ok()
+    }
+
+    fn tell(&self, key: &str, change: Change) {
+        if let Some(o) = self.observer.get() {
+            o(key, change);
         }
     }
 
@@ -66,6 +86,7 @@ impl Interest {
             }
             None => {
                 map.insert_unique(hash, (key.into(), 1 << core), |(k, _)| route_hash(k));
+                self.tell(key, Change::First);
                 Change::First
             }
         }
@@ -89,6 +110,7 @@ impl Interest {
             if map.capacity() > 64 && map.len() < map.capacity() / 4 {
                 map.shrink_to_fit(|(k, _)| route_hash(k));
             }
+            self.tell(key, Change::Last);
             return Change::Last;
         }
         Change::Neither
@@ -134,6 +156,32 @@ mod tests {
         assert_eq!(i.cores("a"), 0);
         assert_eq!(i.channel_count(), 0);
         assert_eq!(i.remove("never", 1), Change::Neither);
+    }
+
+    #[test]
+    fn the_observer_hears_first_and_last_only() {
+        use std::sync::{Arc, Mutex};
+        let i = Interest::new();
+        let heard = Arc::new(Mutex::new(Vec::new()));
+        let h = heard.clone();
+        assert!(i.observe(Box::new(move |k, c| h
+            .lock()
+            .unwrap()
+            .push((k.to_string(), c)))));
+        assert!(!i.observe(Box::new(|_, _| {})), "set once");
+        i.add("a", 0);
+        i.add("a", 1);
+        i.remove("a", 0);
+        i.remove("a", 1);
+        i.remove("a", 1);
+        let heard = heard.lock().unwrap();
+        assert_eq!(
+            *heard,
+            [
+                ("a".to_string(), Change::First),
+                ("a".to_string(), Change::Last)
+            ]
+        );
     }
 
     #[test]

@@ -261,6 +261,178 @@ impl Message {
     }
 }
 
+/// Why a message from another node could not be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("not a herald message (or another version)")]
+    Version,
+    #[error("truncated")]
+    Truncated,
+    #[error("a field out of range")]
+    Range,
+    #[error("an invalid channel name")]
+    Channel,
+}
+
+/// The version byte of [`Message::encode_wire`]'s format.
+const WIRE_V1: [u8; 2] = *b"h1";
+const WIRE_TRANSIENT: u8 = 1;
+const WIRE_RAW: u8 = 2;
+const WIRE_EXCEPT: u8 = 4;
+/// Fixed part: magic and version, flags, encoding, kind, namespace,
+/// origin.
+const WIRE_FIXED: usize = 2 + 1 + 1 + 1 + 2 + 8;
+
+impl Message {
+    /// Appends the message as it crosses to other nodes (through a
+    /// broker) to `out`: a small header, then the publisher's frame as it
+    /// is, so a receiving node rebuilds the same `Message` (and sends the
+    /// same frame) without parsing the frame. `origin` names the sending
+    /// node; the exclusion only means something there.
+    pub fn encode_wire(&self, origin: u64, out: &mut Vec<u8>) {
+        let mut flags = 0;
+        if self.transient {
+            flags |= WIRE_TRANSIENT;
+        }
+        if self.channel_src.is_some() {
+            flags |= WIRE_RAW;
+        }
+        if self.except.is_some() {
+            flags |= WIRE_EXCEPT;
+        }
+        out.reserve(WIRE_FIXED + 14 + 1 + MAX_CHANNEL_LEN + 13 + self.frame.len());
+        out.extend_from_slice(&WIRE_V1);
+        out.push(flags);
+        out.push(self.encoding.0);
+        out.push(match self.kind {
+            PayloadKind::Json => 0,
+            PayloadKind::Text => 1,
+            PayloadKind::Binary => 2,
+        });
+        out.extend_from_slice(&self.namespace.to_le_bytes());
+        out.extend_from_slice(&origin.to_le_bytes());
+        if let Some((worker, slot, gen)) = self.except {
+            out.extend_from_slice(&worker.to_le_bytes());
+            out.extend_from_slice(&slot.to_le_bytes());
+            out.extend_from_slice(&gen.to_le_bytes());
+        }
+        match &self.channel_src {
+            Some(name) => {
+                out.push(name.len() as u8);
+                out.extend_from_slice(name);
+            }
+            None => {
+                out.extend_from_slice(&self.channel_at.to_le_bytes());
+                out.push(self.channel_len);
+            }
+        }
+        out.extend_from_slice(&self.payload_at.to_le_bytes());
+        out.extend_from_slice(&self.payload_len.to_le_bytes());
+        out.extend_from_slice(&self.frame);
+    }
+
+    /// Reads what [`Message::encode_wire`] wrote, on node `here`: the
+    /// frame is a slice of `buf` (no copy), and the exclusion is kept only
+    /// when the message comes from `here`. Everything is checked: a broker
+    /// hands over bytes anyone with access to it could have written.
+    pub fn decode_wire(buf: Bytes, here: u64) -> Result<Message, WireError> {
+        let mut r = WireReader { buf: &buf, at: 0 };
+        if r.take(2)? != WIRE_V1 {
+            return Err(WireError::Version);
+        }
+        let flags = r.u8()?;
+        let encoding = r.u8()?;
+        if usize::from(encoding) >= MAX_ENCODINGS || flags & !7 != 0 {
+            return Err(WireError::Range);
+        }
+        let kind = match r.u8()? {
+            0 => PayloadKind::Json,
+            1 => PayloadKind::Text,
+            2 => PayloadKind::Binary,
+            _ => return Err(WireError::Range),
+        };
+        let namespace = u16::from_le_bytes(r.array()?);
+        let origin = u64::from_le_bytes(r.array()?);
+        let except = match flags & WIRE_EXCEPT {
+            0 => None,
+            _ => Some((
+                u16::from_le_bytes(r.array()?),
+                u32::from_le_bytes(r.array()?),
+                u64::from_le_bytes(r.array()?),
+            )),
+        };
+        let channel = match flags & WIRE_RAW {
+            0 => Err((u32::from_le_bytes(r.array()?), r.u8()?)),
+            _ => {
+                let n = usize::from(r.u8()?);
+                Ok(buf.slice(r.at..r.at + r.take(n)?.len()))
+            }
+        };
+        let payload_at = u32::from_le_bytes(r.array()?) as usize;
+        let payload_len = u32::from_le_bytes(r.array()?) as usize;
+        let frame = buf.slice(r.at..);
+        let payload = payload_at
+            ..payload_at
+                .checked_add(payload_len)
+                .ok_or(WireError::Range)?;
+        if payload.end > frame.len() {
+            return Err(WireError::Range);
+        }
+        let mut m = match channel {
+            Ok(name) => {
+                check_channel(&name)?;
+                Message::with_channel(frame, Encoding(encoding), name, payload, kind, namespace)
+            }
+            Err((at, len)) => {
+                let c = at as usize..at as usize + usize::from(len);
+                if c.end > frame.len() {
+                    return Err(WireError::Range);
+                }
+                check_channel(&frame[c.clone()])?;
+                Message::new(frame, Encoding(encoding), c, payload, kind, namespace)
+            }
+        };
+        m.transient = flags & WIRE_TRANSIENT != 0;
+        if origin == here {
+            m.except = except;
+        }
+        Ok(m)
+    }
+}
+
+/// A channel name as every protocol allows it: 1 to 255 printable ASCII
+/// bytes (each front-end checked its own, stricter, rules before).
+fn check_channel(name: &[u8]) -> Result<(), WireError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_CHANNEL_LEN
+        && name.iter().all(|b| b.is_ascii_graphic());
+    ok.then_some(()).ok_or(WireError::Channel)
+}
+
+struct WireReader<'a> {
+    buf: &'a [u8],
+    at: usize,
+}
+
+impl<'a> WireReader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
+        let end = self.at.checked_add(n).ok_or(WireError::Truncated)?;
+        let s = self.buf.get(self.at..end).ok_or(WireError::Truncated)?;
+        self.at = end;
+        Ok(s)
+    }
+
+    fn u8(&mut self) -> Result<u8, WireError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], WireError> {
+        let mut a = [0; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
+    }
+}
+
 /// The hasher of routing keys: random per process (keys come from
 /// clients), the same on every core.
 fn hasher() -> &'static ahash::RandomState {
@@ -360,6 +532,87 @@ mod tests {
         assert_eq!(m.payload(), b"hello");
         assert_eq!(m.hash(), route_hash("news:today"));
         assert_eq!(&m.frame()[..], b"\x81\x05hello");
+    }
+
+    #[test]
+    fn crosses_nodes_as_it_was() {
+        let mut m = message("room", "hello", 3);
+        m.set_except(1, 5, 9);
+        m.set_transient();
+        let mut wire = Vec::new();
+        m.encode_wire(42, &mut wire);
+        let wire = Bytes::from(wire);
+        let back = Message::decode_wire(wire.clone(), 42).unwrap();
+        assert_eq!(back.channel(), "room");
+        assert_eq!(back.payload(), b"hello");
+        assert_eq!(back.namespace(), 3);
+        assert_eq!(back.hash(), m.hash());
+        assert_eq!(back.frame(), m.frame());
+        assert!(back.is_transient());
+        assert_eq!(
+            back.except_on(1),
+            Some((5, 9)),
+            "the exclusion is kept at home"
+        );
+        // The frame is a slice of what arrived: no copy.
+        let start = wire.as_ptr() as usize;
+        let f = back.frame().as_ptr() as usize;
+        assert!(f >= start && f < start + wire.len());
+        let elsewhere = Message::decode_wire(wire, 7).unwrap();
+        assert_eq!(elsewhere.except_on(1), None, "and dropped elsewhere");
+        assert!(!message("a", "b", 0).is_transient());
+    }
+
+    #[test]
+    fn a_raw_frame_crosses_with_its_channel() {
+        let channel = Bytes::from_static(b"news:today");
+        let frame = Bytes::from_static(b"\x82\x03abc");
+        let m = Message::with_channel(frame, Encoding(2), channel, 2..5, PayloadKind::Binary, 0);
+        let mut wire = Vec::new();
+        m.encode_wire(1, &mut wire);
+        let back = Message::decode_wire(Bytes::from(wire), 1).unwrap();
+        assert_eq!(back.channel(), "news:today");
+        assert_eq!(back.payload(), b"abc");
+        assert_eq!(back.kind(), PayloadKind::Binary);
+        assert_eq!(back.encoding(), Encoding(2));
+        assert_eq!(back.except_on(0), None);
+    }
+
+    #[test]
+    fn hostile_bytes_are_refused_not_trusted() {
+        let mut wire = Vec::new();
+        message("room", "hello", 0).encode_wire(1, &mut wire);
+        // Every truncation is an error, never a panic.
+        for n in 0..wire.len() - "room|hello".len() {
+            assert!(Message::decode_wire(Bytes::copy_from_slice(&wire[..n]), 1).is_err());
+        }
+        let bad = |i: usize, v: u8| {
+            let mut w = wire.clone();
+            w[i] = v;
+            Message::decode_wire(Bytes::from(w), 1).err()
+        };
+        assert_eq!(bad(0, b'x'), Some(WireError::Version));
+        assert_eq!(bad(2, 0x80), Some(WireError::Range), "unknown flag");
+        assert_eq!(bad(3, 200), Some(WireError::Range), "encoding");
+        assert_eq!(bad(4, 9), Some(WireError::Range), "kind");
+        // The channel range (at 15) pointing past the frame.
+        assert_eq!(bad(15, 250), Some(WireError::Range));
+        // A channel that is not printable ASCII.
+        assert_eq!(bad(19, 0), Some(WireError::Channel), "empty channel");
+        // The payload length past the frame.
+        assert_eq!(bad(24, 0xff), Some(WireError::Range));
+        let mut random = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..2000 {
+            let mut w = wire.clone();
+            random ^= random << 13;
+            random ^= random >> 7;
+            random ^= random << 17;
+            let i = random as usize % w.len();
+            w[i] = (random >> 32) as u8;
+            if let Ok(m) = Message::decode_wire(Bytes::from(w), 1) {
+                let _ = (m.channel(), m.payload());
+            }
+        }
     }
 
     #[test]

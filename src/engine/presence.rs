@@ -241,7 +241,7 @@ mod tests {
         assert_eq!(r.channel("1#presence-x").unwrap().users, 2);
         assert!(!r.leave("1#presence-x", "u1"));
         assert!(r.leave("1#presence-x", "u1"));
-        assert_eq!(r.users("1#presence-x"), vec!["u2".into()]);
+        assert_eq!(r.users("1#presence-x"), vec![Box::<str>::from("u2")]);
         assert!(!r.leave("1#presence-x", "nobody"));
     }
 
@@ -252,10 +252,7 @@ mod tests {
             r.subscribed(k);
         }
         let names: Vec<_> = r.channels("1#").into_iter().map(|c| c.0).collect();
-        assert_eq!(
-            names,
-            vec!["1#a".into(), "1#b".into(), "1#presence-c".into()]
-        );
+        assert_eq!(names, ["1#a", "1#b", "1#presence-c"].map(Box::<str>::from));
         assert_eq!(r.channels("1#presence-").len(), 1);
     }
 }

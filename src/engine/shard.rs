@@ -177,6 +177,8 @@ pub trait FrameSink {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SubscribeError {
     TooMany(usize),
+    /// The node cannot reach the rest of its cluster now.
+    Unavailable,
 }
 
 /// One core's connections and channels.

@@ -91,6 +91,84 @@ pub struct Metrics {
     /// HISTORY_DIR: messages committed, and messages that could not be.
     pub history_disk_written: Counter,
     pub history_disk_dropped: Counter,
+    /// BROKER_URL: the link to the cluster.
+    pub broker: BrokerMetrics,
+}
+
+/// The cluster link's figures (all zero on a node without BROKER_URL).
+#[derive(Clone)]
+pub struct BrokerMetrics {
+    /// 1 while the node reaches its broker.
+    pub up: Gauge,
+    pub connects: Counter,
+    pub published: Counter,
+    pub publish_failed: Counter,
+    pub received: Counter,
+    pub malformed: Counter,
+    /// Channels the node is subscribed to on the broker.
+    pub subscriptions: Gauge,
+    /// From handing a batch of publishes to the broker to its answer.
+    pub publish_seconds: Histogram,
+}
+
+impl BrokerMetrics {
+    fn new() -> BrokerMetrics {
+        BrokerMetrics {
+            up: Gauge::default(),
+            connects: Counter::default(),
+            published: Counter::default(),
+            publish_failed: Counter::default(),
+            received: Counter::default(),
+            malformed: Counter::default(),
+            subscriptions: Gauge::default(),
+            publish_seconds: Histogram::new([
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 2.0,
+            ]),
+        }
+    }
+
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "broker_up",
+            "1 while the node reaches its cluster's broker (BROKER_URL)",
+            self.up.clone(),
+        );
+        r.register(
+            "broker_connects",
+            "Connections made to the broker (the first, then reconnects)",
+            self.connects.clone(),
+        );
+        r.register(
+            "broker_published",
+            "Messages handed to the broker and accepted by it",
+            self.published.clone(),
+        );
+        r.register(
+            "broker_publish_failed",
+            "Publishes the broker did not take (unreachable or timed out); each got an error",
+            self.publish_failed.clone(),
+        );
+        r.register(
+            "broker_received",
+            "Messages received from the broker",
+            self.received.clone(),
+        );
+        r.register(
+            "broker_malformed",
+            "Messages from the broker that were not herald's and were dropped",
+            self.malformed.clone(),
+        );
+        r.register(
+            "broker_subscriptions",
+            "Channels this node is subscribed to on the broker",
+            self.subscriptions.clone(),
+        );
+        r.register(
+            "broker_publish_duration_seconds",
+            "Time from handing a batch of publishes to the broker to its answer",
+            self.publish_seconds.clone(),
+        );
+    }
 }
 
 /// Buckets for outgoing HTTP request durations, 1 ms to 10 s.
@@ -143,6 +221,8 @@ impl Metrics {
             "Messages that could not be written to HISTORY_DIR (queue full, disk full); their channels start new epochs",
             history_disk_dropped.clone(),
         );
+        let broker = BrokerMetrics::new();
+        broker.register(registry);
         let rejected = Family::<Labels, Counter>::default();
         registry.register(
             "rejected_upgrades",
@@ -209,6 +289,7 @@ impl Metrics {
             webhook_drops,
             history_disk_written,
             history_disk_dropped,
+            broker,
         }
     }
 

@@ -30,6 +30,7 @@ use crate::engine::core::owner_of;
 use crate::engine::history::HistorySink;
 use crate::engine::message::route_hash;
 use crate::frontends::{FrontEnds, Loaded};
+use crate::integrations::cluster::Cluster;
 use crate::integrations::history_disk::HistoryDisk;
 use crate::integrations::metrics::Metrics;
 use crate::worker::{Shared, Worker};
@@ -55,6 +56,8 @@ pub enum ServerError {
     WorkerFailed(usize, String),
     #[error(transparent)]
     History(#[from] crate::integrations::history_disk::DiskError),
+    #[error(transparent)]
+    Cluster(#[from] crate::integrations::cluster::ClusterError),
 }
 
 enum Event {
@@ -64,7 +67,10 @@ enum Event {
 }
 
 /// Runs herald until SIGINT/SIGTERM.
-pub fn run(config: Config, loaded: impl Into<Loaded>) -> Result<(), ServerError> {
+pub fn run(mut config: Config, loaded: impl Into<Loaded>) -> Result<(), ServerError> {
+    if config.broker_url.is_some() && config.node_id.is_none() {
+        config.node_id = Some(random_node_id());
+    }
     raise_nofile_limit(config.max_connections, config.max_pending);
     let workers = config.worker_count();
     let wanted = SocketAddr::new(config.host(), config.port);
@@ -120,6 +126,14 @@ pub fn run(config: Config, loaded: impl Into<Loaded>) -> Result<(), ServerError>
         disk.map(|(d, r)| (d as Arc<dyn HistorySink>, r)),
         metrics,
     );
+    if let Some(url) = &shared.config.broker_url {
+        let node = shared.config.node_id.as_deref().unwrap_or("");
+        let window = shared.config.idempotency_window.as_millis() as u64;
+        let broker = shared.metrics.broker.clone();
+        let cluster = Cluster::start(url, node, shared.hub.clone(), broker, window)?;
+        shared.hub.join_cluster(cluster);
+        tracing::info!(node, "in a cluster through {}", url.redacted());
+    }
     let uring = match shared.config.io_driver {
         IoDriver::Epoll => false,
         IoDriver::IoUring | IoDriver::Auto => {
@@ -254,6 +268,16 @@ pub fn run(config: Config, loaded: impl Into<Loaded>) -> Result<(), ServerError>
             Ok(())
         }
     }
+}
+
+/// A node name for a cluster member started without NODE_ID.
+fn random_node_id() -> String {
+    let mut b = [0u8; 6];
+    let _ = getrandom::fill(&mut b);
+    b.iter().fold(String::from("node-"), |mut s, x| {
+        s.push_str(&format!("{x:02x}"));
+        s
+    })
 }
 
 /// Raises RLIMIT_NOFILE's soft limit to what MAX_CONNECTIONS and

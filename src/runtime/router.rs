@@ -182,15 +182,33 @@ async fn upgrade(
 
 /// `GET /health`: 200 once every reactor accepts, 503 while starting or
 /// stopping.
+/// In a cluster, also 503 (`"status":"broker_unreachable"`, with the
+/// reason) while the node cannot reach its broker.
 fn health(shared: &Shared) -> (u16, Vec<u8>) {
     let ready = shared.ready.load(Ordering::Acquire);
-    let ok = ready == shared.workers && !shared.is_shutting_down();
-    let body = serde_json::json!({
-        "status": if ok { "ok" } else if shared.is_shutting_down() { "stopping" } else { "starting" },
+    let broker = shared.hub.broker().and_then(|b| b.unavailable());
+    let ok = ready == shared.workers && !shared.is_shutting_down() && broker.is_none();
+    let status = if shared.is_shutting_down() {
+        "stopping"
+    } else if ready < shared.workers {
+        "starting"
+    } else if broker.is_some() {
+        "broker_unreachable"
+    } else {
+        "ok"
+    };
+    let mut body = serde_json::json!({
+        "status": status,
         "workers": shared.workers,
         "ready_workers": ready,
         "connections": shared.connections.load(Ordering::Relaxed),
     });
+    if let Some(node) = shared.config.node_id.as_deref() {
+        body["node"] = node.into();
+    }
+    if let Some(why) = broker {
+        body["reason"] = why.into();
+    }
     (if ok { 200 } else { 503 }, body.to_string().into_bytes())
 }
 

@@ -249,7 +249,9 @@ async fn publish(
 async fn publish_parsed(worker: &Worker, p: protocol::HttpPublish<'_>) -> Answer {
     let msg = protocol::message_frame(&p.channel, p.data);
     let key = p.idempotency_key.as_deref().map(Into::into);
-    if worker.core.hub.keeps(0, &p.channel).is_none() {
+    // In a cluster the answer waits for the broker (503 when it is
+    // unreachable).
+    if worker.core.hub.keeps(0, &p.channel).is_none() && worker.core.hub.broker().is_none() {
         worker.core.publish_with(msg, None, key, None);
         return accepted();
     }
@@ -259,6 +261,10 @@ async fn publish_parsed(worker: &Worker, p: protocol::HttpPublish<'_>) -> Answer
     });
     worker.core.publish_with(msg, None, key, Some(done));
     match rx.await {
+        Ok(outcome) if outcome.unavailable => {
+            let msg = "the cluster's broker is unreachable; try again later";
+            json_error(ErrorCode::Unavailable, msg)
+        }
         Ok(outcome) => match outcome.position {
             Some((epoch, offset)) => {
                 // In protocol.md's order; epochs are the server's own hex.

@@ -28,6 +28,8 @@ pub enum ErrorCode {
     RateLimited,
     /// protocol.md 1.1: history asked of a channel that keeps none.
     NotFound,
+    /// herald's extension: the node cannot reach its cluster's broker.
+    Unavailable,
 }
 
 impl ErrorCode {
@@ -39,6 +41,7 @@ impl ErrorCode {
             ErrorCode::TooLarge => "too_large",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::NotFound => "not_found",
+            ErrorCode::Unavailable => "unavailable",
         }
     }
 
@@ -51,6 +54,7 @@ impl ErrorCode {
             ErrorCode::TooLarge => 413,
             ErrorCode::RateLimited => 429,
             ErrorCode::NotFound => 404,
+            ErrorCode::Unavailable => 503,
         }
     }
 }

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use super::protocol::{self, ErrorCode, Op, Position};
 use super::Native;
 use crate::auth::Grant;
-use crate::engine::core::{Core, Done, Join};
+use crate::engine::core::{Core, Done, Join, Subscribed};
 use crate::engine::history::{Keep, Outcome, Since, Stream};
 use crate::engine::message::{Encoding, Message};
 use crate::engine::shard::SubscribeError;
@@ -297,6 +297,28 @@ fn defer(
     }))))
 }
 
+/// The reply to a subscribe to a channel without history.
+fn subscribed(
+    result: Result<(), SubscribeError>,
+    channel: &str,
+    id: Option<&str>,
+    since: bool,
+) -> Bytes {
+    match result {
+        // protocol.md 1.1: `since` on a channel without history.
+        Ok(()) if since => protocol::subscribed_unrecovered(channel, id),
+        Ok(()) => protocol::subscribed(channel, id),
+        Err(SubscribeError::TooMany(n)) => too_many(id, n),
+        Err(SubscribeError::Unavailable) => cluster_unavailable(id),
+    }
+}
+
+/// herald's extension: the node cannot reach its cluster's broker.
+fn cluster_unavailable(id: Option<&str>) -> Bytes {
+    let msg = "the cluster's broker is unreachable; try again later";
+    protocol::error(id, ErrorCode::Unavailable, msg)
+}
+
 fn too_many(id: Option<&str>, n: usize) -> Bytes {
     let msg = format!("subscription limit of {n} channels reached");
     protocol::error(id, ErrorCode::Forbidden, &msg)
@@ -318,12 +340,25 @@ fn apply(
     let reply = match action {
         Action::Subscribe => match keep {
             Some(keep) => return join(cx, channel, id, keep, extra.since),
-            None => match core.subscribe(cx.key, channel) {
-                // protocol.md 1.1: `since` on a channel without history.
-                Ok(()) if extra.since.is_some() => protocol::subscribed_unrecovered(channel, id),
-                Ok(()) => protocol::subscribed(channel, id),
-                Err(SubscribeError::TooMany(n)) => too_many(id, n),
-            },
+            // In a cluster the reply waits until the node receives the
+            // channel from the other nodes.
+            None if core.hub.broker().is_some() => {
+                let fill = reply_later(cx);
+                let (name, id) = (Box::<str>::from(channel), id.map(Box::<str>::from));
+                let asked = extra.since.is_some();
+                let then: Subscribed = Box::new(move |core, result| {
+                    let frame = subscribed(result, &name, id.as_deref(), asked);
+                    fill(core, vec![frame]);
+                });
+                core.subscribe_then(cx.key, channel, then);
+                return;
+            }
+            None => subscribed(
+                core.subscribe(cx.key, channel),
+                channel,
+                id,
+                extra.since.is_some(),
+            ),
         },
         Action::Unsubscribe => {
             core.unsubscribe(cx.key, channel);
@@ -334,7 +369,24 @@ fn apply(
                 return;
             };
             let key = extra.idempotency_key;
+            // In a cluster the publish is answered once the broker took
+            // it: an ack, or `unavailable` (with or without an id).
+            let clustered = core.hub.broker().is_some();
             match (id, keep) {
+                (_, None) if clustered => {
+                    let fill = reply_later(cx);
+                    let id: Option<Box<str>> = id.map(Into::into);
+                    let done: Done = Box::new(move |core, outcome: &Outcome| {
+                        let frames = match (outcome.unavailable, &id) {
+                            (true, id) => vec![cluster_unavailable(id.as_deref())],
+                            (false, Some(id)) => vec![protocol::ack(id)],
+                            (false, None) => Vec::new(),
+                        };
+                        fill(core, frames);
+                    });
+                    core.publish_with(msg, Some(cx.key), key, Some(done));
+                    return;
+                }
                 (None, _) => {
                     core.publish_with(msg, Some(cx.key), key, None);
                     return;
@@ -393,6 +445,7 @@ fn join(cx: &Cx<'_>, channel: &str, id: Option<&str>, keep: Keep, since: Option<
                 frames
             }
             Err(SubscribeError::TooMany(n)) => vec![too_many(id.as_deref(), n)],
+            Err(SubscribeError::Unavailable) => vec![cluster_unavailable(id.as_deref())],
         };
         core.shard.borrow_mut().fill_reply(key, gen, ticket, frames);
     });

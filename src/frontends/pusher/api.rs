@@ -113,6 +113,10 @@ fn trigger(
             }
         }
     }
+    // In a cluster, events that could reach no other node are refused.
+    if let Some(why) = worker.core.hub.broker().and_then(|b| b.unavailable()) {
+        return text(503, format!("cluster unavailable: {why}"));
+    }
     for ev in &events {
         // `data` is a string in the API; subscribers get that JSON string
         // literal exactly as the backend sent it.

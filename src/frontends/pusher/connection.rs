@@ -19,7 +19,7 @@ use serde_json::json;
 use super::apps::{App, WebhookEvent};
 use super::wire::{self, ChannelKind, ClientMessage};
 use super::PusherShared;
-use crate::engine::core::{Core, Join};
+use crate::engine::core::{Core, Join, Subscribed};
 use crate::engine::message::{Message, PayloadKind};
 use crate::engine::shard::SubscribeError;
 use crate::worker::Worker;
@@ -269,17 +269,20 @@ fn subscribe(
     // A cache channel's subscription takes effect on its owner core, with
     // the cached event (see `super::cache`).
     let cached = worker.core.hub.keeps(ns, channel);
+    // In a cluster (and on a cache channel) the subscription takes effect
+    // once the node receives the channel; the success waits for it.
+    let later = !already && (cached.is_some() || worker.core.hub.broker().is_some());
     if !already {
-        let refused = match cached {
-            Some(_) => worker
+        let refused = match later {
+            true => worker
                 .core
                 .shard
                 .borrow()
                 .at_subscription_limit(key)
                 .then(|| worker.core.shard.borrow().max_subscriptions()),
-            None => match worker.core.subscribe(key, &route) {
+            false => match worker.core.subscribe(key, &route) {
                 Err(SubscribeError::TooMany(n)) => Some(n),
-                Ok(()) => None,
+                Err(SubscribeError::Unavailable) | Ok(()) => None,
             },
         };
         if let Some(n) = refused {
@@ -335,7 +338,23 @@ fn subscribe(
     };
     let succeeded = wire::subscription_succeeded(channel, presence.as_deref());
     let Some(keep) = cached else {
-        push(worker, key, succeeded);
+        if !later {
+            push(worker, key, succeeded);
+            return;
+        }
+        let gen = worker.core.shard.borrow().conn(key).map_or(0, |c| c.gen);
+        let ticket = worker.core.shard.borrow_mut().reserve_reply(key, gen);
+        let name: Box<str> = channel.into();
+        let then: Subscribed = Box::new(move |core: &Core, result| {
+            let frame = match result {
+                Ok(()) => succeeded,
+                Err(e) => refusal(&name, e),
+            };
+            core.shard
+                .borrow_mut()
+                .fill_reply(key, gen, ticket, vec![frame]);
+        });
+        worker.core.subscribe_then(key, &route, then);
         return;
     };
     // The cached event (or `pusher:cache_miss`) right after the success,
@@ -359,14 +378,25 @@ fn subscribe(
                     vec![succeeded, super::cache::cache_miss(&name)]
                 }
             },
-            Err(SubscribeError::TooMany(n)) => {
-                let msg = format!("subscription limit of {n} channels reached");
-                vec![wire::subscription_error(&name, "LimitReached", &msg, 403)]
-            }
+            Err(e) => vec![refusal(&name, e)],
         };
         core.shard.borrow_mut().fill_reply(key, gen, ticket, frames);
     });
     worker.core.join(key, &route, keep, None, joined);
+}
+
+/// `pusher:subscription_error` for a subscription the engine refused.
+fn refusal(channel: &str, e: SubscribeError) -> Bytes {
+    match e {
+        SubscribeError::TooMany(n) => {
+            let msg = format!("subscription limit of {n} channels reached");
+            wire::subscription_error(channel, "LimitReached", &msg, 403)
+        }
+        SubscribeError::Unavailable => {
+            let msg = "the cluster's broker is unreachable; try again later";
+            wire::subscription_error(channel, "ServiceUnavailable", msg, 503)
+        }
+    }
 }
 
 /// `pusher:signin` (user authentication): `data.auth` must sign

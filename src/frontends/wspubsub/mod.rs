@@ -28,7 +28,9 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::endpoint::{Endpoint, LocalFuture, Upgrade};
+use crate::engine::core::Subscribed;
 use crate::engine::message::{Encoding, Message, PayloadKind};
+use crate::engine::shard::SubscribeError;
 use crate::session::{Cx, Flow, FrontEnd};
 use crate::transport::http1::head::HttpError;
 use crate::transport::ws::frame;
@@ -218,11 +220,18 @@ impl FrontEnd for Subscriber {
     fn open(&self, cx: &Cx<'_>, channel: Bytes) {
         // The channel was validated with the path.
         let channel = std::str::from_utf8(&channel).unwrap_or("");
-        if cx.worker.core.subscribe(cx.key, channel).is_err() {
-            // Only MAX_SUBSCRIPTIONS=0 refuses a first subscription.
-            let mut shard = cx.worker.core.shard.borrow_mut();
-            shard.close(cx.key, Some(1008), "subscriptions not allowed", false);
-        }
+        let key = cx.key;
+        let then: Subscribed = Box::new(move |core, result| {
+            let why = match result {
+                Ok(()) => return,
+                // Only MAX_SUBSCRIPTIONS=0 refuses a first subscription.
+                Err(SubscribeError::TooMany(_)) => (1008, "subscriptions not allowed"),
+                Err(SubscribeError::Unavailable) => (1013, "cluster unavailable"),
+            };
+            let mut shard = core.shard.borrow_mut();
+            shard.close(key, Some(why.0), why.1, false);
+        });
+        cx.worker.core.subscribe_then(cx.key, channel, then);
     }
 
     /// Subscribers' messages are ignored, as in wspubsub.

@@ -1,0 +1,324 @@
+//! Several herald nodes sharing a real Redis (`BROKER_URL`), started by
+//! the tests on loopback ports of their own: delivery across nodes,
+//! exactly once and in one order; broker subscriptions that follow the
+//! nodes' subscribers; idempotent publish across nodes; a broker that
+//! dies and comes back; a node cut off from its broker by a partition.
+
+mod common;
+
+#[path = "common/broker.rs"]
+mod broker;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use broker::{Proxy, Redis};
+use common::{http, wait_for, Client, Server};
+use serde_json::{json, Value};
+
+/// A node of a cluster on `broker` (a `redis://` URL).
+fn node(broker: &str, id: &str, extra: &[(&str, &str)]) -> Server {
+    let mut env = vec![("BROKER_URL", broker), ("NODE_ID", id)];
+    env.extend_from_slice(extra);
+    Server::start(&env)
+}
+
+fn health(server: &Server) -> (u16, Value) {
+    let (status, body) = http(server.addr, "GET", "/health", &[], b"");
+    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
+fn post_publish(server: &Server, body: Value) -> (u16, String) {
+    let headers = [("Content-Type", "application/json")];
+    http(
+        server.addr,
+        "POST",
+        "/publish",
+        &headers,
+        body.to_string().as_bytes(),
+    )
+}
+
+/// Reads `n` message frames; returns their `data`.
+fn messages(c: &mut Client, n: usize) -> Vec<Value> {
+    (0..n)
+        .map(|_| {
+            let m = c.recv_json();
+            assert_eq!(m["op"], "message", "{m}");
+            m["data"].clone()
+        })
+        .collect()
+}
+
+#[test]
+fn every_publish_reaches_every_node_once_in_one_order() {
+    let redis = Redis::start();
+    let nodes: Vec<Server> = ["a", "b", "c"]
+        .iter()
+        .map(|id| node(&redis.url(), id, &[]))
+        .collect();
+    // Two subscribers on each node (on either core).
+    let mut subs: Vec<Client> = nodes
+        .iter()
+        .flat_map(|n| [Client::connect(n, "/ws"), Client::connect(n, "/ws")])
+        .collect();
+    for s in &mut subs {
+        s.subscribe("race");
+    }
+    // Two publishers, on nodes a and b, at once, without waiting for acks.
+    const EACH: usize = 300;
+    let publishers: Vec<_> = [0usize, 1]
+        .into_iter()
+        .map(|p| {
+            let mut c = Client::connect(&nodes[p], "/ws");
+            std::thread::spawn(move || {
+                for i in 0..EACH {
+                    c.send_json(json!({"op":"publish","channel":"race","data":{"p":p,"i":i}}));
+                }
+                c.sync();
+            })
+        })
+        .collect();
+    for p in publishers {
+        p.join().unwrap();
+    }
+    let orders: Vec<Vec<Value>> = subs.iter_mut().map(|s| messages(s, 2 * EACH)).collect();
+    for (n, order) in orders.iter().enumerate() {
+        let distinct: HashSet<String> = order.iter().map(|v| v.to_string()).collect();
+        assert_eq!(distinct.len(), 2 * EACH, "subscriber {n}: a duplicate");
+        for p in 0..2 {
+            let mine: Vec<u64> = order
+                .iter()
+                .filter(|v| v["p"] == p)
+                .map(|v| v["i"].as_u64().unwrap())
+                .collect();
+            assert_eq!(
+                mine,
+                (0..EACH as u64).collect::<Vec<_>>(),
+                "publisher {p}'s order"
+            );
+        }
+        assert_eq!(
+            order, &orders[0],
+            "subscriber {n} saw another order than subscriber 0"
+        );
+    }
+    // Nothing more arrives: each message once.
+    for s in &mut subs {
+        assert_eq!(s.sync(), Vec::<Value>::new());
+    }
+}
+
+#[test]
+fn broker_subscriptions_follow_the_nodes_subscribers() {
+    let redis = Redis::start();
+    let (a, b, c) = (
+        node(&redis.url(), "a", &[]),
+        node(&redis.url(), "b", &[]),
+        node(&redis.url(), "c", &[]),
+    );
+    let mut on_a = [Client::connect(&a, "/ws"), Client::connect(&a, "/ws")];
+    let mut on_b = Client::connect(&b, "/ws");
+    for s in &mut on_a {
+        s.subscribe("news");
+    }
+    on_b.subscribe("news");
+    // One broker subscription per node with subscribers; none for c.
+    assert_eq!(redis.subscribers("herald:news"), 2);
+    // A publish from the node without subscribers (HTTP API) reaches both.
+    let (status, body) = post_publish(&c, json!({"channel":"news","data":"from c"}));
+    assert_eq!((status, body.as_str()), (202, r#"{"ok":true}"#));
+    for s in on_a.iter_mut().chain([&mut on_b]) {
+        assert_eq!(messages(s, 1), [json!("from c")]);
+    }
+    // Node a's first subscriber leaving keeps its broker subscription; the
+    // last one leaving drops it.
+    on_a[0].send_json(json!({"op":"unsubscribe","channel":"news","id":1}));
+    assert_eq!(on_a[0].recv_json()["op"], "unsubscribed");
+    assert_eq!(redis.subscribers("herald:news"), 2);
+    drop(on_a);
+    wait_for("node a to leave herald:news", || {
+        redis.subscribers("herald:news") == 1
+    });
+    let (status, _) = post_publish(&c, json!({"channel":"news","data":"after"}));
+    assert_eq!(status, 202);
+    assert_eq!(messages(&mut on_b, 1), [json!("after")]);
+    // The metrics count the node's broker traffic.
+    assert_eq!(c.metric("herald_broker_published_total"), 2.0);
+    assert_eq!(c.metric("herald_broker_up"), 1.0);
+    assert_eq!(b.metric("herald_broker_subscriptions"), 1.0);
+    assert!(b.metric("herald_broker_received_total") >= 2.0);
+}
+
+#[test]
+fn an_idempotency_key_holds_across_nodes() {
+    let redis = Redis::start();
+    let (a, b) = (node(&redis.url(), "a", &[]), node(&redis.url(), "b", &[]));
+    let mut sub = Client::connect(&a, "/ws");
+    sub.subscribe("orders");
+    let body = json!({"channel":"orders","data":"once","idempotency_key":"k-1"});
+    for n in [&a, &b, &a] {
+        let (status, _) = post_publish(n, body.clone());
+        assert_eq!(status, 202);
+    }
+    // The same key over WebSocket, on node b: acked, not delivered again.
+    let mut p = Client::connect(&b, "/ws");
+    p.send_json(
+        json!({"op":"publish","channel":"orders","data":"once","id":9,"idempotency_key":"k-1"}),
+    );
+    assert_eq!(p.recv_json(), json!({"op":"ack","id":9}));
+    p.send_json(
+        json!({"op":"publish","channel":"orders","data":"other","id":10,"idempotency_key":"k-2"}),
+    );
+    assert_eq!(p.recv_json(), json!({"op":"ack","id":10}));
+    assert_eq!(messages(&mut sub, 2), [json!("once"), json!("other")]);
+    assert_eq!(sub.sync(), Vec::<Value>::new());
+}
+
+#[test]
+fn nodes_survive_a_broker_that_dies_and_comes_back() {
+    let mut redis = Redis::start();
+    let port = redis.port;
+    let (a, b) = (node(&redis.url(), "a", &[]), node(&redis.url(), "b", &[]));
+    let mut sub = Client::connect(&a, "/ws");
+    sub.subscribe("live");
+    let mut publisher = Client::connect(&b, "/ws");
+    publisher.publish("live", json!(1));
+    assert_eq!(messages(&mut sub, 1), [json!(1)]);
+
+    redis.kill();
+    // Both nodes notice, and say why.
+    for n in [&a, &b] {
+        wait_for("/health to report the broker", || health(n).0 == 503);
+        let (_, h) = health(n);
+        assert_eq!(h["status"], "broker_unreachable", "{h}");
+        assert!(h["reason"].as_str().is_some_and(|r| !r.is_empty()), "{h}");
+    }
+    assert_eq!(b.metric("herald_broker_up"), 0.0);
+    // Publishes and new subscriptions get an error, not a silent drop.
+    publisher.send_json(json!({"op":"publish","channel":"live","data":2,"id":"p2"}));
+    let e = publisher.recv_json();
+    assert_eq!(
+        (e["op"].as_str(), e["code"].as_str(), e["id"].as_str()),
+        (Some("error"), Some("unavailable"), Some("p2")),
+        "{e}"
+    );
+    let (status, body) = post_publish(&b, json!({"channel":"live","data":3}));
+    assert_eq!(status, 503, "{body}");
+    let mut late = Client::connect(&b, "/ws");
+    late.send_json(json!({"op":"subscribe","channel":"other","id":"s"}));
+    let e = late.recv_json();
+    assert_eq!(e["code"], "unavailable", "{e}");
+
+    // The broker comes back: the nodes reconnect and subscribe again by
+    // themselves, and the old subscriber receives again.
+    let _redis = Redis::on(port);
+    for n in [&a, &b] {
+        wait_for("the node to reconnect", || health(n).0 == 200);
+    }
+    wait_for("node a to subscribe again", || {
+        _redis.subscribers("herald:live") == 1
+    });
+    publisher.publish("live", json!(4));
+    assert_eq!(messages(&mut sub, 1), [json!(4)]);
+    assert!(a.metric("herald_broker_connects_total") >= 2.0);
+    assert!(b.metric("herald_broker_publish_failed_total") >= 2.0);
+    assert!(
+        a.log().contains("cluster broker unreachable"),
+        "{}",
+        a.log()
+    );
+}
+
+#[test]
+fn a_node_cut_off_from_its_broker_says_so_and_comes_back() {
+    let redis = Redis::start();
+    let proxy = Proxy::start(redis.port);
+    // Node a reaches Redis through the proxy, node b directly.
+    let (a, b) = (node(&proxy.url(), "a", &[]), node(&redis.url(), "b", &[]));
+    let mut sub = Client::connect(&a, "/ws");
+    sub.subscribe("feed");
+    let mut publisher = Client::connect(&b, "/ws");
+    publisher.publish("feed", json!("before"));
+    assert_eq!(messages(&mut sub, 1), [json!("before")]);
+
+    // Packets dropped, nothing closed: only the pings can tell.
+    proxy.freeze();
+    let started = std::time::Instant::now();
+    wait_for("node a to find itself cut off", || health(&a).0 == 503);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(health(&b).0, 200, "node b is fine");
+    let (status, _) = post_publish(&a, json!({"channel":"feed","data":"lost"}));
+    assert_eq!(status, 503);
+
+    proxy.thaw();
+    wait_for("node a to reconnect", || health(&a).0 == 200);
+    wait_for("node a to subscribe again", || {
+        redis.subscribers("herald:feed") == 1
+    });
+    publisher.publish("feed", json!("after"));
+    assert_eq!(messages(&mut sub, 1), [json!("after")]);
+    assert_eq!(sub.sync(), Vec::<Value>::new(), "nothing else");
+}
+
+#[test]
+fn pusher_events_cross_nodes() {
+    const APPS: &str = r#"[{"id":"a1","key":"k1","secret":"s1"}]"#;
+    let redis = Redis::start();
+    let (a, b) = (
+        node(&redis.url(), "a", &[("APPS", APPS)]),
+        node(&redis.url(), "b", &[("APPS", APPS)]),
+    );
+    let mut c = Client::connect(&a, "/app/k1?protocol=7&client=test");
+    assert_eq!(c.recv_json()["event"], "pusher:connection_established");
+    c.send_json(json!({"event":"pusher:subscribe","data":{"channel":"prices"}}));
+    let r = c.recv_json();
+    assert_eq!(r["event"], "pusher_internal:subscription_succeeded", "{r}");
+    // Pusher app channels are namespaced on the broker too.
+    assert_eq!(redis.subscribers("herald:1#prices"), 1);
+    let body = json!({"name":"tick","channel":"prices","data":"{\"p\":1}"}).to_string();
+    let (status, reply) = pusher_trigger(&b, &body);
+    assert_eq!(status, 200, "{reply}");
+    let ev = c.recv_json();
+    assert_eq!(
+        (
+            ev["event"].as_str(),
+            ev["channel"].as_str(),
+            ev["data"].as_str()
+        ),
+        (Some("tick"), Some("prices"), Some("{\"p\":1}")),
+        "{ev}"
+    );
+    // A native client of the same name is another channel.
+    let mut native = Client::connect(&a, "/ws");
+    native.subscribe("prices");
+    let (status, _) = pusher_trigger(&b, &body);
+    assert_eq!(status, 200);
+    assert_eq!(c.recv_json()["event"], "tick");
+    assert_eq!(native.sync(), Vec::<Value>::new());
+}
+
+/// `POST /apps/a1/events`, signed with app a1's secret.
+fn pusher_trigger(server: &Server, body: &str) -> (u16, String) {
+    use md5::Digest;
+    let ts = common::unix_now().to_string();
+    let md5: String = md5::Md5::digest(body.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let path = "/apps/a1/events";
+    let q = format!("auth_key=k1&auth_timestamp={ts}&auth_version=1.0&body_md5={md5}");
+    let sig = common::hmac_sha256_hex("s1", format!("POST\n{path}\n{q}").as_bytes());
+    let headers = [("Content-Type", "application/json")];
+    http(
+        server.addr,
+        "POST",
+        &format!("{path}?{q}&auth_signature={sig}"),
+        &headers,
+        body.as_bytes(),
+    )
+}

@@ -1,0 +1,194 @@
+//! Real brokers for the cluster tests: a `redis-server` of the test's own
+//! on a loopback port (installed by scripts/test-deps.sh), and a TCP proxy
+//! that can cut a node off from it without closing anything, as a network
+//! partition does.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::wait_for;
+
+/// A free loopback port (bound, then released for the server to take).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A `redis-server` on a loopback port, without persistence, killed on
+/// drop.
+pub struct Redis {
+    child: Option<Child>,
+    pub port: u16,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        Self::on(free_port())
+    }
+
+    /// Starts (or restarts) on `port`, and waits until it answers.
+    pub fn on(port: u16) -> Redis {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (scripts/test-deps.sh installs it)");
+        let r = Redis {
+            child: Some(child),
+            port,
+        };
+        wait_for("redis-server to answer", || r.cli(&["PING"]) == "PONG");
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Runs a command with `redis-cli`; its output, trimmed.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// How many connections are subscribed to broker channel `channel`.
+    pub fn subscribers(&self, channel: &str) -> u64 {
+        let out = self.cli(&["PUBSUB", "NUMSUB", channel]);
+        out.lines()
+            .nth(1)
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Kills the server at once (SIGKILL), as a crash does.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A TCP proxy to `127.0.0.1:upstream` that can be frozen: while frozen it
+/// forwards nothing and closes nothing (bytes are dropped, new
+/// connections wait), as when a network partition drops packets.
+pub struct Proxy {
+    pub port: u16,
+    frozen: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Proxy {
+    pub fn start(upstream: u16) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let port = listener.local_addr().unwrap().port();
+        let frozen = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (f, s) = (frozen.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if s.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(client) = client else { continue };
+                let (f, s) = (f.clone(), s.clone());
+                std::thread::spawn(move || {
+                    // A connection made during a partition goes nowhere.
+                    while f.load(Ordering::SeqCst) && !s.load(Ordering::SeqCst) {
+                        std::thread::sleep(Duration::from_millis(20));
+                        let mut probe = [0u8; 1];
+                        client.set_nonblocking(true).ok();
+                        if let Ok(0) = client.peek(&mut probe) {
+                            return;
+                        }
+                    }
+                    client.set_nonblocking(false).ok();
+                    let Ok(up) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                        return;
+                    };
+                    pump_both(client, up, f, s);
+                });
+            }
+        });
+        Proxy { port, frozen, stop }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn freeze(&self) {
+        self.frozen.store(true, Ordering::SeqCst);
+    }
+
+    pub fn thaw(&self) {
+        self.frozen.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+fn pump_both(a: TcpStream, b: TcpStream, frozen: Arc<AtomicBool>, stop: Arc<AtomicBool>) {
+    let (a2, b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+    let (f2, s2) = (frozen.clone(), stop.clone());
+    std::thread::spawn(move || pump(b2, a2, f2, s2));
+    pump(a, b, frozen, stop);
+}
+
+/// Copies `from` to `to` until either closes; drops what it reads while
+/// frozen (once frozen, this connection never forwards again: its stream
+/// lost bytes, as after a partition).
+fn pump(mut from: TcpStream, mut to: TcpStream, frozen: Arc<AtomicBool>, stop: Arc<AtomicBool>) {
+    let mut buf = [0u8; 16384];
+    let mut broken = false;
+    from.set_read_timeout(Some(Duration::from_millis(100))).ok();
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                broken |= frozen.load(Ordering::SeqCst);
+                if !broken && to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                broken |= frozen.load(Ordering::SeqCst);
+            }
+            Err(_) => break,
+        }
+    }
+    let _ = to.shutdown(Shutdown::Both);
+    let _ = from.shutdown(Shutdown::Both);
+}
