@@ -381,8 +381,8 @@ pub enum ConfigError {
     TooManyWorkers(usize),
     #[error("SECRET is set but empty: tokens signed with an empty key would be accepted; set a long random SECRET (e.g. openssl rand -hex 32) or unset it")]
     EmptySecret,
-    #[error("HISTORY (or HISTORY_DIR) with BROKER_URL is not supported yet: history in a cluster is not kept in the broker, so offsets would differ between nodes")]
-    HistoryInCluster,
+    #[error("HISTORY_DIR with BROKER_URL: in a cluster history is kept in the broker (Redis), not on each node's disk; unset HISTORY_DIR")]
+    HistoryDirInCluster,
 }
 
 impl Config {
@@ -418,8 +418,8 @@ impl Config {
         if self.open_mode() && !self.host().is_loopback() {
             return Err(ConfigError::OpenModeNotLoopback(self.host()));
         }
-        if self.broker_url.is_some() && (!self.history.is_empty() || self.history_dir.is_some()) {
-            return Err(ConfigError::HistoryInCluster);
+        if self.broker_url.is_some() && self.history_dir.is_some() {
+            return Err(ConfigError::HistoryDirInCluster);
         }
         Ok(())
     }

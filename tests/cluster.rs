@@ -293,6 +293,17 @@ fn pusher_events_cross_nodes() {
         (Some("tick"), Some("prices"), Some("{\"p\":1}")),
         "{ev}"
     );
+    // A cache channel's last event is the cluster's: triggered on node b
+    // before anyone subscribed, it greets a subscriber on node a.
+    let cached = json!({"name":"state","channel":"cache-room","data":"{\"v\":7}"}).to_string();
+    let (status, _) = pusher_trigger(&b, &cached);
+    assert_eq!(status, 200);
+    let mut d = Client::connect(&a, "/app/k1?protocol=7&client=test");
+    assert_eq!(d.recv_json()["event"], "pusher:connection_established");
+    d.send_json(json!({"event":"pusher:subscribe","data":{"channel":"cache-room"}}));
+    assert_eq!(d.recv_json()["event"], "pusher_internal:subscription_succeeded");
+    let ev = d.recv_json();
+    assert_eq!((ev["event"].as_str(), ev["data"].as_str()), (Some("state"), Some("{\"v\":7}")), "{ev}");
     // A native client of the same name is another channel.
     let mut native = Client::connect(&a, "/ws");
     native.subscribe("prices");
@@ -321,4 +332,205 @@ fn pusher_trigger(server: &Server, body: &str) -> (u16, String) {
         &headers,
         body.as_bytes(),
     )
+}
+
+/// The next JSON message, or a failure that says what was awaited.
+fn next(c: &mut Client, what: &str) -> Value {
+    loop {
+        match c.ws.read() {
+            Ok(tungstenite::Message::Text(t)) => return serde_json::from_str(&t).unwrap(),
+            Ok(tungstenite::Message::Ping(_)) | Ok(tungstenite::Message::Pong(_)) => continue,
+            Ok(other) => panic!("{what}: unexpected {other:?}"),
+            Err(e) => panic!("{what}: {e}"),
+        }
+    }
+}
+
+#[test]
+fn offsets_are_given_once_for_the_whole_cluster() {
+    let redis = Redis::start();
+    let history = [("HISTORY", "log=10000/1h")];
+    let nodes: Vec<Server> = ["a", "b", "c"]
+        .iter()
+        .map(|id| node(&redis.url(), id, &history))
+        .collect();
+    let mut sub = Client::connect(&nodes[2], "/ws");
+    sub.send_json(json!({"op":"subscribe","channel":"log","id":"s"}));
+    let s = sub.recv_json();
+    assert_eq!(
+        (s["op"].as_str(), s["offset"].as_u64()),
+        (Some("subscribed"), Some(0)),
+        "{s}"
+    );
+    let epoch = s["epoch"].as_str().unwrap().to_string();
+    // Two publishers on two nodes, acks with offsets.
+    const EACH: u64 = 200;
+    let publishers: Vec<_> = [0usize, 1]
+        .into_iter()
+        .map(|p| {
+            let mut c = Client::connect(&nodes[p], "/ws");
+            std::thread::spawn(move || {
+                for i in 0..EACH {
+                    c.send_json(
+                        json!({"op":"publish","channel":"log","data":{"p":p,"i":i},"id":i}),
+                    );
+                }
+                (0..EACH)
+                    .map(|i| {
+                        let ack = c.recv_json();
+                        assert_eq!(
+                            (ack["op"].as_str(), ack["id"].as_u64()),
+                            (Some("ack"), Some(i)),
+                            "{ack}"
+                        );
+                        ack["offset"].as_u64().unwrap()
+                    })
+                    .collect::<Vec<u64>>()
+            })
+        })
+        .collect();
+    let mut offsets: Vec<u64> = publishers
+        .into_iter()
+        .flat_map(|p| p.join().unwrap())
+        .collect();
+    offsets.sort_unstable();
+    assert_eq!(
+        offsets,
+        (1..=2 * EACH).collect::<Vec<_>>(),
+        "each offset once"
+    );
+    // The subscriber sees them in offset order, with the data of the ack.
+    for want in 1..=2 * EACH {
+        let m = sub.recv_json();
+        assert_eq!(m["offset"].as_u64(), Some(want), "{m}");
+    }
+    // Any node reads the same history.
+    for n in &nodes {
+        let (status, body) = http(n.addr, "GET", "/history?channel=log&limit=5", &[], b"");
+        assert_eq!(status, 200, "{body}");
+        let h: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            (h["epoch"].as_str(), h["offset"].as_u64()),
+            (Some(&*epoch), Some(2 * EACH))
+        );
+        let got: Vec<u64> = h["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["offset"].as_u64().unwrap())
+            .collect();
+        assert_eq!(got, (2 * EACH - 4..=2 * EACH).collect::<Vec<_>>());
+    }
+    // HTTP publishes get their place too, and a repeated key the first's.
+    let body = json!({"channel":"log","data":"h","idempotency_key":"once"});
+    let (_, first) = post_publish(&nodes[1], body.clone());
+    let (_, again) = post_publish(&nodes[2], body);
+    assert_eq!(
+        first,
+        format!(
+            r#"{{"ok":true,"epoch":"{epoch}","offset":{}}}"#,
+            2 * EACH + 1
+        )
+    );
+    assert_eq!(again, first);
+}
+
+#[test]
+fn recovery_on_any_node_misses_nothing_while_publishing_goes_on() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let redis = Redis::start();
+    // A client that comes back replays what it missed at once: room for it.
+    let history = [
+        ("HISTORY", "live=100000/1h"),
+        ("HISTORY_RECOVER_MAX", "100000"),
+        ("SEND_QUEUE_LIMIT", "64MiB"),
+    ];
+    let nodes: Arc<Vec<Server>> = Arc::new(
+        ["a", "b", "c"]
+            .iter()
+            .map(|id| node(&redis.url(), id, &history))
+            .collect(),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let publishing = {
+        let (stop, mut p) = (stop.clone(), Client::connect(&nodes[0], "/ws"));
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) && n < 1_000_000 {
+                n += 1;
+                p.send_json(json!({"op":"publish","channel":"live","data":n}));
+                if n % 16 == 0 {
+                    p.sync();
+                    // About 2,000 a second: the subscribers, reading a few
+                    // at a time, replay what they missed, not a backlog
+                    // of minutes.
+                    std::thread::sleep(Duration::from_millis(8));
+                }
+            }
+            n
+        })
+    };
+    const ROUNDS: usize = 400;
+    let clients: Vec<_> = (0..4)
+        .map(|k| {
+            let nodes = nodes.clone();
+            std::thread::spawn(move || {
+                // Nodes b and c, by turns: subscribe, take a few, leave
+                // (the node may drop the channel), come back with `since`,
+                // sometimes on the other node.
+                let mut at = 1 + k % 2;
+                let mut c = Client::connect(&nodes[at], "/ws");
+                c.send_json(json!({"op":"subscribe","channel":"live","id":"s"}));
+                let first = next(&mut c, "first subscribe");
+                assert_eq!(first["op"], "subscribed", "{first}");
+                let epoch = first["epoch"].as_str().unwrap().to_string();
+                let mut last = first["offset"].as_u64().unwrap();
+                let check = |v: &Value, last: &mut u64, round: usize| {
+                    assert_eq!(v["op"], "message", "client {k} round {round}: {v}");
+                    let off = v["offset"].as_u64().unwrap();
+                    assert_eq!(off, *last + 1, "client {k} round {round}: gap or duplicate");
+                    assert_eq!(
+                        v["data"].as_u64(),
+                        Some(off),
+                        "offset {off} names message {off}"
+                    );
+                    *last = off;
+                };
+                for round in 0..ROUNDS {
+                    for _ in 0..3 {
+                        let v = next(&mut c, &format!("client {k} round {round}: live"));
+                        check(&v, &mut last, round);
+                    }
+                    if round % 5 == 4 {
+                        at = 3 - at;
+                        c = Client::connect(&nodes[at], "/ws");
+                    } else {
+                        c.send_json(json!({"op":"unsubscribe","channel":"live","id":"u"}));
+                        loop {
+                            let v = next(&mut c, "unsubscribed");
+                            if v["op"] == "unsubscribed" {
+                                break;
+                            }
+                            check(&v, &mut last, round);
+                        }
+                    }
+                    c.send_json(json!({"op":"subscribe","channel":"live","id":"s",
+                                       "since":{"epoch":epoch,"offset":last}}));
+                    let v = next(&mut c, &format!("client {k} round {round}: subscribed"));
+                    assert_eq!(v["op"], "subscribed", "client {k} round {round}: {v}");
+                    assert_eq!(v["recovered"], true, "client {k} round {round}: {v}");
+                }
+                last
+            })
+        })
+        .collect();
+    let results: Vec<_> = clients.into_iter().map(|h| h.join()).collect();
+    stop.store(true, Ordering::Relaxed);
+    let published = publishing.join().unwrap();
+    for r in results {
+        let last =
+            r.unwrap_or_else(|_| panic!("a subscriber failed; node logs:\n{}", nodes[1].log()));
+        assert!(last >= (ROUNDS * 3) as u64 && last <= published);
+    }
 }

@@ -97,17 +97,19 @@ fn invalid_values_exit_2_with_one_line_naming_the_variable() {
 }
 
 #[test]
-fn history_with_a_broker_exits_2_until_it_is_supported() {
+fn history_dir_with_a_broker_exits_2() {
+    let dir = std::env::temp_dir().join(format!("herald-dir-broker-{}", std::process::id()));
     let env = [
         ("PORT", "0"),
         ("WORKERS", "1"),
         ("BROKER_URL", "redis://127.0.0.1:1"),
         ("HISTORY", "news=10/1m"),
+        ("HISTORY_DIR", dir.to_str().unwrap()),
     ];
     let (code, _out, err) = run(&env, &[]);
     assert_eq!(code, 2, "stderr {err:?}");
     assert!(
-        err.contains("HISTORY") && err.contains("BROKER_URL"),
+        err.contains("HISTORY_DIR") && err.contains("BROKER_URL"),
         "{err}"
     );
 }

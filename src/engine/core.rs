@@ -25,7 +25,7 @@ use bytes::Bytes;
 
 use super::bus::Bus;
 use super::history::{
-    HistorySink, Idempotency, Keep, Outcome, Restored, Rules, Since, Store, Stream,
+    HistoryRead, HistorySink, Idempotency, Keep, Outcome, Restored, Rules, Since, Store, Stream,
 };
 use super::interest::{Change, Interest};
 use super::message::{Encoder, Encoding, Message, MAX_KEY};
@@ -43,8 +43,13 @@ pub type Done = Box<dyn FnOnce(&Core, &Outcome) + Send>;
 /// complete; its frames are queued before any later message.
 pub type Joined = Box<dyn FnOnce(&Core, Result<Join, SubscribeError>) + Send>;
 
-/// Runs on a channel's owner with its history (`None`: it keeps none).
-pub type ReadHistory = Box<dyn FnOnce(&Core, Option<&Stream>) + Send>;
+/// Runs with what a history read found (on the channel's owner, or on
+/// the reader's core in a cluster).
+pub type ReadHistory = Box<dyn FnOnce(&Core, HistoryRead) + Send>;
+
+/// Runs on the subscriber's core with a subscription's place in the
+/// cluster's history of the channel (`None`: the broker is unreachable).
+pub type Placed = Box<dyn FnOnce(&Core, Option<Join>) + Send>;
 
 /// Runs on the subscriber's core once a subscription took effect (or
 /// was refused).
@@ -76,6 +81,23 @@ pub trait Broker: Send + Sync {
     /// Runs `ready` on core `core` once this node receives `key`'s
     /// messages from the cluster (at once if it does already).
     fn when_ready(&self, key: &str, core: usize, ready: Ready);
+    /// Like `when_ready` for a channel that keeps history (`keep`) in
+    /// the broker: `placed` runs on core `core` with the subscription's
+    /// place (and, with `since`, what to replay), once the node receives
+    /// the channel, in order with its messages: what follows it on the
+    /// core is newer than its `top`.
+    fn join(&self, key: &str, keep: Keep, since: Option<Since>, core: usize, placed: Placed);
+    /// Reads a page of `key`'s history from the broker; `read` runs on
+    /// core `core`.
+    fn read_history(
+        &self,
+        key: &str,
+        keep: Keep,
+        since: Option<Since>,
+        limit: usize,
+        core: usize,
+        read: ReadHistory,
+    );
     /// Why the node cannot reach its cluster now, if it cannot.
     fn unavailable(&self) -> Option<String>;
 }
@@ -201,15 +223,10 @@ impl Hub {
     }
 
     /// A message from the cluster (the broker client's thread, bus source
-    /// `src`): to every core of this node with subscribers of its channel,
-    /// or to its owner when the channel keeps history here (which stores
-    /// it in the order it came). Returns how many cores it was sent to.
+    /// `src`), already in its channel's order (and numbered, if its
+    /// channel keeps history, which the broker does): to every core of
+    /// this node with subscribers of its channel. Returns how many.
     pub fn arrive(&self, src: usize, msg: Arc<Message>) -> u32 {
-        if self.keeps(msg.namespace(), msg.channel()).is_some() && !msg.is_transient() {
-            let owner = self.owner(msg.hash());
-            self.bus.send(src, owner, Envelope::Sequence(msg));
-            return 1;
-        }
         let interested = msg.with_key(|k| self.interest.cores_hashed(k, msg.hash()));
         let mut cores = interested;
         while cores != 0 {
@@ -224,6 +241,16 @@ impl Hub {
     pub fn with_history(mut self, history: HistorySettings) -> Hub {
         self.history = history;
         self
+    }
+
+    /// The encoding whose frames a channel of `namespace` keeps, and the
+    /// one whose frames show offsets: the native encoding shows them; a
+    /// namespace's is kept as published (offsets are not shown in it).
+    pub fn history_encoding(&self, namespace: u16) -> (Encoding, Encoding) {
+        match (namespace, self.history.namespaced) {
+            (0, _) | (_, None) => (self.history.encoding, self.history.encoding),
+            (_, Some(n)) => (n.encoding, Encoding(u8::MAX)),
+        }
     }
 
     /// The core that sequences the channel with routing hash `hash`.
@@ -418,12 +445,7 @@ impl Core {
         }
         let position = keep.map(|keep| {
             let now = now();
-            // The native encoding shows offsets; a namespace's is kept as
-            // published.
-            let (encoding, carried_by) = match (msg.namespace(), self.hub.history.namespaced) {
-                (0, _) | (_, None) => (self.hub.history.encoding, self.hub.history.encoding),
-                (_, Some(n)) => (n.encoding, Encoding(u8::MAX)),
-            };
+            let (encoding, carried_by) = self.hub.history_encoding(msg.namespace());
             let m = Arc::get_mut(&mut msg).expect("a message is not shared before it is sequenced");
             // Herald's own channels only (a cache channel is in memory).
             let sink = self
@@ -537,6 +559,7 @@ impl Core {
         let here = self.id;
         let name: Box<str> = channel.into();
         let recover_max = self.hub.history.recover_max;
+        let since_copy = since.clone();
         let ask_owner = move |core: &Core, channel: Box<str>, joined: Joined| {
             core.run_on(
                 owner,
@@ -560,13 +583,19 @@ impl Core {
         };
         match self.hub.broker() {
             None => ask_owner(self, name, joined),
-            // In a cluster the node must receive the channel first.
-            Some(broker) => broker.when_ready(
+            // In a cluster the history is the broker's.
+            Some(broker) => broker.join(
                 channel,
+                keep,
+                since_copy,
                 here,
-                Box::new(move |core: &Core, ready| match ready {
-                    true => ask_owner(core, name, joined),
-                    false => {
+                Box::new(move |core: &Core, placed| match placed {
+                    Some(join) => {
+                        if let Some(result) = core.complete_subscribe(key, gen, &name) {
+                            joined(core, result.map(|()| join));
+                        }
+                    }
+                    None => {
                         if core.give_up_subscribe(key, gen, &name) {
                             joined(core, Err(SubscribeError::Unavailable));
                         }
@@ -651,24 +680,36 @@ impl Core {
             .is_some_and(|c| c.gen == gen && !c.is_closing())
     }
 
-    /// Runs `read` on `channel`'s owner with its history (`None` when the
-    /// channel keeps none); `read` sends what it found where it is needed.
-    pub fn read_history(&self, channel: &str, read: ReadHistory) {
+    /// Reads a page of `channel`'s history (at most `limit` messages,
+    /// after `since` or the newest) on its owner, or from the cluster's
+    /// broker; `read` runs with it (and sends it where it is needed).
+    pub fn read_history(
+        &self,
+        channel: &str,
+        since: Option<Since>,
+        limit: usize,
+        read: ReadHistory,
+    ) {
         let Some(keep) = self.hub.keeps(0, channel) else {
-            read(self, None);
+            read(self, HistoryRead::NotKept);
             return;
         };
+        if let Some(broker) = self.hub.broker() {
+            broker.read_history(channel, keep, since, limit, self.id, read);
+            return;
+        }
         let owner = self.hub.owner(super::message::route_hash(channel));
         let channel: Box<str> = channel.into();
         self.run_on(
             owner,
             Box::new(move |owner: &Core| {
                 let now = owner.shard.borrow().now();
-                let mut store = owner.history.borrow_mut();
-                let stream = store.stream(&channel, keep, now);
-                // `read` may send to other cores but never re-enters this
-                // core's store.
-                read(owner, Some(stream));
+                let page = {
+                    let mut store = owner.history.borrow_mut();
+                    let stream = store.stream(&channel, keep, now);
+                    stream.page(since.as_ref(), limit)
+                };
+                read(owner, HistoryRead::Page(page));
             }),
         );
     }

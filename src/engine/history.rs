@@ -156,6 +156,25 @@ pub struct Since {
     pub offset: u64,
 }
 
+/// A page of a channel's history: its epoch and newest offset, and some
+/// of its frames with their offsets, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    pub epoch: Arc<str>,
+    pub top: u64,
+    pub messages: Vec<(u64, Bytes)>,
+}
+
+/// What a history read found.
+#[derive(Debug)]
+pub enum HistoryRead {
+    Page(Page),
+    /// The channel keeps no history.
+    NotKept,
+    /// The history is in the cluster's broker, which cannot be reached.
+    Unavailable,
+}
+
 /// One channel's history on its owner core.
 #[derive(Debug)]
 pub struct Stream {
@@ -238,6 +257,29 @@ impl Stream {
             .enumerate()
             .map(|(i, (_, f))| (start + i as u64, f.clone()))
             .collect()
+    }
+
+    /// What a history read returns (protocol.md 1.1, "Reading history"):
+    /// the messages after `since` (from the start of the current epoch
+    /// when `since` names another, from the oldest kept when some are
+    /// gone), else the newest; at most `limit`, oldest first.
+    pub fn page(&self, since: Option<&Since>, limit: usize) -> Page {
+        let messages = match since {
+            None => self.newest(limit),
+            Some(s) => {
+                let after = if *s.epoch == *self.epoch {
+                    s.offset.max(self.first() - 1)
+                } else {
+                    self.first() - 1
+                };
+                self.after(after, limit).unwrap_or_default()
+            }
+        };
+        Page {
+            epoch: self.epoch.clone(),
+            top: self.top,
+            messages,
+        }
     }
 
     pub fn len(&self) -> usize {

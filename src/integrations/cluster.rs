@@ -1,35 +1,49 @@
 //! A node's link to its cluster (`BROKER_URL=redis://…`): the engine's
-//! [`Broker`], over Redis (or Valkey) publish/subscribe.
+//! [`Broker`], over Redis (or Valkey).
 //!
 //! One thread of its own, with a single-threaded tokio runtime and the
-//! `redis` crate, holds two connections to the broker: one subscribed to
-//! the channels this node has subscribers of, one for publishing. No
-//! reactor ever waits on it: the cores hand it commands through an
-//! unbounded queue, and it hands them messages (and the answers they wait
-//! for) through the engine's bus, as one more source.
+//! `redis` crate, holds two connections to the broker: a *subscriber*
+//! (RESP3, subscribed to the channels this node has subscribers of, and
+//! reading history) and a *publisher*. No reactor ever waits on it: the
+//! cores hand it commands through unbounded queues, and it hands them
+//! messages (and the answers they wait for) through the engine's bus, as
+//! one more source.
 //!
 //! - **Order.** Every publish, this node's too, goes to the broker, and
 //!   every node delivers what comes back, in the order the broker sends
 //!   it: Redis runs commands one at a time, so each channel has one order
 //!   on every node. A publisher's messages leave in the order it sent
 //!   them (one queue, one connection, pipelined).
+//! - **History** lives in Redis: per channel a stream of the last
+//!   messages (`herald:h:<key>`, `MAXLEN` the channel's size, each entry
+//!   with the broker's time, read back within the TTL) and a hash with the
+//!   epoch and top offset (`herald:m:<key>`). A script numbers, stores and
+//!   publishes each message at once, so offsets are cluster-wide and come
+//!   in order.
+//! - **Exact recovery on any node.** A subscription with history reads its
+//!   place on the subscriber connection itself, once the node is
+//!   subscribed: RESP3 puts the reply in the stream of pushed messages
+//!   exactly where the read ran, so every message before it is in the
+//!   read and every one after it is newer. Messages of that channel are
+//!   held while the read is out and released around its answer: no gap,
+//!   no duplicate.
 //! - **Interest.** The node subscribes on the broker only to the channels
 //!   it has subscribers of, following the interest map's first/last
 //!   subscriber events; each burst of changes is one `SUBSCRIBE` and one
 //!   `UNSUBSCRIBE`. A subscription is confirmed to its client only once
-//!   the broker confirmed the node's (`Broker::when_ready`), so what is
-//!   published after the client's `subscribed` reaches it.
+//!   the broker confirmed the node's, so what is published after the
+//!   client's `subscribed` reaches it.
 //! - **Failures.** A connection that closes, a command or a ping that
 //!   gets no answer within [`COMMAND_TIMEOUT`] marks the link down: the
 //!   node reconnects with backoff and subscribes again to everything; in
-//!   between, `/health` answers 503 with the reason, and every publish and
-//!   every subscription that needs the broker gets an error (never a
-//!   silent drop).
-//! - **Idempotency.** A publish with an idempotency key is published by a
-//!   small script that first sets the key (`SET NX PX`), so a repeat is
-//!   dropped cluster-wide within the window.
+//!   between, `/health` answers 503 with the reason, and every publish,
+//!   subscription and history read that needs the broker gets an error
+//!   (never a silent drop).
+//! - **Idempotency.** A publish with an idempotency key sets the key in
+//!   Redis (`SET NX PX`, in the same script), so a repeat is dropped
+//!   cluster-wide within the window and answered with the first's place.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -37,27 +51,25 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::stream::FuturesUnordered;
+use futures_util::stream::{FuturesOrdered, FuturesUnordered};
 use futures_util::StreamExt;
-use redis::aio::{MultiplexedConnection, PubSubSink, PubSubStream};
+use redis::aio::MultiplexedConnection;
+use redis::{PushInfo, PushKind, Value};
 use tokio::sync::mpsc;
 
 use super::metrics::BrokerMetrics;
 use crate::config::BrokerUrl;
-use crate::engine::core::{Broker, Done, Envelope, Hub, Ready};
-use crate::engine::history::Outcome;
+use crate::engine::core::{Broker, Core, Done, Envelope, Hub, Join, Placed, ReadHistory, Ready};
+use crate::engine::history::{new_epoch, HistoryRead, Keep, Outcome, Page, Since, META_TTL_MS};
 use crate::engine::interest::Change;
 use crate::engine::message::Message;
 
 /// Broker channel of a routing key: this prefix, then the key.
 pub const CHANNEL_PREFIX: &str = "herald:";
-/// Broker key of an idempotency key: this prefix, the routing key, a
-/// space, the publisher's key.
-const IDEMPOTENCY_PREFIX: &str = "herald:idem:";
-/// How long a connection attempt, a batch of publishes, a subscription
-/// or a ping may take before the link is declared down.
+/// How long a connection attempt, a batch of publishes, a subscription,
+/// a read or a ping may take before the link is declared down.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
-/// How often each connection is pinged when nothing else shows it alive.
+/// How often each connection is pinged.
 const PING_EVERY: Duration = Duration::from_millis(1000);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -66,10 +78,90 @@ const MAX_BATCH: usize = 1024;
 /// Most channels in one SUBSCRIBE.
 const SUBSCRIBE_CHUNK: usize = 1024;
 
-/// Publishes `ARGV[3]` on channel `ARGV[2]` unless the idempotency key
-/// `KEYS[1]` was set within `ARGV[1]` milliseconds (then -1).
-const IDEMPOTENT_PUBLISH: &str = "if redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then \
-     return redis.call('PUBLISH', ARGV[2], ARGV[3]) else return -1 end";
+/// Publishes a message of a channel without history, unless its
+/// idempotency key was seen. KEYS: idempotency key. ARGV: broker
+/// channel, message, window (ms). Returns {1, ""}, or {0, ""} for a repeat.
+const PUBLISH_ONCE: &str = r"
+if redis.call('SET', KEYS[1], '', 'NX', 'PX', ARGV[3]) then
+  redis.call('PUBLISH', ARGV[1], ARGV[2])
+  return {1, ''}
+end
+return {0, ''}
+";
+
+/// Numbers, keeps and publishes a message of a channel with history.
+/// KEYS: stream, meta, idempotency key (or the meta again, with window
+/// 0). ARGV: broker channel, message, size, ttl (ms), a new epoch (used
+/// when the channel has none), meta ttl (ms), idempotency window (ms).
+/// Returns {1, "epoch offset"}, or {0, "epoch offset"} of the first for a
+/// repeated idempotency key. The published message is
+/// `o<epoch> <offset>\n` then the message.
+const PUBLISH_KEPT: &str = r"
+local window = tonumber(ARGV[7])
+if window > 0 then
+  local first = redis.call('GET', KEYS[3])
+  if first then return {0, first} end
+end
+local epoch = redis.call('HGET', KEYS[2], 'e')
+if not epoch then
+  epoch = ARGV[5]
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[2], 'e', epoch, 't', 0)
+end
+local top = redis.call('HINCRBY', KEYS[2], 't', 1)
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[3], top .. '-1', 'm', ms, 'd', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[6])
+local place = epoch .. ' ' .. top
+redis.call('PUBLISH', ARGV[1], 'o' .. place .. '\n' .. ARGV[2])
+if window > 0 then redis.call('SET', KEYS[3], place, 'PX', window) end
+return {1, place}
+";
+
+/// Reads a channel's history. KEYS: stream, meta. ARGV: mode (`n`: the
+/// newest N; `a`: after offset S of epoch E, from the oldest kept when E
+/// is another epoch), N, E, S, ttl (ms), a new epoch (for a channel
+/// without one), meta ttl (ms). Returns {epoch, top, offset, message,
+/// offset, message, ...}, oldest first, within the ttl.
+const READ: &str = r"
+local epoch = redis.call('HGET', KEYS[2], 'e')
+if not epoch then
+  epoch = ARGV[6]
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[2], 'e', epoch, 't', 0)
+end
+redis.call('PEXPIRE', KEYS[2], ARGV[7])
+local top = tonumber(redis.call('HGET', KEYS[2], 't'))
+local now = redis.call('TIME')
+local oldest = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - tonumber(ARGV[5])
+local n = tonumber(ARGV[2])
+local entries
+if ARGV[1] == 'n' then
+  entries = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', n)
+  local r = {}
+  for i = #entries, 1, -1 do r[#r + 1] = entries[i] end
+  entries = r
+else
+  local from = '-'
+  if ARGV[3] == epoch then from = '(' .. ARGV[4] .. '-1' end
+  entries = redis.call('XRANGE', KEYS[1], from, '+', 'COUNT', n)
+end
+local out = {epoch, top}
+for _, e in ipairs(entries) do
+  local f = e[2]
+  local ms, data = nil, nil
+  for i = 1, #f, 2 do
+    if f[i] == 'm' then ms = tonumber(f[i + 1]) elseif f[i] == 'd' then data = f[i + 1] end
+  end
+  if ms and data and ms >= oldest then
+    out[#out + 1] = tonumber(string.match(e[1], '^(%d+)'))
+    out[#out + 1] = data
+  end
+end
+return out
+";
 
 /// Why the link could not start.
 #[derive(Debug, thiserror::Error)]
@@ -83,13 +175,11 @@ pub enum ClusterError {
     Thread(std::io::Error),
 }
 
-enum Publish {
-    One {
-        src: usize,
-        msg: Arc<Message>,
-        idempotency_key: Option<Box<str>>,
-        done: Option<Done>,
-    },
+struct Publish {
+    src: usize,
+    msg: Arc<Message>,
+    idempotency_key: Option<Box<str>>,
+    done: Option<Done>,
 }
 
 enum Control {
@@ -102,6 +192,25 @@ enum Control {
         core: usize,
         ready: Ready,
     },
+    Join {
+        key: Box<str>,
+        ask: JoinAsk,
+    },
+    Read {
+        key: Box<str>,
+        keep: Keep,
+        since: Option<Since>,
+        limit: usize,
+        core: usize,
+        read: ReadHistory,
+    },
+}
+
+struct JoinAsk {
+    keep: Keep,
+    since: Option<Since>,
+    core: usize,
+    placed: Placed,
 }
 
 /// What the cores and `/health` see of the link.
@@ -146,10 +255,19 @@ impl Cluster {
         idempotency_window_ms: u64,
     ) -> Result<Arc<Cluster>, ClusterError> {
         let BrokerUrl::Redis(address) = url;
-        let client = redis::Client::open(address.as_str()).map_err(|source| ClusterError::Url {
+        let bad = |source| ClusterError::Url {
             url: url.redacted(),
             source,
-        })?;
+        };
+        let client = redis::Client::open(address.as_str()).map_err(bad)?;
+        // The subscriber speaks RESP3: replies and pushed messages share
+        // one ordered stream.
+        let info = client.get_connection_info().clone();
+        let resp3 = info
+            .redis_settings()
+            .clone()
+            .set_protocol(redis::ProtocolVersion::RESP3);
+        let subscriber = redis::Client::open(info.set_redis_settings(resp3)).map_err(bad)?;
         let (publishes, publish_rx) = mpsc::unbounded_channel();
         let (control, control_rx) = mpsc::unbounded_channel();
         let link = Arc::new(Link {
@@ -164,9 +282,11 @@ impl Cluster {
             node_id: node_id.to_string(),
             address: url.redacted(),
             link: link.clone(),
-            client,
+            publisher: client,
+            subscriber,
             window_ms: idempotency_window_ms.max(1),
             subs: HashMap::new(),
+            held: HashMap::new(),
             next_gen: 0,
             publish_rx,
             control_rx,
@@ -191,14 +311,10 @@ impl Cluster {
         }))
     }
 
-    /// Runs `done` on core `core` with "unavailable" (the thread is gone).
-    fn fail(&self, core: usize, done: Option<Done>) {
-        self.link.metrics.publish_failed.inc();
-        if let Some(done) = done {
-            let src = self.hub.outside_source();
-            let task = Box::new(move |c: &crate::engine::core::Core| done(c, &unavailable()));
-            self.hub.bus.send(src, core, Envelope::Run(task));
-        }
+    /// Runs `task` on core `core` (from a core: the broker thread is gone).
+    fn run_on(&self, core: usize, task: Box<dyn FnOnce(&Core) + Send>) {
+        let src = self.hub.outside_source();
+        self.hub.bus.send(src, core, Envelope::Run(task));
     }
 }
 
@@ -210,16 +326,17 @@ impl Broker for Cluster {
         idempotency_key: Option<Box<str>>,
         done: Option<Done>,
     ) {
-        let one = Publish::One {
+        let p = Publish {
             src,
             msg,
             idempotency_key,
             done,
         };
-        if let Err(mpsc::error::SendError(Publish::One { src, done, .. })) =
-            self.publishes.send(one)
-        {
-            self.fail(src, done);
+        if let Err(mpsc::error::SendError(p)) = self.publishes.send(p) {
+            self.link.metrics.publish_failed.inc();
+            if let Some(done) = p.done {
+                self.run_on(src, Box::new(move |c| done(c, &unavailable())));
+            }
         }
     }
 
@@ -236,13 +353,48 @@ impl Broker for Cluster {
             core,
             ready,
         };
-        if let Err(mpsc::error::SendError(Control::WhenReady { core, ready, .. })) =
+        if let Err(mpsc::error::SendError(Control::WhenReady { ready, .. })) =
             self.control.send(asked)
         {
-            let task = Box::new(move |c: &crate::engine::core::Core| ready(c, false));
-            self.hub
-                .bus
-                .send(self.hub.outside_source(), core, Envelope::Run(task));
+            self.run_on(core, Box::new(move |c| ready(c, false)));
+        }
+    }
+
+    fn join(&self, key: &str, keep: Keep, since: Option<Since>, core: usize, placed: Placed) {
+        let ask = JoinAsk {
+            keep,
+            since,
+            core,
+            placed,
+        };
+        let asked = Control::Join {
+            key: key.into(),
+            ask,
+        };
+        if let Err(mpsc::error::SendError(Control::Join { ask, .. })) = self.control.send(asked) {
+            self.run_on(core, Box::new(move |c| (ask.placed)(c, None)));
+        }
+    }
+
+    fn read_history(
+        &self,
+        key: &str,
+        keep: Keep,
+        since: Option<Since>,
+        limit: usize,
+        core: usize,
+        read: ReadHistory,
+    ) {
+        let asked = Control::Read {
+            key: key.into(),
+            keep,
+            since,
+            limit,
+            core,
+            read,
+        };
+        if let Err(mpsc::error::SendError(Control::Read { read, .. })) = self.control.send(asked) {
+            self.run_on(core, Box::new(move |c| read(c, HistoryRead::Unavailable)));
         }
     }
 
@@ -281,10 +433,40 @@ fn origin_tag() -> u64 {
 
 /// The broker channel of routing key `key`.
 pub fn broker_channel(key: &str) -> String {
-    let mut s = String::with_capacity(CHANNEL_PREFIX.len() + key.len());
-    s.push_str(CHANNEL_PREFIX);
-    s.push_str(key);
-    s
+    format!("{CHANNEL_PREFIX}{key}")
+}
+
+fn stream_key(key: &str) -> String {
+    format!("{CHANNEL_PREFIX}h:{key}")
+}
+
+fn meta_key(key: &str) -> String {
+    format!("{CHANNEL_PREFIX}m:{key}")
+}
+
+fn idem_key(key: &str, k: &str) -> String {
+    format!("{CHANNEL_PREFIX}idem:{key} {k}")
+}
+
+/// How long a channel's epoch and top offset outlive its last message.
+fn meta_ttl_ms(keep: Keep) -> u64 {
+    META_TTL_MS.max(keep.ttl_ms.saturating_mul(2))
+}
+
+/// Splits `o<epoch> <offset>\n<message>` (a message with history).
+fn placed_message(payload: &[u8]) -> Option<(&str, u64, &[u8])> {
+    let rest = payload.strip_prefix(b"o")?;
+    let nl = rest.iter().position(|&b| b == b'\n')?;
+    let head = std::str::from_utf8(&rest[..nl]).ok()?;
+    let (epoch, offset) = head.split_once(' ')?;
+    let offset = offset.parse().ok().filter(|&o| o > 0)?;
+    (!epoch.is_empty() && epoch.len() <= 64).then_some((epoch, offset, &rest[nl + 1..]))
+}
+
+/// Parses `"epoch offset"` (a script's answer).
+fn place(s: &str) -> Option<(Arc<str>, u64)> {
+    let (epoch, offset) = s.split_once(' ')?;
+    Some((epoch.into(), offset.parse().ok()?))
 }
 
 /// A channel's broker subscription.
@@ -294,16 +476,39 @@ struct Sub {
     /// Which request made it: an answer to an older one (the channel was
     /// dropped and wanted again meanwhile) does not count.
     gen: u64,
-    /// Cores waiting for it, and what to run there.
-    waiters: Vec<(usize, Ready)>,
+    /// What waits for it.
+    waiters: Vec<Waiter>,
 }
 
-type Pending = (usize, Option<Done>);
+enum Waiter {
+    Ready(usize, Ready),
+    Join(JoinAsk),
+}
+
+/// Messages of a channel held while reads of its place are out.
+#[derive(Default)]
+struct Held {
+    reads: usize,
+    queue: VecDeque<Arc<Message>>,
+}
+
+type Pending = (usize, Option<Done>, bool);
 type Boxed<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 /// Channels (with the request generation) in one SUBSCRIBE.
 type Keys = Vec<(Box<str>, u64)>;
 /// A batch's publishers and the broker's answers.
-type Batch = Boxed<(Vec<Pending>, Result<Vec<redis::Value>, String>)>;
+type Batch = Boxed<(Vec<Pending>, Result<Vec<Value>, String>)>;
+/// A read of a subscription's place, and its answer.
+type PlaceRead = Boxed<(Box<str>, JoinAsk, Result<Value, String>)>;
+/// A history read, and its answer.
+type PageRead = Boxed<(Result<Value, String>, ReadAsk)>;
+
+struct ReadAsk {
+    since: Option<Since>,
+    core: usize,
+    read: ReadHistory,
+    namespace: u16,
+}
 
 /// The link's thread: its state and its two queues.
 struct Node {
@@ -313,9 +518,11 @@ struct Node {
     node_id: String,
     address: String,
     link: Arc<Link>,
-    client: redis::Client,
+    publisher: redis::Client,
+    subscriber: redis::Client,
     window_ms: u64,
     subs: HashMap<Box<str>, Sub>,
+    held: HashMap<Box<str>, Held>,
     next_gen: u64,
     publish_rx: mpsc::UnboundedReceiver<Publish>,
     control_rx: mpsc::UnboundedReceiver<Control>,
@@ -323,9 +530,20 @@ struct Node {
 
 /// One connection's worth of broker.
 struct Session {
-    conn: MultiplexedConnection,
-    sink: PubSubSink,
-    stream: PubSubStream,
+    publisher: MultiplexedConnection,
+    subscriber: MultiplexedConnection,
+    pushes: mpsc::UnboundedReceiver<PushInfo>,
+}
+
+/// What the serving loop has out at the broker.
+#[derive(Default)]
+struct Out {
+    /// SUBSCRIBEs and UNSUBSCRIBEs to send, in order (a channel dropped
+    /// and wanted again must end subscribed); one out at a time.
+    ops: VecDeque<SubOp>,
+    op: Option<Boxed<(SubOp, bool)>>,
+    placing: FuturesOrdered<PlaceRead>,
+    reading: FuturesUnordered<PageRead>,
 }
 
 impl Node {
@@ -348,12 +566,10 @@ impl Node {
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep_until(until) => break,
-                    Some(Publish::One { src, done, .. }) = self.publish_rx.recv() => {
-                        self.refuse(src, done)
-                    }
+                    Some(p) = self.publish_rx.recv() => self.refuse(p.src, p.done),
                     Some(c) = self.control_rx.recv() => {
-                        let mut none = Vec::new();
-                        self.control(c, &mut none, &mut Vec::new());
+                        let mut out = Out::default();
+                        self.control(c, None, &mut Vec::new(), &mut Vec::new(), &mut out);
                     }
                     else => return,
                 }
@@ -362,24 +578,30 @@ impl Node {
     }
 
     async fn connect(&self) -> Result<Session, String> {
+        let (tx, pushes) = mpsc::unbounded_channel();
+        // Our own timeouts decide when the link is down (the crate's
+        // default gives a command 500 ms).
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(COMMAND_TIMEOUT))
+            .set_response_timeout(Some(COMMAND_TIMEOUT));
+        let subscriber_config = config.clone().set_push_sender(tx);
         let attempt = async {
-            let pubsub = self.client.get_async_pubsub().await?;
-            // Our own timeouts decide when the link is down (the crate's
-            // default gives a command 500 ms).
-            let config = redis::AsyncConnectionConfig::new()
-                .set_connection_timeout(Some(COMMAND_TIMEOUT))
-                .set_response_timeout(Some(COMMAND_TIMEOUT));
-            let conn = self
-                .client
+            let publisher = self
+                .publisher
                 .get_multiplexed_async_connection_with_config(&config)
                 .await?;
-            Ok::<_, redis::RedisError>((pubsub, conn))
+            let subscriber = self
+                .subscriber
+                .get_multiplexed_async_connection_with_config(&subscriber_config)
+                .await?;
+            Ok::<_, redis::RedisError>((publisher, subscriber))
         };
         match tokio::time::timeout(COMMAND_TIMEOUT, attempt).await {
-            Ok(Ok((pubsub, conn))) => {
-                let (sink, stream) = pubsub.split();
-                Ok(Session { conn, sink, stream })
-            }
+            Ok(Ok((publisher, subscriber))) => Ok(Session {
+                publisher,
+                subscriber,
+                pushes,
+            }),
             Ok(Err(e)) => Err(format!("cannot connect to {}: {e}", self.address)),
             Err(_) => Err(format!(
                 "no answer from {} within {COMMAND_TIMEOUT:?}",
@@ -388,15 +610,21 @@ impl Node {
         }
     }
 
-    /// The link is down: waiting subscriptions fail, every channel is to
-    /// be subscribed again on the next connection.
+    /// The link is down: waiting subscriptions and reads fail, held
+    /// messages go on, every channel is to be subscribed again on the
+    /// next connection.
     fn went_down(&mut self, reason: String) {
         self.link.set_down(reason);
         self.link.metrics.subscriptions.set(0);
         for sub in self.subs.values_mut() {
             sub.active = false;
-            for (core, ready) in sub.waiters.drain(..) {
-                send_ready(&self.hub, self.src, core, ready, false);
+            for w in sub.waiters.drain(..) {
+                fail_waiter(&self.hub, self.src, w);
+            }
+        }
+        for (_, held) in self.held.drain() {
+            for msg in held.queue {
+                self.hub.arrive(self.src, msg);
             }
         }
     }
@@ -405,25 +633,30 @@ impl Node {
     fn refuse(&self, src: usize, done: Option<Done>) {
         self.link.metrics.publish_failed.inc();
         if let Some(done) = done {
-            let task = Box::new(move |c: &crate::engine::core::Core| done(c, &unavailable()));
-            self.hub.bus.send(self.src, src, Envelope::Run(task));
+            self.run_on(src, Box::new(move |c| done(c, &unavailable())));
         }
+    }
+
+    fn run_on(&self, core: usize, task: Box<dyn FnOnce(&Core) + Send>) {
+        self.hub.bus.send(self.src, core, Envelope::Run(task));
     }
 
     /// Serves one connection until it fails; returns why.
     async fn serve(&mut self, s: Session) -> String {
         let Session {
-            conn,
-            sink,
-            mut stream,
+            publisher,
+            subscriber,
+            mut pushes,
         } = s;
-        let mut subscribing: FuturesUnordered<Boxed<(Keys, bool)>> = FuturesUnordered::new();
-        let mut unsubscribing: FuturesUnordered<Boxed<bool>> = FuturesUnordered::new();
+        let scripts = match load_scripts(&publisher).await {
+            Ok(s) => s,
+            Err(e) => return e,
+        };
+        let mut out = Out::default();
         // Everything wanted so far, again.
-        let again: Vec<(Box<str>, u64)> =
-            self.subs.iter().map(|(k, s)| (k.clone(), s.gen)).collect();
+        let again: Keys = self.subs.iter().map(|(k, s)| (k.clone(), s.gen)).collect();
         for chunk in again.chunks(SUBSCRIBE_CHUNK) {
-            subscribing.push(subscribe(&sink, chunk.to_vec()));
+            out.ops.push_back(SubOp::Subscribe(chunk.to_vec()));
         }
         self.link.set_up();
         let mut publishing: Option<Batch> = None;
@@ -432,22 +665,31 @@ impl Node {
         let mut ping = tokio::time::interval(PING_EVERY);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            if out.op.is_none() {
+                if let Some(op) = out.ops.pop_front() {
+                    out.op = Some(sub_op(&subscriber, op));
+                }
+            }
             tokio::select! {
-                m = stream.next() => match m {
-                    Some(m) => self.arrived(m.get_payload_bytes()),
-                    None => return "the broker closed the subscriber connection".into(),
+                p = pushes.recv() => match p {
+                    Some(p) => {
+                        if let Err(why) = self.pushed(p) {
+                            return why;
+                        }
+                    }
+                    None => return "the subscriber connection closed".into(),
                 },
                 Some(c) = self.control_rx.recv() => {
                     let (mut add, mut drop) = (Vec::new(), Vec::new());
-                    self.control(c, &mut add, &mut drop);
+                    self.control(c, Some(&subscriber), &mut add, &mut drop, &mut out);
                     while let Ok(c) = self.control_rx.try_recv() {
-                        self.control(c, &mut add, &mut drop);
+                        self.control(c, Some(&subscriber), &mut add, &mut drop, &mut out);
                     }
                     for chunk in drop.chunks(SUBSCRIBE_CHUNK) {
-                        unsubscribing.push(unsubscribe(&sink, chunk.to_vec()));
+                        out.ops.push_back(SubOp::Unsubscribe(chunk.to_vec()));
                     }
                     for chunk in add.chunks(SUBSCRIBE_CHUNK) {
-                        subscribing.push(subscribe(&sink, chunk.to_vec()));
+                        out.ops.push_back(SubOp::Subscribe(chunk.to_vec()));
                     }
                 }
                 Some(p) = self.publish_rx.recv(), if publishing.is_none() => {
@@ -459,7 +701,7 @@ impl Node {
                         }
                     }
                     started = Instant::now();
-                    publishing = Some(self.publish(&conn, batch));
+                    publishing = Some(self.publish(&publisher, &scripts, batch));
                 }
                 Some((pending, result)) = async { publishing.as_mut()?.await.into() }, if publishing.is_some() => {
                     publishing = None;
@@ -468,19 +710,37 @@ impl Node {
                         return why;
                     }
                 }
-                Some((keys, ok)) = subscribing.next(), if !subscribing.is_empty() => {
-                    if !ok {
-                        return "a SUBSCRIBE got no confirmation".into();
+                Some((op, ok)) = async { out.op.as_mut()?.await.into() }, if out.op.is_some() => {
+                    out.op = None;
+                    match (op, ok) {
+                        (SubOp::Subscribe(_), false) => return "a SUBSCRIBE got no confirmation".into(),
+                        (SubOp::Unsubscribe(_), false) => return "an UNSUBSCRIBE got no confirmation".into(),
+                        (SubOp::Subscribe(keys), true) => self.confirmed(keys, &subscriber, &mut out),
+                        (SubOp::Unsubscribe(_), true) => {}
                     }
-                    self.confirmed(keys);
                 }
-                Some(ok) = unsubscribing.next(), if !unsubscribing.is_empty() => {
-                    if !ok {
-                        return "an UNSUBSCRIBE got no confirmation".into();
+                Some((key, ask, answer)) = out.placing.next(), if !out.placing.is_empty() => {
+                    // Every message pushed before the answer is queued by
+                    // now: take them first.
+                    while let Ok(p) = pushes.try_recv() {
+                        if let Err(why) = self.pushed(p) {
+                            return why;
+                        }
                     }
+                    if let Err(why) = self.placed(key, ask, answer) {
+                        return why;
+                    }
+                }
+                Some((answer, ask)) = out.reading.next(), if !out.reading.is_empty() => {
+                    let read = match answer.map(|v| self.page(&v, ask.since.as_ref(), ask.namespace)) {
+                        Ok(Some(page)) => HistoryRead::Page(page),
+                        Ok(None) | Err(_) => HistoryRead::Unavailable,
+                    };
+                    let r = ask.read;
+                    self.run_on(ask.core, Box::new(move |c| r(c, read)));
                 }
                 _ = ping.tick(), if pinging.is_none() => {
-                    pinging = Some(ping_both(&conn, &sink));
+                    pinging = Some(ping_both(&publisher, &subscriber));
                 }
                 Some(result) = async { pinging.as_mut()?.await.into() }, if pinging.is_some() => {
                     pinging = None;
@@ -492,42 +752,77 @@ impl Node {
         }
     }
 
-    /// A message from the broker: to the cores with subscribers.
-    fn arrived(&self, payload: &[u8]) {
-        self.link.metrics.received.inc();
-        match Message::decode_wire(Bytes::copy_from_slice(payload), self.origin) {
-            Ok(msg) => {
-                self.hub.arrive(self.src, Arc::new(msg));
+    /// Something the broker pushed on the subscriber connection.
+    fn pushed(&mut self, p: PushInfo) -> Result<(), String> {
+        match p.kind {
+            PushKind::Message => {
+                if let Some(Value::BulkString(payload)) = p.data.get(1) {
+                    self.arrived(payload);
+                }
+                Ok(())
             }
-            Err(e) => {
-                self.link.metrics.malformed.inc();
-                tracing::debug!("dropped a message from the broker: {e}");
-            }
+            PushKind::Disconnection => Err("the subscriber connection closed".into()),
+            _ => Ok(()),
         }
     }
 
-    /// Applies one control command; channels to (un)subscribe on the
-    /// broker are added to `add` and `drop`.
-    fn control(&mut self, c: Control, add: &mut Keys, drop: &mut Vec<Box<str>>) {
-        let up = self.link.up.load(Ordering::Acquire);
+    /// A message from the broker: to the cores with subscribers (or held
+    /// while a read of its channel's place is out).
+    fn arrived(&mut self, payload: &[u8]) {
+        self.link.metrics.received.inc();
+        let (place, wire) = match placed_message(payload) {
+            Some((_, offset, wire)) => (Some(offset), wire),
+            None => (None, payload),
+        };
+        let mut msg = match Message::decode_wire(Bytes::copy_from_slice(wire), self.origin) {
+            Ok(m) => m,
+            Err(e) => {
+                self.link.metrics.malformed.inc();
+                tracing::debug!("dropped a message from the broker: {e}");
+                return;
+            }
+        };
+        if let Some(offset) = place {
+            let (_, carried_by) = self.hub.history_encoding(msg.namespace());
+            msg.set_offset(offset, carried_by);
+        }
+        let msg = Arc::new(msg);
+        if !self.held.is_empty() {
+            if let Some(held) = msg.with_key(|k| self.held.get_mut(k)) {
+                held.queue.push_back(msg);
+                return;
+            }
+        }
+        self.hub.arrive(self.src, msg);
+    }
+
+    /// Applies one control command. With a connection (`conn`), channels
+    /// to (un)subscribe are added to `add` and `drop`, reads are started
+    /// in `out`; without, the link is down and everything is refused.
+    fn control(
+        &mut self,
+        c: Control,
+        conn: Option<&MultiplexedConnection>,
+        add: &mut Keys,
+        drop: &mut Vec<Box<str>>,
+        out: &mut Out,
+    ) {
         match c {
             Control::Interest {
                 key,
                 change: Change::First,
-            } => {
-                self.want(key, add);
-            }
+            } => self.want(key, add),
             Control::Interest {
                 key,
                 change: Change::Last,
             } => {
                 if let Some(sub) = self.subs.remove(&key) {
-                    for (core, ready) in sub.waiters {
-                        send_ready(&self.hub, self.src, core, ready, false);
+                    for w in sub.waiters {
+                        fail_waiter(&self.hub, self.src, w);
                     }
                     if let Some(i) = add.iter().position(|(k, _)| *k == key) {
                         add.swap_remove(i);
-                    } else if up {
+                    } else if conn.is_some() {
                         if sub.active {
                             self.link.metrics.subscriptions.dec();
                         }
@@ -537,19 +832,59 @@ impl Node {
             }
             Control::Interest { .. } => {}
             Control::WhenReady { key, core, ready } => {
-                if !up {
-                    send_ready(&self.hub, self.src, core, ready, false);
-                    return;
-                }
-                if !self.subs.contains_key(&key) {
-                    self.want(key.clone(), add);
-                }
+                let Some(conn) = conn else {
+                    return self.run_on(core, Box::new(move |c| ready(c, false)));
+                };
+                let _ = conn;
+                self.want(key.clone(), add);
                 if let Some(sub) = self.subs.get_mut(&key) {
                     match sub.active {
                         true => send_ready(&self.hub, self.src, core, ready, true),
-                        false => sub.waiters.push((core, ready)),
+                        false => sub.waiters.push(Waiter::Ready(core, ready)),
                     }
                 }
+            }
+            Control::Join { key, ask } => {
+                let Some(conn) = conn else {
+                    return fail_waiter(&self.hub, self.src, Waiter::Join(ask));
+                };
+                self.want(key.clone(), add);
+                let active = self.subs.get(&key).is_some_and(|s| s.active);
+                match active {
+                    true => self.read_place(key, ask, conn, out),
+                    false => {
+                        if let Some(sub) = self.subs.get_mut(&key) {
+                            sub.waiters.push(Waiter::Join(ask));
+                        }
+                    }
+                }
+            }
+            Control::Read {
+                key,
+                keep,
+                since,
+                limit,
+                core,
+                read,
+            } => {
+                let Some(conn) = conn else {
+                    return self.run_on(core, Box::new(move |c| read(c, HistoryRead::Unavailable)));
+                };
+                let mode = match &since {
+                    None => Mode::Newest(limit),
+                    Some(s) => Mode::After(s, limit),
+                };
+                let eval = read_command(&key, keep, mode);
+                let namespace = namespace_of(&key);
+                let ask = ReadAsk {
+                    since,
+                    core,
+                    read,
+                    namespace,
+                };
+                let mut conn = conn.clone();
+                out.reading
+                    .push(Box::pin(async move { (query(&mut conn, eval).await, ask) }));
             }
         }
     }
@@ -572,7 +907,7 @@ impl Node {
     }
 
     /// The broker confirmed these subscriptions.
-    fn confirmed(&mut self, keys: Keys) {
+    fn confirmed(&mut self, keys: Keys, conn: &MultiplexedConnection, out: &mut Out) {
         for (key, gen) in keys {
             let Some(sub) = self.subs.get_mut(&key) else {
                 continue;
@@ -582,18 +917,154 @@ impl Node {
             }
             sub.active = true;
             self.link.metrics.subscriptions.inc();
-            for (core, ready) in sub.waiters.drain(..) {
-                send_ready(&self.hub, self.src, core, ready, true);
+            for w in std::mem::take(&mut sub.waiters) {
+                match w {
+                    Waiter::Ready(core, ready) => {
+                        send_ready(&self.hub, self.src, core, ready, true)
+                    }
+                    Waiter::Join(ask) => self.read_place(key.clone(), ask, conn, out),
+                }
             }
         }
     }
 
+    /// Reads a subscription's place on the subscriber connection, holding
+    /// the channel's messages until the answer.
+    fn read_place(
+        &mut self,
+        key: Box<str>,
+        ask: JoinAsk,
+        conn: &MultiplexedConnection,
+        out: &mut Out,
+    ) {
+        self.held.entry(key.clone()).or_default().reads += 1;
+        let mode = match &ask.since {
+            None => Mode::Newest(1),
+            Some(s) => Mode::After(s, self.hub.history.recover_max + 1),
+        };
+        let eval = read_command(&key, ask.keep, mode);
+        let mut conn = conn.clone();
+        out.placing.push_back(Box::pin(async move {
+            let answer = query(&mut conn, eval).await;
+            (key, ask, answer)
+        }));
+    }
+
+    /// The answer to a read of a subscription's place: the messages held
+    /// meanwhile that it covers go first (the subscriber is not there yet),
+    /// then the subscription, then the newer ones.
+    fn placed(
+        &mut self,
+        key: Box<str>,
+        ask: JoinAsk,
+        answer: Result<Value, String>,
+    ) -> Result<(), String> {
+        let join = answer.and_then(|v| {
+            self.join_of(&v, ask.since.as_ref(), namespace_of(&key))
+                .ok_or_else(|| "an unreadable history answer".to_string())
+        });
+        let top = join.as_ref().map_or(u64::MAX, |j| j.top);
+        if let Some(held) = self.held.get_mut(&key) {
+            while held.queue.front().is_some_and(|m| m.offset() <= top) {
+                if let Some(m) = held.queue.pop_front() {
+                    self.hub.arrive(self.src, m);
+                }
+            }
+        }
+        let placed = ask.placed;
+        let result = match &join {
+            Ok(_) => Ok(()),
+            Err(why) => Err(why.clone()),
+        };
+        let join = join.ok();
+        self.run_on(ask.core, Box::new(move |c| placed(c, join)));
+        if let Some(held) = self.held.get_mut(&key) {
+            held.reads -= 1;
+            if held.reads == 0 {
+                if let Some(held) = self.held.remove(&key) {
+                    for m in held.queue {
+                        self.hub.arrive(self.src, m);
+                    }
+                }
+            }
+        }
+        result
+    }
+
+    /// A read's answer as a subscription's place.
+    fn join_of(&self, v: &Value, since: Option<&Since>, namespace: u16) -> Option<Join> {
+        let (epoch, top, entries) = parse_read(v)?;
+        let frames = |entries: &[(u64, Bytes)]| -> Option<Vec<Bytes>> {
+            entries
+                .iter()
+                .map(|(o, wire)| self.frame(*o, wire, namespace))
+                .collect()
+        };
+        let recover_max = self.hub.history.recover_max;
+        let (recovered, replay) = match since {
+            Some(s) if *s.epoch == *epoch && s.offset <= top => {
+                let want = (top - s.offset) as usize;
+                let complete = want <= recover_max
+                    && entries.len() == want
+                    && entries
+                        .iter()
+                        .enumerate()
+                        .all(|(i, (o, _))| *o == s.offset + 1 + i as u64);
+                match complete {
+                    true => (true, frames(&entries)?),
+                    false => (false, Vec::new()),
+                }
+            }
+            _ => (false, Vec::new()),
+        };
+        let newest = match (since, entries.last()) {
+            (None, Some((o, wire))) if *o == top => Some(self.frame(*o, wire, namespace)?),
+            _ => None,
+        };
+        Some(Join {
+            epoch,
+            top,
+            recovered,
+            replay,
+            newest,
+        })
+    }
+
+    /// A read's answer as a page.
+    fn page(&self, v: &Value, since: Option<&Since>, namespace: u16) -> Option<Page> {
+        let (epoch, top, entries) = parse_read(v)?;
+        let _ = since;
+        let messages = entries
+            .iter()
+            .map(|(o, wire)| Some((*o, self.frame(*o, wire, namespace)?)))
+            .collect::<Option<Vec<_>>>()?;
+        Some(Page {
+            epoch,
+            top,
+            messages,
+        })
+    }
+
+    /// The frame subscribers (of the encoding history keeps) get for a
+    /// kept message.
+    fn frame(&self, offset: u64, wire: &Bytes, namespace: u16) -> Option<Bytes> {
+        let mut m = Message::decode_wire(wire.clone(), 0).ok()?;
+        let (encoding, carried_by) = self.hub.history_encoding(namespace);
+        m.set_offset(offset, carried_by);
+        m.frame_for(encoding, self.hub.encoders)
+    }
+
     /// One pipeline with every publish of `batch`.
-    fn publish(&self, conn: &MultiplexedConnection, batch: Vec<Publish>) -> Batch {
+    fn publish(
+        &self,
+        conn: &MultiplexedConnection,
+        scripts: &Scripts,
+        batch: Vec<Publish>,
+    ) -> Batch {
         let mut pipe = redis::pipe();
         let mut pending = Vec::with_capacity(batch.len());
         for p in batch {
-            let Publish::One {
+            let Publish {
                 src,
                 msg,
                 idempotency_key,
@@ -601,21 +1072,47 @@ impl Node {
             } = p;
             let mut wire = Vec::new();
             msg.encode_wire(self.origin, &mut wire);
-            let channel = msg.with_key(broker_channel);
-            match idempotency_key {
-                None => pipe.cmd("PUBLISH").arg(channel).arg(wire),
-                Some(k) => {
-                    let key = msg.with_key(|r| format!("{IDEMPOTENCY_PREFIX}{r} {k}"));
-                    pipe.cmd("EVAL")
-                        .arg(IDEMPOTENT_PUBLISH)
+            let key = msg.with_key(str::to_string);
+            let channel = broker_channel(&key);
+            let keep = match msg.is_transient() {
+                true => None,
+                false => self.hub.keeps(msg.namespace(), msg.channel()),
+            };
+            match (keep, &idempotency_key) {
+                (None, None) => {
+                    pipe.cmd("PUBLISH").arg(channel).arg(wire);
+                }
+                (None, Some(k)) => {
+                    pipe.cmd("EVALSHA")
+                        .arg(&scripts.once)
                         .arg(1)
-                        .arg(key)
-                        .arg(self.window_ms)
+                        .arg(idem_key(&key, k))
                         .arg(channel)
                         .arg(wire)
+                        .arg(self.window_ms);
                 }
-            };
-            pending.push((src, done));
+                (Some(keep), k) => {
+                    let meta = meta_key(&key);
+                    let (idem, window) = match k {
+                        Some(k) => (idem_key(&key, k), self.window_ms),
+                        None => (meta.clone(), 0),
+                    };
+                    pipe.cmd("EVALSHA")
+                        .arg(&scripts.kept)
+                        .arg(3)
+                        .arg(stream_key(&key))
+                        .arg(meta)
+                        .arg(idem)
+                        .arg(channel)
+                        .arg(wire)
+                        .arg(keep.size)
+                        .arg(keep.ttl_ms.max(1))
+                        .arg(&*new_epoch())
+                        .arg(meta_ttl_ms(keep))
+                        .arg(window);
+                }
+            }
+            pending.push((src, done, keep.is_some()));
         }
         let mut conn = conn.clone();
         Box::pin(async move {
@@ -633,65 +1130,197 @@ impl Node {
     fn published(
         &self,
         pending: Vec<Pending>,
-        result: Result<Vec<redis::Value>, String>,
+        result: Result<Vec<Value>, String>,
     ) -> Result<(), String> {
         let values = match result {
             Ok(v) => v,
             Err(why) => {
-                for (src, done) in pending {
+                for (src, done, _) in pending {
                     self.refuse(src, done);
                 }
                 return Err(why);
             }
         };
-        for (i, (src, done)) in pending.into_iter().enumerate() {
-            let duplicate = matches!(values.get(i), Some(redis::Value::Int(-1)));
+        for (i, (src, done, _kept)) in pending.into_iter().enumerate() {
             self.link.metrics.published.inc();
+            let outcome = outcome_of(values.get(i));
             if let Some(done) = done {
-                let outcome = Outcome {
-                    duplicate,
-                    ..Outcome::default()
-                };
-                let task = Box::new(move |c: &crate::engine::core::Core| done(c, &outcome));
-                self.hub.bus.send(self.src, src, Envelope::Run(task));
+                self.run_on(src, Box::new(move |c| done(c, &outcome)));
             }
         }
         Ok(())
     }
 }
 
+/// A publish's outcome from the broker's answer: a plain `PUBLISH`
+/// (a count), or a script's `{1|0, "epoch offset"}`.
+fn outcome_of(v: Option<&Value>) -> Outcome {
+    let Some(Value::Array(items)) = v else {
+        return Outcome::default();
+    };
+    let duplicate = matches!(items.first(), Some(Value::Int(0)));
+    let position = match items.get(1) {
+        Some(Value::BulkString(b)) => std::str::from_utf8(b).ok().and_then(place),
+        _ => None,
+    };
+    Outcome {
+        position,
+        duplicate,
+        unavailable: false,
+    }
+}
+
+/// A history read: epoch, top offset, and (offset, message) entries.
+type Entries = (Arc<str>, u64, Vec<(u64, Bytes)>);
+
+/// `{epoch, top, offset, message, ...}` from the read script.
+fn parse_read(v: &Value) -> Option<Entries> {
+    let Value::Array(items) = v else {
+        return None;
+    };
+    let epoch: Arc<str> = match items.first()? {
+        Value::BulkString(b) => std::str::from_utf8(b).ok()?.into(),
+        _ => return None,
+    };
+    let top = match items.get(1)? {
+        Value::Int(n) if *n >= 0 => *n as u64,
+        _ => return None,
+    };
+    let mut entries = Vec::with_capacity(items.len().saturating_sub(2) / 2);
+    for pair in items[2..].chunks(2) {
+        match pair {
+            [Value::Int(o), Value::BulkString(d)] if *o > 0 => {
+                entries.push((*o as u64, Bytes::copy_from_slice(d)))
+            }
+            _ => return None,
+        }
+    }
+    Some((epoch, top, entries))
+}
+
+/// The namespace of a routing key (`{n}#{channel}`, else 0).
+fn namespace_of(key: &str) -> u16 {
+    key.split_once('#')
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or(0)
+}
+
+enum Mode<'a> {
+    Newest(usize),
+    After(&'a Since, usize),
+}
+
+fn read_command(key: &str, keep: Keep, mode: Mode<'_>) -> redis::Cmd {
+    let (m, n, epoch, offset) = match mode {
+        Mode::Newest(n) => ("n", n, "", 0),
+        Mode::After(s, n) => ("a", n, &*s.epoch, s.offset),
+    };
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(READ)
+        .arg(2)
+        .arg(stream_key(key))
+        .arg(meta_key(key))
+        .arg(m)
+        .arg(n.max(1))
+        .arg(epoch)
+        .arg(offset)
+        .arg(keep.ttl_ms.max(1))
+        .arg(&*new_epoch())
+        .arg(meta_ttl_ms(keep));
+    cmd
+}
+
+async fn query(conn: &mut MultiplexedConnection, cmd: redis::Cmd) -> Result<Value, String> {
+    match tokio::time::timeout(COMMAND_TIMEOUT, cmd.query_async::<Value>(conn)).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(format!("reading history: {e}")),
+        Err(_) => Err(format!(
+            "no answer to a history read within {COMMAND_TIMEOUT:?}"
+        )),
+    }
+}
+
+/// The publish scripts' digests on the current connection.
+struct Scripts {
+    once: String,
+    kept: String,
+}
+
+async fn load_scripts(conn: &MultiplexedConnection) -> Result<Scripts, String> {
+    let mut conn = conn.clone();
+    let load = async {
+        let once: String = redis::cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(PUBLISH_ONCE)
+            .query_async(&mut conn)
+            .await?;
+        let kept: String = redis::cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(PUBLISH_KEPT)
+            .query_async(&mut conn)
+            .await?;
+        Ok::<_, redis::RedisError>(Scripts { once, kept })
+    };
+    match tokio::time::timeout(COMMAND_TIMEOUT, load).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(format!("loading scripts: {e}")),
+        Err(_) => Err(format!(
+            "no answer to SCRIPT LOAD within {COMMAND_TIMEOUT:?}"
+        )),
+    }
+}
+
 fn send_ready(hub: &Hub, src: usize, core: usize, ready: Ready, ok: bool) {
-    let task = Box::new(move |c: &crate::engine::core::Core| ready(c, ok));
+    let task = Box::new(move |c: &Core| ready(c, ok));
     hub.bus.send(src, core, Envelope::Run(task));
 }
 
-fn subscribe(sink: &PubSubSink, keys: Keys) -> Boxed<(Keys, bool)> {
-    let mut sink = sink.clone();
-    Box::pin(async move {
-        let channels: Vec<String> = keys.iter().map(|(k, _)| broker_channel(k)).collect();
-        let done = tokio::time::timeout(COMMAND_TIMEOUT, sink.subscribe(&channels)).await;
-        (keys, matches!(done, Ok(Ok(()))))
-    })
+fn fail_waiter(hub: &Hub, src: usize, w: Waiter) {
+    match w {
+        Waiter::Ready(core, ready) => send_ready(hub, src, core, ready, false),
+        Waiter::Join(ask) => {
+            let placed = ask.placed;
+            let task = Box::new(move |c: &Core| placed(c, None));
+            hub.bus.send(src, ask.core, Envelope::Run(task));
+        }
+    }
 }
 
-fn unsubscribe(sink: &PubSubSink, keys: Vec<Box<str>>) -> Boxed<bool> {
-    let mut sink = sink.clone();
+/// A change of the node's broker subscriptions.
+enum SubOp {
+    Subscribe(Keys),
+    Unsubscribe(Vec<Box<str>>),
+}
+
+fn sub_op(conn: &MultiplexedConnection, op: SubOp) -> Boxed<(SubOp, bool)> {
+    let mut conn = conn.clone();
     Box::pin(async move {
-        let channels: Vec<String> = keys.iter().map(|k| broker_channel(k)).collect();
-        let done = tokio::time::timeout(COMMAND_TIMEOUT, sink.unsubscribe(&channels)).await;
-        matches!(done, Ok(Ok(())))
+        let done = match &op {
+            SubOp::Subscribe(keys) => {
+                let channels: Vec<String> = keys.iter().map(|(k, _)| broker_channel(k)).collect();
+                tokio::time::timeout(COMMAND_TIMEOUT, conn.subscribe(&channels)).await
+            }
+            SubOp::Unsubscribe(keys) => {
+                let channels: Vec<String> = keys.iter().map(|k| broker_channel(k)).collect();
+                tokio::time::timeout(COMMAND_TIMEOUT, conn.unsubscribe(&channels)).await
+            }
+        };
+        (op, matches!(done, Ok(Ok(()))))
     })
 }
 
 /// Pings both connections: a broker that stopped answering (a partition
 /// drops packets without closing anything) is found within
 /// `PING_EVERY + COMMAND_TIMEOUT`.
-fn ping_both(conn: &MultiplexedConnection, sink: &PubSubSink) -> Boxed<Result<(), String>> {
-    let (mut conn, mut sink) = (conn.clone(), sink.clone());
+fn ping_both(
+    publisher: &MultiplexedConnection,
+    subscriber: &MultiplexedConnection,
+) -> Boxed<Result<(), String>> {
+    let (mut a, mut b) = (publisher.clone(), subscriber.clone());
     Box::pin(async move {
         let both = async {
-            redis::cmd("PING").query_async::<()>(&mut conn).await?;
-            sink.ping::<redis::Value>().await?;
+            redis::cmd("PING").query_async::<()>(&mut a).await?;
+            redis::cmd("PING").query_async::<()>(&mut b).await?;
             Ok::<_, redis::RedisError>(())
         };
         match tokio::time::timeout(COMMAND_TIMEOUT, both).await {
@@ -717,13 +1346,59 @@ mod tests {
     use super::*;
 
     #[test]
-    fn broker_channels_and_jitter() {
+    fn names_and_jitter() {
         assert_eq!(broker_channel("news"), "herald:news");
         assert_eq!(broker_channel("3#room"), "herald:3#room");
+        assert_eq!(stream_key("news"), "herald:h:news");
+        assert_eq!(meta_key("3#room"), "herald:m:3#room");
+        assert_eq!(namespace_of("3#room"), 3);
+        assert_eq!(namespace_of("news"), 0);
         for _ in 0..100 {
             let j = jitter(Duration::from_millis(1000));
             assert!(j >= Duration::from_millis(750) && j <= Duration::from_millis(1250));
         }
         assert_ne!(origin_tag(), origin_tag());
+    }
+
+    #[test]
+    fn placed_messages_and_answers() {
+        assert_eq!(
+            placed_message(b"oab12 42\nh1rest"),
+            Some(("ab12", 42, &b"h1rest"[..]))
+        );
+        for bad in [
+            &b"h1..."[..],
+            b"o 4\nx",
+            b"oab 0\nx",
+            b"oab x\nx",
+            b"oab 4x",
+            b"oab4\nx",
+        ] {
+            assert_eq!(
+                placed_message(bad),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let v = Value::Array(vec![Value::Int(1), Value::BulkString(b"e1 7".to_vec())]);
+        let o = outcome_of(Some(&v));
+        assert_eq!((o.position, o.duplicate), (Some(("e1".into(), 7)), false));
+        let v = Value::Array(vec![Value::Int(0), Value::BulkString(b"".to_vec())]);
+        let o = outcome_of(Some(&v));
+        assert_eq!((o.position, o.duplicate), (None, true));
+        assert_eq!(outcome_of(Some(&Value::Int(3))), Outcome::default());
+        let read = Value::Array(vec![
+            Value::BulkString(b"ep".to_vec()),
+            Value::Int(9),
+            Value::Int(8),
+            Value::BulkString(b"m8".to_vec()),
+            Value::Int(9),
+            Value::BulkString(b"m9".to_vec()),
+        ]);
+        let (epoch, top, entries) = parse_read(&read).unwrap();
+        assert_eq!((&*epoch, top, entries.len()), ("ep", 9, 2));
+        assert_eq!(entries[1], (9, Bytes::from_static(b"m9")));
+        assert!(parse_read(&Value::Array(vec![Value::Int(1)])).is_none());
     }
 }

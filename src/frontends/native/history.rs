@@ -5,9 +5,9 @@
 
 use std::borrow::Cow;
 
+use super::json_error;
 use super::protocol::{self, ErrorCode, Position};
-use super::{json_error, session::history_page};
-use crate::engine::history::{Since, Stream};
+use crate::engine::history::{HistoryRead, Since};
 use crate::frontends::endpoint::Answer;
 use crate::integrations::authorizer::{self, Action, Decision};
 use crate::transport::http1::head::RequestHead;
@@ -113,26 +113,31 @@ pub async fn get(worker: &Worker, head: &RequestHead, peer: &str) -> Answer {
     }
     let max = worker.core.hub.history.recover_max;
     let limit = q.limit.unwrap_or(max).min(max);
-    let (tx, rx) = tokio::sync::oneshot::channel::<Option<Vec<u8>>>();
-    let channel: Box<str> = q.channel.as_ref().into();
-    let since = q.since;
+    let (tx, rx) = tokio::sync::oneshot::channel::<HistoryRead>();
     worker.core.read_history(
         &q.channel,
-        Box::new(move |_owner, stream: Option<&Stream>| {
-            let body = stream.map(|stream| {
-                let messages = history_page(stream, since.as_ref(), limit);
-                let pos = Position {
-                    epoch: &stream.epoch,
-                    offset: stream.top,
-                };
-                protocol::history(&channel, None, pos, &messages)
-            });
-            let _ = tx.send(body);
+        q.since,
+        limit,
+        Box::new(move |_core, read: HistoryRead| {
+            let _ = tx.send(read);
         }),
     );
     match rx.await {
-        Ok(Some(body)) => Answer::json(200, body),
-        Ok(None) => json_error(ErrorCode::NotFound, "channel keeps no history"),
+        Ok(HistoryRead::Page(page)) => {
+            let pos = Position {
+                epoch: &page.epoch,
+                offset: page.top,
+            };
+            Answer::json(
+                200,
+                protocol::history(&q.channel, None, pos, &page.messages),
+            )
+        }
+        Ok(HistoryRead::NotKept) => json_error(ErrorCode::NotFound, "channel keeps no history"),
+        Ok(HistoryRead::Unavailable) => json_error(
+            ErrorCode::Unavailable,
+            "the cluster's broker is unreachable; try again later",
+        ),
         Err(_) => {
             let body = serde_json::json!({"code":"unavailable","message":"server shutting down"});
             Answer::json(503, body.to_string().into_bytes())

@@ -16,7 +16,7 @@ use super::protocol::{self, ErrorCode, Op, Position};
 use super::Native;
 use crate::auth::Grant;
 use crate::engine::core::{Core, Done, Join, Subscribed};
-use crate::engine::history::{Keep, Outcome, Since, Stream};
+use crate::engine::history::{HistoryRead, Keep, Outcome, Since};
 use crate::engine::message::{Encoding, Message};
 use crate::engine::shard::SubscribeError;
 use crate::integrations::authorizer::{self, Action, ConnAuthz, Decision};
@@ -468,44 +468,29 @@ fn read_history(
     let channel_name: Box<str> = channel.into();
     cx.worker.core.read_history(
         channel,
-        Box::new(move |owner: &Core, stream: Option<&Stream>| {
-            let frame = match stream {
-                None => protocol::error(
+        since,
+        limit,
+        Box::new(move |owner: &Core, read: HistoryRead| {
+            let frame = match read {
+                HistoryRead::NotKept => protocol::error(
                     id.as_deref(),
                     ErrorCode::NotFound,
                     &format!("channel {channel_name} keeps no history"),
                 ),
-                Some(stream) => {
-                    let messages = history_page(stream, since.as_ref(), limit);
+                HistoryRead::Unavailable => cluster_unavailable(id.as_deref()),
+                HistoryRead::Page(page) => {
                     let pos = Position {
-                        epoch: &stream.epoch,
-                        offset: stream.top,
+                        epoch: &page.epoch,
+                        offset: page.top,
                     };
                     let body =
-                        protocol::history(&channel_name, Some(id.as_deref()), pos, &messages);
+                        protocol::history(&channel_name, Some(id.as_deref()), pos, &page.messages);
                     crate::transport::ws::frame::text(&body)
                 }
             };
             fill(owner, vec![frame]);
         }),
     );
-}
-
-/// The messages a history read returns: after `since` (from the start of
-/// the current epoch when `since` names another, from the oldest kept
-/// when some are gone), else the newest; at most `limit`, oldest first.
-pub fn history_page(stream: &Stream, since: Option<&Since>, limit: usize) -> Vec<(u64, Bytes)> {
-    match since {
-        None => stream.newest(limit),
-        Some(s) => {
-            let after = if *s.epoch == *stream.epoch {
-                s.offset.max(stream.first() - 1)
-            } else {
-                stream.first() - 1
-            };
-            stream.after(after, limit).unwrap_or_default()
-        }
-    }
 }
 
 /// Applies one JSON request of protocol.md and queues its reply.
