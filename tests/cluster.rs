@@ -301,9 +301,16 @@ fn pusher_events_cross_nodes() {
     let mut d = Client::connect(&a, "/app/k1?protocol=7&client=test");
     assert_eq!(d.recv_json()["event"], "pusher:connection_established");
     d.send_json(json!({"event":"pusher:subscribe","data":{"channel":"cache-room"}}));
-    assert_eq!(d.recv_json()["event"], "pusher_internal:subscription_succeeded");
+    assert_eq!(
+        d.recv_json()["event"],
+        "pusher_internal:subscription_succeeded"
+    );
     let ev = d.recv_json();
-    assert_eq!((ev["event"].as_str(), ev["data"].as_str()), (Some("state"), Some("{\"v\":7}")), "{ev}");
+    assert_eq!(
+        (ev["event"].as_str(), ev["data"].as_str()),
+        (Some("state"), Some("{\"v\":7}")),
+        "{ev}"
+    );
     // A native client of the same name is another channel.
     let mut native = Client::connect(&a, "/ws");
     native.subscribe("prices");
@@ -533,4 +540,132 @@ fn recovery_on_any_node_misses_nothing_while_publishing_goes_on() {
             r.unwrap_or_else(|_| panic!("a subscriber failed; node logs:\n{}", nodes[1].log()));
         assert!(last >= (ROUNDS * 3) as u64 && last <= published);
     }
+}
+
+/// Publishes 1, 2, 3, ... on `channel` through `node` with acks, about
+/// 500 a second, retrying what the cluster refused (its broker down)
+/// under the same idempotency key (a refused publish may have reached
+/// Redis before the link broke), until `stop`. Returns how many were
+/// published and how many attempts were refused.
+fn publish_acked_until(
+    node: &Server,
+    channel: &'static str,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(u64, u64)> {
+    let mut p = Client::connect(node, "/ws");
+    std::thread::spawn(move || {
+        let (mut n, mut refused) = (1, 0);
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            p.send_json(json!({"op":"publish","channel":channel,"data":n,"id":n,
+                               "idempotency_key":n.to_string()}));
+            let r = p.recv_json();
+            match r["op"].as_str() {
+                Some("ack") => n += 1,
+                _ => {
+                    assert_eq!(r["code"], "unavailable", "{r}");
+                    refused += 1;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        (n - 1, refused)
+    })
+}
+
+#[test]
+fn a_node_catches_up_on_what_it_missed_while_cut_off_or_while_redis_restarted() {
+    let dir = std::env::temp_dir().join(format!("herald-aof-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = broker::free_port();
+    let mut redis = Redis::durable(port, &dir);
+    let proxy = Proxy::start(port);
+    let history = [("HISTORY", "feed=100000/1h")];
+    // Node a reaches Redis through the proxy; the publisher and a witness
+    // are on node b.
+    let (a, b) = (
+        node(&proxy.url(), "a", &history),
+        node(&redis.url(), "b", &history),
+    );
+    let mut sub = Client::connect(&a, "/ws");
+    let mut witness = Client::connect(&b, "/ws");
+    for c in [&mut sub, &mut witness] {
+        c.send_json(json!({"op":"subscribe","channel":"feed","id":"s"}));
+        assert_eq!(c.recv_json()["op"], "subscribed");
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let publishing = publish_acked_until(&b, "feed", stop.clone());
+    let mut seen = messages(&mut witness, 100);
+    // Node a is cut off while node b goes on publishing.
+    proxy.freeze();
+    wait_for("node a to find itself cut off", || health(&a).0 == 503);
+    seen.extend(messages(&mut witness, 400));
+    proxy.thaw();
+    wait_for("node a to reconnect", || health(&a).0 == 200);
+    // Then Redis dies and comes back with what it had answered.
+    seen.extend(messages(&mut witness, 100));
+    redis.kill();
+    wait_for("node b to see the broker down", || health(&b).0 == 503);
+    let _redis = Redis::durable(port, &dir);
+    wait_for("node b to reconnect", || health(&b).0 == 200);
+    seen.extend(messages(&mut witness, 100));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (total, refused) = publishing
+        .join()
+        .unwrap_or_else(|_| panic!("node a:\n{}\nnode b:\n{}", a.log(), b.log()));
+    assert!(refused > 0, "the publisher never met the outage");
+    // Both subscribers, whose connections never dropped, got every message
+    // once, in order: their nodes caught up on what they missed.
+    seen.extend(messages(&mut witness, total as usize - seen.len()));
+    let all: Vec<u64> = (1..=total).collect();
+    let seen: Vec<u64> = seen.iter().map(|v| v.as_u64().unwrap()).collect();
+    assert_eq!(seen, all, "the witness on node b");
+    let got: Vec<u64> = messages(&mut sub, total as usize)
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert_eq!(got, all, "the subscriber on node a");
+    assert_eq!(sub.sync(), Vec::<Value>::new());
+    assert_eq!(a.metric("herald_broker_gaps_total"), 0.0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn subscribers_whose_missed_messages_are_gone_are_sent_to_recover() {
+    let mut redis = Redis::start();
+    let port = redis.port;
+    let history = [("HISTORY", "feed=1000/1h")];
+    let (a, b) = (
+        node(&redis.url(), "a", &history),
+        node(&redis.url(), "b", &history),
+    );
+    let mut sub = Client::connect(&a, "/ws");
+    sub.send_json(json!({"op":"subscribe","channel":"feed","id":"s"}));
+    let s = sub.recv_json();
+    let epoch = s["epoch"].as_str().unwrap().to_string();
+    let mut p = Client::connect(&b, "/ws");
+    p.send_json(json!({"op":"publish","channel":"feed","data":1,"id":1}));
+    assert_eq!(p.recv_json()["offset"], 1);
+    assert_eq!(messages(&mut sub, 1), [json!(1)]);
+    // Redis comes back empty: a new epoch, the history is gone.
+    redis.kill();
+    wait_for("node a to see the broker down", || health(&a).0 == 503);
+    let _redis = Redis::on(port);
+    wait_for("node a to reconnect", || health(&a).0 == 200);
+    // Node a cannot fill the gap: its subscriber is closed (1001), comes
+    // back with `since`, and is told it could not recover.
+    let (code, reason) = sub.expect_close();
+    assert_eq!(code, 1001, "{reason}");
+    assert_eq!(a.metric("herald_broker_gaps_total"), 1.0);
+    let mut again = Client::connect(&a, "/ws");
+    again.send_json(
+        json!({"op":"subscribe","channel":"feed","id":"s","since":{"epoch":epoch,"offset":1}}),
+    );
+    let r = again.recv_json();
+    assert_eq!(
+        (r["op"].as_str(), r["recovered"].as_bool()),
+        (Some("subscribed"), Some(false)),
+        "{r}"
+    );
+    assert_ne!(r["epoch"].as_str(), Some(&*epoch));
 }

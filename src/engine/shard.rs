@@ -935,6 +935,21 @@ impl Shard {
         }
     }
 
+    /// Closes every subscriber of `channel`, each with its front-end's
+    /// shutdown code (they reconnect and recover what they can). Returns
+    /// how many.
+    pub fn close_subscribers(&mut self, channel: &str, reason: &str) -> usize {
+        let keys: Vec<usize> = self
+            .table(channel)
+            .map(|s| s.iter().map(|e| (e & SLOT_MASK) as usize).collect())
+            .unwrap_or_default();
+        for &key in &keys {
+            let code = self.conns.get(key).map(|c| c.shutdown_code);
+            self.close(key, code, reason, false);
+        }
+        keys.len()
+    }
+
     /// For the flushing task: ready once a writer waits for the next flush.
     pub fn poll_deferred(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         if self.deferred.is_empty() {

@@ -51,7 +51,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::stream::{FuturesOrdered, FuturesUnordered};
+use futures_util::stream::FuturesOrdered;
 use futures_util::StreamExt;
 use redis::aio::MultiplexedConnection;
 use redis::{PushInfo, PushKind, Value};
@@ -478,6 +478,10 @@ struct Sub {
     gen: u64,
     /// What waits for it.
     waiters: Vec<Waiter>,
+    /// With history: the place of the newest message this node passed on
+    /// (or a subscriber joined at), from which to catch up after the link
+    /// was down.
+    last: Option<(Box<str>, u64)>,
 }
 
 enum Waiter {
@@ -497,11 +501,17 @@ type Boxed<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 /// Channels (with the request generation) in one SUBSCRIBE.
 type Keys = Vec<(Box<str>, u64)>;
 /// A batch's publishers and the broker's answers.
-type Batch = Boxed<(Vec<Pending>, Result<Vec<Value>, String>)>;
+type Batch = Boxed<Result<Vec<Value>, String>>;
 /// A read of a subscription's place, and its answer.
-type PlaceRead = Boxed<(Box<str>, JoinAsk, Result<Value, String>)>;
-/// A history read, and its answer.
-type PageRead = Boxed<(Result<Value, String>, ReadAsk)>;
+type Answer = Boxed<Result<Value, String>>;
+
+/// Why a channel's place is read on the subscriber connection.
+enum Purpose {
+    /// A subscription's place (and what it replays).
+    Join(JoinAsk),
+    /// What the node missed after this place while the link was down.
+    CatchUp(Box<str>, u64, Keep),
+}
 
 struct ReadAsk {
     since: Option<Since>,
@@ -542,8 +552,15 @@ struct Out {
     /// and wanted again must end subscribed); one out at a time.
     ops: VecDeque<SubOp>,
     op: Option<Boxed<(SubOp, bool)>>,
-    placing: FuturesOrdered<PlaceRead>,
-    reading: FuturesUnordered<PageRead>,
+    /// Reads of channels' places, and what each is for (same order).
+    placing: FuturesOrdered<Answer>,
+    places: VecDeque<(Box<str>, Purpose)>,
+    /// History reads, and who asked (same order).
+    reading: FuturesOrdered<Answer>,
+    reads: VecDeque<ReadAsk>,
+    /// The batch of publishes out, and its publishers.
+    publishing: Option<Batch>,
+    in_flight: Vec<Pending>,
 }
 
 impl Node {
@@ -641,8 +658,30 @@ impl Node {
         self.hub.bus.send(self.src, core, Envelope::Run(task));
     }
 
-    /// Serves one connection until it fails; returns why.
+    /// Serves one connection until it fails; returns why. Whatever was
+    /// out at the broker then is answered as failed.
     async fn serve(&mut self, s: Session) -> String {
+        let mut out = Out::default();
+        let why = self.serve_with(s, &mut out).await;
+        for (src, done, _) in std::mem::take(&mut out.in_flight) {
+            self.refuse(src, done);
+        }
+        for (_, why) in out.places.drain(..) {
+            if let Purpose::Join(ask) = why {
+                fail_waiter(&self.hub, self.src, Waiter::Join(ask));
+            }
+        }
+        for ask in out.reads.drain(..) {
+            let read = ask.read;
+            self.run_on(
+                ask.core,
+                Box::new(move |c| read(c, HistoryRead::Unavailable)),
+            );
+        }
+        why
+    }
+
+    async fn serve_with(&mut self, s: Session, out: &mut Out) -> String {
         let Session {
             publisher,
             subscriber,
@@ -652,14 +691,12 @@ impl Node {
             Ok(s) => s,
             Err(e) => return e,
         };
-        let mut out = Out::default();
         // Everything wanted so far, again.
         let again: Keys = self.subs.iter().map(|(k, s)| (k.clone(), s.gen)).collect();
         for chunk in again.chunks(SUBSCRIBE_CHUNK) {
             out.ops.push_back(SubOp::Subscribe(chunk.to_vec()));
         }
         self.link.set_up();
-        let mut publishing: Option<Batch> = None;
         let mut started = Instant::now();
         let mut pinging: Option<Boxed<Result<(), String>>> = None;
         let mut ping = tokio::time::interval(PING_EVERY);
@@ -681,9 +718,9 @@ impl Node {
                 },
                 Some(c) = self.control_rx.recv() => {
                     let (mut add, mut drop) = (Vec::new(), Vec::new());
-                    self.control(c, Some(&subscriber), &mut add, &mut drop, &mut out);
+                    self.control(c, Some(&subscriber), &mut add, &mut drop, out);
                     while let Ok(c) = self.control_rx.try_recv() {
-                        self.control(c, Some(&subscriber), &mut add, &mut drop, &mut out);
+                        self.control(c, Some(&subscriber), &mut add, &mut drop, out);
                     }
                     for chunk in drop.chunks(SUBSCRIBE_CHUNK) {
                         out.ops.push_back(SubOp::Unsubscribe(chunk.to_vec()));
@@ -692,7 +729,7 @@ impl Node {
                         out.ops.push_back(SubOp::Subscribe(chunk.to_vec()));
                     }
                 }
-                Some(p) = self.publish_rx.recv(), if publishing.is_none() => {
+                Some(p) = self.publish_rx.recv(), if out.publishing.is_none() => {
                     let mut batch = vec![p];
                     while batch.len() < MAX_BATCH {
                         match self.publish_rx.try_recv() {
@@ -701,11 +738,14 @@ impl Node {
                         }
                     }
                     started = Instant::now();
-                    publishing = Some(self.publish(&publisher, &scripts, batch));
+                    let (batch, pending) = self.publish(&publisher, &scripts, batch);
+                    out.publishing = Some(batch);
+                    out.in_flight = pending;
                 }
-                Some((pending, result)) = async { publishing.as_mut()?.await.into() }, if publishing.is_some() => {
-                    publishing = None;
+                Some(result) = async { out.publishing.as_mut()?.await.into() }, if out.publishing.is_some() => {
+                    out.publishing = None;
                     self.link.metrics.publish_seconds.observe(started.elapsed().as_secs_f64());
+                    let pending = std::mem::take(&mut out.in_flight);
                     if let Err(why) = self.published(pending, result) {
                         return why;
                     }
@@ -715,11 +755,14 @@ impl Node {
                     match (op, ok) {
                         (SubOp::Subscribe(_), false) => return "a SUBSCRIBE got no confirmation".into(),
                         (SubOp::Unsubscribe(_), false) => return "an UNSUBSCRIBE got no confirmation".into(),
-                        (SubOp::Subscribe(keys), true) => self.confirmed(keys, &subscriber, &mut out),
+                        (SubOp::Subscribe(keys), true) => self.confirmed(keys, &subscriber, out),
                         (SubOp::Unsubscribe(_), true) => {}
                     }
                 }
-                Some((key, ask, answer)) = out.placing.next(), if !out.placing.is_empty() => {
+                Some(answer) = out.placing.next(), if !out.placing.is_empty() => {
+                    let Some((key, why)) = out.places.pop_front() else {
+                        continue;
+                    };
                     // Every message pushed before the answer is queued by
                     // now: take them first.
                     while let Ok(p) = pushes.try_recv() {
@@ -727,11 +770,14 @@ impl Node {
                             return why;
                         }
                     }
-                    if let Err(why) = self.placed(key, ask, answer) {
-                        return why;
+                    if let Err(e) = self.placed(key, why, answer) {
+                        return e;
                     }
                 }
-                Some((answer, ask)) = out.reading.next(), if !out.reading.is_empty() => {
+                Some(answer) = out.reading.next(), if !out.reading.is_empty() => {
+                    let Some(ask) = out.reads.pop_front() else {
+                        continue;
+                    };
                     let read = match answer.map(|v| self.page(&v, ask.since.as_ref(), ask.namespace)) {
                         Ok(Some(page)) => HistoryRead::Page(page),
                         Ok(None) | Err(_) => HistoryRead::Unavailable,
@@ -771,7 +817,7 @@ impl Node {
     fn arrived(&mut self, payload: &[u8]) {
         self.link.metrics.received.inc();
         let (place, wire) = match placed_message(payload) {
-            Some((_, offset, wire)) => (Some(offset), wire),
+            Some((epoch, offset, wire)) => (Some((epoch, offset)), wire),
             None => (None, payload),
         };
         let mut msg = match Message::decode_wire(Bytes::copy_from_slice(wire), self.origin) {
@@ -782,9 +828,10 @@ impl Node {
                 return;
             }
         };
-        if let Some(offset) = place {
+        if let Some((epoch, offset)) = place {
             let (_, carried_by) = self.hub.history_encoding(msg.namespace());
             msg.set_offset(offset, carried_by);
+            msg.with_key(|k| self.passed(k, epoch, offset));
         }
         let msg = Arc::new(msg);
         if !self.held.is_empty() {
@@ -851,7 +898,7 @@ impl Node {
                 self.want(key.clone(), add);
                 let active = self.subs.get(&key).is_some_and(|s| s.active);
                 match active {
-                    true => self.read_place(key, ask, conn, out),
+                    true => self.read_place(key, Purpose::Join(ask), conn, out),
                     false => {
                         if let Some(sub) = self.subs.get_mut(&key) {
                             sub.waiters.push(Waiter::Join(ask));
@@ -884,7 +931,8 @@ impl Node {
                 };
                 let mut conn = conn.clone();
                 out.reading
-                    .push(Box::pin(async move { (query(&mut conn, eval).await, ask) }));
+                    .push_back(Box::pin(async move { query(&mut conn, eval).await }));
+                out.reads.push_back(ask);
             }
         }
     }
@@ -901,6 +949,7 @@ impl Node {
                 active: false,
                 gen,
                 waiters: Vec::new(),
+                last: None,
             },
         );
         add.push((key, gen));
@@ -917,67 +966,142 @@ impl Node {
             }
             sub.active = true;
             self.link.metrics.subscriptions.inc();
+            if let Some((epoch, offset)) = sub.last.clone() {
+                // Subscribed again after the link was down.
+                let keep = namespace_keep(&self.hub, &key);
+                if let Some(keep) = keep {
+                    self.read_place(
+                        key.clone(),
+                        Purpose::CatchUp(epoch, offset, keep),
+                        conn,
+                        out,
+                    );
+                }
+            }
+            let Some(sub) = self.subs.get_mut(&key) else {
+                continue;
+            };
             for w in std::mem::take(&mut sub.waiters) {
                 match w {
                     Waiter::Ready(core, ready) => {
                         send_ready(&self.hub, self.src, core, ready, true)
                     }
-                    Waiter::Join(ask) => self.read_place(key.clone(), ask, conn, out),
+                    Waiter::Join(ask) => {
+                        self.read_place(key.clone(), Purpose::Join(ask), conn, out)
+                    }
                 }
             }
         }
     }
 
-    /// Reads a subscription's place on the subscriber connection, holding
-    /// the channel's messages until the answer.
+    /// Reads a channel's place on the subscriber connection, holding the
+    /// channel's messages until the answer.
     fn read_place(
         &mut self,
         key: Box<str>,
-        ask: JoinAsk,
+        why: Purpose,
         conn: &MultiplexedConnection,
         out: &mut Out,
     ) {
         self.held.entry(key.clone()).or_default().reads += 1;
-        let mode = match &ask.since {
-            None => Mode::Newest(1),
-            Some(s) => Mode::After(s, self.hub.history.recover_max + 1),
+        let after = self.hub.history.recover_max + 1;
+        let eval = match &why {
+            Purpose::Join(ask) => match &ask.since {
+                None => read_command(&key, ask.keep, Mode::Newest(1)),
+                Some(s) => read_command(&key, ask.keep, Mode::After(s, after)),
+            },
+            Purpose::CatchUp(epoch, offset, keep) => {
+                let since = Since {
+                    epoch: epoch.clone(),
+                    offset: *offset,
+                };
+                read_command(&key, *keep, Mode::After(&since, after))
+            }
         };
-        let eval = read_command(&key, ask.keep, mode);
         let mut conn = conn.clone();
-        out.placing.push_back(Box::pin(async move {
-            let answer = query(&mut conn, eval).await;
-            (key, ask, answer)
-        }));
+        out.placing
+            .push_back(Box::pin(async move { query(&mut conn, eval).await }));
+        out.places.push_back((key, why));
     }
 
-    /// The answer to a read of a subscription's place: the messages held
-    /// meanwhile that it covers go first (the subscriber is not there yet),
-    /// then the subscription, then the newer ones.
+    /// The answer to a read of a channel's place. For a subscription: the
+    /// messages held meanwhile that it covers go first (the subscriber is
+    /// not there yet), then the subscription, then the newer ones. For a
+    /// catch-up: what the node missed, then the newer held ones; when what
+    /// was missed is gone, the channel's subscribers here are closed, to
+    /// come back and recover (or learn they cannot).
     fn placed(
         &mut self,
         key: Box<str>,
-        ask: JoinAsk,
+        why: Purpose,
         answer: Result<Value, String>,
     ) -> Result<(), String> {
-        let join = answer.and_then(|v| {
-            self.join_of(&v, ask.since.as_ref(), namespace_of(&key))
-                .ok_or_else(|| "an unreadable history answer".to_string())
-        });
-        let top = join.as_ref().map_or(u64::MAX, |j| j.top);
-        if let Some(held) = self.held.get_mut(&key) {
-            while held.queue.front().is_some_and(|m| m.offset() <= top) {
-                if let Some(m) = held.queue.pop_front() {
-                    self.hub.arrive(self.src, m);
+        let namespace = namespace_of(&key);
+        let result = match why {
+            Purpose::Join(ask) => {
+                let join = answer.and_then(|v| {
+                    self.join_of(&v, ask.since.as_ref(), namespace)
+                        .ok_or_else(|| "an unreadable history answer".to_string())
+                });
+                let top = join.as_ref().map_or(u64::MAX, |j| j.top);
+                if let Ok(j) = &join {
+                    self.passed(&key, &j.epoch, j.top);
                 }
+                self.release_upto(&key, top, true);
+                let placed = ask.placed;
+                let result = join.as_ref().map(|_| ()).map_err(Clone::clone);
+                let join = join.ok();
+                self.run_on(ask.core, Box::new(move |c| placed(c, join)));
+                result
             }
-        }
-        let placed = ask.placed;
-        let result = match &join {
-            Ok(_) => Ok(()),
-            Err(why) => Err(why.clone()),
+            Purpose::CatchUp(epoch, offset, _) => match answer {
+                Err(why) => Err(why),
+                Ok(v) => {
+                    let missed = parse_read(&v).and_then(|(e, top, entries)| {
+                        let complete = *e == *epoch
+                            && top >= offset
+                            && entries.len() as u64 == top - offset
+                            && entries
+                                .iter()
+                                .enumerate()
+                                .all(|(i, (o, _))| *o == offset + 1 + i as u64);
+                        complete.then_some((e, top, entries))
+                    });
+                    match missed {
+                        Some((e, top, entries)) => {
+                            for (o, wire) in entries {
+                                if let Ok(mut m) = Message::decode_wire(wire, self.origin) {
+                                    let (_, carried_by) = self.hub.history_encoding(namespace);
+                                    m.set_offset(o, carried_by);
+                                    self.hub.arrive(self.src, Arc::new(m));
+                                }
+                            }
+                            self.passed(&key, &e, top);
+                            // Held ones it covered were just passed on.
+                            self.release_upto(&key, top, false);
+                            Ok(())
+                        }
+                        None => {
+                            self.link.metrics.gaps.inc();
+                            tracing::warn!(
+                                "channel {key}: messages published while the broker was unreachable are no longer kept; closing its subscribers here so they recover"
+                            );
+                            let src = self.src;
+                            for core in 0..self.hub.outside_source() {
+                                let k = key.clone();
+                                let task = Box::new(move |c: &Core| {
+                                    c.shard
+                                        .borrow_mut()
+                                        .close_subscribers(&k, "missed messages; reconnect");
+                                });
+                                self.hub.bus.send(src, core, Envelope::Run(task));
+                            }
+                            Ok(())
+                        }
+                    }
+                }
+            },
         };
-        let join = join.ok();
-        self.run_on(ask.core, Box::new(move |c| placed(c, join)));
         if let Some(held) = self.held.get_mut(&key) {
             held.reads -= 1;
             if held.reads == 0 {
@@ -989,6 +1113,34 @@ impl Node {
             }
         }
         result
+    }
+
+    /// Takes the held messages of `key` up to offset `top` off the queue,
+    /// passing them on (or dropping them, when they were passed on
+    /// another way).
+    fn release_upto(&mut self, key: &str, top: u64, pass: bool) {
+        let Some(held) = self.held.get_mut(key) else {
+            return;
+        };
+        while held.queue.front().is_some_and(|m| m.offset() <= top) {
+            if let Some(m) = held.queue.pop_front() {
+                if pass {
+                    self.hub.arrive(self.src, m);
+                }
+            }
+        }
+    }
+
+    /// Records that the node passed on `key`'s messages up to `offset` of
+    /// `epoch` (keeping the newest).
+    fn passed(&mut self, key: &str, epoch: &str, offset: u64) {
+        let Some(sub) = self.subs.get_mut(key) else {
+            return;
+        };
+        match &mut sub.last {
+            Some((e, o)) if **e == *epoch => *o = (*o).max(offset),
+            last => *last = Some((epoch.into(), offset)),
+        }
     }
 
     /// A read's answer as a subscription's place.
@@ -1060,7 +1212,7 @@ impl Node {
         conn: &MultiplexedConnection,
         scripts: &Scripts,
         batch: Vec<Publish>,
-    ) -> Batch {
+    ) -> (Batch, Vec<Pending>) {
         let mut pipe = redis::pipe();
         let mut pending = Vec::with_capacity(batch.len());
         for p in batch {
@@ -1115,15 +1267,15 @@ impl Node {
             pending.push((src, done, keep.is_some()));
         }
         let mut conn = conn.clone();
-        Box::pin(async move {
+        let batch = Box::pin(async move {
             let sent = tokio::time::timeout(COMMAND_TIMEOUT, pipe.query_async(&mut conn)).await;
-            let result = match sent {
+            match sent {
                 Ok(Ok(values)) => Ok(values),
                 Ok(Err(e)) => Err(format!("publishing: {e}")),
                 Err(_) => Err(format!("no answer to a publish within {COMMAND_TIMEOUT:?}")),
-            };
-            (pending, result)
-        })
+            }
+        });
+        (batch, pending)
     }
 
     /// Answers the publishers of a batch; an error takes the link down.
@@ -1196,6 +1348,14 @@ fn parse_read(v: &Value) -> Option<Entries> {
         }
     }
     Some((epoch, top, entries))
+}
+
+/// What the channel of routing key `key` keeps, if anything.
+fn namespace_keep(hub: &Hub, key: &str) -> Option<Keep> {
+    match key.split_once('#') {
+        Some((n, channel)) => hub.keeps(n.parse().ok()?, channel),
+        None => hub.keeps(0, key),
+    }
 }
 
 /// The namespace of a routing key (`{n}#{channel}`, else 0).

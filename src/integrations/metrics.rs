@@ -105,6 +105,9 @@ pub struct BrokerMetrics {
     pub publish_failed: Counter,
     pub received: Counter,
     pub malformed: Counter,
+    /// Channels whose messages from the link's outage could not be caught
+    /// up (their subscribers here were closed to recover).
+    pub gaps: Counter,
     /// Channels the node is subscribed to on the broker.
     pub subscriptions: Gauge,
     /// From handing a batch of publishes to the broker to its answer.
@@ -120,6 +123,7 @@ impl BrokerMetrics {
             publish_failed: Counter::default(),
             received: Counter::default(),
             malformed: Counter::default(),
+            gaps: Counter::default(),
             subscriptions: Gauge::default(),
             publish_seconds: Histogram::new([
                 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 2.0,
@@ -157,6 +161,11 @@ impl BrokerMetrics {
             "broker_malformed",
             "Messages from the broker that were not herald's and were dropped",
             self.malformed.clone(),
+        );
+        r.register(
+            "broker_gaps",
+            "Channels whose messages from a broker outage were no longer kept: their subscribers here were closed to recover",
+            self.gaps.clone(),
         );
         r.register(
             "broker_subscriptions",

@@ -35,9 +35,28 @@ impl Redis {
 
     /// Starts (or restarts) on `port`, and waits until it answers.
     pub fn on(port: u16) -> Redis {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+        Self::spawn(port, None)
+    }
+
+    /// Starts (or restarts) on `port` with an append-only file in `dir`,
+    /// written before each command is answered: what Redis answered
+    /// survives a `kill -9`.
+    pub fn durable(port: u16, dir: &std::path::Path) -> Redis {
+        Self::spawn(port, Some(dir))
+    }
+
+    fn spawn(port: u16, dir: Option<&std::path::Path>) -> Redis {
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--protected-mode", "no"]);
+        match dir {
+            None => cmd.args(["--appendonly", "no"]),
+            Some(d) => cmd
+                .args(["--appendonly", "yes", "--appendfsync", "always"])
+                .arg("--dir")
+                .arg(d),
+        };
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -373,7 +373,7 @@ fn apply(
             // it: an ack, or `unavailable` (with or without an id).
             let clustered = core.hub.broker().is_some();
             match (id, keep) {
-                (_, None) if clustered => {
+                (None, _) | (_, None) if clustered => {
                     let fill = reply_later(cx);
                     let id: Option<Box<str>> = id.map(Into::into);
                     let done: Done = Box::new(move |core, outcome: &Outcome| {
@@ -397,6 +397,7 @@ fn apply(
                     let id: Box<str> = id.into();
                     let done: Done = Box::new(move |owner, outcome: &Outcome| {
                         let frame = match &outcome.position {
+                            _ if outcome.unavailable => cluster_unavailable(Some(&id)),
                             Some((_, offset)) => protocol::ack_at(&id, *offset),
                             None => protocol::ack(&id),
                         };
