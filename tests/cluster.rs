@@ -41,13 +41,20 @@ fn post_publish(server: &Server, body: Value) -> (u16, String) {
 
 /// Reads `n` message frames; returns their `data`.
 fn messages(c: &mut Client, n: usize) -> Vec<Value> {
-    (0..n)
-        .map(|_| {
-            let m = c.recv_json();
-            assert_eq!(m["op"], "message", "{m}");
-            m["data"].clone()
-        })
-        .collect()
+    let mut got = Vec::with_capacity(n);
+    while got.len() < n {
+        let m = next(
+            c,
+            &format!(
+                "message {} of {n} (the last: {:?})",
+                got.len() + 1,
+                got.last()
+            ),
+        );
+        assert_eq!(m["op"], "message", "{m}");
+        got.push(m["data"].clone());
+    }
+    got
 }
 
 #[test]
@@ -580,7 +587,13 @@ fn a_node_catches_up_on_what_it_missed_while_cut_off_or_while_redis_restarted() 
     let port = broker::free_port();
     let mut redis = Redis::durable(port, &dir);
     let proxy = Proxy::start(port);
-    let history = [("HISTORY", "feed=100000/1h")];
+    // However long the cut lasts on a loaded machine, what was missed is
+    // within what a node catches up on.
+    let history = [
+        ("HISTORY", "feed=100000/1h"),
+        ("HISTORY_RECOVER_MAX", "100000"),
+        ("SEND_QUEUE_LIMIT", "64MiB"),
+    ];
     // Node a reaches Redis through the proxy; the publisher and a witness
     // are on node b.
     let (a, b) = (
@@ -668,4 +681,238 @@ fn subscribers_whose_missed_messages_are_gone_are_sent_to_recover() {
         "{r}"
     );
     assert_ne!(r["epoch"].as_str(), Some(&*epoch));
+}
+
+#[path = "common/webhook.rs"]
+mod webhook;
+
+/// A Pusher connection to app `k1` (secret `s1`) on `node`, with the
+/// members it knows of, as pusher-js keeps them.
+struct PusherConn {
+    c: Client,
+    socket_id: String,
+    members: std::collections::BTreeSet<String>,
+}
+
+fn pusher(node: &Server) -> PusherConn {
+    let mut c = Client::connect(node, "/app/k1?protocol=7&client=test");
+    let hello = c.recv_json();
+    assert_eq!(hello["event"], "pusher:connection_established", "{hello}");
+    let data: Value = serde_json::from_str(hello["data"].as_str().unwrap()).unwrap();
+    let socket_id = data["socket_id"].as_str().unwrap().to_string();
+    PusherConn {
+        c,
+        socket_id,
+        members: Default::default(),
+    }
+}
+
+impl PusherConn {
+    /// Joins presence channel `channel` as `user`; returns the user ids
+    /// the success lists.
+    fn join(&mut self, channel: &str, user: &str) -> Vec<String> {
+        let data = json!({"user_id": user, "user_info": {"name": user}}).to_string();
+        let sig = common::hmac_sha256_hex(
+            "s1",
+            format!("{}:{channel}:{data}", self.socket_id).as_bytes(),
+        );
+        self.c.send_json(json!({"event":"pusher:subscribe","data":{
+            "channel": channel, "auth": format!("k1:{sig}"), "channel_data": data}}));
+        let r = self.c.recv_json();
+        assert_eq!(r["event"], "pusher_internal:subscription_succeeded", "{r}");
+        let data: Value = serde_json::from_str(r["data"].as_str().unwrap()).unwrap();
+        let mut ids: Vec<String> = data["presence"]["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect();
+        ids.sort();
+        self.members = ids.iter().cloned().collect();
+        ids
+    }
+
+    /// The next `pusher_internal:member_*` event that changes the members
+    /// this connection knows: (event, user id). A `member_added` of a
+    /// member the success already listed (it joined on another node just
+    /// before) is an update, as pusher-js takes it, not a change.
+    fn member_event(&mut self) -> (String, String) {
+        loop {
+            let v = self.c.recv_json();
+            let ev = v["event"].as_str().unwrap_or("").to_string();
+            if !ev.starts_with("pusher_internal:member_") {
+                continue;
+            }
+            let data: Value = serde_json::from_str(v["data"].as_str().unwrap()).unwrap();
+            let user = data["user_id"].as_str().unwrap().to_string();
+            let changed = match ev.as_str() {
+                "pusher_internal:member_added" => self.members.insert(user.clone()),
+                _ => self.members.remove(&user),
+            };
+            if changed {
+                return (ev, user);
+            }
+        }
+    }
+
+    fn leave(&mut self, channel: &str) {
+        self.c
+            .send_json(json!({"event":"pusher:unsubscribe","data":{"channel":channel}}));
+    }
+}
+
+/// The webhook events received so far, as `name channel [user]`, sorted.
+fn hook_events(hook: &webhook::Webhook) -> Vec<String> {
+    let mut out: Vec<String> = hook
+        .bodies()
+        .iter()
+        .flat_map(|b| b["events"].as_array().cloned().unwrap_or_default())
+        .map(|e| {
+            let user = e["user_id"]
+                .as_str()
+                .map(|u| format!(" {u}"))
+                .unwrap_or_default();
+            format!(
+                "{} {}{user}",
+                e["name"].as_str().unwrap(),
+                e["channel"].as_str().unwrap()
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn presence_cluster(redis: &Redis, hook: &webhook::Webhook, ids: &[&str]) -> Vec<Server> {
+    let apps = json!([{"id":"a1","key":"k1","secret":"s1",
+                       "webhooks":[{"url": hook.url()}]}])
+    .to_string();
+    ids.iter()
+        .map(|id| node(&redis.url(), id, &[("APPS", &apps)]))
+        .collect()
+}
+
+#[test]
+fn presence_and_occupancy_count_every_node_and_each_webhook_is_sent_once() {
+    let redis = Redis::start();
+    let hook = webhook::Webhook::start(|_| webhook::Reply::allow());
+    let nodes = presence_cluster(&redis, &hook, &["a", "b", "c"]);
+    let room = "presence-room";
+    let mut u1_a = pusher(&nodes[0]);
+    assert_eq!(u1_a.join(room, "u1"), ["u1"]);
+    // u2 on node b sees u1 (from node a); u1 is told of u2.
+    let mut u2_b = pusher(&nodes[1]);
+    assert_eq!(u2_b.join(room, "u2"), ["u1", "u2"]);
+    assert_eq!(
+        u1_a.member_event(),
+        ("pusher_internal:member_added".into(), "u2".into())
+    );
+    // u1 again, on node c: no new member.
+    let mut u1_c = pusher(&nodes[2]);
+    assert_eq!(u1_c.join(room, "u1"), ["u1", "u2"]);
+    // Every node's HTTP API counts every node.
+    for n in &nodes {
+        let (status, body) = pusher_api(n, "GET", "/apps/a1/channels/presence-room/users", "");
+        assert_eq!(status, 200, "{body}");
+        let users: Value = serde_json::from_str(&body).unwrap();
+        let mut ids: Vec<&str> = users["users"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| u["id"].as_str().unwrap())
+            .collect();
+        ids.sort();
+        assert_eq!(ids, ["u1", "u2"]);
+        let (_, body) = pusher_api(n, "GET", "/apps/a1/channels", "");
+        assert!(body.contains("presence-room"), "{body}");
+    }
+    // u1 leaves node a: still on node c, so no one is told.
+    u1_a.leave(room);
+    u1_c.leave(room);
+    assert_eq!(
+        u2_b.member_event(),
+        ("pusher_internal:member_removed".into(), "u1".into())
+    );
+    u2_b.leave(room);
+    let want = [
+        "channel_occupied presence-room",
+        "channel_vacated presence-room",
+        "member_added presence-room u1",
+        "member_added presence-room u2",
+        "member_removed presence-room u1",
+        "member_removed presence-room u2",
+    ];
+    wait_for("the webhooks", || hook_events(&hook).len() >= want.len());
+    // Round trips on every node: anything else due would be out by now.
+    for n in &nodes {
+        let mut c = Client::connect(n, "/ws");
+        c.sync();
+    }
+    assert_eq!(hook_events(&hook), want);
+}
+
+#[test]
+fn a_killed_node_is_found_within_5_s_and_its_members_leave_once() {
+    let redis = Redis::start();
+    let hook = webhook::Webhook::start(|_| webhook::Reply::allow());
+    let nodes = presence_cluster(&redis, &hook, &["a", "b", "c"]);
+    let room = "presence-room";
+    let mut gone = pusher(&nodes[0]);
+    gone.join(room, "u1");
+    let mut stays = pusher(&nodes[1]);
+    assert_eq!(stays.join(room, "u2"), ["u1", "u2"]);
+    let mut solo = pusher(&nodes[0]);
+    solo.c
+        .send_json(json!({"event":"pusher:subscribe","data":{"channel":"only-on-a"}}));
+    assert_eq!(
+        solo.c.recv_json()["event"],
+        "pusher_internal:subscription_succeeded"
+    );
+    wait_for("the first webhooks", || hook_events(&hook).len() >= 4);
+    // kill -9: no goodbye.
+    let started = std::time::Instant::now();
+    nodes[0].signal(libc::SIGKILL);
+    assert_eq!(
+        stays.member_event(),
+        ("pusher_internal:member_removed".into(), "u1".into())
+    );
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(5), "found after {took:?}");
+    let want = [
+        "channel_occupied only-on-a",
+        "channel_occupied presence-room",
+        "channel_vacated only-on-a",
+        "member_added presence-room u1",
+        "member_added presence-room u2",
+        "member_removed presence-room u1",
+    ];
+    wait_for("the webhooks", || hook_events(&hook).len() >= want.len());
+    for n in &nodes[1..] {
+        Client::connect(n, "/ws").sync();
+    }
+    assert_eq!(
+        hook_events(&hook),
+        want,
+        "each once, and no vacated while u2 remains"
+    );
+    drop(gone);
+}
+
+/// A signed Pusher HTTP API request of app a1.
+fn pusher_api(server: &Server, method: &str, path: &str, body: &str) -> (u16, String) {
+    use md5::Digest;
+    let ts = common::unix_now().to_string();
+    let md5: String = md5::Md5::digest(body.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let q = format!("auth_key=k1&auth_timestamp={ts}&auth_version=1.0&body_md5={md5}");
+    let sig = common::hmac_sha256_hex("s1", format!("{method}\n{path}\n{q}").as_bytes());
+    http(
+        server.addr,
+        method,
+        &format!("{path}?{q}&auth_signature={sig}"),
+        &[],
+        body.as_bytes(),
+    )
 }

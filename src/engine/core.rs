@@ -29,6 +29,7 @@ use super::history::{
 };
 use super::interest::{Change, Interest};
 use super::message::{Encoder, Encoding, Message, MAX_KEY};
+use super::roster::{Event, Transition};
 use super::shard::{Limits, Shard, SubscribeError};
 use super::stats::CoreStats;
 
@@ -58,6 +59,23 @@ pub type Subscribed = Box<dyn FnOnce(&Core, Result<(), SubscribeError>) + Send>;
 /// Runs on a core once the node receives a channel's messages from the
 /// other nodes of its cluster (`true`), or once that failed (`false`).
 pub type Ready = Box<dyn FnOnce(&Core, bool) + Send>;
+
+/// What a cluster's link needs of a node's presence (who is on which
+/// channel, [`super::roster`]): the ordered events of every node are
+/// applied to it, and it acts on the transitions this node decided.
+pub trait ClusterMembers: Send + Sync {
+    /// Applies an event in the cluster's order; returns the transitions
+    /// this node must act on (those it decided).
+    fn apply(&self, e: &Event) -> Vec<Transition>;
+    /// Announces everything this node holds now (when it (re)connects),
+    /// in order with its other announcements.
+    fn announce_state(&self);
+    /// Forgets the other nodes (before loading a snapshot of them).
+    fn clear(&self);
+    /// Acts on a transition this node decided (webhooks, member events),
+    /// on a core.
+    fn act(&self, core: &Core, t: Transition);
+}
 
 /// A cluster's link to the other nodes (`BROKER_URL`), as the engine
 /// sees it. In a cluster every publish goes through it, this node's too,
@@ -100,6 +118,12 @@ pub trait Broker: Send + Sync {
     );
     /// Why the node cannot reach its cluster now, if it cannot.
     fn unavailable(&self) -> Option<String>;
+    /// This node's name in the cluster (unique per process).
+    fn node(&self) -> &str;
+    /// Sends a presence event of this node to every node, in order.
+    fn announce(&self, e: Event);
+    /// The presence whose events this link carries (set once).
+    fn attach_members(&self, members: Arc<dyn ClusterMembers>);
 }
 
 /// What crosses from one core to another.

@@ -13,6 +13,7 @@ pub mod history;
 pub mod interest;
 pub mod message;
 pub mod presence;
+pub mod roster;
 pub mod shard;
 pub mod slots;
 pub mod stats;

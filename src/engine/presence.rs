@@ -6,7 +6,12 @@
 //! `member_added`, `channel_occupied`); the engine only keeps the counts.
 //!
 //! [`Presence`] is the seam: [`LocalPresence`] is this node's in-memory
-//! implementation; a cluster supplies one that agrees across nodes.
+//! implementation; [`NodePresence`] is what front-ends use: the local one
+//! alone on a single node, and in a cluster the local one merged with the
+//! other nodes' (a [`Roster`] fed by the cluster's ordered events), where
+//! the transitions (occupied, vacated, member added or removed) are
+//! decided for the whole cluster and acted on by the node that caused
+//! them, through a handler the front-end installs.
 //!
 //! Subscribing is rare next to publishing, so the local one is plain shared
 //! state: 64 mutex-guarded shards keyed by routing key. Every transition
@@ -15,9 +20,12 @@
 //! it once, however the channel's subscribers are spread.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use ahash::RandomState;
+
+use super::core::{Broker, ClusterMembers, Core};
+use super::roster::{Event, Except, Roster, Transition};
 
 const SHARDS: usize = 64;
 
@@ -39,10 +47,17 @@ pub trait Presence: Send + Sync {
     fn subscribed(&self, key: &str) -> bool;
     /// Uncounts a subscription; true if it was the channel's last (vacated).
     fn unsubscribed(&self, key: &str) -> bool;
-    /// Adds a connection of `user_id`. Returns whether it is the user's
-    /// first connection there (so others are told of a new member) and the
+    /// Adds a connection of `user_id` (`except`: the connection, which is
+    /// not told of its own joining). Returns whether it is the user's first
+    /// connection there (so others are told of a new member) and the
     /// members now present.
-    fn join(&self, key: &str, user_id: &str, user_info: &str) -> (bool, Members);
+    fn join(
+        &self,
+        key: &str,
+        user_id: &str,
+        user_info: &str,
+        except: Option<Except>,
+    ) -> (bool, Members);
     /// Removes a connection of `user_id`; true if it was the user's last
     /// there (so others are told the member left).
     fn leave(&self, key: &str, user_id: &str) -> bool;
@@ -109,7 +124,13 @@ impl Presence for LocalPresence {
         vacated
     }
 
-    fn join(&self, key: &str, user_id: &str, user_info: &str) -> (bool, Members) {
+    fn join(
+        &self,
+        key: &str,
+        user_id: &str,
+        user_info: &str,
+        _except: Option<Except>,
+    ) -> (bool, Members) {
         let mut shard = self.shard(key);
         let ch = shard.entry(key.into()).or_default();
         let first = match ch.members.iter_mut().find(|m| &*m.0 == user_id) {
@@ -202,6 +223,231 @@ impl Presence for LocalPresence {
     }
 }
 
+/// Acts on a cluster-wide transition this node decided, on a core.
+pub type Act = Box<dyn Fn(&Core, Transition) + Send + Sync>;
+
+/// A node's presence: [`LocalPresence`], and in a cluster the other
+/// nodes' too.
+#[derive(Default)]
+pub struct NodePresence {
+    local: LocalPresence,
+    cluster: OnceLock<InCluster>,
+}
+
+struct InCluster {
+    broker: Arc<dyn Broker>,
+    roster: Mutex<Roster>,
+    act: Act,
+    /// Held from a local change to its announcement, so that one node's
+    /// events leave in the order its changes happened, whatever the cores.
+    order: Mutex<()>,
+}
+
+impl NodePresence {
+    /// Makes `this` part of the cluster `broker` links to: its changes are
+    /// announced, the other nodes' applied, and `act` acts on the
+    /// transitions this node decides.
+    pub fn join_cluster(this: &Arc<NodePresence>, broker: Arc<dyn Broker>, act: Act) {
+        let in_cluster = InCluster {
+            broker: broker.clone(),
+            roster: Mutex::new(Roster::default()),
+            act,
+            order: Mutex::new(()),
+        };
+        if this.cluster.set(in_cluster).is_ok() {
+            broker.attach_members(this.clone());
+        }
+    }
+
+    fn ordered(c: &InCluster) -> std::sync::MutexGuard<'_, ()> {
+        c.order.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn roster(c: &InCluster) -> std::sync::MutexGuard<'_, Roster> {
+        c.roster.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Local members, then the other nodes' not among them.
+    fn merged(&self, c: &InCluster, key: &str) -> Members {
+        let mut members = self.local.members(key);
+        let others = Self::roster(c).members_elsewhere(key, c.broker.node());
+        for (user, info) in others {
+            if !members.iter().any(|(u, _)| *u == user) {
+                members.push((user, info));
+            }
+        }
+        members
+    }
+}
+
+impl Presence for NodePresence {
+    fn subscribed(&self, key: &str) -> bool {
+        let Some(c) = self.cluster.get() else {
+            return self.local.subscribed(key);
+        };
+        let _order = Self::ordered(c);
+        if self.local.subscribed(key) {
+            let node = c.broker.node().into();
+            c.broker.announce(Event::Occupy {
+                node,
+                key: key.into(),
+            });
+        }
+        false
+    }
+
+    fn unsubscribed(&self, key: &str) -> bool {
+        let Some(c) = self.cluster.get() else {
+            return self.local.unsubscribed(key);
+        };
+        let _order = Self::ordered(c);
+        if self.local.unsubscribed(key) {
+            let node = c.broker.node().into();
+            c.broker.announce(Event::Vacate {
+                node,
+                key: key.into(),
+            });
+        }
+        false
+    }
+
+    fn join(
+        &self,
+        key: &str,
+        user_id: &str,
+        user_info: &str,
+        except: Option<Except>,
+    ) -> (bool, Members) {
+        let Some(c) = self.cluster.get() else {
+            return self.local.join(key, user_id, user_info, except);
+        };
+        let order = Self::ordered(c);
+        let (first, _) = self.local.join(key, user_id, user_info, except);
+        if first {
+            c.broker.announce(Event::Join {
+                node: c.broker.node().into(),
+                key: key.into(),
+                user: user_id.into(),
+                info: user_info.into(),
+                except,
+            });
+        }
+        drop(order);
+        (false, self.merged(c, key))
+    }
+
+    fn leave(&self, key: &str, user_id: &str) -> bool {
+        let Some(c) = self.cluster.get() else {
+            return self.local.leave(key, user_id);
+        };
+        let _order = Self::ordered(c);
+        if self.local.leave(key, user_id) {
+            c.broker.announce(Event::Leave {
+                node: c.broker.node().into(),
+                key: key.into(),
+                user: user_id.into(),
+            });
+        }
+        false
+    }
+
+    fn channel(&self, key: &str) -> Option<ChannelInfo> {
+        let local = self.local.channel(key);
+        let Some(c) = self.cluster.get() else {
+            return local;
+        };
+        let elsewhere = Self::roster(c).occupied_elsewhere(key, c.broker.node());
+        if local.is_none() && !elsewhere {
+            return None;
+        }
+        Some(ChannelInfo {
+            // Subscriptions are counted per node; other nodes' are not
+            // carried (their members are).
+            subscriptions: local.map_or(0, |l| l.subscriptions),
+            users: self.merged(c, key).len(),
+        })
+    }
+
+    fn members(&self, key: &str) -> Members {
+        match self.cluster.get() {
+            None => self.local.members(key),
+            Some(c) => self.merged(c, key),
+        }
+    }
+
+    fn users(&self, key: &str) -> Vec<Box<str>> {
+        match self.cluster.get() {
+            None => self.local.users(key),
+            Some(c) => self.merged(c, key).into_iter().map(|(u, _)| u).collect(),
+        }
+    }
+
+    fn channels(&self, prefix: &str) -> Vec<(Box<str>, ChannelInfo)> {
+        let local = self.local.channels(prefix);
+        let Some(c) = self.cluster.get() else {
+            return local;
+        };
+        let mut keys: Vec<Box<str>> = local.iter().map(|(k, _)| k.clone()).collect();
+        keys.extend(Self::roster(c).channels_elsewhere(prefix, c.broker.node()));
+        keys.sort();
+        keys.dedup();
+        keys.into_iter()
+            .filter_map(|k| self.channel(&k).map(|i| (k, i)))
+            .collect()
+    }
+}
+
+impl ClusterMembers for NodePresence {
+    fn apply(&self, e: &Event) -> Vec<Transition> {
+        let Some(c) = self.cluster.get() else {
+            return Vec::new();
+        };
+        let transitions = Self::roster(c).apply(e);
+        match e.decider() == c.broker.node() {
+            true => transitions,
+            false => Vec::new(),
+        }
+    }
+
+    fn announce_state(&self) {
+        let Some(c) = self.cluster.get() else {
+            return;
+        };
+        let _order = Self::ordered(c);
+        let node = c.broker.node().into();
+        let mut keys = Vec::new();
+        let mut members = Vec::new();
+        for shard in &self.local.shards {
+            let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            for (k, ch) in shard.iter() {
+                if ch.subscriptions > 0 {
+                    keys.push(k.clone());
+                }
+                for (user, _, info) in &ch.members {
+                    members.push((k.clone(), user.clone(), info.clone()));
+                }
+            }
+        }
+        c.broker.announce(Event::Reset {
+            node,
+            keys,
+            members,
+        });
+    }
+
+    fn clear(&self) {
+        if let Some(c) = self.cluster.get() {
+            Self::roster(c).clear();
+        }
+    }
+
+    fn act(&self, core: &Core, t: Transition) {
+        if let Some(c) = self.cluster.get() {
+            (c.act)(core, t);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,14 +474,14 @@ mod tests {
     fn members_count_once_per_user() {
         let r = LocalPresence::default();
         r.subscribed("1#presence-x");
-        let (first, m) = r.join("1#presence-x", "u1", r#"{"n":1}"#);
+        let (first, m) = r.join("1#presence-x", "u1", r#"{"n":1}"#, None);
         assert!(first);
         assert_eq!(m, vec![("u1".into(), r#"{"n":1}"#.into())]);
         r.subscribed("1#presence-x");
-        let (first, m) = r.join("1#presence-x", "u1", "null");
+        let (first, m) = r.join("1#presence-x", "u1", "null", None);
         assert!(!first);
         assert_eq!(m.len(), 1);
-        let (first, m) = r.join("1#presence-x", "u2", "null");
+        let (first, m) = r.join("1#presence-x", "u2", "null", None);
         assert!(first);
         assert_eq!(m.len(), 2);
         assert_eq!(r.channel("1#presence-x").unwrap().users, 2);

@@ -92,6 +92,14 @@ impl FrontEnds {
             wspubsub: loaded.api_keys.map(wspubsub::WsPubSub::start),
         }
     }
+
+    /// The node joined a cluster: what the front-ends keep node-wide
+    /// becomes cluster-wide.
+    pub fn join_cluster(&self, broker: &Arc<dyn crate::engine::core::Broker>) {
+        if let Some(p) = &self.pusher {
+            p.join_cluster(broker.clone());
+        }
+    }
 }
 
 /// One core's endpoints, in the order the router asks them.

@@ -47,7 +47,7 @@ use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -59,10 +59,13 @@ use tokio::sync::mpsc;
 
 use super::metrics::BrokerMetrics;
 use crate::config::BrokerUrl;
-use crate::engine::core::{Broker, Core, Done, Envelope, Hub, Join, Placed, ReadHistory, Ready};
+use crate::engine::core::{
+    Broker, ClusterMembers, Core, Done, Envelope, Hub, Join, Placed, ReadHistory, Ready,
+};
 use crate::engine::history::{new_epoch, HistoryRead, Keep, Outcome, Page, Since, META_TTL_MS};
 use crate::engine::interest::Change;
 use crate::engine::message::Message;
+use crate::engine::roster::{Event, Transition};
 
 /// Broker channel of a routing key: this prefix, then the key.
 pub const CHANNEL_PREFIX: &str = "herald:";
@@ -163,6 +166,58 @@ end
 return out
 ";
 
+/// The channel every node's presence events go through (not a routing
+/// key's: `!` is in no protocol's channel names).
+const CONTROL: &str = "herald!ctl";
+/// The set of live nodes.
+const NODES: &str = "herald!nodes";
+/// How long a node's heartbeat lasts: a node silent this long is gone.
+const ALIVE_MS: u64 = 3000;
+
+/// Records one presence event of a node in its hash and publishes it.
+/// KEYS: the node's hash. ARGV: control channel, event, mode (`set`,
+/// `del`, `reset`), then fields (and values, to set).
+const EVENT: &str = r"
+if ARGV[3] == 'reset' then redis.call('DEL', KEYS[1]) end
+if ARGV[3] == 'del' then
+  for i = 4, #ARGV do redis.call('HDEL', KEYS[1], ARGV[i]) end
+else
+  for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+end
+redis.call('PUBLISH', ARGV[1], ARGV[2])
+return 1
+";
+
+/// The node's heartbeat; and every node without one is declared gone,
+/// once (its hash deleted, a `gone` event published by this node).
+/// KEYS: the nodes set. ARGV: this node, heartbeat ttl (ms), control
+/// channel.
+const BEAT: &str = r"
+redis.call('SET', 'herald!alive:' .. ARGV[1], '1', 'PX', ARGV[2])
+redis.call('SADD', KEYS[1], ARGV[1])
+local gone = 0
+for _, n in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if n ~= ARGV[1] and redis.call('EXISTS', 'herald!alive:' .. n) == 0 then
+    redis.call('SREM', KEYS[1], n)
+    redis.call('DEL', 'herald!pn:' .. n)
+    redis.call('PUBLISH', ARGV[3], cjson.encode({e = 'gone', node = n, by = ARGV[1]}))
+    gone = gone + 1
+  end
+end
+return gone
+";
+
+/// Every node's presence: {node, {field, value, ...}, ...}. KEYS: the
+/// nodes set.
+const SNAPSHOT: &str = r"
+local out = {}
+for _, n in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  out[#out + 1] = n
+  out[#out + 1] = redis.call('HGETALL', 'herald!pn:' .. n)
+end
+return out
+";
+
 /// Why the link could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -239,8 +294,11 @@ impl Link {
 pub struct Cluster {
     publishes: mpsc::UnboundedSender<Publish>,
     control: mpsc::UnboundedSender<Control>,
+    events: mpsc::UnboundedSender<Event>,
     link: Arc<Link>,
     hub: Arc<Hub>,
+    node: Box<str>,
+    members: Arc<OnceLock<Arc<dyn ClusterMembers>>>,
 }
 
 impl Cluster {
@@ -270,6 +328,11 @@ impl Cluster {
         let subscriber = redis::Client::open(info.set_redis_settings(resp3)).map_err(bad)?;
         let (publishes, publish_rx) = mpsc::unbounded_channel();
         let (control, control_rx) = mpsc::unbounded_channel();
+        let (events, events_rx) = mpsc::unbounded_channel();
+        let origin = origin_tag();
+        // Unique per process: a restarted node is another member.
+        let me: Box<str> = format!("{node_id}:{origin:016x}").into();
+        let members: Arc<OnceLock<Arc<dyn ClusterMembers>>> = Arc::default();
         let link = Arc::new(Link {
             up: AtomicBool::new(false),
             reason: Mutex::new(format!("connecting to {}", url.redacted())),
@@ -278,7 +341,12 @@ impl Cluster {
         let node = Node {
             hub: hub.clone(),
             src: hub.outside_source(),
-            origin: origin_tag(),
+            origin,
+            me: me.clone(),
+            members: members.clone(),
+            snapshot_pending: false,
+            control_held: Vec::new(),
+            events_rx,
             node_id: node_id.to_string(),
             address: url.redacted(),
             link: link.clone(),
@@ -306,8 +374,11 @@ impl Cluster {
         Ok(Arc::new(Cluster {
             publishes,
             control,
+            events,
             link,
             hub,
+            node: me,
+            members,
         }))
     }
 
@@ -396,6 +467,18 @@ impl Broker for Cluster {
         if let Err(mpsc::error::SendError(Control::Read { read, .. })) = self.control.send(asked) {
             self.run_on(core, Box::new(move |c| read(c, HistoryRead::Unavailable)));
         }
+    }
+
+    fn node(&self) -> &str {
+        &self.node
+    }
+
+    fn announce(&self, e: Event) {
+        let _ = self.events.send(e);
+    }
+
+    fn attach_members(&self, members: Arc<dyn ClusterMembers>) {
+        let _ = self.members.set(members);
     }
 
     fn unavailable(&self) -> Option<String> {
@@ -511,6 +594,8 @@ enum Purpose {
     Join(JoinAsk),
     /// What the node missed after this place while the link was down.
     CatchUp(Box<str>, u64, Keep),
+    /// Every node's presence, where the control channel's events start.
+    Snapshot,
 }
 
 struct ReadAsk {
@@ -525,6 +610,13 @@ struct Node {
     hub: Arc<Hub>,
     src: usize,
     origin: u64,
+    /// This node's name among the cluster's members.
+    me: Box<str>,
+    members: Arc<OnceLock<Arc<dyn ClusterMembers>>>,
+    /// The other nodes' presence is being read: control events wait.
+    snapshot_pending: bool,
+    control_held: Vec<Event>,
+    events_rx: mpsc::UnboundedReceiver<Event>,
     node_id: String,
     address: String,
     link: Arc<Link>,
@@ -558,6 +650,8 @@ struct Out {
     /// History reads, and who asked (same order).
     reading: FuturesOrdered<Answer>,
     reads: VecDeque<ReadAsk>,
+    /// Presence events out.
+    eventing: Option<Boxed<Result<(), String>>>,
     /// The batch of publishes out, and its publishers.
     publishing: Option<Batch>,
     in_flight: Vec<Pending>,
@@ -584,6 +678,8 @@ impl Node {
                 tokio::select! {
                     _ = tokio::time::sleep_until(until) => break,
                     Some(p) = self.publish_rx.recv() => self.refuse(p.src, p.done),
+                    // Announced again in full on the next connection.
+                    Some(_) = self.events_rx.recv() => {}
                     Some(c) = self.control_rx.recv() => {
                         let mut out = Out::default();
                         self.control(c, None, &mut Vec::new(), &mut Vec::new(), &mut out);
@@ -687,11 +783,14 @@ impl Node {
             subscriber,
             mut pushes,
         } = s;
+        self.snapshot_pending = true;
+        self.control_held.clear();
         let scripts = match load_scripts(&publisher).await {
             Ok(s) => s,
             Err(e) => return e,
         };
-        // Everything wanted so far, again.
+        // The control channel first, then everything wanted so far, again.
+        out.ops.push_back(SubOp::Control);
         let again: Keys = self.subs.iter().map(|(k, s)| (k.clone(), s.gen)).collect();
         for chunk in again.chunks(SUBSCRIBE_CHUNK) {
             out.ops.push_back(SubOp::Subscribe(chunk.to_vec()));
@@ -742,6 +841,19 @@ impl Node {
                     out.publishing = Some(batch);
                     out.in_flight = pending;
                 }
+                Some(e) = self.events_rx.recv(), if out.eventing.is_none() && !self.snapshot_pending => {
+                    let mut batch = vec![e];
+                    while let Ok(e) = self.events_rx.try_recv() {
+                        batch.push(e);
+                    }
+                    out.eventing = Some(announce(&publisher, &scripts, batch));
+                }
+                Some(result) = async { out.eventing.as_mut()?.await.into() }, if out.eventing.is_some() => {
+                    out.eventing = None;
+                    if let Err(why) = result {
+                        return why;
+                    }
+                }
                 Some(result) = async { out.publishing.as_mut()?.await.into() }, if out.publishing.is_some() => {
                     out.publishing = None;
                     self.link.metrics.publish_seconds.observe(started.elapsed().as_secs_f64());
@@ -755,8 +867,18 @@ impl Node {
                     match (op, ok) {
                         (SubOp::Subscribe(_), false) => return "a SUBSCRIBE got no confirmation".into(),
                         (SubOp::Unsubscribe(_), false) => return "an UNSUBSCRIBE got no confirmation".into(),
+                        (SubOp::Control, false) => return "the control channel's SUBSCRIBE got no confirmation".into(),
                         (SubOp::Subscribe(keys), true) => self.confirmed(keys, &subscriber, out),
                         (SubOp::Unsubscribe(_), true) => {}
+                        // Where the control events start: read every
+                        // node's presence there.
+                        (SubOp::Control, true) => {
+                            let mut conn = subscriber.clone();
+                            let mut cmd = redis::cmd("EVAL");
+                            cmd.arg(SNAPSHOT).arg(1).arg(NODES);
+                            out.placing.push_back(Box::pin(async move { query(&mut conn, cmd).await }));
+                            out.places.push_back(("".into(), Purpose::Snapshot));
+                        }
                     }
                 }
                 Some(answer) = out.placing.next(), if !out.placing.is_empty() => {
@@ -786,7 +908,7 @@ impl Node {
                     self.run_on(ask.core, Box::new(move |c| r(c, read)));
                 }
                 _ = ping.tick(), if pinging.is_none() => {
-                    pinging = Some(ping_both(&publisher, &subscriber));
+                    pinging = Some(ping_both(&publisher, &subscriber, &scripts, &self.me));
                 }
                 Some(result) = async { pinging.as_mut()?.await.into() }, if pinging.is_some() => {
                     pinging = None;
@@ -802,8 +924,14 @@ impl Node {
     fn pushed(&mut self, p: PushInfo) -> Result<(), String> {
         match p.kind {
             PushKind::Message => {
-                if let Some(Value::BulkString(payload)) = p.data.get(1) {
-                    self.arrived(payload);
+                match (p.data.first(), p.data.get(1)) {
+                    (Some(Value::BulkString(ch)), Some(Value::BulkString(payload)))
+                        if ch == CONTROL.as_bytes() =>
+                    {
+                        self.control_event(payload)
+                    }
+                    (_, Some(Value::BulkString(payload))) => self.arrived(payload),
+                    _ => {}
                 }
                 Ok(())
             }
@@ -1003,7 +1131,6 @@ impl Node {
         conn: &MultiplexedConnection,
         out: &mut Out,
     ) {
-        self.held.entry(key.clone()).or_default().reads += 1;
         let after = self.hub.history.recover_max + 1;
         let eval = match &why {
             Purpose::Join(ask) => match &ask.since {
@@ -1017,7 +1144,10 @@ impl Node {
                 };
                 read_command(&key, *keep, Mode::After(&since, after))
             }
+            // Read by the serving loop itself.
+            Purpose::Snapshot => return,
         };
+        self.held.entry(key.clone()).or_default().reads += 1;
         let mut conn = conn.clone();
         out.placing
             .push_back(Box::pin(async move { query(&mut conn, eval).await }));
@@ -1036,6 +1166,9 @@ impl Node {
         why: Purpose,
         answer: Result<Value, String>,
     ) -> Result<(), String> {
+        if let Purpose::Snapshot = why {
+            return self.snapshot(answer);
+        }
         let namespace = namespace_of(&key);
         let result = match why {
             Purpose::Join(ask) => {
@@ -1054,6 +1187,7 @@ impl Node {
                 self.run_on(ask.core, Box::new(move |c| placed(c, join)));
                 result
             }
+            Purpose::Snapshot => Ok(()),
             Purpose::CatchUp(epoch, offset, _) => match answer {
                 Err(why) => Err(why),
                 Ok(v) => {
@@ -1113,6 +1247,66 @@ impl Node {
             }
         }
         result
+    }
+
+    /// A presence event from the control channel: applied in the
+    /// cluster's order (held while the snapshot is read), and acted on
+    /// when this node decided it.
+    fn control_event(&mut self, payload: &[u8]) {
+        let Ok(e) = serde_json::from_slice::<Event>(payload) else {
+            self.link.metrics.malformed.inc();
+            return;
+        };
+        if self.snapshot_pending {
+            self.control_held.push(e);
+            return;
+        }
+        self.apply_event(&e);
+    }
+
+    fn apply_event(&mut self, e: &Event) {
+        let Some(members) = self.members.get().cloned() else {
+            return;
+        };
+        for t in members.apply(e) {
+            let core = match &t {
+                Transition::MemberAdded {
+                    except: Some((w, _, _)),
+                    ..
+                } => usize::from(*w).min(self.hub.outside_source() - 1),
+                _ => 0,
+            };
+            let m = members.clone();
+            self.run_on(core, Box::new(move |c| m.act(c, t)));
+        }
+        // Declared gone (cut off too long): say again what is here.
+        if let Event::Gone { node, .. } = e {
+            if *node == self.me {
+                members.announce_state();
+            }
+        }
+    }
+
+    /// Every node's presence, read where the control events start: the
+    /// roster restarts from it, the events held meanwhile follow (they are
+    /// idempotent), then this node announces what it holds.
+    fn snapshot(&mut self, answer: Result<Value, String>) -> Result<(), String> {
+        let v = answer?;
+        self.snapshot_pending = false;
+        let held = std::mem::take(&mut self.control_held);
+        let Some(members) = self.members.get().cloned() else {
+            return Ok(());
+        };
+        members.clear();
+        for e in parse_snapshot(&v) {
+            // What already was: nothing to act on.
+            let _ = members.apply(&e);
+        }
+        for e in &held {
+            self.apply_event(e);
+        }
+        members.announce_state();
+        Ok(())
     }
 
     /// Takes the held messages of `key` up to offset `top` off the queue,
@@ -1401,9 +1595,12 @@ async fn query(conn: &mut MultiplexedConnection, cmd: redis::Cmd) -> Result<Valu
 }
 
 /// The publish scripts' digests on the current connection.
+#[derive(Clone)]
 struct Scripts {
     once: String,
     kept: String,
+    event: String,
+    beat: String,
 }
 
 async fn load_scripts(conn: &MultiplexedConnection) -> Result<Scripts, String> {
@@ -1419,7 +1616,22 @@ async fn load_scripts(conn: &MultiplexedConnection) -> Result<Scripts, String> {
             .arg(PUBLISH_KEPT)
             .query_async(&mut conn)
             .await?;
-        Ok::<_, redis::RedisError>(Scripts { once, kept })
+        let event: String = redis::cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(EVENT)
+            .query_async(&mut conn)
+            .await?;
+        let beat: String = redis::cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(BEAT)
+            .query_async(&mut conn)
+            .await?;
+        Ok::<_, redis::RedisError>(Scripts {
+            once,
+            kept,
+            event,
+            beat,
+        })
     };
     match tokio::time::timeout(COMMAND_TIMEOUT, load).await {
         Ok(Ok(s)) => Ok(s),
@@ -1450,6 +1662,8 @@ fn fail_waiter(hub: &Hub, src: usize, w: Waiter) {
 enum SubOp {
     Subscribe(Keys),
     Unsubscribe(Vec<Box<str>>),
+    /// The control channel (presence events).
+    Control,
 }
 
 fn sub_op(conn: &MultiplexedConnection, op: SubOp) -> Boxed<(SubOp, bool)> {
@@ -1464,6 +1678,7 @@ fn sub_op(conn: &MultiplexedConnection, op: SubOp) -> Boxed<(SubOp, bool)> {
                 let channels: Vec<String> = keys.iter().map(|k| broker_channel(k)).collect();
                 tokio::time::timeout(COMMAND_TIMEOUT, conn.unsubscribe(&channels)).await
             }
+            SubOp::Control => tokio::time::timeout(COMMAND_TIMEOUT, conn.subscribe(CONTROL)).await,
         };
         (op, matches!(done, Ok(Ok(()))))
     })
@@ -1472,14 +1687,25 @@ fn sub_op(conn: &MultiplexedConnection, op: SubOp) -> Boxed<(SubOp, bool)> {
 /// Pings both connections: a broker that stopped answering (a partition
 /// drops packets without closing anything) is found within
 /// `PING_EVERY + COMMAND_TIMEOUT`.
+/// The publisher's ping is the node's heartbeat, which also finds the
+/// nodes that are gone.
 fn ping_both(
     publisher: &MultiplexedConnection,
     subscriber: &MultiplexedConnection,
+    scripts: &Scripts,
+    me: &str,
 ) -> Boxed<Result<(), String>> {
     let (mut a, mut b) = (publisher.clone(), subscriber.clone());
+    let mut beat = redis::cmd("EVALSHA");
+    beat.arg(&scripts.beat)
+        .arg(1)
+        .arg(NODES)
+        .arg(me)
+        .arg(ALIVE_MS)
+        .arg(CONTROL);
     Box::pin(async move {
         let both = async {
-            redis::cmd("PING").query_async::<()>(&mut a).await?;
+            beat.query_async::<()>(&mut a).await?;
             redis::cmd("PING").query_async::<()>(&mut b).await?;
             Ok::<_, redis::RedisError>(())
         };
@@ -1489,6 +1715,138 @@ fn ping_both(
             Err(_) => Err(format!("no answer to a ping within {COMMAND_TIMEOUT:?}")),
         }
     })
+}
+
+/// A batch of this node's presence events, each recorded in its hash and
+/// published, in order.
+fn announce(
+    conn: &MultiplexedConnection,
+    scripts: &Scripts,
+    batch: Vec<Event>,
+) -> Boxed<Result<(), String>> {
+    let mut pipe = redis::pipe();
+    for e in &batch {
+        let Ok(json) = serde_json::to_string(e) else {
+            continue;
+        };
+        let (node, mode, fields): (&str, &str, Vec<(String, Option<&str>)>) = match e {
+            Event::Occupy { node, key } => (node, "set", vec![(field("o", key, None), Some("1"))]),
+            Event::Vacate { node, key } => (node, "del", vec![(field("o", key, None), None)]),
+            Event::Join {
+                node,
+                key,
+                user,
+                info,
+                ..
+            } => (
+                node,
+                "set",
+                vec![(field("m", key, Some(user)), Some(&**info))],
+            ),
+            Event::Leave { node, key, user } => {
+                (node, "del", vec![(field("m", key, Some(user)), None)])
+            }
+            Event::Reset {
+                node,
+                keys,
+                members,
+            } => {
+                let mut f: Vec<(String, Option<&str>)> = keys
+                    .iter()
+                    .map(|k| (field("o", k, None), Some("1")))
+                    .collect();
+                f.extend(
+                    members
+                        .iter()
+                        .map(|(k, u, i)| (field("m", k, Some(u)), Some(&**i))),
+                );
+                (node, "reset", f)
+            }
+            // Only the heartbeat script declares a node gone.
+            Event::Gone { .. } => continue,
+        };
+        let cmd = pipe
+            .cmd("EVALSHA")
+            .arg(&scripts.event)
+            .arg(1)
+            .arg(format!("herald!pn:{node}"))
+            .arg(CONTROL)
+            .arg(json)
+            .arg(mode);
+        for (f, v) in fields {
+            cmd.arg(f);
+            if let Some(v) = v {
+                cmd.arg(v);
+            }
+        }
+        pipe.ignore();
+    }
+    let mut conn = conn.clone();
+    Box::pin(async move {
+        match tokio::time::timeout(COMMAND_TIMEOUT, pipe.query_async::<()>(&mut conn)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!("announcing presence: {e}")),
+            Err(_) => Err(format!(
+                "no answer to a presence event within {COMMAND_TIMEOUT:?}"
+            )),
+        }
+    })
+}
+
+/// A field of a node's presence hash: `["o",key]` (a channel with a
+/// subscriber there) or `["m",key,user]` (a member; the value is its info).
+fn field(kind: &str, key: &str, user: Option<&str>) -> String {
+    match user {
+        None => serde_json::json!([kind, key]).to_string(),
+        Some(u) => serde_json::json!([kind, key, u]).to_string(),
+    }
+}
+
+/// The snapshot script's answer as one `Reset` per node.
+fn parse_snapshot(v: &Value) -> Vec<Event> {
+    let Value::Array(items) = v else {
+        return Vec::new();
+    };
+    let text = |v: &Value| match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    };
+    let mut out = Vec::new();
+    for pair in items.chunks(2) {
+        let [node, fields] = pair else { continue };
+        let Some(node) = text(node) else { continue };
+        let pairs: Vec<(String, String)> = match fields {
+            Value::Array(f) => f
+                .chunks(2)
+                .filter_map(|p| Some((text(p.first()?)?, text(p.get(1)?)?)))
+                .collect(),
+            Value::Map(m) => m
+                .iter()
+                .filter_map(|(k, v)| Some((text(k)?, text(v)?)))
+                .collect(),
+            _ => continue,
+        };
+        let (mut keys, mut members) = (Vec::new(), Vec::new());
+        for (f, value) in pairs {
+            let Ok(parts) = serde_json::from_str::<Vec<String>>(&f) else {
+                continue;
+            };
+            match parts.as_slice() {
+                [k, key] if k == "o" => keys.push(key.as_str().into()),
+                [k, key, user] if k == "m" => {
+                    members.push((key.as_str().into(), user.as_str().into(), value.into()))
+                }
+                _ => {}
+            }
+        }
+        out.push(Event::Reset {
+            node: node.into(),
+            keys,
+            members,
+        });
+    }
+    out
 }
 
 /// `d` plus or minus a quarter, so that nodes do not reconnect in step.

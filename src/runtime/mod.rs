@@ -131,7 +131,8 @@ pub fn run(mut config: Config, loaded: impl Into<Loaded>) -> Result<(), ServerEr
         let window = shared.config.idempotency_window.as_millis() as u64;
         let broker = shared.metrics.broker.clone();
         let cluster = Cluster::start(url, node, shared.hub.clone(), broker, window)?;
-        shared.hub.join_cluster(cluster);
+        shared.hub.join_cluster(cluster.clone());
+        frontends.join_cluster(&(cluster as Arc<dyn crate::engine::core::Broker>));
         tracing::info!(node, "in a cluster through {}", url.redacted());
     }
     let uring = match shared.config.io_driver {

@@ -13,6 +13,7 @@ use super::apps::App;
 use super::connection::{channel_of, published};
 use super::wire::{self, ChannelKind};
 use super::{Control, PusherShared};
+use crate::engine::presence::Presence;
 use crate::worker::Worker;
 
 /// An answer: status, content type, body.

@@ -21,6 +21,7 @@ use super::wire::{self, ChannelKind, ClientMessage};
 use super::PusherShared;
 use crate::engine::core::{Core, Join, Subscribed};
 use crate::engine::message::{Message, PayloadKind};
+use crate::engine::presence::Presence;
 use crate::engine::shard::SubscribeError;
 use crate::worker::Worker;
 
@@ -125,7 +126,7 @@ pub fn channel_of(key: &str) -> &str {
 /// fan-out in namespace `ns`.
 /// A presence notice (`member_added`, `member_removed`): published like an
 /// event, never kept by a cache channel.
-fn notice(r: wire::Routed, ns: u16) -> Message {
+pub(super) fn notice(r: wire::Routed, ns: u16) -> Message {
     let mut m = published(r, ns);
     m.set_transient();
     m
@@ -314,7 +315,9 @@ fn subscribe(
                 // Subscribing twice: answer with the current members.
                 shared.presence.members(&route)
             } else {
-                let (first, members) = shared.presence.join(&route, &user_id, &user_info);
+                let gen = worker.core.shard.borrow().conn(key).map_or(0, |c| c.gen);
+                let except = Some((worker.core.id as u16, key as u32, gen));
+                let (first, members) = shared.presence.join(&route, &user_id, &user_info, except);
                 if let Some(p) = fe.conns.borrow_mut().get_mut(&key) {
                     p.presence.push((channel.into(), user_id.clone().into()));
                 }
@@ -337,6 +340,18 @@ fn subscribe(
         }
     };
     let succeeded = wire::subscription_succeeded(channel, presence.as_deref());
+    // When the success waits (a cluster), a presence channel's members are
+    // listed as they are then: every member event after it reaches the
+    // connection, and every one before it is in the list.
+    let members_then = (later && presence.is_some()).then(|| (fe.shared.clone(), route.clone()));
+    let success_now = move |name: &str, fallback: Bytes| match &members_then {
+        None => fallback,
+        Some((pusher, route)) => {
+            let members = pusher.presence.members(route);
+            let list: Vec<(&str, &str)> = members.iter().map(|(u, i)| (&**u, &**i)).collect();
+            wire::subscription_succeeded(name, Some(&wire::presence_data(&list)))
+        }
+    };
     let Some(keep) = cached else {
         if !later {
             push(worker, key, succeeded);
@@ -347,7 +362,7 @@ fn subscribe(
         let name: Box<str> = channel.into();
         let then: Subscribed = Box::new(move |core: &Core, result| {
             let frame = match result {
-                Ok(()) => succeeded,
+                Ok(()) => success_now(&name, succeeded),
                 Err(e) => refusal(&name, e),
             };
             core.shard
@@ -365,9 +380,9 @@ fn subscribe(
     let name: Box<str> = channel.into();
     let joined = Box::new(move |core: &Core, result: Result<Join, SubscribeError>| {
         let frames = match result {
-            Ok(join) => match join.newest {
-                Some(event) => vec![succeeded, event],
-                None => {
+            Ok(join) => match (join.newest, success_now(&name, succeeded)) {
+                (Some(event), succeeded) => vec![succeeded, event],
+                (None, succeeded) => {
                     if let Some(w) = &pusher.webhooks {
                         w.send(
                             &app,

@@ -5,7 +5,9 @@
 //! Pure parts: [`apps`] (APPS configuration), [`sign`] (HMAC signatures of
 //! channel auth, the HTTP API and webhooks), [`wire`] (client messages and
 //! server frames), [`socket`] (socket ids). Shared state: the engine's
-//! [`Presence`] (subscription counts and presence members across cores). IO:
+//! [`NodePresence`] (subscription counts and presence members across
+//! cores, and in a cluster across nodes, whose transitions this node
+//! decided get their webhooks in `PusherShared::act`). IO:
 //! [`connection`] (a client's messages), [`api`] (HTTP API), [`webhooks`]
 //! (the sender thread).
 
@@ -25,11 +27,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use self::apps::Apps;
+use self::apps::{Apps, WebhookEvent};
 use self::webhooks::Webhooks;
 use crate::config::Config;
+use crate::engine::core::{Broker, Core};
 use crate::engine::message::{Encoding, Message};
-use crate::engine::presence::{LocalPresence, Presence};
+use crate::engine::presence::NodePresence;
+use crate::engine::roster::Transition;
 use crate::integrations::metrics::Metrics;
 
 /// The Pusher protocol's encoding of published messages.
@@ -53,8 +57,9 @@ pub enum Control {
 /// The Pusher state shared by every worker.
 pub struct PusherShared {
     pub apps: Apps,
-    /// Subscription counts and presence members (node-wide).
-    pub presence: Box<dyn Presence>,
+    /// Subscription counts and presence members (node-wide, and in a
+    /// cluster cluster-wide).
+    pub presence: Arc<NodePresence>,
     pub webhooks: Option<Webhooks>,
     /// Open connections per app (by index), for `max_connections` (and
     /// the metrics, which read the same counters).
@@ -117,11 +122,76 @@ impl PusherShared {
         PusherShared {
             app_connections: (0..apps.len()).map(|_| AtomicUsize::new(0)).collect(),
             apps,
-            presence: Box::new(LocalPresence::default()),
+            presence: Arc::new(NodePresence::default()),
             webhooks,
             activity_timeout,
             pong_timeout,
             inboxes: (0..workers).map(|_| Mutex::default()).collect(),
+        }
+    }
+
+    /// Makes presence and occupancy cluster-wide: the transitions this
+    /// node decides get their webhooks and member events here.
+    pub fn join_cluster(self: &Arc<Self>, broker: Arc<dyn Broker>) {
+        let shared = self.clone();
+        let act = Box::new(move |core: &Core, t: Transition| shared.act(core, t));
+        NodePresence::join_cluster(&self.presence, broker, act);
+    }
+
+    /// A cluster-wide transition this node decided: its webhook, and for
+    /// members the event to the channel's subscribers (on every node).
+    fn act(&self, core: &Core, t: Transition) {
+        use serde_json::json;
+        let key = match &t {
+            Transition::Occupied { key }
+            | Transition::Vacated { key }
+            | Transition::MemberAdded { key, .. }
+            | Transition::MemberRemoved { key, .. } => key,
+        };
+        let Some((ns, channel)) = key
+            .split_once('#')
+            .and_then(|(n, c)| Some((n.parse::<u16>().ok()?, c)))
+        else {
+            return;
+        };
+        // Namespace n is app index n - 1.
+        let Some(app) = ns.checked_sub(1).and_then(|i| self.apps.get(i)) else {
+            return;
+        };
+        let (kind, event) = match &t {
+            Transition::Occupied { .. } => (
+                WebhookEvent::ChannelOccupied,
+                json!({"name": "channel_occupied", "channel": channel}),
+            ),
+            Transition::Vacated { .. } => (
+                WebhookEvent::ChannelVacated,
+                json!({"name": "channel_vacated", "channel": channel}),
+            ),
+            Transition::MemberAdded {
+                user, info, except, ..
+            } => {
+                let frame = wire::member_added_routed(channel, user, info);
+                let mut msg = connection::notice(frame, ns);
+                if let Some((w, slot, gen)) = except {
+                    msg.set_except(*w, *slot, *gen);
+                }
+                core.publish(msg, None);
+                (
+                    WebhookEvent::MemberAdded,
+                    json!({"name": "member_added", "channel": channel, "user_id": &**user}),
+                )
+            }
+            Transition::MemberRemoved { user, .. } => {
+                let frame = wire::member_removed_routed(channel, user);
+                core.publish(connection::notice(frame, ns), None);
+                (
+                    WebhookEvent::MemberRemoved,
+                    json!({"name": "member_removed", "channel": channel, "user_id": &**user}),
+                )
+            }
+        };
+        if let Some(w) = &self.webhooks {
+            w.send(app, kind, event);
         }
     }
 
