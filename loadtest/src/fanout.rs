@@ -271,7 +271,7 @@ pub async fn run(ctx: Arc<Ctx>, a: Args, label: Option<String>) -> anyhow::Resul
     let published: Arc<Vec<AtomicU64>> =
         Arc::new((0..a.channels).map(|_| AtomicU64::new(0)).collect());
     let pub_errors = Arc::new(Mutex::new(Vec::<String>::new()));
-    let meter = CostMeter::start(ctx.server_pid);
+    let meter = CostMeter::cluster(ctx.server_pid, &ctx.also_pids, ctx.broker_pid);
     let t0 = Instant::now();
     let t0_ns = now_ns();
     let deadline = t0 + run::secs(a.duration, run::MAX_DURATION);

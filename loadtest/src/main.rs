@@ -53,6 +53,18 @@ struct Common {
     /// Server process to read CPU and memory from (/proc/PID).
     #[arg(long, global = true)]
     server_pid: Option<u32>,
+    /// fanout: more server processes (the other nodes of a cluster),
+    /// counted with --server-pid; repeatable.
+    #[arg(long, global = true)]
+    also_pid: Vec<u32>,
+    /// fanout: a cluster's broker process, reported apart.
+    #[arg(long, global = true)]
+    broker_pid: Option<u32>,
+    /// fanout: URLs subscribers connect to instead of --url, subscriber j
+    /// to the (j mod N)-th (the nodes of a cluster; publishers stay on
+    /// --url); repeatable.
+    #[arg(long, global = true)]
+    sub_url: Vec<String>,
     /// Runtime threads of the harness.
     #[arg(long, global = true, default_value_t = 2)]
     threads: usize,
@@ -266,6 +278,14 @@ fn setup_and_run(c: Common, cmd: Cmd) -> anyhow::Result<(String, bool)> {
     if c.protocol == Proto::Pusher && !target.path.contains('?') {
         target.path.push_str(PUSHER_QUERY);
     }
+    let mut sub_targets = Vec::with_capacity(c.sub_url.len());
+    for u in &c.sub_url {
+        let mut t = conn::parse_url(u)?;
+        if c.protocol == Proto::Pusher && !t.path.contains('?') {
+            t.path.push_str(PUSHER_QUERY);
+        }
+        sub_targets.push(t);
+    }
     if c.threads == 0 || c.threads > 64 {
         anyhow::bail!("--threads must be 1..=64");
     }
@@ -309,6 +329,9 @@ fn setup_and_run(c: Common, cmd: Cmd) -> anyhow::Result<(String, bool)> {
         target,
         sources: conn::Sources::new(c.source_addrs),
         server_pid: c.server_pid,
+        also_pids: c.also_pid.clone(),
+        broker_pid: c.broker_pid,
+        sub_targets,
         threads: c.threads,
         progress: !c.json && std::io::stderr().is_terminal(),
         connect_concurrency: c.connect_concurrency,

@@ -65,6 +65,24 @@ pub fn sample_opt(pid: Option<u32>) -> Option<Sample> {
     pid.and_then(|p| sample(p).ok())
 }
 
+/// The sum of several processes' samples (the nodes of a cluster); `None`
+/// if any cannot be read or there is none.
+pub fn sample_sum(pids: &[u32]) -> Option<Sample> {
+    let mut total: Option<Sample> = None;
+    for &p in pids {
+        let s = sample(p).ok()?;
+        total = Some(match total {
+            None => s,
+            Some(t) => Sample {
+                cpu_secs: t.cpu_secs + s.cpu_secs,
+                rss_kib: t.rss_kib + s.rss_kib,
+                hwm_kib: t.hwm_kib + s.hwm_kib,
+            },
+        });
+    }
+    total
+}
+
 /// This process's user + system CPU seconds (getrusage, microseconds).
 pub fn self_cpu_secs() -> f64 {
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };

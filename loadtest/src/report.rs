@@ -55,6 +55,14 @@ impl Latency {
 #[derive(Debug, Clone, Serialize)]
 pub struct ServerCost {
     pub pid: u32,
+    /// Server processes counted (the nodes of a cluster: CPU and memory
+    /// are their sums).
+    pub processes: usize,
+    /// A cluster's broker (`--broker-pid`): its CPU seconds, and per unit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broker_cpu_secs: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broker_ns_per_unit: Option<f64>,
     pub cpu_secs: f64,
     /// cpu_secs / window: cores the server kept busy.
     pub cpu_cores: f64,
@@ -85,6 +93,8 @@ pub struct ClientCost {
 /// Snapshots taken at the start of a measured window.
 pub struct CostMeter {
     pid: Option<u32>,
+    pids: Vec<u32>,
+    broker: Option<(u32, f64)>,
     server0: Option<Sample>,
     client0: f64,
     t0: Instant,
@@ -92,9 +102,18 @@ pub struct CostMeter {
 
 impl CostMeter {
     pub fn start(pid: Option<u32>) -> CostMeter {
+        Self::cluster(pid, &[], None)
+    }
+
+    /// The same over a cluster: `pid` and `others` (summed), and the
+    /// broker apart.
+    pub fn cluster(pid: Option<u32>, others: &[u32], broker: Option<u32>) -> CostMeter {
+        let pids: Vec<u32> = pid.into_iter().chain(others.iter().copied()).collect();
         CostMeter {
             pid,
-            server0: procstat::sample_opt(pid),
+            server0: procstat::sample_sum(&pids),
+            pids,
+            broker: broker.and_then(|b| Some((b, procstat::sample(b).ok()?.cpu_secs))),
             client0: procstat::self_cpu_secs(),
             t0: Instant::now(),
         }
@@ -104,11 +123,19 @@ impl CostMeter {
     pub fn finish(&self, threads: usize, units: u64) -> (Option<ServerCost>, ClientCost) {
         let secs = self.t0.elapsed().as_secs_f64().max(1e-9);
         let client_cpu = procstat::self_cpu_secs() - self.client0;
-        let server = match (self.pid, self.server0, procstat::sample_opt(self.pid)) {
+        let broker_cpu = self.broker.and_then(|(pid, c0)| {
+            Some(round3((procstat::sample(pid).ok()?.cpu_secs - c0).max(0.0)))
+        });
+        let server = match (self.pid, self.server0, procstat::sample_sum(&self.pids)) {
             (Some(pid), Some(a), Some(b)) => {
                 let cpu = (b.cpu_secs - a.cpu_secs).max(0.0);
                 Some(ServerCost {
                     pid,
+                    processes: self.pids.len(),
+                    broker_cpu_secs: broker_cpu,
+                    broker_ns_per_unit: broker_cpu
+                        .filter(|_| units > 0)
+                        .map(|c| (c * 1e9 / units as f64).round()),
                     cpu_secs: round3(cpu),
                     cpu_cores: round3(cpu / secs),
                     cpu_ns_per_unit: (units > 0).then(|| (cpu * 1e9 / units as f64).round()),

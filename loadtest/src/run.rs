@@ -28,6 +28,11 @@ pub struct Ctx {
     pub target: Target,
     pub sources: Sources,
     pub server_pid: Option<u32>,
+    /// Other server processes (cluster nodes), counted with `server_pid`.
+    pub also_pids: Vec<u32>,
+    pub broker_pid: Option<u32>,
+    /// Where subscribers connect, by turns (empty: `target`).
+    pub sub_targets: Vec<Target>,
     pub threads: usize,
     pub progress: bool,
     pub connect_concurrency: usize,
@@ -42,10 +47,20 @@ impl Ctx {
         channel: Option<&str>,
         seed: u64,
     ) -> anyhow::Result<Conn> {
+        self.open_at(&self.target, read_buf, channel, seed).await
+    }
+
+    async fn open_at(
+        &self,
+        target: &Target,
+        read_buf: usize,
+        channel: Option<&str>,
+        seed: u64,
+    ) -> anyhow::Result<Conn> {
         let src = self.sources.pick();
         match tokio::time::timeout(
             self.handshake_timeout,
-            conn::open(&*self.adapter, &self.target, src, read_buf, channel, seed),
+            conn::open(&*self.adapter, target, src, read_buf, channel, seed),
         )
         .await
         {
@@ -63,7 +78,12 @@ impl Ctx {
         seed: u64,
     ) -> anyhow::Result<Conn> {
         let t = Instant::now();
-        let mut c = self.open(read_buf, Some(channel), seed).await?;
+        // Subscriber `seed` on the (seed mod N)-th of --sub-url, if any.
+        let target = match self.sub_targets.len() {
+            0 => &self.target,
+            n => &self.sub_targets[seed as usize % n],
+        };
+        let mut c = self.open_at(target, read_buf, Some(channel), seed).await?;
         let left = self.handshake_timeout.saturating_sub(t.elapsed());
         match tokio::time::timeout(left, c.subscribe(&*self.adapter, channel, seed)).await {
             Ok(Ok(0)) => Ok(c),

@@ -118,6 +118,12 @@ pub trait Broker: Send + Sync {
     );
     /// Why the node cannot reach its cluster now, if it cannot.
     fn unavailable(&self) -> Option<String>;
+    /// Are so many publishes waiting for the broker that publishers must
+    /// pause reading?
+    fn congested(&self) -> bool;
+    /// Ready once the broker's queue has room again (registers `cx`'s
+    /// waker otherwise).
+    fn poll_space(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()>;
     /// This node's name in the cluster (unique per process).
     fn node(&self) -> &str;
     /// Sends a presence event of this node to every node, in order.
@@ -362,12 +368,16 @@ impl Core {
     /// Is any queue towards another core full? Then publishers on this
     /// core must pause before decoding more.
     pub fn congested(&self) -> bool {
-        self.hub.bus.congested(self.id)
+        self.hub.bus.congested(self.id) || self.hub.broker().is_some_and(|b| b.congested())
     }
 
-    /// Waits until no queue towards another core is full.
-    pub fn wait_for_space(&self) -> impl std::future::Future<Output = ()> + '_ {
-        self.hub.bus.wait_for_space(self.id)
+    /// Waits until no queue towards another core (or the cluster's
+    /// broker) is full.
+    pub async fn wait_for_space(&self) {
+        self.hub.bus.wait_for_space(self.id).await;
+        if let Some(b) = self.hub.broker() {
+            std::future::poll_fn(|cx| b.poll_space(cx)).await;
+        }
     }
 
     /// Runs `task` on core `dst`: here and now if it is this one, else in

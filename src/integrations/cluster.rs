@@ -46,7 +46,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -78,6 +78,9 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Most publishes in one pipeline.
 const MAX_BATCH: usize = 1024;
+/// Publishes waiting for the broker past which publishers pause reading
+/// (the queue from the cores is unbounded; this bounds it).
+const QUEUE_LIMIT: usize = 65_536;
 /// Most channels in one SUBSCRIBE.
 const SUBSCRIBE_CHUNK: usize = 1024;
 
@@ -273,6 +276,25 @@ struct Link {
     up: AtomicBool,
     reason: Mutex<String>,
     metrics: BrokerMetrics,
+    /// Publishes handed over and not yet taken by the broker thread.
+    queued: AtomicUsize,
+    /// Publishers' tasks waiting for room.
+    waiting: Mutex<Vec<std::task::Waker>>,
+}
+
+impl Link {
+    /// The broker thread took `n` publishes off the queue: wakes the
+    /// publishers waiting for room once it is half empty.
+    fn taken(&self, n: usize) {
+        let left = self.queued.fetch_sub(n, Ordering::AcqRel).saturating_sub(n);
+        if left < QUEUE_LIMIT / 2 {
+            let waiting =
+                std::mem::take(&mut *self.waiting.lock().unwrap_or_else(|e| e.into_inner()));
+            for w in waiting {
+                w.wake();
+            }
+        }
+    }
 }
 
 impl Link {
@@ -337,6 +359,8 @@ impl Cluster {
             up: AtomicBool::new(false),
             reason: Mutex::new(format!("connecting to {}", url.redacted())),
             metrics,
+            queued: AtomicUsize::new(0),
+            waiting: Mutex::new(Vec::new()),
         });
         let node = Node {
             hub: hub.clone(),
@@ -403,7 +427,9 @@ impl Broker for Cluster {
             idempotency_key,
             done,
         };
+        self.link.queued.fetch_add(1, Ordering::AcqRel);
         if let Err(mpsc::error::SendError(p)) = self.publishes.send(p) {
+            self.link.queued.fetch_sub(1, Ordering::AcqRel);
             self.link.metrics.publish_failed.inc();
             if let Some(done) = p.done {
                 self.run_on(src, Box::new(move |c| done(c, &unavailable())));
@@ -471,6 +497,26 @@ impl Broker for Cluster {
 
     fn node(&self) -> &str {
         &self.node
+    }
+
+    fn congested(&self) -> bool {
+        self.link.queued.load(Ordering::Relaxed) >= QUEUE_LIMIT
+    }
+
+    fn poll_space(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        if !self.congested() {
+            return std::task::Poll::Ready(());
+        }
+        self.link
+            .waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(cx.waker().clone());
+        // Taken meanwhile: do not wait for a wake that already happened.
+        match self.congested() {
+            true => std::task::Poll::Pending,
+            false => std::task::Poll::Ready(()),
+        }
     }
 
     fn announce(&self, e: Event) {
@@ -677,7 +723,10 @@ impl Node {
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep_until(until) => break,
-                    Some(p) = self.publish_rx.recv() => self.refuse(p.src, p.done),
+                    Some(p) = self.publish_rx.recv() => {
+                        self.link.taken(1);
+                        self.refuse(p.src, p.done)
+                    }
                     // Announced again in full on the next connection.
                     Some(_) = self.events_rx.recv() => {}
                     Some(c) = self.control_rx.recv() => {
@@ -836,6 +885,7 @@ impl Node {
                             Err(_) => break,
                         }
                     }
+                    self.link.taken(batch.len());
                     started = Instant::now();
                     let (batch, pending) = self.publish(&publisher, &scripts, batch);
                     out.publishing = Some(batch);
@@ -1876,6 +1926,34 @@ mod tests {
             assert!(j >= Duration::from_millis(750) && j <= Duration::from_millis(1250));
         }
         assert_ne!(origin_tag(), origin_tag());
+    }
+
+    #[test]
+    fn publishers_waiting_for_room_are_woken_once_the_queue_is_half_empty() {
+        struct Flag(AtomicBool);
+        impl std::task::Wake for Flag {
+            fn wake(self: Arc<Self>) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let link = Link {
+            up: AtomicBool::new(true),
+            reason: Mutex::new(String::new()),
+            metrics: crate::integrations::metrics::Metrics::new(1).broker.clone(),
+            queued: AtomicUsize::new(QUEUE_LIMIT),
+            waiting: Mutex::new(Vec::new()),
+        };
+        let flag = Arc::new(Flag(AtomicBool::new(false)));
+        link.waiting
+            .lock()
+            .unwrap()
+            .push(std::task::Waker::from(flag.clone()));
+        link.taken(QUEUE_LIMIT / 4);
+        assert!(!flag.0.load(Ordering::SeqCst), "still three quarters full");
+        link.taken(QUEUE_LIMIT / 2);
+        assert!(flag.0.load(Ordering::SeqCst));
+        assert!(link.waiting.lock().unwrap().is_empty());
+        assert_eq!(link.queued.load(Ordering::SeqCst), QUEUE_LIMIT / 4);
     }
 
     #[test]
