@@ -629,15 +629,53 @@ fn a_node_catches_up_on_what_it_missed_while_cut_off_or_while_redis_restarted() 
     assert!(refused > 0, "the publisher never met the outage");
     // Both subscribers, whose connections never dropped, got every message
     // once, in order: their nodes caught up on what they missed.
-    seen.extend(messages(&mut witness, total as usize - seen.len()));
-    let all: Vec<u64> = (1..=total).collect();
-    let seen: Vec<u64> = seen.iter().map(|v| v.as_u64().unwrap()).collect();
-    assert_eq!(seen, all, "the witness on node b");
-    let got: Vec<u64> = messages(&mut sub, total as usize)
-        .iter()
-        .map(|v| v.as_u64().unwrap())
-        .collect();
-    assert_eq!(got, all, "the subscriber on node a");
+    let ranges = |v: &[Value]| {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for x in v.iter().filter_map(Value::as_u64) {
+            match out.last_mut() {
+                Some((_, e)) if *e + 1 == x => *e = x,
+                _ => out.push((x, x)),
+            }
+        }
+        out
+    };
+    let before = ranges(&seen);
+    let logs = || {
+        format!(
+            "total {total}, witness before the last read {before:?}\nnode a:\n{}\nnode b:\n{}",
+            a.log(),
+            b.log()
+        )
+    };
+    let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        seen.extend(messages(&mut witness, total as usize - seen.len()));
+        let all: Vec<u64> = (1..=total).collect();
+        let seen: Vec<u64> = seen.iter().map(|v| v.as_u64().unwrap()).collect();
+        assert_eq!(seen, all, "the witness on node b");
+        let mut got = Vec::new();
+        while got.len() < total as usize {
+            match sub.ws.read() {
+                Ok(tungstenite::Message::Text(t)) => {
+                    let v: Value = serde_json::from_str(&t).unwrap();
+                    got.push(v["data"].as_u64().unwrap_or(0));
+                }
+                Ok(_) => continue,
+                Err(e) => {
+                    let g: Vec<Value> = got.iter().map(|x| json!(x)).collect();
+                    panic!(
+                        "subscriber on a: {e} after {:?}; a received {} from the broker, sent {:?}",
+                        ranges(&g),
+                        a.metric("herald_broker_received_total"),
+                        a.per_worker("herald_messages_out_total")
+                    );
+                }
+            }
+        }
+        assert_eq!(got, all, "the subscriber on node a");
+    }));
+    if checked.is_err() {
+        panic!("{}", logs());
+    }
     assert_eq!(sub.sync(), Vec::<Value>::new());
     assert_eq!(a.metric("herald_broker_gaps_total"), 0.0);
     let _ = std::fs::remove_dir_all(&dir);

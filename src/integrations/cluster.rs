@@ -618,11 +618,14 @@ enum Waiter {
     Join(JoinAsk),
 }
 
-/// Messages of a channel held while reads of its place are out.
+/// Messages of a channel held while reads of its place are out (or, for
+/// a channel with history, from the link's loss until its catch-up read
+/// is out), with their epochs: the node's place in the channel moves only
+/// when they are passed on.
 #[derive(Default)]
 struct Held {
     reads: usize,
-    queue: VecDeque<Arc<Message>>,
+    queue: VecDeque<(Option<Box<str>>, Arc<Message>)>,
 }
 
 type Pending = (usize, Option<Done>, bool);
@@ -784,11 +787,39 @@ impl Node {
                 fail_waiter(&self.hub, self.src, w);
             }
         }
-        for (_, held) in self.held.drain() {
-            for msg in held.queue {
-                self.hub.arrive(self.src, msg);
+        // Held messages with offsets are not passed on: the node's place
+        // did not move for them, so the catch-up reads them again, in order
+        // with what comes after them.
+        let held: Vec<(Box<str>, Held)> = self.held.drain().collect();
+        for (_, held) in held {
+            for (epoch, msg) in held.queue {
+                if epoch.is_none() {
+                    self.hub.arrive(self.src, msg);
+                }
             }
         }
+        // Channels with history catch up once subscribed again; until their
+        // catch-up read is out, what comes is held (the subscription's
+        // confirmation and the first messages after it can be handled in
+        // either order).
+        let resuming: Vec<Box<str>> = self
+            .subs
+            .iter()
+            .filter(|(_, s)| s.last.is_some())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in resuming {
+            self.held.entry(key).or_default().reads += 1;
+        }
+    }
+
+    /// Passes a message of `key` on to the cores with subscribers, and
+    /// moves the node's place in the channel.
+    fn pass(&mut self, key: &str, epoch: Option<&str>, msg: Arc<Message>) {
+        if let Some(epoch) = epoch {
+            self.passed(key, epoch, msg.offset());
+        }
+        self.hub.arrive(self.src, msg);
     }
 
     /// Answers a publish the broker did not take.
@@ -1006,19 +1037,28 @@ impl Node {
                 return;
             }
         };
-        if let Some((epoch, offset)) = place {
+        if let Some((_, offset)) = place {
             let (_, carried_by) = self.hub.history_encoding(msg.namespace());
             msg.set_offset(offset, carried_by);
-            msg.with_key(|k| self.passed(k, epoch, offset));
         }
         let msg = Arc::new(msg);
+        let epoch = place.map(|(e, _)| e);
         if !self.held.is_empty() {
             if let Some(held) = msg.with_key(|k| self.held.get_mut(k)) {
-                held.queue.push_back(msg);
+                held.queue.push_back((epoch.map(Into::into), msg));
                 return;
             }
         }
-        self.hub.arrive(self.src, msg);
+        match epoch {
+            Some(epoch) => {
+                let mut buf = [0u8; crate::engine::message::MAX_KEY];
+                let key = msg.key_in(&mut buf);
+                self.pass(key, Some(epoch), msg);
+            }
+            None => {
+                self.hub.arrive(self.src, msg);
+            }
+        }
     }
 
     /// Applies one control command. With a connection (`conn`), channels
@@ -1044,6 +1084,12 @@ impl Node {
                 if let Some(sub) = self.subs.remove(&key) {
                     for w in sub.waiters {
                         fail_waiter(&self.hub, self.src, w);
+                    }
+                    // No subscriber left here: nothing to hold for.
+                    if let Some(held) = self.held.remove(&key) {
+                        for (_, msg) in held.queue {
+                            self.hub.arrive(self.src, msg);
+                        }
                     }
                     if let Some(i) = add.iter().position(|(k, _)| *k == key) {
                         add.swap_remove(i);
@@ -1146,8 +1192,7 @@ impl Node {
             self.link.metrics.subscriptions.inc();
             if let Some((epoch, offset)) = sub.last.clone() {
                 // Subscribed again after the link was down.
-                let keep = namespace_keep(&self.hub, &key);
-                if let Some(keep) = keep {
+                if let Some(keep) = namespace_keep(&self.hub, &key) {
                     self.read_place(
                         key.clone(),
                         Purpose::CatchUp(epoch, offset, keep),
@@ -1155,6 +1200,8 @@ impl Node {
                         out,
                     );
                 }
+                // The read holds the channel now, not the link's loss.
+                self.unhold(&key);
             }
             let Some(sub) = self.subs.get_mut(&key) else {
                 continue;
@@ -1286,16 +1333,7 @@ impl Node {
                 }
             },
         };
-        if let Some(held) = self.held.get_mut(&key) {
-            held.reads -= 1;
-            if held.reads == 0 {
-                if let Some(held) = self.held.remove(&key) {
-                    for m in held.queue {
-                        self.hub.arrive(self.src, m);
-                    }
-                }
-            }
-        }
+        self.unhold(&key);
         result
     }
 
@@ -1366,11 +1404,31 @@ impl Node {
         let Some(held) = self.held.get_mut(key) else {
             return;
         };
-        while held.queue.front().is_some_and(|m| m.offset() <= top) {
+        let mut out = Vec::new();
+        while held.queue.front().is_some_and(|(_, m)| m.offset() <= top) {
             if let Some(m) = held.queue.pop_front() {
-                if pass {
-                    self.hub.arrive(self.src, m);
-                }
+                out.push(m);
+            }
+        }
+        if pass {
+            for (epoch, m) in out {
+                self.pass(key, epoch.as_deref(), m);
+            }
+        }
+    }
+
+    /// Ends one hold of `key`; the last one passes on what was held.
+    fn unhold(&mut self, key: &str) {
+        let Some(held) = self.held.get_mut(key) else {
+            return;
+        };
+        held.reads = held.reads.saturating_sub(1);
+        if held.reads > 0 {
+            return;
+        }
+        if let Some(held) = self.held.remove(key) {
+            for (epoch, m) in held.queue {
+                self.pass(key, epoch.as_deref(), m);
             }
         }
     }
