@@ -85,18 +85,6 @@ stop_all() {
 trap stop_all EXIT
 trap 'exit 130' INT TERM
 
-free_port() {
-    local p
-    for _ in $(seq 1 100); do
-        p=$((20000 + RANDOM % 30000))
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-            echo "$p"
-            return 0
-        fi
-    done
-    return 1
-}
-
 # Starts one herald node logging to $1 with the environment after it;
 # appends its pid to PIDS and its address to ADDRS.
 ADDRS=()

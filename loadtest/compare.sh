@@ -101,19 +101,6 @@ build_release
 trap stop_server EXIT
 trap 'exit 130' INT TERM
 
-# A free loopback TCP port (nothing answers on it).
-free_port() {
-    local p
-    for _ in $(seq 1 100); do
-        p=$((20000 + RANDOM % 30000))
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-            echo "$p"
-            return 0
-        fi
-    done
-    return 1
-}
-
 start_herald_for_compare() {
     start_herald "$1" SEND_QUEUE_LIMIT=16MiB MAX_CONNECTIONS=19500 || return 1
     URL="ws://$ADDR/ws"

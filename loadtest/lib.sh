@@ -29,6 +29,19 @@ build_release() {
     ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 }
 
+# A free loopback TCP port (nothing answers on it).
+free_port() {
+    local p
+    for _ in $(seq 1 100); do
+        p=$((20000 + RANDOM % 30000))
+        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+            echo "$p"
+            return 0
+        fi
+    done
+    return 1
+}
+
 SERVER_PID=""
 ADDR=""
 

@@ -43,14 +43,11 @@ fn post_publish(server: &Server, body: Value) -> (u16, String) {
 fn messages(c: &mut Client, n: usize) -> Vec<Value> {
     let mut got = Vec::with_capacity(n);
     while got.len() < n {
-        let m = next(
-            c,
-            &format!(
-                "message {} of {n} (the last: {:?})",
-                got.len() + 1,
-                got.last()
-            ),
-        );
+        let m = c.next_json(&format!(
+            "message {} of {n} (the last: {:?})",
+            got.len() + 1,
+            got.last()
+        ));
         assert_eq!(m["op"], "message", "{m}");
         got.push(m["data"].clone());
     }
@@ -329,35 +326,7 @@ fn pusher_events_cross_nodes() {
 
 /// `POST /apps/a1/events`, signed with app a1's secret.
 fn pusher_trigger(server: &Server, body: &str) -> (u16, String) {
-    use md5::Digest;
-    let ts = common::unix_now().to_string();
-    let md5: String = md5::Md5::digest(body.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    let path = "/apps/a1/events";
-    let q = format!("auth_key=k1&auth_timestamp={ts}&auth_version=1.0&body_md5={md5}");
-    let sig = common::hmac_sha256_hex("s1", format!("POST\n{path}\n{q}").as_bytes());
-    let headers = [("Content-Type", "application/json")];
-    http(
-        server.addr,
-        "POST",
-        &format!("{path}?{q}&auth_signature={sig}"),
-        &headers,
-        body.as_bytes(),
-    )
-}
-
-/// The next JSON message, or a failure that says what was awaited.
-fn next(c: &mut Client, what: &str) -> Value {
-    loop {
-        match c.ws.read() {
-            Ok(tungstenite::Message::Text(t)) => return serde_json::from_str(&t).unwrap(),
-            Ok(tungstenite::Message::Ping(_)) | Ok(tungstenite::Message::Pong(_)) => continue,
-            Ok(other) => panic!("{what}: unexpected {other:?}"),
-            Err(e) => panic!("{what}: {e}"),
-        }
-    }
+    pusher_api(server, "POST", "/apps/a1/events", body)
 }
 
 #[test]
@@ -496,7 +465,7 @@ fn recovery_on_any_node_misses_nothing_while_publishing_goes_on() {
                 let mut at = 1 + k % 2;
                 let mut c = Client::connect(&nodes[at], "/ws");
                 c.send_json(json!({"op":"subscribe","channel":"live","id":"s"}));
-                let first = next(&mut c, "first subscribe");
+                let first = c.next_json("first subscribe");
                 assert_eq!(first["op"], "subscribed", "{first}");
                 let epoch = first["epoch"].as_str().unwrap().to_string();
                 let mut last = first["offset"].as_u64().unwrap();
@@ -513,7 +482,7 @@ fn recovery_on_any_node_misses_nothing_while_publishing_goes_on() {
                 };
                 for round in 0..ROUNDS {
                     for _ in 0..3 {
-                        let v = next(&mut c, &format!("client {k} round {round}: live"));
+                        let v = c.next_json(&format!("client {k} round {round}: live"));
                         check(&v, &mut last, round);
                     }
                     if round % 5 == 4 {
@@ -522,7 +491,7 @@ fn recovery_on_any_node_misses_nothing_while_publishing_goes_on() {
                     } else {
                         c.send_json(json!({"op":"unsubscribe","channel":"live","id":"u"}));
                         loop {
-                            let v = next(&mut c, "unsubscribed");
+                            let v = c.next_json("unsubscribed");
                             if v["op"] == "unsubscribed" {
                                 break;
                             }
@@ -531,7 +500,7 @@ fn recovery_on_any_node_misses_nothing_while_publishing_goes_on() {
                     }
                     c.send_json(json!({"op":"subscribe","channel":"live","id":"s",
                                        "since":{"epoch":epoch,"offset":last}}));
-                    let v = next(&mut c, &format!("client {k} round {round}: subscribed"));
+                    let v = c.next_json(&format!("client {k} round {round}: subscribed"));
                     assert_eq!(v["op"], "subscribed", "client {k} round {round}: {v}");
                     assert_eq!(v["recovered"], true, "client {k} round {round}: {v}");
                 }

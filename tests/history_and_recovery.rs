@@ -462,18 +462,6 @@ fn publish_until(
     })
 }
 
-/// The next JSON message, or a failure that says what was awaited.
-fn next(c: &mut Client, what: &str) -> Value {
-    loop {
-        match c.ws.read() {
-            Ok(tungstenite::Message::Text(t)) => return serde_json::from_str(&t).unwrap(),
-            Ok(tungstenite::Message::Ping(_)) | Ok(tungstenite::Message::Pong(_)) => continue,
-            Ok(other) => panic!("{what}: unexpected {other:?}"),
-            Err(e) => panic!("{what}: {e}"),
-        }
-    }
-}
-
 #[test]
 fn resubscribing_under_continuous_publishing_has_no_gap_and_no_duplicate() {
     let server = server_recovering(100_000);
@@ -504,15 +492,13 @@ fn resubscribing_under_continuous_publishing_has_no_gap_and_no_duplicate() {
                 for round in 0..ROUNDS {
                     // Take a few live messages, leave, resume where we were.
                     for _ in 0..3 {
-                        let v = next(
-                            &mut c,
-                            &format!("client {k} round {round}: live after {last}"),
-                        );
+                        let v =
+                            c.next_json(&format!("client {k} round {round}: live after {last}"));
                         check(&v, &mut last);
                     }
                     c.send_json(json!({"op":"unsubscribe","channel":"live","id":"u"}));
                     loop {
-                        let v = next(&mut c, &format!("client {k} round {round}: unsubscribed"));
+                        let v = c.next_json(&format!("client {k} round {round}: unsubscribed"));
                         if v["op"] == "unsubscribed" {
                             break;
                         }
@@ -520,10 +506,9 @@ fn resubscribing_under_continuous_publishing_has_no_gap_and_no_duplicate() {
                     }
                     c.send_json(json!({"op":"subscribe","channel":"live","id":"s",
                                        "since":{"epoch":epoch,"offset":last}}));
-                    let v = next(
-                        &mut c,
-                        &format!("client {k} round {round}: subscribed after {last}"),
-                    );
+                    let v = c.next_json(&format!(
+                        "client {k} round {round}: subscribed after {last}"
+                    ));
                     assert_eq!(
                         v["op"], "subscribed",
                         "client {k}: nothing may come between unsubscribed and subscribed: {v}"
@@ -572,7 +557,7 @@ fn subscribing_again_while_messages_flow_misses_nothing() {
                     // the reply's offset is the newest one sent before it.
                     c.send_json(json!({"op":"subscribe","channel":"live","id":"again"}));
                     loop {
-                        let v = next(&mut c, &format!("client {k} round {round}"));
+                        let v = c.next_json(&format!("client {k} round {round}"));
                         if v["op"] == "subscribed" {
                             assert_eq!(v["offset"].as_u64(), Some(last), "client {k}: {v}");
                             break;
@@ -581,7 +566,7 @@ fn subscribing_again_while_messages_flow_misses_nothing() {
                         assert_eq!(off, last + 1, "client {k}: gap or duplicate");
                         last = off;
                     }
-                    let v = next(&mut c, &format!("client {k} round {round}: live"));
+                    let v = c.next_json(&format!("client {k} round {round}: live"));
                     assert_eq!(v["offset"].as_u64(), Some(last + 1), "client {k}: {v}");
                     last += 1;
                 }

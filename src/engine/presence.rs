@@ -267,6 +267,25 @@ impl NodePresence {
         c.roster.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// In a cluster: makes a local change and, when it changes what this
+    /// node holds, announces `event` (built with the node's name), both
+    /// under the order lock. Alone: the local change's own answer.
+    fn change(
+        &self,
+        local: impl FnOnce(&LocalPresence) -> bool,
+        event: impl FnOnce(Box<str>) -> Event,
+    ) -> bool {
+        let Some(c) = self.cluster.get() else {
+            return local(&self.local);
+        };
+        let _order = Self::ordered(c);
+        if local(&self.local) {
+            c.broker.announce(event(c.broker.node().into()));
+        }
+        // Cluster-wide transitions are decided in the cluster's order.
+        false
+    }
+
     /// Local members, then the other nodes' not among them.
     fn merged(&self, c: &InCluster, key: &str) -> Members {
         let mut members = self.local.members(key);
@@ -282,33 +301,23 @@ impl NodePresence {
 
 impl Presence for NodePresence {
     fn subscribed(&self, key: &str) -> bool {
-        let Some(c) = self.cluster.get() else {
-            return self.local.subscribed(key);
-        };
-        let _order = Self::ordered(c);
-        if self.local.subscribed(key) {
-            let node = c.broker.node().into();
-            c.broker.announce(Event::Occupy {
+        self.change(
+            |l| l.subscribed(key),
+            |node| Event::Occupy {
                 node,
                 key: key.into(),
-            });
-        }
-        false
+            },
+        )
     }
 
     fn unsubscribed(&self, key: &str) -> bool {
-        let Some(c) = self.cluster.get() else {
-            return self.local.unsubscribed(key);
-        };
-        let _order = Self::ordered(c);
-        if self.local.unsubscribed(key) {
-            let node = c.broker.node().into();
-            c.broker.announce(Event::Vacate {
+        self.change(
+            |l| l.unsubscribed(key),
+            |node| Event::Vacate {
                 node,
                 key: key.into(),
-            });
-        }
-        false
+            },
+        )
     }
 
     fn join(
@@ -321,34 +330,28 @@ impl Presence for NodePresence {
         let Some(c) = self.cluster.get() else {
             return self.local.join(key, user_id, user_info, except);
         };
-        let order = Self::ordered(c);
-        let (first, _) = self.local.join(key, user_id, user_info, except);
-        if first {
-            c.broker.announce(Event::Join {
-                node: c.broker.node().into(),
+        self.change(
+            |l| l.join(key, user_id, user_info, except).0,
+            |node| Event::Join {
+                node,
                 key: key.into(),
                 user: user_id.into(),
                 info: user_info.into(),
                 except,
-            });
-        }
-        drop(order);
+            },
+        );
         (false, self.merged(c, key))
     }
 
     fn leave(&self, key: &str, user_id: &str) -> bool {
-        let Some(c) = self.cluster.get() else {
-            return self.local.leave(key, user_id);
-        };
-        let _order = Self::ordered(c);
-        if self.local.leave(key, user_id) {
-            c.broker.announce(Event::Leave {
-                node: c.broker.node().into(),
+        self.change(
+            |l| l.leave(key, user_id),
+            |node| Event::Leave {
+                node,
                 key: key.into(),
                 user: user_id.into(),
-            });
-        }
-        false
+            },
+        )
     }
 
     fn channel(&self, key: &str) -> Option<ChannelInfo> {

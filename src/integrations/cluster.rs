@@ -1714,26 +1714,17 @@ struct Scripts {
 async fn load_scripts(conn: &MultiplexedConnection) -> Result<Scripts, String> {
     let mut conn = conn.clone();
     let load = async {
-        let once: String = redis::cmd("SCRIPT")
-            .arg("LOAD")
-            .arg(PUBLISH_ONCE)
-            .query_async(&mut conn)
-            .await?;
-        let kept: String = redis::cmd("SCRIPT")
-            .arg("LOAD")
-            .arg(PUBLISH_KEPT)
-            .query_async(&mut conn)
-            .await?;
-        let event: String = redis::cmd("SCRIPT")
-            .arg("LOAD")
-            .arg(EVENT)
-            .query_async(&mut conn)
-            .await?;
-        let beat: String = redis::cmd("SCRIPT")
-            .arg("LOAD")
-            .arg(BEAT)
-            .query_async(&mut conn)
-            .await?;
+        let mut digests = Vec::with_capacity(4);
+        for script in [PUBLISH_ONCE, PUBLISH_KEPT, EVENT, BEAT] {
+            let digest: String = redis::cmd("SCRIPT")
+                .arg("LOAD")
+                .arg(script)
+                .query_async(&mut conn)
+                .await?;
+            digests.push(digest);
+        }
+        let [once, kept, event, beat] = <[String; 4]>::try_from(digests)
+            .map_err(|_| redis::RedisError::from((redis::ErrorKind::Client, "SCRIPT LOAD")))?;
         Ok::<_, redis::RedisError>(Scripts {
             once,
             kept,

@@ -308,6 +308,19 @@ impl Client {
         }
     }
 
+    /// The next text message as JSON, or a failure that says what was
+    /// awaited (`what`) and what came instead.
+    pub fn next_json(&mut self, what: &str) -> Value {
+        loop {
+            match self.ws.read() {
+                Ok(Message::Text(t)) => return serde_json::from_str(&t).unwrap(),
+                Ok(Message::Ping(_)) | Ok(Message::Pong(_)) => continue,
+                Ok(other) => panic!("{what}: unexpected {other:?}"),
+                Err(e) => panic!("{what}: {e}"),
+            }
+        }
+    }
+
     /// Subscribes and waits for the confirmation.
     pub fn subscribe(&mut self, channel: &str) {
         self.send_json(serde_json::json!({"op":"subscribe","channel":channel,"id":"sub"}));
