@@ -315,6 +315,37 @@ fn pusher_events_cross_nodes() {
         (Some("state"), Some("{\"v\":7}")),
         "{ev}"
     );
+    // An HTTP trigger on node b excludes a socket of node a by its id.
+    let mut other = Client::connect(&b, "/app/k1?protocol=7&client=test");
+    assert_eq!(other.recv_json()["event"], "pusher:connection_established");
+    other.send_json(json!({"event":"pusher:subscribe","data":{"channel":"prices"}}));
+    assert_eq!(
+        other.recv_json()["event"],
+        "pusher_internal:subscription_succeeded"
+    );
+    let hello_a = pusher(&a);
+    let mut excluded = hello_a.c;
+    excluded.send_json(json!({"event":"pusher:subscribe","data":{"channel":"prices"}}));
+    assert_eq!(
+        excluded.recv_json()["event"],
+        "pusher_internal:subscription_succeeded"
+    );
+    let body = json!({"name":"tick","channel":"prices","data":"{}","socket_id":hello_a.socket_id})
+        .to_string();
+    let (status, _) = pusher_trigger(&b, &body);
+    assert_eq!(status, 200);
+    assert_eq!(other.recv_json()["event"], "tick");
+    assert_eq!(
+        c.recv_json()["event"],
+        "tick",
+        "the other socket on node a gets it"
+    );
+    excluded.send_json(json!({"event":"pusher:ping","data":{}}));
+    assert_eq!(
+        excluded.recv_json()["event"],
+        "pusher:pong",
+        "the excluded socket does not"
+    );
     // A native client of the same name is another channel.
     let mut native = Client::connect(&a, "/ws");
     native.subscribe("prices");
@@ -856,6 +887,28 @@ fn presence_and_occupancy_count_every_node_and_each_webhook_is_sent_once() {
         c.sync();
     }
     assert_eq!(hook_events(&hook), want);
+    // terminate_connections asked of node c closes the user's connections
+    // on every node (4009), and no one else's.
+    let mut u3_a = pusher(&nodes[0]);
+    u3_a.join(room, "u3");
+    let mut u3_b = pusher(&nodes[1]);
+    u3_b.join(room, "u3");
+    let mut u4_b = pusher(&nodes[1]);
+    u4_b.join(room, "u4");
+    let (status, body) = pusher_api(
+        &nodes[2],
+        "POST",
+        "/apps/a1/users/u3/terminate_connections",
+        "{}",
+    );
+    assert_eq!(status, 200, "{body}");
+    for c in [&mut u3_a, &mut u3_b] {
+        assert_eq!(c.c.expect_close().0, 4009);
+    }
+    assert_eq!(
+        u4_b.member_event(),
+        ("pusher_internal:member_removed".into(), "u3".into())
+    );
 }
 
 #[test]

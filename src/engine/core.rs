@@ -126,6 +126,9 @@ pub trait Broker: Send + Sync {
     fn poll_space(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()>;
     /// This node's name in the cluster (unique per process).
     fn node(&self) -> &str;
+    /// This node's tag (nonzero, random per process): what messages name
+    /// as the node where their exclusion applies.
+    fn tag(&self) -> u32;
     /// Sends a presence event of this node to every node, in order.
     fn announce(&self, e: Event);
     /// The presence whose events this link carries (set once).

@@ -67,6 +67,8 @@ pub struct Message {
     namespace: u16,
     hash: u64,
     except: Option<Except>,
+    /// The node of a cluster where `except` applies (0: this one).
+    except_node: u64,
     /// Its offset in its channel's history (0: none).
     offset: u64,
     /// The publisher's frame lacks the offset its encoding carries: it
@@ -105,6 +107,7 @@ impl Message {
             namespace,
             hash: 0,
             except: None,
+            except_node: 0,
             offset: 0,
             reframe: false,
             transient: false,
@@ -139,6 +142,7 @@ impl Message {
             namespace,
             hash: 0,
             except: None,
+            except_node: 0,
             offset: 0,
             reframe: false,
             transient: false,
@@ -190,12 +194,21 @@ impl Message {
     /// Excludes connection `slot` (generation `gen`) of `worker`.
     pub fn set_except(&mut self, worker: u16, slot: u32, gen: u64) {
         self.except = Some((worker, slot, gen));
+        self.except_node = 0;
     }
 
-    /// The excluded connection if it lives on `worker`: (slot, generation).
+    /// Excludes connection `slot` (generation `gen`) of `worker` on
+    /// another node of the cluster, the one whose tag is `node`.
+    pub fn set_except_at(&mut self, node: u64, worker: u16, slot: u32, gen: u64) {
+        self.except = Some((worker, slot, gen));
+        self.except_node = node;
+    }
+
+    /// The excluded connection if it lives on `worker` of this node:
+    /// (slot, generation).
     pub fn except_on(&self, worker: usize) -> Option<(usize, u64)> {
         self.except
-            .filter(|e| usize::from(e.0) == worker)
+            .filter(|e| usize::from(e.0) == worker && self.except_node == 0)
             .map(|e| (e.1 as usize, e.2))
     }
 
@@ -288,7 +301,8 @@ impl Message {
     /// broker) to `out`: a small header, then the publisher's frame as it
     /// is, so a receiving node rebuilds the same `Message` (and sends the
     /// same frame) without parsing the frame. `origin` names the sending
-    /// node; the exclusion only means something there.
+    /// node: the exclusion applies there, unless it names another node
+    /// ([`Message::set_except_at`]).
     pub fn encode_wire(&self, origin: u64, out: &mut Vec<u8>) {
         let mut flags = 0;
         if self.transient {
@@ -310,7 +324,12 @@ impl Message {
             PayloadKind::Binary => 2,
         });
         out.extend_from_slice(&self.namespace.to_le_bytes());
-        out.extend_from_slice(&origin.to_le_bytes());
+        // Where the exclusion applies: here, or the node it names.
+        let at = match self.except_node {
+            0 => origin,
+            node => node,
+        };
+        out.extend_from_slice(&at.to_le_bytes());
         if let Some((worker, slot, gen)) = self.except {
             out.extend_from_slice(&worker.to_le_bytes());
             out.extend_from_slice(&slot.to_le_bytes());
@@ -561,6 +580,19 @@ mod tests {
         let elsewhere = Message::decode_wire(wire, 7).unwrap();
         assert_eq!(elsewhere.except_on(1), None, "and dropped elsewhere");
         assert!(!message("a", "b", 0).is_transient());
+    }
+
+    #[test]
+    fn an_exclusion_can_name_another_node() {
+        let mut m = message("room", "x", 1);
+        m.set_except_at(7, 0, 3, 4);
+        assert_eq!(m.except_on(0), None, "not on this node");
+        let mut wire = Vec::new();
+        m.encode_wire(1, &mut wire);
+        let wire = Bytes::from(wire);
+        let at7 = Message::decode_wire(wire.clone(), 7).unwrap();
+        assert_eq!(at7.except_on(0), Some((3, 4)));
+        assert_eq!(Message::decode_wire(wire, 1).unwrap().except_on(0), None);
     }
 
     #[test]

@@ -406,9 +406,13 @@ impl ClusterMembers for NodePresence {
             return Vec::new();
         };
         let transitions = Self::roster(c).apply(e);
-        match e.decider() == c.broker.node() {
-            true => transitions,
-            false => Vec::new(),
+        let here = e.decider() == c.broker.node();
+        match e {
+            // A request: for every node but the one that made it.
+            Event::Terminate { .. } if here => Vec::new(),
+            Event::Terminate { .. } => transitions,
+            _ if here => transitions,
+            _ => Vec::new(),
         }
     }
 

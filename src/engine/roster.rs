@@ -62,6 +62,14 @@ pub enum Event {
         node: Box<str>,
         by: Box<str>,
     },
+    /// A request from `node` for every other node: close the connections
+    /// of `user` in namespace `ns` (Pusher's `terminate_connections`).
+    /// Changes no state.
+    Terminate {
+        node: Box<str>,
+        ns: u16,
+        user: Box<str>,
+    },
 }
 
 impl Event {
@@ -72,7 +80,8 @@ impl Event {
             | Event::Vacate { node, .. }
             | Event::Join { node, .. }
             | Event::Leave { node, .. }
-            | Event::Reset { node, .. } => node,
+            | Event::Reset { node, .. }
+            | Event::Terminate { node, .. } => node,
             Event::Gone { by, .. } => by,
         }
     }
@@ -95,6 +104,12 @@ pub enum Transition {
     },
     MemberRemoved {
         key: Box<str>,
+        user: Box<str>,
+    },
+    /// Close the connections of `user` in namespace `ns` here (for every
+    /// node but the one that asked, which did).
+    Terminate {
+        ns: u16,
         user: Box<str>,
     },
 }
@@ -180,6 +195,10 @@ impl Roster {
                     self.vacate(node, k, &mut out);
                 }
             }
+            Event::Terminate { ns, user, .. } => out.push(Transition::Terminate {
+                ns: *ns,
+                user: user.clone(),
+            }),
             Event::Gone { node, .. } => {
                 let old = self.nodes.get(node).cloned().unwrap_or_default();
                 for (k, u) in old.members.keys() {
@@ -381,6 +400,7 @@ mod tests {
                 Transition::Vacated { key } => format!("vacated {key}"),
                 Transition::MemberAdded { key, user, .. } => format!("added {key} {user}"),
                 Transition::MemberRemoved { key, user } => format!("removed {key} {user}"),
+                Transition::Terminate { ns, user } => format!("terminate {ns} {user}"),
             })
             .collect()
     }

@@ -314,6 +314,7 @@ impl Link {
 
 /// The engine's [`Broker`] over Redis.
 pub struct Cluster {
+    origin: u64,
     publishes: mpsc::UnboundedSender<Publish>,
     control: mpsc::UnboundedSender<Control>,
     events: mpsc::UnboundedSender<Event>,
@@ -396,6 +397,7 @@ impl Cluster {
             })
             .map_err(ClusterError::Thread)?;
         Ok(Arc::new(Cluster {
+            origin,
             publishes,
             control,
             events,
@@ -499,6 +501,10 @@ impl Broker for Cluster {
         &self.node
     }
 
+    fn tag(&self) -> u32 {
+        self.origin as u32
+    }
+
     fn congested(&self) -> bool {
         self.link.queued.load(Ordering::Relaxed) >= QUEUE_LIMIT
     }
@@ -549,15 +555,19 @@ fn unavailable() -> Outcome {
 }
 
 /// A random tag naming this process in the messages it publishes.
+/// (1 to 2^31 - 1, so that it fits in a Pusher socket id).
 fn origin_tag() -> u64 {
-    let mut b = [0u8; 8];
-    if getrandom::fill(&mut b).is_err() {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        return t.as_nanos() as u64 ^ u64::from(std::process::id()) << 32;
-    }
-    u64::from_le_bytes(b)
+    let mut b = [0u8; 4];
+    let r = match getrandom::fill(&mut b) {
+        Ok(()) => u32::from_le_bytes(b),
+        Err(_) => {
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            t.subsec_nanos() ^ std::process::id()
+        }
+    };
+    u64::from(r % 0x7fff_fffe + 1)
 }
 
 /// The broker channel of routing key `key`.
@@ -1861,6 +1871,8 @@ fn announce(
                 );
                 (node, "reset", f)
             }
+            // A request: published, nothing recorded.
+            Event::Terminate { node, .. } => (node, "set", Vec::new()),
             // Only the heartbeat script declares a node gone.
             Event::Gone { .. } => continue,
         };

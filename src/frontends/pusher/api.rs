@@ -12,7 +12,7 @@ use serde_json::{json, Map, Value};
 use super::apps::App;
 use super::connection::{channel_of, published};
 use super::wire::{self, ChannelKind};
-use super::{Control, PusherShared};
+use super::PusherShared;
 use crate::engine::presence::Presence;
 use crate::worker::Worker;
 
@@ -66,14 +66,14 @@ pub fn handle(
         ("GET", ["channels", name]) => channel(shared, ns, name, param("info")),
         ("GET", ["channels", name, "users"]) => users(shared, ns, name),
         ("POST", ["users", user_id, "terminate_connections"]) => {
-            for w in 0..worker.shared.workers {
-                shared.control(
-                    w,
-                    Control::Terminate {
-                        ns,
-                        user_id: user_id.to_string(),
-                    },
-                );
+            shared.terminate_here(ns, user_id);
+            // And on every other node of the cluster.
+            if let Some(b) = worker.core.hub.broker() {
+                b.announce(crate::engine::roster::Event::Terminate {
+                    node: b.node().into(),
+                    ns,
+                    user: (*user_id).into(),
+                });
             }
             ok_json(json!({}))
         }
@@ -130,7 +130,11 @@ fn trigger(
             let frame = wire::event_frame_routed(&ev.name, ch, data, None);
             let mut msg = published(frame, ns);
             if let Some(ex) = except {
-                msg.set_except(ex.worker, ex.key, ex.gen);
+                match ex.node == shared.node_tag() {
+                    true => msg.set_except(ex.worker, ex.key, ex.gen),
+                    // On another node of the cluster.
+                    false => msg.set_except_at(u64::from(ex.node), ex.worker, ex.key, ex.gen),
+                }
             }
             worker.core.stats.messages_in.inc();
             worker.core.publish(msg, None);

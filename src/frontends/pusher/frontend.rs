@@ -135,7 +135,8 @@ impl FrontEnd for Pusher {
     type Wait = ();
 
     fn open(&self, cx: &Cx<'_>, (app, ns): Admitted) {
-        let socket_id = super::socket::format(cx.worker.id, cx.key, cx.gen);
+        let node = self.shared.node_tag();
+        let socket_id = super::socket::format(cx.worker.id, cx.key, cx.gen, node);
         let timeout = self.shared.activity_timeout.as_secs() as u32;
         cx.worker
             .core

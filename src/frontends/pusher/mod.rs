@@ -70,6 +70,8 @@ pub struct PusherShared {
     pub pong_timeout: Duration,
     /// Per-worker inboxes of [`Control`] requests, read by the timer loop.
     inboxes: Vec<Mutex<Vec<Control>>>,
+    /// The node's tag in a cluster, carried in socket ids.
+    node_tag: std::sync::OnceLock<u32>,
 }
 
 impl PusherShared {
@@ -127,15 +129,36 @@ impl PusherShared {
             activity_timeout,
             pong_timeout,
             inboxes: (0..workers).map(|_| Mutex::default()).collect(),
+            node_tag: std::sync::OnceLock::new(),
         }
     }
 
     /// Makes presence and occupancy cluster-wide: the transitions this
     /// node decides get their webhooks and member events here.
     pub fn join_cluster(self: &Arc<Self>, broker: Arc<dyn Broker>) {
+        let _ = self.node_tag.set(broker.tag());
         let shared = self.clone();
         let act = Box::new(move |core: &Core, t: Transition| shared.act(core, t));
         NodePresence::join_cluster(&self.presence, broker, act);
+    }
+
+    /// Closes the connections of `user_id` in namespace `ns` on every
+    /// worker of this node (within a timer tick).
+    pub fn terminate_here(&self, ns: u16, user_id: &str) {
+        for w in 0..self.inboxes.len() {
+            self.control(
+                w,
+                Control::Terminate {
+                    ns,
+                    user_id: user_id.to_string(),
+                },
+            );
+        }
+    }
+
+    /// The node's tag in socket ids (0 on a single node).
+    pub fn node_tag(&self) -> u32 {
+        self.node_tag.get().copied().unwrap_or(0)
     }
 
     /// A cluster-wide transition this node decided: its webhook, and for
@@ -147,6 +170,10 @@ impl PusherShared {
             | Transition::Vacated { key }
             | Transition::MemberAdded { key, .. }
             | Transition::MemberRemoved { key, .. } => key,
+            Transition::Terminate { ns, user } => {
+                self.terminate_here(*ns, user);
+                return;
+            }
         };
         let Some((ns, channel)) = key
             .split_once('#')
@@ -181,6 +208,7 @@ impl PusherShared {
                     json!({"name": "member_added", "channel": channel, "user_id": &**user}),
                 )
             }
+            Transition::Terminate { .. } => return,
             Transition::MemberRemoved { user, .. } => {
                 let frame = wire::member_removed_routed(channel, user);
                 core.publish(connection::notice(frame, ns), None);
