@@ -592,8 +592,10 @@ fn meta_ttl_ms(keep: Keep) -> u64 {
     META_TTL_MS.max(keep.ttl_ms.saturating_mul(2))
 }
 
-/// Splits `o<epoch> <offset>\n<message>` (a message with history).
-fn placed_message(payload: &[u8]) -> Option<(&str, u64, &[u8])> {
+/// Splits `o<epoch> <offset>\n<message>` (a message with history, as
+/// the publish script sends it): epoch, offset and the message, or `None`
+/// for anything else.
+pub fn placed_message(payload: &[u8]) -> Option<(&str, u64, &[u8])> {
     let rest = payload.strip_prefix(b"o")?;
     let nl = rest.iter().position(|&b| b == b'\n')?;
     let head = std::str::from_utf8(&rest[..nl]).ok()?;
