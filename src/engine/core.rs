@@ -596,7 +596,8 @@ impl Core {
         let here = self.id;
         let name: Box<str> = channel.into();
         let recover_max = self.hub.history.recover_max;
-        let since_copy = since.clone();
+        // The broker reads the place itself; the owner path needs `since`.
+        let since_copy = self.hub.broker().and(since.clone());
         let ask_owner = move |core: &Core, channel: Box<str>, joined: Joined| {
             core.run_on(
                 owner,
