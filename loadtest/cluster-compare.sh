@@ -7,6 +7,8 @@
 #             `single`);
 #   herald-3  redis-server and three herald nodes (WORKERS=1 each,
 #             BROKER_URL to that Redis);
+#   herald-3n nats-server -js (GOMAXPROCS=1) and three herald nodes
+#             (BROKER_URL to that NATS);
 #   nats-3    three nats-server processes (GOMAXPROCS=1 each) joined by
 #             routes, each with a WebSocket listener.
 # In the clusters, subscriber j connects to node (j mod 3) and the
@@ -14,8 +16,9 @@
 # cross the broker or the routes. Server CPU is the sum over the nodes
 # (--server-pid, --also-pid); Redis's CPU is reported apart (--broker-pid,
 # `broker_cpu_secs` in the JSON).
-# At the end: herald-3 against herald-1, then herald-3 against nats-3
-# (herald-loadtest summarize, medians of the rounds).
+# At the end: herald-3 against herald-1, herald-3 against nats-3, and
+# herald-3 against herald-3n (herald-loadtest summarize, medians of the
+# rounds).
 #
 # Usage: loadtest/cluster-compare.sh [--rounds N] [--out DIR] [--scenario "ARGS"]...
 #   --rounds N        rounds per scenario (default 2)
@@ -57,7 +60,7 @@ if [ ${#SCENARIOS[@]} -eq 0 ]; then
     )
 fi
 OUT="${OUT:-target/cluster-compare/$(date +%Y%m%d-%H%M%S)}"
-mkdir -p "$OUT/all" "$OUT/vs-single" "$OUT/vs-nats"
+mkdir -p "$OUT/all" "$OUT/vs-single" "$OUT/vs-nats" "$OUT/vs-redis"
 
 need() {
     command -v "$1" >/dev/null 2>&1 && return 0
@@ -123,6 +126,21 @@ start_config() {
             --server-pid "${PIDS[1]}" --also-pid "${PIDS[2]}" --also-pid "${PIDS[3]}"
             --broker-pid "${PIDS[0]}")
         ;;
+    herald-3n)
+        local nport
+        nport="$(free_port)"
+        GOMAXPROCS=1 nats-server -js -a 127.0.0.1 -p "$nport" -sd "$base.js" \
+            >"$base.nats.log" 2>&1 &
+        PIDS+=("$!")
+        wait_log "$base.nats.log" "Server is ready" "${PIDS[0]}" || return 1
+        for n in 1 2 3; do
+            herald_node "$base.n$n.log" BROKER_URL="nats://127.0.0.1:$nport" NODE_ID="n$n" || return 1
+        done
+        ARGS=(--url "ws://${ADDRS[0]}/ws"
+            --sub-url "ws://${ADDRS[0]}/ws" --sub-url "ws://${ADDRS[1]}/ws" --sub-url "ws://${ADDRS[2]}/ws"
+            --server-pid "${PIDS[1]}" --also-pid "${PIDS[2]}" --also-pid "${PIDS[3]}"
+            --broker-pid "${PIDS[0]}")
+        ;;
     nats-3)
         local cports=() wports=() n routes conf
         for n in 1 2 3; do cports+=("$(free_port)"); wports+=("$(free_port)"); done
@@ -163,7 +181,7 @@ i=0
 for sc in "${SCENARIOS[@]}"; do
     i=$((i + 1))
     for r in $(seq 1 "$ROUNDS"); do
-        for config in herald-1 herald-3 nats-3; do
+        for config in herald-1 herald-3 herald-3n nats-3; do
             base="$OUT/all/s$i.r$r.$config"
             if ! start_config "$config" "$base"; then
                 stop_all
@@ -190,7 +208,9 @@ for f in "$OUT"/all/*.json; do
     *herald-3.json)
         ln -sf "../all/$(basename "$f")" "$OUT/vs-single/"
         ln -sf "../all/$(basename "$f")" "$OUT/vs-nats/"
+        ln -sf "../all/$(basename "$f")" "$OUT/vs-redis/"
         ;;
+    *herald-3n.json) ln -sf "../all/$(basename "$f")" "$OUT/vs-redis/" ;;
     esac
 done
 echo
@@ -199,3 +219,6 @@ echo "== herald-3 against a single herald node (medians of $ROUNDS rounds)"
 echo
 echo "== herald-3 against nats-3 (medians of $ROUNDS rounds)"
 "$LT" summarize "$OUT/vs-nats"
+echo
+echo "== herald-3 (over Redis) against herald-3n (over NATS) (medians of $ROUNDS rounds)"
+"$LT" summarize "$OUT/vs-redis"

@@ -10,7 +10,8 @@
 #   (tests/metrics_are_valid_prometheus.rs);
 # - curl and openssl, which the README's examples use
 #   (tests/readme_examples_run.rs);
-# - redis-server and redis-cli (Debian's redis-server package), which the
+# - redis-server and redis-cli (Debian's redis-server package), and
+#   nats-server (Debian's nats-server package, with JetStream), which the
 #   cluster tests start on loopback ports of their own (tests/cluster.rs).
 # Idempotent and silent when everything is already in place.
 set -eu
@@ -38,6 +39,9 @@ command -v curl >/dev/null 2>&1 || apt_install curl
 command -v openssl >/dev/null 2>&1 || apt_install openssl
 if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
     apt_install redis-server
+fi
+if ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ]; then
+    apt_install nats-server
 fi
 
 mkdir -p "$target"

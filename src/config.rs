@@ -322,12 +322,14 @@ fn parse_driver(s: &str) -> Result<IoDriver, String> {
 pub enum BrokerUrl {
     /// Redis or Valkey, as `redis://[user:password@]host[:port][/db]`.
     Redis(String),
+    /// NATS with JetStream, as `nats://[user:password@]host[:port]`.
+    Nats(String),
 }
 
 impl BrokerUrl {
     /// The address without its credentials, for logs and errors.
     pub fn redacted(&self) -> String {
-        let BrokerUrl::Redis(url) = self;
+        let (BrokerUrl::Redis(url) | BrokerUrl::Nats(url)) = self;
         match (url.find("://"), url.rfind('@')) {
             (Some(scheme), Some(at)) if at > scheme => {
                 format!("{}://***@{}", &url[..scheme], &url[at + 1..])
@@ -338,28 +340,27 @@ impl BrokerUrl {
 }
 
 fn parse_broker_url(s: &str) -> Result<BrokerUrl, String> {
+    const EXPECTED: &str = "expected redis://host:port or nats://host:port";
     let s = s.trim();
-    let (scheme, rest) = s.split_once("://").ok_or("expected redis://host:port")?;
+    let (scheme, rest) = s.split_once("://").ok_or(EXPECTED)?;
     match scheme {
-        "redis" => {}
-        "nats" => {
-            return Err("nats:// brokers are not supported yet; use redis://host:port".into())
-        }
-        "rediss" => {
-            return Err("rediss:// (TLS) is not supported yet; use redis://host:port".into())
-        }
-        _ => {
+        "redis" | "nats" => {}
+        "rediss" | "tls" => {
             return Err(format!(
-                "unknown broker scheme {scheme}://; expected redis://host:port"
+                "{scheme}:// (TLS) is not supported yet; {EXPECTED}"
             ))
         }
+        _ => return Err(format!("unknown broker scheme {scheme}://; {EXPECTED}")),
     }
     let host = rest.rsplit('@').next().unwrap_or("");
     let host = host.split('/').next().unwrap_or("");
     if host.is_empty() {
-        return Err("expected redis://host:port".into());
+        return Err(EXPECTED.into());
     }
-    Ok(BrokerUrl::Redis(s.to_string()))
+    Ok(match scheme {
+        "nats" => BrokerUrl::Nats(s.to_string()),
+        _ => BrokerUrl::Redis(s.to_string()),
+    })
 }
 
 fn parse_node_id(s: &str) -> Result<String, String> {
@@ -381,8 +382,10 @@ pub enum ConfigError {
     TooManyWorkers(usize),
     #[error("SECRET is set but empty: tokens signed with an empty key would be accepted; set a long random SECRET (e.g. openssl rand -hex 32) or unset it")]
     EmptySecret,
-    #[error("HISTORY_DIR with BROKER_URL: in a cluster history is kept in the broker (Redis), not on each node's disk; unset HISTORY_DIR")]
+    #[error("HISTORY_DIR with BROKER_URL: in a cluster history is kept in the broker, not on each node's disk; unset HISTORY_DIR")]
     HistoryDirInCluster,
+    #[error("HISTORY with a nats:// BROKER_URL: history is kept only with a redis:// broker; unset HISTORY or use Redis")]
+    HistoryOverNats,
 }
 
 impl Config {
@@ -420,6 +423,9 @@ impl Config {
         }
         if self.broker_url.is_some() && self.history_dir.is_some() {
             return Err(ConfigError::HistoryDirInCluster);
+        }
+        if matches!(self.broker_url, Some(BrokerUrl::Nats(_))) && !self.history.is_empty() {
+            return Err(ConfigError::HistoryOverNats);
         }
         Ok(())
     }

@@ -1,8 +1,12 @@
-//! Several herald nodes sharing a real Redis (`BROKER_URL`), started by
-//! the tests on loopback ports of their own: delivery across nodes,
-//! exactly once and in one order; broker subscriptions that follow the
-//! nodes' subscribers; idempotent publish across nodes; a broker that
-//! dies and comes back; a node cut off from its broker by a partition.
+//! Several herald nodes sharing a real broker (`BROKER_URL`): Redis, or
+//! NATS with JetStream, started by the tests on loopback ports of their
+//! own. Against both (`over_redis::…`, `over_nats::…`): delivery across
+//! nodes, exactly once and in one order; broker subscriptions that follow
+//! the nodes' subscribers; idempotent publish across nodes; a broker that
+//! dies and comes back; a node cut off from its broker by a partition;
+//! Pusher events, presence and webhooks across nodes; a killed node.
+//! Against Redis alone, which keeps history: offsets, recovery and
+//! catch-up across nodes.
 
 mod common;
 
@@ -12,15 +16,41 @@ mod broker;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use broker::{Proxy, Redis};
+use broker::{Kind, Proxy, Redis, TestBroker};
 use common::{http, wait_for, Client, Server};
 use serde_json::{json, Value};
 
+/// Runs each test named against each broker.
+macro_rules! over_both {
+    ($($name:ident),* $(,)?) => {
+        mod over_redis {
+            $( #[test] fn $name() { super::$name(super::Kind::Redis) } )*
+        }
+        mod over_nats {
+            $( #[test] fn $name() { super::$name(super::Kind::Nats) } )*
+        }
+    };
+}
+
+over_both!(
+    every_publish_reaches_every_node_once_in_one_order,
+    broker_subscriptions_follow_the_nodes_subscribers,
+    an_idempotency_key_holds_across_nodes,
+    nodes_survive_a_broker_that_dies_and_comes_back,
+    a_node_cut_off_from_its_broker_says_so_and_comes_back,
+    pusher_events_cross_nodes,
+    presence_and_occupancy_count_every_node_and_each_webhook_is_sent_once,
+    a_killed_node_is_found_within_5_s_and_its_members_leave_once,
+);
+
 /// A node of a cluster on `broker` (a `redis://` URL).
+/// Returns once the node reaches its broker.
 fn node(broker: &str, id: &str, extra: &[(&str, &str)]) -> Server {
     let mut env = vec![("BROKER_URL", broker), ("NODE_ID", id)];
     env.extend_from_slice(extra);
-    Server::start(&env)
+    let server = Server::start(&env);
+    wait_for("the node to reach its broker", || health(&server).0 == 200);
+    server
 }
 
 fn health(server: &Server) -> (u16, Value) {
@@ -54,9 +84,8 @@ fn messages(c: &mut Client, n: usize) -> Vec<Value> {
     got
 }
 
-#[test]
-fn every_publish_reaches_every_node_once_in_one_order() {
-    let redis = Redis::start();
+fn every_publish_reaches_every_node_once_in_one_order(kind: Kind) {
+    let redis = kind.start();
     let nodes: Vec<Server> = ["a", "b", "c"]
         .iter()
         .map(|id| node(&redis.url(), id, &[]))
@@ -113,9 +142,8 @@ fn every_publish_reaches_every_node_once_in_one_order() {
     }
 }
 
-#[test]
-fn broker_subscriptions_follow_the_nodes_subscribers() {
-    let redis = Redis::start();
+fn broker_subscriptions_follow_the_nodes_subscribers(kind: Kind) {
+    let redis = kind.start();
     let (a, b, c) = (
         node(&redis.url(), "a", &[]),
         node(&redis.url(), "b", &[]),
@@ -128,7 +156,7 @@ fn broker_subscriptions_follow_the_nodes_subscribers() {
     }
     on_b.subscribe("news");
     // One broker subscription per node with subscribers; none for c.
-    assert_eq!(redis.subscribers("herald:news"), 2);
+    assert_eq!(redis.subscribers("news"), 2);
     // A publish from the node without subscribers (HTTP API) reaches both.
     let (status, body) = post_publish(&c, json!({"channel":"news","data":"from c"}));
     assert_eq!((status, body.as_str()), (202, r#"{"ok":true}"#));
@@ -139,10 +167,10 @@ fn broker_subscriptions_follow_the_nodes_subscribers() {
     // last one leaving drops it.
     on_a[0].send_json(json!({"op":"unsubscribe","channel":"news","id":1}));
     assert_eq!(on_a[0].recv_json()["op"], "unsubscribed");
-    assert_eq!(redis.subscribers("herald:news"), 2);
+    assert_eq!(redis.subscribers("news"), 2);
     drop(on_a);
     wait_for("node a to leave herald:news", || {
-        redis.subscribers("herald:news") == 1
+        redis.subscribers("news") == 1
     });
     let (status, _) = post_publish(&c, json!({"channel":"news","data":"after"}));
     assert_eq!(status, 202);
@@ -154,9 +182,8 @@ fn broker_subscriptions_follow_the_nodes_subscribers() {
     assert!(b.metric("herald_broker_received_total") >= 2.0);
 }
 
-#[test]
-fn an_idempotency_key_holds_across_nodes() {
-    let redis = Redis::start();
+fn an_idempotency_key_holds_across_nodes(kind: Kind) {
+    let redis = kind.start();
     let (a, b) = (node(&redis.url(), "a", &[]), node(&redis.url(), "b", &[]));
     let mut sub = Client::connect(&a, "/ws");
     sub.subscribe("orders");
@@ -179,10 +206,9 @@ fn an_idempotency_key_holds_across_nodes() {
     assert_eq!(sub.sync(), Vec::<Value>::new());
 }
 
-#[test]
-fn nodes_survive_a_broker_that_dies_and_comes_back() {
-    let mut redis = Redis::start();
-    let port = redis.port;
+fn nodes_survive_a_broker_that_dies_and_comes_back(kind: Kind) {
+    let mut redis = kind.start();
+    let port = redis.port();
     let (a, b) = (node(&redis.url(), "a", &[]), node(&redis.url(), "b", &[]));
     let mut sub = Client::connect(&a, "/ws");
     sub.subscribe("live");
@@ -216,12 +242,12 @@ fn nodes_survive_a_broker_that_dies_and_comes_back() {
 
     // The broker comes back: the nodes reconnect and subscribe again by
     // themselves, and the old subscriber receives again.
-    let _redis = Redis::on(port);
+    let _redis = kind.on(port);
     for n in [&a, &b] {
         wait_for("the node to reconnect", || health(n).0 == 200);
     }
     wait_for("node a to subscribe again", || {
-        _redis.subscribers("herald:live") == 1
+        _redis.subscribers("live") == 1
     });
     publisher.publish("live", json!(4));
     assert_eq!(messages(&mut sub, 1), [json!(4)]);
@@ -234,12 +260,14 @@ fn nodes_survive_a_broker_that_dies_and_comes_back() {
     );
 }
 
-#[test]
-fn a_node_cut_off_from_its_broker_says_so_and_comes_back() {
-    let redis = Redis::start();
-    let proxy = Proxy::start(redis.port);
-    // Node a reaches Redis through the proxy, node b directly.
-    let (a, b) = (node(&proxy.url(), "a", &[]), node(&redis.url(), "b", &[]));
+fn a_node_cut_off_from_its_broker_says_so_and_comes_back(kind: Kind) {
+    let redis = kind.start();
+    let proxy = Proxy::start(redis.port());
+    // Node a reaches the broker through the proxy, node b directly.
+    let (a, b) = (
+        node(&proxy.url_for(kind), "a", &[]),
+        node(&redis.url(), "b", &[]),
+    );
     let mut sub = Client::connect(&a, "/ws");
     sub.subscribe("feed");
     let mut publisher = Client::connect(&b, "/ws");
@@ -262,17 +290,16 @@ fn a_node_cut_off_from_its_broker_says_so_and_comes_back() {
     proxy.thaw();
     wait_for("node a to reconnect", || health(&a).0 == 200);
     wait_for("node a to subscribe again", || {
-        redis.subscribers("herald:feed") == 1
+        redis.subscribers("feed") == 1
     });
     publisher.publish("feed", json!("after"));
     assert_eq!(messages(&mut sub, 1), [json!("after")]);
     assert_eq!(sub.sync(), Vec::<Value>::new(), "nothing else");
 }
 
-#[test]
-fn pusher_events_cross_nodes() {
+fn pusher_events_cross_nodes(kind: Kind) {
     const APPS: &str = r#"[{"id":"a1","key":"k1","secret":"s1"}]"#;
-    let redis = Redis::start();
+    let redis = kind.start();
     let (a, b) = (
         node(&redis.url(), "a", &[("APPS", APPS)]),
         node(&redis.url(), "b", &[("APPS", APPS)]),
@@ -283,7 +310,7 @@ fn pusher_events_cross_nodes() {
     let r = c.recv_json();
     assert_eq!(r["event"], "pusher_internal:subscription_succeeded", "{r}");
     // Pusher app channels are namespaced on the broker too.
-    assert_eq!(redis.subscribers("herald:1#prices"), 1);
+    assert_eq!(redis.subscribers("1#prices"), 1);
     let body = json!({"name":"tick","channel":"prices","data":"{\"p\":1}"}).to_string();
     let (status, reply) = pusher_trigger(&b, &body);
     assert_eq!(status, 200, "{reply}");
@@ -297,8 +324,8 @@ fn pusher_events_cross_nodes() {
         (Some("tick"), Some("prices"), Some("{\"p\":1}")),
         "{ev}"
     );
-    // A cache channel's last event is the cluster's: triggered on node b
-    // before anyone subscribed, it greets a subscriber on node a.
+    // A cache channel's last event is the cluster's (over Redis): triggered
+    // on node b before anyone subscribed, it greets a subscriber on node a.
     let cached = json!({"name":"state","channel":"cache-room","data":"{\"v\":7}"}).to_string();
     let (status, _) = pusher_trigger(&b, &cached);
     assert_eq!(status, 200);
@@ -310,11 +337,15 @@ fn pusher_events_cross_nodes() {
         "pusher_internal:subscription_succeeded"
     );
     let ev = d.recv_json();
-    assert_eq!(
-        (ev["event"].as_str(), ev["data"].as_str()),
-        (Some("state"), Some("{\"v\":7}")),
-        "{ev}"
-    );
+    match kind {
+        Kind::Redis => assert_eq!(
+            (ev["event"].as_str(), ev["data"].as_str()),
+            (Some("state"), Some("{\"v\":7}")),
+            "{ev}"
+        ),
+        // NATS keeps no history: nothing is cached, and the client is told.
+        Kind::Nats => assert_eq!(ev["event"], "pusher:cache_miss", "{ev}"),
+    }
     // An HTTP trigger on node b excludes a socket of node a by its id.
     let mut other = Client::connect(&b, "/app/k1?protocol=7&client=test");
     assert_eq!(other.recv_json()["event"], "pusher:connection_established");
@@ -821,7 +852,23 @@ fn hook_events(hook: &webhook::Webhook) -> Vec<String> {
     out
 }
 
-fn presence_cluster(redis: &Redis, hook: &webhook::Webhook, ids: &[&str]) -> Vec<Server> {
+/// The ids the Pusher API of `node` lists on presence channel `room`.
+fn users(node: &Server, room: &str) -> Vec<String> {
+    let path = format!("/apps/a1/channels/{room}/users");
+    let (status, body) = pusher_api(node, "GET", &path, "");
+    assert_eq!(status, 200, "{body}");
+    let users: Value = serde_json::from_str(&body).unwrap();
+    let mut ids: Vec<String> = users["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["id"].as_str().unwrap().to_string())
+        .collect();
+    ids.sort();
+    ids
+}
+
+fn presence_cluster(redis: &dyn TestBroker, hook: &webhook::Webhook, ids: &[&str]) -> Vec<Server> {
     let apps = json!([{"id":"a1","key":"k1","secret":"s1",
                        "webhooks":[{"url": hook.url()}]}])
     .to_string();
@@ -830,14 +877,15 @@ fn presence_cluster(redis: &Redis, hook: &webhook::Webhook, ids: &[&str]) -> Vec
         .collect()
 }
 
-#[test]
-fn presence_and_occupancy_count_every_node_and_each_webhook_is_sent_once() {
-    let redis = Redis::start();
+fn presence_and_occupancy_count_every_node_and_each_webhook_is_sent_once(kind: Kind) {
+    let redis = kind.start();
     let hook = webhook::Webhook::start(|_| webhook::Reply::allow());
-    let nodes = presence_cluster(&redis, &hook, &["a", "b", "c"]);
+    let nodes = presence_cluster(&*redis, &hook, &["a", "b", "c"]);
     let room = "presence-room";
     let mut u1_a = pusher(&nodes[0]);
     assert_eq!(u1_a.join(room, "u1"), ["u1"]);
+    // A change reaches the other nodes within a broker round trip.
+    wait_for("node b to count u1", || users(&nodes[1], room) == ["u1"]);
     // u2 on node b sees u1 (from node a); u1 is told of u2.
     let mut u2_b = pusher(&nodes[1]);
     assert_eq!(u2_b.join(room, "u2"), ["u1", "u2"]);
@@ -848,19 +896,13 @@ fn presence_and_occupancy_count_every_node_and_each_webhook_is_sent_once() {
     // u1 again, on node c: no new member.
     let mut u1_c = pusher(&nodes[2]);
     assert_eq!(u1_c.join(room, "u1"), ["u1", "u2"]);
-    // Every node's HTTP API counts every node.
+    // Every node's HTTP API counts every node (once each node applied the
+    // others' changes: the cluster's state reaches every node within a
+    // broker round trip, not at once).
     for n in &nodes {
-        let (status, body) = pusher_api(n, "GET", "/apps/a1/channels/presence-room/users", "");
-        assert_eq!(status, 200, "{body}");
-        let users: Value = serde_json::from_str(&body).unwrap();
-        let mut ids: Vec<&str> = users["users"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|u| u["id"].as_str().unwrap())
-            .collect();
-        ids.sort();
-        assert_eq!(ids, ["u1", "u2"]);
+        wait_for("every node to count u1 and u2", || {
+            users(n, room) == ["u1", "u2"]
+        });
         let (_, body) = pusher_api(n, "GET", "/apps/a1/channels", "");
         assert!(body.contains("presence-room"), "{body}");
     }
@@ -880,7 +922,15 @@ fn presence_and_occupancy_count_every_node_and_each_webhook_is_sent_once() {
         "member_removed presence-room u1",
         "member_removed presence-room u2",
     ];
-    wait_for("the webhooks", || hook_events(&hook).len() >= want.len());
+    let started = std::time::Instant::now();
+    while hook_events(&hook).len() < want.len() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the webhooks: {:?}",
+            hook_events(&hook)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // Round trips on every node: anything else due would be out by now.
     for n in &nodes {
         let mut c = Client::connect(n, "/ws");
@@ -911,11 +961,10 @@ fn presence_and_occupancy_count_every_node_and_each_webhook_is_sent_once() {
     );
 }
 
-#[test]
-fn a_killed_node_is_found_within_5_s_and_its_members_leave_once() {
-    let redis = Redis::start();
+fn a_killed_node_is_found_within_5_s_and_its_members_leave_once(kind: Kind) {
+    let redis = kind.start();
     let hook = webhook::Webhook::start(|_| webhook::Reply::allow());
-    let nodes = presence_cluster(&redis, &hook, &["a", "b", "c"]);
+    let nodes = presence_cluster(&*redis, &hook, &["a", "b", "c"]);
     let room = "presence-room";
     let mut gone = pusher(&nodes[0]);
     gone.join(room, "u1");

@@ -74,7 +74,7 @@ fn invalid_values_exit_2_with_one_line_naming_the_variable() {
         ("HISTORY_RECOVER_MAX", "0"),
         ("IDEMPOTENCY_WINDOW", "soon"),
         ("BROKER_URL", "localhost:6379"),
-        ("BROKER_URL", "nats://127.0.0.1:4222"),
+        ("BROKER_URL", "tls://127.0.0.1:4222"),
         ("BROKER_URL", "redis://"),
         ("NODE_ID", "has space"),
     ];
@@ -112,6 +112,19 @@ fn history_dir_with_a_broker_exits_2() {
         err.contains("HISTORY_DIR") && err.contains("BROKER_URL"),
         "{err}"
     );
+}
+
+#[test]
+fn history_with_a_nats_broker_exits_2() {
+    let env = [
+        ("PORT", "0"),
+        ("WORKERS", "1"),
+        ("BROKER_URL", "nats://127.0.0.1:1"),
+        ("HISTORY", "news=10/1m"),
+    ];
+    let (code, _out, err) = run(&env, &[]);
+    assert_eq!(code, 2, "stderr {err:?}");
+    assert!(err.contains("HISTORY") && err.contains("nats://"), "{err}");
 }
 
 #[test]

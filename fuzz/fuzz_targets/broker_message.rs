@@ -9,7 +9,7 @@
 use bytes::Bytes;
 use herald::engine::message::Message;
 use herald::engine::roster::{Event, Roster};
-use herald::integrations::cluster::placed_message;
+use herald::integrations::cluster::redis::placed_message;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|input: &[u8]| {

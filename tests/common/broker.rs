@@ -1,7 +1,8 @@
-//! Real brokers for the cluster tests: a `redis-server` of the test's own
-//! on a loopback port (installed by scripts/test-deps.sh), and a TCP proxy
-//! that can cut a node off from it without closing anything, as a network
-//! partition does.
+//! Real brokers for the cluster tests: a `redis-server` or a
+//! `nats-server` (with JetStream) of the test's own on a loopback port
+//! (both installed by scripts/test-deps.sh), and a TCP proxy that can cut
+//! a node off from it without closing anything, as a network partition
+//! does.
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
@@ -19,6 +20,156 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free port")
+}
+
+/// Which broker a test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Redis,
+    Nats,
+}
+
+impl Kind {
+    pub fn start(self) -> Box<dyn TestBroker> {
+        self.on(free_port())
+    }
+
+    /// Starts (or restarts, empty) on `port`.
+    pub fn on(self, port: u16) -> Box<dyn TestBroker> {
+        match self {
+            Kind::Redis => Box::new(Redis::on(port)),
+            Kind::Nats => Box::new(Nats::on(port)),
+        }
+    }
+
+    pub fn scheme(self) -> &'static str {
+        match self {
+            Kind::Redis => "redis",
+            Kind::Nats => "nats",
+        }
+    }
+}
+
+/// What the cluster tests need of either broker.
+pub trait TestBroker {
+    fn port(&self) -> u16;
+    fn url(&self) -> String;
+    /// How many nodes are subscribed to the channel of routing key `key`.
+    fn subscribers(&self, key: &str) -> u64;
+    /// Kills the server at once (SIGKILL), as a crash does.
+    fn kill(&mut self);
+}
+
+impl TestBroker for Redis {
+    fn port(&self) -> u16 {
+        self.port
+    }
+    fn url(&self) -> String {
+        Redis::url(self)
+    }
+    fn subscribers(&self, key: &str) -> u64 {
+        Redis::subscribers(self, &format!("herald:{key}"))
+    }
+    fn kill(&mut self) {
+        Redis::kill(self)
+    }
+}
+
+/// A `nats-server -js` on a loopback port (its JetStream store in a
+/// temporary directory, its monitoring on another port), killed on drop.
+pub struct Nats {
+    child: Option<Child>,
+    pub port: u16,
+    monitor: u16,
+    dir: std::path::PathBuf,
+}
+
+impl Nats {
+    pub fn start() -> Nats {
+        Self::on(free_port())
+    }
+
+    /// Starts (or restarts, empty) on `port`, and waits until it answers.
+    pub fn on(port: u16) -> Nats {
+        let monitor = free_port();
+        let dir = std::env::temp_dir().join(format!("herald-nats-{}-{port}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let bin = ["nats-server", "/usr/sbin/nats-server"]
+            .into_iter()
+            .find(|b| Command::new(b).arg("--version").output().is_ok())
+            .expect("nats-server (scripts/test-deps.sh installs it)");
+        let child = Command::new(bin)
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string()])
+            .args(["-m", &monitor.to_string(), "-sd"])
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server");
+        let n = Nats {
+            child: Some(child),
+            port,
+            monitor,
+            dir,
+        };
+        wait_for("nats-server to answer", || {
+            n.monitoring("/healthz").is_some_and(|b| b.contains("ok"))
+        });
+        n
+    }
+
+    /// A monitoring page's body.
+    fn monitoring(&self, path: &str) -> Option<String> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.monitor)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        let (_, body) = out.split_once("\r\n\r\n")?;
+        Some(body.to_string())
+    }
+}
+
+impl TestBroker for Nats {
+    fn port(&self) -> u16 {
+        self.port
+    }
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+    fn subscribers(&self, key: &str) -> u64 {
+        let hex: String = key.bytes().map(|b| format!("{b:02x}")).collect();
+        let subject = format!("herald.o.{hex}");
+        let Some(body) = self.monitoring("/connz?subs=1&limit=1024") else {
+            return 0;
+        };
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        v["connections"]
+            .as_array()
+            .map(|cs| {
+                cs.iter()
+                    .filter(|c| {
+                        c["subscriptions_list"]
+                            .as_array()
+                            .is_some_and(|l| l.iter().any(|s| *s == *subject))
+                    })
+                    .count() as u64
+            })
+            .unwrap_or(0)
+    }
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        TestBroker::kill(self);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// A `redis-server` on a loopback port, without persistence, killed on
@@ -153,6 +304,11 @@ impl Proxy {
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The proxy's address for a broker of `kind`.
+    pub fn url_for(&self, kind: Kind) -> String {
+        format!("{}://127.0.0.1:{}", kind.scheme(), self.port)
     }
 
     pub fn freeze(&self) {
