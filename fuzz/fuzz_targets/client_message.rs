@@ -50,7 +50,7 @@ struct Message<'a> {
 fn check_publish(channel: &str, data: &str) {
     let published = protocol::message_frame(channel, data);
     assert_eq!(published.channel(), channel);
-    let (opcode, payload) = unframe(&published.frame);
+    let (opcode, payload) = unframe(&published.frame());
     assert_eq!(opcode, 1, "text frame");
     let msg: Message<'_> = serde_json::from_slice(payload).unwrap_or_else(|e| {
         panic!(
@@ -63,7 +63,7 @@ fn check_publish(channel: &str, data: &str) {
     assert_eq!(msg.data.get(), data, "data passed through byte for byte");
     // Where `data` is representable as a value, the frame carries that value.
     if let Ok(value) = serde_json::from_str::<serde_json::Value>(data) {
-        assert_eq!(json_frame(&published.frame)["data"], value);
+        assert_eq!(json_frame(&published.frame())["data"], value);
     }
 }
 
@@ -80,13 +80,13 @@ fuzz_target!(|input: &[u8]| {
             }
             json_frame(&protocol::authed(id));
             match &req.op {
-                Op::Publish { channel, data } => check_publish(channel, data),
-                Op::Subscribe { channel } | Op::Unsubscribe { channel } => {
+                Op::Publish { channel, data, .. } => check_publish(channel, data),
+                Op::Subscribe { channel, .. } | Op::Unsubscribe { channel } => {
                     let v = json_frame(&protocol::subscribed(channel, id));
                     assert_eq!(v["channel"], **channel);
                     json_frame(&protocol::unsubscribed(channel, id));
                 }
-                Op::Auth { .. } | Op::Ping => {}
+                Op::History { .. } | Op::Auth { .. } | Op::Ping => {}
             }
         }
         Err(bad) => {
@@ -103,14 +103,14 @@ fuzz_target!(|input: &[u8]| {
         assert!(protocol::validate_channel(channel).is_ok());
         let published = protocol::binary_frame(channel, payload);
         assert_eq!(published.channel(), channel);
-        let (opcode, body) = unframe(&published.frame);
+        let (opcode, body) = unframe(&published.frame());
         assert_eq!(opcode, 2, "binary frame");
         assert_eq!(body, input, "binary delivery has the publisher's layout");
     }
 
     for wsify in [false, true] {
         match protocol::parse_http_publish(input, wsify) {
-            Ok((channel, data)) => check_publish(&channel, data),
+            Ok(p) => check_publish(&p.channel, p.data),
             Err(message) => {
                 json_frame(&protocol::error(None, ErrorCode::BadRequest, &message));
             }
