@@ -361,6 +361,16 @@ fn pusher_events_cross_nodes(kind: Kind) {
         excluded.recv_json()["event"],
         "pusher_internal:subscription_succeeded"
     );
+    // Every node counts every node's subscriptions (c and excluded on
+    // node a, other on node b), as of each node's last report.
+    for n in [&a, &b] {
+        wait_for("every node to count 3 subscriptions of prices", || {
+            let path = "/apps/a1/channels/prices?info=subscription_count";
+            let (status, body) = pusher_api(n, "GET", path, "");
+            assert_eq!(status, 200, "{body}");
+            serde_json::from_str::<Value>(&body).unwrap()["subscription_count"] == 3
+        });
+    }
     let body = json!({"name":"tick","channel":"prices","data":"{}","socket_id":hello_a.socket_id})
         .to_string();
     let (status, _) = pusher_trigger(&b, &body);
@@ -1015,7 +1025,17 @@ fn pusher_api(server: &Server, method: &str, path: &str, body: &str) -> (u16, St
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    let q = format!("auth_key=k1&auth_timestamp={ts}&auth_version=1.0&body_md5={md5}");
+    // Query parameters of `path` are signed with the others, sorted.
+    let (path, extra) = path.split_once('?').unwrap_or((path, ""));
+    let mut params: Vec<String> = vec![
+        "auth_key=k1".into(),
+        format!("auth_timestamp={ts}"),
+        "auth_version=1.0".into(),
+        format!("body_md5={md5}"),
+    ];
+    params.extend(extra.split('&').filter(|p| !p.is_empty()).map(String::from));
+    params.sort();
+    let q = params.join("&");
     let sig = common::hmac_sha256_hex("s1", format!("{method}\n{path}\n{q}").as_bytes());
     http(
         server.addr,

@@ -72,6 +72,9 @@ pub trait ClusterMembers: Send + Sync {
     fn announce_state(&self);
     /// Forgets the other nodes (before loading a snapshot of them).
     fn clear(&self);
+    /// Announces the subscription counts that changed since the last
+    /// call (called about once a second: counts are coalesced).
+    fn report_counts(&self);
     /// Acts on a transition this node decided (webhooks, member events),
     /// on a core.
     fn act(&self, core: &Core, t: Transition);

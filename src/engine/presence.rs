@@ -19,7 +19,7 @@
 //! decided under its shard's lock, so exactly one core sees it and reports
 //! it once, however the channel's subscribers are spread.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use ahash::RandomState;
@@ -241,6 +241,17 @@ struct InCluster {
     /// Held from a local change to its announcement, so that one node's
     /// events leave in the order its changes happened, whatever the cores.
     order: Mutex<()>,
+    counts: Mutex<Counts>,
+}
+
+/// Subscription counts as the other nodes know them.
+#[derive(Default)]
+struct Counts {
+    /// Keys whose count changed since the last report.
+    dirty: HashSet<Box<str>>,
+    /// Counts announced, where not one (a held key is believed to have
+    /// one until told otherwise).
+    told: HashMap<Box<str>, u64>,
 }
 
 impl NodePresence {
@@ -253,6 +264,7 @@ impl NodePresence {
             roster: Mutex::new(Roster::default()),
             act,
             order: Mutex::new(()),
+            counts: Mutex::new(Counts::default()),
         };
         if this.cluster.set(in_cluster).is_ok() {
             broker.attach_members(this.clone());
@@ -265,6 +277,20 @@ impl NodePresence {
 
     fn roster(c: &InCluster) -> std::sync::MutexGuard<'_, Roster> {
         c.roster.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn counts(c: &InCluster) -> std::sync::MutexGuard<'_, Counts> {
+        c.counts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Notes that `key`'s subscription count changed (in a cluster).
+    fn recount(&self, key: &str) {
+        if let Some(c) = self.cluster.get() {
+            let mut counts = Self::counts(c);
+            if !counts.dirty.contains(key) {
+                counts.dirty.insert(key.into());
+            }
+        }
     }
 
     /// In a cluster: makes a local change and, when it changes what this
@@ -301,6 +327,7 @@ impl NodePresence {
 
 impl Presence for NodePresence {
     fn subscribed(&self, key: &str) -> bool {
+        self.recount(key);
         self.change(
             |l| l.subscribed(key),
             |node| Event::Occupy {
@@ -311,11 +338,18 @@ impl Presence for NodePresence {
     }
 
     fn unsubscribed(&self, key: &str) -> bool {
+        self.recount(key);
         self.change(
             |l| l.unsubscribed(key),
-            |node| Event::Vacate {
-                node,
-                key: key.into(),
+            |node| {
+                // The others forget its count with the vacate.
+                if let Some(c) = self.cluster.get() {
+                    Self::counts(c).told.remove(key);
+                }
+                Event::Vacate {
+                    node,
+                    key: key.into(),
+                }
             },
         )
     }
@@ -363,10 +397,11 @@ impl Presence for NodePresence {
         if local.is_none() && !elsewhere {
             return None;
         }
+        let elsewhere = Self::roster(c).subscriptions_elsewhere(key, c.broker.node());
         Some(ChannelInfo {
-            // Subscriptions are counted per node; other nodes' are not
-            // carried (their members are).
-            subscriptions: local.map_or(0, |l| l.subscriptions),
+            // Other nodes' counts are as of their last report (within
+            // about a second).
+            subscriptions: local.map_or(0, |l| l.subscriptions) + elsewhere,
             users: self.merged(c, key).len(),
         })
     }
@@ -424,22 +459,65 @@ impl ClusterMembers for NodePresence {
         let node = c.broker.node().into();
         let mut keys = Vec::new();
         let mut members = Vec::new();
+        let mut counts = Vec::new();
         for shard in &self.local.shards {
             let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
             for (k, ch) in shard.iter() {
                 if ch.subscriptions > 0 {
                     keys.push(k.clone());
                 }
+                if ch.subscriptions > 1 {
+                    counts.push((k.clone(), ch.subscriptions as u64));
+                }
                 for (user, _, info) in &ch.members {
                     members.push((k.clone(), user.clone(), info.clone()));
                 }
             }
         }
+        {
+            let mut told = Self::counts(c);
+            told.dirty.clear();
+            told.told = counts.iter().cloned().collect();
+        }
         c.broker.announce(Event::Reset {
             node,
             keys,
             members,
+            counts,
         });
+    }
+
+    fn report_counts(&self) {
+        let Some(c) = self.cluster.get() else {
+            return;
+        };
+        // In order with the node's occupy and vacate events.
+        let _order = Self::ordered(c);
+        let mut counts = Self::counts(c);
+        let dirty = std::mem::take(&mut counts.dirty);
+        for key in dirty {
+            let n = self.local.channel(&key).map_or(0, |i| i.subscriptions) as u64;
+            let told = match n {
+                // Vacated: the vacate said it.
+                0 => {
+                    counts.told.remove(&key);
+                    continue;
+                }
+                _ => counts.told.get(&key).copied().unwrap_or(1),
+            };
+            if n == told {
+                continue;
+            }
+            match n {
+                1 => counts.told.remove(&key),
+                _ => counts.told.insert(key.clone(), n),
+            };
+            c.broker.announce(Event::Count {
+                node: c.broker.node().into(),
+                key,
+                n,
+            });
+        }
     }
 
     fn clear(&self) {

@@ -55,6 +55,17 @@ pub enum Event {
         keys: Vec<Box<str>>,
         /// (key, user, info).
         members: Vec<(Box<str>, Box<str>, Box<str>)>,
+        /// Subscription counts of the keys with other than one.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        counts: Vec<(Box<str>, u64)>,
+    },
+    /// How many subscriptions `node` has of `key`, which it holds (sent
+    /// when that changed from what the others believe; a held key is
+    /// believed to have one until told otherwise).
+    Count {
+        node: Box<str>,
+        key: Box<str>,
+        n: u64,
     },
     /// `node` is gone (no heartbeat); `by` found it, and acts on what
     /// its leaving changes.
@@ -81,6 +92,7 @@ impl Event {
             | Event::Join { node, .. }
             | Event::Leave { node, .. }
             | Event::Reset { node, .. }
+            | Event::Count { node, .. }
             | Event::Terminate { node, .. } => node,
             Event::Gone { by, .. } => by,
         }
@@ -120,6 +132,8 @@ struct Held {
     keys: HashSet<Box<str>>,
     /// (key, user) -> info.
     members: HashMap<(Box<str>, Box<str>), Box<str>>,
+    /// Subscriptions of held keys, where not one.
+    counts: HashMap<Box<str>, u64>,
 }
 
 /// A member of a channel: the nodes where it is connected, the info of
@@ -166,10 +180,12 @@ impl Roster {
                 except,
             } => self.join(node, key, user, info, *except, &mut out),
             Event::Leave { node, key, user } => self.leave(node, key, user, &mut out),
+            Event::Count { node, key, n } => self.count(node, key, *n),
             Event::Reset {
                 node,
                 keys,
                 members,
+                counts,
             } => {
                 let old = self.nodes.get(node).cloned().unwrap_or_default();
                 let keys: HashSet<Box<str>> = keys.iter().cloned().collect();
@@ -193,6 +209,12 @@ impl Roster {
                 }
                 for k in old.keys.difference(&keys) {
                     self.vacate(node, k, &mut out);
+                }
+                if let Some(held) = self.nodes.get_mut(node) {
+                    held.counts.clear();
+                }
+                for (k, n) in counts {
+                    self.count(node, k, *n);
                 }
             }
             Event::Terminate { ns, user, .. } => out.push(Transition::Terminate {
@@ -225,10 +247,21 @@ impl Roster {
         ch.nodes.insert(node.into());
     }
 
+    fn count(&mut self, node: &str, key: &str, n: u64) {
+        let Some(held) = self.nodes.get_mut(node) else {
+            return;
+        };
+        match held.keys.contains(key) && n != 1 {
+            true => held.counts.insert(key.into(), n),
+            false => held.counts.remove(key),
+        };
+    }
+
     fn vacate(&mut self, node: &str, key: &str, out: &mut Vec<Transition>) {
         let Some(held) = self.nodes.get_mut(node) else {
             return;
         };
+        held.counts.remove(key);
         if !held.keys.remove(key) {
             return;
         }
@@ -326,6 +359,21 @@ impl Roster {
         self.channels
             .get(key)
             .is_some_and(|c| c.nodes.iter().any(|n| **n != *but))
+    }
+
+    /// Subscriptions of `key` on nodes other than `but`.
+    pub fn subscriptions_elsewhere(&self, key: &str, but: &str) -> usize {
+        let Some(ch) = self.channels.get(key) else {
+            return 0;
+        };
+        ch.nodes
+            .iter()
+            .filter(|n| ***n != *but)
+            .map(|n| {
+                let counted = self.nodes.get(n).and_then(|h| h.counts.get(key));
+                counted.map_or(1, |&c| c.max(1) as usize)
+            })
+            .sum()
     }
 
     /// The members of `key` on nodes other than `but`, in first join order:
@@ -482,12 +530,59 @@ mod tests {
             node: "a".into(),
             keys: vec!["1#k1".into(), "1#k2".into()],
             members: vec![("1#presence-x".into(), "u2".into(), "{}".into())],
+            counts: vec![],
         };
         let mut t = names(&r.apply(&reset));
         t.sort();
         assert_eq!(t, ["added 1#presence-x u2", "removed 1#presence-x u1"]);
         assert!(r.apply(&reset).is_empty());
         assert_eq!(r.channels_elsewhere("1#", "c").len(), 2);
+    }
+
+    #[test]
+    fn subscriptions_are_counted_on_every_node() {
+        let mut r = Roster::default();
+        let count = |node: &str, key: &str, n| Event::Count {
+            node: node.into(),
+            key: key.into(),
+            n,
+        };
+        assert_eq!(r.subscriptions_elsewhere("k", "c"), 0);
+        r.apply(&occupy("a", "k"));
+        r.apply(&occupy("b", "k"));
+        assert_eq!(
+            r.subscriptions_elsewhere("k", "c"),
+            2,
+            "one each until told"
+        );
+        assert!(r.apply(&count("a", "k", 5)).is_empty());
+        assert_eq!(r.subscriptions_elsewhere("k", "c"), 6);
+        assert_eq!(r.subscriptions_elsewhere("k", "a"), 1, "not its own");
+        r.apply(&count("a", "other", 9));
+        assert_eq!(r.subscriptions_elsewhere("other", "c"), 0, "not held");
+        r.apply(&vacate("a", "k"));
+        r.apply(&occupy("a", "k"));
+        assert_eq!(
+            r.subscriptions_elsewhere("k", "c"),
+            2,
+            "forgotten on vacate"
+        );
+        let reset = Event::Reset {
+            node: "b".into(),
+            keys: vec!["k".into()],
+            members: vec![],
+            counts: vec![("k".into(), 3)],
+        };
+        r.apply(&reset);
+        assert_eq!(r.subscriptions_elsewhere("k", "c"), 4);
+        let text = serde_json::to_string(&reset).unwrap();
+        assert_eq!(serde_json::from_str::<Event>(&text).unwrap(), reset);
+        let gone = Event::Gone {
+            node: "b".into(),
+            by: "a".into(),
+        };
+        r.apply(&gone);
+        assert_eq!(r.subscriptions_elsewhere("k", "c"), 1);
     }
 
     #[test]

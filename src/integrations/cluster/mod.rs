@@ -998,6 +998,13 @@ impl Relay {
         }
     }
 
+    /// Once a second: this node's subscription counts that changed go out.
+    fn tick(&self) {
+        if let Some(members) = self.members.get() {
+            members.report_counts();
+        }
+    }
+
     /// Every node's presence, read where the control events start: the
     /// roster restarts from it (`snapshot`), the events held meanwhile
     /// follow (they are idempotent), then this node announces what it

@@ -107,6 +107,7 @@ fn field_subject(e: &Event) -> String {
         | Event::Leave { node, key, user } => {
             format!("{FIELDS}.{}.m.{}.{}", token(node), token(key), token(user))
         }
+        Event::Count { node, key, .. } => format!("{FIELDS}.{}.c.{}", token(node), token(key)),
         Event::Reset { node, .. } => format!("{FIELDS}.{}.r", token(node)),
         Event::Terminate { node, .. } => format!("{FIELDS}.{}.t", token(node)),
         Event::Gone { node, .. } => format!("{FIELDS}.{}.g", token(node)),
@@ -120,11 +121,13 @@ fn split_reset(e: Event) -> Vec<Event> {
         node,
         mut keys,
         mut members,
+        counts,
     } = e
     else {
         return vec![e];
     };
     let size: usize = keys.iter().map(|k| k.len() + 8).sum::<usize>()
+        + counts.iter().map(|(k, _)| k.len() + 24).sum::<usize>()
         + members
             .iter()
             .map(|(k, u, i)| k.len() + u.len() + i.len() + 16)
@@ -134,6 +137,7 @@ fn split_reset(e: Event) -> Vec<Event> {
             node,
             keys,
             members,
+            counts,
         }];
     }
     let (mut first_keys, mut first_members, mut used) = (Vec::new(), Vec::new(), 0);
@@ -156,6 +160,7 @@ fn split_reset(e: Event) -> Vec<Event> {
         node: node.clone(),
         keys: first_keys,
         members: first_members,
+        counts: Vec::new(),
     }];
     out.extend(keys.into_iter().map(|key| Event::Occupy {
         node: node.clone(),
@@ -167,6 +172,11 @@ fn split_reset(e: Event) -> Vec<Event> {
         user,
         info,
         except: None,
+    }));
+    out.extend(counts.into_iter().map(|(key, n)| Event::Count {
+        node: node.clone(),
+        key,
+        n,
     }));
     out
 }
@@ -482,6 +492,7 @@ impl Node {
                 }
                 _ = ping.tick(), if out.pinging.is_none() => {
                     out.pinging = Some(ping_beat(&client, &self.relay.me));
+                    self.relay.tick();
                     self.reap(&js, out);
                     while out.tidy.front().is_some_and(|(_, _, due)| *due <= Instant::now()) {
                         if let Some((subject, upto, _)) = out.tidy.pop_front() {
@@ -615,7 +626,18 @@ impl Node {
             Event::Gone { node, by } if *by == self.relay.me => {
                 Some((format!("{FIELDS}.{}.>", token(node)), seq + 1))
             }
-            Event::Vacate { node, .. } | Event::Leave { node, .. } if *node == self.relay.me => {
+            Event::Vacate { node, key } if *node == self.relay.me => {
+                // Its count goes with it.
+                let count = Event::Count {
+                    node: node.clone(),
+                    key: key.clone(),
+                    n: 0,
+                };
+                out.tidy
+                    .push_back((field_subject(&count), seq, Instant::now() + TIDY_AFTER));
+                Some((field_subject(&e), seq + 1))
+            }
+            Event::Leave { node, .. } if *node == self.relay.me => {
                 Some((field_subject(&e), seq + 1))
             }
             _ => None,
@@ -917,6 +939,7 @@ mod tests {
             node: "n".into(),
             keys: vec!["a".into()],
             members: vec![],
+            counts: vec![],
         };
         assert_eq!(split_reset(small.clone()), vec![small]);
         let members: Vec<_> = (0..20_000)
@@ -926,6 +949,7 @@ mod tests {
             node: "n".into(),
             keys: vec!["k".into()],
             members,
+            counts: vec![("k".into(), 20_000)],
         };
         let parts = split_reset(big);
         assert!(matches!(parts[0], Event::Reset { .. }));

@@ -531,6 +531,7 @@ impl Node {
                 }
                 _ = ping.tick(), if pinging.is_none() => {
                     pinging = Some(ping_both(&publisher, &subscriber, &scripts, &self.relay.me));
+                    self.relay.tick();
                 }
                 Some(result) = async { pinging.as_mut()?.await.into() }, if pinging.is_some() => {
                     pinging = None;
@@ -902,9 +903,20 @@ fn announce(
         let Ok(json) = serde_json::to_string(e) else {
             continue;
         };
-        let (node, mode, fields): (&str, &str, Vec<(String, Option<&str>)>) = match e {
-            Event::Occupy { node, key } => (node, "set", vec![(field("o", key, None), Some("1"))]),
-            Event::Vacate { node, key } => (node, "del", vec![(field("o", key, None), None)]),
+        let (node, mode, fields): (&str, &str, Vec<(String, Option<String>)>) = match e {
+            Event::Occupy { node, key } => {
+                (node, "set", vec![(field("o", key, None), Some("1".into()))])
+            }
+            Event::Vacate { node, key } => (
+                node,
+                "del",
+                vec![(field("o", key, None), None), (field("c", key, None), None)],
+            ),
+            Event::Count { node, key, n } => (
+                node,
+                "set",
+                vec![(field("c", key, None), Some(n.to_string()))],
+            ),
             Event::Join {
                 node,
                 key,
@@ -914,7 +926,7 @@ fn announce(
             } => (
                 node,
                 "set",
-                vec![(field("m", key, Some(user)), Some(&**info))],
+                vec![(field("m", key, Some(user)), Some(info.to_string()))],
             ),
             Event::Leave { node, key, user } => {
                 (node, "del", vec![(field("m", key, Some(user)), None)])
@@ -923,15 +935,21 @@ fn announce(
                 node,
                 keys,
                 members,
+                counts,
             } => {
-                let mut f: Vec<(String, Option<&str>)> = keys
+                let mut f: Vec<(String, Option<String>)> = keys
                     .iter()
-                    .map(|k| (field("o", k, None), Some("1")))
+                    .map(|k| (field("o", k, None), Some("1".into())))
                     .collect();
                 f.extend(
                     members
                         .iter()
-                        .map(|(k, u, i)| (field("m", k, Some(u)), Some(&**i))),
+                        .map(|(k, u, i)| (field("m", k, Some(u)), Some(i.to_string()))),
+                );
+                f.extend(
+                    counts
+                        .iter()
+                        .map(|(k, n)| (field("c", k, None), Some(n.to_string()))),
                 );
                 (node, "reset", f)
             }
@@ -1002,7 +1020,7 @@ fn parse_snapshot(v: &Value) -> Vec<Event> {
                 .collect(),
             _ => continue,
         };
-        let (mut keys, mut members) = (Vec::new(), Vec::new());
+        let (mut keys, mut members, mut counts) = (Vec::new(), Vec::new(), Vec::new());
         for (f, value) in pairs {
             let Ok(parts) = serde_json::from_str::<Vec<String>>(&f) else {
                 continue;
@@ -1012,6 +1030,11 @@ fn parse_snapshot(v: &Value) -> Vec<Event> {
                 [k, key, user] if k == "m" => {
                     members.push((key.as_str().into(), user.as_str().into(), value.into()))
                 }
+                [k, key] if k == "c" => {
+                    if let Ok(n) = value.parse() {
+                        counts.push((key.as_str().into(), n));
+                    }
+                }
                 _ => {}
             }
         }
@@ -1019,6 +1042,7 @@ fn parse_snapshot(v: &Value) -> Vec<Event> {
             node: node.into(),
             keys,
             members,
+            counts,
         });
     }
     out
