@@ -164,6 +164,53 @@ enum Backend {
     Nats(Box<nats::Node>),
 }
 
+/// One broker's connection, as [`run`] drives it.
+trait Connect {
+    type Session;
+    fn parts(&mut self) -> (&mut Relay, &mut Queues);
+    /// Connects (within a bounded time), or says why not.
+    async fn connect(&self) -> Result<Self::Session, String>;
+    /// Serves one connection until it fails; returns why. Whatever was
+    /// out at the broker then is answered as failed.
+    async fn serve(&mut self, s: Self::Session) -> String;
+}
+
+/// The link's thread: connects, serves until the link fails, then waits
+/// (refusing what the cores ask meanwhile) and connects again, with a
+/// jittered backoff, until the node stops.
+async fn run<N: Connect>(mut node: N) {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let reason = match node.connect().await {
+            Ok(session) => {
+                backoff = BACKOFF_MIN;
+                let (relay, _) = node.parts();
+                relay.link.metrics.connects.inc();
+                tracing::info!(node = %relay.node_id, "cluster broker {} connected", relay.address);
+                node.serve(session).await
+            }
+            Err(e) => e,
+        };
+        let (relay, queues) = node.parts();
+        relay.went_down(reason);
+        let until = tokio::time::Instant::now() + jitter(backoff);
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => break,
+                Some(p) = queues.publish_rx.recv() => {
+                    relay.link.taken(1);
+                    relay.refuse(p.src, p.done)
+                }
+                // Announced again in full on the next connection.
+                Some(_) = queues.events_rx.recv() => {}
+                Some(c) = queues.control_rx.recv() => relay.refuse_control(c),
+                else => return,
+            }
+        }
+    }
+}
+
 /// The engine's [`Broker`]: what the cores hold of the link.
 pub struct Cluster {
     origin: u64,
@@ -241,8 +288,8 @@ impl Cluster {
                     .enable_all()
                     .build();
                 match (rt, backend) {
-                    (Ok(rt), Backend::Redis(node)) => rt.block_on(node.run()),
-                    (Ok(rt), Backend::Nats(node)) => rt.block_on(node.run()),
+                    (Ok(rt), Backend::Redis(node)) => rt.block_on(run(*node)),
+                    (Ok(rt), Backend::Nats(node)) => rt.block_on(run(*node)),
                     (Err(e), _) => tracing::error!("cluster broker thread: {e}"),
                 }
             })

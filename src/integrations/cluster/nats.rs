@@ -47,8 +47,8 @@ use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    jitter, Entries, Keys, Publish, Purpose, Queues, Relay, ALIVE_MS, BACKOFF_MAX, BACKOFF_MIN,
-    COMMAND_TIMEOUT, MAX_BATCH, PING_EVERY, SUBSCRIBE_CHUNK,
+    Connect, Entries, Keys, Publish, Purpose, Queues, Relay, ALIVE_MS, COMMAND_TIMEOUT, MAX_BATCH,
+    PING_EVERY, SUBSCRIBE_CHUNK,
 };
 use crate::engine::core::Done;
 use crate::engine::history::{HistoryRead, Outcome, Page};
@@ -189,7 +189,7 @@ pub(super) struct Node {
 }
 
 /// One connection's worth of broker.
-struct Session {
+pub(super) struct Session {
     client: async_nats::Client,
     js: context::Context,
     /// The client's own reports (disconnections, slow consumers).
@@ -239,46 +239,11 @@ struct Out {
     since: Option<Instant>,
 }
 
-impl Node {
-    pub(super) fn new(url: &str, relay: Relay, queues: Queues) -> Result<Node, String> {
-        url.parse::<async_nats::ServerAddr>()
-            .map_err(|e| e.to_string())?;
-        Ok(Node {
-            relay,
-            queues,
-            url: url.to_string(),
-        })
-    }
+impl Connect for Node {
+    type Session = Session;
 
-    pub(super) async fn run(mut self) {
-        let mut backoff = BACKOFF_MIN;
-        loop {
-            let reason = match self.connect().await {
-                Ok(session) => {
-                    backoff = BACKOFF_MIN;
-                    self.relay.link.metrics.connects.inc();
-                    tracing::info!(node = %self.relay.node_id, "cluster broker {} connected", self.relay.address);
-                    self.serve(session).await
-                }
-                Err(e) => e,
-            };
-            self.relay.went_down(reason);
-            let until = tokio::time::Instant::now() + jitter(backoff);
-            backoff = (backoff * 2).min(BACKOFF_MAX);
-            loop {
-                tokio::select! {
-                    _ = tokio::time::sleep_until(until) => break,
-                    Some(p) = self.queues.publish_rx.recv() => {
-                        self.relay.link.taken(1);
-                        self.relay.refuse(p.src, p.done)
-                    }
-                    // Announced again in full on the next connection.
-                    Some(_) = self.queues.events_rx.recv() => {}
-                    Some(c) = self.queues.control_rx.recv() => self.relay.refuse_control(c),
-                    else => return,
-                }
-            }
-        }
+    fn parts(&mut self) -> (&mut Relay, &mut Queues) {
+        (&mut self.relay, &mut self.queues)
     }
 
     /// Connects, and makes sure the streams exist with this node's
@@ -361,6 +326,18 @@ impl Node {
         // here: refuse them.
         drop(out.publishing.take());
         why
+    }
+}
+
+impl Node {
+    pub(super) fn new(url: &str, relay: Relay, queues: Queues) -> Result<Node, String> {
+        url.parse::<async_nats::ServerAddr>()
+            .map_err(|e| e.to_string())?;
+        Ok(Node {
+            relay,
+            queues,
+            url: url.to_string(),
+        })
     }
 
     async fn serve_with(&mut self, s: Session, out: &mut Out) -> String {

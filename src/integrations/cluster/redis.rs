@@ -47,9 +47,8 @@ use redis::{PushInfo, PushKind, Value};
 use tokio::sync::mpsc;
 
 use super::{
-    fail_waiter, jitter, meta_ttl_ms, namespace_of, Entries, HistoryAsk, Keys, Publish, Purpose,
-    Queues, Relay, Waiter, ALIVE_MS, BACKOFF_MAX, BACKOFF_MIN, COMMAND_TIMEOUT, MAX_BATCH,
-    PING_EVERY, SUBSCRIBE_CHUNK,
+    fail_waiter, meta_ttl_ms, namespace_of, Connect, Entries, HistoryAsk, Keys, Publish, Purpose,
+    Queues, Relay, Waiter, ALIVE_MS, COMMAND_TIMEOUT, MAX_BATCH, PING_EVERY, SUBSCRIBE_CHUNK,
 };
 use crate::engine::core::Done;
 use crate::engine::history::{new_epoch, HistoryRead, Keep, Outcome, Since};
@@ -244,7 +243,7 @@ pub(super) struct Node {
 }
 
 /// One connection's worth of broker.
-struct Session {
+pub(super) struct Session {
     publisher: MultiplexedConnection,
     subscriber: MultiplexedConnection,
     pushes: mpsc::UnboundedReceiver<PushInfo>,
@@ -271,56 +270,11 @@ struct Out {
     in_flight: Vec<Pending>,
 }
 
-impl Node {
-    pub(super) fn new(address: &str, relay: Relay, queues: Queues) -> Result<Node, String> {
-        let client = redis::Client::open(address).map_err(|e| e.to_string())?;
-        // The subscriber speaks RESP3: replies and pushed messages share
-        // one ordered stream.
-        let info = client.get_connection_info().clone();
-        let resp3 = info
-            .redis_settings()
-            .clone()
-            .set_protocol(redis::ProtocolVersion::RESP3);
-        let subscriber =
-            redis::Client::open(info.set_redis_settings(resp3)).map_err(|e| e.to_string())?;
-        Ok(Node {
-            relay,
-            queues,
-            publisher: client,
-            subscriber,
-        })
-    }
+impl Connect for Node {
+    type Session = Session;
 
-    pub(super) async fn run(mut self) {
-        let mut backoff = BACKOFF_MIN;
-        loop {
-            let reason = match self.connect().await {
-                Ok(session) => {
-                    backoff = BACKOFF_MIN;
-                    self.relay.link.metrics.connects.inc();
-                    tracing::info!(node = %self.relay.node_id, "cluster broker {} connected", self.relay.address);
-                    self.serve(session).await
-                }
-                Err(e) => e,
-            };
-            self.relay.went_down(reason);
-            // Wait, answering what comes meanwhile.
-            let until = tokio::time::Instant::now() + jitter(backoff);
-            backoff = (backoff * 2).min(BACKOFF_MAX);
-            loop {
-                tokio::select! {
-                    _ = tokio::time::sleep_until(until) => break,
-                    Some(p) = self.queues.publish_rx.recv() => {
-                        self.relay.link.taken(1);
-                        self.relay.refuse(p.src, p.done)
-                    }
-                    // Announced again in full on the next connection.
-                    Some(_) = self.queues.events_rx.recv() => {}
-                    Some(c) = self.queues.control_rx.recv() => self.relay.refuse_control(c),
-                    else => return,
-                }
-            }
-        }
+    fn parts(&mut self) -> (&mut Relay, &mut Queues) {
+        (&mut self.relay, &mut self.queues)
     }
 
     async fn connect(&self) -> Result<Session, String> {
@@ -374,6 +328,27 @@ impl Node {
                 .answer_read(ask.core, ask.read, HistoryRead::Unavailable);
         }
         why
+    }
+}
+
+impl Node {
+    pub(super) fn new(address: &str, relay: Relay, queues: Queues) -> Result<Node, String> {
+        let client = redis::Client::open(address).map_err(|e| e.to_string())?;
+        // The subscriber speaks RESP3: replies and pushed messages share
+        // one ordered stream.
+        let info = client.get_connection_info().clone();
+        let resp3 = info
+            .redis_settings()
+            .clone()
+            .set_protocol(redis::ProtocolVersion::RESP3);
+        let subscriber =
+            redis::Client::open(info.set_redis_settings(resp3)).map_err(|e| e.to_string())?;
+        Ok(Node {
+            relay,
+            queues,
+            publisher: client,
+            subscriber,
+        })
     }
 
     async fn serve_with(&mut self, s: Session, out: &mut Out) -> String {
