@@ -277,6 +277,10 @@ fn a_node_cut_off_from_its_broker_says_so_and_comes_back(kind: Kind) {
     // Packets dropped, nothing closed: only the pings can tell.
     proxy.freeze();
     let started = std::time::Instant::now();
+    // A publish under way when the link is found dead is answered (it may
+    // or may not have gone out), not left waiting.
+    let (status, _) = post_publish(&a, json!({"channel":"feed","data":"cut"}));
+    assert_eq!(status, 503);
     wait_for("node a to find itself cut off", || health(&a).0 == 503);
     assert!(
         started.elapsed() < Duration::from_secs(5),

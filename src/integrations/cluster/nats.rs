@@ -56,6 +56,8 @@ use crate::engine::roster::Event;
 
 /// The stream every publish goes through.
 const LIVE: &str = "HERALD_LIVE";
+/// The most memory `HERALD_LIVE` keeps messages in.
+const LIVE_BYTES: i64 = 64 << 20;
 /// The stream of every node's presence.
 const PRESENCE: &str = "HERALD_PRESENCE";
 /// Where a node publishes a channel's messages: this, a dot, the channel.
@@ -201,7 +203,7 @@ enum Work {
     /// Subscriptions made and confirmed (by a round trip), or why not.
     Subscribed(Keys, Result<Vec<async_nats::Subscriber>, String>),
     /// A batch of publishes stored by the stream (one answer each).
-    Published(Vec<Pending>, Result<Acks, String>, Instant),
+    Published(Result<Acks, String>, Instant),
     /// Presence events stored.
     Announced(Result<(), String>),
     /// A ping answered.
@@ -222,6 +224,8 @@ struct Out {
     handles: HashMap<Box<str>, oneshot::Sender<()>>,
     /// The publish batch out, the presence batch out, the ping out.
     publishing: Option<Boxed<Work>>,
+    /// The publishers of the batch out.
+    in_flight: Vec<Pending>,
     announcing: Option<Boxed<Work>>,
     pinging: Option<Boxed<Work>>,
     /// Purges out, and those due later (subject, before which sequence,
@@ -276,6 +280,9 @@ impl Connect for Node {
                 subjects: vec![format!("{IN}.>")],
                 storage: stream::StorageType::Memory,
                 max_messages_per_subject: 1,
+                // Only there to order: its memory is bounded (the oldest
+                // go first; duplicate detection does not need them).
+                max_bytes: LIVE_BYTES,
                 // The stream's duplicate window cannot outlast its messages.
                 max_age: window,
                 duplicate_window: window,
@@ -322,9 +329,11 @@ impl Connect for Node {
     async fn serve(&mut self, s: Session) -> String {
         let mut out = Out::default();
         let why = self.serve_with(s, &mut out).await;
-        // Publishes out are answered by their batch's future, dropped
-        // here: refuse them.
-        drop(out.publishing.take());
+        // The batch out may or may not have been stored: its publishers
+        // are told it was not (with an idempotency key, a retry is safe).
+        for (src, done) in std::mem::take(&mut out.in_flight) {
+            self.relay.refuse(src, done);
+        }
         why
     }
 }
@@ -446,7 +455,9 @@ impl Node {
                         }
                     }
                     self.relay.link.taken(batch.len());
-                    out.publishing = Some(self.publish(&js, batch));
+                    let (batch, pending) = self.publish(&js, batch);
+                    out.publishing = Some(batch);
+                    out.in_flight = pending;
                 }
                 Some(e) = self.queues.events_rx.recv(), if out.announcing.is_none() && !self.relay.snapshot_pending => {
                     let mut batch = vec![e];
@@ -534,7 +545,8 @@ impl Node {
                 self.relay.confirmed(confirmed, &mut places);
                 self.place(places)
             }
-            Work::Published(pending, result, started) => {
+            Work::Published(result, started) => {
+                let pending = std::mem::take(&mut out.in_flight);
                 self.relay
                     .link
                     .metrics
@@ -665,7 +677,7 @@ impl Node {
 
     /// Sends a batch of publishes to the stream, in order, and waits for
     /// every answer.
-    fn publish(&self, js: &context::Context, batch: Vec<Publish>) -> Boxed<Work> {
+    fn publish(&self, js: &context::Context, batch: Vec<Publish>) -> (Boxed<Work>, Vec<Pending>) {
         let mut messages = Vec::with_capacity(batch.len());
         let mut pending = Vec::with_capacity(batch.len());
         for p in batch {
@@ -687,7 +699,7 @@ impl Node {
         }
         let js = js.clone();
         let started = Instant::now();
-        Box::pin(async move {
+        let batch: Boxed<Work> = Box::pin(async move {
             let sent = async {
                 let mut acks = Vec::with_capacity(messages.len());
                 for (subject, m) in messages {
@@ -706,8 +718,9 @@ impl Node {
                 Ok(acks) => Ok(acks),
                 Err(_) => Err(format!("no answer to a publish within {COMMAND_TIMEOUT:?}")),
             };
-            Work::Published(pending, result, started)
-        })
+            Work::Published(result, started)
+        });
+        (batch, pending)
     }
 
     /// Answers the publishers of a batch. A message too large for the
