@@ -102,6 +102,20 @@ herald_node() {
     ADDRS+=("$(grep -o 'listening on [0-9.:]*' "$log" | head -1 | awk '{print $3}')")
 }
 
+# Starts three herald nodes on the broker at $2 (already started, its pid
+# PIDS[0]), logging to $1.n*.log; sets ARGS: publisher on node 1,
+# subscribers spread over the three.
+herald_three() {
+    local base="$1" url="$2" n
+    for n in 1 2 3; do
+        herald_node "$base.n$n.log" BROKER_URL="$url" NODE_ID="n$n" || return 1
+    done
+    ARGS=(--url "ws://${ADDRS[0]}/ws"
+        --sub-url "ws://${ADDRS[0]}/ws" --sub-url "ws://${ADDRS[1]}/ws" --sub-url "ws://${ADDRS[2]}/ws"
+        --server-pid "${PIDS[1]}" --also-pid "${PIDS[2]}" --also-pid "${PIDS[3]}"
+        --broker-pid "${PIDS[0]}")
+}
+
 # Sets ARGS (the harness's target arguments) for configuration $1.
 start_config() {
     local config="$1" base="$2"
@@ -118,13 +132,7 @@ start_config() {
             >"$base.redis.log" 2>&1 &
         PIDS+=("$!")
         wait_log "$base.redis.log" "Ready to accept" "${PIDS[0]}" || return 1
-        for n in 1 2 3; do
-            herald_node "$base.n$n.log" BROKER_URL="redis://127.0.0.1:$rport" NODE_ID="n$n" || return 1
-        done
-        ARGS=(--url "ws://${ADDRS[0]}/ws"
-            --sub-url "ws://${ADDRS[0]}/ws" --sub-url "ws://${ADDRS[1]}/ws" --sub-url "ws://${ADDRS[2]}/ws"
-            --server-pid "${PIDS[1]}" --also-pid "${PIDS[2]}" --also-pid "${PIDS[3]}"
-            --broker-pid "${PIDS[0]}")
+        herald_three "$base" "redis://127.0.0.1:$rport" || return 1
         ;;
     herald-3n)
         local nport
@@ -133,13 +141,7 @@ start_config() {
             >"$base.nats.log" 2>&1 &
         PIDS+=("$!")
         wait_log "$base.nats.log" "Server is ready" "${PIDS[0]}" || return 1
-        for n in 1 2 3; do
-            herald_node "$base.n$n.log" BROKER_URL="nats://127.0.0.1:$nport" NODE_ID="n$n" || return 1
-        done
-        ARGS=(--url "ws://${ADDRS[0]}/ws"
-            --sub-url "ws://${ADDRS[0]}/ws" --sub-url "ws://${ADDRS[1]}/ws" --sub-url "ws://${ADDRS[2]}/ws"
-            --server-pid "${PIDS[1]}" --also-pid "${PIDS[2]}" --also-pid "${PIDS[3]}"
-            --broker-pid "${PIDS[0]}")
+        herald_three "$base" "nats://127.0.0.1:$nport" || return 1
         ;;
     nats-3)
         local cports=() wports=() n routes conf

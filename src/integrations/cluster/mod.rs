@@ -211,6 +211,30 @@ async fn run<N: Connect>(mut node: N) {
     }
 }
 
+/// `first` and what else waits in `rx`, up to `max`: one batch.
+fn batch<T>(first: T, rx: &mut mpsc::UnboundedReceiver<T>, max: usize) -> Vec<T> {
+    let mut batch = vec![first];
+    while batch.len() < max {
+        match rx.try_recv() {
+            Ok(t) => batch.push(t),
+            Err(_) => break,
+        }
+    }
+    batch
+}
+
+/// What a burst of the cores' commands asks of the broker.
+#[derive(Default)]
+struct Changes {
+    /// Channels to subscribe to, and to unsubscribe from.
+    add: Keys,
+    drop: Vec<Box<str>>,
+    /// Channels' places to read (their messages already held).
+    places: Vec<(Box<str>, Purpose)>,
+    /// History reads.
+    reads: Vec<HistoryAsk>,
+}
+
 /// The engine's [`Broker`]: what the cores hold of the link.
 pub struct Cluster {
     origin: u64,
@@ -726,6 +750,17 @@ impl Relay {
             Control::Read(ask) => return Some(ask),
         }
         None
+    }
+
+    /// Applies `first` and every command waiting behind it.
+    fn controls(&mut self, first: Control, rx: &mut mpsc::UnboundedReceiver<Control>) -> Changes {
+        let mut c = Changes::default();
+        for cmd in batch(first, rx, usize::MAX) {
+            if let Some(ask) = self.control(cmd, true, &mut c.add, &mut c.drop, &mut c.places) {
+                c.reads.push(ask);
+            }
+        }
+        c
     }
 
     fn want(&mut self, key: Box<str>, add: &mut Keys) {

@@ -47,8 +47,8 @@ use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Connect, Entries, Keys, Publish, Purpose, Queues, Relay, ALIVE_MS, COMMAND_TIMEOUT, MAX_BATCH,
-    PING_EVERY, SUBSCRIBE_CHUNK,
+    batch, Connect, Entries, Keys, Publish, Purpose, Queues, Relay, ALIVE_MS, COMMAND_TIMEOUT,
+    MAX_BATCH, PING_EVERY, SUBSCRIBE_CHUNK,
 };
 use crate::engine::core::Done;
 use crate::engine::history::{HistoryRead, Outcome, Page};
@@ -421,50 +421,37 @@ impl Node {
                     Some(e) => tracing::debug!("cluster broker: {e}"),
                 },
                 Some(c) = self.queues.control_rx.recv() => {
-                    let (mut add, mut gone, mut places) = (Vec::new(), Vec::new(), Vec::new());
-                    let mut next = Some(c);
-                    while let Some(c) = next {
-                        if let Some(ask) = self.relay.control(c, true, &mut add, &mut gone, &mut places) {
-                            // No history over NATS: nothing kept.
-                            let page = HistoryRead::Page(Page {
-                                epoch: NO_EPOCH.into(),
-                                top: 0,
-                                messages: Vec::new(),
-                            });
-                            self.relay.answer_read(ask.core, ask.read, page);
-                        }
-                        next = self.queues.control_rx.try_recv().ok();
+                    let changes = self.relay.controls(c, &mut self.queues.control_rx);
+                    for ask in changes.reads {
+                        // No history over NATS: nothing kept.
+                        let page = HistoryRead::Page(Page {
+                            epoch: NO_EPOCH.into(),
+                            top: 0,
+                            messages: Vec::new(),
+                        });
+                        self.relay.answer_read(ask.core, ask.read, page);
                     }
-                    if let Err(e) = self.place(places) {
+                    if let Err(e) = self.place(changes.places) {
                         return e;
                     }
-                    for key in gone {
+                    for key in changes.drop {
                         // Dropping the handle ends the feed: UNSUB.
                         out.handles.remove(&key);
                     }
-                    for chunk in add.chunks(SUBSCRIBE_CHUNK) {
+                    for chunk in changes.add.chunks(SUBSCRIBE_CHUNK) {
                         out.ops.push_back(chunk.to_vec());
                     }
                 }
                 Some(p) = self.queues.publish_rx.recv(), if out.publishing.is_none() => {
-                    let mut batch = vec![p];
-                    while batch.len() < MAX_BATCH {
-                        match self.queues.publish_rx.try_recv() {
-                            Ok(p) => batch.push(p),
-                            Err(_) => break,
-                        }
-                    }
+                    let batch = batch(p, &mut self.queues.publish_rx, MAX_BATCH);
                     self.relay.link.taken(batch.len());
                     let (batch, pending) = self.publish(&js, batch);
                     out.publishing = Some(batch);
                     out.in_flight = pending;
                 }
                 Some(e) = self.queues.events_rx.recv(), if out.announcing.is_none() && !self.relay.snapshot_pending => {
-                    let mut batch = vec![e];
-                    while let Ok(e) = self.queues.events_rx.try_recv() {
-                        batch.push(e);
-                    }
-                    out.announcing = Some(announce(&js, batch.into_iter().map(|e| (e, None)).collect()));
+                    let events = batch(e, &mut self.queues.events_rx, usize::MAX);
+                    out.announcing = Some(announce(&js, events.into_iter().map(|e| (e, None)).collect()));
                 }
                 m = roster.next() => match m {
                     Some(Ok(m)) => self.roster_message(m, out),

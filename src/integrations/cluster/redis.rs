@@ -47,8 +47,9 @@ use redis::{PushInfo, PushKind, Value};
 use tokio::sync::mpsc;
 
 use super::{
-    fail_waiter, meta_ttl_ms, namespace_of, Connect, Entries, HistoryAsk, Keys, Publish, Purpose,
-    Queues, Relay, Waiter, ALIVE_MS, COMMAND_TIMEOUT, MAX_BATCH, PING_EVERY, SUBSCRIBE_CHUNK,
+    batch, fail_waiter, meta_ttl_ms, namespace_of, Connect, Entries, HistoryAsk, Keys, Publish,
+    Purpose, Queues, Relay, Waiter, ALIVE_MS, COMMAND_TIMEOUT, MAX_BATCH, PING_EVERY,
+    SUBSCRIBE_CHUNK,
 };
 use crate::engine::core::Done;
 use crate::engine::history::{new_epoch, HistoryRead, Keep, Outcome, Since};
@@ -395,30 +396,20 @@ impl Node {
                     None => return "the subscriber connection closed".into(),
                 },
                 Some(c) = self.queues.control_rx.recv() => {
-                    let (mut add, mut drop, mut places) = (Vec::new(), Vec::new(), Vec::new());
-                    let mut next = Some(c);
-                    while let Some(c) = next {
-                        if let Some(ask) = self.relay.control(c, true, &mut add, &mut drop, &mut places) {
-                            self.read(ask, &subscriber, out);
-                        }
-                        next = self.queues.control_rx.try_recv().ok();
+                    let changes = self.relay.controls(c, &mut self.queues.control_rx);
+                    for ask in changes.reads {
+                        self.read(ask, &subscriber, out);
                     }
-                    self.read_places(places, &subscriber, out);
-                    for chunk in drop.chunks(SUBSCRIBE_CHUNK) {
+                    self.read_places(changes.places, &subscriber, out);
+                    for chunk in changes.drop.chunks(SUBSCRIBE_CHUNK) {
                         out.ops.push_back(SubOp::Unsubscribe(chunk.to_vec()));
                     }
-                    for chunk in add.chunks(SUBSCRIBE_CHUNK) {
+                    for chunk in changes.add.chunks(SUBSCRIBE_CHUNK) {
                         out.ops.push_back(SubOp::Subscribe(chunk.to_vec()));
                     }
                 }
                 Some(p) = self.queues.publish_rx.recv(), if out.publishing.is_none() => {
-                    let mut batch = vec![p];
-                    while batch.len() < MAX_BATCH {
-                        match self.queues.publish_rx.try_recv() {
-                            Ok(p) => batch.push(p),
-                            Err(_) => break,
-                        }
-                    }
+                    let batch = batch(p, &mut self.queues.publish_rx, MAX_BATCH);
                     self.relay.link.taken(batch.len());
                     started = Instant::now();
                     let (batch, pending) = self.publish(&publisher, &scripts, batch);
@@ -426,11 +417,8 @@ impl Node {
                     out.in_flight = pending;
                 }
                 Some(e) = self.queues.events_rx.recv(), if out.eventing.is_none() && !self.relay.snapshot_pending => {
-                    let mut batch = vec![e];
-                    while let Ok(e) = self.queues.events_rx.try_recv() {
-                        batch.push(e);
-                    }
-                    out.eventing = Some(announce(&publisher, &scripts, batch));
+                    let events = batch(e, &mut self.queues.events_rx, usize::MAX);
+                    out.eventing = Some(announce(&publisher, &scripts, events));
                 }
                 Some(result) = async { out.eventing.as_mut()?.await.into() }, if out.eventing.is_some() => {
                     out.eventing = None;
