@@ -41,6 +41,7 @@ over_both!(
     pusher_events_cross_nodes,
     presence_and_occupancy_count_every_node_and_each_webhook_is_sent_once,
     a_killed_node_is_found_within_5_s_and_its_members_leave_once,
+    presence_is_rebuilt_after_the_broker_restarts_empty,
 );
 
 /// A node of a cluster on `broker` (a `redis://` URL).
@@ -972,6 +973,47 @@ fn presence_and_occupancy_count_every_node_and_each_webhook_is_sent_once(kind: K
     assert_eq!(
         u4_b.member_event(),
         ("pusher_internal:member_removed".into(), "u3".into())
+    );
+}
+
+fn presence_is_rebuilt_after_the_broker_restarts_empty(kind: Kind) {
+    let mut broker = kind.start();
+    let port = broker.port();
+    let hook = webhook::Webhook::start(|_| webhook::Reply::allow());
+    let nodes = presence_cluster(&*broker, &hook, &["a", "b"]);
+    let room = "presence-lobby";
+    let mut u1_a = pusher(&nodes[0]);
+    assert_eq!(u1_a.join(room, "u1"), ["u1"]);
+    wait_for("node b to count u1", || users(&nodes[1], room) == ["u1"]);
+    // The broker comes back without anything it held: each node says
+    // again what it holds, and the others count it again.
+    broker.kill();
+    for n in &nodes {
+        wait_for("the node to find the broker gone", || health(n).0 == 503);
+    }
+    let _broker = kind.on(port);
+    for n in &nodes {
+        let started = std::time::Instant::now();
+        while health(n).0 != 200 {
+            assert!(
+                // Backoff is at most 5 s (plus a quarter), a connection
+                // attempt at most 4 s.
+                started.elapsed() < Duration::from_secs(20),
+                "the node did not reconnect: {:?}\n{}",
+                health(n),
+                n.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    wait_for("node b to count u1 again", || {
+        users(&nodes[1], room) == ["u1"]
+    });
+    let mut u2_b = pusher(&nodes[1]);
+    assert_eq!(u2_b.join(room, "u2"), ["u1", "u2"]);
+    assert_eq!(
+        u1_a.member_event(),
+        ("pusher_internal:member_added".into(), "u2".into())
     );
 }
 
