@@ -69,6 +69,24 @@ end
 return {0, ''}
 ";
 
+/// A channel's epoch (`local epoch`), made from `ARGV[$new]` (and its
+/// history emptied) when the channel has none. KEYS: stream, meta.
+macro_rules! epoch_lua {
+    ($new:literal) => {
+        concat!(
+            "
+local epoch = redis.call('HGET', KEYS[2], 'e')
+if not epoch then
+  epoch = ARGV[",
+            $new,
+            "]
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[2], 'e', epoch, 't', 0)
+end"
+        )
+    };
+}
+
 /// Numbers, keeps and publishes a message of a channel with history.
 /// KEYS: stream, meta, idempotency key (or the meta again, with window
 /// 0). ARGV: broker channel, message, size, ttl (ms), a new epoch (used
@@ -76,18 +94,16 @@ return {0, ''}
 /// Returns {1, "epoch offset"}, or {0, "epoch offset"} of the first for a
 /// repeated idempotency key. The published message is
 /// `o<epoch> <offset>\n` then the message.
-const PUBLISH_KEPT: &str = r"
+const PUBLISH_KEPT: &str = concat!(
+    r"
 local window = tonumber(ARGV[7])
 if window > 0 then
   local first = redis.call('GET', KEYS[3])
   if first then return {0, first} end
 end
-local epoch = redis.call('HGET', KEYS[2], 'e')
-if not epoch then
-  epoch = ARGV[5]
-  redis.call('DEL', KEYS[1])
-  redis.call('HSET', KEYS[2], 'e', epoch, 't', 0)
-end
+",
+    epoch_lua!(5),
+    r"
 local top = redis.call('HINCRBY', KEYS[2], 't', 1)
 local now = redis.call('TIME')
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
@@ -98,20 +114,17 @@ local place = epoch .. ' ' .. top
 redis.call('PUBLISH', ARGV[1], 'o' .. place .. '\n' .. ARGV[2])
 if window > 0 then redis.call('SET', KEYS[3], place, 'PX', window) end
 return {1, place}
-";
+",
+);
 
 /// Reads a channel's history. KEYS: stream, meta. ARGV: mode (`n`: the
 /// newest N; `a`: after offset S of epoch E, from the oldest kept when E
 /// is another epoch), N, E, S, ttl (ms), a new epoch (for a channel
 /// without one), meta ttl (ms). Returns {epoch, top, offset, message,
 /// offset, message, ...}, oldest first, within the ttl.
-const READ: &str = r"
-local epoch = redis.call('HGET', KEYS[2], 'e')
-if not epoch then
-  epoch = ARGV[6]
-  redis.call('DEL', KEYS[1])
-  redis.call('HSET', KEYS[2], 'e', epoch, 't', 0)
-end
+const READ: &str = concat!(
+    epoch_lua!(6),
+    r"
 redis.call('PEXPIRE', KEYS[2], ARGV[7])
 local top = tonumber(redis.call('HGET', KEYS[2], 't'))
 local now = redis.call('TIME')
@@ -141,7 +154,8 @@ for _, e in ipairs(entries) do
   end
 end
 return out
-";
+",
+);
 
 /// The channel every node's presence events go through (not a routing
 /// key's: `!` is in no protocol's channel names).
