@@ -552,6 +552,9 @@ struct Sub {
     /// (or a subscriber joined at), from which to catch up after the link
     /// was down.
     last: Option<(Box<str>, u64)>,
+    /// The link was lost while this subscription had a place: its
+    /// messages are held until the catch-up read is out.
+    resuming: bool,
 }
 
 enum Waiter {
@@ -659,14 +662,11 @@ impl Relay {
         // catch-up read is out, what comes is held (the subscription's
         // confirmation and the first messages after it can be handled in
         // either order).
-        let resuming: Vec<Box<str>> = self
-            .subs
-            .iter()
-            .filter(|(_, s)| s.last.is_some())
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in resuming {
-            self.held.entry(key).or_default().reads += 1;
+        for (key, sub) in self.subs.iter_mut() {
+            if sub.last.is_some() {
+                sub.resuming = true;
+                self.held.entry(key.clone()).or_default().reads += 1;
+            }
         }
     }
 
@@ -776,6 +776,7 @@ impl Relay {
                 gen,
                 waiters: Vec::new(),
                 last: None,
+                resuming: false,
             },
         );
         add.push((key, gen));
@@ -799,7 +800,8 @@ impl Relay {
             }
             sub.active = true;
             self.link.metrics.subscriptions.inc();
-            if let Some((epoch, offset)) = sub.last.clone() {
+            let resumed = std::mem::take(&mut sub.resuming);
+            if let (true, Some((epoch, offset))) = (resumed, sub.last.clone()) {
                 // Subscribed again after the link was down.
                 if let Some(keep) = namespace_keep(&self.hub, &key) {
                     self.reading(key.clone(), Purpose::CatchUp(epoch, offset, keep), reads);
@@ -976,7 +978,9 @@ impl Relay {
     /// Records that the node passed on `key`'s messages up to `offset` of
     /// `epoch` (keeping the newest).
     fn passed(&mut self, key: &str, epoch: &str, offset: u64) {
-        let Some(sub) = self.subs.get_mut(key) else {
+        // A subscription not (yet, or again) confirmed has no place: what
+        // comes meanwhile is from the one dropped before it.
+        let Some(sub) = self.subs.get_mut(key).filter(|s| s.active) else {
             return;
         };
         match &mut sub.last {
@@ -1124,6 +1128,138 @@ mod tests {
         assert_ne!(origin_tag(), origin_tag());
     }
 
+    fn test_link() -> Link {
+        Link {
+            up: AtomicBool::new(true),
+            reason: Mutex::new(String::new()),
+            metrics: crate::integrations::metrics::Metrics::new(1).broker.clone(),
+            queued: AtomicUsize::new(0),
+            waiting: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// A relay for one core, keeping history of channel `live`.
+    fn test_relay() -> Relay {
+        let history = crate::engine::core::HistorySettings {
+            rules: crate::engine::history::Rules::parse("live=100/1h").unwrap(),
+            ..Default::default()
+        };
+        let hub = Arc::new(Hub::new(1, 1024, &[]).with_history(history));
+        Relay {
+            src: hub.outside_source(),
+            hub,
+            origin: 1,
+            me: "a:1".into(),
+            members: Arc::default(),
+            link: Arc::new(test_link()),
+            node_id: "a".into(),
+            address: "test".into(),
+            window_ms: 1,
+            snapshot_pending: false,
+            control_held: Vec::new(),
+            subs: HashMap::new(),
+            held: HashMap::new(),
+            next_gen: 0,
+        }
+    }
+
+    /// A message of `live` as the broker carries it.
+    fn wire() -> Bytes {
+        let frame = Bytes::from_static(b"[live|1]");
+        let m = Message::new(
+            frame,
+            crate::engine::message::Encoding(0),
+            1..5,
+            6..7,
+            crate::engine::message::PayloadKind::Json,
+            0,
+        );
+        let mut out = Vec::new();
+        m.encode_wire(2, &mut out);
+        out.into()
+    }
+
+    fn join(relay: &mut Relay, since: u64) {
+        let ask = JoinAsk {
+            keep: Keep {
+                size: 100,
+                ttl_ms: 3_600_000,
+            },
+            since: Some(Since {
+                epoch: "e".into(),
+                offset: since,
+            }),
+            core: 0,
+            placed: Box::new(|_, _| {}),
+        };
+        let c = Control::Join {
+            key: "live".into(),
+            ask,
+        };
+        let (mut add, mut drop, mut reads) = (Vec::new(), Vec::new(), Vec::new());
+        relay.control(c, true, &mut add, &mut drop, &mut reads);
+    }
+
+    fn holds(relay: &Relay) -> (usize, usize) {
+        relay
+            .held
+            .get("live")
+            .map_or((0, 0), |h| (h.reads, h.queue.len()))
+    }
+
+    /// Messages still coming from a subscription the node dropped give the
+    /// new one no place: it is not a resumption, and each join it waits
+    /// for holds the channel until that join is placed.
+    #[test]
+    fn a_dropped_subscriptions_stragglers_leave_every_join_held() {
+        let mut r = test_relay();
+        let (mut add, mut reads) = (Vec::new(), Vec::new());
+        r.want("live".into(), &mut add);
+        r.arrived(wire(), Some(("e", 5)));
+        assert!(r.subs["live"].last.is_none());
+        join(&mut r, 5);
+        join(&mut r, 5);
+        r.confirmed(add, &mut reads);
+        assert_eq!(reads.len(), 2, "two joins, no catch-up");
+        assert!(reads.iter().all(|(_, p)| matches!(p, Purpose::Join(_))));
+        assert_eq!(holds(&r), (2, 0));
+        r.arrived(wire(), Some(("e", 6)));
+        let mut reads = reads.into_iter();
+        let (key, first) = reads.next().unwrap();
+        r.placed(key, first, Ok(("e".into(), 5, Vec::new())))
+            .unwrap();
+        assert_eq!(holds(&r), (1, 1), "the second join still holds 6");
+        let (key, second) = reads.next().unwrap();
+        r.placed(key, second, Ok(("e".into(), 5, Vec::new())))
+            .unwrap();
+        assert_eq!(holds(&r), (0, 0));
+        assert_eq!(r.subs["live"].last.as_ref().map(|l| l.1), Some(6));
+    }
+
+    /// After the link's loss a channel with a place is held from the loss
+    /// until its catch-up read is out, then by that read alone.
+    #[test]
+    fn a_lost_link_holds_each_channel_once_until_its_catch_up() {
+        let mut r = test_relay();
+        let (mut add, mut reads) = (Vec::new(), Vec::new());
+        r.want("live".into(), &mut add);
+        r.confirmed(add, &mut reads);
+        r.arrived(wire(), Some(("e", 9)));
+        assert_eq!(r.subs["live"].last.as_ref().map(|l| l.1), Some(9));
+        r.went_down("test".into());
+        r.went_down("again".into());
+        assert_eq!(holds(&r), (1, 0), "one hold, however often the link fails");
+        r.arrived(wire(), Some(("e", 10)));
+        join(&mut r, 9);
+        let gen = r.subs["live"].gen;
+        let mut reads = Vec::new();
+        r.confirmed(vec![("live".into(), gen)], &mut reads);
+        assert!(matches!(reads[0].1, Purpose::CatchUp(_, 9, _)));
+        assert!(matches!(reads[1].1, Purpose::Join(_)));
+        assert_eq!(holds(&r).0, 2, "the catch-up and the join");
+        assert!(!r.subs["live"].resuming);
+    }
+
     #[test]
     fn publishers_waiting_for_room_are_woken_once_the_queue_is_half_empty() {
         struct Flag(AtomicBool);
@@ -1133,11 +1269,8 @@ mod tests {
             }
         }
         let link = Link {
-            up: AtomicBool::new(true),
-            reason: Mutex::new(String::new()),
-            metrics: crate::integrations::metrics::Metrics::new(1).broker.clone(),
             queued: AtomicUsize::new(QUEUE_LIMIT),
-            waiting: Mutex::new(Vec::new()),
+            ..test_link()
         };
         let flag = Arc::new(Flag(AtomicBool::new(false)));
         link.waiting
