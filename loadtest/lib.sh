@@ -21,7 +21,7 @@ usage() {
 # Builds herald and the harness in release; sets HERALD and LT.
 build_release() {
     echo "== building herald and herald-loadtest (release)"
-    timeout 1800 cargo build --release -p herald -p loadtest
+    timeout 1800 cargo build --release -p herald-pubsub -p loadtest
     local bin="${CARGO_TARGET_DIR:-$ROOT/target}/release"
     HERALD="$bin/herald"
     LT="$bin/herald-loadtest"

@@ -38,9 +38,16 @@ pub struct Config {
     #[arg(long, env = "PORT", default_value_t = 6380, value_parser = parse_port)]
     pub port: u16,
 
-    /// Log level: trace, debug, info, warning, error (fatal and panic mean error).
+    /// Log level: trace, debug, info, warning, error (fatal and panic mean
+    /// error), or RUST_LOG-style directives such as
+    /// `info,herald::session=debug`. RUST_LOG, when set, is used instead.
     #[arg(long, env = "LOGLEVEL", default_value = "info", value_parser = parse_level)]
     pub loglevel: String,
+
+    /// Log format: `text` (one readable line per event) or `json` (one
+    /// object per line: timestamp, level, target, fields).
+    #[arg(long, env = "LOG_FORMAT", default_value = "text", value_parser = parse_log_format)]
+    pub log_format: LogFormat,
 
     /// Reactor threads, each pinned to one CPU [default: the CPUs this process may use].
     #[arg(long, env = "WORKERS", value_parser = parse_workers)]
@@ -531,7 +538,9 @@ fn parse_ip(s: &str) -> Result<IpAddr, String> {
         .map_err(|_| "expected an IP address such as 127.0.0.1 or 0.0.0.0".into())
 }
 
-fn parse_level(s: &str) -> Result<String, String> {
+/// A level word (`warning`, `fatal`: the names other servers use) or
+/// RUST_LOG-style directives (`info,herald::session=debug`).
+pub fn parse_level(s: &str) -> Result<String, String> {
     let level = match s.trim().to_ascii_lowercase().as_str() {
         "trace" => "trace",
         "debug" => "debug",
@@ -539,9 +548,31 @@ fn parse_level(s: &str) -> Result<String, String> {
         "warn" | "warning" => "warn",
         "error" | "fatal" | "panic" => "error",
         "off" => "off",
-        _ => return Err("expected one of trace, debug, info, warning, error".into()),
+        // Directives (target=level, comma-separated), as RUST_LOG takes.
+        _ if s.contains('=') || s.contains(',') => {
+            return tracing_subscriber::EnvFilter::builder()
+                .parse(s.trim())
+                .map(|_| s.trim().to_string())
+                .map_err(|e| format!("{e}; expected a level or directives such as info,herald::session=debug"));
+        }
+        _ => return Err("expected one of trace, debug, info, warning, error, or directives such as info,herald::session=debug".into()),
     };
     Ok(level.to_string())
+}
+
+/// How log lines are written (`LOG_FORMAT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+fn parse_log_format(s: &str) -> Result<LogFormat, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "text" | "" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        _ => Err("expected text or json".into()),
+    }
 }
 
 fn parse_workers(s: &str) -> Result<usize, String> {

@@ -4,7 +4,6 @@
 //! ([`herald::cli`]); they are dispatched before the server's configuration
 //! is read, so the server's flags and environment do not apply to them.
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use herald::config::Config;
@@ -42,12 +41,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(&config.loglevel))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .init();
+    if let Err(e) = herald::runtime::logs::init(&config) {
+        eprintln!("herald: {e}");
+        return ExitCode::from(2);
+    }
     match herald::runtime::run(config, loaded) {
         Ok(()) => ExitCode::SUCCESS,
         // A HISTORY_DIR that cannot be used is a configuration mistake.

@@ -366,9 +366,10 @@ impl Core {
             .unsubscribe(key, channel, &self.hub.interest)
     }
 
-    /// Forgets a finished connection and its subscriptions.
-    pub fn remove(&self, key: usize, gen: u64) {
-        self.shard.borrow_mut().remove(key, gen, &self.hub.interest);
+    /// Forgets a finished connection and its subscriptions; says how it
+    /// ended.
+    pub fn remove(&self, key: usize, gen: u64) -> Option<super::shard::Closed> {
+        self.shard.borrow_mut().remove(key, gen, &self.hub.interest)
     }
 
     /// Is any queue towards another core full? Then publishers on this

@@ -12,6 +12,7 @@ use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use std::num::NonZeroU64;
 
@@ -149,10 +150,26 @@ pub struct Conn {
     last_seen: u32,
     /// The sweep that sent an unanswered ping (0: none pending).
     pinged_at: u32,
+    /// When it opened, in hundredths of a second of [`Limits::clock`]
+    /// (wrapping; for the log line of its close).
+    opened_cs: u32,
+    /// The code of the close frame queued for it (1005: none in it; 1006:
+    /// the peer vanished; 0: not closing).
+    close_code: u16,
     /// Channels this connection is subscribed to.
     subs: ConnSubs,
     /// Only with PUBLISH_RATE: boxed, so connections without pay nothing.
     bucket: Option<Box<Bucket>>,
+}
+
+/// How a removed connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Closed {
+    /// The code of its close frame (1005: none given; 1006: the peer
+    /// vanished; 0: removed without closing).
+    pub code: u16,
+    /// How long it was open (to a hundredth of a second).
+    pub lasted: Duration,
 }
 
 impl Conn {
@@ -453,6 +470,8 @@ impl Shard {
             cut: false,
             last_seen: self.sweep,
             pinged_at: 0,
+            opened_cs: ((self.limits.clock)() / 10) as u32,
+            close_code: 0,
             subs: ConnSubs::None,
             bucket,
         });
@@ -498,13 +517,15 @@ impl Shard {
         }
     }
 
-    /// Forgets a finished connection and its subscriptions.
-    pub fn remove(&mut self, key: usize, gen: u64, interest: &Interest) {
-        if self.conn_mut(key, gen).is_none() {
-            return;
-        }
-        let Some(conn) = self.conns.try_remove(key) else {
-            return;
+    /// Forgets a finished connection and its subscriptions; says how it
+    /// ended (`None` if it was gone already).
+    pub fn remove(&mut self, key: usize, gen: u64, interest: &Interest) -> Option<Closed> {
+        self.conn_mut(key, gen)?;
+        let conn = self.conns.try_remove(key)?;
+        let now_cs = ((self.limits.clock)() / 10) as u32;
+        let closed = Closed {
+            code: conn.close_code,
+            lasted: Duration::from_millis(u64::from(now_cs.wrapping_sub(conn.opened_cs)) * 10),
         };
         self.replies.remove(&key);
         let entry = entry(key, conn.encoding);
@@ -519,6 +540,7 @@ impl Shard {
                 w.wake();
             }
         }
+        Some(closed)
     }
 
     fn drop_subscriber(&mut self, channel: &str, entry: u32, interest: &Interest) {
@@ -742,6 +764,7 @@ impl Shard {
         if conn.closing.is_some() {
             return;
         }
+        conn.close_code = code.unwrap_or(1005);
         if discard_queued {
             conn.queue.clear();
             conn.queued = 0;
@@ -768,6 +791,7 @@ impl Shard {
             conn.queue.clear();
             conn.queued = 0;
             conn.closing = NonZeroU64::new(now.max(1));
+            conn.close_code = 1006;
         }
         if let Some(w) = conn.writer.take() {
             w.wake();

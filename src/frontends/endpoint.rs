@@ -185,7 +185,6 @@ impl Accepted {
     /// published after. The session owns the MAX_CONNECTIONS slot the
     /// caller reserved, and releases it however the connection ends.
     pub fn start<F: crate::session::FrontEnd>(self, fe: Rc<F>, admitted: F::Admitted) {
-        tracing::trace!(peer = self.peer, worker = self.worker.id, "websocket open");
         crate::session::start(
             self.worker,
             self.stream,
@@ -193,6 +192,7 @@ impl Accepted {
             self.leftover,
             fe,
             admitted,
+            &self.peer,
         );
     }
 }

@@ -8,6 +8,7 @@
 //! stop accepting, close every connection with 1001 after flushing what
 //! is queued, and exit within SHUTDOWN_TIMEOUT; a second signal exits at once.
 
+pub mod logs;
 pub mod router;
 
 use std::future::poll_fn;

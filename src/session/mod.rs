@@ -133,6 +133,7 @@ pub fn start<F: FrontEnd>(
     leftover: Vec<u8>,
     fe: Rc<F>,
     admitted: F::Admitted,
+    peer: &str,
 ) {
     stream.limit_kernel_backlog(worker.shared.config.send_queue_limit);
     let (key, gen) =
@@ -141,6 +142,7 @@ pub fn start<F: FrontEnd>(
             .shard
             .borrow_mut()
             .open(stream.cut_handle(), F::ENCODING, F::SHUTDOWN_CODE);
+    tracing::debug!(worker = worker.id, conn = gen, peer, "connection opened");
     let cx = Cx {
         worker: &worker,
         key,
@@ -201,19 +203,36 @@ fn read_loop<F: FrontEnd>(
         fe.close(&cx, &mut reader.conn);
         // Boxed: the end of a connection is rare next to its life; inline,
         // its state (a timer) would enlarge every connection's task.
-        Box::pin(finish(&worker, reader.key, reader.gen, writer)).await;
+        Box::pin(finish(&worker, &rd, reader.key, reader.gen, writer)).await;
         drop(rd);
         worker.shared.release_connection();
     }
 }
 
-async fn finish(worker: &Worker, key: usize, gen: u64, writer: monoio::task::JoinHandle<()>) {
+async fn finish(
+    worker: &Worker,
+    rd: &ReadHalf,
+    key: usize,
+    gen: u64,
+    writer: monoio::task::JoinHandle<()>,
+) {
     worker.core.shard.borrow_mut().abandon(key, gen);
     let close_timeout = worker.shared.config.close_timeout;
     if monoio::time::timeout(close_timeout, writer).await.is_err() {
         worker.core.shard.borrow_mut().cut(key, gen);
     }
-    worker.core.remove(key, gen);
+    let closed = worker.core.remove(key, gen);
+    if let Some(c) = closed.filter(|_| tracing::enabled!(tracing::Level::DEBUG)) {
+        let peer = rd.peer().map_or_else(|| "gone".into(), |p| p.to_string());
+        tracing::debug!(
+            worker = worker.id,
+            conn = gen,
+            peer,
+            code = c.code,
+            seconds = c.lasted.as_secs_f64(),
+            "connection closed"
+        );
+    }
 }
 
 struct Reader<F: FrontEnd> {

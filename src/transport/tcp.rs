@@ -131,6 +131,14 @@ impl ReadHalf {
         stream.readable(false)
     }
 
+    /// The peer's address, while the socket still knows it (not after a
+    /// reset).
+    pub fn peer(&self) -> Option<std::net::SocketAddr> {
+        // SAFETY: the descriptor is open for as long as `self` lives.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.fd) };
+        socket2::SockRef::from(&fd).peer_addr().ok()?.as_socket()
+    }
+
     /// Reads what is there now into `buf`: `Ok(Some(0))` at EOF,
     /// `Ok(None)` when nothing is (would block).
     pub fn read_now(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {

@@ -82,8 +82,9 @@ impl Server {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 let addr = line.find("listening on ").map(|pos| {
+                    // Text or JSON log lines.
                     line[pos + 13..]
-                        .split_whitespace()
+                        .split(|c: char| c.is_whitespace() || c == '"' || c == ',')
                         .next()
                         .unwrap_or("")
                         .to_string()
