@@ -34,6 +34,10 @@ fn main() -> ExitCode {
             return ExitCode::from(code as u8);
         }
     };
+    if let Some(effective) = &config.effective {
+        print!("{effective}");
+        return ExitCode::SUCCESS;
+    }
     let loaded = match herald::frontends::load(&config) {
         Ok(loaded) => loaded,
         Err(e) => {

@@ -1,15 +1,25 @@
 //! Configuration: every setting is an environment variable and the matching
-//! command-line flag (`PORT` / `--port`), parsed and validated once at start.
+//! command-line flag (`PORT` / `--port`), and may be a key of the file
+//! `CONFIG` names ([`file`]); parsed and validated once at start. A flag
+//! wins over the variable, which wins over the file, which wins over the
+//! default.
 //!
-//! This module only turns strings into a [`Config`]; it opens no socket and
-//! reads no file. Parse errors carry the variable's name and what was
-//! expected, so `main` can print them as one line and exit with code 2.
+//! This module turns strings (and the configuration file) into a
+//! [`Config`]; it opens no socket. Errors carry the variable's name (and,
+//! for the file, its path and line) and what was expected, so `main` can
+//! print them as one line and exit with code 2.
+
+pub mod file;
 
 use std::net::IpAddr;
 use std::time::Duration;
 
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
 use clap::error::{ContextKind, ContextValue, ErrorKind};
-use clap::Parser;
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
 
 /// The most reactor threads herald runs: the interest map stores the set of
 /// cores interested in a channel as one `u64` bit set.
@@ -23,6 +33,20 @@ pub const MAX_WORKERS: usize = 64;
 #[derive(Debug, Clone, Parser)]
 #[command(name = "herald", version, about, long_about = None, max_term_width = 100)]
 pub struct Config {
+    /// A TOML file of settings, keyed by the variables' names in lower case
+    /// (`port = 7000`); environment variables and flags override it.
+    #[arg(long, env = "CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// Print the effective configuration (where each value comes from,
+    /// secrets masked) as a configuration file, and exit.
+    #[arg(long)]
+    pub print_config: bool,
+
+    /// What --print-config prints.
+    #[arg(skip)]
+    pub effective: Option<String>,
+
     /// HS256 secret that signs client tokens (at least 32 bytes advised;
     /// empty is refused). Without it (and without AUTHORIZER_URL) herald
     /// runs in open mode (no token, every permission) and only on a
@@ -337,12 +361,7 @@ impl BrokerUrl {
     /// The address without its credentials, for logs and errors.
     pub fn redacted(&self) -> String {
         let (BrokerUrl::Redis(url) | BrokerUrl::Nats(url)) = self;
-        match (url.find("://"), url.rfind('@')) {
-            (Some(scheme), Some(at)) if at > scheme => {
-                format!("{}://***@{}", &url[..scheme], &url[at + 1..])
-            }
-            _ => url.clone(),
-        }
+        without_credentials(url)
     }
 }
 
@@ -408,11 +427,32 @@ impl Config {
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
-        let cfg = Config::try_parse_from(args).map_err(|e| match e.kind() {
+        let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+        let clap_error = |e: clap::Error| match e.kind() {
             ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => (e.to_string(), 0),
             _ => (one_line(&e), 2),
-        })?;
+        };
+        let given = Config::command()
+            .try_get_matches_from(&args)
+            .map_err(clap_error)?;
+        let mut all = args;
+        let mut from_file = Vec::new();
+        let path = given.get_one::<PathBuf>("config").cloned();
+        if let Some(path) = &path {
+            for (flag, key, line) in file_flags(path, &given)? {
+                all.push(flag);
+                from_file.push((key, line));
+            }
+        }
+        let matches = Config::command()
+            .try_get_matches_from(&all)
+            .map_err(clap_error)?;
+        let mut cfg = Config::from_arg_matches(&matches).map_err(clap_error)?;
         cfg.validate().map_err(|e| (format!("herald: {e}"), 2))?;
+        if cfg.print_config {
+            let host = cfg.host();
+            cfg.effective = Some(effective(&matches, path.as_deref(), &from_file, host));
+        }
         Ok(cfg)
     }
 
@@ -493,6 +533,133 @@ impl Config {
                     .unwrap_or(1)
             })
             .clamp(1, MAX_WORKERS)
+    }
+}
+
+/// Settings that only the command line and environment can give.
+const NOT_IN_FILE: &[&str] = &["config", "print_config", "effective", "help", "version"];
+
+/// A flag the configuration file adds, with its key and line.
+type FileFlag = (OsString, String, usize);
+
+/// The flags the file at `path` adds: one per key that neither a flag nor
+/// a variable already sets (`given`), each value checked on its own so that
+/// an error names the file, line and key.
+fn file_flags(
+    path: &Path,
+    given: &ArgMatches,
+) -> Result<Vec<FileFlag>, (String, i32)> {
+    let at = |why: String| (format!("herald: CONFIG file {}: {why}", path.display()), 2);
+    let text = std::fs::read_to_string(path).map_err(|e| at(format!("cannot be read: {e}")))?;
+    let settings = file::parse(&text).map_err(|e| at(e.to_string()))?;
+    let cmd = Config::command();
+    let mut flags = Vec::new();
+    for s in settings {
+        let arg = cmd
+            .get_arguments()
+            .find(|a| a.get_id() == s.key.as_str() && !NOT_IN_FILE.contains(&s.key.as_str()))
+            .ok_or_else(|| at(format!("line {}: unknown setting `{}`", s.line, s.key)))?;
+        if matches!(
+            given.value_source(&s.key),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        ) {
+            continue;
+        }
+        let long = arg.get_long().unwrap_or(&s.key);
+        let flag: OsString = format!("--{long}={}", s.value).into();
+        // Alone (the variables parsed already): an error is this value's.
+        if let Err(e) =
+            Config::command().try_get_matches_from([OsString::from("herald"), flag.clone()])
+        {
+            let why = std::error::Error::source(&e)
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| "not a valid value".into());
+            let shown = if SECRET_KEYS.contains(&s.key.as_str()) {
+                "***"
+            } else {
+                s.value.as_str()
+            };
+            return Err(at(format!(
+                "line {}: `{}`: invalid value '{shown}': {why}",
+                s.line, s.key
+            )));
+        }
+        flags.push((flag, s.key, s.line));
+    }
+    Ok(flags)
+}
+
+/// Settings whose values --print-config and errors never show.
+const SECRET_KEYS: &[&str] = &["secret", "apps"];
+
+/// The effective configuration as a configuration file: every setting
+/// with its value and where it comes from, secrets masked, credentials
+/// taken out of URLs.
+fn effective(
+    matches: &ArgMatches,
+    path: Option<&Path>,
+    from_file: &[(String, usize)],
+    host: IpAddr,
+) -> String {
+    let mut out = String::from("# herald's effective configuration (herald --print-config)\n");
+    if let Some(p) = path {
+        out.push_str(&format!(
+            "# read from {}, then the environment and flags\n",
+            p.display()
+        ));
+    }
+    for arg in Config::command().get_arguments() {
+        let id = arg.get_id().as_str();
+        if NOT_IN_FILE.contains(&id) {
+            continue;
+        }
+        let raw: Option<Vec<String>> = matches
+            .get_raw(id)
+            .map(|v| v.map(|s| s.to_string_lossy().into_owned()).collect());
+        let Some(raw) = raw else {
+            match id {
+                "host" => out.push_str(&format!("# host is not set: herald listens on {host}\n")),
+                _ => out.push_str(&format!("# {id} is not set\n")),
+            }
+            continue;
+        };
+        let value = raw.join(",");
+        let shown = match id {
+            _ if SECRET_KEYS.contains(&id) => "***".to_string(),
+            "broker_url" | "authorizer_url" => without_credentials(&value),
+            _ => value,
+        };
+        let literal = match shown.as_str() {
+            "true" | "false" => shown.clone(),
+            v if !v.is_empty() && v.len() < 16 && v.bytes().all(|b| b.is_ascii_digit()) => {
+                shown.clone()
+            }
+            v => serde_json::to_string(v).unwrap_or_default(),
+        };
+        let source = match (from_file.iter().find(|(k, _)| k == id), path) {
+            (Some((_, line)), Some(p)) => format!("{} line {line}", p.display()),
+            _ => match matches.value_source(id) {
+                Some(ValueSource::CommandLine) => {
+                    format!("--{}", arg.get_long().unwrap_or(id))
+                }
+                Some(ValueSource::EnvVariable) => arg
+                    .get_env()
+                    .map_or("environment".into(), |e| e.to_string_lossy().into_owned()),
+                _ => "default".into(),
+            },
+        };
+        out.push_str(&format!("{id} = {literal}  # {source}\n"));
+    }
+    out
+}
+
+/// `scheme://user:password@host/...` without `user:password@`.
+fn without_credentials(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_string(),
     }
 }
 
