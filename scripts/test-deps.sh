@@ -12,7 +12,10 @@
 #   (tests/readme_examples_run.rs);
 # - redis-server and redis-cli (Debian's redis-server package), and
 #   nats-server (Debian's nats-server package, with JetStream), which the
-#   cluster tests start on loopback ports of their own (tests/cluster.rs).
+#   cluster tests start on loopback ports of their own (tests/cluster.rs);
+# - systemd's tools (systemd-analyze, systemd-socket-activate), dpkg and
+#   cargo-deb, with which tests/deploy_on_linux.rs checks the units, socket
+#   activation and the Debian package.
 # Idempotent and silent when everything is already in place.
 set -eu
 
@@ -42,6 +45,15 @@ if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/nul
 fi
 if ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ]; then
     apt_install nats-server
+fi
+if ! command -v systemd-analyze >/dev/null 2>&1 || ! command -v systemd-socket-activate >/dev/null 2>&1; then
+    apt_install systemd
+fi
+command -v dpkg-deb >/dev/null 2>&1 || apt_install dpkg
+CARGO_DEB=3.8.0
+if ! cargo deb --version 2>/dev/null | grep -q "$CARGO_DEB"; then
+    echo "test-deps: cargo install cargo-deb $CARGO_DEB" >&2
+    cargo install --quiet --locked cargo-deb --version "$CARGO_DEB"
 fi
 
 mkdir -p "$target"

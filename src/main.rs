@@ -59,6 +59,10 @@ fn main() -> ExitCode {
             eprintln!("herald: {e}");
             ExitCode::from(2)
         }
+        Err(herald::runtime::ServerError::Listen(e)) if e.is_configuration() => {
+            eprintln!("herald: {e}");
+            ExitCode::from(2)
+        }
         Err(e) => {
             eprintln!("herald: {e}");
             ExitCode::from(1)

@@ -545,10 +545,7 @@ type FileFlag = (OsString, String, usize);
 /// The flags the file at `path` adds: one per key that neither a flag nor
 /// a variable already sets (`given`), each value checked on its own so that
 /// an error names the file, line and key.
-fn file_flags(
-    path: &Path,
-    given: &ArgMatches,
-) -> Result<Vec<FileFlag>, (String, i32)> {
+fn file_flags(path: &Path, given: &ArgMatches) -> Result<Vec<FileFlag>, (String, i32)> {
     let at = |why: String| (format!("herald: CONFIG file {}: {why}", path.display()), 2);
     let text = std::fs::read_to_string(path).map_err(|e| at(format!("cannot be read: {e}")))?;
     let settings = file::parse(&text).map_err(|e| at(e.to_string()))?;

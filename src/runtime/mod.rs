@@ -3,17 +3,18 @@
 //!
 //! Every worker owns a listener bound to the same address with
 //! SO_REUSEPORT, so the kernel spreads connections over the cores with no
-//! acceptor thread. Each runs a monoio runtime on io_uring, or on epoll
+//! acceptor thread; or, under a service manager's socket activation, every
+//! worker accepts on the sockets it passed ([`listeners`]). Each runs a monoio runtime on io_uring, or on epoll
 //! where io_uring cannot be set up (said once in the log). SIGINT/SIGTERM
 //! stop accepting, close every connection with 1001 after flushing what
 //! is queued, and exit within SHUTDOWN_TIMEOUT; a second signal exits at once.
 
+pub mod listeners;
 pub mod logs;
 pub mod router;
 
 use std::future::poll_fn;
 use std::io;
-use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,7 +24,6 @@ use std::time::Duration;
 
 use crossbeam_channel::Sender;
 use monoio::net::TcpListener;
-use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::clock;
 use crate::config::{Config, IoDriver};
@@ -47,8 +47,8 @@ const SPARE_FDS: u64 = 256;
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: io::Error },
+    #[error(transparent)]
+    Listen(#[from] listeners::ListenError),
     #[error("cannot start worker thread: {0}")]
     Thread(io::Error),
     #[error("cannot install signal handlers: {0}")]
@@ -74,28 +74,18 @@ pub fn run(mut config: Config, loaded: impl Into<Loaded>) -> Result<(), ServerEr
     }
     raise_nofile_limit(config.max_connections, config.max_pending);
     let workers = config.worker_count();
-    let wanted = SocketAddr::new(config.host(), config.port);
-    let listeners = bind_listeners(wanted, workers).map_err(|source| ServerError::Bind {
-        addr: wanted,
-        source,
-    })?;
-    let addr = listeners[0].local_addr().unwrap_or(wanted);
-    let mut metrics_listener = match config.metrics_addr {
-        Some(m) => {
-            let l = listener_socket(m, false)
-                .and_then(|s| {
-                    s.listen(1024)?;
-                    Ok(std::net::TcpListener::from(s))
-                })
-                .map_err(|source| ServerError::Bind { addr: m, source })?;
-            tracing::info!(
-                "serving /metrics and /health at {}",
-                l.local_addr().unwrap_or(m)
-            );
-            Some(l)
+    let listeners = listeners::open(&config, workers)?;
+    let addr = listeners.addr;
+    let inherited = listeners.inherited;
+    if inherited {
+        tracing::info!("serving the sockets the service manager passed (LISTEN_FDS); HOST, PORT and METRICS_ADDR do not apply");
+    }
+    let mut metrics_listener = listeners.metrics;
+    if let Some(m) = &metrics_listener {
+        if let Ok(a) = m.local_addr() {
+            tracing::info!("serving /metrics and /health at {a}");
         }
-        None => None,
-    };
+    }
     let shutdown_timeout = config.shutdown_timeout;
     let pin = config.pin_workers;
     let loaded: Loaded = loaded.into();
@@ -156,7 +146,7 @@ pub fn run(mut config: Config, loaded: impl Into<Loaded>) -> Result<(), ServerEr
     let (tx, rx) = crossbeam_channel::unbounded::<Event>();
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let mut threads = Vec::with_capacity(workers);
-    for (id, listener) in listeners.into_iter().enumerate() {
+    for (id, listener) in listeners.main.into_iter().enumerate() {
         let core = if pin && !cores.is_empty() {
             Some(cores[id % cores.len()])
         } else {
@@ -177,7 +167,12 @@ pub fn run(mut config: Config, loaded: impl Into<Loaded>) -> Result<(), ServerEr
                     core_affinity::set_for_current(core);
                 }
                 let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    run_worker(id, shared, &frontends, listener, metrics, uring, &tx)
+                    let sockets = Sockets {
+                        main: listener,
+                        metrics,
+                        inherited,
+                    };
+                    run_worker(id, shared, &frontends, sockets, uring, &tx)
                 }));
                 let res = match res {
                     Ok(Ok(())) => Ok(()),
@@ -216,9 +211,12 @@ pub fn run(mut config: Config, loaded: impl Into<Loaded>) -> Result<(), ServerEr
                 if ready == workers {
                     let driver = if uring { "io_uring" } else { "epoll" };
                     tracing::info!(workers, driver, "herald listening on {addr}");
+                    // Type=notify units start their dependents now.
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
                 }
             }
             Event::Signal => {
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
                 tracing::info!(
                     "shutting down: closing connections (at most {:?})",
                     shutdown_timeout
@@ -322,45 +320,21 @@ fn raise_nofile_limit(max_connections: usize, max_pending: usize) {
     }
 }
 
-fn listener_socket(addr: SocketAddr, reuse_port: bool) -> io::Result<Socket> {
-    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    sock.set_reuse_address(true)?;
-    if reuse_port {
-        sock.set_reuse_port(true)?;
-    }
-    if addr.is_ipv6() {
-        let _ = sock.set_only_v6(false);
-    }
-    sock.set_nonblocking(true)?;
-    sock.bind(&addr.into())?;
-    Ok(sock)
-}
-
-/// Binds one SO_REUSEPORT listener per worker on the same address. A probe
-/// bound without SO_REUSEPORT first makes a port already in use an error
-/// (instead of silently sharing it with another process) and resolves port 0.
-fn bind_listeners(addr: SocketAddr, n: usize) -> io::Result<Vec<std::net::TcpListener>> {
-    let probe = listener_socket(addr, false)?;
-    let addr = probe.local_addr()?.as_socket().unwrap_or(addr);
-    drop(probe);
-    (0..n)
-        .map(|_| {
-            let sock = listener_socket(addr, true)?;
-            // The kernel caps the backlog at net.core.somaxconn.
-            sock.listen(65_535)?;
-            Ok(sock.into())
-        })
-        .collect()
-}
-
 static FALLBACK_LOGGED: AtomicBool = AtomicBool::new(false);
+
+/// One worker's listening sockets.
+struct Sockets {
+    main: Vec<std::net::TcpListener>,
+    metrics: Option<std::net::TcpListener>,
+    /// Shared with the service manager: stop accepting, never shut down.
+    inherited: bool,
+}
 
 fn run_worker(
     id: usize,
     shared: Arc<Shared>,
     frontends: &FrontEnds,
-    listener: std::net::TcpListener,
-    metrics: Option<std::net::TcpListener>,
+    sockets: Sockets,
     uring: bool,
     events: &Sender<Event>,
 ) -> io::Result<()> {
@@ -370,11 +344,7 @@ fn run_worker(
             .enable_timer()
             .build()
         {
-            Ok(mut rt) => {
-                return rt.block_on(worker_main(
-                    id, shared, frontends, listener, metrics, events,
-                ))
-            }
+            Ok(mut rt) => return rt.block_on(worker_main(id, shared, frontends, sockets, events)),
             Err(e) => {
                 if !FALLBACK_LOGGED.swap(true, Ordering::Relaxed) {
                     tracing::warn!("io_uring setup failed ({e}); using the epoll driver");
@@ -385,9 +355,7 @@ fn run_worker(
     let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
         .enable_timer()
         .build()?;
-    rt.block_on(worker_main(
-        id, shared, frontends, listener, metrics, events,
-    ))
+    rt.block_on(worker_main(id, shared, frontends, sockets, events))
 }
 
 /// Yields once to the other tasks of this thread.
@@ -409,21 +377,25 @@ async fn worker_main(
     id: usize,
     shared: Arc<Shared>,
     frontends: &FrontEnds,
-    listener: std::net::TcpListener,
-    metrics: Option<std::net::TcpListener>,
+    sockets: Sockets,
     events: &Sender<Event>,
 ) -> io::Result<()> {
     let worker = Rc::new(Worker::new(id, shared.clone()));
     let endpoints = crate::frontends::endpoints(id, &shared, frontends);
-    let listener = TcpListener::from_std(listener)?;
-    let listen_fd = listener.as_raw_fd();
-    monoio::spawn(accept_loop(
-        worker.clone(),
-        endpoints.clone(),
-        listener,
-        Site::Main,
-    ));
-    if let Some(m) = metrics {
+    let mut owned_fds = Vec::new();
+    for listener in sockets.main {
+        let listener = TcpListener::from_std(listener)?;
+        if !sockets.inherited {
+            owned_fds.push(listener.as_raw_fd());
+        }
+        monoio::spawn(accept_loop(
+            worker.clone(),
+            endpoints.clone(),
+            listener,
+            Site::Main,
+        ));
+    }
+    if let Some(m) = sockets.metrics {
         monoio::spawn(accept_loop(
             worker.clone(),
             endpoints.clone(),
@@ -446,10 +418,15 @@ async fn worker_main(
         }
     }
 
-    // Stop accepting: a pending accept on a shut-down listener fails.
-    // SAFETY: the listener is owned by the accept task, still alive.
-    unsafe {
-        libc::shutdown(listen_fd, libc::SHUT_RD);
+    // Stop accepting. A socket of our own is shut down, so that the
+    // kernel refuses what would wait in its queue; one the service manager
+    // passed stays open for the next herald.
+    worker.stop_accepting();
+    for fd in owned_fds {
+        // SAFETY: the listener is owned by the accept task, still alive.
+        unsafe {
+            libc::shutdown(fd, libc::SHUT_RD);
+        }
     }
     let timeout = shared.config.shutdown_timeout;
     worker.core.shard.borrow_mut().close_all(
@@ -480,7 +457,11 @@ async fn worker_main(
 async fn accept_loop(worker: Rc<Worker>, endpoints: Endpoints, listener: TcpListener, site: Site) {
     let mut last_warning = 0;
     loop {
-        match listener.accept().await {
+        let accepted = monoio::select! {
+            a = listener.accept() => a,
+            _ = worker.accepting_stopped() => break,
+        };
+        match accepted {
             Ok((stream, peer)) => {
                 if worker.shared.is_shutting_down() {
                     break;

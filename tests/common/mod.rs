@@ -36,16 +36,52 @@ impl Server {
 
     /// Starts herald; on failure returns what it logged.
     pub fn try_start(env: &[(&str, &str)]) -> Result<Server, String> {
-        Self::spawn(env, None)
+        Self::spawn(env, None, None)
+    }
+
+    /// Starts herald on `listener` as a service manager passes it (socket
+    /// activation: descriptor 3, LISTEN_FDS=1, LISTEN_PID its own pid).
+    pub fn start_activated(env: &[(&str, &str)], listener: &std::net::TcpListener) -> Server {
+        use std::os::fd::AsRawFd;
+        Self::spawn(env, None, Some(listener.as_raw_fd()))
+            .unwrap_or_else(|log| panic!("herald did not start:\n{log}"))
     }
 
     /// Starts herald with its soft RLIMIT_NOFILE lowered to `soft` first.
     pub fn start_with_nofile_limit(env: &[(&str, &str)], soft: u64) -> Server {
-        Self::spawn(env, Some(soft)).unwrap_or_else(|log| panic!("herald did not start:\n{log}"))
+        Self::spawn(env, Some(soft), None)
+            .unwrap_or_else(|log| panic!("herald did not start:\n{log}"))
     }
 
-    fn spawn(env: &[(&str, &str)], soft_nofile: Option<u64>) -> Result<Server, String> {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
+    fn spawn(
+        env: &[(&str, &str)],
+        soft_nofile: Option<u64>,
+        activation: Option<i32>,
+    ) -> Result<Server, String> {
+        let mut cmd = match activation {
+            None => Command::new(env!("CARGO_BIN_EXE_herald")),
+            Some(fd) => {
+                use std::os::unix::process::CommandExt;
+                // LISTEN_PID must be herald's pid: the shell's, kept by exec.
+                let mut cmd = Command::new("/bin/sh");
+                cmd.args([
+                    "-c",
+                    r#"LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=main exec "$0""#,
+                    env!("CARGO_BIN_EXE_herald"),
+                ]);
+                // SAFETY: dup2 and fcntl are async-signal-safe.
+                unsafe {
+                    cmd.pre_exec(move || {
+                        // (dup2 onto itself keeps close-on-exec: cleared.)
+                        if libc::dup2(fd, 3) < 0 || libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
+                cmd
+            }
+        };
         if let Some(soft) = soft_nofile {
             use std::os::unix::process::CommandExt;
             // SAFETY: only async-signal-safe calls between fork and exec.
