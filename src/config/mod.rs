@@ -1,6 +1,6 @@
 //! Configuration: every setting is an environment variable and the matching
 //! command-line flag (`PORT` / `--port`), and may be a key of the file
-//! `CONFIG` names ([`file`]); parsed and validated once at start. A flag
+//! `CONFIG` names ([`mod@file`]); parsed and validated once at start. A flag
 //! wins over the variable, which wins over the file, which wins over the
 //! default.
 //!
