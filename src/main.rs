@@ -54,7 +54,8 @@ fn main() -> ExitCode {
         // A HISTORY_DIR that cannot be used is a configuration mistake.
         Err(
             e @ (herald::runtime::ServerError::History(_)
-            | herald::runtime::ServerError::Cluster(_)),
+            | herald::runtime::ServerError::Cluster(_)
+            | herald::runtime::ServerError::Tls(_)),
         ) => {
             eprintln!("herald: {e}");
             ExitCode::from(2)

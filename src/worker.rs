@@ -31,6 +31,8 @@ pub struct Shared {
     pub ready: AtomicUsize,
     pub workers: usize,
     pub shutdown: AtomicBool,
+    /// The certificate TLS handshakes present (set at start with TLS_CERT).
+    pub tls: std::sync::OnceLock<Arc<crate::transport::tls::Certified>>,
 }
 
 /// History kept on disk: where new messages go, and what was read back
@@ -88,6 +90,7 @@ impl Shared {
             ready: AtomicUsize::new(0),
             workers,
             shutdown: AtomicBool::new(false),
+            tls: std::sync::OnceLock::new(),
             config,
         })
     }

@@ -62,6 +62,21 @@ pub struct Config {
     #[arg(long, env = "PORT", default_value_t = 6380, value_parser = parse_port)]
     pub port: u16,
 
+    /// A PEM file with the server's certificate chain (leaf first): with
+    /// TLS_KEY, the port serves wss:// and https:// (or TLS_PORT does, beside
+    /// a plain PORT). Read again on SIGHUP.
+    #[arg(long, env = "TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// A PEM file with the certificate's private key (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+
+    /// A second port serving TLS while PORT stays plain (needs TLS_CERT
+    /// and TLS_KEY; 0 picks a free port).
+    #[arg(long, env = "TLS_PORT", value_parser = parse_port)]
+    pub tls_port: Option<u16>,
+
     /// Log level: trace, debug, info, warning, error (fatal and panic mean
     /// error), or RUST_LOG-style directives such as
     /// `info,herald::session=debug`. RUST_LOG, when set, is used instead.
@@ -412,6 +427,14 @@ pub enum ConfigError {
     HistoryDirInCluster,
     #[error("HISTORY with a nats:// BROKER_URL: history is kept only with a redis:// broker; unset HISTORY or use Redis")]
     HistoryOverNats,
+    #[error("TLS_CERT and TLS_KEY go together: set both, or neither")]
+    TlsHalf,
+    #[error("TLS_PORT needs TLS_CERT and TLS_KEY")]
+    TlsPortWithoutCert,
+    #[error(
+        "TLS_PORT={0} is PORT too: give TLS its own port, or unset TLS_PORT to serve TLS on PORT"
+    )]
+    TlsPortIsPort(u16),
 }
 
 impl Config {
@@ -473,6 +496,14 @@ impl Config {
         }
         if matches!(self.broker_url, Some(BrokerUrl::Nats(_))) && !self.history.is_empty() {
             return Err(ConfigError::HistoryOverNats);
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(ConfigError::TlsHalf);
+        }
+        match self.tls_port {
+            Some(_) if self.tls_cert.is_none() => return Err(ConfigError::TlsPortWithoutCert),
+            Some(p) if p == self.port && p != 0 => return Err(ConfigError::TlsPortIsPort(p)),
+            _ => {}
         }
         Ok(())
     }

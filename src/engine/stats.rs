@@ -92,6 +92,9 @@ pub struct CoreStats {
     pub protocol_errors: Stat,
     pub pending_evictions: Stat,
     pub request_timeouts: Stat,
+    /// TLS handshakes completed, and failed (or not completed in time).
+    pub tls_handshakes: Stat,
+    pub tls_failures: Stat,
     pub pings_sent: Stat,
     pub ping_timeouts: Stat,
     /// Publishes refused for passing PUBLISH_RATE.

@@ -12,10 +12,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
 
-use monoio::net::TcpStream;
-
 use crate::transport::http1::head::{self, HttpError, RequestHead};
-use crate::transport::tcp::{self, Stream};
+use crate::transport::tcp::{Conn, Stream};
 use crate::worker::Worker;
 
 /// A future a front-end returns to the router.
@@ -94,7 +92,7 @@ impl Answer {
 /// or refuse.
 pub struct Upgrade {
     pub worker: Rc<Worker>,
-    stream: TcpStream,
+    stream: Conn,
     pub head: RequestHead,
     /// Bytes that arrived after the request head (the first frames).
     leftover: Vec<u8>,
@@ -107,7 +105,7 @@ pub struct Upgrade {
 impl Upgrade {
     pub fn new(
         worker: Rc<Worker>,
-        stream: TcpStream,
+        stream: Conn,
         head: RequestHead,
         leftover: Vec<u8>,
         accept: String,
@@ -153,7 +151,7 @@ impl Upgrade {
         Accepted {
             response: head::switching_protocols(&self.accept),
             worker: self.worker,
-            stream: Stream::new(self.stream),
+            stream: self.stream.into_stream(),
             leftover,
             peer: self.peer,
         }
@@ -198,14 +196,8 @@ impl Accepted {
 }
 
 /// Refuses an upgrade with `err`, counting it under `reason`.
-pub async fn refuse(
-    worker: &Worker,
-    stream: &mut TcpStream,
-    reason: &str,
-    err: HttpError,
-    peer: &str,
-) {
+pub async fn refuse(worker: &Worker, stream: &mut Conn, reason: &str, err: HttpError, peer: &str) {
     tracing::debug!(peer, reason, error = %err, "upgrade refused");
     worker.shared.metrics.reject(reason);
-    tcp::send(stream, head::error_response(&err)).await;
+    stream.send(head::error_response(&err)).await;
 }

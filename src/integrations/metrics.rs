@@ -523,6 +523,16 @@ const CORE_COUNTERS: &[Described<CoreStats, Stat>] = &[
         |s| &s.request_timeouts,
     ),
     (
+        "tls_handshakes",
+        "TLS handshakes completed on TLS_PORT (or the main port with TLS_CERT)",
+        |s| &s.tls_handshakes,
+    ),
+    (
+        "tls_handshake_failures",
+        "TLS handshakes that failed or did not complete within HANDSHAKE_TIMEOUT (plain HTTP on the TLS port included)",
+        |s| &s.tls_failures,
+    ),
+    (
         "pings_sent",
         "Keep-alive pings sent to silent WebSocket connections (PING_INTERVAL)",
         |s| &s.pings_sent,

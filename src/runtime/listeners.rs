@@ -1,7 +1,9 @@
 //! The listening sockets: bound here (one SO_REUSEPORT socket per worker
-//! on HOST:PORT, and METRICS_ADDR's), or received from the service manager
-//! (systemd socket activation: `LISTEN_FDS`, with `LISTEN_FDNAMES` naming
-//! the metrics socket `metrics`).
+//! on HOST:PORT, the same on HOST:TLS_PORT, and METRICS_ADDR's), or
+//! received from the service manager (systemd socket activation:
+//! `LISTEN_FDS`, with `LISTEN_FDNAMES` naming the metrics socket `metrics`
+//! and a TLS one `tls`). With TLS_CERT and no TLS_PORT (nor a socket named
+//! `tls`), the main sockets speak TLS.
 //!
 //! A received socket is shared with whoever passed it (systemd keeps it
 //! open across restarts, queueing connections while no herald runs), so
@@ -13,16 +15,20 @@ use std::os::fd::FromRawFd;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
+use super::router::Site;
 use crate::config::Config;
 
 /// The sockets herald accepts on.
 pub struct Listeners {
-    /// Per worker, the sockets it accepts WebSocket and HTTP connections on.
-    pub main: Vec<Vec<TcpListener>>,
+    /// Per worker, the sockets it accepts WebSocket and HTTP connections
+    /// on, each with what it speaks ([`Site::Main`] or [`Site::Tls`]).
+    pub main: Vec<Vec<(TcpListener, Site)>>,
     /// METRICS_ADDR's socket (only /metrics and /health), served by worker 0.
     pub metrics: Option<TcpListener>,
     /// The first main socket's address (for the log).
     pub addr: SocketAddr,
+    /// The first TLS socket's address, when it is not `addr`.
+    pub tls_addr: Option<SocketAddr>,
     /// Received from the service manager: never shut down here.
     pub inherited: bool,
 }
@@ -51,11 +57,12 @@ pub fn open(config: &Config, workers: usize) -> Result<Listeners, ListenError> {
     let passed =
         sd_notify::listen_fds_with_names().map_err(|e| ListenError::Activation(e.to_string()))?;
     let passed: Vec<_> = passed.collect();
+    let tls = config.tls_cert.is_some();
     if !passed.is_empty() {
-        let listeners = activated(passed, workers)?;
+        let listeners = activated(passed, workers, tls)?;
         // Open mode is for loopback only, whoever chose the address.
         if config.open_mode() {
-            for l in &listeners.main[0] {
+            for (l, _) in &listeners.main[0] {
                 match l.local_addr() {
                     Ok(a) if a.ip().is_loopback() => {}
                     Ok(a) => return Err(ListenError::OpenModeNotLoopback(a)),
@@ -69,6 +76,23 @@ pub fn open(config: &Config, workers: usize) -> Result<Listeners, ListenError> {
     let bind = |addr: SocketAddr| move |source| ListenError::Bind { addr, source };
     let per_worker = bind_listeners(wanted, workers).map_err(bind(wanted))?;
     let addr = per_worker[0].local_addr().unwrap_or(wanted);
+    let main_site = match (tls, config.tls_port) {
+        (true, None) => Site::Tls,
+        _ => Site::Main,
+    };
+    let mut main: Vec<Vec<(TcpListener, Site)>> = per_worker
+        .into_iter()
+        .map(|l| vec![(l, main_site)])
+        .collect();
+    let mut tls_addr = None;
+    if let Some(port) = config.tls_port.filter(|_| tls) {
+        let wanted = SocketAddr::new(config.host(), port);
+        let socks = bind_listeners(wanted, workers).map_err(bind(wanted))?;
+        tls_addr = socks[0].local_addr().ok();
+        for (w, l) in main.iter_mut().zip(socks) {
+            w.push((l, Site::Tls));
+        }
+    }
     let metrics = match config.metrics_addr {
         Some(m) => Some(
             listener_socket(m, false)
@@ -81,15 +105,20 @@ pub fn open(config: &Config, workers: usize) -> Result<Listeners, ListenError> {
         None => None,
     };
     Ok(Listeners {
-        main: per_worker.into_iter().map(|l| vec![l]).collect(),
+        main,
         metrics,
         addr,
+        tls_addr,
         inherited: false,
     })
 }
 
 /// The service manager's sockets: each worker accepts on every main one.
-fn activated(passed: Vec<(i32, String)>, workers: usize) -> Result<Listeners, ListenError> {
+fn activated(
+    passed: Vec<(i32, String)>,
+    workers: usize,
+    tls: bool,
+) -> Result<Listeners, ListenError> {
     let bad = |fd: i32, why: &str| ListenError::Activation(format!("descriptor {fd}: {why}"));
     let mut main = Vec::new();
     let mut metrics = None;
@@ -110,10 +139,20 @@ fn activated(passed: Vec<(i32, String)>, workers: usize) -> Result<Listeners, Li
             .map_err(|e| bad(fd, &e.to_string()))?;
         match name.as_str() {
             "metrics" => metrics = Some(TcpListener::from(sock)),
-            _ => main.push(TcpListener::from(sock)),
+            "tls" if tls => main.push((TcpListener::from(sock), Site::Tls)),
+            "tls" => {
+                return Err(bad(fd, "a socket named tls needs TLS_CERT and TLS_KEY"));
+            }
+            _ => main.push((TcpListener::from(sock), Site::Main)),
         }
     }
-    let Some(first) = main.first() else {
+    // TLS_CERT without a socket named tls: the main ones speak TLS.
+    if tls && !main.iter().any(|(_, s)| *s == Site::Tls) {
+        for (_, site) in main.iter_mut() {
+            *site = Site::Tls;
+        }
+    }
+    let Some((first, _)) = main.first() else {
         return Err(ListenError::Activation(
             "no socket for the main port (only one named metrics)".into(),
         ));
@@ -121,11 +160,15 @@ fn activated(passed: Vec<(i32, String)>, workers: usize) -> Result<Listeners, Li
     let addr = first
         .local_addr()
         .map_err(|e| ListenError::Activation(e.to_string()))?;
+    let tls_addr = main
+        .iter()
+        .find(|(l, s)| *s == Site::Tls && l.local_addr().ok() != Some(addr))
+        .and_then(|(l, _)| l.local_addr().ok());
     let mut per_worker = Vec::with_capacity(workers);
     for _ in 0..workers {
         let socks = main
             .iter()
-            .map(TcpListener::try_clone)
+            .map(|(l, site)| Ok((l.try_clone()?, *site)))
             .collect::<io::Result<Vec<_>>>()
             .map_err(|e| ListenError::Activation(e.to_string()))?;
         per_worker.push(socks);
@@ -134,6 +177,7 @@ fn activated(passed: Vec<(i32, String)>, workers: usize) -> Result<Listeners, Li
         main: per_worker,
         metrics,
         addr,
+        tls_addr,
         inherited: true,
     })
 }

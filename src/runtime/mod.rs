@@ -49,6 +49,8 @@ const SPARE_FDS: u64 = 256;
 pub enum ServerError {
     #[error(transparent)]
     Listen(#[from] listeners::ListenError),
+    #[error(transparent)]
+    Tls(#[from] crate::transport::tls::TlsError),
     #[error("cannot start worker thread: {0}")]
     Thread(io::Error),
     #[error("cannot install signal handlers: {0}")]
@@ -74,12 +76,19 @@ pub fn run(mut config: Config, loaded: impl Into<Loaded>) -> Result<(), ServerEr
     }
     raise_nofile_limit(config.max_connections, config.max_pending);
     let workers = config.worker_count();
+    let certified = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => {
+            Some(Arc::new(crate::transport::tls::Certified::load(cert, key)?))
+        }
+        _ => None,
+    };
     let listeners = listeners::open(&config, workers)?;
     let addr = listeners.addr;
     let inherited = listeners.inherited;
     if inherited {
         tracing::info!("serving the sockets the service manager passed (LISTEN_FDS); HOST, PORT and METRICS_ADDR do not apply");
     }
+    let tls_addr = listeners.tls_addr;
     let mut metrics_listener = listeners.metrics;
     if let Some(m) = &metrics_listener {
         if let Ok(a) = m.local_addr() {
@@ -136,6 +145,9 @@ pub fn run(mut config: Config, loaded: impl Into<Loaded>) -> Result<(), ServerEr
             available
         }
     };
+    if let Some(c) = certified {
+        let _ = shared.tls.set(c);
+    }
     if let Some(w) = shared.config.unauthenticated_warning() {
         tracing::warn!("{w}");
     }
@@ -188,13 +200,19 @@ pub fn run(mut config: Config, loaded: impl Into<Loaded>) -> Result<(), ServerEr
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
     ])
     .map_err(ServerError::Signals)?;
     let sig_tx = tx.clone();
+    let reloading = shared.clone();
     std::thread::Builder::new()
         .name("herald-signals".into())
         .spawn(move || {
-            for _ in signals.forever() {
+            for sig in signals.forever() {
+                if sig == signal_hook::consts::SIGHUP {
+                    reload(&reloading);
+                    continue;
+                }
                 if sig_tx.send(Event::Signal).is_err() {
                     break;
                 }
@@ -211,6 +229,9 @@ pub fn run(mut config: Config, loaded: impl Into<Loaded>) -> Result<(), ServerEr
                 if ready == workers {
                     let driver = if uring { "io_uring" } else { "epoll" };
                     tracing::info!(workers, driver, "herald listening on {addr}");
+                    if let Some(t) = tls_addr {
+                        tracing::info!("TLS (wss://, https://) on {t}");
+                    }
                     // Type=notify units start their dependents now.
                     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
                 }
@@ -270,6 +291,22 @@ pub fn run(mut config: Config, loaded: impl Into<Loaded>) -> Result<(), ServerEr
     }
 }
 
+/// SIGHUP: reads TLS_CERT and TLS_KEY again (new handshakes present the
+/// new certificate; open connections keep theirs). A bad file keeps the
+/// current certificate.
+fn reload(shared: &Shared) {
+    let Some(certified) = shared.tls.get() else {
+        tracing::info!("SIGHUP: nothing to reload (no TLS_CERT)");
+        return;
+    };
+    match certified.reload() {
+        Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+        Err(e) => {
+            tracing::error!("SIGHUP: TLS certificate not reloaded, keeping the current one: {e}")
+        }
+    }
+}
+
 /// A node name for a cluster member started without NODE_ID.
 fn random_node_id() -> String {
     let mut b = [0u8; 6];
@@ -324,7 +361,7 @@ static FALLBACK_LOGGED: AtomicBool = AtomicBool::new(false);
 
 /// One worker's listening sockets.
 struct Sockets {
-    main: Vec<std::net::TcpListener>,
+    main: Vec<(std::net::TcpListener, Site)>,
     metrics: Option<std::net::TcpListener>,
     /// Shared with the service manager: stop accepting, never shut down.
     inherited: bool,
@@ -383,7 +420,7 @@ async fn worker_main(
     let worker = Rc::new(Worker::new(id, shared.clone()));
     let endpoints = crate::frontends::endpoints(id, &shared, frontends);
     let mut owned_fds = Vec::new();
-    for listener in sockets.main {
+    for (listener, site) in sockets.main {
         let listener = TcpListener::from_std(listener)?;
         if !sockets.inherited {
             owned_fds.push(listener.as_raw_fd());
@@ -392,7 +429,7 @@ async fn worker_main(
             worker.clone(),
             endpoints.clone(),
             listener,
-            Site::Main,
+            site,
         ));
     }
     if let Some(m) = sockets.metrics {

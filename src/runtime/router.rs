@@ -16,7 +16,8 @@ use crate::frontends::endpoint::{refuse, Answer, Endpoint, Request, Upgrade};
 use crate::integrations::metrics::Format;
 use crate::transport::http1::forwarded;
 use crate::transport::http1::head::{self, HttpError, RequestHead};
-use crate::transport::tcp::{read_more, send};
+use crate::transport::tcp::Conn;
+use crate::transport::tls;
 use crate::worker::{Shared, Worker};
 
 /// One core's endpoints, in the order they are asked.
@@ -32,7 +33,7 @@ enum HeadError {
 }
 
 async fn read_head(
-    stream: &TcpStream,
+    stream: &mut Conn,
     buf: &mut Vec<u8>,
 ) -> Result<(RequestHead, usize), HeadError> {
     loop {
@@ -47,7 +48,7 @@ async fn read_head(
                 "request head too large",
             )));
         }
-        match read_more(stream, buf, MAX_HEAD - buf.len()).await {
+        match stream.read_more(buf, MAX_HEAD - buf.len()).await {
             Ok(0) | Err(_) => return Err(HeadError::Closed),
             Ok(_) => {}
         }
@@ -80,30 +81,54 @@ pub async fn serve(
 async fn serve_requests(
     worker: Rc<Worker>,
     endpoints: &[Rc<dyn Endpoint>],
-    mut stream: TcpStream,
+    stream: TcpStream,
     peer: SocketAddr,
     site: Site,
 ) {
     let timeout = worker.shared.config.handshake_timeout;
+    let mut stream = match (site, worker.shared.tls.get()) {
+        (Site::Tls, Some(certified)) => {
+            let config = certified.current();
+            let mut tcp = stream;
+            match monoio::time::timeout(timeout, tls::accept(&mut tcp, config)).await {
+                Ok(Ok(session)) => {
+                    worker.core.stats.tls_handshakes.inc();
+                    Conn::with_tls(tcp, session)
+                }
+                Ok(Err(e)) => {
+                    worker.core.stats.tls_failures.inc();
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    worker.core.stats.tls_failures.inc();
+                    tracing::debug!(%peer, "TLS handshake not completed in time");
+                    return;
+                }
+            }
+        }
+        _ => Conn::plain(stream),
+    };
     let mut buf = Vec::new();
     loop {
-        let (head, len) = match monoio::time::timeout(timeout, read_head(&stream, &mut buf)).await {
-            Ok(Ok(parsed)) => parsed,
-            Ok(Err(HeadError::Closed)) => return,
-            Ok(Err(HeadError::Http(e))) => {
-                tracing::debug!(%peer, error = %e, "bad request head");
-                send(&mut stream, head::error_response(&e)).await;
-                return;
-            }
-            Err(_) => {
-                if !buf.is_empty() {
-                    worker.core.stats.request_timeouts.inc();
-                    let e = HttpError::new(408, "request head not received in time");
-                    send(&mut stream, head::error_response(&e)).await;
+        let (head, len) =
+            match monoio::time::timeout(timeout, read_head(&mut stream, &mut buf)).await {
+                Ok(Ok(parsed)) => parsed,
+                Ok(Err(HeadError::Closed)) => return,
+                Ok(Err(HeadError::Http(e))) => {
+                    tracing::debug!(%peer, error = %e, "bad request head");
+                    stream.send(head::error_response(&e)).await;
+                    return;
                 }
-                return;
-            }
-        };
+                Err(_) => {
+                    if !buf.is_empty() {
+                        worker.core.stats.request_timeouts.inc();
+                        let e = HttpError::new(408, "request head not received in time");
+                        stream.send(head::error_response(&e)).await;
+                    }
+                    return;
+                }
+            };
         buf.drain(..len);
         // Framing first, for every request: a length two parties could
         // read differently is refused before anything acts on it.
@@ -111,7 +136,7 @@ async fn serve_requests(
             Ok(n) => n,
             Err(e) => {
                 tracing::debug!(%peer, error = %e, "request framing refused");
-                send(&mut stream, head::error_response(&e)).await;
+                stream.send(head::error_response(&e)).await;
                 return;
             }
         };
@@ -120,10 +145,10 @@ async fn serve_requests(
             head.headers(),
             &worker.shared.config.trusted_proxies.0,
         );
-        if head.wants_websocket() && site == Site::Main {
+        if head.wants_websocket() && site != Site::Metrics {
             if body_len > 0 {
                 let e = HttpError::new(400, "a WebSocket upgrade request has no body");
-                send(&mut stream, head::error_response(&e)).await;
+                stream.send(head::error_response(&e)).await;
                 return;
             }
             upgrade(worker, endpoints, stream, head, buf, client).await;
@@ -154,7 +179,7 @@ async fn serve_requests(
 async fn upgrade(
     worker: Rc<Worker>,
     endpoints: &[Rc<dyn Endpoint>],
-    mut stream: TcpStream,
+    mut stream: Conn,
     head: RequestHead,
     leftover: Vec<u8>,
     peer: String,
@@ -229,6 +254,8 @@ fn metrics_page(shared: &Shared, head: &RequestHead) -> (&'static str, Vec<u8>) 
 pub enum Site {
     /// The main port: WebSocket, the HTTP API, /health, /metrics.
     Main,
+    /// The same over TLS (TLS_PORT, or the main port with TLS_CERT).
+    Tls,
     /// METRICS_ADDR: /metrics and /health only.
     Metrics,
 }
@@ -243,7 +270,7 @@ struct Here<'a> {
 
 async fn api(
     here: Here<'_>,
-    stream: &mut TcpStream,
+    stream: &mut Conn,
     head: &RequestHead,
     body_len: usize,
     buf: &mut Vec<u8>,
@@ -314,7 +341,7 @@ async fn api(
     };
     // A body nobody read must not be parsed as the next request: close
     // after answering instead.
-    let body_read = endpoints.iter().any(|e| e.serves_http(path)) && site == Site::Main;
+    let body_read = endpoints.iter().any(|e| e.serves_http(path)) && site != Site::Metrics;
     let keep = head.keep_alive()
         && !shared.is_shutting_down()
         && !answer.close
@@ -331,7 +358,7 @@ async fn api(
         keep,
         &extra,
     );
-    send(stream, out).await && keep
+    stream.send(out).await && keep
 }
 
 /// Reads a request's `Content-Length` body of `len` bytes into `buf` (its
@@ -340,7 +367,7 @@ async fn api(
 /// peer gone, answers if it can and returns `None`: the connection is done.
 async fn read_body(
     worker: &Worker,
-    stream: &mut TcpStream,
+    stream: &mut Conn,
     len: usize,
     buf: &mut Vec<u8>,
 ) -> Option<usize> {
@@ -349,16 +376,19 @@ async fn read_body(
         let msg = format!("body of {len} bytes exceeds MAX_MESSAGE_SIZE ({max})");
         let body = serde_json::json!({ "code": "too_large", "message": msg });
         let json = "application/json";
-        send(
-            stream,
-            head::response(413, json, body.to_string().as_bytes(), false),
-        )
-        .await;
+        stream
+            .send(head::response(
+                413,
+                json,
+                body.to_string().as_bytes(),
+                false,
+            ))
+            .await;
         return None;
     }
     let read = async {
         while buf.len() < len {
-            match read_more(stream, buf, len - buf.len()).await {
+            match stream.read_more(buf, len - buf.len()).await {
                 Ok(0) | Err(_) => return false,
                 Ok(_) => {}
             }
@@ -372,7 +402,7 @@ async fn read_body(
         Err(_) => {
             worker.core.stats.request_timeouts.inc();
             let e = HttpError::new(408, "request body not received in time");
-            send(stream, head::error_response(&e)).await;
+            stream.send(head::error_response(&e)).await;
             None
         }
     }

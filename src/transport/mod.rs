@@ -5,4 +5,5 @@
 
 pub mod http1;
 pub mod tcp;
+pub mod tls;
 pub mod ws;

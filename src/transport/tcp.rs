@@ -1,7 +1,8 @@
-//! TCP connections, as the session reads and writes them: the one place
-//! that holds a socket's file descriptor and makes system calls on it.
-//! A TLS stream will implement the same [`Stream`] surface, so nothing
-//! above this layer changes when it lands.
+//! TCP connections, as the router ([`Conn`]) and the session ([`Stream`])
+//! read and write them: the one place that holds a socket's file
+//! descriptor and makes system calls on it. A connection with TLS
+//! ([`super::tls`]) has the same surface: it decrypts what it reads and
+//! encrypts what it writes, so nothing above this layer knows.
 //!
 //! Reads are readiness-based: wait until readable, then read as much as
 //! there is into the core's shared buffer (an idle connection holds no
@@ -19,18 +20,79 @@ use monoio::io::{AsyncWriteRent, OwnedReadHalf, OwnedWriteHalf, Splitable};
 use monoio::net::TcpStream;
 use monoio::BufResult;
 
+use super::tls;
 use crate::engine::shard::FrameSink;
+
+/// A connection before it becomes a WebSocket: HTTP requests and
+/// responses, over TLS or not.
+pub struct Conn {
+    tcp: TcpStream,
+    tls: Option<tls::Shared>,
+}
+
+impl Conn {
+    pub fn plain(tcp: TcpStream) -> Conn {
+        Conn { tcp, tls: None }
+    }
+
+    pub fn with_tls(tcp: TcpStream, session: tls::Session) -> Conn {
+        Conn {
+            tcp,
+            tls: Some(std::rc::Rc::new(session)),
+        }
+    }
+
+    /// Reads at most `max` more bytes into `buf`; `Ok(0)` is EOF.
+    pub async fn read_more(&mut self, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
+        let Some(session) = &self.tls else {
+            return read_more(&self.tcp, buf, max).await;
+        };
+        let mut chunk = vec![0u8; max.min(16 * 1024)];
+        loop {
+            if let Some(n) = session.read_now(self.tcp.as_raw_fd(), &mut chunk)? {
+                buf.extend_from_slice(&chunk[..n]);
+                return Ok(n);
+            }
+            self.tcp.readable(false).await?;
+        }
+    }
+
+    /// Writes `bytes` whole; false if the peer is gone.
+    pub async fn send(&mut self, bytes: Vec<u8>) -> bool {
+        use monoio::io::AsyncWriteRentExt;
+        let bytes = match &self.tls {
+            None => bytes,
+            Some(session) => match session.seal([bytes.as_slice()]) {
+                Ok(records) => records,
+                Err(_) => return false,
+            },
+        };
+        let (res, _) = self.tcp.write_all(bytes).await;
+        res.is_ok()
+    }
+
+    /// The connection's socket, for what happens before a request
+    /// (TLS handshake).
+    pub fn tcp(&mut self) -> &mut TcpStream {
+        &mut self.tcp
+    }
+
+    /// The upgraded connection.
+    pub fn into_stream(self) -> Stream {
+        Stream {
+            inner: self.tcp,
+            tls: self.tls,
+        }
+    }
+}
 
 /// An upgraded connection's socket.
 pub struct Stream {
     inner: TcpStream,
+    tls: Option<tls::Shared>,
 }
 
 impl Stream {
-    pub fn new(inner: TcpStream) -> Stream {
-        Stream { inner }
-    }
-
     /// What the engine cuts the connection with ([`cut`]).
     pub fn cut_handle(&self) -> i32 {
         self.inner.as_raw_fd()
@@ -59,7 +121,15 @@ impl Stream {
     pub fn split(self) -> (ReadHalf, WriteHalf) {
         let fd = self.inner.as_raw_fd();
         let (rd, wr) = self.inner.into_split();
-        (ReadHalf { rd, fd }, WriteHalf { wr })
+        let tls = self.tls;
+        (
+            ReadHalf {
+                rd,
+                fd,
+                tls: tls.clone(),
+            },
+            WriteHalf { wr, tls },
+        )
     }
 }
 
@@ -97,13 +167,6 @@ pub async fn read_more(stream: &TcpStream, buf: &mut Vec<u8>, max: usize) -> io:
     }
 }
 
-/// Writes `bytes` whole; false if the peer is gone.
-pub async fn send(stream: &mut TcpStream, bytes: Vec<u8>) -> bool {
-    use monoio::io::AsyncWriteRentExt;
-    let (res, _) = stream.write_all(bytes).await;
-    res.is_ok()
-}
-
 /// Shuts a connection down both ways, given its [`Stream::cut_handle`]:
 /// pending reads see EOF, writes fail, and both tasks end.
 pub fn cut(handle: i32) {
@@ -118,6 +181,7 @@ pub fn cut(handle: i32) {
 pub struct ReadHalf {
     rd: OwnedReadHalf<TcpStream>,
     fd: RawFd,
+    tls: Option<tls::Shared>,
 }
 
 impl ReadHalf {
@@ -128,7 +192,12 @@ impl ReadHalf {
         // write half mutates nothing that `readable` reads (monoio's own
         // split halves share the stream the same way).
         let stream: &TcpStream = unsafe { &*self.rd.0.get() };
-        stream.readable(false)
+        // Decrypted bytes already waiting are readable now.
+        use futures_util::future::Either;
+        match self.tls.as_ref().is_some_and(|t| t.has_pending()) {
+            false => Either::Left(stream.readable(false)),
+            true => Either::Right(std::future::ready(Ok(()))),
+        }
     }
 
     /// The peer's address, while the socket still knows it (not after a
@@ -142,6 +211,9 @@ impl ReadHalf {
     /// Reads what is there now into `buf`: `Ok(Some(0))` at EOF,
     /// `Ok(None)` when nothing is (would block).
     pub fn read_now(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        if let Some(session) = &self.tls {
+            return session.read_now(self.fd, buf);
+        }
         loop {
             // SAFETY: `buf` is valid for writes of `buf.len()` bytes.
             let n = unsafe {
@@ -168,6 +240,7 @@ impl ReadHalf {
 /// The writing side of a connection.
 pub struct WriteHalf {
     wr: OwnedWriteHalf<TcpStream>,
+    tls: Option<tls::Shared>,
 }
 
 impl Stream {
@@ -175,6 +248,10 @@ impl Stream {
     /// session's tasks exist).
     pub async fn send_all(&mut self, bytes: Vec<u8>) -> io::Result<()> {
         use monoio::io::AsyncWriteRentExt;
+        let bytes = match &self.tls {
+            None => bytes,
+            Some(session) => session.seal([bytes.as_slice()])?,
+        };
         self.inner.write_all(bytes).await.0.map(|_| ())
     }
 
@@ -191,14 +268,44 @@ impl WriteHalf {
     /// Sends one frame with a plain send (no iovec to import); returns the
     /// bytes written and the frame.
     pub fn write(&mut self, frame: Bytes) -> impl Future<Output = BufResult<usize, Bytes>> + '_ {
-        self.wr.write(frame)
+        use futures_util::future::Either;
+        match self.tls.clone() {
+            None => Either::Left(self.wr.write(frame)),
+            // Boxed: a plain connection's writer does not carry its state.
+            Some(session) => Either::Right(Box::pin(async move {
+                let res = sealed_write(&mut self.wr, &session, [&frame[..]]).await;
+                (res.map(|()| frame.len()), frame)
+            })),
+        }
     }
 
     /// Sends a prepared [`Batch`] of frames with one vectored write;
     /// returns the bytes written and the batch (advance it by them).
     pub fn writev(&mut self, batch: Batch) -> impl Future<Output = BufResult<usize, Batch>> + '_ {
-        self.wr.writev(batch)
+        use futures_util::future::Either;
+        match self.tls.clone() {
+            None => Either::Left(self.wr.writev(batch)),
+            Some(session) => Either::Right(Box::pin(async move {
+                let frames = batch.one.iter().chain(batch.bufs.iter()).map(|b| &b[..]);
+                let res = sealed_write(&mut self.wr, &session, frames).await;
+                (res.map(|()| batch.bytes), batch)
+            })),
+        }
     }
+}
+
+/// Encrypts `frames` and writes the records whole: over TLS a write
+/// counts as done once every record of it went out.
+async fn sealed_write<'a>(
+    wr: &mut OwnedWriteHalf<TcpStream>,
+    session: &tls::Session,
+    frames: impl IntoIterator<Item = &'a [u8]>,
+) -> io::Result<()> {
+    use monoio::io::AsyncWriteRentExt;
+    let records = session.seal(frames)?;
+    let (res, records) = wr.write_all(records).await;
+    session.recycle(records);
+    res.map(|_| ())
 }
 
 /// Frames taken from a connection's queue for one write. Owns the `Bytes`

@@ -5,7 +5,8 @@
 //
 // Protocol with the Rust driver:
 // - configuration comes from the environment: HERALD_ADDR (host:port),
-//   APP_ID, APP_KEY, APP_SECRET;
+//   APP_ID, APP_KEY, APP_SECRET, and HERALD_TLS=1 for wss:// and https://
+//   (the CA in NODE_EXTRA_CA_CERTS);
 // - stdout carries JSON lines only: `{"barrier": NAME, ...}` asks the driver
 //   something and the script waits for one JSON line on stdin as the answer;
 //   `{"result": {...}}` is the last line, after which the script exits 0;
@@ -55,6 +56,7 @@ const cfg = {
   appId: need('APP_ID'),
   key: need('APP_KEY'),
   secret: need('APP_SECRET'),
+  tls: process.env.HERALD_TLS === '1',
 };
 
 /** How long one wait may take. */
@@ -240,7 +242,8 @@ class Client {
     const options = {
       wsHost: cfg.host,
       wsPort: cfg.port,
-      forceTLS: false,
+      wssPort: cfg.port,
+      forceTLS: cfg.tls,
       enabledTransports: ['ws'],
       cluster: 'herald',
     };
@@ -416,7 +419,7 @@ function api(over = {}) {
     secret: cfg.secret,
     host: cfg.host,
     port: String(cfg.port),
-    useTLS: false,
+    useTLS: cfg.tls,
     timeout: STEP_MS,
   }, over));
 }
