@@ -380,3 +380,67 @@ fn bad_certificate_files_stop_the_start_with_a_clear_error() {
     let err = refused(&[("TLS_CERT", cert), ("TLS_KEY", other_key.to_str().unwrap())]);
     assert!(err.contains("TLS_CERT and TLS_KEY"), "{err}");
 }
+
+/// A WebSocket client over rustls, trusting `ca`.
+fn tls_client(
+    addr: SocketAddr,
+    ca: &TestCa,
+) -> tungstenite::WebSocket<rustls::StreamOwned<rustls::ClientConnection, TcpStream>> {
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(&ca.ca_file).unwrap();
+    use rustls::pki_types::pem::PemObject;
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+    let tcp = TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let stream = rustls::StreamOwned::new(conn, tcp);
+    let req = format!("ws://localhost:{}/ws", addr.port());
+    tungstenite::client::client(
+        tungstenite::client::IntoClientRequest::into_client_request(req).unwrap(),
+        stream,
+    )
+    .map(|(ws, _)| ws)
+    .unwrap_or_else(|e| panic!("wss upgrade: {e}"))
+}
+
+#[test]
+fn a_backlog_written_in_large_batches_arrives_whole_and_in_order() {
+    let f = files();
+    let server = start(&f, &[("SEND_QUEUE_LIMIT", "16MiB")]);
+    let mut sub = tls_client(server.addr, &f.ca);
+    sub.send(tungstenite::Message::text(
+        r#"{"op":"subscribe","channel":"bulk","id":"s"}"#,
+    ))
+    .unwrap();
+    let reply = sub.read().unwrap();
+    assert!(reply.to_text().unwrap().contains("subscribed"), "{reply}");
+    // The subscriber reads nothing while 4 MiB are published: the server's
+    // writer then sends its queue in batches of WRITE_BUFFER_SIZE.
+    let mut publisher = tls_client(server.addr, &f.ca);
+    let data = "d".repeat(2000);
+    const N: usize = 2000;
+    for n in 0..N {
+        let m = format!(r#"{{"op":"publish","channel":"bulk","data":"{n}:{data}"}}"#);
+        publisher.send(tungstenite::Message::text(m)).unwrap();
+    }
+    for n in 0..N {
+        let m = loop {
+            match sub.read().unwrap() {
+                tungstenite::Message::Text(t) => break t,
+                _ => continue,
+            }
+        };
+        let v: Value = serde_json::from_str(&m).unwrap();
+        let d = v["data"].as_str().unwrap();
+        assert_eq!(d, format!("{n}:{data}"), "message {n}");
+    }
+}

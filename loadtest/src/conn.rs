@@ -1,5 +1,6 @@
 //! Opening connections (loopback-only targets, spread over several
-//! 127.0.0.x source addresses) and reading events from them.
+//! 127.0.0.x source addresses; ws:// or wss://) and reading events from
+//! them.
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -11,6 +12,7 @@ use tokio::io::{AsyncRead, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::adapter::{Adapter, Event, Parser};
+use crate::tls::Stream;
 use crate::ws::{self, Mask};
 
 /// Where to connect: a `ws://` URL on the loopback network.
@@ -21,14 +23,18 @@ pub struct Target {
     pub host: String,
     /// Request path with query.
     pub path: String,
+    /// wss://: TLS, with the CA of `--tls-ca`.
+    pub tls: bool,
 }
 
 /// Parses `ws://HOST[:PORT][/path]`, refusing any host outside
 /// 127.0.0.0/8 (`localhost` means 127.0.0.1).
 pub fn parse_url(url: &str) -> anyhow::Result<Target> {
-    let rest = url
-        .strip_prefix("ws://")
-        .ok_or_else(|| anyhow!("--url must start with ws:// (got {url:?})"))?;
+    let (rest, tls) = match (url.strip_prefix("ws://"), url.strip_prefix("wss://")) {
+        (Some(r), _) => (r, false),
+        (_, Some(r)) => (r, true),
+        _ => bail!("--url must start with ws:// or wss:// (got {url:?})"),
+    };
     let (hostport, path) = match rest.find(['/', '?']) {
         Some(i) if rest.as_bytes()[i] == b'/' => (&rest[..i], rest[i..].to_string()),
         Some(i) => (&rest[..i], format!("/{}", &rest[i..])),
@@ -59,6 +65,7 @@ pub fn parse_url(url: &str) -> anyhow::Result<Target> {
         addr: SocketAddr::V4(SocketAddrV4::new(ip, port)),
         host: hostport.to_string(),
         path,
+        tls,
     })
 }
 
@@ -191,7 +198,7 @@ impl ReadSide {
 
 /// An open WebSocket connection that has spoken the protocol's hello.
 pub struct Conn {
-    pub stream: TcpStream,
+    pub stream: Stream,
     pub rs: ReadSide,
 }
 
@@ -206,9 +213,21 @@ pub async fn open(
     channel: Option<&str>,
     seed: u64,
 ) -> anyhow::Result<Conn> {
-    let mut stream = tcp_connect(target, src)
+    let tcp = tcp_connect(target, src)
         .await
         .with_context(|| format!("connect to {} from {src:?}", target.addr))?;
+    let mut stream = match target.tls {
+        false => Stream::Plain(tcp),
+        true => {
+            let host = target
+                .host
+                .rsplit_once(':')
+                .map_or(&*target.host, |(h, _)| h);
+            crate::tls::connect(tcp, host)
+                .await
+                .with_context(|| format!("TLS handshake with {}", target.addr))?
+        }
+    };
     let mut mask = Mask::new(seed ^ crate::adapter::now_ns());
     let key = ws::new_key(&mut mask);
     stream
@@ -346,6 +365,9 @@ mod tests {
         assert_eq!(t.addr, "127.0.0.1:6380".parse().unwrap());
         assert_eq!(t.path, "/ws");
         assert_eq!(t.host, "127.0.0.1:6380");
+        let t = parse_url("wss://localhost:6443/ws").unwrap();
+        assert!(t.tls && t.host == "localhost:6443" && t.path == "/ws");
+        assert!(!parse_url("ws://127.0.0.1:6380/ws").unwrap().tls);
         let t = parse_url("ws://localhost:4222").unwrap();
         assert_eq!(t.addr, "127.0.0.1:4222".parse().unwrap());
         assert_eq!(t.path, "/");

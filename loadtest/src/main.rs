@@ -12,6 +12,7 @@ mod procstat;
 mod recover;
 mod report;
 mod run;
+mod tls;
 mod webhook;
 mod ws;
 
@@ -47,6 +48,10 @@ struct Common {
     /// ?protocol=7&client=loadtest&version=1.0).
     #[arg(long, global = true)]
     url: Option<String>,
+    /// A PEM file of the CA that signed the server's certificate, for
+    /// wss:// URLs (the name checked is the URL's host, e.g. localhost).
+    #[arg(long, global = true)]
+    tls_ca: Option<String>,
     /// Print one JSON object instead of the table (and no progress bar).
     #[arg(long, global = true)]
     json: bool,
@@ -274,6 +279,9 @@ fn setup_and_run(c: Common, cmd: Cmd) -> anyhow::Result<(String, bool)> {
         Proto::Nats => "ws://127.0.0.1:8080".into(),
         Proto::Pusher => format!("ws://127.0.0.1:6380/app/{}", c.app_key),
     });
+    if let Some(ca) = &c.tls_ca {
+        tls::trust(ca)?;
+    }
     let mut target = conn::parse_url(&url)?;
     if c.protocol == Proto::Pusher && !target.path.contains('?') {
         target.path.push_str(PUSHER_QUERY);

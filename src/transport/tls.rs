@@ -191,6 +191,9 @@ pub async fn accept(tcp: &mut TcpStream, config: Arc<ServerConfig>) -> Result<Se
         }
     }
     flush(tcp, &mut conn).await?;
+    // A write's records are taken out at once (`seal`): rustls need not
+    // cap what it holds (its 64 KiB default would refuse a large batch).
+    conn.set_buffer_limit(None);
     Ok(Session {
         conn: RefCell::new(conn),
         raw: RefCell::new(Vec::new()),
@@ -297,14 +300,33 @@ impl Session {
     /// its own first; returns them in the session's reused buffer (give
     /// it back with [`Session::recycle`]).
     pub fn seal<'a>(&self, frames: impl IntoIterator<Item = &'a [u8]>) -> io::Result<Vec<u8>> {
+        thread_local! {
+            /// Frames of one write gathered into one plaintext, so that
+            /// they go out in as few records (AEAD operations, rustls
+            /// allocations) as 16 KiB allows: per thread, not per
+            /// connection.
+            static GATHER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+        }
         let mut conn = self.conn.borrow_mut();
         let mut out = std::mem::take(&mut *self.out.borrow_mut());
         out.clear();
-        for f in frames {
-            conn.writer().write_all(f)?;
-            while conn.wants_write() {
-                conn.write_tls(&mut out)?;
-            }
+        let mut frames = frames.into_iter();
+        let first = frames.next().unwrap_or_default();
+        match frames.next() {
+            None => conn.writer().write_all(first)?,
+            Some(second) => GATHER.with_borrow_mut(|plain| {
+                plain.clear();
+                plain.extend_from_slice(first);
+                plain.extend_from_slice(second);
+                for f in frames {
+                    plain.extend_from_slice(f);
+                }
+                let res = conn.writer().write_all(plain);
+                if plain.capacity() > 1 << 20 {
+                    *plain = Vec::new();
+                }
+                res
+            })?,
         }
         while conn.wants_write() {
             conn.write_tls(&mut out)?;
