@@ -4,6 +4,7 @@
 //! message.
 
 pub mod http1;
+pub mod socket;
 pub mod tcp;
 pub mod tls;
 pub mod ws;

@@ -211,28 +211,9 @@ impl ReadHalf {
     /// Reads what is there now into `buf`: `Ok(Some(0))` at EOF,
     /// `Ok(None)` when nothing is (would block).
     pub fn read_now(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
-        if let Some(session) = &self.tls {
-            return session.read_now(self.fd, buf);
-        }
-        loop {
-            // SAFETY: `buf` is valid for writes of `buf.len()` bytes.
-            let n = unsafe {
-                libc::recv(
-                    self.fd,
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if n >= 0 {
-                return Ok(Some(n as usize));
-            }
-            let err = io::Error::last_os_error();
-            match err.kind() {
-                io::ErrorKind::Interrupted => continue,
-                io::ErrorKind::WouldBlock => return Ok(None),
-                _ => return Err(err),
-            }
+        match &self.tls {
+            Some(session) => session.read_now(self.fd, buf),
+            None => super::socket::recv_now(self.fd, buf),
         }
     }
 }

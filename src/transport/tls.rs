@@ -20,6 +20,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ServerConfig, ServerConnection};
 
+use super::socket::recv_now;
+
 /// Why TLS cannot be set up, or a handshake failed.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -120,23 +122,6 @@ async fn recv_some(tcp: &TcpStream, raw: &mut [u8]) -> io::Result<usize> {
         tcp.readable(false).await?;
         if let Some(n) = recv_now(tcp.as_raw_fd(), raw)? {
             return Ok(n);
-        }
-    }
-}
-
-/// One non-blocking recv: `Ok(None)` when nothing is there.
-pub fn recv_now(fd: i32, raw: &mut [u8]) -> io::Result<Option<usize>> {
-    loop {
-        // SAFETY: `raw` is valid for writes of its length.
-        let n = unsafe { libc::recv(fd, raw.as_mut_ptr().cast(), raw.len(), libc::MSG_DONTWAIT) };
-        if n >= 0 {
-            return Ok(Some(n as usize));
-        }
-        let err = io::Error::last_os_error();
-        match err.kind() {
-            io::ErrorKind::Interrupted => continue,
-            io::ErrorKind::WouldBlock => return Ok(None),
-            _ => return Err(err),
         }
     }
 }
