@@ -17,7 +17,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use broker::{Kind, Proxy, Redis, TestBroker};
-use common::{http, wait_for, Client, Server};
+use common::{free_port, http, wait_for, Client, Server};
 use serde_json::{json, Value};
 
 /// Runs each test named against each broker.
@@ -630,7 +630,7 @@ fn a_node_catches_up_on_what_it_missed_while_cut_off_or_while_redis_restarted() 
     let dir = std::env::temp_dir().join(format!("herald-aof-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let port = broker::free_port();
+    let port = free_port();
     let mut redis = Redis::durable(port, &dir);
     let proxy = Proxy::start(port);
     // However long the cut lasts on a loaded machine, what was missed is

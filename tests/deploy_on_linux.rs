@@ -98,15 +98,6 @@ fn the_units_pass_systemd_analyze_verify() {
     );
 }
 
-/// A port nothing listens on now.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[test]
 fn herald_serves_on_the_socket_systemd_socket_activate_passes() {
     let port = free_port();
@@ -182,23 +173,7 @@ fn connections_made_while_herald_restarts_wait_in_the_sockets_queue() {
 #[test]
 fn open_mode_on_a_public_address_passed_by_the_manager_exits_2() {
     let socket = TcpListener::bind("0.0.0.0:0").unwrap();
-    use std::os::fd::AsRawFd;
-    let fd = socket.as_raw_fd();
-    let mut cmd = Command::new("/bin/sh");
-    cmd.args([
-        "-c",
-        r#"LISTEN_PID=$$ LISTEN_FDS=1 exec "$0""#,
-        env!("CARGO_BIN_EXE_herald"),
-    ]);
-    use std::os::unix::process::CommandExt;
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::dup2(fd, 3) < 0 || libc::fcntl(3, libc::F_SETFD, 0) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    let mut cmd = activated_command(&socket);
     let out = cmd
         .env_clear()
         .env("WORKERS", "1")

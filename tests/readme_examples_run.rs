@@ -13,12 +13,12 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Read};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 
-use common::{hmac_sha256_hex, Client, Server, TIMEOUT};
+use common::{free_port, hmac_sha256_hex, Client, Server, TIMEOUT};
 use serde_json::{json, Value};
 
 /// The fenced block after `<!-- example: name -->` in README.md.
@@ -35,14 +35,6 @@ fn example(name: &str) -> String {
     let start = body.find('\n').expect("fence line") + 1;
     let end = body[start..].find("\n```").expect("closing fence") + start;
     body[start..end].to_string()
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn js_dir() -> PathBuf {

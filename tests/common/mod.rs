@@ -42,8 +42,7 @@ impl Server {
     /// Starts herald on `listener` as a service manager passes it (socket
     /// activation: descriptor 3, LISTEN_FDS=1, LISTEN_PID its own pid).
     pub fn start_activated(env: &[(&str, &str)], listener: &std::net::TcpListener) -> Server {
-        use std::os::fd::AsRawFd;
-        Self::spawn(env, None, Some(listener.as_raw_fd()))
+        Self::spawn(env, None, Some(listener))
             .unwrap_or_else(|log| panic!("herald did not start:\n{log}"))
     }
 
@@ -56,31 +55,11 @@ impl Server {
     fn spawn(
         env: &[(&str, &str)],
         soft_nofile: Option<u64>,
-        activation: Option<i32>,
+        activation: Option<&std::net::TcpListener>,
     ) -> Result<Server, String> {
         let mut cmd = match activation {
             None => Command::new(env!("CARGO_BIN_EXE_herald")),
-            Some(fd) => {
-                use std::os::unix::process::CommandExt;
-                // LISTEN_PID must be herald's pid: the shell's, kept by exec.
-                let mut cmd = Command::new("/bin/sh");
-                cmd.args([
-                    "-c",
-                    r#"LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=main exec "$0""#,
-                    env!("CARGO_BIN_EXE_herald"),
-                ]);
-                // SAFETY: dup2 and fcntl are async-signal-safe.
-                unsafe {
-                    cmd.pre_exec(move || {
-                        // (dup2 onto itself keeps close-on-exec: cleared.)
-                        if libc::dup2(fd, 3) < 0 || libc::fcntl(3, libc::F_SETFD, 0) < 0 {
-                            return Err(std::io::Error::last_os_error());
-                        }
-                        Ok(())
-                    });
-                }
-                cmd
-            }
+            Some(listener) => activated_command(listener),
         };
         if let Some(soft) = soft_nofile {
             use std::os::unix::process::CommandExt;
@@ -454,6 +433,40 @@ pub fn rss_bytes(pid: u32) -> f64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("VmRSS");
     kib * 1024.0
+}
+
+/// A free loopback port (bound, then released for a server to take).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A command that runs herald with `listener` as a service manager passes
+/// it (socket activation: descriptor 3, LISTEN_FDS=1, LISTEN_PID herald's
+/// own pid, kept by the shell's exec).
+pub fn activated_command(listener: &std::net::TcpListener) -> Command {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let fd = listener.as_raw_fd();
+    let mut cmd = Command::new("/bin/sh");
+    cmd.args([
+        "-c",
+        r#"LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=main exec "$0""#,
+        env!("CARGO_BIN_EXE_herald"),
+    ]);
+    // SAFETY: dup2 and fcntl are async-signal-safe; dup2 onto itself
+    // keeps close-on-exec, which is cleared.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(fd, 3) < 0 || libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
 }
 
 /// Polls `cond` every 20 ms until it holds, failing after [`TIMEOUT`]. For
