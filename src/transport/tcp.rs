@@ -47,13 +47,25 @@ impl Conn {
         let Some(session) = &self.tls else {
             return read_more(&self.tcp, buf, max).await;
         };
-        let mut chunk = vec![0u8; max.min(16 * 1024)];
+        // Decrypted straight into `buf`'s new room.
+        let old = buf.len();
+        buf.resize(old + max.min(16 * 1024), 0);
         loop {
-            if let Some(n) = session.read_now(self.tcp.as_raw_fd(), &mut chunk)? {
-                buf.extend_from_slice(&chunk[..n]);
-                return Ok(n);
+            match session.read_now(self.tcp.as_raw_fd(), &mut buf[old..]) {
+                Ok(Some(n)) => {
+                    buf.truncate(old + n);
+                    return Ok(n);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    buf.truncate(old);
+                    return Err(e);
+                }
             }
-            self.tcp.readable(false).await?;
+            if let Err(e) = self.tcp.readable(false).await {
+                buf.truncate(old);
+                return Err(e);
+            }
         }
     }
 
