@@ -33,6 +33,19 @@ pub struct Shared {
     pub shutdown: AtomicBool,
     /// The certificate TLS handshakes present (set at start with TLS_CERT).
     pub tls: std::sync::OnceLock<Arc<crate::transport::tls::Certified>>,
+    /// A restart's new process took over the listening sockets: stopping
+    /// means draining ([`restart_code`]), and the sockets stay open.
+    pub handed_over: AtomicBool,
+}
+
+/// The code a connection is closed with when its server restarts, given
+/// the one its front-end closes with at shutdown: 1012 ("service restart",
+/// RFC 6455) for 1001; Pusher's 4200 ("reconnect immediately") stays.
+pub fn restart_code(shutdown: u16) -> u16 {
+    match shutdown {
+        1001 => 1012,
+        other => other,
+    }
 }
 
 /// History kept on disk: where new messages go, and what was read back
@@ -91,6 +104,7 @@ impl Shared {
             workers,
             shutdown: AtomicBool::new(false),
             tls: std::sync::OnceLock::new(),
+            handed_over: AtomicBool::new(false),
             config,
         })
     }

@@ -204,6 +204,12 @@ pub struct Config {
     #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "10", value_parser = parse_secs)]
     pub shutdown_timeout: Duration,
 
+    /// Seconds over which, once a restart's new process accepts (SIGUSR2),
+    /// the old one closes its connections (1012, Pusher 4200) a batch at a
+    /// time, so that clients come back without a stampede.
+    #[arg(long, env = "DRAIN_SECONDS", default_value = "10", value_parser = parse_secs)]
+    pub drain_seconds: Duration,
+
     /// Serve /echo, a WebSocket echo over the same connection path (for Autobahn).
     #[arg(long, env = "ECHO_ENDPOINT", default_value = "false", value_parser = parse_bool, action = clap::ArgAction::Set)]
     pub echo_endpoint: bool,

@@ -959,6 +959,34 @@ impl Shard {
         }
     }
 
+    /// Closes up to `n` connections not closing yet, each with the code
+    /// `code` gives for its front-end's shutdown code, after what is queued
+    /// (a restart's drain, a batch at a time); returns how many.
+    pub fn close_some(
+        &mut self,
+        n: usize,
+        code: fn(u16) -> u16,
+        reason: &str,
+        deadline: u64,
+    ) -> usize {
+        let keys: Vec<(usize, u16)> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.closing.is_none())
+            .take(n)
+            .map(|(k, c)| (k, c.shutdown_code))
+            .collect();
+        for &(key, shutdown) in &keys {
+            self.close_with_deadline(key, Some(code(shutdown)), reason, false, deadline);
+        }
+        keys.len()
+    }
+
+    /// Connections open here (closing ones included).
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
     /// Closes every subscriber of `channel`, each with its front-end's
     /// shutdown code (they reconnect and recover what they can). Returns
     /// how many.

@@ -131,7 +131,12 @@ impl Upgrade {
     /// `fe`'s session.
     pub async fn admit<F: crate::session::FrontEnd>(self, fe: Rc<F>, admitted: F::Admitted) {
         let shared = self.worker.shared.clone();
-        if shared.is_shutting_down() {
+        // (After a restart's handover an upgrade that got in is served:
+        // the drain closes it like the others, and it reconnects.)
+        let handed_over = shared
+            .handed_over
+            .load(std::sync::atomic::Ordering::Acquire);
+        if shared.is_shutting_down() && !handed_over {
             let err = HttpError::new(503, "server shutting down");
             return self.refuse("shutting_down", err).await;
         }

@@ -8,9 +8,13 @@
 //! where io_uring cannot be set up (said once in the log). SIGINT/SIGTERM
 //! stop accepting, close every connection with 1001 after flushing what
 //! is queued, and exit within SHUTDOWN_TIMEOUT; a second signal exits at once.
+//! SIGHUP reloads the TLS certificate; SIGUSR2 restarts without dropping
+//! anyone ([`restart`]): a new process takes the sockets, then this one
+//! closes its connections over DRAIN_SECONDS.
 
 pub mod listeners;
 pub mod logs;
+pub mod restart;
 pub mod router;
 
 use std::future::poll_fn;
@@ -66,6 +70,11 @@ pub enum ServerError {
 enum Event {
     Ready,
     Signal,
+    /// SIGUSR2: start a successor and hand it the sockets.
+    Restart,
+    /// The successor (this pid) accepts: drain and exit.
+    HandedOver(u32),
+    RestartFailed(String),
     Exited(usize, Result<(), String>),
 }
 
@@ -89,6 +98,7 @@ pub fn run(mut config: Config, loaded: impl Into<Loaded>) -> Result<(), ServerEr
         tracing::info!("serving the sockets the service manager passed (LISTEN_FDS); HOST, PORT and METRICS_ADDR do not apply");
     }
     let tls_addr = listeners.tls_addr;
+    let handover = handover_of(&listeners).map_err(ServerError::Thread)?;
     let mut metrics_listener = listeners.metrics;
     if let Some(m) = &metrics_listener {
         if let Ok(a) = m.local_addr() {
@@ -201,6 +211,7 @@ pub fn run(mut config: Config, loaded: impl Into<Loaded>) -> Result<(), ServerEr
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGHUP,
+        signal_hook::consts::SIGUSR2,
     ])
     .map_err(ServerError::Signals)?;
     let sig_tx = tx.clone();
@@ -213,7 +224,11 @@ pub fn run(mut config: Config, loaded: impl Into<Loaded>) -> Result<(), ServerEr
                     reload(&reloading);
                     continue;
                 }
-                if sig_tx.send(Event::Signal).is_err() {
+                let ev = match sig {
+                    signal_hook::consts::SIGUSR2 => Event::Restart,
+                    _ => Event::Signal,
+                };
+                if sig_tx.send(ev).is_err() {
                     break;
                 }
             }
@@ -222,6 +237,8 @@ pub fn run(mut config: Config, loaded: impl Into<Loaded>) -> Result<(), ServerEr
 
     let mut ready = 0;
     let mut failure = None;
+    let mut restarting = false;
+    let drain = shared.config.drain_seconds;
     while let Ok(ev) = rx.recv() {
         match ev {
             Event::Ready => {
@@ -232,6 +249,9 @@ pub fn run(mut config: Config, loaded: impl Into<Loaded>) -> Result<(), ServerEr
                     if let Some(t) = tls_addr {
                         tracing::info!("TLS (wss://, https://) on {t}");
                     }
+                    // A restart's successor tells the old process first
+                    // (and the service manager its new main pid).
+                    restart::tell_ready();
                     // Type=notify units start their dependents now.
                     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
                 }
@@ -244,6 +264,34 @@ pub fn run(mut config: Config, loaded: impl Into<Loaded>) -> Result<(), ServerEr
                 );
                 break;
             }
+            Event::Restart if restarting => {
+                tracing::warn!("SIGUSR2: a restart is already under way");
+            }
+            Event::Restart => {
+                restarting = true;
+                tracing::info!("SIGUSR2: starting the new process");
+                let tx = tx.clone();
+                handover.start(move |r| {
+                    let _ = tx.send(match r {
+                        Ok(pid) => Event::HandedOver(pid),
+                        Err(why) => Event::RestartFailed(why),
+                    });
+                });
+            }
+            Event::RestartFailed(why) => {
+                restarting = false;
+                tracing::error!("restart given up, this process keeps serving: {why}");
+            }
+            Event::HandedOver(pid) => {
+                tracing::info!(
+                    "the new process ({pid}) accepts: closing connections over {:?} (DRAIN_SECONDS)",
+                    drain
+                );
+                shared
+                    .handed_over
+                    .store(true, std::sync::atomic::Ordering::Release);
+                break;
+            }
             Event::Exited(id, res) => {
                 let why = res.err().unwrap_or_else(|| "exited".into());
                 tracing::error!(worker = id, "worker stopped: {why}");
@@ -253,7 +301,13 @@ pub fn run(mut config: Config, loaded: impl Into<Loaded>) -> Result<(), ServerEr
         }
     }
     shared.begin_shutdown();
-    let deadline = std::time::Instant::now() + shutdown_timeout + Duration::from_secs(1);
+    let draining = shared
+        .handed_over
+        .load(std::sync::atomic::Ordering::Acquire);
+    let deadline = std::time::Instant::now()
+        + shutdown_timeout
+        + if draining { drain } else { Duration::ZERO }
+        + Duration::from_secs(1);
     let mut running = workers - usize::from(failure.is_some());
     while running > 0 {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -263,7 +317,7 @@ pub fn run(mut config: Config, loaded: impl Into<Loaded>) -> Result<(), ServerEr
                 tracing::warn!("second signal: exiting now");
                 std::process::exit(1);
             }
-            Ok(Event::Ready) => {}
+            Ok(Event::Ready | Event::Restart | Event::HandedOver(_) | Event::RestartFailed(_)) => {}
             Err(_) => {
                 tracing::warn!("shutdown timed out with {running} worker(s) still draining");
                 break;
@@ -289,6 +343,30 @@ pub fn run(mut config: Config, loaded: impl Into<Loaded>) -> Result<(), ServerEr
             Ok(())
         }
     }
+}
+
+/// A copy of every listening socket, named, for a restart's successor:
+/// each worker's own (bound here), or the service manager's (shared by
+/// all workers, so worker 0's copies name them all).
+fn handover_of(listeners: &listeners::Listeners) -> io::Result<restart::Handover> {
+    let lists = match listeners.inherited {
+        true => &listeners.main[..1],
+        false => &listeners.main[..],
+    };
+    let mut sockets = Vec::new();
+    for list in lists {
+        for (l, site) in list {
+            let name = match site {
+                Site::Tls => "tls",
+                _ => "main",
+            };
+            sockets.push((std::os::fd::OwnedFd::from(l.try_clone()?), name));
+        }
+    }
+    if let Some(m) = &listeners.metrics {
+        sockets.push((std::os::fd::OwnedFd::from(m.try_clone()?), "metrics"));
+    }
+    restart::Handover::new(sockets)
 }
 
 /// SIGHUP: reads TLS_CERT and TLS_KEY again (new handshakes present the
@@ -459,17 +537,34 @@ async fn worker_main(
     // kernel refuses what would wait in its queue; one the service manager
     // passed stays open for the next herald.
     worker.stop_accepting();
-    for fd in owned_fds {
-        // SAFETY: the listener is owned by the accept task, still alive.
-        unsafe {
-            libc::shutdown(fd, libc::SHUT_RD);
-        }
-    }
+    // After a restart's handover the sockets are the successor's too: they
+    // stay open, and the connections are closed a batch at a time.
+    let handed_over = shared.handed_over.load(Ordering::Acquire);
     let timeout = shared.config.shutdown_timeout;
-    worker.core.shard.borrow_mut().close_all(
-        clock::now_ms() + timeout.as_millis() as u64,
-        "server shutting down",
-    );
+    if !handed_over {
+        for fd in owned_fds {
+            // SAFETY: the listener is owned by the accept task, still alive.
+            unsafe {
+                libc::shutdown(fd, libc::SHUT_RD);
+            }
+        }
+        worker.core.shard.borrow_mut().close_all(
+            clock::now_ms() + timeout.as_millis() as u64,
+            "server shutting down",
+        );
+    }
+    let spread = async {
+        if handed_over {
+            drain_spread(&worker).await;
+        }
+        std::future::pending::<()>().await
+    };
+    let limit = timeout
+        + if handed_over {
+            shared.config.drain_seconds
+        } else {
+            Duration::ZERO
+        };
     // Keep draining the bus while connections close, so a publisher on
     // another core waiting for queue space is never stuck behind us.
     let empty = poll_fn(|cx| worker.core.shard.borrow_mut().poll_empty(cx));
@@ -485,10 +580,39 @@ async fn worker_main(
         monoio::select! {
             _ = empty => {},
             _ = drain => {},
+            _ = spread => {},
         }
     };
-    let _ = monoio::time::timeout(timeout + Duration::from_millis(500), closed).await;
+    let _ = monoio::time::timeout(limit + Duration::from_millis(500), closed).await;
     Ok(())
+}
+
+/// A restart's drain: closes this worker's connections with their
+/// front-end's restart code (1012, Pusher 4200) evenly over DRAIN_SECONDS,
+/// so that they reconnect to the new process a few at a time; then any
+/// still open (an upgrade that completed meanwhile).
+async fn drain_spread(worker: &Worker) {
+    const STEP: Duration = Duration::from_millis(100);
+    let config = &worker.shared.config;
+    let close_ms = config.close_timeout.as_millis() as u64;
+    let total = worker.core.shard.borrow().connection_count();
+    let start = std::time::Instant::now();
+    let mut closed = 0;
+    loop {
+        let part = (start.elapsed().as_secs_f64() / config.drain_seconds.as_secs_f64()).min(1.0);
+        let target = (total as f64 * part).ceil() as usize;
+        let close = match part < 1.0 {
+            true => target.saturating_sub(closed),
+            false => usize::MAX,
+        };
+        closed += worker.core.shard.borrow_mut().close_some(
+            close,
+            crate::worker::restart_code,
+            "server restarting",
+            clock::now_ms() + close_ms,
+        );
+        monoio::time::sleep(STEP).await;
+    }
 }
 
 async fn accept_loop(worker: Rc<Worker>, endpoints: Endpoints, listener: TcpListener, site: Site) {

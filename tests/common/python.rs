@@ -2,6 +2,7 @@
 //! (`target/pyenv`, the one `scripts/test-deps.sh` prepares): found, and
 //! completed with a package if it is missing, under an exclusive `flock`
 //! so concurrent test processes never build it at the same time.
+#![allow(dead_code)]
 
 use std::fs::File;
 use std::os::unix::io::AsRawFd;

@@ -1,0 +1,170 @@
+//! Restarting without dropping anyone (SIGUSR2). The running herald starts
+//! its successor (the same executable, arguments and environment) and
+//! hands it its listening sockets as a service manager would
+//! (`LISTEN_FDS`, `LISTEN_FDNAMES`); the successor says on a pipe
+//! (`HERALD_READY_FD`) once every worker accepts; only then does the old
+//! process stop accepting and drain.
+//!
+//! Why inheritance rather than binding again with SO_REUSEPORT: both
+//! processes accept from the very same sockets, so there is no moment when
+//! the port is closed and no connection waits in a queue that closes with
+//! the old process (the kernel resets those). It is also what systemd's
+//! socket activation does, so one code path serves both.
+
+use std::ffi::OsString;
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+/// How long a successor may take to accept before the restart is given up.
+const READY_WITHIN: Duration = Duration::from_secs(60);
+
+/// What a restart needs: this process's command line and a copy of each
+/// listening socket with its name (`main`, `tls`, `metrics`).
+pub struct Handover {
+    exe: PathBuf,
+    args: Vec<OsString>,
+    sockets: Vec<(OwnedFd, &'static str)>,
+}
+
+impl Handover {
+    /// Read at start, before the executable can be replaced on disk (a
+    /// package upgrade), so that the successor is the new file at the same
+    /// path.
+    pub fn new(sockets: Vec<(OwnedFd, &'static str)>) -> io::Result<Handover> {
+        let exe = std::env::current_exe()?;
+        // A running binary replaced on disk reads as "... (deleted)".
+        let exe = match exe.to_str().and_then(|s| s.strip_suffix(" (deleted)")) {
+            Some(s) => PathBuf::from(s),
+            None => exe,
+        };
+        Ok(Handover {
+            exe,
+            args: std::env::args_os().skip(1).collect(),
+            sockets,
+        })
+    }
+
+    /// Starts the successor; `done` runs on a thread of its own with the
+    /// successor's pid once it accepts, or why it did not.
+    pub fn start(&self, done: impl FnOnce(Result<u32, String>) + Send + 'static) {
+        match self.spawn() {
+            Ok((mut child, ready)) => {
+                let _ = std::thread::Builder::new()
+                    .name("herald-restart".into())
+                    .spawn(move || {
+                        let result = wait_ready(ready);
+                        if result.is_err() {
+                            // Not left running half-started, nor as a zombie.
+                            let _ = child.kill();
+                            let _ = child.wait();
+                        }
+                        done(result.map(|()| child.id()))
+                    });
+            }
+            Err(e) => done(Err(format!("cannot start the new process: {e}"))),
+        }
+    }
+
+    fn spawn(&self) -> io::Result<(std::process::Child, OwnedFd)> {
+        let (ready_rd, ready_wr) = pipe()?;
+        let n = self.sockets.len();
+        // Descriptors the child gets, in order: the sockets at 3.., then the
+        // pipe's writing end.
+        let mut from: Vec<RawFd> = self.sockets.iter().map(|(fd, _)| fd.as_raw_fd()).collect();
+        from.push(ready_wr.as_raw_fd());
+        let mut parked = vec![0 as RawFd; from.len()];
+        let names: Vec<&str> = self.sockets.iter().map(|(_, name)| *name).collect();
+        let mut cmd = Command::new("/bin/sh");
+        // LISTEN_PID must be the successor's pid: the shell's, which exec keeps.
+        cmd.arg("-c")
+            .arg(r#"LISTEN_PID=$$ exec "$0" "$@""#)
+            .arg(&self.exe)
+            .args(&self.args)
+            .env("LISTEN_FDS", n.to_string())
+            .env("LISTEN_FDNAMES", names.join(":"))
+            .env("HERALD_READY_FD", (3 + n).to_string());
+        use std::os::unix::process::CommandExt;
+        // SAFETY: only fcntl and dup2 (async-signal-safe) between fork and
+        // exec, on descriptors this process owns; no allocation.
+        unsafe {
+            cmd.pre_exec(move || {
+                // Park every descriptor above the targets first, so that
+                // placing one never overwrites another not yet placed.
+                for (i, fd) in from.iter().enumerate() {
+                    parked[i] = libc::fcntl(*fd, libc::F_DUPFD, 1024);
+                    if parked[i] < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+                for (i, fd) in parked.iter().enumerate() {
+                    let target = 3 + i as RawFd;
+                    if libc::dup2(*fd, target) < 0 || libc::fcntl(target, libc::F_SETFD, 0) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn()?;
+        drop(ready_wr);
+        Ok((child, ready_rd))
+    }
+}
+
+/// Reads the successor's word on the pipe, within [`READY_WITHIN`].
+fn wait_ready(ready: OwnedFd) -> Result<(), String> {
+    let mut pfd = libc::pollfd {
+        fd: ready.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll on one valid descriptor.
+    let n = unsafe { libc::poll(&mut pfd, 1, READY_WITHIN.as_millis() as libc::c_int) };
+    if n <= 0 {
+        return Err(format!(
+            "the new process did not accept within {READY_WITHIN:?}"
+        ));
+    }
+    let mut word = [0u8; 16];
+    let got = std::fs::File::from(ready).read(&mut word).unwrap_or(0);
+    match &word[..got] {
+        b"ready\n" => Ok(()),
+        _ => Err("the new process exited before accepting (its log says why)".into()),
+    }
+}
+
+/// In a successor (`HERALD_READY_FD` set): tells the old process, and the
+/// service manager (the main pid is now this one), that it accepts.
+pub fn tell_ready() {
+    let Some(fd) = std::env::var("HERALD_READY_FD")
+        .ok()
+        .and_then(|v| v.parse::<RawFd>().ok())
+        .filter(|fd| *fd > 2 && is_pipe(*fd))
+    else {
+        return;
+    };
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::MainPid(std::process::id())]);
+    // SAFETY: the old process passed this descriptor for this process to own.
+    let pipe = unsafe { OwnedFd::from_raw_fd(fd) };
+    let _ = std::io::Write::write_all(&mut std::fs::File::from(pipe), b"ready\n");
+}
+
+/// Is `fd` an open pipe (not some descriptor a stray variable names)?
+fn is_pipe(fd: RawFd) -> bool {
+    // SAFETY: fstat writes into a zeroed stat of the right size.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    unsafe { libc::fstat(fd, &mut st) == 0 && (st.st_mode & libc::S_IFMT) == libc::S_IFIFO }
+}
+
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: pipe2 fills two descriptors this process then owns.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both were just created.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
