@@ -151,9 +151,11 @@ pub struct Worker {
     pub pending: RefCell<Pending>,
     /// Numbers this worker's connections for the authorizer's `connection_id`.
     next_connection: Cell<u64>,
-    /// Set once the worker stops accepting; the accept loops wait on it.
+    /// Set once the worker stops accepting; an accept loop ends after its
+    /// accept in flight.
     stopped: Cell<bool>,
-    stop_wakers: RefCell<Vec<std::task::Waker>>,
+    /// Accept loops still running.
+    pub accept_loops: Cell<usize>,
 }
 
 /// The closes the engine starts on its own, as this server writes them:
@@ -189,32 +191,20 @@ impl Worker {
             pending: RefCell::new(Pending::new(c.pending_per_worker())),
             next_connection: Cell::new(0),
             stopped: Cell::new(false),
-            stop_wakers: RefCell::new(Vec::new()),
+            accept_loops: Cell::new(0),
             shared,
         }
+    }
+
+    /// Has [`Worker::stop_accepting`] been called?
+    pub fn accepting_stopped_now(&self) -> bool {
+        self.stopped.get()
     }
 
     /// Stops this worker's accept loops (at shutdown, or when a successor
     /// takes over the listening sockets).
     pub fn stop_accepting(&self) {
         self.stopped.set(true);
-        for w in self.stop_wakers.take() {
-            w.wake();
-        }
-    }
-
-    /// Resolves once [`Worker::stop_accepting`] was called.
-    pub fn accepting_stopped(&self) -> impl std::future::Future<Output = ()> + '_ {
-        std::future::poll_fn(|cx| {
-            if self.stopped.get() {
-                return std::task::Poll::Ready(());
-            }
-            let mut wakers = self.stop_wakers.borrow_mut();
-            if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
-                wakers.push(cx.waker().clone());
-            }
-            std::task::Poll::Pending
-        })
     }
 
     /// A connection id unique in this process: `worker.sequence`.

@@ -19,6 +19,7 @@ pub mod router;
 
 use std::future::poll_fn;
 use std::io;
+use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -498,24 +499,22 @@ async fn worker_main(
     let worker = Rc::new(Worker::new(id, shared.clone()));
     let endpoints = crate::frontends::endpoints(id, &shared, frontends);
     let mut owned_fds = Vec::new();
-    for (listener, site) in sockets.main {
+    let mut addrs = Vec::new();
+    let all = sockets
+        .main
+        .into_iter()
+        .chain(sockets.metrics.map(|m| (m, Site::Metrics)));
+    for (listener, site) in all {
         let listener = TcpListener::from_std(listener)?;
         if !sockets.inherited {
             owned_fds.push(listener.as_raw_fd());
         }
+        addrs.extend(listener.local_addr().ok());
         monoio::spawn(accept_loop(
             worker.clone(),
             endpoints.clone(),
             listener,
             site,
-        ));
-    }
-    if let Some(m) = sockets.metrics {
-        monoio::spawn(accept_loop(
-            worker.clone(),
-            endpoints.clone(),
-            TcpListener::from_std(m)?,
-            Site::Metrics,
         ));
     }
     monoio::spawn(timer_loop(worker.clone(), endpoints));
@@ -541,13 +540,18 @@ async fn worker_main(
     // stay open, and the connections are closed a batch at a time.
     let handed_over = shared.handed_over.load(Ordering::Acquire);
     let timeout = shared.config.shutdown_timeout;
-    if !handed_over {
+    if handed_over || sockets.inherited {
+        // Shared sockets stay open: each accept in flight completes.
+        kick_accepts(&worker, &addrs).await;
+    } else {
         for fd in owned_fds {
             // SAFETY: the listener is owned by the accept task, still alive.
             unsafe {
                 libc::shutdown(fd, libc::SHUT_RD);
             }
         }
+    }
+    if !handed_over {
         worker.core.shard.borrow_mut().close_all(
             clock::now_ms() + timeout.as_millis() as u64,
             "server shutting down",
@@ -567,7 +571,17 @@ async fn worker_main(
         };
     // Keep draining the bus while connections close, so a publisher on
     // another core waiting for queue space is never stuck behind us.
-    let empty = poll_fn(|cx| worker.core.shard.borrow_mut().poll_empty(cx));
+    let empty = async {
+        loop {
+            poll_fn(|cx| worker.core.shard.borrow_mut().poll_empty(cx)).await;
+            // After a handover, the connections accepted last may still be
+            // in their handshake: they are served (and drained) too.
+            if !handed_over || worker.pending.borrow().is_empty() {
+                break;
+            }
+            monoio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
     let drain = async {
         loop {
             worker.core.wait_for_messages().await;
@@ -585,6 +599,32 @@ async fn worker_main(
     };
     let _ = monoio::time::timeout(limit + Duration::from_millis(500), closed).await;
     Ok(())
+}
+
+/// Completes the accepts still in flight on shared sockets (a cancelled
+/// one could lose a connection the kernel already handed over): connects
+/// to each socket until every accept loop of this worker has ended. A
+/// connection it makes is served like any other (it sends nothing and
+/// closes), here or by the process the sockets are shared with.
+async fn kick_accepts(worker: &Worker, addrs: &[SocketAddr]) {
+    let started = std::time::Instant::now();
+    while worker.accept_loops.get() > 0 && started.elapsed() < Duration::from_secs(2) {
+        for addr in addrs {
+            let mut to = *addr;
+            if to.ip().is_unspecified() {
+                to.set_ip(match to {
+                    SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                    SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+                });
+            }
+            let _ = monoio::time::timeout(
+                Duration::from_millis(100),
+                monoio::net::TcpStream::connect(to),
+            )
+            .await;
+        }
+        monoio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// A restart's drain: closes this worker's connections with their
@@ -615,18 +655,19 @@ async fn drain_spread(worker: &Worker) {
     }
 }
 
+/// Accepts until the worker stops accepting. An accept in flight is
+/// never cancelled: with io_uring the kernel may already have taken a
+/// connection off the queue, which a cancelled accept would lose (reset
+/// at exit). So the loop stops after its accept completes: with an error
+/// on a socket of its own that was shut down, or with a connection (a
+/// real one, served like any other, or [`kick_accepts`]'s).
 async fn accept_loop(worker: Rc<Worker>, endpoints: Endpoints, listener: TcpListener, site: Site) {
     let mut last_warning = 0;
+    worker.accept_loops.set(worker.accept_loops.get() + 1);
     loop {
-        let accepted = monoio::select! {
-            a = listener.accept() => a,
-            _ = worker.accepting_stopped() => break,
-        };
+        let accepted = listener.accept().await;
         match accepted {
             Ok((stream, peer)) => {
-                if worker.shared.is_shutting_down() {
-                    break;
-                }
                 let _ = stream.set_nodelay(true);
                 monoio::spawn(router::serve(
                     worker.clone(),
@@ -635,9 +676,12 @@ async fn accept_loop(worker: Rc<Worker>, endpoints: Endpoints, listener: TcpList
                     peer,
                     site,
                 ));
+                if worker.accepting_stopped_now() {
+                    break;
+                }
             }
             Err(e) => {
-                if worker.shared.is_shutting_down() {
+                if worker.accepting_stopped_now() || worker.shared.is_shutting_down() {
                     break;
                 }
                 let now = clock::now_ms();
@@ -655,6 +699,7 @@ async fn accept_loop(worker: Rc<Worker>, endpoints: Endpoints, listener: TcpList
             }
         }
     }
+    worker.accept_loops.set(worker.accept_loops.get() - 1);
 }
 
 /// Runs the shard's timers (token expiry, close deadlines) every 100 ms,
