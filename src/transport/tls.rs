@@ -319,10 +319,10 @@ impl Session {
         Ok(out)
     }
 
-    /// Takes back a written record buffer for the next write (a large one
-    /// is dropped, so an idle connection keeps little).
+    /// Takes back a written record buffer for the next write (one larger
+    /// than a few records is dropped: an idle connection keeps little).
     pub fn recycle(&self, mut out: Vec<u8>) {
-        if out.capacity() <= 64 * 1024 {
+        if out.capacity() <= 4 * 1024 {
             out.clear();
             *self.out.borrow_mut() = out;
         }
