@@ -1265,6 +1265,40 @@ mod tests {
         assert!(s.is_empty());
     }
 
+    /// A restart's drain closes a batch at a time, each connection with
+    /// the code its front-end restarts with, and says when it opened and
+    /// how it ended.
+    #[test]
+    fn close_some_closes_a_batch_with_restart_codes() {
+        let mut s = shard(1 << 20);
+        let interest = Interest::new();
+        set_clock(10_000);
+        let native: Vec<(usize, u64)> = (0..3).map(|i| s.open(i, ENC, 1001)).collect();
+        let pusher = s.open(9, ENC, 4200);
+        let restart = |c: u16| if c == 1001 { 1012 } else { c };
+        assert_eq!(s.close_some(2, restart, "restarting", 20_000), 2);
+        let closing = |s: &Shard| s.conns.iter().filter(|(_, c)| c.is_closing()).count();
+        assert_eq!(closing(&s), 2);
+        // The rest, and no connection twice.
+        assert_eq!(s.close_some(usize::MAX, restart, "restarting", 20_000), 2);
+        assert_eq!(s.close_some(usize::MAX, restart, "restarting", 20_000), 0);
+        set_clock(12_340);
+        let (key, gen) = native[0];
+        assert_eq!(
+            drain(&mut s, key, gen),
+            vec![close_frame(Some(1012), "restarting")]
+        );
+        let closed = s.remove(key, gen, &interest).unwrap();
+        assert_eq!(closed.code, 1012);
+        assert_eq!(closed.lasted, Duration::from_millis(2_340));
+        assert_eq!(
+            drain(&mut s, pusher.0, pusher.1),
+            vec![close_frame(Some(4200), "restarting")]
+        );
+        assert_eq!(s.remove(pusher.0, pusher.1, &interest).unwrap().code, 4200);
+        assert_eq!(s.connection_count(), 2);
+    }
+
     #[test]
     fn a_connection_record_stays_small() {
         assert!(
