@@ -36,6 +36,9 @@ pub struct Shared {
     /// A restart's new process took over the listening sockets: stopping
     /// means draining ([`restart_code`]), and the sockets stay open.
     pub handed_over: AtomicBool,
+    /// Over how many milliseconds a restart's drain closes connections
+    /// (DRAIN_SECONDS; 0 when the successor waits for the history file).
+    pub drain_ms: std::sync::atomic::AtomicU64,
 }
 
 /// The code a connection is closed with when its server restarts, given
@@ -105,6 +108,7 @@ impl Shared {
             shutdown: AtomicBool::new(false),
             tls: std::sync::OnceLock::new(),
             handed_over: AtomicBool::new(false),
+            drain_ms: std::sync::atomic::AtomicU64::new(config.drain_seconds.as_millis() as u64),
             config,
         })
     }

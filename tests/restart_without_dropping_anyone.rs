@@ -11,6 +11,8 @@ mod broker;
 mod common;
 #[path = "common/python.rs"]
 mod python;
+#[path = "common/tls.rs"]
+mod tls;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
@@ -25,6 +27,7 @@ use serde_json::Value;
 struct Successor(u32);
 
 impl Successor {
+    /// The successor's pid, from the old process's log.
     fn of(server: &Server) -> Successor {
         wait_for("the new process to accept", || {
             server.log().contains("the new process (")
@@ -180,26 +183,75 @@ fn pusher_js_is_back_within_two_seconds() {
 
 #[test]
 fn a_new_process_that_cannot_start_leaves_the_old_one_serving() {
-    // The history file is the old process's until it stops: a second
-    // process cannot open it, and the restart is given up.
-    let dir = std::env::temp_dir().join(format!("herald-restart-hd-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    // The certificate's key went away since the start: the new process
+    // cannot load it, and the restart is given up.
+    let ca = tls::TestCa::new();
+    let dir = tls::TempDir::new("restart-tls");
+    let (cert, key) = (dir.0.join("cert.pem"), dir.0.join("key.pem"));
+    std::fs::write(&cert, &ca.cert_pem).unwrap();
+    std::fs::write(&key, &ca.key_pem).unwrap();
     let old = Server::start(&[
-        ("HISTORY", "news=10/1m"),
-        ("HISTORY_DIR", dir.to_str().unwrap()),
+        ("TLS_CERT", cert.to_str().unwrap()),
+        ("TLS_KEY", key.to_str().unwrap()),
+        ("TLS_PORT", "0"),
     ]);
     let mut c = Client::connect(&old, "/ws");
     c.subscribe("news");
+    std::fs::remove_file(&key).unwrap();
     old.signal(libc::SIGUSR2);
     wait_for("the restart to be given up", || {
         old.log().contains("restart given up")
     });
-    assert!(old.log().contains("HISTORY_DIR"), "{}", old.log());
+    assert!(old.log().contains("TLS_KEY"), "{}", old.log());
     // Still serving, and the subscriber still subscribed.
     let mut p = Client::connect(&old, "/ws");
-    p.send_json(serde_json::json!({"op":"publish","channel":"news","data":"still here"}));
+    p.publish("news", serde_json::json!("still here"));
     let m = c.next_json("a message after the failed restart");
     assert_eq!(m["data"], "still here");
+}
+
+#[test]
+fn a_restart_with_history_on_disk_hands_the_file_over() {
+    // HISTORY_DIR's file is held by one process at a time: the old one
+    // closes everyone at once and exits, the new one opens the file and
+    // accepts; connections made meanwhile wait, and the history (epoch
+    // and offsets) goes on.
+    let dir = std::env::temp_dir().join(format!("herald-restart-hd-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut old = Server::start(&[
+        ("HISTORY", "news=100/1h"),
+        ("HISTORY_DIR", dir.to_str().unwrap()),
+    ]);
+    let mut c = Client::connect(&old, "/ws");
+    c.send_json(serde_json::json!({"op":"subscribe","channel":"news","id":"s"}));
+    let first = c.next_json("subscribed");
+    let epoch = first["epoch"].as_str().unwrap().to_string();
+    let mut p = Client::connect(&old, "/ws");
+    for n in 1..=3 {
+        p.send_json(serde_json::json!({"op":"publish","channel":"news","data":n,"id":"p"}));
+        assert_eq!(p.next_json("ack")["offset"], n);
+    }
+    for n in 1..=3 {
+        assert_eq!(c.next_json("message")["offset"], n);
+    }
+    old.signal(libc::SIGUSR2);
+    let (code, _) = c.expect_close();
+    assert_eq!(code, 1012);
+    let _ = c.ws.flush();
+    let _successor = Successor::of(&old);
+    assert!(old.wait_exit(Duration::from_secs(15)).success());
+    // The new process may not accept yet: this waits in the queue.
+    let mut back = Client::connect(&old, "/ws");
+    let mut p = Client::connect(&old, "/ws");
+    p.send_json(serde_json::json!({"op":"publish","channel":"news","data":4,"id":"p"}));
+    assert_eq!(p.next_json("ack")["offset"], 4, "offsets go on");
+    back.send_json(
+        serde_json::json!({"op":"subscribe","channel":"news","id":"s",
+                                      "since":{"epoch":epoch,"offset":3}}),
+    );
+    let v = back.next_json("subscribed");
+    assert_eq!(v["recovered"], true, "{v}");
+    assert_eq!(v["epoch"], epoch.as_str());
+    assert_eq!(back.next_json("the missed message")["offset"], 4);
     let _ = std::fs::remove_dir_all(&dir);
 }

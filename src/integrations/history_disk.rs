@@ -62,6 +62,9 @@ pub enum DiskError {
     Dir(PathBuf, std::io::Error),
     #[error("HISTORY_DIR {0}: {1}")]
     Db(PathBuf, String),
+    /// Another process has the file open (a restart's old process).
+    #[error("HISTORY_DIR {0}: the history file is open in another process")]
+    Locked(PathBuf),
 }
 
 struct Append {
@@ -167,7 +170,13 @@ impl HistoryDisk {
         metrics: &Metrics,
     ) -> Result<(Arc<HistoryDisk>, Vec<Vec<Restored>>), DiskError> {
         std::fs::create_dir_all(dir).map_err(|e| DiskError::Dir(dir.to_path_buf(), e))?;
-        let db = Database::create(dir.join("history.redb")).map_err(|e| db_err(dir, e))?;
+        let db = match Database::create(dir.join("history.redb")) {
+            Ok(db) => db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(DiskError::Locked(dir.to_path_buf()))
+            }
+            Err(e) => return Err(db_err(dir, e)),
+        };
         let unix_now = crate::clock::unix_ms();
         let mut restored: Vec<Vec<Restored>> = (0..cores).map(|_| Vec::new()).collect();
         // Read back, and mark the file as in use (not clean) before the

@@ -37,7 +37,7 @@ use crate::engine::history::HistorySink;
 use crate::engine::message::route_hash;
 use crate::frontends::{FrontEnds, Loaded};
 use crate::integrations::cluster::Cluster;
-use crate::integrations::history_disk::HistoryDisk;
+use crate::integrations::history_disk::{DiskError, HistoryDisk};
 use crate::integrations::metrics::Metrics;
 use crate::worker::{Shared, Worker};
 use router::{Endpoints, Site};
@@ -75,6 +75,9 @@ enum Event {
     Restart,
     /// The successor (this pid) accepts: drain and exit.
     HandedOver(u32),
+    /// The successor waits for the history file: close everything now and
+    /// exit, releasing it.
+    ReleaseHistory(u32),
     RestartFailed(String),
     Exited(usize, Result<(), String>),
 }
@@ -114,16 +117,31 @@ pub fn run(mut config: Config, loaded: impl Into<Loaded>) -> Result<(), ServerEr
     let frontends = Arc::new(FrontEnds::new(&config, loaded, &metrics));
     let disk = match &config.history_dir {
         Some(dir) => {
-            let (disk, restored) = HistoryDisk::open(
-                dir,
-                &config.history,
-                clock::now_ms(),
-                workers,
-                |key| owner_of(route_hash(key), workers),
-                crate::frontends::native::protocol::reoffset,
-                &metrics,
-            )
-            .map_err(ServerError::History)?;
+            let open = || {
+                HistoryDisk::open(
+                    dir,
+                    &config.history,
+                    clock::now_ms(),
+                    workers,
+                    |key| owner_of(route_hash(key), workers),
+                    crate::frontends::native::protocol::reoffset,
+                    &metrics,
+                )
+            };
+            let mut opened = open();
+            // A restart's successor: the old process holds the file until
+            // it has closed its connections and exits.
+            if matches!(opened, Err(DiskError::Locked(_))) && restart::is_successor() {
+                restart::ask_for_history();
+                let until = std::time::Instant::now() + Duration::from_secs(60);
+                while matches!(opened, Err(DiskError::Locked(_)))
+                    && std::time::Instant::now() < until
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                    opened = open();
+                }
+            }
+            let (disk, restored) = opened.map_err(ServerError::History)?;
             Some((disk, restored))
         }
         None => None,
@@ -272,16 +290,29 @@ pub fn run(mut config: Config, loaded: impl Into<Loaded>) -> Result<(), ServerEr
                 restarting = true;
                 tracing::info!("SIGUSR2: starting the new process");
                 let tx = tx.clone();
-                handover.start(move |r| {
-                    let _ = tx.send(match r {
-                        Ok(pid) => Event::HandedOver(pid),
-                        Err(why) => Event::RestartFailed(why),
+                handover.start(move |step| {
+                    let _ = tx.send(match step {
+                        restart::Step::History(pid) => Event::ReleaseHistory(pid),
+                        restart::Step::Ready(pid) => Event::HandedOver(pid),
+                        restart::Step::Failed(why) => Event::RestartFailed(why),
                     });
                 });
             }
             Event::RestartFailed(why) => {
                 restarting = false;
                 tracing::error!("restart given up, this process keeps serving: {why}");
+            }
+            Event::ReleaseHistory(pid) => {
+                tracing::info!(
+                    "the new process ({pid}) waits for HISTORY_DIR's file, which one process holds at a time: closing every connection now and exiting"
+                );
+                shared
+                    .drain_ms
+                    .store(0, std::sync::atomic::Ordering::Release);
+                shared
+                    .handed_over
+                    .store(true, std::sync::atomic::Ordering::Release);
+                break;
             }
             Event::HandedOver(pid) => {
                 tracing::info!(
@@ -318,7 +349,13 @@ pub fn run(mut config: Config, loaded: impl Into<Loaded>) -> Result<(), ServerEr
                 tracing::warn!("second signal: exiting now");
                 std::process::exit(1);
             }
-            Ok(Event::Ready | Event::Restart | Event::HandedOver(_) | Event::RestartFailed(_)) => {}
+            Ok(
+                Event::Ready
+                | Event::Restart
+                | Event::HandedOver(_)
+                | Event::ReleaseHistory(_)
+                | Event::RestartFailed(_),
+            ) => {}
             Err(_) => {
                 tracing::warn!("shutdown timed out with {running} worker(s) still draining");
                 break;
@@ -639,7 +676,11 @@ async fn drain_spread(worker: &Worker) {
     let start = std::time::Instant::now();
     let mut closed = 0;
     loop {
-        let part = (start.elapsed().as_secs_f64() / config.drain_seconds.as_secs_f64()).min(1.0);
+        let drain = worker.shared.drain_ms.load(Ordering::Acquire) as f64 / 1000.0;
+        let part = match drain > 0.0 {
+            true => (start.elapsed().as_secs_f64() / drain).min(1.0),
+            false => 1.0,
+        };
         let target = (total as f64 * part).ceil() as usize;
         let close = match part < 1.0 {
             true => target.saturating_sub(closed),

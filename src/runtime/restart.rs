@@ -3,7 +3,11 @@
 //! hands it its listening sockets as a service manager would
 //! (`LISTEN_FDS`, `LISTEN_FDNAMES`); the successor says on a pipe
 //! (`HERALD_READY_FD`) once every worker accepts; only then does the old
-//! process stop accepting and drain.
+//! process stop accepting and drain. With `HISTORY_DIR`, which one process
+//! at a time may hold, the successor first says it waits for the history
+//! file: the old process then closes every connection at once and exits,
+//! and the successor opens the file and accepts (connections wait in the
+//! sockets' queue meanwhile).
 //!
 //! Why inheritance rather than binding again with SO_REUSEPORT: both
 //! processes accept from the very same sockets, so there is no moment when
@@ -12,7 +16,7 @@
 //! socket activation does, so one code path serves both.
 
 use std::ffi::OsString;
-use std::io::{self, Read};
+use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::process::Command;
@@ -20,6 +24,16 @@ use std::time::Duration;
 
 /// How long a successor may take to accept before the restart is given up.
 const READY_WITHIN: Duration = Duration::from_secs(60);
+
+/// What the successor said.
+pub enum Step {
+    /// It (this pid) waits for the history file (`HISTORY_DIR`): release it.
+    History(u32),
+    /// It accepts (its pid).
+    Ready(u32),
+    /// It did not come up.
+    Failed(String),
+}
 
 /// What a restart needs: this process's command line and a copy of each
 /// listening socket with its name (`main`, `tls`, `metrics`).
@@ -47,24 +61,30 @@ impl Handover {
         })
     }
 
-    /// Starts the successor; `done` runs on a thread of its own with the
-    /// successor's pid once it accepts, or why it did not.
-    pub fn start(&self, done: impl FnOnce(Result<u32, String>) + Send + 'static) {
+    /// Starts the successor; `tell` runs on a thread of its own with each
+    /// [`Step`] it takes.
+    pub fn start(&self, tell: impl Fn(Step) + Send + 'static) {
         match self.spawn() {
             Ok((mut child, ready)) => {
                 let _ = std::thread::Builder::new()
                     .name("herald-restart".into())
                     .spawn(move || {
-                        let result = wait_ready(ready);
-                        if result.is_err() {
-                            // Not left running half-started, nor as a zombie.
-                            let _ = child.kill();
-                            let _ = child.wait();
+                        let mut words = std::io::BufReader::new(std::fs::File::from(ready));
+                        loop {
+                            match next_word(&mut words) {
+                                Ok(Word::History) => tell(Step::History(child.id())),
+                                Ok(Word::Ready) => return tell(Step::Ready(child.id())),
+                                Err(why) => {
+                                    // Not left running half-started, nor as a zombie.
+                                    let _ = child.kill();
+                                    let _ = child.wait();
+                                    return tell(Step::Failed(why));
+                                }
+                            }
                         }
-                        done(result.map(|()| child.id()))
                     });
             }
-            Err(e) => done(Err(format!("cannot start the new process: {e}"))),
+            Err(e) => tell(Step::Failed(format!("cannot start the new process: {e}"))),
         }
     }
 
@@ -114,42 +134,74 @@ impl Handover {
     }
 }
 
-/// Reads the successor's word on the pipe, within [`READY_WITHIN`].
-fn wait_ready(ready: OwnedFd) -> Result<(), String> {
-    let mut pfd = libc::pollfd {
-        fd: ready.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: poll on one valid descriptor.
-    let n = unsafe { libc::poll(&mut pfd, 1, READY_WITHIN.as_millis() as libc::c_int) };
-    if n <= 0 {
-        return Err(format!(
-            "the new process did not accept within {READY_WITHIN:?}"
-        ));
+enum Word {
+    History,
+    Ready,
+}
+
+/// The successor's next word on the pipe, within [`READY_WITHIN`].
+fn next_word(pipe: &mut std::io::BufReader<std::fs::File>) -> Result<Word, String> {
+    use std::io::BufRead;
+    if pipe.buffer().is_empty() {
+        let mut pfd = libc::pollfd {
+            fd: pipe.get_ref().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll on one valid descriptor.
+        let n = unsafe { libc::poll(&mut pfd, 1, READY_WITHIN.as_millis() as libc::c_int) };
+        if n <= 0 {
+            return Err(format!(
+                "the new process did not accept within {READY_WITHIN:?}"
+            ));
+        }
     }
-    let mut word = [0u8; 16];
-    let got = std::fs::File::from(ready).read(&mut word).unwrap_or(0);
-    match &word[..got] {
-        b"ready\n" => Ok(()),
+    let mut line = String::new();
+    let _ = pipe.read_line(&mut line);
+    match line.as_str() {
+        "history\n" => Ok(Word::History),
+        "ready\n" => Ok(Word::Ready),
         _ => Err("the new process exited before accepting (its log says why)".into()),
     }
 }
 
-/// In a successor (`HERALD_READY_FD` set): tells the old process, and the
-/// service manager (the main pid is now this one), that it accepts.
+/// The pipe to the old process, in a successor (`HERALD_READY_FD`).
+fn to_old() -> &'static std::sync::Mutex<Option<std::fs::File>> {
+    static PIPE: std::sync::OnceLock<std::sync::Mutex<Option<std::fs::File>>> =
+        std::sync::OnceLock::new();
+    PIPE.get_or_init(|| {
+        let fd = std::env::var("HERALD_READY_FD")
+            .ok()
+            .and_then(|v| v.parse::<RawFd>().ok())
+            .filter(|fd| *fd > 2 && is_pipe(*fd));
+        // SAFETY: the old process passed this descriptor for this process
+        // to own; taken once.
+        std::sync::Mutex::new(fd.map(|fd| std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) })))
+    })
+}
+
+/// Is this process a restart's successor?
+pub fn is_successor() -> bool {
+    to_old().lock().is_ok_and(|p| p.is_some())
+}
+
+/// In a successor: asks the old process to release the history file.
+pub fn ask_for_history() {
+    if let Ok(mut p) = to_old().lock() {
+        if let Some(f) = p.as_mut() {
+            let _ = std::io::Write::write_all(f, b"history\n");
+        }
+    }
+}
+
+/// In a successor: tells the old process, and the service manager (the
+/// main pid is now this one), that it accepts.
 pub fn tell_ready() {
-    let Some(fd) = std::env::var("HERALD_READY_FD")
-        .ok()
-        .and_then(|v| v.parse::<RawFd>().ok())
-        .filter(|fd| *fd > 2 && is_pipe(*fd))
-    else {
+    let Some(mut pipe) = to_old().lock().ok().and_then(|mut p| p.take()) else {
         return;
     };
     let _ = sd_notify::notify(&[sd_notify::NotifyState::MainPid(std::process::id())]);
-    // SAFETY: the old process passed this descriptor for this process to own.
-    let pipe = unsafe { OwnedFd::from_raw_fd(fd) };
-    let _ = std::io::Write::write_all(&mut std::fs::File::from(pipe), b"ready\n");
+    let _ = std::io::Write::write_all(&mut pipe, b"ready\n");
 }
 
 /// Is `fd` an open pipe (not some descriptor a stray variable names)?
