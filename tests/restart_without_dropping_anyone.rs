@@ -218,9 +218,17 @@ fn a_restart_with_history_on_disk_hands_the_file_over() {
     // and offsets) goes on.
     let dir = std::env::temp_dir().join(format!("herald-restart-hd-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    // systemd's side: the main pid must move to the new process before the
+    // old one exits, or its exit would end the service.
+    let notify_path = dir.join("notify.sock");
+    let manager = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    manager.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let history_dir = dir.join("history");
     let mut old = Server::start(&[
         ("HISTORY", "news=100/1h"),
-        ("HISTORY_DIR", dir.to_str().unwrap()),
+        ("HISTORY_DIR", history_dir.to_str().unwrap()),
+        ("NOTIFY_SOCKET", notify_path.to_str().unwrap()),
     ]);
     let mut c = Client::connect(&old, "/ws");
     c.send_json(serde_json::json!({"op":"subscribe","channel":"news","id":"s"}));
@@ -238,8 +246,26 @@ fn a_restart_with_history_on_disk_hands_the_file_over() {
     let (code, _) = c.expect_close();
     assert_eq!(code, 1012);
     let _ = c.ws.flush();
-    let _successor = Successor::of(&old);
+    let successor = Successor::of(&old);
     assert!(old.wait_exit(Duration::from_secs(15)).success());
+    // What the manager heard: READY=1 (the old process at start), then
+    // MAINPID from the old process (before it exits), then the new one's
+    // MAINPID and READY=1 (it can only be ready once the old one is gone).
+    let said_main = format!("MAINPID={}\n", successor.0);
+    let (mut readies, mut mains) = (0, 0);
+    let mut buf = [0u8; 128];
+    while readies < 2 {
+        let n = manager.recv(&mut buf).expect("the new process's READY=1");
+        match &buf[..n] {
+            b"READY=1\n" => readies += 1,
+            m if m == said_main.as_bytes() => mains += 1,
+            _ => {}
+        }
+    }
+    assert_eq!(
+        mains, 2,
+        "the old process named the new main pid, then the new one did"
+    );
     // The new process may not accept yet: this waits in the queue.
     let mut back = Client::connect(&old, "/ws");
     let mut p = Client::connect(&old, "/ws");

@@ -306,6 +306,10 @@ pub fn run(mut config: Config, loaded: impl Into<Loaded>) -> Result<(), ServerEr
                 tracing::info!(
                     "the new process ({pid}) waits for HISTORY_DIR's file, which one process holds at a time: closing every connection now and exiting"
                 );
+                // It will tell systemd it is ready only after this process
+                // is gone: say now that it is the main process, so that
+                // this one's exit does not end the service.
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::MainPid(pid)]);
                 shared
                     .drain_ms
                     .store(0, std::sync::atomic::Ordering::Release);
