@@ -125,6 +125,12 @@ impl Shared {
         self.shutdown.load(Ordering::Acquire)
     }
 
+    /// Over how long a restart's drain closes connections: DRAIN_SECONDS,
+    /// or nothing when the successor waits for the history file.
+    pub fn drain(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.drain_ms.load(Ordering::Acquire))
+    }
+
     /// Reserves one WebSocket connection slot; false at MAX_CONNECTIONS.
     pub fn try_reserve_connection(&self) -> bool {
         let max = self.config.max_connections;

@@ -257,7 +257,6 @@ pub fn run(mut config: Config, loaded: impl Into<Loaded>) -> Result<(), ServerEr
     let mut ready = 0;
     let mut failure = None;
     let mut restarting = false;
-    let drain = shared.config.drain_seconds;
     while let Ok(ev) = rx.recv() {
         match ev {
             Event::Ready => {
@@ -310,22 +309,16 @@ pub fn run(mut config: Config, loaded: impl Into<Loaded>) -> Result<(), ServerEr
                 // is gone: say now that it is the main process, so that
                 // this one's exit does not end the service.
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::MainPid(pid)]);
-                shared
-                    .drain_ms
-                    .store(0, std::sync::atomic::Ordering::Release);
-                shared
-                    .handed_over
-                    .store(true, std::sync::atomic::Ordering::Release);
+                shared.drain_ms.store(0, Ordering::Release);
+                shared.handed_over.store(true, Ordering::Release);
                 break;
             }
             Event::HandedOver(pid) => {
                 tracing::info!(
                     "the new process ({pid}) accepts: closing connections over {:?} (DRAIN_SECONDS)",
-                    drain
+                    shared.drain()
                 );
-                shared
-                    .handed_over
-                    .store(true, std::sync::atomic::Ordering::Release);
+                shared.handed_over.store(true, Ordering::Release);
                 break;
             }
             Event::Exited(id, res) => {
@@ -337,12 +330,14 @@ pub fn run(mut config: Config, loaded: impl Into<Loaded>) -> Result<(), ServerEr
         }
     }
     shared.begin_shutdown();
-    let draining = shared
-        .handed_over
-        .load(std::sync::atomic::Ordering::Acquire);
+    let draining = shared.handed_over.load(Ordering::Acquire);
     let deadline = std::time::Instant::now()
         + shutdown_timeout
-        + if draining { drain } else { Duration::ZERO }
+        + if draining {
+            shared.drain()
+        } else {
+            Duration::ZERO
+        }
         + Duration::from_secs(1);
     let mut running = workers - usize::from(failure.is_some());
     while running > 0 {
@@ -606,7 +601,7 @@ async fn worker_main(
     };
     let limit = timeout
         + if handed_over {
-            shared.config.drain_seconds
+            shared.drain()
         } else {
             Duration::ZERO
         };
@@ -680,7 +675,7 @@ async fn drain_spread(worker: &Worker) {
     let start = std::time::Instant::now();
     let mut closed = 0;
     loop {
-        let drain = worker.shared.drain_ms.load(Ordering::Acquire) as f64 / 1000.0;
+        let drain = worker.shared.drain().as_secs_f64();
         let part = match drain > 0.0 {
             true => (start.elapsed().as_secs_f64() / drain).min(1.0),
             false => 1.0,
