@@ -166,11 +166,7 @@ fn pusher_js_is_back_within_two_seconds() {
         .read_to_string(&mut err)
         .unwrap();
     assert!(status.success(), "restart.js: {err}\n{rest}");
-    let result: Value = rest
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find_map(|v| v.get("result").cloned())
-        .unwrap();
+    let result = script_result(&rest);
     assert!(result["back_ms"].as_u64().unwrap() < 2000, "{result}");
     // It went away (4200) and came back.
     let states = result["states"].as_array().unwrap();

@@ -161,11 +161,7 @@ fn pusher_js_with_force_tls_and_the_node_library_over_https() {
         .read_to_string(&mut err)
         .unwrap();
     assert!(status.success(), "public.js over TLS: {err}\n{out}");
-    let result: Value = out
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find_map(|v| v.get("result").cloned())
-        .unwrap_or_else(|| panic!("no result line: {out}"));
+    let result = script_result(&out);
     assert_eq!(
         result["greeting"][0],
         serde_json::json!({"hello": "world"}),

@@ -435,6 +435,15 @@ pub fn rss_bytes(pid: u32) -> f64 {
     kib * 1024.0
 }
 
+/// The `{"result": ...}` line a tests/js script ends with (tests/js/lib.js).
+pub fn script_result(stdout: &str) -> Value {
+    stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find_map(|v| v.get("result").cloned())
+        .unwrap_or_else(|| panic!("no result line in: {stdout}"))
+}
+
 /// A free loopback port (bound, then released for a server to take).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
