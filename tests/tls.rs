@@ -440,3 +440,33 @@ fn a_backlog_written_in_large_batches_arrives_whole_and_in_order() {
         assert_eq!(d, format!("{n}:{data}"), "message {n}");
     }
 }
+
+#[test]
+fn a_client_coming_back_resumes_its_session_on_any_worker() {
+    // Stateless tickets: a returning client skips the key exchange,
+    // whichever worker accepts it (several tries land on both).
+    let f = files();
+    let server = start(&f, &[]);
+    let python = python::python_with("websockets.asyncio.client", "websockets>=13,<16");
+    let script = "import socket, ssl, sys\n\
+        ctx = ssl.create_default_context(cafile=sys.argv[2])\n\
+        def get(session=None):\n\
+        \x20   s = ctx.wrap_socket(socket.create_connection(('127.0.0.1', int(sys.argv[1]))), server_hostname='localhost', session=session)\n\
+        \x20   s.sendall(b'GET /health HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n')\n\
+        \x20   assert s.recv(4096).startswith(b'HTTP/1.1 200')\n\
+        \x20   r = (s.session, s.session_reused)\n\
+        \x20   s.close()\n\
+        \x20   return r\n\
+        session, reused = get()\n\
+        assert not reused\n\
+        print(sum(get(session)[1] for _ in range(8)))\n";
+    let out = Command::new(&python)
+        .args(["-c", script])
+        .arg(server.addr.port().to_string())
+        .arg(&f.ca.ca_file)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "8", "{err}");
+}
