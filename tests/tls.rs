@@ -470,3 +470,42 @@ fn a_client_coming_back_resumes_its_session_on_any_worker() {
     assert!(out.status.success(), "{err}");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "8", "{err}");
 }
+
+#[test]
+fn an_https_publish_with_a_large_body_arrives_whole() {
+    // The request may come in the handshake's last flight: what rustls
+    // does not take at once waits in the session, nothing is dropped.
+    let f = files();
+    let server = start(&f, &[]);
+    let mut sub = tls_client(server.addr, &f.ca);
+    sub.send(tungstenite::Message::text(
+        r#"{"op":"subscribe","channel":"big","id":"s"}"#,
+    ))
+    .unwrap();
+    assert!(sub
+        .read()
+        .unwrap()
+        .to_text()
+        .unwrap()
+        .contains("subscribed"));
+    let data = "b".repeat(40_000);
+    let body = f._dir.0.join("body.json");
+    std::fs::write(&body, format!(r#"{{"channel":"big","data":"{data}"}}"#)).unwrap();
+    let ca = f.ca.ca_file.to_str().unwrap();
+    let url = format!("https://localhost:{}/publish", server.addr.port());
+    let at_body = format!("@{}", body.display());
+    let (code, answer) = curl(&[
+        "--cacert",
+        ca,
+        "-H",
+        "Content-Type: application/json",
+        "--data-binary",
+        &at_body,
+        &url,
+    ]);
+    assert_eq!(code, 0);
+    assert!(answer.contains("\"ok\":true"), "{answer}");
+    let m = sub.read().unwrap();
+    let v: Value = serde_json::from_str(m.to_text().unwrap()).unwrap();
+    assert_eq!(v["data"].as_str().map(str::len), Some(40_000));
+}

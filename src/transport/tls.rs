@@ -147,6 +147,9 @@ pub async fn accept(tcp: &mut TcpStream, config: Arc<ServerConfig>) -> Result<Se
     let mut conn = ServerConnection::new(config).map_err(|e| TlsError::Handshake(e.to_string()))?;
     let mut raw = vec![0u8; 16 * 1024];
     let mut first = true;
+    // What arrived after the handshake (the start of the request) and
+    // rustls did not take yet: the session's first bytes to decrypt.
+    let mut after = Vec::new();
     while conn.is_handshaking() {
         if conn.wants_write() {
             flush(tcp, &mut conn).await?;
@@ -169,11 +172,13 @@ pub async fn accept(tcp: &mut TcpStream, config: Arc<ServerConfig>) -> Result<Se
             return Err(TlsError::PlainHttp);
         }
         first = false;
-        if let Err(e) = feed(&mut conn, &raw[..n]) {
+        let mut data = &raw[..n];
+        if let Err(e) = feed_some(&mut conn, &mut data) {
             // The alert tells the client why.
             let _ = flush(tcp, &mut conn).await;
             return Err(TlsError::Handshake(e.to_string()));
         }
+        after.extend_from_slice(data);
     }
     flush(tcp, &mut conn).await?;
     // A write's records are taken out at once (`seal`): rustls need not
@@ -181,23 +186,9 @@ pub async fn accept(tcp: &mut TcpStream, config: Arc<ServerConfig>) -> Result<Se
     conn.set_buffer_limit(None);
     Ok(Session {
         conn: RefCell::new(conn),
-        raw: RefCell::new(Vec::new()),
+        raw: RefCell::new(after),
         out: RefCell::new(Vec::new()),
     })
-}
-
-/// Hands received records to rustls and decrypts them (all of `raw`: the
-/// handshake's records are small and few).
-fn feed(conn: &mut ServerConnection, mut raw: &[u8]) -> Result<(), rustls::Error> {
-    while !raw.is_empty() {
-        match conn.read_tls(&mut raw) {
-            Ok(0) => break,
-            Ok(_) => {}
-            Err(e) => return Err(rustls::Error::General(e.to_string())),
-        }
-        conn.process_new_packets()?;
-    }
-    Ok(())
 }
 
 /// Hands records from the front of `data` to rustls until it has
