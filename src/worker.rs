@@ -39,6 +39,9 @@ pub struct Shared {
     /// Over how many milliseconds a restart's drain closes connections
     /// (DRAIN_SECONDS; 0 when the successor waits for the history file).
     pub drain_ms: std::sync::atomic::AtomicU64,
+    /// /metrics has a socket of its own (METRICS_ADDR, or one the service
+    /// manager passed as `metrics`): the main port does not serve it.
+    pub metrics_apart: AtomicBool,
 }
 
 /// The code a connection is closed with when its server restarts, given
@@ -108,6 +111,7 @@ impl Shared {
             shutdown: AtomicBool::new(false),
             tls: std::sync::OnceLock::new(),
             handed_over: AtomicBool::new(false),
+            metrics_apart: AtomicBool::new(false),
             drain_ms: std::sync::atomic::AtomicU64::new(config.drain_seconds.as_millis() as u64),
             config,
         })

@@ -171,6 +171,33 @@ fn connections_made_while_herald_restarts_wait_in_the_sockets_queue() {
 }
 
 #[test]
+fn a_socket_named_metrics_serves_metrics_and_the_main_one_no_longer_does() {
+    let main = TcpListener::bind("127.0.0.1:0").unwrap();
+    let metrics = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut cmd = activated_command_with(&[(&main, "main"), (&metrics, "metrics")]);
+    let mut child = cmd
+        .env_clear()
+        .env("WORKERS", "2")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill<'a>(&'a mut std::process::Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _kill = Kill(&mut child);
+    let get = |addr| http(addr, "GET", "/metrics", &[], b"").0;
+    // The sockets already listen: the requests wait until herald serves.
+    assert_eq!(get(metrics.local_addr().unwrap()), 200);
+    assert_eq!(get(main.local_addr().unwrap()), 404);
+}
+
+#[test]
 fn open_mode_on_a_public_address_passed_by_the_manager_exits_2() {
     let socket = TcpListener::bind("0.0.0.0:0").unwrap();
     let mut cmd = activated_command(&socket);

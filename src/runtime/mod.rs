@@ -177,6 +177,9 @@ pub fn run(mut config: Config, loaded: impl Into<Loaded>) -> Result<(), ServerEr
     if let Some(c) = certified {
         let _ = shared.tls.set(c);
     }
+    shared
+        .metrics_apart
+        .store(metrics_listener.is_some(), Ordering::Relaxed);
     if let Some(w) = shared.config.unauthenticated_warning() {
         tracing::warn!("{w}");
     }

@@ -288,7 +288,9 @@ async fn api(
             let (status, body) = health(shared);
             Answer::json(status, body)
         }
-        ("GET", "/metrics") if site == Site::Metrics || shared.config.metrics_addr.is_none() => {
+        ("GET", "/metrics")
+            if site == Site::Metrics || !shared.metrics_apart.load(Ordering::Relaxed) =>
+        {
             let (ctype, body) = metrics_page(shared, head);
             Answer::new(200, ctype, body)
         }

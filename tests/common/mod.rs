@@ -456,21 +456,40 @@ pub fn free_port() -> u16 {
 /// it (socket activation: descriptor 3, LISTEN_FDS=1, LISTEN_PID herald's
 /// own pid, kept by the shell's exec).
 pub fn activated_command(listener: &std::net::TcpListener) -> Command {
+    activated_command_with(&[(listener, "main")])
+}
+
+/// The same with several sockets and their names (LISTEN_FDNAMES).
+pub fn activated_command_with(sockets: &[(&std::net::TcpListener, &str)]) -> Command {
     use std::os::fd::AsRawFd;
     use std::os::unix::process::CommandExt;
-    let fd = listener.as_raw_fd();
+    let fds: Vec<i32> = sockets.iter().map(|(l, _)| l.as_raw_fd()).collect();
+    let names: Vec<&str> = sockets.iter().map(|(_, n)| *n).collect();
+    let mut parked = vec![0; fds.len()];
+    // In the shell's line, not the environment: the caller may clear that.
+    let line = format!(
+        r#"LISTEN_PID=$$ LISTEN_FDS={} LISTEN_FDNAMES={} exec "$0""#,
+        fds.len(),
+        names.join(":")
+    );
     let mut cmd = Command::new("/bin/sh");
-    cmd.args([
-        "-c",
-        r#"LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=main exec "$0""#,
-        env!("CARGO_BIN_EXE_herald"),
-    ]);
-    // SAFETY: dup2 and fcntl are async-signal-safe; dup2 onto itself
-    // keeps close-on-exec, which is cleared.
+    cmd.args(["-c", &line, env!("CARGO_BIN_EXE_herald")]);
+    // SAFETY: fcntl and dup2 are async-signal-safe; every descriptor is
+    // parked above the targets first, so placing one overwrites none not
+    // yet placed; dup2 onto itself keeps close-on-exec, which is cleared.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::dup2(fd, 3) < 0 || libc::fcntl(3, libc::F_SETFD, 0) < 0 {
-                return Err(std::io::Error::last_os_error());
+            for (i, fd) in fds.iter().enumerate() {
+                parked[i] = libc::fcntl(*fd, libc::F_DUPFD, 1024);
+                if parked[i] < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            for (i, fd) in parked.iter().enumerate() {
+                let target = 3 + i as i32;
+                if libc::dup2(*fd, target) < 0 || libc::fcntl(target, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             Ok(())
         });
