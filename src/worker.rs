@@ -10,7 +10,7 @@ use std::sync::Arc;
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::engine::core::{Core, HistorySettings, Hub, NamespacedHistory};
-use crate::engine::history::{HistorySink, Restored};
+use crate::engine::history::{HistorySink, Remembered, Restored};
 use crate::engine::message::{Encoder, Encoding};
 use crate::engine::shard::{Closes, Keepalive, Limits};
 use crate::integrations::authorizer::Authorizer;
@@ -54,9 +54,15 @@ pub fn restart_code(shutdown: u16) -> u16 {
     }
 }
 
-/// History kept on disk: where new messages go, and what was read back
-/// at start, by owner core.
-pub type StoredHistory = (Arc<dyn HistorySink>, Vec<Vec<Restored>>);
+/// History a process starts with: read back from `HISTORY_DIR` (with
+/// the sink that keeps writing it there), or handed over by a restart's
+/// old process; by owner core.
+#[derive(Default)]
+pub struct StoredHistory {
+    pub sink: Option<Arc<dyn HistorySink>>,
+    pub streams: Vec<Vec<Restored>>,
+    pub keys: Vec<Vec<Remembered>>,
+}
 
 impl Shared {
     /// Shared state whose engine serves `encoders` (the front-ends').
@@ -72,7 +78,14 @@ impl Shared {
         encoders: &'static [Encoder],
         metrics: Arc<Metrics>,
     ) -> Arc<Shared> {
-        Self::build(config, workers, encoders, None, None, metrics)
+        Self::build(
+            config,
+            workers,
+            encoders,
+            None,
+            StoredHistory::default(),
+            metrics,
+        )
     }
 
     /// The same, with the front-end namespaces' channels keeping history
@@ -82,13 +95,9 @@ impl Shared {
         workers: usize,
         encoders: &'static [Encoder],
         namespaced: Option<NamespacedHistory>,
-        disk: Option<StoredHistory>,
+        stored: StoredHistory,
         metrics: Arc<Metrics>,
     ) -> Arc<Shared> {
-        let (sink, restored) = match disk {
-            Some((sink, restored)) => (Some(sink), restored),
-            None => (None, Vec::new()),
-        };
         Arc::new(Shared {
             auth: Authenticator::new(config.secret.as_deref(), config.jwt_leeway),
             hub: Arc::new(
@@ -100,8 +109,9 @@ impl Shared {
                     encoding: Encoding(0),
                     recover_max: config.history_recover_max,
                     idempotency_window_ms: config.idempotency_window.as_millis() as u64,
-                    sink,
-                    restored: std::sync::Mutex::new(restored),
+                    sink: stored.sink,
+                    restored: std::sync::Mutex::new(stored.streams),
+                    restored_keys: std::sync::Mutex::new(stored.keys),
                 }),
             ),
             metrics,

@@ -3,8 +3,10 @@
 //! old one closes its connections with 1012 (Pusher 4200) over
 //! DRAIN_SECONDS and exits. Under a steady publisher and many subscribers,
 //! no connection attempt is refused and every client that comes back with
-//! `since` misses nothing (history in the cluster's Redis, which both
-//! processes share); pusher-js is back within 2 s.
+//! `since` misses nothing, on a single node (the old process hands its
+//! history to the new one, which numbers every channel from then on) and
+//! in a cluster (history in Redis, which both processes share); pusher-js
+//! is back within 2 s.
 
 #[path = "common/broker.rs"]
 mod broker;
@@ -25,6 +27,14 @@ use serde_json::Value;
 
 /// The successor's pid, from the old process's log; killed on drop.
 struct Successor(u32);
+
+/// Waits until no worker of the old process (of `workers`) accepts: a
+/// connection made after this reaches the new one.
+fn old_stopped_accepting(old: &Server, workers: usize) {
+    wait_for("the old process to stop accepting", || {
+        old.log().matches("no longer accepting; draining").count() >= workers
+    });
+}
 
 impl Successor {
     /// The successor's pid, from the old process's log.
@@ -50,16 +60,27 @@ impl Drop for Successor {
 
 #[test]
 fn a_restart_under_load_refuses_no_one_and_recovery_misses_nothing() {
+    // A single node, history in memory: handed from process to process.
+    restart_under_load(&[]);
+}
+
+#[test]
+fn a_restart_in_a_cluster_refuses_no_one_and_recovery_misses_nothing() {
     let redis = Redis::start();
     let url = redis.url();
-    let mut old = Server::start(&[
-        ("BROKER_URL", url.as_str()),
-        ("NODE_ID", "a"),
+    restart_under_load(&[("BROKER_URL", url.as_str()), ("NODE_ID", "a")]);
+}
+
+/// 1,000 subscribers and a steady publisher through a restart.
+fn restart_under_load(env: &[(&str, &str)]) {
+    let mut env = env.to_vec();
+    env.extend([
         ("HISTORY", "live=100000/1h"),
         ("HISTORY_RECOVER_MAX", "100000"),
         ("DRAIN_SECONDS", "2"),
         ("MAX_CONNECTIONS", "5000"),
     ]);
+    let mut old = Server::start(&env);
     let python = python::python_with("websockets.asyncio.client", "websockets>=13,<16");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/restart_clients.py");
     let mut clients = Command::new(&python)
@@ -207,16 +228,106 @@ fn a_new_process_that_cannot_start_leaves_the_old_one_serving() {
 }
 
 #[test]
+fn during_the_drain_both_processes_are_one_node() {
+    // One worker, so that the drain closes connections in the order they
+    // came: the fillers first, the two clients under test last, about
+    // 10 s after the restart.
+    let mut old = Server::start(&[
+        ("WORKERS", "1"),
+        ("HISTORY", "news=100/1h"),
+        ("DRAIN_SECONDS", "10"),
+    ]);
+    let _fillers: Vec<Client> = (0..40).map(|_| Client::connect(&old, "/ws")).collect();
+    let mut p_old = Client::connect(&old, "/ws");
+    let mut c_old = Client::connect(&old, "/ws");
+    c_old.send_json(serde_json::json!({"op":"subscribe","channel":"news","id":"s"}));
+    let epoch = c_old.next_json("subscribed")["epoch"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let publish = |c: &mut Client, n: u64, key: &str| -> Value {
+        c.send_json(serde_json::json!({"op":"publish","channel":"news","data":n,
+                                       "id":"p","idempotency_key":key}));
+        c.next_json("ack")
+    };
+    for n in 1..=2 {
+        assert_eq!(publish(&mut p_old, n, &format!("k{n}"))["offset"], n);
+        assert_eq!(c_old.next_json("message")["offset"], n);
+    }
+    old.signal(libc::SIGUSR2);
+    let _successor = Successor::of(&old);
+    assert!(old.log().contains("history handed to the new process"));
+    old_stopped_accepting(&old, 1);
+    // The old process no longer accepts: this is the new one's client.
+    let mut p_new = Client::connect(&old, "/ws");
+    // Numbered by the new process, in the same epoch, and delivered to
+    // the subscriber still on the old one.
+    assert_eq!(publish(&mut p_new, 3, "k3")["offset"], 3);
+    let m = c_old.next_json("a message the new process numbered");
+    assert_eq!(
+        (m["offset"].as_u64(), m["data"].as_u64()),
+        (Some(3), Some(3))
+    );
+    // Published on the old process: the new one numbers it.
+    assert_eq!(publish(&mut p_old, 4, "k4")["offset"], 4);
+    let m = c_old.next_json("a message the old process forwarded");
+    assert_eq!(
+        (m["offset"].as_u64(), m["data"].as_u64()),
+        (Some(4), Some(4))
+    );
+    // Idempotency keys: those the old process saw, and those the new one
+    // saw, from either side, are answered as the first time.
+    assert_eq!(publish(&mut p_new, 1, "k1")["offset"], 1);
+    assert_eq!(publish(&mut p_old, 3, "k3")["offset"], 3);
+    // A recovery on either process: the new one has the old one's
+    // history, the old one keeps what the new one numbers.
+    let mut c_new = Client::connect(&old, "/ws");
+    c_new.send_json(
+        serde_json::json!({"op":"subscribe","channel":"news","id":"s",
+                                       "since":{"epoch":epoch,"offset":1}}),
+    );
+    let v = c_new.next_json("subscribed");
+    assert_eq!(
+        (v["recovered"].as_bool(), v["epoch"].as_str()),
+        (Some(true), Some(epoch.as_str())),
+        "{v}"
+    );
+    for n in 2..=4 {
+        assert_eq!(c_new.next_json("replayed")["offset"], n);
+    }
+    c_old.send_json(
+        serde_json::json!({"op":"subscribe","channel":"news","id":"s2",
+                                       "since":{"epoch":epoch,"offset":2}}),
+    );
+    let v = c_old.next_json("subscribed again");
+    assert_eq!(v["recovered"], true, "{v}");
+    for n in 3..=4 {
+        assert_eq!(c_old.next_json("replayed by the old process")["offset"], n);
+    }
+    // Nothing was delivered twice: the next message is 5, on both.
+    assert_eq!(publish(&mut p_new, 5, "k5")["offset"], 5);
+    assert_eq!(c_old.next_json("message 5")["offset"], 5);
+    assert_eq!(c_new.next_json("message 5")["offset"], 5);
+    // The old process drains and exits; the new one goes on alone.
+    let (code, _) = c_old.expect_close();
+    assert_eq!(code, 1012);
+    assert!(old.wait_exit(Duration::from_secs(20)).success());
+    wait_for("the new process to see the old one gone", || {
+        old.log().contains("the old process is gone")
+    });
+    assert_eq!(publish(&mut p_new, 6, "k6")["offset"], 6);
+    assert_eq!(c_new.next_json("message 6")["offset"], 6);
+}
+
+#[test]
 fn a_restart_with_history_on_disk_hands_the_file_over() {
     // HISTORY_DIR's file is held by one process at a time: the old one
-    // closes everyone at once and exits, the new one opens the file and
-    // accepts; connections made meanwhile wait, and the history (epoch
-    // and offsets) goes on.
+    // stops numbering and closes it, the new one opens it before it
+    // accepts, and the history (epoch and offsets) goes on; the old
+    // process's clients are closed over DRAIN_SECONDS as without it.
     let dir = std::env::temp_dir().join(format!("herald-restart-hd-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    // systemd's side: the main pid must move to the new process before the
-    // old one exits, or its exit would end the service.
     let notify_path = dir.join("notify.sock");
     let manager = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
     manager.set_read_timeout(Some(TIMEOUT)).unwrap();
@@ -225,6 +336,7 @@ fn a_restart_with_history_on_disk_hands_the_file_over() {
         ("HISTORY", "news=100/1h"),
         ("HISTORY_DIR", history_dir.to_str().unwrap()),
         ("NOTIFY_SOCKET", notify_path.to_str().unwrap()),
+        ("DRAIN_SECONDS", "1"),
     ]);
     let mut c = Client::connect(&old, "/ws");
     c.send_json(serde_json::json!({"op":"subscribe","channel":"news","id":"s"}));
@@ -239,18 +351,13 @@ fn a_restart_with_history_on_disk_hands_the_file_over() {
         assert_eq!(c.next_json("message")["offset"], n);
     }
     old.signal(libc::SIGUSR2);
-    let (code, _) = c.expect_close();
-    assert_eq!(code, 1012);
-    let _ = c.ws.flush();
     let successor = Successor::of(&old);
-    assert!(old.wait_exit(Duration::from_secs(15)).success());
-    // What the manager heard: READY=1 (the old process at start), then
-    // MAINPID from the old process (before it exits), then the new one's
-    // MAINPID and READY=1 (it can only be ready once the old one is gone).
+    // The service manager heard the new process take over as main pid
+    // and say it is ready.
     let said_main = format!("MAINPID={}\n", successor.0);
     let (mut readies, mut mains) = (0, 0);
     let mut buf = [0u8; 128];
-    while readies < 2 {
+    while readies < 2 || mains < 1 {
         let n = manager.recv(&mut buf).expect("the new process's READY=1");
         match &buf[..n] {
             b"READY=1\n" => readies += 1,
@@ -258,15 +365,14 @@ fn a_restart_with_history_on_disk_hands_the_file_over() {
             _ => {}
         }
     }
-    assert_eq!(
-        mains, 2,
-        "the old process named the new main pid, then the new one did"
-    );
-    // The new process may not accept yet: this waits in the queue.
-    let mut back = Client::connect(&old, "/ws");
+    old_stopped_accepting(&old, 2);
     let mut p = Client::connect(&old, "/ws");
     p.send_json(serde_json::json!({"op":"publish","channel":"news","data":4,"id":"p"}));
     assert_eq!(p.next_json("ack")["offset"], 4, "offsets go on");
+    let (code, _) = c.expect_close();
+    assert_eq!(code, 1012);
+    assert!(old.wait_exit(Duration::from_secs(15)).success());
+    let mut back = Client::connect(&old, "/ws");
     back.send_json(
         serde_json::json!({"op":"subscribe","channel":"news","id":"s",
                                       "since":{"epoch":epoch,"offset":3}}),
@@ -275,5 +381,144 @@ fn a_restart_with_history_on_disk_hands_the_file_over() {
     assert_eq!(v["recovered"], true, "{v}");
     assert_eq!(v["epoch"], epoch.as_str());
     assert_eq!(back.next_json("the missed message")["offset"], 4);
+    // The new process writes the file now: a message of its own is there
+    // after it stops (read back by a third process).
+    p.send_json(serde_json::json!({"op":"publish","channel":"news","data":5,"id":"p"}));
+    assert_eq!(p.next_json("ack")["offset"], 5);
+    drop((p, back));
+    // SAFETY: kill(2) on the pid the log named.
+    unsafe {
+        libc::kill(successor.0 as i32, libc::SIGTERM);
+    }
+    wait_for("the new process to stop", || {
+        old.log().matches("herald stopped").count() >= 2
+    });
+    let third = Server::start(&[
+        ("HISTORY", "news=100/1h"),
+        ("HISTORY_DIR", history_dir.to_str().unwrap()),
+    ]);
+    let mut r = Client::connect(&third, "/ws");
+    r.send_json(
+        serde_json::json!({"op":"subscribe","channel":"news","id":"s",
+                                   "since":{"epoch":epoch,"offset":3}}),
+    );
+    let v = r.next_json("subscribed on the third process");
+    assert_eq!(v["recovered"], true, "{v}");
+    assert_eq!(r.next_json("4")["offset"], 4);
+    assert_eq!(r.next_json("5")["offset"], 5);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_new_process_lost_during_the_drain_sends_the_rest_to_reconnect_at_once() {
+    // The new process vanishes (SIGKILL) while the old one drains: the
+    // old one's remaining clients would get no more messages, so they are
+    // closed now (to reconnect and recover) rather than over the drain.
+    let mut old = Server::start(&[
+        ("WORKERS", "1"),
+        ("HISTORY", "news=100/1h"),
+        ("DRAIN_SECONDS", "30"),
+    ]);
+    let _fillers: Vec<Client> = (0..20).map(|_| Client::connect(&old, "/ws")).collect();
+    let mut c_old = Client::connect(&old, "/ws");
+    c_old.subscribe("news");
+    old.signal(libc::SIGUSR2);
+    let successor = Successor::of(&old);
+    let started = Instant::now();
+    drop(successor);
+    let (code, _) = c_old.expect_close();
+    assert_eq!(code, 1012);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "closed at once, not over the 30 s drain: {:?}",
+        started.elapsed()
+    );
+    assert!(old.wait_exit(Duration::from_secs(15)).success());
+    assert!(
+        old.log().contains("closing this process's clients now"),
+        "{}",
+        old.log()
+    );
+}
+
+#[test]
+fn a_new_process_that_dies_after_taking_the_history_leaves_the_old_one_numbering() {
+    // The new process takes the history, then cannot open HISTORY_DIR
+    // (its path is now a file) and exits: the old process numbers its
+    // channels again and keeps serving.
+    let dir = std::env::temp_dir().join(format!("herald-restart-dies-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let history_dir = dir.join("history");
+    let old = Server::start(&[
+        ("HISTORY", "news=100/1h"),
+        ("HISTORY_DIR", history_dir.to_str().unwrap()),
+    ]);
+    let mut c = Client::connect(&old, "/ws");
+    c.subscribe("news");
+    let mut p = Client::connect(&old, "/ws");
+    let publish = |p: &mut Client, n: u64| -> Value {
+        p.send_json(serde_json::json!({"op":"publish","channel":"news","data":n,"id":"p"}));
+        p.next_json("ack")
+    };
+    assert_eq!(publish(&mut p, 1)["offset"], 1);
+    std::fs::rename(&history_dir, dir.join("moved")).unwrap();
+    std::fs::write(&history_dir, b"not a directory").unwrap();
+    old.signal(libc::SIGUSR2);
+    wait_for("the restart to be given up", || {
+        old.log().contains("restart given up")
+    });
+    assert!(
+        old.log().contains("numbering every channel here again"),
+        "{}",
+        old.log()
+    );
+    // Still serving, and numbering: the publish is acked and delivered.
+    assert_eq!(c.next_json("message 1")["offset"], 1);
+    let ack = publish(&mut p, 2);
+    assert_eq!(ack["op"], "ack", "{ack}");
+    let m = c.next_json("a message after the failed restart");
+    assert_eq!(m["data"], 2);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_restart_after_the_binary_was_replaced_runs_the_new_file() {
+    // What a package upgrade does: the new file is written beside the
+    // running one and renamed over it. The new "binary" here is a script
+    // that says it runs, then runs herald (exec keeps the pid).
+    let dir = tls::TempDir::new("restart-replaced");
+    let exe = dir.0.join("herald");
+    std::fs::copy(env!("CARGO_BIN_EXE_herald"), &exe).unwrap();
+    let mut old = Server::start_exe(&exe, &[("DRAIN_SECONDS", "1")]);
+    let mut c = Client::connect(&old, "/ws");
+    c.subscribe("news");
+    let next = dir.0.join("herald.new");
+    std::fs::write(
+        &next,
+        format!(
+            "#!/bin/sh\necho 'the replaced file runs' >&2\nexec '{}' \"$@\"\n",
+            env!("CARGO_BIN_EXE_herald")
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&next, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::rename(&next, &exe).unwrap();
+    old.signal(libc::SIGUSR2);
+    let _successor = Successor::of(&old);
+    assert!(
+        old.log().contains("the replaced file runs"),
+        "{}",
+        old.log()
+    );
+    let (code, _) = c.expect_close();
+    assert_eq!(code, 1012);
+    assert!(old.wait_exit(Duration::from_secs(15)).success());
+    // The new process serves.
+    let mut c = Client::connect(&old, "/ws");
+    c.subscribe("news");
+    let mut p = Client::connect(&old, "/ws");
+    p.publish("news", serde_json::json!("after the upgrade"));
+    assert_eq!(c.next_json("a message")["data"], "after the upgrade");
 }

@@ -24,8 +24,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::bus::Bus;
+use super::handoff::{Forwarded, Handoff};
 use super::history::{
-    HistoryRead, HistorySink, Idempotency, Keep, Outcome, Restored, Rules, Since, Store, Stream,
+    HistoryRead, HistorySink, Idempotency, Keep, Outcome, Place, Remembered, Restored, Rules,
+    Since, Store, Stream,
 };
 use super::interest::{Change, Interest};
 use super::message::{Encoder, Encoding, Message, MAX_KEY};
@@ -148,6 +150,10 @@ pub enum Envelope {
     SequenceWith(Box<Publish>),
     /// Work to run on this core.
     Run(Task),
+    /// A message a restart's new process numbered (at its place, if its
+    /// channel keeps history), for this core, its channel's owner, to keep
+    /// and fan out (see [`super::handoff`]).
+    Replicate(Box<(Arc<Message>, Option<Place>)>),
 }
 
 /// A publish with more than its message.
@@ -182,6 +188,9 @@ pub struct HistorySettings {
     pub sink: Option<Arc<dyn HistorySink>>,
     /// History read back at start, by owner core; each core takes its own.
     pub restored: std::sync::Mutex<Vec<Vec<Restored>>>,
+    /// Idempotency keys handed over by a restart's old process, by owner
+    /// core.
+    pub restored_keys: std::sync::Mutex<Vec<Vec<Remembered>>>,
 }
 
 impl Default for HistorySettings {
@@ -194,6 +203,7 @@ impl Default for HistorySettings {
             idempotency_window_ms: 300_000,
             sink: None,
             restored: Default::default(),
+            restored_keys: Default::default(),
         }
     }
 }
@@ -224,6 +234,8 @@ pub struct Hub {
     pub history: HistorySettings,
     /// The cluster's link, when the node is part of one.
     broker: std::sync::OnceLock<Arc<dyn Broker>>,
+    /// A restart's hand-off between two processes, while one is under way.
+    pub handoff: Handoff,
     cores: usize,
 }
 
@@ -236,6 +248,7 @@ impl Hub {
             encoders,
             history: HistorySettings::default(),
             broker: std::sync::OnceLock::new(),
+            handoff: Handoff::default(),
             cores,
         }
     }
@@ -251,6 +264,11 @@ impl Hub {
     /// The cluster's link, if the node is part of one.
     pub fn broker(&self) -> Option<&Arc<dyn Broker>> {
         self.broker.get()
+    }
+
+    /// How many cores the node has.
+    pub fn cores(&self) -> usize {
+        self.cores
     }
 
     /// The bus source of a thread that is not a core (a broker client).
@@ -323,6 +341,10 @@ pub struct Core {
     /// Histories of the channels this core owns.
     pub history: RefCell<Store>,
     idempotency: RefCell<Idempotency>,
+    /// Publishes forwarded to a restart's new process whose outcome the
+    /// publisher waits for, by ticket.
+    forwarded: RefCell<std::collections::HashMap<u64, Done>>,
+    tickets: std::cell::Cell<u64>,
 }
 
 impl Core {
@@ -339,13 +361,26 @@ impl Core {
         for r in restored {
             store.restore(r, now);
         }
+        let mut idempotency = Idempotency::default();
+        let keys = hub
+            .history
+            .restored_keys
+            .lock()
+            .ok()
+            .and_then(|mut r| r.get_mut(id).map(std::mem::take))
+            .unwrap_or_default();
+        for k in keys {
+            idempotency.restore(k);
+        }
         let core = Core {
             id,
             shard: RefCell::new(Shard::new(id, limits, stats.clone(), hub.encoders)),
             stats,
             hub,
             history: RefCell::new(store),
-            idempotency: RefCell::new(Idempotency::default()),
+            idempotency: RefCell::new(idempotency),
+            forwarded: RefCell::default(),
+            tickets: std::cell::Cell::new(0),
         };
         core.history_gauges(&core.history.borrow());
         core
@@ -452,6 +487,31 @@ impl Core {
         idempotency_key: Option<Box<str>>,
         done: Option<Done>,
     ) {
+        // A restart's old process: the new one numbers every channel now.
+        if let Some(forward) = self.hub.handoff.forward() {
+            let ticket = match done {
+                Some(_) => {
+                    self.tickets.set(self.tickets.get() + 1);
+                    self.tickets.get()
+                }
+                None => 0,
+            };
+            match forward.forward(self.id, &msg, idempotency_key.as_deref(), ticket) {
+                Forwarded::Sent => {
+                    if let Some(done) = done {
+                        self.forwarded.borrow_mut().insert(ticket, done);
+                    }
+                    return;
+                }
+                Forwarded::Refused => {
+                    if let Some(done) = done {
+                        done(self, &Outcome::unavailable());
+                    }
+                    return;
+                }
+                Forwarded::Gone => {}
+            }
+        }
         let now = || self.shard.borrow().now();
         let keep = match msg.is_transient() {
             false => self.hub.keeps(msg.namespace(), msg.channel()),
@@ -459,6 +519,7 @@ impl Core {
         };
         if keep.is_none() && idempotency_key.is_none() {
             // The common case: nothing to number, store or remember.
+            self.hub.handoff.tap(&msg, None);
             self.fan_out(&msg);
             if let Some(done) = done {
                 done(self, &Outcome::default());
@@ -517,6 +578,7 @@ impl Core {
                 .borrow_mut()
                 .remember(key, &k, position.clone(), until);
         }
+        self.hub.handoff.tap(&msg, position.as_ref());
         self.fan_out(&msg);
         if let Some(done) = done {
             done(
@@ -528,6 +590,57 @@ impl Core {
                 },
             );
         }
+    }
+
+    /// On the channel's owner in a restart's old process: keeps a message
+    /// the new process numbered (at `place`) in this node's history, as a
+    /// replica, and fans it out. Nothing is written to `HISTORY_DIR`,
+    /// which is the new process's now.
+    fn replicate(&self, msg: Arc<Message>, place: Option<Place>) {
+        let keep = match msg.is_transient() {
+            false => self.hub.keeps(msg.namespace(), msg.channel()),
+            true => None,
+        };
+        if let (Some(keep), Some((epoch, offset))) = (keep, place) {
+            let now = self.shard.borrow().now();
+            let (encoding, _) = self.hub.history_encoding(msg.namespace());
+            let frame = msg
+                .frame_for(encoding, self.hub.encoders)
+                .unwrap_or_default();
+            let mut buf = [0u8; MAX_KEY];
+            let key = msg.key_in(&mut buf);
+            let mut store = self.history.borrow_mut();
+            store.put(key, keep, (&epoch, offset), frame, now);
+            self.history_gauges(&store);
+        }
+        self.fan_out(&msg);
+    }
+
+    /// The new process's outcome of a publish this core forwarded.
+    pub fn answer_forwarded(&self, ticket: u64, outcome: &Outcome) {
+        let done = self.forwarded.borrow_mut().remove(&ticket);
+        if let Some(done) = done {
+            done(self, outcome);
+        }
+    }
+
+    /// The link to the new process is gone: every forwarded publish still
+    /// waiting is told the node is unavailable.
+    pub fn fail_forwarded(&self) {
+        let waiting = std::mem::take(&mut *self.forwarded.borrow_mut());
+        for (_, done) in waiting {
+            done(self, &Outcome::unavailable());
+        }
+    }
+
+    /// This core's history and idempotency keys as they are now, for a
+    /// restart's new process (times on this core's clock, which is also
+    /// returned).
+    pub fn export_history(&self) -> (u64, Vec<Restored>, Vec<Remembered>) {
+        let now = self.shard.borrow().now();
+        let streams = self.history.borrow_mut().export(now);
+        let keys = self.idempotency.borrow_mut().export(now);
+        (now, streams, keys)
     }
 
     /// Hands a sequenced message to every other interested core, then to
@@ -795,6 +908,10 @@ impl Core {
                 self.sequence(msg, idempotency_key, done)
             }
             Envelope::Run(task) => task(self),
+            Envelope::Replicate(r) => {
+                let (msg, place) = *r;
+                self.replicate(msg, place)
+            }
         });
         more
     }

@@ -408,6 +408,48 @@ impl Store {
         out
     }
 
+    /// Appends a message another process numbered (a restart's successor,
+    /// see `integrations::handoff`): message `offset` of `epoch`. When it
+    /// does not follow the stream's top in the same epoch, the stream
+    /// starts again there (what was kept is no longer an unbroken run).
+    pub fn put(
+        &mut self,
+        key: &str,
+        keep: Keep,
+        (epoch, offset): (&Arc<str>, u64),
+        frame: Bytes,
+        now: u64,
+    ) {
+        let s = self.stream(key, keep, now);
+        if s.epoch != *epoch || offset != s.top + 1 {
+            let dropped = std::mem::take(&mut s.entries);
+            s.epoch = epoch.clone();
+            s.top = offset.saturating_sub(1);
+            self.frames -= dropped.len();
+            self.bytes -= dropped.iter().map(|e| e.1.len()).sum::<usize>();
+        }
+        self.append_with(key, keep, now, |_| frame);
+    }
+
+    /// Every stream as it is now (kept frames and remembered epochs), for
+    /// a restart's successor; times stay on this store's clock.
+    pub fn export(&mut self, now: u64) -> Vec<Restored> {
+        let mut out = Vec::with_capacity(self.streams.len());
+        for (key, s) in self.streams.iter_mut() {
+            let (n, b) = s.drop_expired(now);
+            self.frames -= n;
+            self.bytes -= b;
+            out.push(Restored {
+                key: key.clone(),
+                epoch: s.epoch.clone(),
+                top: s.top,
+                keep: s.keep,
+                entries: s.entries.iter().cloned().collect(),
+            });
+        }
+        out
+    }
+
     /// Drops what has expired by `now` from the streams that are due, and
     /// forgets streams empty for [`META_TTL_MS`]. Returns how many frames
     /// were dropped.
@@ -472,6 +514,17 @@ pub struct Restored {
     pub entries: Vec<(u64, Bytes)>,
 }
 
+/// An idempotency key handed over by a restart's old process: the
+/// routing key it was seen on, its first outcome, and until when it is
+/// remembered (on the receiving store's clock).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Remembered {
+    pub channel: Box<str>,
+    pub key: Box<str>,
+    pub place: Option<Place>,
+    pub until: u64,
+}
+
 /// A message's place: its channel's epoch and its offset.
 pub type Place = (Arc<str>, u64);
 
@@ -487,6 +540,16 @@ pub struct Outcome {
     /// it reached no one, or, when the broker stopped answering midway,
     /// possibly some nodes.
     pub unavailable: bool,
+}
+
+impl Outcome {
+    /// A publish that reached no one: the node cannot take it now.
+    pub fn unavailable() -> Outcome {
+        Outcome {
+            unavailable: true,
+            ..Outcome::default()
+        }
+    }
 }
 
 /// Most idempotency keys one core remembers; past it the oldest are
@@ -530,6 +593,28 @@ impl Idempotency {
                 self.seen.remove(&(c, k));
             }
         }
+    }
+
+    /// Every key remembered now, oldest first, for a restart's successor.
+    pub fn export(&mut self, now: u64) -> Vec<Remembered> {
+        self.expire(now);
+        self.order
+            .iter()
+            .filter_map(|(until, c, k)| {
+                let place = self.seen.get(&(c.clone(), k.clone()))?.clone();
+                Some(Remembered {
+                    channel: c.clone(),
+                    key: k.clone(),
+                    place,
+                    until: *until,
+                })
+            })
+            .collect()
+    }
+
+    /// Puts back a key an earlier process remembered.
+    pub fn restore(&mut self, r: Remembered) {
+        self.remember(&r.channel, &r.key, r.place, r.until);
     }
 
     pub fn len(&self) -> usize {

@@ -351,7 +351,7 @@ impl Message {
     }
 
     /// Reads what [`Message::encode_wire`] wrote, on node `here`: the
-    /// frame is a slice of `buf` (no copy), and the exclusion is kept only
+    /// frame is a slice of `buf` (no copy), and the exclusion applies only
     /// when the message comes from `here`. Everything is checked: a broker
     /// hands over bytes anyone with access to it could have written.
     pub fn decode_wire(buf: Bytes, here: u64) -> Result<Message, WireError> {
@@ -412,8 +412,15 @@ impl Message {
             }
         };
         m.transient = flags & WIRE_TRANSIENT != 0;
-        if origin == here {
-            m.except = except;
+        // Elsewhere it is kept, naming its node, for a node that hands the
+        // message on (a restart's new process, back to the old one).
+        match (origin == here, origin) {
+            (true, _) => m.except = except,
+            (false, 0) => {}
+            (false, node) => {
+                m.except = except;
+                m.except_node = node;
+            }
         }
         Ok(m)
     }
@@ -578,7 +585,12 @@ mod tests {
         let f = back.frame().as_ptr() as usize;
         assert!(f >= start && f < start + wire.len());
         let elsewhere = Message::decode_wire(wire, 7).unwrap();
-        assert_eq!(elsewhere.except_on(1), None, "and dropped elsewhere");
+        assert_eq!(elsewhere.except_on(1), None, "and ignored elsewhere");
+        // Handed on from there, it still names its home.
+        let mut again = Vec::new();
+        elsewhere.encode_wire(7, &mut again);
+        let home = Message::decode_wire(Bytes::from(again), 42).unwrap();
+        assert_eq!(home.except_on(1), Some((5, 9)), "and applies back home");
         assert!(!message("a", "b", 0).is_transient());
     }
 

@@ -9,6 +9,7 @@
 
 pub mod bus;
 pub mod core;
+pub mod handoff;
 pub mod history;
 pub mod interest;
 pub mod message;

@@ -37,9 +37,10 @@ use crate::engine::history::HistorySink;
 use crate::engine::message::route_hash;
 use crate::frontends::{FrontEnds, Loaded};
 use crate::integrations::cluster::Cluster;
+use crate::integrations::handoff;
 use crate::integrations::history_disk::{DiskError, HistoryDisk};
 use crate::integrations::metrics::Metrics;
-use crate::worker::{Shared, Worker};
+use crate::worker::{Shared, StoredHistory, Worker};
 use router::{Endpoints, Site};
 
 /// Submission queue entries per io_uring (a fan-out queues one write per subscriber).
@@ -115,6 +116,21 @@ pub fn run(mut config: Config, loaded: impl Into<Loaded>) -> Result<(), ServerEr
     let ids: Vec<&str> = loaded.apps.iter().map(|a| a.id.as_str()).collect();
     let metrics = Arc::new(Metrics::with_apps(workers, &ids));
     let frontends = Arc::new(FrontEnds::new(&config, loaded, &metrics));
+    // A restart's successor on a single node: the old process's history
+    // (or, with HISTORY_DIR, its file, closed for this one) before anyone
+    // is accepted. In a cluster the history is the broker's.
+    let mut link = restart::take_link().filter(|_| config.broker_url.is_none());
+    let mut handed = None;
+    if let Some(l) = link.as_mut() {
+        let owner = |key: &str| owner_of(route_hash(key), workers);
+        match handoff::receive_state(l, workers, owner, clock::now_ms()) {
+            Ok(state) => handed = Some(state),
+            Err(e) => {
+                tracing::warn!("{e}: starting without the old process's history");
+                link = None;
+            }
+        }
+    }
     let disk = match &config.history_dir {
         Some(dir) => {
             let open = || {
@@ -147,14 +163,35 @@ pub fn run(mut config: Config, loaded: impl Into<Loaded>) -> Result<(), ServerEr
         None => None,
     };
     let history_disk = disk.as_ref().map(|d| d.0.clone());
+    let mut stored = StoredHistory::default();
+    if let Some((d, streams)) = disk {
+        stored.sink = Some(d as Arc<dyn HistorySink>);
+        stored.streams = streams;
+    }
+    if let Some(state) = handed.as_mut() {
+        stored.streams.resize_with(workers, Vec::new);
+        for (mine, theirs) in stored
+            .streams
+            .iter_mut()
+            .zip(std::mem::take(&mut state.streams))
+        {
+            mine.extend(theirs);
+        }
+        stored.keys = std::mem::take(&mut state.keys);
+    }
     let shared = Shared::build(
         config,
         workers,
         crate::frontends::ENCODERS,
         Some(crate::frontends::NAMESPACED_HISTORY),
-        disk.map(|(d, r)| (d as Arc<dyn HistorySink>, r)),
+        stored,
         metrics,
     );
+    // Before any worker sequences: what this process numbers goes to the
+    // old one too while it drains.
+    if let (Some(l), Some(state)) = (link, handed) {
+        handoff::Successor::start(l, shared.hub.clone(), state).map_err(ServerError::Thread)?;
+    }
     if let Some(url) = &shared.config.broker_url {
         let node = shared.config.node_id.as_deref().unwrap_or("");
         let window = shared.config.idempotency_window.as_millis() as u64;
@@ -260,6 +297,7 @@ pub fn run(mut config: Config, loaded: impl Into<Loaded>) -> Result<(), ServerEr
     let mut ready = 0;
     let mut failure = None;
     let mut restarting = false;
+    let mut predecessor: Option<Arc<handoff::Predecessor>> = None;
     while let Ok(ev) = rx.recv() {
         match ev {
             Event::Ready => {
@@ -288,17 +326,35 @@ pub fn run(mut config: Config, loaded: impl Into<Loaded>) -> Result<(), ServerEr
             Event::Restart if restarting => {
                 tracing::warn!("SIGUSR2: a restart is already under way");
             }
+            Event::Restart if shared.hub.handoff.tapping() => {
+                tracing::warn!(
+                    "SIGUSR2: the process this one replaced still drains; restart again once it has exited"
+                );
+            }
             Event::Restart => {
                 restarting = true;
                 tracing::info!("SIGUSR2: starting the new process");
                 let tx = tx.clone();
-                handover.start(move |step| {
+                let link = handover.start(move |step| {
                     let _ = tx.send(match step {
                         restart::Step::History(pid) => Event::ReleaseHistory(pid),
                         restart::Step::Ready(pid) => Event::HandedOver(pid),
                         restart::Step::Failed(why) => Event::RestartFailed(why),
                     });
                 });
+                // On a single node the two processes are linked for the
+                // drain; in a cluster the broker already joins them.
+                if let Some(link) = link.filter(|_| shared.config.broker_url.is_none()) {
+                    let s = shared.clone();
+                    let lost = move |handoff::OldEvent::LostAfterHandover| {
+                        s.drain_ms.store(0, Ordering::Release);
+                    };
+                    let disk = history_disk.clone();
+                    match handoff::Predecessor::start(link, shared.hub.clone(), disk, lost) {
+                        Ok(p) => predecessor = Some(p),
+                        Err(e) => tracing::warn!("the link to the new process: {e}"),
+                    }
+                }
             }
             Event::RestartFailed(why) => {
                 restarting = false;
@@ -317,6 +373,9 @@ pub fn run(mut config: Config, loaded: impl Into<Loaded>) -> Result<(), ServerEr
                 break;
             }
             Event::HandedOver(pid) => {
+                if let Some(p) = &predecessor {
+                    p.handed_over();
+                }
                 tracing::info!(
                     "the new process ({pid}) accepts: closing connections over {:?} (DRAIN_SECONDS)",
                     shared.drain()
@@ -368,6 +427,10 @@ pub fn run(mut config: Config, loaded: impl Into<Loaded>) -> Result<(), ServerEr
         for t in threads {
             let _ = t.join();
         }
+    }
+    // What this process forwarded last reaches the new one.
+    if let Some(p) = predecessor {
+        p.finish();
     }
     // Every core has stopped sequencing: write what is queued and mark the
     // history clean, so the next start continues its epochs.
@@ -582,6 +645,10 @@ async fn worker_main(
     if handed_over || sockets.inherited {
         // Shared sockets stay open: each accept in flight completes.
         kick_accepts(&worker, &addrs).await;
+        if handed_over {
+            let connections = worker.core.shard.borrow().connection_count();
+            tracing::info!(worker = id, connections, "no longer accepting; draining");
+        }
     } else {
         for fd in owned_fds {
             // SAFETY: the listener is owned by the accept task, still alive.

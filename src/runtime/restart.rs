@@ -3,11 +3,15 @@
 //! hands it its listening sockets as a service manager would
 //! (`LISTEN_FDS`, `LISTEN_FDNAMES`); the successor says on a pipe
 //! (`HERALD_READY_FD`) once every worker accepts; only then does the old
-//! process stop accepting and drain. With `HISTORY_DIR`, which one process
-//! at a time may hold, the successor first says it waits for the history
-//! file: the old process then closes every connection at once and exits,
-//! and the successor opens the file and accepts (connections wait in the
-//! sockets' queue meanwhile).
+//! process stop accepting and drain. It also gets one end of a Unix
+//! socket pair (`HERALD_LINK_FD`): on a single node the two processes are
+//! one node through it for the length of the drain (the history handed
+//! over, publishes forwarded, every message numbered once;
+//! `integrations::handoff`).
+//!
+//! A successor whose predecessor passed no link (an older herald) and
+//! finds `HISTORY_DIR`'s file held says on the pipe that it waits for it:
+//! the old process then closes every connection at once and exits.
 //!
 //! Why inheritance rather than binding again with SO_REUSEPORT: both
 //! processes accept from the very same sockets, so there is no moment when
@@ -18,6 +22,7 @@
 use std::ffi::OsString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
@@ -62,10 +67,11 @@ impl Handover {
     }
 
     /// Starts the successor; `tell` runs on a thread of its own with each
-    /// [`Step`] it takes.
-    pub fn start(&self, tell: impl Fn(Step) + Send + 'static) {
+    /// [`Step`] it takes. Returns this process's end of the link to it
+    /// (see `integrations::handoff`), if it started.
+    pub fn start(&self, tell: impl Fn(Step) + Send + 'static) -> Option<UnixStream> {
         match self.spawn() {
-            Ok((mut child, ready)) => {
+            Ok((mut child, ready, link)) => {
                 let _ = std::thread::Builder::new()
                     .name("herald-restart".into())
                     .spawn(move || {
@@ -83,18 +89,25 @@ impl Handover {
                             }
                         }
                     });
+                Some(link)
             }
-            Err(e) => tell(Step::Failed(format!("cannot start the new process: {e}"))),
+            Err(e) => {
+                tell(Step::Failed(format!("cannot start the new process: {e}")));
+                None
+            }
         }
     }
 
-    fn spawn(&self) -> io::Result<(std::process::Child, OwnedFd)> {
+    fn spawn(&self) -> io::Result<(std::process::Child, OwnedFd, UnixStream)> {
         let (ready_rd, ready_wr) = pipe()?;
+        // Created close-on-exec: only the end placed below is inherited.
+        let (link, theirs) = UnixStream::pair()?;
         let n = self.sockets.len();
         // Descriptors the child gets, in order: the sockets at 3.., then the
-        // pipe's writing end.
+        // pipe's writing end, then its end of the link.
         let mut from: Vec<RawFd> = self.sockets.iter().map(|(fd, _)| fd.as_raw_fd()).collect();
         from.push(ready_wr.as_raw_fd());
+        from.push(theirs.as_raw_fd());
         let mut parked = vec![0 as RawFd; from.len()];
         let names: Vec<&str> = self.sockets.iter().map(|(_, name)| *name).collect();
         let mut cmd = Command::new("/bin/sh");
@@ -105,7 +118,8 @@ impl Handover {
             .args(&self.args)
             .env("LISTEN_FDS", n.to_string())
             .env("LISTEN_FDNAMES", names.join(":"))
-            .env("HERALD_READY_FD", (3 + n).to_string());
+            .env("HERALD_READY_FD", (3 + n).to_string())
+            .env("HERALD_LINK_FD", (3 + n + 1).to_string());
         use std::os::unix::process::CommandExt;
         // SAFETY: only fcntl and dup2 (async-signal-safe) between fork and
         // exec, on descriptors this process owns; no allocation.
@@ -130,7 +144,8 @@ impl Handover {
         }
         let child = cmd.spawn()?;
         drop(ready_wr);
-        Ok((child, ready_rd))
+        drop(theirs);
+        Ok((child, ready_rd, link))
     }
 }
 
@@ -202,6 +217,32 @@ pub fn tell_ready() {
     };
     let _ = sd_notify::notify(&[sd_notify::NotifyState::MainPid(std::process::id())]);
     let _ = std::io::Write::write_all(&mut pipe, b"ready\n");
+}
+
+/// In a successor: its end of the link to the old process
+/// (`HERALD_LINK_FD`), taken once.
+pub fn take_link() -> Option<UnixStream> {
+    static TAKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let fd = std::env::var("HERALD_LINK_FD")
+        .ok()
+        .and_then(|v| v.parse::<RawFd>().ok())
+        .filter(|fd| *fd > 2 && is_socket(*fd))?;
+    if TAKEN.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        return None;
+    }
+    // SAFETY: the old process passed this descriptor for this process to
+    // own; taken once.
+    let link = unsafe { UnixStream::from_raw_fd(fd) };
+    // Not handed on to a later successor.
+    // SAFETY: fcntl on the descriptor just taken.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    Some(link)
+}
+
+fn is_socket(fd: RawFd) -> bool {
+    // SAFETY: fstat writes into a zeroed stat of the right size.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    unsafe { libc::fstat(fd, &mut st) == 0 && (st.st_mode & libc::S_IFMT) == libc::S_IFSOCK }
 }
 
 /// Is `fd` an open pipe (not some descriptor a stray variable names)?

@@ -39,6 +39,12 @@ impl Server {
         Self::spawn(env, None, None)
     }
 
+    /// Starts `exe` (a copy of herald elsewhere) like [`Server::start`].
+    pub fn start_exe(exe: &std::path::Path, env: &[(&str, &str)]) -> Server {
+        Self::spawn_cmd(Command::new(exe), env, None)
+            .unwrap_or_else(|log| panic!("herald did not start:\n{log}"))
+    }
+
     /// Starts herald on `listener` as a service manager passes it (socket
     /// activation: descriptor 3, LISTEN_FDS=1, LISTEN_PID its own pid).
     pub fn start_activated(env: &[(&str, &str)], listener: &std::net::TcpListener) -> Server {
@@ -57,10 +63,18 @@ impl Server {
         soft_nofile: Option<u64>,
         activation: Option<&std::net::TcpListener>,
     ) -> Result<Server, String> {
-        let mut cmd = match activation {
+        let cmd = match activation {
             None => Command::new(env!("CARGO_BIN_EXE_herald")),
             Some(listener) => activated_command(listener),
         };
+        Self::spawn_cmd(cmd, env, soft_nofile)
+    }
+
+    fn spawn_cmd(
+        mut cmd: Command,
+        env: &[(&str, &str)],
+        soft_nofile: Option<u64>,
+    ) -> Result<Server, String> {
         if let Some(soft) = soft_nofile {
             use std::os::unix::process::CommandExt;
             // SAFETY: only async-signal-safe calls between fork and exec.

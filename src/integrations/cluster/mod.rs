@@ -356,7 +356,7 @@ impl Broker for Cluster {
             self.link.queued.fetch_sub(1, Ordering::AcqRel);
             self.link.metrics.publish_failed.inc();
             if let Some(done) = p.done {
-                self.run_on(src, Box::new(move |c| done(c, &unavailable())));
+                self.run_on(src, Box::new(move |c| done(c, &Outcome::unavailable())));
             }
         }
     }
@@ -470,16 +470,9 @@ impl Broker for Cluster {
     }
 }
 
-fn unavailable() -> Outcome {
-    Outcome {
-        unavailable: true,
-        ..Outcome::default()
-    }
-}
-
 /// A random tag naming this process in the messages it publishes.
 /// (1 to 2^31 - 1, so that it fits in a Pusher socket id).
-fn origin_tag() -> u64 {
+pub(crate) fn origin_tag() -> u64 {
     let mut b = [0u8; 4];
     let r = match getrandom::fill(&mut b) {
         Ok(()) => u32::from_le_bytes(b),
@@ -622,7 +615,7 @@ impl Relay {
     fn refuse(&self, src: usize, done: Option<Done>) {
         self.link.metrics.publish_failed.inc();
         if let Some(done) = done {
-            self.run_on(src, Box::new(move |c| done(c, &unavailable())));
+            self.run_on(src, Box::new(move |c| done(c, &Outcome::unavailable())));
         }
     }
 
