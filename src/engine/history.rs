@@ -760,4 +760,62 @@ mod tests {
             Some(None)
         );
     }
+
+    #[test]
+    fn a_replica_follows_the_numbers_it_is_given() {
+        let k = keep(3, 1000);
+        let mut s = Store::default();
+        let (epoch, _) = s.append("c", k, Bytes::from_static(b"1"), 0);
+        // What another process numbered, in the same epoch.
+        for n in 2..=4u64 {
+            s.put("c", k, (&epoch, n), Bytes::from(n.to_string()), 10);
+        }
+        let st = s.get("c", 10).unwrap();
+        assert_eq!((st.top, st.first()), (4, 2), "size still enforced");
+        assert_eq!(s.frames, 3);
+        // A gap, or another epoch: the run starts again there.
+        s.put("c", k, (&epoch, 9), Bytes::from_static(b"9"), 20);
+        let st = s.get("c", 20).unwrap();
+        assert_eq!((st.top, st.len()), (9, 1));
+        let other: Arc<str> = "other".into();
+        s.put("c", k, (&other, 1), Bytes::from_static(b"a"), 30);
+        let st = s.get("c", 30).unwrap();
+        assert_eq!((&*st.epoch, st.top, st.len()), ("other", 1, 1));
+        assert_eq!((s.frames, s.bytes), (1, 1));
+    }
+
+    #[test]
+    fn what_a_store_exports_restores_as_it_was() {
+        let k = keep(10, 1000);
+        let mut s = Store::default();
+        s.append("a", k, Bytes::from_static(b"x"), 0);
+        s.append("a", k, Bytes::from_static(b"y"), 500);
+        s.append("b", k, Bytes::from_static(b"z"), 0);
+        // At 1200, a's first and b's only message expired; b's epoch is
+        // still exported (a client that saw everything can resume).
+        let out = s.export(1200);
+        assert_eq!(out.len(), 2);
+        let mut back = Store::default();
+        for r in out {
+            back.restore(r, 1200);
+        }
+        let a = back.get("a", 1200).unwrap();
+        assert_eq!((a.top, a.first()), (2, 2));
+        assert_eq!(a.after(1, 10).unwrap()[0].1, Bytes::from_static(b"y"));
+        let b = back.get("b", 1200).unwrap();
+        assert_eq!((b.top, b.len()), (1, 0));
+        assert_eq!(back.frames, 1);
+
+        let mut i = Idempotency::default();
+        i.remember("a", "k1", Some(("e".into(), 1)), 100);
+        i.remember("a", "k2", None, 5000);
+        let keys = i.export(200);
+        assert_eq!(keys.len(), 1, "expired keys are not handed over");
+        let mut j = Idempotency::default();
+        for k in keys {
+            j.restore(k);
+        }
+        assert_eq!(j.check("a", "k2", 4999), Some(None));
+        assert_eq!(j.check("a", "k2", 5000), None);
+    }
 }
