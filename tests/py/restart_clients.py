@@ -1,9 +1,10 @@
 """Clients through a herald restart, for tests/restart_without_dropping_anyone.rs.
 
-Usage: restart_clients.py WS_URL SUBSCRIBERS SECONDS
+Usage: restart_clients.py WS_URL SUBSCRIBERS SECONDS [PAUSE_MS [ROLE]]
 
 SUBSCRIBERS clients subscribe to channel `live`; a publisher publishes
-1, 2, 3, ... there (with acks, about 200 a second, each with an
+1, 2, 3, ... there (with acks, pausing PAUSE_MS (5) between publishes,
+each with an
 idempotency key, retried on another connection if its connection closes
 before the ack) for SECONDS. When the server closes a client (a restart),
 it reconnects at once and resubscribes with `since`, expecting
@@ -13,16 +14,27 @@ once, in order, and that offset n carries the number n.
 Prints "subscribed" once every client is subscribed (the driver restarts
 the server then), and at the end one JSON line with what happened. Exits 1
 on any gap, duplicate, refused connection or failed recovery.
+
+ROLE `subscribers` runs no publisher (more processes of subscribers, so
+that thousands of them do not share one Python thread): once the driver
+has the publisher's count, it writes it on a line to this process's
+standard input.
 """
 
 import asyncio
 import json
+import resource
 import sys
 import time
 
 from websockets.asyncio.client import connect
 
 URL, SUBS, SECONDS = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+PAUSE = float(sys.argv[4]) / 1000 if len(sys.argv) > 4 else 0.005
+PUBLISHES = len(sys.argv) <= 5 or sys.argv[5] != "subscribers"
+# A socket per subscriber: as many as the hard limit allows.
+_, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 stats = {"reconnects": 0, "refused": 0, "closes": {}, "published": 0, "max_back_ms": 0}
 failures = []
 close_times = []
@@ -56,7 +68,7 @@ async def subscriber(k, subscribed, stop):
             code = ws.close_code
             stats["closes"][str(code)] = stats["closes"].get(str(code), 0) + 1
             gone = time.monotonic()
-            close_times.append(gone)
+            close_times.append(time.time())
             ws = await open_ws()
             stats["reconnects"] += 1
             await ws.send(json.dumps({"op": "subscribe", "channel": "live", "id": "s",
@@ -96,7 +108,7 @@ async def publisher(stop):
             except Exception:  # noqa: BLE001 - closed by the restart: again
                 ws = await open_ws()
         stats["published"] = n
-        await asyncio.sleep(0.005)
+        await asyncio.sleep(PAUSE)
     stop.set()
     await ws.close()
 
@@ -108,11 +120,17 @@ async def main():
     for _ in range(SUBS):
         await subscribed.acquire()
     print("subscribed", flush=True)
-    await publisher(stop)
+    if PUBLISHES:
+        await publisher(stop)
+    else:
+        line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        stats["published"] = int(line)
+        stop.set()
     lasts = await asyncio.wait_for(asyncio.gather(*subs), 60)
     stats["short"] = sum(1 for x in lasts if x < stats["published"])
     if close_times:
         stats["close_spread_ms"] = round((max(close_times) - min(close_times)) * 1000)
+        stats["first_close"], stats["last_close"] = min(close_times), max(close_times)
     print(json.dumps(stats), flush=True)
     if failures or stats["short"]:
         print("FAIL: " + "; ".join(failures[:5]), file=sys.stderr)
