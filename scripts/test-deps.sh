@@ -13,6 +13,8 @@
 # - redis-server and redis-cli (Debian's redis-server package), and
 #   nats-server (Debian's nats-server package, with JetStream), which the
 #   cluster tests start on loopback ports of their own (tests/cluster.rs);
+# - PostgreSQL (Debian's postgresql package), which tests/config_from_postgres.rs
+#   starts in a temporary directory of its own, as the postgres user;
 # - systemd's tools (systemd-analyze, systemd-socket-activate), dpkg and
 #   cargo-deb, with which tests/deploy_on_linux.rs checks the units, socket
 #   activation and the Debian package.
@@ -50,6 +52,9 @@ if ! command -v systemd-analyze >/dev/null 2>&1 || ! command -v systemd-socket-a
     apt_install systemd
 fi
 command -v dpkg-deb >/dev/null 2>&1 || apt_install dpkg
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+    apt_install postgresql
+fi
 CARGO_DEB=3.8.0
 if ! cargo deb --version 2>/dev/null | grep -q "$CARGO_DEB"; then
     echo "test-deps: cargo install cargo-deb $CARGO_DEB" >&2

@@ -42,6 +42,8 @@ pub struct Shared {
     /// /metrics has a socket of its own (METRICS_ADDR, or one the service
     /// manager passed as `metrics`): the main port does not serve it.
     pub metrics_apart: AtomicBool,
+    /// The database the configuration is kept in (DATABASE_URL).
+    pub database: std::sync::OnceLock<Arc<crate::integrations::database::Database>>,
 }
 
 /// The code a connection is closed with when its server restarts, given
@@ -122,6 +124,7 @@ impl Shared {
             tls: std::sync::OnceLock::new(),
             handed_over: AtomicBool::new(false),
             metrics_apart: AtomicBool::new(false),
+            database: std::sync::OnceLock::new(),
             drain_ms: std::sync::atomic::AtomicU64::new(config.drain_seconds.as_millis() as u64),
             config,
         })

@@ -260,6 +260,18 @@ pub struct Config {
     #[arg(long, env = "API_KEYS_FILE")]
     pub api_keys_file: Option<std::path::PathBuf>,
 
+    /// PostgreSQL holding the configuration (`postgres://user:password@host:port/db`):
+    /// wspubsub's API keys from its `apikeys` table, instead of API_KEYS_FILE.
+    /// Read again on a notification on `herald_config` and every
+    /// DATABASE_REFRESH.
+    #[arg(long, env = "DATABASE_URL", value_parser = parse_database_url)]
+    pub database_url: Option<String>,
+
+    /// Seconds between two reads of the database's tables when no
+    /// notification says they changed.
+    #[arg(long, env = "DATABASE_REFRESH", default_value = "30", value_parser = parse_secs)]
+    pub database_refresh: Duration,
+
     /// Seconds of silence before a Pusher connection is pinged (sent to
     /// clients as activity_timeout).
     #[arg(long, env = "PUSHER_ACTIVITY_TIMEOUT", default_value = "120", value_parser = parse_secs)]
@@ -410,6 +422,20 @@ fn parse_broker_url(s: &str) -> Result<BrokerUrl, String> {
     })
 }
 
+fn parse_database_url(s: &str) -> Result<String, String> {
+    const EXPECTED: &str = "expected postgres://user:password@host:port/database";
+    let s = s.trim();
+    let (scheme, rest) = s.split_once("://").ok_or(EXPECTED)?;
+    if scheme != "postgres" && scheme != "postgresql" {
+        return Err(format!("unknown scheme {scheme}://; {EXPECTED}"));
+    }
+    let host = rest.rsplit('@').next().unwrap_or("");
+    if host.split(['/', '?']).next().unwrap_or("").is_empty() && !rest.contains("host=") {
+        return Err(EXPECTED.into());
+    }
+    Ok(s.to_string())
+}
+
 fn parse_node_id(s: &str) -> Result<String, String> {
     let s = s.trim();
     let ok = !s.is_empty()
@@ -435,6 +461,8 @@ pub enum ConfigError {
     HistoryOverNats,
     #[error("TLS_CERT and TLS_KEY go together: set both, or neither")]
     TlsHalf,
+    #[error("API_KEYS_FILE with DATABASE_URL: the API keys come from one place; unset one")]
+    KeysTwice,
     #[error("TLS_PORT needs TLS_CERT and TLS_KEY")]
     TlsPortWithoutCert,
     #[error(
@@ -505,6 +533,9 @@ impl Config {
         }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return Err(ConfigError::TlsHalf);
+        }
+        if self.api_keys_file.is_some() && self.database_url.is_some() {
+            return Err(ConfigError::KeysTwice);
         }
         match self.tls_port {
             Some(_) if self.tls_cert.is_none() => return Err(ConfigError::TlsPortWithoutCert),
@@ -660,7 +691,7 @@ fn effective(
         let value = raw.join(",");
         let shown = match id {
             _ if SECRET_KEYS.contains(&id) => "***".to_string(),
-            "broker_url" | "authorizer_url" => without_credentials(&value),
+            "broker_url" | "authorizer_url" | "database_url" => without_credentials(&value),
             _ => value,
         };
         let literal = match shown.as_str() {
@@ -688,12 +719,26 @@ fn effective(
 }
 
 /// `scheme://user:password@host/...` without `user:password@`.
-fn without_credentials(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
+pub fn without_credentials(url: &str) -> String {
+    let shown = match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             format!("{}://***@{}", &url[..scheme], &url[at + 1..])
         }
         _ => url.to_string(),
+    };
+    // A password in the query (`?password=...`, as libpq takes it).
+    match shown.split_once('?') {
+        Some((base, query)) => {
+            let params: Vec<String> = query
+                .split('&')
+                .map(|p| match p.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    _ => p.to_string(),
+                })
+                .collect();
+            format!("{base}?{}", params.join("&"))
+        }
+        None => shown,
     }
 }
 

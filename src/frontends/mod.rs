@@ -45,7 +45,7 @@ pub static NAMESPACED_HISTORY: NamespacedHistory = NamespacedHistory {
 pub struct Loaded {
     /// Pusher apps (APPS, APPS_FILE).
     pub apps: pusher::apps::Apps,
-    /// wspubsub API keys (API_KEYS_FILE).
+    /// wspubsub API keys (API_KEYS_FILE, or DATABASE_URL's table).
     pub api_keys: Option<wspubsub::keys::ApiKeys>,
 }
 
@@ -70,9 +70,11 @@ pub enum LoadError {
 /// Loads what `config` names for the front-ends.
 pub fn load(config: &Config) -> Result<Loaded, LoadError> {
     let apps = pusher::load_apps(config)?;
-    let api_keys = match &config.api_keys_file {
-        Some(path) => Some(wspubsub::keys::ApiKeys::from_file(path)?),
-        None => None,
+    let api_keys = match (&config.api_keys_file, &config.database_url) {
+        (Some(path), _) => Some(wspubsub::keys::ApiKeys::from_file(path)?),
+        // Filled from the database once it answers.
+        (None, Some(_)) => Some(wspubsub::keys::ApiKeys::fixed(Default::default())),
+        (None, None) => None,
     };
     Ok(Loaded { apps, api_keys })
 }

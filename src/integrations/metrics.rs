@@ -14,6 +14,7 @@
 //! family is named (`x_total` in `# TYPE`), in `info` metrics, and in the
 //! `# UNIT` and `# EOF` lines.
 
+use super::database::DatabaseMetrics;
 use std::sync::Arc;
 
 use prometheus_client::collector::Collector;
@@ -93,6 +94,8 @@ pub struct Metrics {
     pub history_disk_dropped: Counter,
     /// BROKER_URL: the link to the cluster.
     pub broker: BrokerMetrics,
+    /// DATABASE_URL: the configuration kept in PostgreSQL.
+    pub database: DatabaseMetrics,
 }
 
 /// The cluster link's figures (all zero on a node without BROKER_URL).
@@ -232,6 +235,22 @@ impl Metrics {
         );
         let broker = BrokerMetrics::new();
         broker.register(registry);
+        let database = DatabaseMetrics::default();
+        registry.register(
+            "database_up",
+            "1 while the database DATABASE_URL names is reachable",
+            database.up.clone(),
+        );
+        registry.register(
+            "database_reads",
+            "Reads of the configuration tables (at start, on a change, every DATABASE_REFRESH)",
+            database.reads.clone(),
+        );
+        registry.register(
+            "database_errors",
+            "Failed connections to the database and connections lost",
+            database.errors.clone(),
+        );
         let rejected = Family::<Labels, Counter>::default();
         registry.register(
             "rejected_upgrades",
@@ -299,6 +318,7 @@ impl Metrics {
             history_disk_written,
             history_disk_dropped,
             broker,
+            database,
         }
     }
 

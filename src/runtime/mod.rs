@@ -37,6 +37,7 @@ use crate::engine::history::HistorySink;
 use crate::engine::message::route_hash;
 use crate::frontends::{FrontEnds, Loaded};
 use crate::integrations::cluster::Cluster;
+use crate::integrations::database::{Database, Tables};
 use crate::integrations::handoff;
 use crate::integrations::history_disk::{DiskError, HistoryDisk};
 use crate::integrations::metrics::Metrics;
@@ -67,6 +68,8 @@ pub enum ServerError {
     History(#[from] crate::integrations::history_disk::DiskError),
     #[error(transparent)]
     Cluster(#[from] crate::integrations::cluster::ClusterError),
+    #[error(transparent)]
+    Database(#[from] crate::integrations::database::DatabaseError),
 }
 
 enum Event {
@@ -200,6 +203,10 @@ pub fn run(mut config: Config, loaded: impl Into<Loaded>) -> Result<(), ServerEr
         shared.hub.join_cluster(cluster.clone());
         frontends.join_cluster(&(cluster as Arc<dyn crate::engine::core::Broker>));
         tracing::info!(node, "in a cluster through {}", url.redacted());
+    }
+    if let Some(url) = &shared.config.database_url {
+        let db = start_database(url, &shared, &frontends)?;
+        let _ = shared.database.set(db);
     }
     let uring = match shared.config.io_driver {
         IoDriver::Epoll => false,
@@ -446,6 +453,43 @@ pub fn run(mut config: Config, loaded: impl Into<Loaded>) -> Result<(), ServerEr
             Ok(())
         }
     }
+}
+
+/// Starts reading the configuration kept in the database, and waits (a
+/// bounded time) for the first read, so that the node does not start by
+/// refusing every key it will know a moment later.
+fn start_database(
+    url: &str,
+    shared: &Shared,
+    frontends: &FrontEnds,
+) -> Result<Arc<Database>, ServerError> {
+    let keys = frontends.wspubsub.as_ref().map(|w| w.keys().clone());
+    let (first, read) = crossbeam_channel::bounded::<()>(1);
+    let apply = move |tables: Tables| {
+        if let (Some(keys), Some(rows)) = (&keys, tables.api_keys) {
+            let rows = rows.into_iter().map(|r| (r.domain, r.apikey, r.active));
+            let (set, skipped) = crate::frontends::wspubsub::keys::from_rows(rows);
+            if skipped > 0 {
+                tracing::warn!(
+                    skipped,
+                    "apikeys: rows left out (invalid domain or key, or a key twice)"
+                );
+            }
+            tracing::debug!(keys = set.len(), "API keys read from the database");
+            keys.replace(set);
+        }
+        let _ = first.try_send(());
+    };
+    let metrics = shared.metrics.database.clone();
+    let db = Database::start(url, shared.config.database_refresh, metrics, apply)?;
+    let shown = crate::config::without_credentials(url);
+    match read.recv_timeout(Duration::from_secs(5)) {
+        Ok(()) => tracing::info!("configuration read from the database at {shown}"),
+        Err(_) => tracing::warn!(
+            "the database at {shown} did not answer in time: starting without its configuration, which is read as soon as it answers"
+        ),
+    }
+    Ok(db)
 }
 
 /// A copy of every listening socket, named, for a restart's successor:

@@ -208,7 +208,9 @@ async fn upgrade(
 /// `GET /health`: 200 once every reactor accepts, 503 while starting or
 /// stopping.
 /// In a cluster, also 503 (`"status":"broker_unreachable"`, with the
-/// reason) while the node cannot reach its broker.
+/// reason) while the node cannot reach its broker. With DATABASE_URL,
+/// `database` says whether the database is reachable (still 200 when it
+/// is not: the configuration read last stays in force).
 fn health(shared: &Shared) -> (u16, Vec<u8>) {
     let ready = shared.ready.load(Ordering::Acquire);
     let broker = shared.hub.broker().and_then(|b| b.unavailable());
@@ -233,6 +235,11 @@ fn health(shared: &Shared) -> (u16, Vec<u8>) {
     }
     if let Some(why) = broker {
         body["reason"] = why.into();
+    }
+    // The configuration read last stays in force while the database is
+    // away: shown, but the node still serves.
+    if let Some(db) = shared.database.get() {
+        body["database"] = db.health();
     }
     (if ok { 200 } else { 503 }, body.to_string().into_bytes())
 }

@@ -140,12 +140,7 @@ pub fn parse(text: &str) -> Result<KeySet, KeysError> {
                 domain: domain.chars().take(80).collect(),
             });
         }
-        let key_ok = !key.is_empty()
-            && key.len() <= MAX_KEY
-            && key
-                .bytes()
-                .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\'');
-        if !key_ok {
+        if !valid_key(key) {
             return Err(KeysError::Key { line });
         }
         let active = match active.to_ascii_lowercase().as_str() {
@@ -169,6 +164,38 @@ pub fn parse(text: &str) -> Result<KeySet, KeysError> {
             .push((key.into(), active));
     }
     Ok(set)
+}
+
+/// The keys of rows read from a database (`(domain, apikey, active)`):
+/// a row that is not valid (its domain or key, or a key another row has
+/// already) is left out and counted, not trusted, so that one bad row
+/// does not lock every publisher out.
+pub fn from_rows(rows: impl IntoIterator<Item = (String, String, bool)>) -> (KeySet, usize) {
+    let mut set = KeySet::default();
+    let mut seen = std::collections::HashSet::new();
+    let mut skipped = 0;
+    for (domain, key, active) in rows {
+        let (domain, key) = (domain.trim(), key.trim());
+        if !valid_domain(domain) || !valid_key(key) || !seen.insert(key.to_string()) {
+            skipped += 1;
+            continue;
+        }
+        set.domains
+            .entry(domain.into())
+            .or_default()
+            .keys
+            .push((key.into(), active));
+    }
+    (set, skipped)
+}
+
+/// Is `key` a valid API key: 1 to 255 printable bytes, no quotes?
+fn valid_key(key: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= MAX_KEY
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\'')
 }
 
 /// Reads and parses the file at `path`.
@@ -229,7 +256,8 @@ impl ApiKeys {
         self.generation.load(Ordering::Acquire)
     }
 
-    fn replace(&self, set: KeySet) {
+    /// Puts `set` in force (publishers check their keys again).
+    pub fn replace(&self, set: KeySet) {
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
         self.generation.fetch_add(1, Ordering::AcqRel);
     }
@@ -395,5 +423,28 @@ mod tests {
         std::fs::write(&path, "d,k,t\n").unwrap();
         assert!(read(&path).unwrap().allows("d", "k"));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn rows_from_a_database_leave_out_what_is_not_valid() {
+        let row = |d: &str, k: &str, a: bool| (d.to_string(), k.to_string(), a);
+        let (set, skipped) = from_rows([
+            row("test", "k1", true),
+            row("test", "k2", false),
+            row("bad domain", "k3", true),
+            row("test:x", "k4", true),
+            row("other", "k1", true),
+            row("other", "has space", true),
+            row(" acme.io ", " k5 ", true),
+        ]);
+        assert_eq!(skipped, 4);
+        assert!(set.allows("test", "k1"));
+        assert!(!set.allows("test", "k2"), "inactive");
+        assert!(!set.allows("other", "k1"), "a key belongs to one domain");
+        assert!(
+            set.allows("acme.io", "k5"),
+            "trimmed as a file's fields are"
+        );
+        assert_eq!(set.len(), 3);
     }
 }

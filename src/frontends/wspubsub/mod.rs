@@ -57,6 +57,11 @@ impl WsPubSub {
         keys.watch(KEYS_POLL);
         Arc::new(WsPubSub { keys })
     }
+
+    /// The keys in force (replaced whole when their source changes).
+    pub fn keys(&self) -> &Arc<ApiKeys> {
+        &self.keys
+    }
 }
 
 /// Where a wspubsub path leads.

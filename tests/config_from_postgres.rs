@@ -1,0 +1,176 @@
+//! Configuration kept in PostgreSQL (`DATABASE_URL`), against a real
+//! server the test starts: wspubsub's API keys from the `apikeys` table
+//! (`deploy/database.sql`), changes applied within seconds without a
+//! restart (through the trigger's notification, or `DATABASE_REFRESH`),
+//! and a database that goes away leaves the keys in force, with the outage
+//! in `/health` and the metrics.
+
+mod common;
+#[path = "common/postgres.rs"]
+mod postgres_server;
+
+use common::*;
+use postgres_server::Postgres;
+use serde_json::Value;
+use tungstenite::Message;
+
+const SCHEMA: &str = include_str!("../deploy/database.sql");
+
+fn allowed(server: &Server, key: &str) -> bool {
+    Client::try_connect(server.addr, &format!("/ws/pub/{key}/test/room"), &[]).is_ok()
+}
+
+fn health(server: &Server) -> Value {
+    let (status, body) = http(server.addr, "GET", "/health", &[], b"");
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+#[test]
+fn api_keys_come_from_postgres_and_changes_apply_without_a_restart() {
+    let pg = Postgres::start();
+    pg.sql(SCHEMA);
+    // Run twice, as an upgrade would: nothing breaks.
+    pg.sql(SCHEMA);
+    pg.sql(
+        "INSERT INTO apikeys (domain, username, apikey, active) VALUES
+            ('test', 'a@example.com', 'key-one', true),
+            ('test', 'b@example.com', 'key-off', false),
+            ('bad domain', 'c@example.com', 'key-bad', true)",
+    );
+    // Long refresh: what changes below arrives by notification.
+    let server = Server::start(&[
+        ("DATABASE_URL", pg.url().as_str()),
+        ("DATABASE_REFRESH", "3600"),
+    ]);
+    assert!(allowed(&server, "key-one"), "{}", server.log());
+    assert!(!allowed(&server, "key-off"));
+    assert!(
+        !allowed(&server, "key-bad"),
+        "a row with a bad domain is left out"
+    );
+    assert!(server.log().contains("rows left out"), "{}", server.log());
+    let mut sub = Client::connect(&server, "/ws/sub/test/room");
+    let mut publ = Client::connect(&server, "/ws/pub/key-one/test/room");
+    publ.ws.send(Message::text("hello")).unwrap();
+    assert_eq!(sub.recv(), Message::text("hello"));
+    let h = health(&server);
+    assert_eq!(h["database"]["status"], "ok", "{h}");
+    assert_eq!(h["database"]["api_keys"], 3, "{h}");
+
+    // A key inserted, another deactivated: in force within seconds.
+    pg.sql("INSERT INTO apikeys (domain, username, apikey, active) VALUES ('test', 'd@example.com', 'key-two', true)");
+    wait_for("the inserted key to be allowed", || {
+        allowed(&server, "key-two")
+    });
+    pg.sql("UPDATE apikeys SET active = false WHERE apikey = 'key-one'");
+    wait_for("the deactivated key to be refused", || {
+        !allowed(&server, "key-one")
+    });
+    // The publisher already connected with it is closed at its next
+    // message, which reaches no one.
+    publ.ws.send(Message::text("after")).unwrap();
+    let (code, reason) = publ.expect_close();
+    assert_eq!((code, reason.as_str()), (1008, "apikey no longer active"));
+    let mut other = Client::connect(&server, "/ws/pub/key-two/test/room");
+    other.ws.send(Message::text("from key two")).unwrap();
+    assert_eq!(sub.recv(), Message::text("from key two"));
+    let metrics = http(server.addr, "GET", "/metrics", &[], b"").1;
+    assert!(metrics.contains("herald_database_up 1"), "{metrics}");
+}
+
+#[test]
+fn without_the_trigger_changes_arrive_with_the_refresh() {
+    let pg = Postgres::start();
+    pg.sql(SCHEMA);
+    pg.sql("DROP TRIGGER herald_config_changed ON apikeys");
+    let server = Server::start(&[
+        ("DATABASE_URL", pg.url().as_str()),
+        ("DATABASE_REFRESH", "1"),
+    ]);
+    assert!(!allowed(&server, "late-key"));
+    pg.sql("INSERT INTO apikeys (domain, username, apikey, active) VALUES ('test', 'e@example.com', 'late-key', true)");
+    wait_for("the refresh to read the new key", || {
+        allowed(&server, "late-key")
+    });
+}
+
+#[test]
+fn a_database_that_goes_away_leaves_the_keys_in_force() {
+    let mut pg = Postgres::start();
+    pg.sql(SCHEMA);
+    pg.sql("INSERT INTO apikeys (domain, username, apikey, active) VALUES ('test', 'a@example.com', 'key-one', true)");
+    let server = Server::start(&[
+        ("DATABASE_URL", pg.url().as_str()),
+        ("DATABASE_REFRESH", "3600"),
+    ]);
+    assert!(allowed(&server, "key-one"));
+    pg.stop();
+    wait_for("/health to show the outage", || {
+        health(&server)["database"]["status"] == "unreachable"
+    });
+    let h = health(&server);
+    assert!(h["database"]["reason"].is_string(), "{h}");
+    assert_eq!(h["status"], "ok", "the node still serves: {h}");
+    let metrics = http(server.addr, "GET", "/metrics", &[], b"").1;
+    assert!(metrics.contains("herald_database_up 0"), "{metrics}");
+    // The keys read last stay in force.
+    assert!(allowed(&server, "key-one"));
+    let mut sub = Client::connect(&server, "/ws/sub/test/room");
+    let mut publ = Client::connect(&server, "/ws/pub/key-one/test/room");
+    publ.ws.send(Message::text("during the outage")).unwrap();
+    assert_eq!(sub.recv(), Message::text("during the outage"));
+
+    // It comes back: reconnected, and changes apply again.
+    pg.resume();
+    wait_for("the database to be reached again", || {
+        health(&server)["database"]["status"] == "ok"
+    });
+    pg.sql("INSERT INTO apikeys (domain, username, apikey, active) VALUES ('test', 'b@example.com', 'key-back', true)");
+    wait_for("a key inserted after the outage", || {
+        allowed(&server, "key-back")
+    });
+}
+
+#[test]
+fn a_database_that_cannot_be_reached_at_start_does_not_stop_herald() {
+    // Nothing listens on this port yet: herald starts (after a bounded
+    // wait), refuses every key, and reads them once the database answers.
+    let mut pg = Postgres::start();
+    pg.sql(SCHEMA);
+    pg.sql("INSERT INTO apikeys (domain, username, apikey, active) VALUES ('test', 'a@example.com', 'key-one', true)");
+    pg.stop();
+    let server = Server::start(&[
+        ("DATABASE_URL", pg.url().as_str()),
+        ("DATABASE_REFRESH", "3600"),
+    ]);
+    assert!(
+        server.log().contains("did not answer in time"),
+        "{}",
+        server.log()
+    );
+    assert!(!allowed(&server, "key-one"));
+    assert_eq!(health(&server)["database"]["status"], "unreachable");
+    pg.resume();
+    wait_for("the keys once the database answers", || {
+        allowed(&server, "key-one")
+    });
+}
+
+#[test]
+fn api_keys_from_a_file_and_a_database_are_refused_together() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .env_clear()
+        .env("PORT", "0")
+        .env(
+            "DATABASE_URL",
+            "postgres://herald:hunter2@127.0.0.1:1/herald",
+        )
+        .env("API_KEYS_FILE", "/nonexistent")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("API_KEYS_FILE with DATABASE_URL"), "{err}");
+    assert!(!err.contains("hunter2"), "no password in errors: {err}");
+}
