@@ -174,3 +174,112 @@ fn api_keys_from_a_file_and_a_database_are_refused_together() {
     assert!(err.contains("API_KEYS_FILE with DATABASE_URL"), "{err}");
     assert!(!err.contains("hunter2"), "no password in errors: {err}");
 }
+
+/// A Pusher client of app key `key`: its first event.
+fn pusher_connect(server: &Server, key: &str) -> (Client, Value) {
+    let mut c = Client::connect(server, &format!("/app/{key}?protocol=7"));
+    let first = c.recv_json();
+    (c, first)
+}
+
+fn trigger(server: &Server, app: (&str, &str, &str), data: &str) -> u16 {
+    let (id, key, secret) = app;
+    let body = serde_json::json!({"name":"greet","channel":"news","data":data}).to_string();
+    pusher_api(
+        server.addr,
+        (key, secret),
+        "POST",
+        &format!("/apps/{id}/events"),
+        &body,
+    )
+    .0
+}
+
+#[test]
+fn pusher_apps_come_from_postgres_and_changes_apply_without_a_restart() {
+    let pg = Postgres::start();
+    pg.sql(SCHEMA);
+    pg.sql(
+        "INSERT INTO herald_apps (id, key, secret) VALUES ('a1', 'k1', 's1');
+         INSERT INTO herald_apps (id, key, secret, max_client_events_per_second) VALUES ('bad', 'kb', 's', 0);",
+    );
+    let server = Server::start(&[
+        ("SECRET", "0123456789abcdef0123456789abcdef"),
+        ("DATABASE_URL", pg.url().as_str()),
+        ("DATABASE_REFRESH", "3600"),
+    ]);
+    let (mut c, first) = pusher_connect(&server, "k1");
+    assert_eq!(first["event"], "pusher:connection_established", "{first}");
+    c.send_json(serde_json::json!({"event":"pusher:subscribe","data":{"channel":"news"}}));
+    assert_eq!(
+        c.recv_json()["event"],
+        "pusher_internal:subscription_succeeded"
+    );
+    assert_eq!(trigger(&server, ("a1", "k1", "s1"), "one"), 200);
+    assert_eq!(c.recv_json()["data"], "one");
+    // A row that is not a valid app is left out, and said so.
+    let (_, first) = pusher_connect(&server, "kb");
+    assert_eq!(first["data"]["code"], 4001, "{first}");
+    assert!(
+        server.log().contains("herald_apps: left out"),
+        "{}",
+        server.log()
+    );
+    assert_eq!(health(&server)["database"]["apps"], 2);
+
+    // The secret rotated: the old one no longer signs, the new one does,
+    // and the connected client keeps its subscription.
+    pg.sql("UPDATE herald_apps SET secret = 's1-new' WHERE id = 'a1'");
+    wait_for("the rotated secret", || {
+        trigger(&server, ("a1", "k1", "s1-new"), "two") == 200
+    });
+    assert_eq!(trigger(&server, ("a1", "k1", "s1"), "old"), 401);
+    assert_eq!(c.recv_json()["data"], "two");
+
+    // A new app, at once.
+    pg.sql("INSERT INTO herald_apps (id, key, secret) VALUES ('a2', 'k2', 's2')");
+    wait_for("the new app", || {
+        pusher_connect(&server, "k2").1["event"] == "pusher:connection_established"
+    });
+    assert_eq!(trigger(&server, ("a2", "k2", "s2"), "x"), 200);
+    let metrics = http(server.addr, "GET", "/metrics", &[], b"").1;
+    assert!(metrics.contains("app=\"a2\""), "{metrics}");
+
+    // Disabled: its connected client is closed (4003) within seconds,
+    // and new ones are refused.
+    pg.sql("UPDATE herald_apps SET enabled = false WHERE id = 'a1'");
+    let (code, _) = c.expect_close();
+    assert_eq!(code, 4003);
+    let (_, first) = pusher_connect(&server, "k1");
+    assert_eq!(first["data"]["code"], 4003, "{first}");
+    assert_eq!(trigger(&server, ("a1", "k1", "s1-new"), "y"), 403);
+    // Deleted: unknown.
+    pg.sql("DELETE FROM herald_apps WHERE id = 'a2'");
+    wait_for("the deleted app to be unknown", || {
+        pusher_connect(&server, "k2").1["data"]["code"] == 4001
+    });
+}
+
+#[test]
+fn pusher_apps_stay_in_force_while_the_database_is_away() {
+    let mut pg = Postgres::start();
+    pg.sql(SCHEMA);
+    pg.sql("INSERT INTO herald_apps (id, key, secret) VALUES ('a1', 'k1', 's1')");
+    let server = Server::start(&[
+        ("SECRET", "0123456789abcdef0123456789abcdef"),
+        ("DATABASE_URL", pg.url().as_str()),
+    ]);
+    pg.stop();
+    wait_for("the outage", || {
+        health(&server)["database"]["status"] == "unreachable"
+    });
+    let (mut c, first) = pusher_connect(&server, "k1");
+    assert_eq!(first["event"], "pusher:connection_established", "{first}");
+    c.send_json(serde_json::json!({"event":"pusher:subscribe","data":{"channel":"news"}}));
+    assert_eq!(
+        c.recv_json()["event"],
+        "pusher_internal:subscription_succeeded"
+    );
+    assert_eq!(trigger(&server, ("a1", "k1", "s1"), "still"), 200);
+    assert_eq!(c.recv_json()["data"], "still");
+}

@@ -79,27 +79,12 @@ fn api(server: &Server, method: &str, path: &str, body: &str) -> (u16, String) {
 /// A signed HTTP API request with the app credentials `(key, secret)`.
 fn api_as(
     server: &Server,
-    (key, secret): (&str, &str),
+    credentials: (&str, &str),
     method: &str,
     path: &str,
     body: &str,
 ) -> (u16, String) {
-    use md5::Digest;
-    let ts = common::unix_now().to_string();
-    let md5: String = md5::Md5::digest(body.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    let q = format!("auth_key={key}&auth_timestamp={ts}&auth_version=1.0&body_md5={md5}");
-    let sig = sign(secret, &format!("{method}\n{path}\n{q}"));
-    let headers = [("Content-Type", "application/json")];
-    common::http(
-        server.addr,
-        method,
-        &format!("{path}?{q}&auth_signature={sig}"),
-        &headers,
-        body.as_bytes(),
-    )
+    common::pusher_api(server.addr, credentials, method, path, body)
 }
 
 #[test]

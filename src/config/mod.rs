@@ -261,7 +261,9 @@ pub struct Config {
     pub api_keys_file: Option<std::path::PathBuf>,
 
     /// PostgreSQL holding the configuration (`postgres://user:password@host:port/db`):
-    /// wspubsub's API keys from its `apikeys` table, instead of API_KEYS_FILE.
+    /// wspubsub's API keys from its `apikeys` table, instead of
+    /// API_KEYS_FILE, and the Pusher apps from `herald_apps` unless APPS or
+    /// APPS_FILE is set.
     /// Read again on a notification on `herald_config` and every
     /// DATABASE_REFRESH.
     #[arg(long, env = "DATABASE_URL", value_parser = parse_database_url)]

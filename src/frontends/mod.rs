@@ -45,6 +45,9 @@ pub static NAMESPACED_HISTORY: NamespacedHistory = NamespacedHistory {
 pub struct Loaded {
     /// Pusher apps (APPS, APPS_FILE).
     pub apps: pusher::apps::Apps,
+    /// The Pusher apps come from the database (DATABASE_URL without APPS
+    /// or APPS_FILE): none until it answers.
+    pub apps_from_database: bool,
     /// wspubsub API keys (API_KEYS_FILE, or DATABASE_URL's table).
     pub api_keys: Option<wspubsub::keys::ApiKeys>,
 }
@@ -69,14 +72,23 @@ pub enum LoadError {
 
 /// Loads what `config` names for the front-ends.
 pub fn load(config: &Config) -> Result<Loaded, LoadError> {
-    let apps = pusher::load_apps(config)?;
+    let apps_from_database =
+        config.database_url.is_some() && config.apps.is_none() && config.apps_file.is_none();
+    let apps = match apps_from_database {
+        true => pusher::apps::Apps::default(),
+        false => pusher::load_apps(config)?,
+    };
     let api_keys = match (&config.api_keys_file, &config.database_url) {
         (Some(path), _) => Some(wspubsub::keys::ApiKeys::from_file(path)?),
         // Filled from the database once it answers.
         (None, Some(_)) => Some(wspubsub::keys::ApiKeys::fixed(Default::default())),
         (None, None) => None,
     };
-    Ok(Loaded { apps, api_keys })
+    Ok(Loaded {
+        apps,
+        apps_from_database,
+        api_keys,
+    })
 }
 
 /// The front-ends' node-wide state.
@@ -90,7 +102,12 @@ pub struct FrontEnds {
 impl FrontEnds {
     pub fn new(config: &Config, loaded: Loaded, metrics: &Arc<Metrics>) -> FrontEnds {
         FrontEnds {
-            pusher: pusher::PusherShared::start(config, loaded.apps, metrics),
+            pusher: pusher::PusherShared::start(
+                config,
+                loaded.apps,
+                loaded.apps_from_database,
+                metrics,
+            ),
             wspubsub: loaded.api_keys.map(wspubsub::WsPubSub::start),
         }
     }

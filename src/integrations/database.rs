@@ -1,6 +1,8 @@
 //! Configuration kept in PostgreSQL (`DATABASE_URL`): wspubsub's API keys,
 //! from the `apikeys` table as wspubsub lays it out (`domain`, `apikey`,
-//! `active`; other columns are ignored).
+//! `active`; other columns are ignored), and Pusher apps, from the
+//! `herald_apps` table (`deploy/database.sql`), each row read as the JSON
+//! object an app is in `APPS`.
 //!
 //! A thread of its own holds the one connection (no reactor ever waits on
 //! the database): it reads the tables, hands what it read to the front-ends
@@ -46,7 +48,20 @@ pub struct Tables {
     /// `apikeys`; `None` when it could not be read (the error is logged and
     /// the keys in force stay).
     pub api_keys: Option<Vec<KeyRow>>,
+    /// `herald_apps`, a JSON object per row; `None` when not asked for or
+    /// not read (the apps in force stay).
+    pub apps: Option<Vec<String>>,
 }
+
+/// The apps' columns, as the JSON object `APPS` holds for each app.
+const APPS_SQL: &str = "SELECT json_build_object(\
+    'id', id, 'key', key, 'secret', secret, 'enabled', enabled, \
+    'enable_client_messages', enable_client_messages, \
+    'max_connections', max_connections, \
+    'max_client_events_per_second', max_client_events_per_second, \
+    'max_event_payload_in_kb', max_event_payload_in_kb, \
+    'webhooks', coalesce(webhooks, '[]'::jsonb))::text \
+    FROM herald_apps ORDER BY id LIMIT 100000";
 
 /// The database's counters (registered with the other metrics).
 #[derive(Debug, Clone, Default)]
@@ -64,10 +79,15 @@ pub struct DatabaseMetrics {
 struct Status {
     reason: Option<String>,
     api_keys: Option<usize>,
+    apps: Option<usize>,
+    /// The last error of each table, logged once until it changes.
+    table_errors: [Option<String>; 2],
 }
 
 /// The link to the database.
 pub struct Database {
+    /// Read `herald_apps` too.
+    apps: bool,
     up: AtomicBool,
     status: Mutex<Status>,
     metrics: DatabaseMetrics,
@@ -85,9 +105,11 @@ pub enum DatabaseError {
 impl Database {
     /// Connects from a thread of its own; `apply` runs there with each
     /// read of the tables (the first as soon as the database answers).
+    /// `apps`: the Pusher apps come from the database too.
     pub fn start(
         url: &str,
         refresh: Duration,
+        apps: bool,
         metrics: DatabaseMetrics,
         apply: impl Fn(Tables) + Send + 'static,
     ) -> Result<Arc<Database>, DatabaseError> {
@@ -101,6 +123,7 @@ impl Database {
             .keepalives_idle(WAIT_MAX)
             .application_name("herald");
         let db = Arc::new(Database {
+            apps,
             up: AtomicBool::new(false),
             status: Mutex::new(Status {
                 reason: Some("not connected yet".into()),
@@ -135,6 +158,9 @@ impl Database {
         }
         if let Some(n) = s.api_keys {
             v["api_keys"] = n.into();
+        }
+        if let Some(n) = s.apps {
+            v["apps"] = n.into();
         }
         v
     }
@@ -237,21 +263,42 @@ impl Database {
                         active,
                     });
                 }
-                self.status
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .api_keys = Some(keys.len());
+                let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());
+                s.api_keys = Some(keys.len());
+                s.table_errors[0] = None;
                 tables.api_keys = Some(keys);
             }
-            Err(e) if e.as_db_error().is_some() => {
-                tracing::error!(
-                    "DATABASE_URL: cannot read apikeys: {}; the keys in force stay",
-                    describe(&e)
-                );
+            Err(e) if e.as_db_error().is_some() => self.table_error(0, "apikeys", &e),
+            Err(e) => return Err(e),
+        }
+        if !self.apps {
+            return Ok(tables);
+        }
+        match client.query(APPS_SQL, &[]) {
+            Ok(rows) => {
+                let apps: Vec<String> = rows.iter().filter_map(|r| r.try_get(0).ok()).collect();
+                let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());
+                s.apps = Some(apps.len());
+                s.table_errors[1] = None;
+                tables.apps = Some(apps);
             }
+            Err(e) if e.as_db_error().is_some() => self.table_error(1, "herald_apps", &e),
             Err(e) => return Err(e),
         }
         Ok(tables)
+    }
+
+    /// A table could not be read (missing, a column of another type):
+    /// logged once until the error changes; what was read last stays.
+    fn table_error(&self, i: usize, table: &str, e: &postgres::Error) {
+        let why = describe(e);
+        let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        if s.table_errors[i].as_deref() != Some(why.as_str()) {
+            tracing::error!(
+                "DATABASE_URL: cannot read {table}: {why}; what was read last stays in force"
+            );
+            s.table_errors[i] = Some(why);
+        }
     }
 }
 

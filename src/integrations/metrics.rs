@@ -85,7 +85,8 @@ pub struct Metrics {
     pusher_connections: Family<Labels, Gauge>,
     /// The Pusher apps' open connections (by app index), once tracked.
     app_connections: std::sync::OnceLock<Arc<[std::sync::atomic::AtomicUsize]>>,
-    app_ids: Vec<String>,
+    /// The Pusher apps' ids by index ("" for an index not given out).
+    app_ids: AppNames,
     outgoing: Family<Labels, Histogram, fn() -> Histogram>,
     webhooks: Family<Labels, Counter>,
     webhook_drops: Family<Labels, Counter>,
@@ -210,16 +211,25 @@ impl Metrics {
     /// Metrics for `workers` reactors and the Pusher apps `app_ids` (in
     /// app index order).
     pub fn with_apps(workers: usize, app_ids: &[&str]) -> Metrics {
+        Self::with_app_slots(workers, app_ids, app_ids.len())
+    }
+
+    /// The same, with room for `slots` apps (apps from a database come
+    /// and go: [`Metrics::set_app_names`]).
+    pub fn with_app_slots(workers: usize, app_ids: &[&str], slots: usize) -> Metrics {
+        let names: AppNames = Arc::new(std::sync::RwLock::new(
+            app_ids.iter().map(|a| a.to_string()).collect(),
+        ));
         let mut root = Registry::default();
         // The standard process_* names carry no prefix.
         root.register_collector(Box::new(ProcessCollector));
         let registry = root.sub_registry_with_prefix("herald");
         let cores: Arc<[Arc<CoreStats>]> = (0..workers)
-            .map(|_| Arc::new(CoreStats::new(app_ids.len() + 1)))
+            .map(|_| Arc::new(CoreStats::new(slots.max(app_ids.len()) + 1)))
             .collect();
         registry.register_collector(Box::new(CoreCollector {
             cores: cores.clone(),
-            apps: app_ids.iter().map(|a| a.to_string()).collect(),
+            apps: names.clone(),
         }));
         let history_disk_written = Counter::default();
         registry.register(
@@ -311,7 +321,7 @@ impl Metrics {
             channels_distinct,
             pusher_connections,
             app_connections: std::sync::OnceLock::new(),
-            app_ids: app_ids.iter().map(|a| a.to_string()).collect(),
+            app_ids: names,
             outgoing,
             webhooks,
             webhook_drops,
@@ -383,12 +393,25 @@ impl Metrics {
         let _ = self.app_connections.set(counts);
     }
 
+    /// The Pusher apps' ids by index, after apps from a database changed.
+    pub fn set_app_names(&self, names: Vec<String>) {
+        *self.app_ids.write().unwrap_or_else(|e| e.into_inner()) = names;
+    }
+
     /// Sets what a scrape reads from shared state: the distinct channel
     /// count, and each Pusher app's open connections.
     pub fn set_gauges(&self, channels: usize) {
         self.channels_distinct.set(channels as i64);
         if let Some(counts) = self.app_connections.get() {
-            for (app, n) in self.app_ids.iter().zip(counts.iter()) {
+            let names = self
+                .app_ids
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            for (app, n) in names.iter().zip(counts.iter()) {
+                if app.is_empty() {
+                    continue;
+                }
                 let n = n.load(std::sync::atomic::Ordering::Relaxed);
                 self.pusher_connections
                     .get_or_create(&labels(&[("app", app)]))
@@ -590,8 +613,11 @@ const APP_COUNTERS: &[Described<NamespaceStats, Stat>] = &[
 #[derive(Debug)]
 struct CoreCollector {
     cores: Arc<[Arc<CoreStats>]>,
-    apps: Vec<String>,
+    apps: AppNames,
 }
+
+/// Pusher app ids by index, shared with the collector.
+type AppNames = Arc<std::sync::RwLock<Vec<String>>>;
 
 impl Collector for CoreCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
@@ -610,12 +636,16 @@ impl Collector for CoreCollector {
                 ConstCounter::new(field(core).get()).encode(fam.encode_family(l)?)?;
             }
         }
-        if self.apps.is_empty() {
+        let apps = self.apps.read().unwrap_or_else(|e| e.into_inner()).clone();
+        if apps.iter().all(String::is_empty) {
             return Ok(());
         }
         for (name, help, field) in APP_COUNTERS {
             let mut fam = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-            for (i, app) in self.apps.iter().enumerate() {
+            for (i, app) in apps.iter().enumerate() {
+                if app.is_empty() {
+                    continue;
+                }
                 for (w, core) in self.cores.iter().enumerate() {
                     let Some(ns) = core.namespaces.get(i + 1) else {
                         continue;

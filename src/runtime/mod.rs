@@ -117,7 +117,11 @@ pub fn run(mut config: Config, loaded: impl Into<Loaded>) -> Result<(), ServerEr
     let pin = config.pin_workers;
     let loaded: Loaded = loaded.into();
     let ids: Vec<&str> = loaded.apps.iter().map(|a| a.id.as_str()).collect();
-    let metrics = Arc::new(Metrics::with_apps(workers, &ids));
+    let slots = match loaded.apps_from_database {
+        true => crate::frontends::pusher::apps::MAX_DATABASE_APPS,
+        false => ids.len(),
+    };
+    let metrics = Arc::new(Metrics::with_app_slots(workers, &ids, slots));
     let frontends = Arc::new(FrontEnds::new(&config, loaded, &metrics));
     // A restart's successor on a single node: the old process's history
     // (or, with HISTORY_DIR, its file, closed for this one) before anyone
@@ -464,8 +468,30 @@ fn start_database(
     frontends: &FrontEnds,
 ) -> Result<Arc<Database>, ServerError> {
     let keys = frontends.wspubsub.as_ref().map(|w| w.keys().clone());
+    let apps_from_database = frontends
+        .pusher
+        .as_ref()
+        .filter(|_| shared.config.apps.is_none() && shared.config.apps_file.is_none())
+        .cloned();
+    let wants_apps = apps_from_database.is_some();
+    let metrics = shared.metrics.clone();
     let (first, read) = crossbeam_channel::bounded::<()>(1);
     let apply = move |tables: Tables| {
+        if let (Some(pusher), Some(rows)) = (&apps_from_database, tables.apps) {
+            let mut problems = Vec::new();
+            let mut apps = Vec::with_capacity(rows.len());
+            for row in rows {
+                match serde_json::from_str::<crate::frontends::pusher::apps::App>(&row) {
+                    Ok(app) => apps.push(app),
+                    Err(e) => problems.push(format!("a row of herald_apps: {e}")),
+                }
+            }
+            problems.extend(pusher.apps.replace(apps));
+            for p in problems {
+                tracing::warn!("herald_apps: left out: {p}");
+            }
+            metrics.set_app_names(pusher.apps.names());
+        }
         if let (Some(keys), Some(rows)) = (&keys, tables.api_keys) {
             let rows = rows.into_iter().map(|r| (r.domain, r.apikey, r.active));
             let (set, skipped) = crate::frontends::wspubsub::keys::from_rows(rows);
@@ -480,8 +506,13 @@ fn start_database(
         }
         let _ = first.try_send(());
     };
-    let metrics = shared.metrics.database.clone();
-    let db = Database::start(url, shared.config.database_refresh, metrics, apply)?;
+    let db = Database::start(
+        url,
+        shared.config.database_refresh,
+        wants_apps,
+        shared.metrics.database.clone(),
+        apply,
+    )?;
     let shown = crate::config::without_credentials(url);
     match read.recv_timeout(Duration::from_secs(5)) {
         Ok(()) => tracing::info!("configuration read from the database at {shown}"),

@@ -44,16 +44,17 @@ pub fn handle(
 ) -> Answer {
     let rest = &path["/apps/".len()..];
     let (app_id, rest) = rest.split_once('/').unwrap_or((rest, ""));
-    let Some(app) = shared.apps.by_id(app_id) else {
+    let Some(app) = shared.apps.get().by_id(app_id).cloned() else {
         return text(404, format!("Unknown app id {app_id}"));
     };
+    let app = &app;
     if let Err(e) = super::sign::verify_api_request(app, method, path, query, body, now_unix) {
         return text(e.status(), e.to_string());
     }
     if !app.enabled {
         return text(403, "App is disabled");
     }
-    let ns = shared.apps.index_of(app) + 1;
+    let ns = app.index + 1;
     let params: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
         .into_owned()
         .collect();

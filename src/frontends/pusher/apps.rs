@@ -357,7 +357,8 @@ fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Webhook>, D::Error
 /// The configured apps, looked up by key (WebSocket side) or id (HTTP API).
 #[derive(Debug, Clone, Default)]
 pub struct Apps {
-    apps: Vec<Arc<App>>,
+    /// By index (an app from a database keeps its index when others go).
+    apps: Vec<Option<Arc<App>>>,
     by_key: HashMap<Box<str>, usize>,
     by_id: HashMap<Box<str>, usize>,
 }
@@ -392,11 +393,52 @@ impl Apps {
             }
             // Bounded by the length check above.
             app.index = i as u16;
-            out.by_id.insert(app.id.as_str().into(), i);
-            out.by_key.insert(app.key.as_str().into(), i);
-            out.apps.push(Arc::new(app));
+            out.put(app);
         }
         Ok(out)
+    }
+
+    /// Apps read from a database: each validated on its own (a row that
+    /// is not valid, or whose id or key another row has, is left out and
+    /// reported, not trusted), each at the index `index_of` gives its id
+    /// (`None`: no index is left, it is left out too).
+    pub fn from_rows(
+        rows: Vec<App>,
+        mut index_of: impl FnMut(&str) -> Option<u16>,
+    ) -> (Apps, Vec<String>) {
+        let mut out = Apps::default();
+        let mut problems = Vec::new();
+        for mut app in rows {
+            if let Err(e) = app.validate() {
+                problems.push(format!("app {:?}: {e}", app.id));
+                continue;
+            }
+            if out.by_id.contains_key(app.id.as_str()) || out.by_key.contains_key(app.key.as_str())
+            {
+                problems.push(format!("app {:?}: its id or key is another app's", app.id));
+                continue;
+            }
+            let Some(index) = index_of(&app.id) else {
+                problems.push(format!(
+                    "app {:?}: no more apps can be added without a restart",
+                    app.id
+                ));
+                continue;
+            };
+            app.index = index;
+            out.put(app);
+        }
+        (out, problems)
+    }
+
+    fn put(&mut self, app: App) {
+        let i = usize::from(app.index);
+        if self.apps.len() <= i {
+            self.apps.resize(i + 1, None);
+        }
+        self.by_id.insert(app.id.as_str().into(), i);
+        self.by_key.insert(app.key.as_str().into(), i);
+        self.apps[i] = Some(Arc::new(app));
     }
 
     /// The one app of open mode: `app-id` / `app-key` / `app-secret`, with
@@ -410,17 +452,17 @@ impl Apps {
 
     /// The app clients connect to as `/app/{key}`.
     pub fn by_key(&self, key: &str) -> Option<&Arc<App>> {
-        self.by_key.get(key).map(|&i| &self.apps[i])
+        self.by_key.get(key).and_then(|&i| self.apps[i].as_ref())
     }
 
     /// The app of HTTP API paths `/apps/{id}/...`.
     pub fn by_id(&self, id: &str) -> Option<&Arc<App>> {
-        self.by_id.get(id).map(|&i| &self.apps[i])
+        self.by_id.get(id).and_then(|&i| self.apps[i].as_ref())
     }
 
     /// The app with this `index`.
     pub fn get(&self, index: u16) -> Option<&Arc<App>> {
-        self.apps.get(usize::from(index))
+        self.apps.get(usize::from(index)).and_then(Option::as_ref)
     }
 
     /// The 0-based index of `app` (the same as `app.index`).
@@ -430,15 +472,96 @@ impl Apps {
 
     /// Every app, in index order.
     pub fn iter(&self) -> impl Iterator<Item = &Arc<App>> {
-        self.apps.iter()
+        self.apps.iter().flatten()
     }
 
     pub fn len(&self) -> usize {
-        self.apps.len()
+        self.iter().count()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.apps.is_empty()
+        self.len() == 0
+    }
+}
+
+/// Most apps a node serves when they come from a database: each has a
+/// namespace, counters and metrics of its own for the process's life.
+pub const MAX_DATABASE_APPS: usize = 1024;
+
+/// The apps in force, replaced whole when they come from a database
+/// (`DATABASE_URL`) and it changes. An app keeps its index (its channels'
+/// namespace) for the process's life, even if it goes and comes back.
+#[derive(Debug)]
+pub struct AppTable {
+    current: std::sync::RwLock<Arc<Apps>>,
+    /// Counts replacements: a connection that saw another number looks its
+    /// app up again.
+    generation: std::sync::atomic::AtomicU64,
+    /// Indices given out, by app id.
+    indices: std::sync::Mutex<HashMap<String, u16>>,
+    /// How many indices there are.
+    capacity: usize,
+}
+
+impl AppTable {
+    /// `apps` (from APPS or APPS_FILE), with room for `capacity` apps in
+    /// all.
+    pub fn new(apps: Apps, capacity: usize) -> AppTable {
+        let indices = apps.iter().map(|a| (a.id.clone(), a.index)).collect();
+        AppTable {
+            capacity: capacity.max(apps.apps.len()),
+            current: std::sync::RwLock::new(Arc::new(apps)),
+            generation: std::sync::atomic::AtomicU64::new(0),
+            indices: std::sync::Mutex::new(indices),
+        }
+    }
+
+    /// The apps in force.
+    pub fn get(&self) -> Arc<Apps> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// How many apps (indices) the node has room for.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Puts the apps of `rows` in force; returns the rows left out, and
+    /// why.
+    pub fn replace(&self, rows: Vec<App>) -> Vec<String> {
+        let mut indices = self.indices.lock().unwrap_or_else(|e| e.into_inner());
+        let capacity = self.capacity;
+        let (apps, problems) = Apps::from_rows(rows, |id| {
+            if let Some(&i) = indices.get(id) {
+                return Some(i);
+            }
+            let next = indices.len();
+            (next < capacity).then(|| {
+                indices.insert(id.to_string(), next as u16);
+                next as u16
+            })
+        });
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(apps);
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        problems
+    }
+
+    /// Every index's app id ("" for one not given out), for the metrics.
+    pub fn names(&self) -> Vec<String> {
+        let indices = self.indices.lock().unwrap_or_else(|e| e.into_inner());
+        let mut names = vec![String::new(); indices.len()];
+        for (id, &i) in indices.iter() {
+            names[usize::from(i)] = id.clone();
+        }
+        names
     }
 }
 
@@ -724,5 +847,39 @@ mod tests {
         let shown = format!("{app:?}");
         assert!(!shown.contains("very-secret"), "{shown}");
         assert!(shown.contains("<redacted>"));
+    }
+
+    #[test]
+    fn apps_from_a_database_keep_their_index_and_leave_out_bad_rows() {
+        let t = AppTable::new(Apps::default(), 2);
+        let problems = t.replace(vec![
+            App::new("a", "ka", "sa"),
+            App::new("bad id", "kx", "s"),
+            App::new("b", "ka", "sb"),
+            App::new("c", "kc", "sc"),
+        ]);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        let apps = t.get();
+        assert_eq!(apps.len(), 2);
+        assert_eq!(
+            (
+                apps.by_key("ka").unwrap().id.as_str(),
+                apps.by_id("c").unwrap().index
+            ),
+            ("a", 1)
+        );
+        let g = t.generation();
+        // "a" goes; "c" keeps index 1; "d" finds no room: the two indices
+        // are "a"'s and "c"'s for the process's life.
+        let problems = t.replace(vec![App::new("c", "kc", "sc2"), App::new("d", "kd", "sd")]);
+        assert!(problems[0].contains("no more apps"), "{problems:?}");
+        assert!(t.generation() > g);
+        let apps = t.get();
+        assert!(apps.by_id("a").is_none() && apps.get(0).is_none());
+        assert_eq!(apps.get(1).unwrap().secret, "sc2");
+        assert_eq!(t.names(), vec!["a".to_string(), "c".to_string()]);
+        // "a" comes back at its index.
+        t.replace(vec![App::new("a", "ka", "sa")]);
+        assert_eq!(t.get().by_id("a").unwrap().index, 0);
     }
 }

@@ -70,10 +70,19 @@ pub struct PusherConn {
     pub last_seen: u64,
     /// When a server ping was sent without an answer yet.
     pub pinged_at: Option<u64>,
+    /// The apps' generation `app` was read in (apps from a database
+    /// change: [`refresh_app`]).
+    generation: u64,
 }
 
 impl PusherConn {
-    pub fn new(app: Arc<App>, ns: u16, socket_id: String, now_ms: u64) -> PusherConn {
+    pub fn new(
+        app: Arc<App>,
+        ns: u16,
+        socket_id: String,
+        now_ms: u64,
+        generation: u64,
+    ) -> PusherConn {
         let tokens = f64::from(app.max_client_events_per_second);
         PusherConn {
             app,
@@ -85,6 +94,7 @@ impl PusherConn {
             refilled: Instant::now(),
             last_seen: now_ms,
             pinged_at: None,
+            generation,
         }
     }
 
@@ -115,6 +125,34 @@ impl PusherConn {
             .find(|(c, _)| &**c == channel)
             .map(|(_, u)| &**u)
     }
+}
+
+/// After the apps changed (apps from a database): the connection takes
+/// its app's current settings (a rotated secret, new limits), or is told
+/// why it must close (the app was disabled, removed, or its key changed).
+fn refresh_app(shared: &PusherShared, p: &mut PusherConn) -> Result<(), (u16, &'static str)> {
+    let generation = shared.apps.generation();
+    if generation == p.generation {
+        return Ok(());
+    }
+    p.generation = generation;
+    let apps = shared.apps.get();
+    match apps.get(p.ns - 1) {
+        Some(app) if app.key != p.app.key => Err((4001, "App key no longer exists")),
+        Some(app) if !app.enabled => Err((4003, "App is disabled")),
+        Some(app) => {
+            p.app = app.clone();
+            Ok(())
+        }
+        None => Err((4001, "App no longer exists")),
+    }
+}
+
+/// Closes connection `key` of an app that changed, as Pusher refuses one.
+fn close_for_app(worker: &Worker, key: usize, (code, why): (u16, &'static str)) {
+    let mut shard = worker.core.shard.borrow_mut();
+    shard.push(key, wire::error(Some(code), why));
+    shard.close(key, Some(code), why, false);
 }
 
 /// The channel name inside a routing key `{n}#{channel}`.
@@ -159,6 +197,11 @@ pub fn handle_text(fe: &Pusher, worker: &Worker, key: usize, text: &[u8], now_ms
             return;
         };
         p.seen(now_ms);
+        if let Err(why) = refresh_app(&fe.shared, p) {
+            drop(conns);
+            close_for_app(worker, key, why);
+            return;
+        }
     }
     let msg = match wire::parse(text) {
         Ok(m) => m,
@@ -616,10 +659,15 @@ pub fn sweep(fe: &Pusher, worker: &Worker, now_ms: u64) {
     let grace = fe.shared.pong_timeout.as_millis() as u64;
     let mut ping = Vec::new();
     let mut close = Vec::new();
+    let mut app_changed = Vec::new();
     {
         let shard = worker.core.shard.borrow();
         for (&key, p) in fe.conns.borrow_mut().iter_mut() {
             if shard.conn(key).is_none_or(|c| c.is_closing()) {
+                continue;
+            }
+            if let Err(why) = refresh_app(&fe.shared, p) {
+                app_changed.push((key, why));
                 continue;
             }
             match p.pinged_at {
@@ -632,6 +680,9 @@ pub fn sweep(fe: &Pusher, worker: &Worker, now_ms: u64) {
                 None => {}
             }
         }
+    }
+    for (key, why) in app_changed {
+        close_for_app(worker, key, why);
     }
     let mut shard = worker.core.shard.borrow_mut();
     for key in ping {

@@ -80,7 +80,7 @@ async fn upgrade(fe: Rc<Pusher>, up: Upgrade) {
             .find(|(k, _)| k == "protocol")
             .map(|(_, v)| v.into_owned())
     });
-    let app = p.apps.by_key(key).cloned();
+    let app = p.apps.get().by_key(key).cloned();
     let refusal: Option<(u16, String)> = match (&app, version.as_deref()) {
         _ if key.is_empty() || key.contains('/') => {
             Some((4005, format!("no Pusher endpoint at {path}")))
@@ -98,7 +98,7 @@ async fn upgrade(fe: Rc<Pusher>, up: Upgrade) {
     };
     let admitted = match (refusal, app) {
         (None, Some(app)) => {
-            let ns = p.apps.index_of(&app) + 1;
+            let ns = app.index + 1;
             if !p.admit(&app, ns) {
                 Err((4004, "Application is over connection quota".to_string()))
             } else if !shared.try_reserve_connection() {
@@ -144,9 +144,10 @@ impl FrontEnd for Pusher {
             .borrow_mut()
             .push(cx.key, wire::connection_established(&socket_id, timeout));
         let now = crate::clock::now_ms();
-        self.conns
-            .borrow_mut()
-            .insert(cx.key, PusherConn::new(app, ns, socket_id, now));
+        self.conns.borrow_mut().insert(
+            cx.key,
+            PusherConn::new(app, ns, socket_id, now, self.shared.apps.generation()),
+        );
     }
 
     fn on_text(&self, cx: &Cx<'_>, _: &mut (), text: &[u8]) -> Flow<()> {

@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use self::apps::{Apps, WebhookEvent};
+use self::apps::{AppTable, Apps, WebhookEvent};
 use self::webhooks::Webhooks;
 use crate::config::Config;
 use crate::engine::core::{Broker, Core};
@@ -56,7 +56,8 @@ pub enum Control {
 
 /// The Pusher state shared by every worker.
 pub struct PusherShared {
-    pub apps: Apps,
+    /// The apps in force (replaced whole when they come from a database).
+    pub apps: AppTable,
     /// Subscription counts and presence members (node-wide, and in a
     /// cluster cluster-wide).
     pub presence: Arc<NodePresence>,
@@ -95,13 +96,23 @@ impl PusherShared {
         }
     }
 
-    /// The Pusher state for `apps`, if there is any app.
-    pub fn start(config: &Config, apps: Apps, metrics: &Arc<Metrics>) -> Option<Arc<PusherShared>> {
-        if apps.is_empty() {
+    /// The Pusher state for `apps`, if there is any app, or if they come
+    /// from the database (`capacity` apps at most then).
+    pub fn start(
+        config: &Config,
+        apps: Apps,
+        from_database: bool,
+        metrics: &Arc<Metrics>,
+    ) -> Option<Arc<PusherShared>> {
+        if apps.is_empty() && !from_database {
             return None;
         }
+        let capacity = match from_database {
+            true => apps::MAX_DATABASE_APPS,
+            false => apps.len(),
+        };
         let shared = PusherShared::new(
-            apps,
+            AppTable::new(apps, capacity),
             config.worker_count(),
             config.pusher_activity_timeout,
             config.pusher_pong_timeout,
@@ -113,16 +124,19 @@ impl PusherShared {
     }
 
     pub fn new(
-        apps: Apps,
+        apps: AppTable,
         workers: usize,
         activity_timeout: Duration,
         pong_timeout: Duration,
         webhook_timeout: Duration,
         webhook_metrics: webhooks::WebhookMetrics,
     ) -> PusherShared {
-        let webhooks = Webhooks::start(&apps, webhook_timeout, webhook_metrics);
+        // Apps from a database may gain webhooks later.
+        let any =
+            apps.capacity() > apps.get().len() || apps.get().iter().any(|a| !a.webhooks.is_empty());
+        let webhooks = Webhooks::start(any, webhook_timeout, webhook_metrics);
         PusherShared {
-            app_connections: (0..apps.len()).map(|_| AtomicUsize::new(0)).collect(),
+            app_connections: (0..apps.capacity()).map(|_| AtomicUsize::new(0)).collect(),
             apps,
             presence: Arc::new(NodePresence::default()),
             webhooks,
@@ -182,7 +196,10 @@ impl PusherShared {
             return;
         };
         // Namespace n is app index n - 1.
-        let Some(app) = ns.checked_sub(1).and_then(|i| self.apps.get(i)) else {
+        let Some(app) = ns
+            .checked_sub(1)
+            .and_then(|i| self.apps.get().get(i).cloned())
+        else {
             return;
         };
         let (kind, event) = match &t {
@@ -219,7 +236,7 @@ impl PusherShared {
             }
         };
         if let Some(w) = &self.webhooks {
-            w.send(app, kind, event);
+            w.send(&app, kind, event);
         }
     }
 

@@ -31,7 +31,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use serde_json::Value;
 use tokio::sync::mpsc::{self, error::TrySendError};
 
-use super::apps::{App, Apps, WebhookEvent};
+use super::apps::{App, WebhookEvent};
 use super::sign;
 use crate::integrations::authorizer::{decide, Decision};
 use crate::integrations::metrics::Metrics;
@@ -90,8 +90,9 @@ pub struct Webhooks {
 
 impl Webhooks {
     /// Starts the sender thread if any app has a webhook.
-    pub fn start(apps: &Apps, timeout: Duration, metrics: WebhookMetrics) -> Option<Webhooks> {
-        if apps.iter().all(|a| a.webhooks.is_empty()) {
+    /// Starts the sender thread if `any` app may have webhooks.
+    pub fn start(any: bool, timeout: Duration, metrics: WebhookMetrics) -> Option<Webhooks> {
+        if !any {
             return None;
         }
         let (tx, rx) = mpsc::channel(QUEUE);
