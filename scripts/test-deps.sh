@@ -13,6 +13,8 @@
 # - redis-server and redis-cli (Debian's redis-server package), and
 #   nats-server (Debian's nats-server package, with JetStream), which the
 #   cluster tests start on loopback ports of their own (tests/cluster.rs);
+# - Chromium (Debian's chromium package), in which tests/console.rs drives
+#   the debug console with puppeteer-core (tests/js);
 # - PostgreSQL (Debian's postgresql package), which tests/config_from_postgres.rs
 #   starts in a temporary directory of its own, as the postgres user;
 # - systemd's tools (systemd-analyze, systemd-socket-activate), dpkg and
@@ -55,6 +57,7 @@ command -v dpkg-deb >/dev/null 2>&1 || apt_install dpkg
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
     apt_install postgresql
 fi
+[ -x /usr/bin/chromium ] || apt_install chromium
 CARGO_DEB=3.8.0
 if ! cargo deb --version 2>/dev/null | grep -q "$CARGO_DEB"; then
     echo "test-deps: cargo install cargo-deb $CARGO_DEB" >&2
@@ -91,9 +94,9 @@ fi
 js=tests/js
 stamp="$js/node_modules/.installed-package-lock.json"
 if ! cmp -s "$js/package-lock.json" "$stamp" ||
-    ! (cd "$js" && node -e 'require("pusher-js"); require("pusher")') >/dev/null 2>&1; then
+    ! (cd "$js" && node -e 'require("pusher-js"); require("pusher"); require("puppeteer-core")') >/dev/null 2>&1; then
     echo "test-deps: npm ci in $js" >&2
     (cd "$js" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
-    (cd "$js" && node -e 'require("pusher-js"); require("pusher")')
+    (cd "$js" && node -e 'require("pusher-js"); require("pusher"); require("puppeteer-core")')
     cp "$js/package-lock.json" "$stamp"
 fi

@@ -269,6 +269,11 @@ pub struct Config {
     #[arg(long, env = "DATABASE_URL", value_parser = parse_database_url)]
     pub database_url: Option<String>,
 
+    /// The token of the debug console (`GET /console?token=...`); without
+    /// it there is no console.
+    #[arg(long, env = "ADMIN_TOKEN")]
+    pub admin_token: Option<String>,
+
     /// Seconds between two reads of the database's tables when no
     /// notification says they changed.
     #[arg(long, env = "DATABASE_REFRESH", default_value = "30", value_parser = parse_secs)]
@@ -657,7 +662,7 @@ fn file_flags(path: &Path, given: &ArgMatches) -> Result<Vec<FileFlag>, (String,
 }
 
 /// Settings whose values --print-config and errors never show.
-const SECRET_KEYS: &[&str] = &["secret", "apps"];
+const SECRET_KEYS: &[&str] = &["secret", "apps", "admin_token"];
 
 /// The effective configuration as a configuration file: every setting
 /// with its value and where it comes from, secrets masked, credentials

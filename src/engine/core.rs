@@ -389,16 +389,26 @@ impl Core {
     /// Subscribes connection `key` to routing key `channel` (the interest
     /// map learns of it before this returns).
     pub fn subscribe(&self, key: usize, channel: &str) -> Result<(), SubscribeError> {
-        self.shard
+        let result = self
+            .shard
             .borrow_mut()
-            .subscribe(key, channel, &self.hub.interest)
+            .subscribe(key, channel, &self.hub.interest);
+        if result.is_ok() {
+            seen("subscribe", channel, String::new);
+        }
+        result
     }
 
     /// Unsubscribes `key` from `channel`; false if it was not subscribed.
     pub fn unsubscribe(&self, key: usize, channel: &str) -> bool {
-        self.shard
+        let was = self
+            .shard
             .borrow_mut()
-            .unsubscribe(key, channel, &self.hub.interest)
+            .unsubscribe(key, channel, &self.hub.interest);
+        if was {
+            seen("unsubscribe", channel, String::new);
+        }
+        was
     }
 
     /// Forgets a finished connection and its subscriptions; says how it
@@ -451,6 +461,11 @@ impl Core {
         self.stats.publishes.inc();
         if let Some(ns) = self.stats.namespace(msg.namespace()) {
             ns.published.inc();
+        }
+        let w = super::watch::watch();
+        if w.on() {
+            let detail = format!("{} bytes", msg.payload().len());
+            w.record("publish", msg.namespace(), msg.channel(), detail);
         }
         if let Some(key) = except {
             let gen = self.shard.borrow().conn(key).map(|c| c.gen);
@@ -919,6 +934,16 @@ impl Core {
     /// Waits until another core has queued something for this one.
     pub async fn wait_for_messages(&self) {
         self.hub.bus.wait_for_messages(self.id).await
+    }
+}
+
+/// Records a subscription change of routing key `key` for the console,
+/// if one watches (`detail` is built only then).
+fn seen(kind: &'static str, key: &str, detail: impl FnOnce() -> String) {
+    let w = super::watch::watch();
+    if w.on() {
+        let (ns, channel) = super::watch::split_key(key);
+        w.record(kind, ns, channel, detail());
     }
 }
 

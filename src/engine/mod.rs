@@ -19,3 +19,4 @@ pub mod shard;
 pub mod slots;
 pub mod stats;
 pub mod subscribers;
+pub mod watch;

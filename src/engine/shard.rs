@@ -497,6 +497,29 @@ impl Shard {
     }
 
     /// The channels (routing keys) `key` is subscribed to.
+    /// A slow consumer closed, for the debug console if one watches.
+    fn seen_slow(&self, key: usize) {
+        let w = super::watch::watch();
+        if w.on() {
+            let detail = format!("worker {} connection {key}", self.id);
+            w.record("slow_consumer", 0, "", detail);
+        }
+    }
+
+    /// Channels (routing keys) with subscribers here, and how many each
+    /// has, the most subscribed first, at most `limit` (for the console).
+    pub fn channel_counts(&self, limit: usize) -> Vec<(Box<str>, usize)> {
+        let mut all: Vec<(Box<str>, usize)> = self
+            .channels
+            .iter()
+            .filter(|(_, s)| !s.is_empty())
+            .map(|(k, s)| (Box::<str>::from(&**k), s.len()))
+            .collect();
+        all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        all.truncate(limit);
+        all
+    }
+
     pub fn subscriptions(&self, key: usize) -> Vec<Rc<str>> {
         self.conns
             .get(key)
@@ -656,6 +679,7 @@ impl Shard {
         }
         if over_limit(conn, frame.len(), limit) {
             self.stats.slow_consumer_closes.inc();
+            self.seen_slow(key);
             let (code, reason) = self.limits.closes.slow_consumer;
             self.close(key, Some(code), reason, true);
             return;
@@ -734,6 +758,7 @@ impl Shard {
         let (code, reason) = self.limits.closes.slow_consumer;
         for key in overflowed {
             self.stats.slow_consumer_closes.inc();
+            self.seen_slow(key);
             self.close(key, Some(code), reason, true);
         }
         self.stats.messages_out.add(delivered as u64);

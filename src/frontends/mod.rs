@@ -22,6 +22,7 @@ use crate::integrations::metrics::Metrics;
 use crate::worker::Shared;
 use endpoint::Endpoint;
 
+pub mod console;
 pub mod echo;
 pub mod endpoint;
 pub mod native;
@@ -139,6 +140,12 @@ pub fn endpoints(
     }
     if let Some(w) = &frontends.wspubsub {
         all.push(Rc::new(wspubsub::WsPubSubEndpoint::new(w.clone())));
+    }
+    if shared.config.admin_token.is_some() {
+        all.push(Rc::new(console::Console::new(
+            shared,
+            frontends.pusher.clone(),
+        )));
     }
     all.into()
 }

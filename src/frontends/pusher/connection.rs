@@ -148,6 +148,15 @@ fn refresh_app(shared: &PusherShared, p: &mut PusherConn) -> Result<(), (u16, &'
     }
 }
 
+/// Records a presence change for the debug console, if one watches.
+fn seen(kind: &'static str, ns: u16, channel: &str, user_id: &str) {
+    let w = crate::engine::watch::watch();
+    if w.on() {
+        let detail = format!("user {user_id}");
+        w.record(kind, ns, channel, detail);
+    }
+}
+
 /// Closes connection `key` of an app that changed, as Pusher refuses one.
 fn close_for_app(worker: &Worker, key: usize, (code, why): (u16, &'static str)) {
     let mut shard = worker.core.shard.borrow_mut();
@@ -365,6 +374,7 @@ fn subscribe(
                     p.presence.push((channel.into(), user_id.clone().into()));
                 }
                 if first {
+                    seen("member_added", ns, channel, &user_id);
                     let frame = wire::member_added_routed(channel, &user_id, &user_info);
                     worker.core.publish(notice(frame, ns), Some(key));
                     webhook(
@@ -530,6 +540,7 @@ fn left(fe: &Pusher, worker: &Worker, key: usize, route: &str) {
     };
     if let Some(user_id) = user {
         if shared.presence.leave(route, &user_id) {
+            seen("member_removed", ns, channel, &user_id);
             let frame = wire::member_removed_routed(channel, &user_id);
             worker.core.publish(notice(frame, ns), Some(key));
             webhook(

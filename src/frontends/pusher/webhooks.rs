@@ -270,6 +270,16 @@ async fn post(
             Ok(r) => decide(r.status, Bytes::new()),
             Err(e) => Decision::Unavailable(e.to_string()),
         };
+        let w = crate::engine::watch::watch();
+        if w.on() {
+            let detail = match &outcome {
+                Decision::Allow(_) => format!("delivered to {url}"),
+                Decision::Deny(status) => format!("refused ({status}) by {url}"),
+                Decision::Unavailable(why) => format!("attempt {attempt} to {url} failed: {why}"),
+            };
+            let ns = app.index + 1;
+            w.record("webhook", ns, "", detail);
+        }
         match outcome {
             Decision::Allow(_) => {
                 metrics.batch(app, "delivered");
