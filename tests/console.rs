@@ -195,3 +195,29 @@ fn the_page_shows_the_node_live_in_a_real_browser() {
     let png = std::fs::read(&screenshot).expect("the screenshot");
     assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
 }
+
+#[test]
+fn the_console_can_be_kept_to_the_metrics_address() {
+    let port = free_port();
+    let metrics_addr = format!("127.0.0.1:{port}");
+    let server = Server::start(&[
+        ("ADMIN_TOKEN", TOKEN),
+        ("METRICS_ADDR", metrics_addr.as_str()),
+        ("CONSOLE_ON_METRICS", "true"),
+    ]);
+    let page = format!("/console?token={TOKEN}");
+    let (status, body) = http(server.addr, "GET", &page, &[], b"");
+    assert_eq!(
+        (status, body.as_str()),
+        (404, "/console is served on METRICS_ADDR\n")
+    );
+    let metrics: std::net::SocketAddr = metrics_addr.parse().unwrap();
+    wait_for("the metrics address", || {
+        std::net::TcpStream::connect(metrics).is_ok()
+    });
+    let (status, body) = http(metrics, "GET", &page, &[], b"");
+    assert_eq!(status, 200);
+    assert!(body.contains("herald console"));
+    // Nothing else of the main port is served there.
+    assert_eq!(http(metrics, "GET", "/history?channel=x", &[], b"").0, 404);
+}

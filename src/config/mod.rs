@@ -274,6 +274,11 @@ pub struct Config {
     #[arg(long, env = "ADMIN_TOKEN")]
     pub admin_token: Option<String>,
 
+    /// Serve the debug console only on METRICS_ADDR (or the socket passed
+    /// as `metrics`), not on the main port.
+    #[arg(long, env = "CONSOLE_ON_METRICS", default_value = "false", value_parser = parse_bool, action = clap::ArgAction::Set)]
+    pub console_on_metrics: bool,
+
     /// Seconds between two reads of the database's tables when no
     /// notification says they changed.
     #[arg(long, env = "DATABASE_REFRESH", default_value = "30", value_parser = parse_secs)]

@@ -290,6 +290,10 @@ async fn api(
     } = here;
     let shared = &worker.shared;
     let (method, path) = (head.method(), head.path());
+    // CONSOLE_ON_METRICS: the console only where /metrics is.
+    let console_apart =
+        shared.config.console_on_metrics && shared.metrics_apart.load(Ordering::Relaxed);
+    let console = path == "/console" || path.starts_with("/console/");
     let answer = match (method, path) {
         ("GET", "/health") => {
             let (status, body) = health(shared);
@@ -301,8 +305,13 @@ async fn api(
             let (ctype, body) = metrics_page(shared, head);
             Answer::new(200, ctype, body)
         }
-        _ if site == Site::Metrics => {
+        _ if site == Site::Metrics && !(console && console_apart) => {
             let mut a = Answer::text(404, "only GET /metrics and GET /health are served here\n");
+            a.close = true;
+            a
+        }
+        _ if console && console_apart && site != Site::Metrics => {
+            let mut a = Answer::text(404, "/console is served on METRICS_ADDR\n");
             a.close = true;
             a
         }
