@@ -5,9 +5,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
-use std::process::{Command, Stdio};
 
 use common::*;
 use serde_json::Value;
@@ -117,39 +115,20 @@ fn the_state_shows_channels_and_the_events_of_a_watched_node() {
 #[test]
 fn the_page_shows_the_node_live_in_a_real_browser() {
     let server = Server::start(&[("ADMIN_TOKEN", TOKEN)]);
-    let js = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js");
     let target = std::env::var("CARGO_TARGET_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
     let screenshot = target.join("console-screenshot.png");
     let _ = std::fs::remove_file(&screenshot);
-    let mut node = Command::new("node")
-        .arg("console.js")
-        .current_dir(&js)
-        .env("HERALD_ADDR", server.addr.to_string())
-        .env("ADMIN_TOKEN", TOKEN)
-        .env("SCREENSHOT", &screenshot)
-        // tests/js/lib.js's settings (open mode's app; unused here).
-        .env("APP_ID", "app-id")
-        .env("APP_KEY", "app-key")
-        .env("APP_SECRET", "app-secret")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("node (scripts/test-deps.sh installs it)");
-    let mut out = BufReader::new(node.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    if !line.contains("\"barrier\":\"watching\"") {
-        let mut err = String::new();
-        node.stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
-        panic!("console.js: {line} {err}");
-    }
+    let mut node = NodeScript::start(
+        "console.js",
+        server.addr,
+        &[
+            ("ADMIN_TOKEN", TOKEN),
+            ("SCREENSHOT", screenshot.to_str().unwrap()),
+        ],
+    );
+    node.barrier("watching");
     // While the page watches: three subscribers and a publish.
     let mut subs: Vec<Client> = (0..3).map(|_| Client::connect(&server, "/ws")).collect();
     for c in &mut subs {
@@ -160,7 +139,7 @@ fn the_page_shows_the_node_live_in_a_real_browser() {
     for c in &mut subs {
         assert_eq!(c.next_json("the client's publish")["data"], "from a client");
     }
-    writeln!(node.stdin.as_mut().unwrap(), "{{}}").unwrap();
+    node.go_on();
     // The page's form publishes to the subscribers.
     for c in &mut subs {
         assert_eq!(
@@ -168,21 +147,7 @@ fn the_page_shows_the_node_live_in_a_real_browser() {
             "from the browser"
         );
     }
-    let mut rest = String::new();
-    out.read_to_string(&mut rest).unwrap();
-    let status = node.wait().unwrap();
-    let mut err = String::new();
-    node.stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    assert!(
-        status.success(),
-        "console.js: {err}\n{rest}\n{}",
-        server.log()
-    );
-    let result = script_result(&rest);
+    let result = node.result(&server.log());
     assert_eq!(result["connections"], 4, "{result}");
     assert!(
         result["answer"].as_str().unwrap().starts_with("202"),

@@ -206,38 +206,12 @@ fn restart_under_load(env: &[(&str, &str)], processes: usize, pause_ms: u64) {
 #[test]
 fn pusher_js_is_back_within_two_seconds() {
     let mut old = Server::start(&[("DRAIN_SECONDS", "1")]);
-    let js = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js");
-    let mut node = Command::new("node")
-        .arg("restart.js")
-        .current_dir(&js)
-        .env("HERALD_ADDR", old.addr.to_string())
-        .env("APP_ID", "app-id")
-        .env("APP_KEY", "app-key")
-        .env("APP_SECRET", "app-secret")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("node (scripts/test-deps.sh installs it)");
-    let mut out = BufReader::new(node.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    assert!(line.contains("\"barrier\":\"restart\""), "{line}");
+    let mut node = NodeScript::start("restart.js", old.addr, &[]);
+    node.barrier("restart");
     old.signal(libc::SIGUSR2);
     let _successor = Successor::of(&old);
-    use std::io::Write;
-    writeln!(node.stdin.as_mut().unwrap(), "{{}}").unwrap();
-    let mut rest = String::new();
-    out.read_to_string(&mut rest).unwrap();
-    let status = node.wait().unwrap();
-    let mut err = String::new();
-    node.stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    assert!(status.success(), "restart.js: {err}\n{rest}");
-    let result = script_result(&rest);
+    node.go_on();
+    let result = node.result(&old.log());
     assert!(result["back_ms"].as_u64().unwrap() < 2000, "{result}");
     // It went away (4200) and came back.
     let states = result["states"].as_array().unwrap();

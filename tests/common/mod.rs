@@ -458,6 +458,81 @@ pub fn script_result(stdout: &str) -> Value {
         .unwrap_or_else(|| panic!("no result line in: {stdout}"))
 }
 
+/// A tests/js script run against a herald (tests/js/lib.js's protocol: JSON
+/// lines on stdout, each barrier answered with a line on stdin, the
+/// result last).
+pub struct NodeScript {
+    name: String,
+    child: Child,
+    out: BufReader<std::process::ChildStdout>,
+}
+
+impl NodeScript {
+    /// Starts tests/js/`name` against `addr`, with `env` (and open mode's
+    /// Pusher app, which lib.js asks for, unless `env` names another).
+    pub fn start(name: &str, addr: SocketAddr, env: &[(&str, &str)]) -> NodeScript {
+        let js = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js");
+        let mut cmd = Command::new("node");
+        cmd.arg(name)
+            .current_dir(&js)
+            .env("HERALD_ADDR", addr.to_string())
+            .env("APP_ID", "app-id")
+            .env("APP_KEY", "app-key")
+            .env("APP_SECRET", "app-secret");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("node (scripts/test-deps.sh installs it)");
+        let out = BufReader::new(child.stdout.take().expect("stdout"));
+        NodeScript {
+            name: name.to_string(),
+            child,
+            out,
+        }
+    }
+
+    /// Waits for the script to reach barrier `barrier`.
+    pub fn barrier(&mut self, barrier: &str) {
+        let mut line = String::new();
+        let _ = self.out.read_line(&mut line);
+        if !line.contains(&format!("\"barrier\":\"{barrier}\"")) {
+            let mut err = String::new();
+            if let Some(mut e) = self.child.stderr.take() {
+                let _ = e.read_to_string(&mut err);
+            }
+            panic!(
+                "{}: expected barrier {barrier}, got {line:?}: {err}",
+                self.name
+            );
+        }
+    }
+
+    /// Lets the script go on past its barrier.
+    pub fn go_on(&mut self) {
+        let stdin = self.child.stdin.as_mut().expect("stdin");
+        writeln!(stdin, "{{}}").expect("the script's stdin");
+    }
+
+    /// The script's result, once it exited 0 (`context` is added to the
+    /// failure otherwise).
+    pub fn result(mut self, context: &str) -> Value {
+        let mut rest = String::new();
+        let _ = self.out.read_to_string(&mut rest);
+        let status = self.child.wait().expect("wait for node");
+        let mut err = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        assert!(status.success(), "{}: {err}\n{rest}\n{context}", self.name);
+        script_result(&rest)
+    }
+}
+
 /// A free loopback port (bound, then released for a server to take).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
