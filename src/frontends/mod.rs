@@ -96,13 +96,16 @@ pub fn load(config: &Config) -> Result<Loaded, LoadError> {
 pub struct FrontEnds {
     /// Pusher apps and their cross-core state, when any app exists.
     pub pusher: Option<Arc<pusher::PusherShared>>,
-    /// wspubsub's keys, with API_KEYS_FILE.
+    /// wspubsub's keys, with API_KEYS_FILE or DATABASE_URL.
     pub wspubsub: Option<Arc<wspubsub::WsPubSub>>,
+    /// The Pusher apps come from the database (see [`Loaded`]).
+    pub apps_from_database: bool,
 }
 
 impl FrontEnds {
     pub fn new(config: &Config, loaded: Loaded, metrics: &Arc<Metrics>) -> FrontEnds {
         FrontEnds {
+            apps_from_database: loaded.apps_from_database,
             pusher: pusher::PusherShared::start(
                 config,
                 loaded.apps,

@@ -470,24 +470,14 @@ fn start_database(
     let keys = frontends.wspubsub.as_ref().map(|w| w.keys().clone());
     let apps_from_database = frontends
         .pusher
-        .as_ref()
-        .filter(|_| shared.config.apps.is_none() && shared.config.apps_file.is_none())
-        .cloned();
+        .clone()
+        .filter(|_| frontends.apps_from_database);
     let wants_apps = apps_from_database.is_some();
     let metrics = shared.metrics.clone();
     let (first, read) = crossbeam_channel::bounded::<()>(1);
     let apply = move |tables: Tables| {
         if let (Some(pusher), Some(rows)) = (&apps_from_database, tables.apps) {
-            let mut problems = Vec::new();
-            let mut apps = Vec::with_capacity(rows.len());
-            for row in rows {
-                match serde_json::from_str::<crate::frontends::pusher::apps::App>(&row) {
-                    Ok(app) => apps.push(app),
-                    Err(e) => problems.push(format!("a row of herald_apps: {e}")),
-                }
-            }
-            problems.extend(pusher.apps.replace(apps));
-            for p in problems {
+            for p in pusher.apps.replace_json(&rows) {
                 tracing::warn!("herald_apps: left out: {p}");
             }
             metrics.set_app_names(pusher.apps.names());

@@ -554,6 +554,21 @@ impl AppTable {
         problems
     }
 
+    /// Puts the apps of a database's rows in force, each a JSON object as
+    /// an app of `APPS` is; returns the rows left out, and why.
+    pub fn replace_json(&self, rows: &[String]) -> Vec<String> {
+        let mut problems = Vec::new();
+        let mut apps = Vec::with_capacity(rows.len());
+        for row in rows {
+            match serde_json::from_str::<App>(row) {
+                Ok(app) => apps.push(app),
+                Err(e) => problems.push(format!("a row: {e}")),
+            }
+        }
+        problems.extend(self.replace(apps));
+        problems
+    }
+
     /// Every index's app id ("" for one not given out), for the metrics.
     pub fn names(&self) -> Vec<String> {
         let indices = self.indices.lock().unwrap_or_else(|e| e.into_inner());
