@@ -546,3 +546,79 @@ fn a_restart_after_the_binary_was_replaced_runs_the_new_file() {
     p.publish("news", serde_json::json!("after the upgrade"));
     assert_eq!(c.next_json("a message")["data"], "after the upgrade");
 }
+
+#[test]
+fn an_old_process_that_stops_reading_the_link_loses_it_and_sends_its_clients_over() {
+    // The old process stops (SIGSTOP) while the new one numbers messages
+    // for it: the new one gives the link up (its writes time out) rather
+    // than queue without bound, and once the old one runs again it sees the
+    // link gone and closes its remaining clients at once (they recover from
+    // the new one), instead of serving them a stream with a hole.
+    let mut old = Server::start(&[
+        ("WORKERS", "1"),
+        ("HISTORY", "news=100000/1h"),
+        ("HISTORY_RECOVER_MAX", "100000"),
+        ("DRAIN_SECONDS", "60"),
+    ]);
+    let _fillers: Vec<Client> = (0..20).map(|_| Client::connect(&old, "/ws")).collect();
+    let mut c_old = Client::connect(&old, "/ws");
+    c_old.send_json(serde_json::json!({"op":"subscribe","channel":"news","id":"s"}));
+    let epoch = c_old.next_json("subscribed")["epoch"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    old.signal(libc::SIGUSR2);
+    let _successor = Successor::of(&old);
+    old_stopped_accepting(&old, 1);
+    old.signal(libc::SIGSTOP);
+    let mut p = Client::connect(&old, "/ws");
+    let big = "x".repeat(200);
+    let n = 3000;
+    for i in 1..=n {
+        p.send_json(
+            serde_json::json!({"op":"publish","channel":"news","data":big,"id":format!("{i}")}),
+        );
+        assert_eq!(p.next_json("ack")["offset"], i);
+    }
+    // Past the link's write timeout (5 s), with more waiting than it holds.
+    let gave_up = Instant::now();
+    while !old.log().contains("it is given up") {
+        assert!(gave_up.elapsed() < Duration::from_secs(15), "{}", old.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(gave_up.elapsed() < Duration::from_secs(15));
+    old.signal(libc::SIGCONT);
+    // The old process's client is closed now, not at the end of the 60 s
+    // drain, having seen no message out of order.
+    let started = Instant::now();
+    let mut last = 0;
+    loop {
+        match c_old.ws.read() {
+            Ok(tungstenite::Message::Text(t)) => {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                let off = v["offset"].as_u64().unwrap();
+                assert_eq!(off, last + 1, "in order, no hole");
+                last = off;
+            }
+            Ok(tungstenite::Message::Close(f)) => {
+                assert_eq!(f.map(|f| u16::from(f.code)), Some(1012));
+                break;
+            }
+            Ok(_) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // It comes back to the new process and recovers the rest.
+    let mut back = Client::connect(&old, "/ws");
+    back.send_json(
+        serde_json::json!({"op":"subscribe","channel":"news","id":"s",
+                                      "since":{"epoch":epoch,"offset":last}}),
+    );
+    let v = back.next_json("subscribed");
+    assert_eq!(v["recovered"], true, "{v}");
+    for i in last + 1..=n {
+        assert_eq!(back.next_json("replayed")["offset"], i);
+    }
+    assert!(old.wait_exit(Duration::from_secs(20)).success());
+}

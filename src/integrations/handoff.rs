@@ -411,12 +411,15 @@ struct Outbox {
     tx: Sender<Out>,
     thread: Mutex<Option<JoinHandle<()>>>,
     broken: Arc<AtomicBool>,
+    /// The link itself, to end it at once ([`Outbox::cut`]).
+    link: UnixStream,
 }
 
 impl Outbox {
     fn start(mut link: UnixStream, origin: u64, name: &str) -> io::Result<Outbox> {
         // A process that stops reading for this long has lost the link.
         link.set_write_timeout(Some(Duration::from_secs(5)))?;
+        let cut = link.try_clone()?;
         let (tx, rx): (Sender<Out>, Receiver<Out>) = crossbeam_channel::unbounded();
         let broken = Arc::new(AtomicBool::new(false));
         let b = broken.clone();
@@ -439,7 +442,12 @@ impl Outbox {
                             next = rx.try_recv().ok();
                         }
                     }
-                    if link.write_all(&buf).is_err() {
+                    if let Err(e) = link.write_all(&buf) {
+                        if !b.load(Ordering::Acquire) {
+                            tracing::warn!(
+                                "the other process does not read the link ({e}): it is given up"
+                            );
+                        }
                         b.store(true, Ordering::Release);
                         let _ = link.shutdown(std::net::Shutdown::Both);
                         return;
@@ -457,7 +465,17 @@ impl Outbox {
             tx,
             thread: Mutex::new(Some(thread)),
             broken,
+            link: cut,
         })
+    }
+
+    /// Ends the link now, whatever is still queued: the other process
+    /// reads its end at once.
+    fn cut(&self) {
+        if !self.broken.swap(true, Ordering::AcqRel) {
+            tracing::warn!("too much is queued for the other process: the link is given up");
+        }
+        let _ = self.link.shutdown(std::net::Shutdown::Both);
     }
 
     /// Queues `out`; false if the link is broken or full.
@@ -840,7 +858,7 @@ impl Tap for Successor {
             // The old process stopped reading: it loses its link and
             // closes its clients, who come here.
             self.hub.handoff.set_tap(None);
-            self.out.broken.store(true, Ordering::Release);
+            self.out.cut();
         }
     }
 }
