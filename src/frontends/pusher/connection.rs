@@ -61,6 +61,9 @@ pub struct PusherConn {
     pub socket_id: Box<str>,
     /// Presence channels joined: (channel, user_id).
     pub presence: Vec<(Box<str>, Box<str>)>,
+    /// The presence channels among those it joined as a peer
+    /// (`"peer": true` in its `channel_data`).
+    peer_on: Vec<Box<str>>,
     /// The user this connection signed in as (`pusher:signin`).
     pub user: Option<Box<str>>,
     /// Client-event token bucket: tokens left and when it was refilled.
@@ -89,6 +92,7 @@ impl PusherConn {
             ns,
             socket_id: socket_id.into(),
             presence: Vec::new(),
+            peer_on: Vec::new(),
             user: None,
             tokens,
             refilled: Instant::now(),
@@ -279,8 +283,33 @@ fn subscribe(
         Err(e) => return fail("InvalidChannel", &e.to_string(), 400),
     };
     let mut member = None;
+    let mut peer = false;
     match kind {
         ChannelKind::Public => {}
+        // Only its users, each a peer on its presence channel now; this
+        // connection one of them there.
+        ChannelKind::Peer => {
+            let Ok((base, users)) = wire::parse_peer(channel) else {
+                return fail("InvalidChannel", "invalid peer channel", 400);
+            };
+            let me = fe
+                .conns
+                .borrow()
+                .get(&key)
+                .and_then(|p| p.user_on(base).map(str::to_string));
+            let base_route = crate::engine::message::route_key_string(ns, base);
+            match me {
+                Some(me) if users.contains(&me.as_str()) => {}
+                _ => {
+                    let msg = format!("join {base} as one of the channel's users first");
+                    return fail("AuthError", &msg, 403);
+                }
+            }
+            if !fe.shared.are_peers(&base_route, &users) {
+                let msg = format!("every user of {channel} must be a peer on {base}");
+                return fail("AuthError", &msg, 403);
+            }
+        }
         // A user's own channel: for connections signed in as that user
         // (pusher-js subscribes right after `pusher:signin_success`).
         ChannelKind::ServerToUser => {
@@ -314,6 +343,8 @@ fn subscribe(
                 Ok(m) => member = Some(m),
                 Err(e) => return fail("AuthError", &e.to_string(), 400),
             }
+            peer = serde_json::from_str::<serde_json::Value>(data)
+                .is_ok_and(|v| v.get("peer") == Some(&serde_json::Value::Bool(true)));
         }
     }
     let route = crate::engine::message::route_key_string(ns, channel);
@@ -372,6 +403,10 @@ fn subscribe(
                 let (first, members) = shared.presence.join(&route, &user_id, &user_info, except);
                 if let Some(p) = fe.conns.borrow_mut().get_mut(&key) {
                     p.presence.push((channel.into(), user_id.clone().into()));
+                    if peer {
+                        p.peer_on.push(channel.into());
+                        shared.add_peer(&route, &user_id);
+                    }
                 }
                 if first {
                     seen("member_added", ns, channel, &user_id);
@@ -536,6 +571,11 @@ fn left(fe: &Pusher, worker: &Worker, key: usize, route: &str) {
             .iter()
             .position(|(c, _)| &**c == channel)
             .map(|i| p.presence.swap_remove(i).1);
+        let was_peer = p.peer_on.iter().position(|c| &**c == channel);
+        if let (Some(i), Some(u)) = (was_peer, &user) {
+            p.peer_on.swap_remove(i);
+            shared.remove_peer(route, u);
+        }
         (p.app.clone(), p.ns, user)
     };
     if let Some(user_id) = user {
@@ -584,13 +624,10 @@ fn client_event(fe: &Pusher, worker: &Worker, key: usize, event: &str, channel: 
                 None,
                 "client events are not enabled for this app".to_string(),
             ))
-        } else if !matches!(
-            wire::validate_channel(channel),
-            Ok(ChannelKind::Private | ChannelKind::Presence)
-        ) {
+        } else if !wire::validate_channel(channel).is_ok_and(ChannelKind::allows_client_events) {
             Err((
                 None,
-                "client events are only allowed on private and presence channels".into(),
+                "client events are only allowed on private, presence and peer channels".into(),
             ))
         } else if !subscribed {
             Err((

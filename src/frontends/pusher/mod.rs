@@ -73,6 +73,9 @@ pub struct PusherShared {
     inboxes: Vec<Mutex<Vec<Control>>>,
     /// The node's tag in a cluster, carried in socket ids.
     node_tag: std::sync::OnceLock<u32>,
+    /// Peers on each presence channel (routing key): user -> connections
+    /// that joined as a peer (Pushi's peer channels).
+    peers: Mutex<std::collections::HashMap<String, std::collections::HashMap<String, usize>>>,
 }
 
 impl PusherShared {
@@ -144,7 +147,42 @@ impl PusherShared {
             pong_timeout,
             inboxes: (0..workers).map(|_| Mutex::default()).collect(),
             node_tag: std::sync::OnceLock::new(),
+            peers: Mutex::default(),
         }
+    }
+
+    /// A connection of `user` joined presence channel `route` as a peer.
+    pub fn add_peer(&self, route: &str, user: &str) {
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        *peers
+            .entry(route.to_string())
+            .or_default()
+            .entry(user.to_string())
+            .or_default() += 1;
+    }
+
+    /// A peer's connection left presence channel `route`.
+    pub fn remove_peer(&self, route: &str, user: &str) {
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(users) = peers.get_mut(route) {
+            if let Some(n) = users.get_mut(user) {
+                *n -= 1;
+                if *n == 0 {
+                    users.remove(user);
+                }
+            }
+            if users.is_empty() {
+                peers.remove(route);
+            }
+        }
+    }
+
+    /// Is every one of `users` a peer on presence channel `route` now?
+    pub fn are_peers(&self, route: &str, users: &[&str]) -> bool {
+        let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        peers
+            .get(route)
+            .is_some_and(|on| users.iter().all(|u| on.contains_key(*u)))
     }
 
     /// Makes presence and occupancy cluster-wide: the transitions this

@@ -120,6 +120,29 @@ pub enum ChannelKind {
     /// libraries' `sendToUser`); only a connection signed in as that user
     /// may subscribe.
     ServerToUser,
+    /// `peer-{presence channel}:{user}&{user}[&...]` (Pushi's peer
+    /// channels): only those users may subscribe, while each is a peer on
+    /// that presence channel ([`parse_peer`]).
+    Peer,
+}
+
+/// The prefix of a peer channel.
+pub const PEER: &str = "peer-";
+
+/// A peer channel's presence channel and users (at least two, distinct,
+/// in ascending order, so that a group has one name).
+pub fn parse_peer(name: &str) -> Result<(&str, Vec<&str>), ChannelError> {
+    let rest = name.strip_prefix(PEER).ok_or(ChannelError::Peer)?;
+    let (base, users) = rest.rsplit_once(':').ok_or(ChannelError::Peer)?;
+    if ChannelKind::of(base) != ChannelKind::Presence {
+        return Err(ChannelError::Peer);
+    }
+    let users: Vec<&str> = users.split('&').collect();
+    let ordered = users.windows(2).all(|w| w[0] < w[1]);
+    if users.len() < 2 || !ordered || users.iter().any(|u| u.is_empty()) {
+        return Err(ChannelError::Peer);
+    }
+    Ok((base, users))
 }
 
 /// The prefix of a user's own channel.
@@ -130,6 +153,8 @@ impl ChannelKind {
     pub fn of(name: &str) -> ChannelKind {
         if name.starts_with(SERVER_TO_USER) {
             ChannelKind::ServerToUser
+        } else if name.starts_with(PEER) {
+            ChannelKind::Peer
         } else if name.starts_with("private-encrypted-") {
             ChannelKind::PrivateEncrypted
         } else if name.starts_with("private-") {
@@ -143,14 +168,20 @@ impl ChannelKind {
 
     /// Does subscribing need a signed `auth`?
     pub fn needs_auth(self) -> bool {
-        !matches!(self, ChannelKind::Public | ChannelKind::ServerToUser)
+        !matches!(
+            self,
+            ChannelKind::Public | ChannelKind::ServerToUser | ChannelKind::Peer
+        )
     }
 
     /// May clients send `client-*` events here (when the app allows them)?
     /// Pusher allows them on private and presence channels only; encrypted
     /// channels are excluded as well (the server could not check them).
     pub fn allows_client_events(self) -> bool {
-        matches!(self, ChannelKind::Private | ChannelKind::Presence)
+        matches!(
+            self,
+            ChannelKind::Private | ChannelKind::Presence | ChannelKind::Peer
+        )
     }
 
     /// The word used in messages: `public`, `private`, `presence`,
@@ -162,6 +193,7 @@ impl ChannelKind {
             ChannelKind::Presence => "presence",
             ChannelKind::PrivateEncrypted => "private-encrypted",
             ChannelKind::ServerToUser => "server-to-user",
+            ChannelKind::Peer => "peer",
         }
     }
 }
@@ -183,9 +215,16 @@ pub fn validate_channel(name: &str) -> Result<ChannelKind, ChannelError> {
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || b"_-=@,.;".contains(&b));
     if ok {
-        Ok(ChannelKind::of(name))
-    } else {
-        Err(ChannelError::Characters)
+        return Ok(ChannelKind::of(name));
+    }
+    // A peer channel also has `:` before its users and `&` between them.
+    let peer_ok = name.starts_with(PEER)
+        && rest
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-=@,.;:&".contains(&b));
+    match peer_ok {
+        true => parse_peer(name).map(|_| ChannelKind::Peer),
+        false => Err(ChannelError::Characters),
     }
 }
 
@@ -198,6 +237,8 @@ pub enum ChannelError {
     NoUserId,
     #[error("invalid channel name: allowed characters are A-Z a-z 0-9 _ - = @ , . ;")]
     Characters,
+    #[error("invalid peer channel: peer-<presence channel>:<user>&<user>, users distinct and in ascending order")]
+    Peer,
 }
 
 // ---------------------------------------------------------------------------
@@ -1546,5 +1587,29 @@ mod tests {
             .unwrap_err()
             .to_string()
             .starts_with("Request Entity Too Large"));
+    }
+
+    #[test]
+    fn peer_channels_name_a_presence_channel_and_its_users_in_order() {
+        assert_eq!(
+            parse_peer("peer-presence-room:alice&bob"),
+            Ok(("presence-room", vec!["alice", "bob"]))
+        );
+        assert_eq!(
+            validate_channel("peer-presence-room:a&b&c"),
+            Ok(ChannelKind::Peer)
+        );
+        for bad in [
+            "peer-presence-room:bob&alice",
+            "peer-presence-room:alice&alice",
+            "peer-presence-room:alice",
+            "peer-presence-room:alice&",
+            "peer-private-room:a&b",
+            "peer-room:a&b",
+            "presence-room:a&b",
+        ] {
+            assert!(validate_channel(bad).is_err(), "{bad}");
+        }
+        assert!(ChannelKind::Peer.allows_client_events() && !ChannelKind::Peer.needs_auth());
     }
 }
