@@ -182,6 +182,18 @@ fn pusher_connect(server: &Server, key: &str) -> (Client, Value) {
     (c, first)
 }
 
+/// A Pusher client of app key `key`, subscribed to `news`.
+fn subscribed_to_news(server: &Server, key: &str) -> Client {
+    let (mut c, first) = pusher_connect(server, key);
+    assert_eq!(first["event"], "pusher:connection_established", "{first}");
+    c.send_json(serde_json::json!({"event":"pusher:subscribe","data":{"channel":"news"}}));
+    assert_eq!(
+        c.recv_json()["event"],
+        "pusher_internal:subscription_succeeded"
+    );
+    c
+}
+
 fn trigger(server: &Server, app: (&str, &str, &str), data: &str) -> u16 {
     let (id, key, secret) = app;
     let body = serde_json::json!({"name":"greet","channel":"news","data":data}).to_string();
@@ -208,13 +220,7 @@ fn pusher_apps_come_from_postgres_and_changes_apply_without_a_restart() {
         ("DATABASE_URL", pg.url().as_str()),
         ("DATABASE_REFRESH", "3600"),
     ]);
-    let (mut c, first) = pusher_connect(&server, "k1");
-    assert_eq!(first["event"], "pusher:connection_established", "{first}");
-    c.send_json(serde_json::json!({"event":"pusher:subscribe","data":{"channel":"news"}}));
-    assert_eq!(
-        c.recv_json()["event"],
-        "pusher_internal:subscription_succeeded"
-    );
+    let mut c = subscribed_to_news(&server, "k1");
     assert_eq!(trigger(&server, ("a1", "k1", "s1"), "one"), 200);
     assert_eq!(c.recv_json()["data"], "one");
     // A row that is not a valid app is left out, and said so.
@@ -273,13 +279,7 @@ fn pusher_apps_stay_in_force_while_the_database_is_away() {
     wait_for("the outage", || {
         health(&server)["database"]["status"] == "unreachable"
     });
-    let (mut c, first) = pusher_connect(&server, "k1");
-    assert_eq!(first["event"], "pusher:connection_established", "{first}");
-    c.send_json(serde_json::json!({"event":"pusher:subscribe","data":{"channel":"news"}}));
-    assert_eq!(
-        c.recv_json()["event"],
-        "pusher_internal:subscription_succeeded"
-    );
+    let mut c = subscribed_to_news(&server, "k1");
     assert_eq!(trigger(&server, ("a1", "k1", "s1"), "still"), 200);
     assert_eq!(c.recv_json()["data"], "still");
 }

@@ -80,15 +80,7 @@ impl User {
 
     /// Every frame before the answer to a ping.
     fn sync(&mut self) -> Vec<Value> {
-        self.c.send_json(json!({"event":"pusher:ping","data":{}}));
-        let mut before = Vec::new();
-        loop {
-            let v = self.c.recv_json();
-            if v["event"] == "pusher:pong" {
-                return before;
-            }
-            before.push(v);
-        }
+        pusher_sync(&mut self.c)
     }
 }
 

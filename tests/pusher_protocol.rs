@@ -46,15 +46,7 @@ impl Pusher {
 
     /// Round trip: every frame the server sent before the pong.
     fn sync(&mut self) -> Vec<Value> {
-        self.c.send_json(json!({"event":"pusher:ping","data":{}}));
-        let mut before = Vec::new();
-        loop {
-            let v = self.c.recv_json();
-            if v["event"] == "pusher:pong" {
-                return before;
-            }
-            before.push(v);
-        }
+        common::pusher_sync(&mut self.c)
     }
 }
 

@@ -665,6 +665,20 @@ pub fn assert_no_failures(failures: &[String], cases: usize) {
 
 /// Hex HMAC-SHA256 (Pusher's signatures), computed with `jsonwebtoken`'s
 /// HS256, not herald's code.
+/// Pings a Pusher connection and returns every frame it got before the
+/// pong (a round trip: whatever the server sent earlier has arrived).
+pub fn pusher_sync(c: &mut Client) -> Vec<Value> {
+    c.send_json(serde_json::json!({"event":"pusher:ping","data":{}}));
+    let mut before = Vec::new();
+    loop {
+        let v = c.recv_json();
+        if v["event"] == "pusher:pong" {
+            return before;
+        }
+        before.push(v);
+    }
+}
+
 /// A signed Pusher HTTP API request (the auth_* query parameters) with
 /// the app credentials `(key, secret)`.
 pub fn pusher_api(
