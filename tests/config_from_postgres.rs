@@ -8,6 +8,8 @@
 mod common;
 #[path = "common/postgres.rs"]
 mod postgres_server;
+#[path = "common/tls.rs"]
+mod tls;
 
 use common::*;
 use postgres_server::Postgres;
@@ -282,4 +284,32 @@ fn pusher_apps_stay_in_force_while_the_database_is_away() {
     let mut c = subscribed_to_news(&server, "k1");
     assert_eq!(trigger(&server, ("a1", "k1", "s1"), "still"), 200);
     assert_eq!(c.recv_json()["data"], "still");
+}
+
+#[test]
+fn with_sslmode_require_the_database_is_reached_over_tls_and_its_certificate_checked() {
+    let ca = tls::TestCa::new();
+    let pg = Postgres::start_with_tls(Some((&ca.cert_pem, &ca.key_pem)));
+    pg.sql(SCHEMA);
+    pg.sql("INSERT INTO apikeys (domain, username, apikey, active) VALUES ('test', 'a@example.com', 'key-one', true)");
+    let url = format!("{}?sslmode=require", pg.url());
+    // Trusting the test's CA: read over TLS.
+    let ca_file = ca.ca_file.to_str().unwrap();
+    let server = Server::start(&[("DATABASE_URL", url.as_str()), ("SSL_CERT_FILE", ca_file)]);
+    assert!(allowed(&server, "key-one"), "{}", server.log());
+    // Not trusting it: refused, and said why.
+    let other = tls::TestCa::new();
+    let other_file = other.ca_file.to_str().unwrap();
+    let untrusting = Server::start(&[
+        ("DATABASE_URL", url.as_str()),
+        ("SSL_CERT_FILE", other_file),
+    ]);
+    assert!(!allowed(&untrusting, "key-one"));
+    let h = health(&untrusting);
+    assert_eq!(h["database"]["status"], "unreachable", "{h}");
+    let reason = h["database"]["reason"].as_str().unwrap().to_lowercase();
+    assert!(
+        reason.contains("certificate") || reason.contains("tls"),
+        "{reason}"
+    );
 }

@@ -13,7 +13,8 @@
 //! shows in `/health` (`database`) and in the metrics, and the thread
 //! reconnects with a growing pause. Every wait is bounded: a connection
 //! attempt, and a peer that vanishes without closing (TCP user timeout and
-//! keepalives).
+//! keepalives). With `sslmode=require` the connection is TLS (rustls), the
+//! server's certificate checked against the system's trust store.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -194,7 +195,25 @@ impl Database {
     fn run(&self, config: postgres::Config, refresh: Duration, apply: impl Fn(Tables)) {
         let mut backoff = BACKOFF_MIN;
         loop {
-            match config.connect(postgres::NoTls) {
+            // TLS with `sslmode=require` in the URL, the server's
+            // certificate checked (name and chain) against the system's
+            // trust store or SSL_CERT_FILE; without it, no TLS (as before).
+            let connected = match config.get_ssl_mode() {
+                postgres::config::SslMode::Require => {
+                    match crate::transport::http1::client::trusting_the_system() {
+                        Ok(tls) => {
+                            config.connect(tokio_postgres_rustls::MakeRustlsConnect::new(tls))
+                        }
+                        Err(why) => {
+                            self.set_down(format!("sslmode=require: {why}"));
+                            std::thread::sleep(BACKOFF_MAX);
+                            continue;
+                        }
+                    }
+                }
+                _ => config.connect(postgres::NoTls),
+            };
+            match connected {
                 Ok(mut client) => {
                     backoff = BACKOFF_MIN;
                     let why = self.serve(&mut client, refresh, &apply);

@@ -17,11 +17,19 @@ pub struct Postgres {
     bin: PathBuf,
     uid: u32,
     gid: u32,
+    /// More `-c` settings the server runs with.
+    settings: Vec<String>,
 }
 
 impl Postgres {
     /// A new cluster (trust authentication on loopback), started.
     pub fn start() -> Postgres {
+        Self::start_with_tls(None)
+    }
+
+    /// The same, serving TLS (`ssl=on`) with this certificate and key (PEM)
+    /// when given.
+    pub fn start_with_tls(tls: Option<(&str, &str)>) -> Postgres {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .expect("PostgreSQL (scripts/test-deps.sh installs it)")
             .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
@@ -41,6 +49,7 @@ impl Postgres {
             bin,
             uid,
             gid,
+            settings: Vec::new(),
         };
         let out = pg
             .as_postgres("initdb")
@@ -61,6 +70,20 @@ impl Postgres {
             "initdb: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        if let Some((cert, key)) = tls {
+            for (name, pem) in [("server.crt", cert), ("server.key", key)] {
+                let path = pg.dir.join(name);
+                std::fs::write(&path, pem).unwrap();
+                std::os::unix::fs::chown(&path, Some(uid), Some(gid)).unwrap();
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+            }
+            pg.settings = vec![
+                "ssl=on".into(),
+                format!("ssl_cert_file={}", pg.dir.join("server.crt").display()),
+                format!("ssl_key_file={}", pg.dir.join("server.key").display()),
+            ];
+        }
         pg.resume();
         pg
     }
@@ -80,6 +103,7 @@ impl Postgres {
             .args(["-p", &self.port.to_string(), "-k"])
             .arg(&self.dir)
             .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
+            .args(self.settings.iter().flat_map(|s| ["-c", s.as_str()]))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
