@@ -462,10 +462,8 @@ impl Core {
         if let Some(ns) = self.stats.namespace(msg.namespace()) {
             ns.published.inc();
         }
-        let w = super::watch::watch();
-        if w.on() {
-            let detail = format!("{} bytes", msg.payload().len());
-            w.record("publish", msg.namespace(), msg.channel(), detail);
+        if super::watch::watch().on() {
+            seen_publish(&msg);
         }
         if let Some(key) = except {
             let gen = self.shard.borrow().conn(key).map(|c| c.gen);
@@ -939,12 +937,21 @@ impl Core {
 
 /// Records a subscription change of routing key `key` for the console,
 /// if one watches (`detail` is built only then).
+#[inline]
 fn seen(kind: &'static str, key: &str, detail: impl FnOnce() -> String) {
     let w = super::watch::watch();
     if w.on() {
         let (ns, channel) = super::watch::split_key(key);
         w.record(kind, ns, channel, detail());
     }
+}
+
+/// Records a publish for the console (out of the publish path's line).
+#[cold]
+#[inline(never)]
+fn seen_publish(msg: &Message) {
+    let detail = format!("{} bytes", msg.payload().len());
+    super::watch::watch().record("publish", msg.namespace(), msg.channel(), detail);
 }
 
 /// Where a subscription starts in `stream`, and what it replays.

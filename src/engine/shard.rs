@@ -496,8 +496,10 @@ impl Shard {
             .map(|(_, s)| s)
     }
 
-    /// The channels (routing keys) `key` is subscribed to.
     /// A slow consumer closed, for the debug console if one watches.
+    /// Out of line: the delivery loop stays as it was.
+    #[cold]
+    #[inline(never)]
     fn seen_slow(&self, key: usize) {
         let w = super::watch::watch();
         if w.on() {
@@ -520,6 +522,7 @@ impl Shard {
         all
     }
 
+    /// The channels (routing keys) `key` is subscribed to.
     pub fn subscriptions(&self, key: usize) -> Vec<Rc<str>> {
         self.conns
             .get(key)

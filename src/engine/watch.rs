@@ -16,7 +16,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 
 /// Events kept for the console.
 pub const KEPT: usize = 1000;
@@ -42,7 +42,6 @@ pub struct Seen {
     pub detail: String,
 }
 
-#[derive(Default)]
 struct Ring {
     next: u64,
     events: VecDeque<Seen>,
@@ -53,7 +52,6 @@ struct Ring {
 }
 
 /// The node's record of events for the console.
-#[derive(Default)]
 pub struct Watch {
     on: AtomicBool,
     /// When a console last asked (Unix ms).
@@ -62,12 +60,33 @@ pub struct Watch {
 }
 
 /// The process's one [`Watch`].
+#[inline]
 pub fn watch() -> &'static Watch {
-    static WATCH: OnceLock<Watch> = OnceLock::new();
-    WATCH.get_or_init(Watch::default)
+    static WATCH: Watch = Watch::new();
+    &WATCH
+}
+
+impl Default for Watch {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Watch {
+    pub const fn new() -> Watch {
+        Watch {
+            on: AtomicBool::new(false),
+            asked: AtomicU64::new(0),
+            ring: Mutex::new(Ring {
+                next: 0,
+                events: VecDeque::new(),
+                second: 0,
+                in_second: 0,
+                dropped: 0,
+            }),
+        }
+    }
+
     /// Is a console watching? The only cost when none is.
     #[inline]
     pub fn on(&self) -> bool {
