@@ -28,6 +28,15 @@ use serde_json::Value;
 /// The successor's pid, from the old process's log; killed on drop.
 struct Successor(u32);
 
+/// The tests of this file run one at a time: each restarts a server under
+/// clients whose timings it checks (the load tests need the machine's CPU
+/// for thousands of them), and 2 cores shared with another such test
+/// would make those timings the other test's.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    ONE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Waits until no worker of the old process (of `workers`) accepts: a
 /// connection made after this reaches the new one.
 fn old_stopped_accepting(old: &Server, workers: usize) {
@@ -60,6 +69,7 @@ impl Drop for Successor {
 
 #[test]
 fn a_restart_under_load_refuses_no_one_and_recovery_misses_nothing() {
+    let _one = one_at_a_time();
     // A single node, history in memory: handed from process to process.
     // 3,000 subscribers, in three Python processes of 1,000.
     restart_under_load(&[], 3, 20);
@@ -67,6 +77,7 @@ fn a_restart_under_load_refuses_no_one_and_recovery_misses_nothing() {
 
 #[test]
 fn a_restart_in_a_cluster_refuses_no_one_and_recovery_misses_nothing() {
+    let _one = one_at_a_time();
     let redis = Redis::start();
     let url = redis.url();
     restart_under_load(&[("BROKER_URL", url.as_str()), ("NODE_ID", "a")], 1, 5);
@@ -119,9 +130,6 @@ impl Clients {
 /// `processes` x 1,000 subscribers and a steady publisher (pausing
 /// `pause_ms` between publishes) through a restart.
 fn restart_under_load(env: &[(&str, &str)], processes: usize, pause_ms: u64) {
-    // One at a time: each needs the machine's CPU for its clients.
-    static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _one = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
     let mut env = env.to_vec();
     env.extend([
         ("HISTORY", "live=100000/1h"),
@@ -205,6 +213,7 @@ fn restart_under_load(env: &[(&str, &str)], processes: usize, pause_ms: u64) {
 
 #[test]
 fn pusher_js_is_back_within_two_seconds() {
+    let _one = one_at_a_time();
     let mut old = Server::start(&[("DRAIN_SECONDS", "1")]);
     let mut node = NodeScript::start("restart.js", old.addr, &[]);
     node.barrier("restart");
@@ -224,6 +233,7 @@ fn pusher_js_is_back_within_two_seconds() {
 
 #[test]
 fn a_new_process_that_cannot_start_leaves_the_old_one_serving() {
+    let _one = one_at_a_time();
     // The certificate's key went away since the start: the new process
     // cannot load it, and the restart is given up.
     let ca = tls::TestCa::new();
@@ -253,6 +263,7 @@ fn a_new_process_that_cannot_start_leaves_the_old_one_serving() {
 
 #[test]
 fn during_the_drain_both_processes_are_one_node() {
+    let _one = one_at_a_time();
     // One worker, so that the drain closes connections in the order they
     // came: the fillers first, the two clients under test last, about
     // 10 s after the restart.
@@ -345,6 +356,7 @@ fn during_the_drain_both_processes_are_one_node() {
 
 #[test]
 fn a_restart_with_history_on_disk_hands_the_file_over() {
+    let _one = one_at_a_time();
     // HISTORY_DIR's file is held by one process at a time: the old one
     // stops numbering and closes it, the new one opens it before it
     // accepts, and the history (epoch and offsets) goes on; the old
@@ -435,6 +447,7 @@ fn a_restart_with_history_on_disk_hands_the_file_over() {
 
 #[test]
 fn a_new_process_lost_during_the_drain_sends_the_rest_to_reconnect_at_once() {
+    let _one = one_at_a_time();
     // The new process vanishes (SIGKILL) while the old one drains: the
     // old one's remaining clients would get no more messages, so they are
     // closed now (to reconnect and recover) rather than over the drain.
@@ -467,6 +480,7 @@ fn a_new_process_lost_during_the_drain_sends_the_rest_to_reconnect_at_once() {
 
 #[test]
 fn a_new_process_that_dies_after_taking_the_history_leaves_the_old_one_numbering() {
+    let _one = one_at_a_time();
     // The new process takes the history, then cannot open HISTORY_DIR
     // (its path is now a file) and exits: the old process numbers its
     // channels again and keeps serving.
@@ -508,6 +522,7 @@ fn a_new_process_that_dies_after_taking_the_history_leaves_the_old_one_numbering
 
 #[test]
 fn a_restart_after_the_binary_was_replaced_runs_the_new_file() {
+    let _one = one_at_a_time();
     // What a package upgrade does: the new file is written beside the
     // running one and renamed over it. The new "binary" here is a script
     // that says it runs, then runs herald (exec keeps the pid).
@@ -549,6 +564,7 @@ fn a_restart_after_the_binary_was_replaced_runs_the_new_file() {
 
 #[test]
 fn an_old_process_that_stops_reading_the_link_loses_it_and_sends_its_clients_over() {
+    let _one = one_at_a_time();
     // The old process stops (SIGSTOP) while the new one numbers messages
     // for it: the new one gives the link up (its writes time out) rather
     // than queue without bound, and once the old one runs again it sees the
