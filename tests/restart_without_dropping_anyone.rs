@@ -37,6 +37,19 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     ONE.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A server with one worker, so that a restart's drain closes connections
+/// in the order they came (over `drain` seconds), and `fillers`
+/// connections made first: the clients a test makes next are closed last.
+fn draining_in_order(drain: &str, fillers: usize, env: &[(&str, &str)]) -> (Server, Vec<Client>) {
+    let mut all = vec![("WORKERS", "1"), ("DRAIN_SECONDS", drain)];
+    all.extend_from_slice(env);
+    let server = Server::start(&all);
+    let fillers = (0..fillers)
+        .map(|_| Client::connect(&server, "/ws"))
+        .collect();
+    (server, fillers)
+}
+
 /// Waits until no worker of the old process (of `workers`) accepts: a
 /// connection made after this reaches the new one.
 fn old_stopped_accepting(old: &Server, workers: usize) {
@@ -267,12 +280,7 @@ fn during_the_drain_both_processes_are_one_node() {
     // One worker, so that the drain closes connections in the order they
     // came: the fillers first, the two clients under test last, about
     // 10 s after the restart.
-    let mut old = Server::start(&[
-        ("WORKERS", "1"),
-        ("HISTORY", "news=100/1h"),
-        ("DRAIN_SECONDS", "10"),
-    ]);
-    let _fillers: Vec<Client> = (0..40).map(|_| Client::connect(&old, "/ws")).collect();
+    let (mut old, _fillers) = draining_in_order("10", 40, &[("HISTORY", "news=100/1h")]);
     let mut p_old = Client::connect(&old, "/ws");
     let mut c_old = Client::connect(&old, "/ws");
     c_old.send_json(serde_json::json!({"op":"subscribe","channel":"news","id":"s"}));
@@ -451,12 +459,7 @@ fn a_new_process_lost_during_the_drain_sends_the_rest_to_reconnect_at_once() {
     // The new process vanishes (SIGKILL) while the old one drains: the
     // old one's remaining clients would get no more messages, so they are
     // closed now (to reconnect and recover) rather than over the drain.
-    let mut old = Server::start(&[
-        ("WORKERS", "1"),
-        ("HISTORY", "news=100/1h"),
-        ("DRAIN_SECONDS", "30"),
-    ]);
-    let _fillers: Vec<Client> = (0..20).map(|_| Client::connect(&old, "/ws")).collect();
+    let (mut old, _fillers) = draining_in_order("30", 20, &[("HISTORY", "news=100/1h")]);
     let mut c_old = Client::connect(&old, "/ws");
     c_old.subscribe("news");
     old.signal(libc::SIGUSR2);
@@ -570,13 +573,11 @@ fn an_old_process_that_stops_reading_the_link_loses_it_and_sends_its_clients_ove
     // than queue without bound, and once the old one runs again it sees the
     // link gone and closes its remaining clients at once (they recover from
     // the new one), instead of serving them a stream with a hole.
-    let mut old = Server::start(&[
-        ("WORKERS", "1"),
+    let history = [
         ("HISTORY", "news=100000/1h"),
         ("HISTORY_RECOVER_MAX", "100000"),
-        ("DRAIN_SECONDS", "60"),
-    ]);
-    let _fillers: Vec<Client> = (0..20).map(|_| Client::connect(&old, "/ws")).collect();
+    ];
+    let (mut old, _fillers) = draining_in_order("60", 20, &history);
     let mut c_old = Client::connect(&old, "/ws");
     c_old.send_json(serde_json::json!({"op":"subscribe","channel":"news","id":"s"}));
     let epoch = c_old.next_json("subscribed")["epoch"]
