@@ -26,19 +26,13 @@ OUT=""
 BASE=""
 NEW=""
 SCENARIOS=()
-while [ $# -gt 0 ]; do
+own_option() {
     case "$1" in
-    --base) BASE="$2"; shift ;;
-    --new) NEW="$2"; shift ;;
-    --rounds) ROUNDS="$2"; shift ;;
-    --out) OUT="$2"; shift ;;
-    --scenario) SCENARIOS+=("$2"); shift ;;
-    -h | --help) usage "$0"; exit 0 ;;
-    *) echo "ab.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+    --base) BASE="$2"; TOOK=2 ;;
+    --new) NEW="$2"; TOOK=2 ;;
     esac
-    shift
-done
-check_rounds "$ROUNDS"
+}
+parse_args "$0" "$@"
 [ -x "$BASE" ] || { echo "ab.sh: --base must name a herald binary" >&2; exit 2; }
 if [ ${#SCENARIOS[@]} -eq 0 ]; then
     SCENARIOS=(

@@ -33,18 +33,12 @@ ROUNDS=2
 OUT=""
 TTL=0
 SCENARIOS=()
-while [ $# -gt 0 ]; do
+own_option() {
     case "$1" in
-    --rounds) ROUNDS="$2"; shift ;;
-    --out) OUT="$2"; shift ;;
-    --cache-ttl) TTL="$2"; shift ;;
-    --scenario) SCENARIOS+=("$2"); shift ;;
-    -h | --help) usage "$0"; exit 0 ;;
-    *) echo "authorizer-bench.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+    --cache-ttl) TTL="$2"; TOOK=2 ;;
     esac
-    shift
-done
-check_rounds "$ROUNDS"
+}
+parse_args "$0" "$@"
 if [ ${#SCENARIOS[@]} -eq 0 ]; then
     SCENARIOS=(
         "fanout --subs 1 --channels 1 --size 64 --rate 10000 --duration 5 --publishers 16"

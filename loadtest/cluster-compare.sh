@@ -41,17 +41,7 @@ NAME=cluster-compare.sh
 ROUNDS=2
 OUT=""
 SCENARIOS=()
-while [ $# -gt 0 ]; do
-    case "$1" in
-    --rounds) ROUNDS="$2"; shift ;;
-    --out) OUT="$2"; shift ;;
-    --scenario) SCENARIOS+=("$2"); shift ;;
-    -h | --help) usage "$0"; exit 0 ;;
-    *) echo "$NAME: unknown argument $1 (see --help)" >&2; exit 2 ;;
-    esac
-    shift
-done
-check_rounds "$ROUNDS"
+parse_args "$0" "$@"
 if [ ${#SCENARIOS[@]} -eq 0 ]; then
     SCENARIOS=(
         "fanout --subs 3000 --channels 1 --size 64 --rate 0 --duration 10"

@@ -39,33 +39,12 @@ QUICK=0
 ROUNDS=2
 OUT=""
 SCENARIOS=()
-while [ $# -gt 0 ]; do
+own_option() {
     case "$1" in
-    --quick) QUICK=1 ;;
-    --rounds)
-        ROUNDS="$2"
-        shift
-        ;;
-    --out)
-        OUT="$2"
-        shift
-        ;;
-    --scenario)
-        SCENARIOS+=("$2")
-        shift
-        ;;
-    -h | --help)
-        usage "$0"
-        exit 0
-        ;;
-    *)
-        echo "compare.sh: unknown argument $1 (see --help)" >&2
-        exit 2
-        ;;
+    --quick) QUICK=1; TOOK=1 ;;
     esac
-    shift
-done
-check_rounds "$ROUNDS"
+}
+parse_args "$0" "$@"
 
 if [ ${#SCENARIOS[@]} -eq 0 ]; then
     if [ "$QUICK" = 1 ]; then

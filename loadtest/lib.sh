@@ -1,6 +1,6 @@
-# Shared by compare.sh, authorizer-bench.sh and pusher-compare.sh: checks,
-# the release build, and one server process's life (start, readiness from
-# its log, stop). Sourced, not run. Callers set NAME (for messages) first.
+# Shared by the scripts of loadtest/: their common options, checks, the
+# release build, and one server process's life (start, readiness from its
+# log, stop). Sourced, not run. Callers set NAME (for messages) first.
 
 # Fails unless $1 is a round count in 1..10.
 check_rounds() {
@@ -11,6 +11,49 @@ check_rounds() {
         echo "$NAME: --rounds must be 1..10" >&2
         exit 2
     fi
+}
+
+# Reads the options every script takes into ROUNDS, OUT and SCENARIOS
+# (whose defaults the caller sets first): --rounds N, --out DIR,
+# --scenario ARGS (repeatable), -h. A script's own options go to its
+# function `own_option NAME VALUE`, if it has one, which sets TOOK to the
+# words it took (1 for a flag, 2 with a value; 0: not its option).
+# Usage: parse_args "$0" "$@"
+parse_args() {
+    local script="$1"
+    shift
+    while [ $# -gt 0 ]; do
+        case "$1" in
+        --rounds | --out | --scenario)
+            if [ $# -lt 2 ]; then
+                echo "$NAME: $1 needs a value (see --help)" >&2
+                exit 2
+            fi
+            case "$1" in
+            --rounds) ROUNDS="$2" ;;
+            --out) OUT="$2" ;;
+            --scenario) SCENARIOS+=("$2") ;;
+            esac
+            shift 2
+            ;;
+        -h | --help)
+            usage "$script"
+            exit 0
+            ;;
+        *)
+            TOOK=0
+            if declare -F own_option >/dev/null; then
+                own_option "$1" "${2:-}"
+            fi
+            if [ "$TOOK" -eq 0 ] || [ "$TOOK" -gt $# ]; then
+                echo "$NAME: unknown argument $1, or a missing value (see --help)" >&2
+                exit 2
+            fi
+            shift "$TOOK"
+            ;;
+        esac
+    done
+    check_rounds "$ROUNDS"
 }
 
 # Prints the usage comment at the top of script $1.

@@ -29,17 +29,7 @@ NAME=tls-bench.sh
 ROUNDS=2
 OUT=""
 SCENARIOS=()
-while [ $# -gt 0 ]; do
-    case "$1" in
-    --rounds) ROUNDS="$2"; shift ;;
-    --out) OUT="$2"; shift ;;
-    --scenario) SCENARIOS+=("$2"); shift ;;
-    -h | --help) usage "$0"; exit 0 ;;
-    *) echo "tls-bench.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
-    esac
-    shift
-done
-check_rounds "$ROUNDS"
+parse_args "$0" "$@"
 if [ ${#SCENARIOS[@]} -eq 0 ]; then
     SCENARIOS=(
         "fanout --subs 1000 --channels 1 --size 256 --rate 200 --duration 5"
