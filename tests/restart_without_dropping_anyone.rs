@@ -369,9 +369,8 @@ fn a_restart_with_history_on_disk_hands_the_file_over() {
     // stops numbering and closes it, the new one opens it before it
     // accepts, and the history (epoch and offsets) goes on; the old
     // process's clients are closed over DRAIN_SECONDS as without it.
-    let dir = std::env::temp_dir().join(format!("herald-restart-hd-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = tls::TempDir::new("restart-hd");
+    let dir = &tmp.0;
     let notify_path = dir.join("notify.sock");
     let manager = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
     manager.set_read_timeout(Some(TIMEOUT)).unwrap();
@@ -450,7 +449,6 @@ fn a_restart_with_history_on_disk_hands_the_file_over() {
     assert_eq!(v["recovered"], true, "{v}");
     assert_eq!(r.next_json("4")["offset"], 4);
     assert_eq!(r.next_json("5")["offset"], 5);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -487,9 +485,8 @@ fn a_new_process_that_dies_after_taking_the_history_leaves_the_old_one_numbering
     // The new process takes the history, then cannot open HISTORY_DIR
     // (its path is now a file) and exits: the old process numbers its
     // channels again and keeps serving.
-    let dir = std::env::temp_dir().join(format!("herald-restart-dies-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = tls::TempDir::new("restart-dies");
+    let dir = &tmp.0;
     let history_dir = dir.join("history");
     let old = Server::start(&[
         ("HISTORY", "news=100/1h"),
@@ -520,7 +517,6 @@ fn a_new_process_that_dies_after_taking_the_history_leaves_the_old_one_numbering
     assert_eq!(ack["op"], "ack", "{ack}");
     let m = c.next_json("a message after the failed restart");
     assert_eq!(m["data"], 2);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
