@@ -12,6 +12,7 @@ use crate::config::Config;
 use crate::engine::core::{Core, HistorySettings, Hub, NamespacedHistory};
 use crate::engine::history::{HistorySink, Remembered, Restored};
 use crate::engine::message::{Encoder, Encoding};
+use crate::engine::personal::Durable;
 use crate::engine::shard::{Closes, Keepalive, Limits};
 use crate::integrations::authorizer::Authorizer;
 use crate::integrations::metrics::Metrics;
@@ -62,8 +63,17 @@ pub fn restart_code(shutdown: u16) -> u16 {
 #[derive(Default)]
 pub struct StoredHistory {
     pub sink: Option<Arc<dyn HistorySink>>,
+    /// The users' durable subscriptions, read back from the disk (else a
+    /// new, empty store is made from the configuration).
+    pub durable: Option<Arc<Durable>>,
     pub streams: Vec<Vec<Restored>>,
     pub keys: Vec<Vec<Remembered>>,
+}
+
+/// An empty store of durable subscriptions, as the configuration limits
+/// it.
+pub fn durable_store(config: &Config) -> Durable {
+    Durable::new(config.personal_history, config.personal_max_channels)
 }
 
 impl Shared {
@@ -103,18 +113,24 @@ impl Shared {
         Arc::new(Shared {
             auth: Authenticator::new(config.secret.as_deref(), config.jwt_leeway),
             hub: Arc::new(
-                Hub::new(workers, config.bus_capacity, encoders).with_history(HistorySettings {
-                    rules: config.history.clone(),
-                    namespaced,
-                    // The first registered encoding (the native protocol's)
-                    // is the one whose frames history keeps.
-                    encoding: Encoding(0),
-                    recover_max: config.history_recover_max,
-                    idempotency_window_ms: config.idempotency_window.as_millis() as u64,
-                    sink: stored.sink,
-                    restored: std::sync::Mutex::new(stored.streams),
-                    restored_keys: std::sync::Mutex::new(stored.keys),
-                }),
+                Hub::new(workers, config.bus_capacity, encoders)
+                    .with_history(HistorySettings {
+                        rules: config.history.clone(),
+                        namespaced,
+                        // The first registered encoding (the native protocol's)
+                        // is the one whose frames history keeps.
+                        encoding: Encoding(0),
+                        recover_max: config.history_recover_max,
+                        idempotency_window_ms: config.idempotency_window.as_millis() as u64,
+                        sink: stored.sink,
+                        restored: std::sync::Mutex::new(stored.streams),
+                        restored_keys: std::sync::Mutex::new(stored.keys),
+                    })
+                    .with_durable(
+                        stored
+                            .durable
+                            .unwrap_or_else(|| Arc::new(durable_store(&config))),
+                    ),
             ),
             metrics,
             connections: AtomicUsize::new(0),
@@ -190,6 +206,7 @@ pub struct Worker {
 pub const CLOSES: Closes = Closes {
     frame: frame::close,
     ping: frame::ping,
+    ping_with: frame::ping_with,
     slow_consumer: (4008, "slow consumer: send queue limit reached"),
     ping_timeout: (1001, "ping timeout"),
     expired: (4001, "token expired"),

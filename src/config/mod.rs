@@ -148,6 +148,15 @@ pub struct Config {
     #[arg(long, env = "HISTORY_RECOVER_MAX", default_value_t = 1000, value_parser = parse_count)]
     pub history_recover_max: usize,
 
+    /// What a channel that users subscribed to durably (personal channels)
+    /// keeps for them at least: `size/ttl`, e.g. `100/24h`.
+    #[arg(long, env = "PERSONAL_HISTORY", default_value = "100/24h", value_parser = parse_keep)]
+    pub personal_history: crate::engine::history::Keep,
+
+    /// Most channels one user may subscribe to durably.
+    #[arg(long, env = "PERSONAL_MAX_CHANNELS", default_value_t = 100, value_parser = parse_count)]
+    pub personal_max_channels: usize,
+
     /// The broker several herald nodes share to form a cluster:
     /// `redis://host:port` (Redis or Valkey). Without it the node is alone.
     #[arg(long, env = "BROKER_URL", value_parser = parse_broker_url)]
@@ -842,6 +851,12 @@ fn parse_workers(s: &str) -> Result<usize, String> {
 
 fn parse_history(s: &str) -> Result<crate::engine::history::Rules, String> {
     crate::engine::history::Rules::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_keep(s: &str) -> Result<crate::engine::history::Keep, String> {
+    let rules = crate::engine::history::Rules::parse(&format!("*={s}"))
+        .map_err(|_| "expected size/ttl, e.g. 100/24h (size 1 to 1000000, ttl 1s to 365d)")?;
+    rules.keep("").ok_or_else(|| "expected size/ttl".into())
 }
 
 fn parse_count(s: &str) -> Result<usize, String> {

@@ -31,6 +31,7 @@ use super::history::{
 };
 use super::interest::{Change, Interest};
 use super::message::{Encoder, Encoding, Message, MAX_KEY};
+use super::personal::{Cursor, Durable};
 use super::roster::{Event, Transition};
 use super::shard::{Limits, Shard, SubscribeError};
 use super::stats::CoreStats;
@@ -140,6 +141,9 @@ pub trait Broker: Send + Sync {
     fn attach_members(&self, members: Arc<dyn ClusterMembers>);
 }
 
+/// What runs with a channel's place now ([`Core::place_of`]).
+pub type PlacedNow = Box<dyn FnOnce(&Core, Option<Cursor>) + Send>;
+
 /// What crosses from one core to another.
 pub enum Envelope {
     /// A sequenced message: deliver it to this core's subscribers.
@@ -236,6 +240,8 @@ pub struct Hub {
     broker: std::sync::OnceLock<Arc<dyn Broker>>,
     /// A restart's hand-off between two processes, while one is under way.
     pub handoff: Handoff,
+    /// Users' durable subscriptions (personal channels).
+    pub durable: Arc<Durable>,
     cores: usize,
 }
 
@@ -249,8 +255,15 @@ impl Hub {
             history: HistorySettings::default(),
             broker: std::sync::OnceLock::new(),
             handoff: Handoff::default(),
+            durable: Arc::new(Durable::default()),
             cores,
         }
+    }
+
+    /// The same hub, with the users' durable subscriptions in `durable`.
+    pub fn with_durable(mut self, durable: Arc<Durable>) -> Hub {
+        self.durable = durable;
+        self
     }
 
     /// Makes the node part of a cluster, before any subscriber or publish.
@@ -314,13 +327,14 @@ impl Hub {
 
     /// What `channel` (its name, in `namespace`) keeps, if anything.
     pub fn keeps(&self, namespace: u16, channel: &str) -> Option<Keep> {
-        if namespace != 0 {
-            return self.history.namespaced.and_then(|n| (n.keep)(channel));
-        }
-        if self.history.rules.is_empty() {
-            return None;
-        }
-        self.history.rules.keep(channel)
+        let ruled = if namespace != 0 {
+            self.history.namespaced.and_then(|n| (n.keep)(channel))
+        } else if self.history.rules.is_empty() {
+            None
+        } else {
+            self.history.rules.keep(channel)
+        };
+        Keep::widest(ruled, self.durable.keeps(namespace, channel))
     }
 }
 
@@ -562,13 +576,11 @@ impl Core {
             let now = now();
             let (encoding, carried_by) = self.hub.history_encoding(msg.namespace());
             let m = Arc::get_mut(&mut msg).expect("a message is not shared before it is sequenced");
-            // Herald's own channels only (a cache channel is in memory).
-            let sink = self
-                .hub
-                .history
-                .sink
-                .as_deref()
-                .filter(|_| m.namespace() == 0);
+            // Herald's own channels, and a front-end's that users follow
+            // durably (a cache channel is in memory).
+            let sink = self.hub.history.sink.as_deref().filter(|_| {
+                m.namespace() == 0 || self.hub.durable.keeps(m.namespace(), m.channel()).is_some()
+            });
             let mut store = self.history.borrow_mut();
             if sink.is_some_and(|s| s.lost(key)) {
                 // Its stored history could not be written: a new epoch.
@@ -698,6 +710,22 @@ impl Core {
         since: Option<Since>,
         joined: Joined,
     ) {
+        self.join_with(key, channel, keep, since, None, joined);
+    }
+
+    /// [`Core::join`], and with `catch_up` (a most) the replay is what is
+    /// still kept after `since`, even when some of it is gone (the newest
+    /// `catch_up` of it): how a user's connection catches up with what it
+    /// missed offline. In a cluster the broker replays as for a recovery.
+    fn join_with(
+        &self,
+        key: usize,
+        channel: &str,
+        keep: Keep,
+        since: Option<Since>,
+        catch_up: Option<usize>,
+        joined: Joined,
+    ) {
         let (gen, already) = {
             let shard = self.shard.borrow();
             let Some(conn) = shard.conn(key) else {
@@ -736,7 +764,10 @@ impl Core {
                     let join = {
                         let mut store = owner.history.borrow_mut();
                         let stream = store.stream(&channel, keep, now);
-                        position(stream, since.as_ref(), recover_max)
+                        match catch_up {
+                            None => position(stream, since.as_ref(), recover_max),
+                            Some(max) => catching_up(stream, since.as_ref(), max),
+                        }
                     };
                     owner.run_on(
                         here,
@@ -771,6 +802,106 @@ impl Core {
                 }),
             ),
         }
+    }
+
+    /// Connection `key` follows `channel` (routing key `route`, keeping
+    /// `keep`) for the user it follows ([`Shard::follow`]), from `cursor`:
+    /// it is subscribed, `joined` gets what it missed (and queues it), and
+    /// an ack ping goes behind that; later messages are acknowledged as
+    /// they come ([`Core::pong`]).
+    pub fn follow(
+        &self,
+        key: usize,
+        route: &str,
+        channel: &str,
+        keep: Keep,
+        cursor: Option<Cursor>,
+        joined: Joined,
+    ) {
+        let direct = self.shard.borrow().is_subscribed(key, route);
+        let since = cursor.map(|c| Since {
+            epoch: (*c.epoch).into(),
+            offset: c.offset,
+        });
+        let (route_name, name): (Box<str>, Box<str>) = (route.into(), channel.into());
+        let followed: Joined = Box::new(move |core: &Core, result| {
+            if let Ok(join) = &result {
+                let epoch = join.epoch.clone();
+                core.shard.borrow_mut().follow.add(
+                    key,
+                    &route_name,
+                    &name,
+                    epoch,
+                    join.top,
+                    direct,
+                );
+            }
+            joined(core, result);
+            core.shard.borrow_mut().ack_behind_replies(key);
+        });
+        self.join_with(key, route, keep, since, Some(keep.size), followed);
+    }
+
+    /// The place of `route`'s history now (its epoch and newest offset),
+    /// kept from now on as `keep` says: read on its owner, where `then`
+    /// runs with it (what a durable subscription starts from). `None` in a
+    /// cluster, whose history is the broker's.
+    pub fn place_of(&self, route: &str, keep: Keep, then: PlacedNow) {
+        if self.hub.broker().is_some() {
+            then(self, None);
+            return;
+        }
+        let owner = self.hub.owner(super::message::route_hash(route));
+        let route: Box<str> = route.into();
+        self.run_on(
+            owner,
+            Box::new(move |owner: &Core| {
+                let now = owner.shard.borrow().now();
+                let cursor = {
+                    let mut store = owner.history.borrow_mut();
+                    let stream = store.stream(&route, keep, now);
+                    Cursor {
+                        epoch: stream.epoch.clone(),
+                        offset: stream.top,
+                    }
+                };
+                then(owner, Some(cursor));
+            }),
+        );
+    }
+
+    /// `key` stops following its user's channels: the subscriptions that
+    /// were the following's alone end.
+    pub fn unfollow(&self, key: usize) {
+        let own = self.shard.borrow_mut().follow.stop(key);
+        for route in own {
+            self.unsubscribe(key, &route);
+        }
+    }
+
+    /// `key` stops following `route` (its user's durable subscription to
+    /// it ended).
+    pub fn unfollow_channel(&self, key: usize, route: &str) {
+        if self.shard.borrow_mut().follow.drop_channel(key, route) {
+            self.unsubscribe(key, route);
+        }
+    }
+
+    /// A pong from `key`: if it answers an ack ping, the user's cursors
+    /// move to what the ping covered, and the next ping goes out if more
+    /// was delivered meanwhile.
+    pub fn pong(&self, key: usize, payload: &[u8]) {
+        if payload.is_empty() {
+            return;
+        }
+        let Some((namespace, user, moved)) = self.shard.borrow_mut().follow.pong(key, payload)
+        else {
+            return;
+        };
+        for (channel, cursor) in moved {
+            self.hub.durable.commit(namespace, &user, &channel, &cursor);
+        }
+        self.shard.borrow_mut().ack(key);
     }
 
     /// Subscribes connection `key` to routing key `channel` and runs
@@ -968,6 +1099,29 @@ fn position(stream: &Stream, since: Option<&Since>, recover_max: usize) -> Join 
         replay: replay
             .map(|frames| frames.into_iter().map(|(_, f)| f).collect())
             .unwrap_or_default(),
+    }
+}
+
+/// Where a user's connection that follows `stream` from `since` joins
+/// it: everything kept after `since` is replayed (from the oldest kept
+/// when some is gone, or when `since` is of another epoch), the newest
+/// `max` at most; `recovered` says nothing was lost.
+fn catching_up(stream: &Stream, since: Option<&Since>, max: usize) -> Join {
+    let first = stream.first();
+    let after = match since {
+        Some(s) if *s.epoch == *stream.epoch => s.offset.min(stream.top),
+        _ => 0,
+    };
+    let from = after.max(first - 1);
+    let mut frames = stream.after(from, usize::MAX).unwrap_or_default();
+    let skipped = frames.len().saturating_sub(max);
+    frames.drain(..skipped);
+    Join {
+        epoch: stream.epoch.clone(),
+        top: stream.top,
+        newest: None,
+        recovered: from == after && skipped == 0,
+        replay: frames.into_iter().map(|(_, f)| f).collect(),
     }
 }
 

@@ -56,6 +56,19 @@ pub struct Keep {
     pub ttl_ms: u64,
 }
 
+impl Keep {
+    /// The more of the two (either may be none).
+    pub fn widest(a: Option<Keep>, b: Option<Keep>) -> Option<Keep> {
+        match (a, b) {
+            (Some(a), Some(b)) => Some(Keep {
+                size: a.size.max(b.size),
+                ttl_ms: a.ttl_ms.max(b.ttl_ms),
+            }),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
 /// Why a `HISTORY` value was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RulesError {

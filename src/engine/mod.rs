@@ -13,6 +13,7 @@ pub mod handoff;
 pub mod history;
 pub mod interest;
 pub mod message;
+pub mod personal;
 pub mod presence;
 pub mod roster;
 pub mod shard;

@@ -22,6 +22,7 @@ use crate::engine::interest::Interest;
 use hashbrown::HashTable;
 
 use crate::engine::message::{route_hash, Encoder, Encoding, Message, MAX_ENCODINGS};
+use crate::engine::personal::Follow;
 use crate::engine::stats::CoreStats;
 
 use crate::engine::slots::Slots;
@@ -59,6 +60,9 @@ pub struct Closes {
     pub frame: fn(Option<u16>, &str) -> Bytes,
     /// A keep-alive probe.
     pub ping: fn() -> Bytes,
+    /// A ping carrying a payload (the acknowledgement of deliveries to a
+    /// user's connection, see [`super::personal`]).
+    pub ping_with: fn(&[u8]) -> Bytes,
     /// Code and reason for a connection whose queue passed its limit.
     pub slow_consumer: (u16, &'static str),
     /// Code and reason for a peer silent after a ping.
@@ -229,6 +233,11 @@ pub struct Shard {
     /// Connections with replies being prepared on other cores, and the
     /// replies queued behind them (see [`Shard::reply`]).
     replies: HashMap<usize, Box<Replies>, ahash::RandomState>,
+    /// Connections following their user's channels (empty: the fan-out
+    /// pays one branch per message).
+    pub follow: Follow,
+    /// Following connections to ping after a delivery (kept for its room).
+    due: Vec<usize>,
 }
 
 /// One connection's replies in request order while some are still being
@@ -299,6 +308,8 @@ impl Shard {
             flusher: None,
             pending: HashMap::default(),
             replies: HashMap::default(),
+            follow: Follow::default(),
+            due: Vec::new(),
         }
     }
 
@@ -554,6 +565,7 @@ impl Shard {
             lasted: Duration::from_millis(u64::from(now_cs.wrapping_sub(conn.opened_cs)) * 10),
         };
         self.replies.remove(&key);
+        self.follow.forget(key);
         let entry = entry(key, conn.encoding);
         for channel in conn.subs.as_slice() {
             self.drop_subscriber(channel, entry, interest);
@@ -765,7 +777,45 @@ impl Shard {
             self.close(key, Some(code), reason, true);
         }
         self.stats.messages_out.add(delivered as u64);
+        if !self.follow.is_empty() && msg.offset() > 0 {
+            self.followed(msg);
+        }
         delivered
+    }
+
+    /// A message of a channel some connections here follow for their user
+    /// was queued: each gets an ack ping behind it, unless one is in flight.
+    #[cold]
+    fn followed(&mut self, msg: &Message) {
+        let mut due = std::mem::take(&mut self.due);
+        msg.with_key(|k| self.follow.delivered(k, msg.offset(), &mut due));
+        for key in due.drain(..) {
+            self.ack(key);
+        }
+        self.due = due;
+    }
+
+    /// Queues an ack ping for `key` if it follows its user's channels, has
+    /// deliveries not yet acknowledged and no ping in flight.
+    pub fn ack(&mut self, key: usize) {
+        if let Some(frame) = self.ack_ping(key) {
+            self.push(key, frame);
+        }
+    }
+
+    /// [`Shard::ack`] behind the replies still being prepared for `key`
+    /// (a replay of what it missed).
+    pub fn ack_behind_replies(&mut self, key: usize) {
+        if let Some(frame) = self.ack_ping(key) {
+            self.reply(key, frame);
+        }
+    }
+
+    fn ack_ping(&mut self, key: usize) -> Option<Bytes> {
+        let seq = self.follow.ping(key)?;
+        Some((self.limits.closes.ping_with)(
+            &super::personal::ack_payload(seq),
+        ))
     }
 
     /// Starts closing `key`: queues a close frame (`code = None`: empty
@@ -1116,6 +1166,12 @@ mod tests {
         Bytes::from_static(&[0x89, 0])
     }
 
+    fn ping_with(payload: &[u8]) -> Bytes {
+        let mut f = vec![0x89, payload.len() as u8];
+        f.extend_from_slice(payload);
+        Bytes::from(f)
+    }
+
     thread_local! {
         /// The tests' clock, moved by hand.
         static NOW: std::cell::Cell<u64> = const { std::cell::Cell::new(1) };
@@ -1138,6 +1194,7 @@ mod tests {
     const CLOSES: Closes = Closes {
         frame: close_frame,
         ping,
+        ping_with,
         slow_consumer: (4008, "slow consumer"),
         ping_timeout: (1001, "ping timeout"),
         expired: (4001, "token expired"),

@@ -35,6 +35,17 @@ pub static ENCODERS: &[Encoder] = &[native::protocol::encode, pusher::encode, ws
 
 /// How the channels of the front-ends' namespaces keep history: Pusher's
 /// cache channels keep their last event.
+/// A stored frame of routing key `key` renumbered `offset` (history kept
+/// through a crash): the native protocol's frames show their offset; the
+/// other protocols' (a namespace's, `{n}#channel`) do not, and stay as
+/// they are.
+pub fn reoffset(key: &str, frame: &[u8], offset: u64) -> Option<bytes::Bytes> {
+    match key.contains('#') {
+        true => Some(bytes::Bytes::copy_from_slice(frame)),
+        false => native::protocol::reoffset(key, frame, offset),
+    }
+}
+
 pub static NAMESPACED_HISTORY: NamespacedHistory = NamespacedHistory {
     keep: pusher::cache::keep,
     encoding: pusher::ENCODING,

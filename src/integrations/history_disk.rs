@@ -33,9 +33,15 @@ use prometheus_client::metrics::counter::Counter;
 
 use super::metrics::Metrics;
 use crate::engine::history::{new_epoch, HistorySink, Keep, Restored, Rules, META_TTL_MS};
+use crate::engine::personal::{Cursor, Durable, Record};
 
 /// The longest a kept message waits before it is committed.
 pub const GROUP_COMMIT: Duration = Duration::from_millis(20);
+
+/// How often the users' durable subscriptions and cursors are saved
+/// when they changed (a crash loses at most this much of the cursors'
+/// progress: those messages are delivered again).
+pub const SAVE_PERSONAL: Duration = Duration::from_secs(1);
 
 /// How often the storage thread drops what expired from the disk.
 pub const PRUNE_EVERY: Duration = Duration::from_secs(60);
@@ -48,6 +54,9 @@ const QUEUE: usize = 65_536;
 const CHANNELS: TableDefinition<&str, (&str, u64)> = TableDefinition::new("channels");
 /// (channel, offset) -> (Unix ms, frame).
 const MESSAGES: TableDefinition<(&str, u64), (u64, &[u8])> = TableDefinition::new("messages");
+/// (namespace, user) -> its durable subscriptions, as JSON:
+/// `[[channel, epoch, offset], ...]` (personal channels).
+const PERSONAL: TableDefinition<(u16, &str), &str> = TableDefinition::new("personal");
 /// "clean" -> 1 when the last run stopped cleanly.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
@@ -162,7 +171,7 @@ impl HistoryDisk {
     /// a routing key. Returns the history by owner core.
     pub fn open(
         dir: &Path,
-        rules: &Rules,
+        keeping: &Keeping,
         now_ms: u64,
         cores: usize,
         owner: impl Fn(&str) -> usize,
@@ -188,6 +197,23 @@ impl HistoryDisk {
                 .get("clean")
                 .map_err(|e| db_err(dir, e))?
                 .is_some_and(|v| v.value() == 1);
+            // The users' durable subscriptions first: their channels keep
+            // history too.
+            let personal = txn.open_table(PERSONAL).map_err(|e| db_err(dir, e))?;
+            let records = read_personal(&personal).map_err(|e| db_err(dir, e))?;
+            drop(personal);
+            let subscriptions = records.len();
+            let refused = keeping.durable.restore(records);
+            if refused > 0 {
+                tracing::warn!(
+                    refused,
+                    "HISTORY_DIR: durable subscriptions over PERSONAL_MAX_CHANNELS were left out"
+                );
+            }
+            tracing::info!(
+                subscriptions,
+                "durable subscriptions read back from HISTORY_DIR"
+            );
             let mut channels = txn.open_table(CHANNELS).map_err(|e| db_err(dir, e))?;
             let mut messages = txn.open_table(MESSAGES).map_err(|e| db_err(dir, e))?;
             let mut known: Vec<(String, String, u64)> = Vec::new();
@@ -198,10 +224,11 @@ impl HistoryDisk {
             }
             let mut kept = 0usize;
             for (key, epoch, top) in known {
-                // Only namespace 0 (herald's own channels) is kept on disk.
-                let keep = match rules.keep(&key) {
-                    Some(k) if !key.contains('#') => k,
-                    _ => {
+                // Herald's own channels, and the front-ends' that users
+                // follow durably.
+                let keep = match keeping.keep_of(&key) {
+                    Some(k) => k,
+                    None => {
                         // No longer kept: forget it.
                         channels.remove(key.as_str()).map_err(|e| db_err(dir, e))?;
                         messages
@@ -305,10 +332,10 @@ impl HistoryDisk {
             warned: AtomicBool::new(false),
         });
         let s2 = shared.clone();
-        let rules = rules.clone();
+        let keeping = keeping.clone();
         let thread = std::thread::Builder::new()
             .name("herald-history".into())
-            .spawn(move || writer(db, rx, s2, rules))
+            .spawn(move || writer(db, rx, s2, keeping))
             .map_err(|e| DiskError::Dir(dir.to_path_buf(), e))?;
         Ok((
             Arc::new(HistoryDisk {
@@ -335,17 +362,20 @@ impl HistoryDisk {
 
 /// The storage thread: group commits until told to stop, and every
 /// [`PRUNE_EVERY`] a prune of what expired.
-fn writer(db: Database, rx: Receiver<Op>, shared: Arc<Shared>, rules: Rules) {
+fn writer(db: Database, rx: Receiver<Op>, shared: Arc<Shared>, keeping: Keeping) {
+    let durable = &keeping.durable;
     let mut batch: Vec<Append> = Vec::new();
     let mut next_prune = Instant::now() + PRUNE_EVERY;
+    let mut saved = durable.changes();
     loop {
         if Instant::now() >= next_prune {
-            if let Err(e) = prune(&db, &rules, crate::clock::unix_ms()) {
+            if let Err(e) = prune(&db, &keeping, crate::clock::unix_ms()) {
                 tracing::warn!("HISTORY_DIR: pruning failed: {e}");
             }
             next_prune = Instant::now() + PRUNE_EVERY;
         }
-        let first = match rx.recv_deadline(next_prune) {
+        save_personal(&db, durable, &mut saved);
+        let first = match rx.recv_deadline(next_prune.min(Instant::now() + SAVE_PERSONAL)) {
             Ok(op) => op,
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
@@ -386,6 +416,7 @@ fn writer(db: Database, rx: Receiver<Op>, shared: Arc<Shared>, rules: Rules) {
             batch.clear();
         }
         if let Some(done) = stop {
+            save_personal(&db, durable, &mut saved);
             if let Err(e) = mark_clean(&db) {
                 tracing::error!("HISTORY_DIR: could not mark the history clean: {e}");
             }
@@ -441,7 +472,7 @@ fn commit(db: &Database, batch: &[Append]) -> Result<(), String> {
 /// than their time to live (oldest first, stopping at the first still
 /// young), and channels no `HISTORY` pattern covers any more or left
 /// without messages for [`META_TTL_MS`]. Returns the messages dropped.
-fn prune(db: &Database, rules: &Rules, unix_now: u64) -> Result<usize, String> {
+fn prune(db: &Database, keeping: &Keeping, unix_now: u64) -> Result<usize, String> {
     let txn = db.begin_write().map_err(|e| e.to_string())?;
     let mut dropped = 0;
     {
@@ -454,7 +485,7 @@ fn prune(db: &Database, rules: &Rules, unix_now: u64) -> Result<usize, String> {
             .collect();
         for key in keys {
             let k = key.as_str();
-            let Some(keep) = rules.keep(k) else {
+            let Some(keep) = keeping.keep_of(k) else {
                 channels.remove(k).map_err(|e| e.to_string())?;
                 messages
                     .retain_in((k, 0)..=(k, u64::MAX), |_, _| {
@@ -492,6 +523,87 @@ fn prune(db: &Database, rules: &Rules, unix_now: u64) -> Result<usize, String> {
     }
     txn.commit().map_err(|e| e.to_string())?;
     Ok(dropped)
+}
+
+/// Which channels keep what on disk: herald's own by `HISTORY`, and any
+/// channel users follow durably.
+#[derive(Clone)]
+pub struct Keeping {
+    pub rules: Rules,
+    pub durable: Arc<Durable>,
+}
+
+impl Keeping {
+    /// What the channel of routing key `key` keeps, if anything.
+    fn keep_of(&self, key: &str) -> Option<Keep> {
+        let (namespace, channel) = match key.split_once('#') {
+            Some((n, channel)) => (n.parse().ok()?, channel),
+            None => (0, key),
+        };
+        let ruled = (namespace == 0).then(|| self.rules.keep(channel)).flatten();
+        Keep::widest(ruled, self.durable.keeps(namespace, channel))
+    }
+}
+
+/// Reads the durable subscriptions back; a row that does not parse is
+/// left out (and logged).
+fn read_personal(
+    table: &impl ReadableTable<(u16, &'static str), &'static str>,
+) -> Result<Vec<Record>, redb::StorageError> {
+    let mut out = Vec::new();
+    for row in table.iter()? {
+        let (k, v) = row?;
+        let (namespace, user) = k.value();
+        match serde_json::from_str::<Vec<(String, String, u64)>>(v.value()) {
+            Ok(subs) => out.extend(subs.into_iter().map(|(channel, epoch, offset)| Record {
+                namespace,
+                user: user.into(),
+                channel: channel.into(),
+                cursor: Cursor {
+                    epoch: epoch.into(),
+                    offset,
+                },
+            })),
+            Err(e) => tracing::warn!(
+                user,
+                "HISTORY_DIR: a durable subscription row is unreadable ({e}); left out"
+            ),
+        }
+    }
+    Ok(out)
+}
+
+/// Writes the users whose durable subscriptions changed since `saved`.
+fn save_personal(db: &Database, durable: &Durable, saved: &mut u64) {
+    let now = durable.changes();
+    if now == *saved {
+        return;
+    }
+    let changed = durable.take_changed();
+    let write = || -> Result<(), String> {
+        let txn = db.begin_write().map_err(|e| e.to_string())?;
+        {
+            let mut t = txn.open_table(PERSONAL).map_err(|e| e.to_string())?;
+            for ((namespace, user), subs) in &changed {
+                if subs.is_empty() {
+                    t.remove((*namespace, &**user)).map_err(|e| e.to_string())?;
+                    continue;
+                }
+                let rows: Vec<(&str, &str, u64)> = subs
+                    .iter()
+                    .map(|(c, k)| (&**c, &*k.epoch, k.offset))
+                    .collect();
+                let json = serde_json::to_string(&rows).map_err(|e| e.to_string())?;
+                t.insert((*namespace, &**user), json.as_str())
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        txn.commit().map_err(|e| e.to_string())
+    };
+    match write() {
+        Ok(()) => *saved = now,
+        Err(e) => tracing::warn!("HISTORY_DIR: durable subscriptions not saved ({e}); retrying"),
+    }
 }
 
 fn mark_clean(db: &Database) -> Result<(), String> {
@@ -544,7 +656,11 @@ mod tests {
         assert_eq!(offsets(&db, "news"), vec![1, 2, 3, 4]);
         let rules = Rules::parse("news=100/1s").unwrap();
         // At 3,500 ms, messages sent at or before 2,500 ms are too old.
-        assert_eq!(prune(&db, &rules, 3500).unwrap(), 2 + 1);
+        let keeping = Keeping {
+            rules,
+            durable: Arc::new(Durable::default()),
+        };
+        assert_eq!(prune(&db, &keeping, 3500).unwrap(), 2 + 1);
         assert_eq!(offsets(&db, "news"), vec![3, 4]);
         assert!(
             offsets(&db, "gone").is_empty(),
@@ -555,7 +671,7 @@ mod tests {
         commit(&db, &[append("news", &e2, 1, 5000)]).unwrap();
         assert_eq!(offsets(&db, "news"), vec![1]);
         // Long after its last message, the channel itself is forgotten.
-        assert_eq!(prune(&db, &rules, 5000 + META_TTL_MS + 2000).unwrap(), 1);
+        assert_eq!(prune(&db, &keeping, 5000 + META_TTL_MS + 2000).unwrap(), 1);
         let txn = db.begin_read().unwrap();
         let t = txn.open_table(CHANNELS).unwrap();
         assert!(t.get("news").unwrap().is_none());

@@ -39,7 +39,7 @@ use crate::frontends::{FrontEnds, Loaded};
 use crate::integrations::cluster::Cluster;
 use crate::integrations::database::{Database, Tables};
 use crate::integrations::handoff;
-use crate::integrations::history_disk::{DiskError, HistoryDisk};
+use crate::integrations::history_disk::{DiskError, HistoryDisk, Keeping};
 use crate::integrations::metrics::Metrics;
 use crate::worker::{Shared, StoredHistory, Worker};
 use router::{Endpoints, Site};
@@ -138,16 +138,21 @@ pub fn run(mut config: Config, loaded: impl Into<Loaded>) -> Result<(), ServerEr
             }
         }
     }
+    let durable = Arc::new(crate::worker::durable_store(&config));
+    let keeping = Keeping {
+        rules: config.history.clone(),
+        durable: durable.clone(),
+    };
     let disk = match &config.history_dir {
         Some(dir) => {
             let open = || {
                 HistoryDisk::open(
                     dir,
-                    &config.history,
+                    &keeping,
                     clock::now_ms(),
                     workers,
                     |key| owner_of(route_hash(key), workers),
-                    crate::frontends::native::protocol::reoffset,
+                    crate::frontends::reoffset,
                     &metrics,
                 )
             };
@@ -170,7 +175,10 @@ pub fn run(mut config: Config, loaded: impl Into<Loaded>) -> Result<(), ServerEr
         None => None,
     };
     let history_disk = disk.as_ref().map(|d| d.0.clone());
-    let mut stored = StoredHistory::default();
+    let mut stored = StoredHistory {
+        durable: Some(durable),
+        ..StoredHistory::default()
+    };
     if let Some((d, streams)) = disk {
         stored.sink = Some(d as Arc<dyn HistorySink>);
         stored.streams = streams;

@@ -428,8 +428,9 @@ fn handle<F: FrontEnd>(cx: &Cx<'_>, fe: &F, conn: &mut F::Conn, msg: Message<'_>
             core.shard.borrow_mut().push(cx.key, frame::pong(payload));
             Flow::Continue
         }
-        Message::Pong => {
+        Message::Pong(payload) => {
             fe.on_activity(cx, conn);
+            core.pong(cx.key, payload);
             Flow::Continue
         }
         Message::Text(text) => {

@@ -7,6 +7,8 @@
 //! [`super::wire::parse_trigger`]. A trigger is encoded once per channel
 //! and fanned out like any publish.
 
+use std::sync::Arc;
+
 use serde_json::{json, Map, Value};
 
 use super::apps::App;
@@ -46,6 +48,30 @@ pub fn trigger_trusted(
     trigger(shared, worker, &app, app.index + 1, body, false)
 }
 
+/// The app an API request is for, once its signature is checked, and the
+/// rest of its path (after `/apps/{id}/`); or the refusal.
+pub fn authorize<'p>(
+    shared: &PusherShared,
+    method: &str,
+    path: &'p str,
+    query: &str,
+    body: &[u8],
+    now_unix: u64,
+) -> Result<(Arc<App>, &'p str), Answer> {
+    let rest = &path["/apps/".len()..];
+    let (app_id, rest) = rest.split_once('/').unwrap_or((rest, ""));
+    let Some(app) = shared.apps.get().by_id(app_id).cloned() else {
+        return Err(text(404, format!("Unknown app id {app_id}")));
+    };
+    if let Err(e) = super::sign::verify_api_request(&app, method, path, query, body, now_unix) {
+        return Err(text(e.status(), e.to_string()));
+    }
+    if !app.enabled {
+        return Err(text(403, "App is disabled"));
+    }
+    Ok((app, rest))
+}
+
 /// Answers one API request.
 pub fn handle(
     shared: &PusherShared,
@@ -56,18 +82,11 @@ pub fn handle(
     body: &[u8],
     now_unix: u64,
 ) -> Answer {
-    let rest = &path["/apps/".len()..];
-    let (app_id, rest) = rest.split_once('/').unwrap_or((rest, ""));
-    let Some(app) = shared.apps.get().by_id(app_id).cloned() else {
-        return text(404, format!("Unknown app id {app_id}"));
+    let (app, rest) = match authorize(shared, method, path, query, body, now_unix) {
+        Ok(a) => a,
+        Err(answer) => return answer,
     };
     let app = &app;
-    if let Err(e) = super::sign::verify_api_request(app, method, path, query, body, now_unix) {
-        return text(e.status(), e.to_string());
-    }
-    if !app.enabled {
-        return text(403, "App is disabled");
-    }
     let ns = app.index + 1;
     let params: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
         .into_owned()

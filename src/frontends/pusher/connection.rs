@@ -319,6 +319,14 @@ fn subscribe(
                 return fail("AuthError", &msg, 403);
             }
         }
+        // A user's personal channel: the connection signed in as that user.
+        ChannelKind::Personal => {
+            let id = &channel[wire::PERSONAL.len()..];
+            if id.is_empty() || user.as_deref() != Some(id) {
+                let msg = format!("sign in as user {id} before subscribing to {channel}");
+                return fail("AuthError", &msg, 403);
+            }
+        }
         ChannelKind::Private | ChannelKind::PrivateEncrypted => {
             let Some(a) = auth else {
                 return fail("AuthError", "auth is required for private channels", 401);
@@ -347,12 +355,33 @@ fn subscribe(
                 .is_ok_and(|v| v.get("peer") == Some(&serde_json::Value::Bool(true)));
         }
     }
+    // A personal channel (signed in as its user, or `private-personal-`
+    // authorized) follows the user's durable subscriptions.
+    let personal = match kind {
+        ChannelKind::Personal => Some(&channel[wire::PERSONAL.len()..]),
+        ChannelKind::Private => channel.strip_prefix(wire::PRIVATE_PERSONAL),
+        _ => None,
+    };
+    if let Some(id) = personal.filter(|id| !id.is_empty()) {
+        return super::personal::follow_user(worker, key, ns, id, channel);
+    }
     let route = crate::engine::message::route_key_string(ns, channel);
     let shared = &*fe.shared;
-    let already = worker.core.shard.borrow().is_subscribed(key, &route);
+    // A channel the connection follows for its user is subscribed to
+    // already, but not by the connection itself.
+    let followed = worker
+        .core
+        .shard
+        .borrow_mut()
+        .follow
+        .mark_direct(key, &route, true);
+    let already = match followed {
+        Some(direct) => direct,
+        None => worker.core.shard.borrow().is_subscribed(key, &route),
+    };
     // A cache channel's subscription takes effect on its owner core, with
     // the cached event (see `super::cache`).
-    let cached = worker.core.hub.keeps(ns, channel);
+    let cached = super::cache::keep(channel);
     // In a cluster (and on a cache channel) the subscription takes effect
     // once the node receives the channel; the success waits for it.
     let later = !already && (cached.is_some() || worker.core.hub.broker().is_some());
@@ -550,8 +579,23 @@ fn unsubscribe(fe: &Pusher, worker: &Worker, key: usize, channel: &str) {
         Some(p) => p.ns,
         None => return,
     };
+    if super::personal::is_personal(channel) {
+        super::personal::unfollow_user(worker, key, ns, channel);
+        return;
+    }
     let route = crate::engine::message::route_key_string(ns, channel);
-    if worker.core.unsubscribe(key, &route) {
+    // A channel it also follows for its user stays subscribed.
+    let followed = worker
+        .core
+        .shard
+        .borrow_mut()
+        .follow
+        .mark_direct(key, &route, false);
+    let was = match followed {
+        Some(direct) => direct,
+        None => worker.core.unsubscribe(key, &route),
+    };
+    if was {
         left(fe, worker, key, &route);
     }
 }

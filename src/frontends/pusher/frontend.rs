@@ -36,6 +36,17 @@ impl Endpoint for Pusher {
             let head = req.head;
             let query = head.query().unwrap_or("");
             let now = crate::clock::unix_secs();
+            let (method, path) = (head.method(), head.path());
+            if super::personal::is_api_path(path) {
+                let (status, content_type, body) =
+                    match api::authorize(&self.shared, method, path, query, req.body, now) {
+                        Err(refused) => refused,
+                        Ok((app, rest)) => {
+                            super::personal::api(worker, &app, method, path, rest, req.body).await
+                        }
+                    };
+                return Answer::new(status, content_type, body);
+            }
             let (status, content_type, body) = api::handle(
                 &self.shared,
                 worker,

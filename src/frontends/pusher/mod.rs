@@ -16,6 +16,7 @@ pub mod apps;
 pub mod cache;
 pub mod connection;
 pub mod frontend;
+pub mod personal;
 pub mod sign;
 pub mod socket;
 pub mod webhooks;

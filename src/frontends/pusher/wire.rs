@@ -124,7 +124,17 @@ pub enum ChannelKind {
     /// channels): only those users may subscribe, while each is a peer on
     /// that presence channel ([`parse_peer`]).
     Peer,
+    /// `personal-{user_id}` (Pushi's personal channels): the messages of
+    /// the channels the user subscribed to durably (`POST
+    /// /apps/{id}/subscribe`), those published while offline first; only
+    /// a connection signed in as that user may subscribe.
+    Personal,
 }
+
+/// The prefix of a personal channel; `private-personal-` is its variant
+/// authorized by the app's auth endpoint instead of a sign-in.
+pub const PERSONAL: &str = "personal-";
+pub const PRIVATE_PERSONAL: &str = "private-personal-";
 
 /// The prefix of a peer channel.
 pub const PEER: &str = "peer-";
@@ -155,6 +165,8 @@ impl ChannelKind {
             ChannelKind::ServerToUser
         } else if name.starts_with(PEER) {
             ChannelKind::Peer
+        } else if name.starts_with(PERSONAL) {
+            ChannelKind::Personal
         } else if name.starts_with("private-encrypted-") {
             ChannelKind::PrivateEncrypted
         } else if name.starts_with("private-") {
@@ -170,7 +182,10 @@ impl ChannelKind {
     pub fn needs_auth(self) -> bool {
         !matches!(
             self,
-            ChannelKind::Public | ChannelKind::ServerToUser | ChannelKind::Peer
+            ChannelKind::Public
+                | ChannelKind::ServerToUser
+                | ChannelKind::Peer
+                | ChannelKind::Personal
         )
     }
 
@@ -194,6 +209,7 @@ impl ChannelKind {
             ChannelKind::PrivateEncrypted => "private-encrypted",
             ChannelKind::ServerToUser => "server-to-user",
             ChannelKind::Peer => "peer",
+            ChannelKind::Personal => "personal",
         }
     }
 }

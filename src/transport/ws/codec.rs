@@ -44,7 +44,8 @@ pub enum Message<'a> {
     Text(&'a [u8]),
     Binary(&'a [u8]),
     Ping(&'a [u8]),
-    Pong,
+    /// A pong and the payload it echoes.
+    Pong(&'a [u8]),
     /// The peer's close: its code and reason, if it sent a body.
     Close(Option<(u16, &'a str)>),
 }
@@ -146,7 +147,7 @@ impl Decoder {
         apply_mask(payload, mask);
         let message = match header.opcode {
             OpCode::Control(Control::Ping) => Some(Message::Ping(payload)),
-            OpCode::Control(Control::Pong) => Some(Message::Pong),
+            OpCode::Control(Control::Pong) => Some(Message::Pong(payload)),
             OpCode::Control(Control::Close) => Some(Message::Close(parse_close(payload)?)),
             // FrameHeader::parse already refused reserved opcodes.
             OpCode::Control(Control::Reserved(_)) | OpCode::Data(Data::Reserved(_)) => {
@@ -302,7 +303,7 @@ mod tests {
                             Message::Text(t) => format!("text:{}", String::from_utf8_lossy(t)),
                             Message::Binary(b) => format!("bin:{}", b.len()),
                             Message::Ping(p) => format!("ping:{}", p.len()),
-                            Message::Pong => "pong".into(),
+                            Message::Pong(_) => "pong".into(),
                             Message::Close(c) => format!("close:{c:?}"),
                         });
                     }

@@ -57,6 +57,12 @@ pub fn ping() -> Bytes {
     whole(OpCode::Control(Control::Ping), &[])
 }
 
+/// A ping carrying `payload` (at most 125 bytes, §5.5), which the peer's
+/// pong echoes.
+pub fn ping_with(payload: &[u8]) -> Bytes {
+    whole(OpCode::Control(Control::Ping), payload)
+}
+
 /// A pong answering a ping's `payload` (§5.5.3: same application data).
 pub fn pong(payload: &[u8]) -> Bytes {
     whole(OpCode::Control(Control::Pong), payload)

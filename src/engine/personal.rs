@@ -1,0 +1,662 @@
+//! Personal subscriptions (Pushi's personal channels and messages for
+//! offline users): the channels each user subscribed to durably, how far
+//! each was delivered to the user (its cursor), and, on each core, the
+//! connections that follow their user's channels now.
+//!
+//! A connection that follows its user's channels is subscribed to each of
+//! them like any other subscriber: it gets the channel's own frames, the
+//! ones every subscriber gets, so a publish costs nothing per user. What
+//! the user missed comes from the channel's history, which a channel with
+//! durable subscribers keeps ([`Durable::keeps`]), after the user's cursor.
+//!
+//! A cursor moves only when the client proves it read what came before:
+//! a WebSocket ping carrying [`ack_payload`] is queued behind the frames,
+//! and its pong (which every WebSocket client sends by itself, in order)
+//! commits the offsets the ping covered. What the client never read is
+//! delivered again at its next connection; what it read is not. At most
+//! one such ping per connection is in flight.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::history::Keep;
+
+/// How far a user's channel was delivered: every message up to `offset`
+/// of `epoch` (its history's epoch; another epoch means the history the
+/// offset counted is gone).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    pub epoch: Arc<str>,
+    pub offset: u64,
+}
+
+/// One durable subscription, as it is saved and read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub namespace: u16,
+    pub user: Box<str>,
+    pub channel: Box<str>,
+    pub cursor: Cursor,
+}
+
+/// Why a durable subscription was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DurableError {
+    #[error("the user already has the most durable subscriptions allowed ({0})")]
+    TooMany(usize),
+    #[error("the server holds the most durable subscriptions it keeps ({0})")]
+    Full(usize),
+}
+
+/// A user: its namespace and id.
+pub type UserKey = (u16, Box<str>);
+
+/// A user's channels and their cursors.
+pub type Cursors = Vec<(Box<str>, Cursor)>;
+
+/// Most durable subscriptions a node keeps, all users together.
+pub const MAX_DURABLE: usize = 1_000_000;
+
+/// The node's durable subscriptions, shared by every core: read when a
+/// user's connection starts following, written by the HTTP API and as
+/// clients acknowledge; its owner cores ask it which channels keep
+/// history for them (one atomic load when nobody subscribed durably).
+pub struct Durable {
+    keep: Keep,
+    max_per_user: usize,
+    /// Channels with durable subscribers (0: skip the lock).
+    active: AtomicUsize,
+    /// Bumped at every change (what a saver compares).
+    changes: AtomicU64,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// (namespace, user) to its channels and their cursors.
+    users: HashMap<(u16, Box<str>), BTreeMap<Box<str>, Cursor>>,
+    /// Durable subscribers per channel, by namespace.
+    channels: HashMap<u16, HashMap<Box<str>, u32>>,
+    total: usize,
+    /// Users changed since the last [`Durable::take_changed`].
+    changed: HashSet<(u16, Box<str>)>,
+}
+
+impl Default for Durable {
+    fn default() -> Self {
+        Durable::new(
+            Keep {
+                size: 100,
+                ttl_ms: 86_400_000,
+            },
+            100,
+        )
+    }
+}
+
+impl Durable {
+    /// A store whose channels keep at least `keep` for their durable
+    /// subscribers, with at most `max_per_user` subscriptions per user.
+    pub fn new(keep: Keep, max_per_user: usize) -> Durable {
+        Durable {
+            keep,
+            max_per_user,
+            active: AtomicUsize::new(0),
+            changes: AtomicU64::new(0),
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    fn inner(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// What a channel with durable subscribers keeps at least.
+    pub fn keep(&self) -> Keep {
+        self.keep
+    }
+
+    /// What `channel` of `namespace` keeps for its durable subscribers, if
+    /// it has any.
+    pub fn keeps(&self, namespace: u16, channel: &str) -> Option<Keep> {
+        if self.active.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        let inner = self.inner();
+        let n = inner.channels.get(&namespace)?.get(channel)?;
+        (*n > 0).then_some(self.keep)
+    }
+
+    /// Subscribes `user` to `channel` durably from `at` (what was
+    /// published after it is delivered). Already subscribed: the cursor
+    /// stays, `Ok(false)`.
+    pub fn subscribe(
+        &self,
+        namespace: u16,
+        user: &str,
+        channel: &str,
+        at: Cursor,
+    ) -> Result<bool, DurableError> {
+        let mut inner = self.inner();
+        let inner = &mut *inner;
+        let total = inner.total;
+        let subs = inner.users.entry((namespace, user.into())).or_default();
+        if subs.contains_key(channel) {
+            return Ok(false);
+        }
+        if subs.len() >= self.max_per_user {
+            return Err(DurableError::TooMany(self.max_per_user));
+        }
+        if total >= MAX_DURABLE {
+            return Err(DurableError::Full(MAX_DURABLE));
+        }
+        subs.insert(channel.into(), at);
+        inner.total += 1;
+        inner.changed.insert((namespace, user.into()));
+        let n = inner
+            .channels
+            .entry(namespace)
+            .or_default()
+            .entry(channel.into())
+            .or_insert(0);
+        *n += 1;
+        if *n == 1 {
+            self.active.fetch_add(1, Ordering::Relaxed);
+        }
+        self.changes.fetch_add(1, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    /// Ends `user`'s durable subscription to `channel`; false if it had
+    /// none.
+    pub fn unsubscribe(&self, namespace: u16, user: &str, channel: &str) -> bool {
+        let mut inner = self.inner();
+        let inner = &mut *inner;
+        let key = (namespace, Box::<str>::from(user));
+        let Some(subs) = inner.users.get_mut(&key) else {
+            return false;
+        };
+        if subs.remove(channel).is_none() {
+            return false;
+        }
+        if subs.is_empty() {
+            inner.users.remove(&key);
+        }
+        inner.total -= 1;
+        inner.changed.insert(key);
+        if let Some(by_name) = inner.channels.get_mut(&namespace) {
+            if let Some(n) = by_name.get_mut(channel) {
+                *n -= 1;
+                if *n == 0 {
+                    by_name.remove(channel);
+                    self.active.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+            if by_name.is_empty() {
+                inner.channels.remove(&namespace);
+            }
+        }
+        self.changes.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// `user`'s durable subscriptions and their cursors, by channel name.
+    pub fn of(&self, namespace: u16, user: &str) -> Cursors {
+        self.inner()
+            .users
+            .get(&(namespace, user.into()))
+            .map(|subs| subs.iter().map(|(c, k)| (c.clone(), k.clone())).collect())
+            .unwrap_or_default()
+    }
+
+    /// The client read `channel` up to `to`: its cursor moves there (never
+    /// back within an epoch). Nothing if the subscription ended meanwhile.
+    pub fn commit(&self, namespace: u16, user: &str, channel: &str, to: &Cursor) {
+        let mut inner = self.inner();
+        let key = (namespace, Box::<str>::from(user));
+        let Some(at) = inner
+            .users
+            .get_mut(&key)
+            .and_then(|subs| subs.get_mut(channel))
+        else {
+            return;
+        };
+        if at.epoch == to.epoch && at.offset >= to.offset {
+            return;
+        }
+        *at = to.clone();
+        inner.changed.insert(key);
+        self.changes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A count that changes whenever the subscriptions or a cursor do.
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::Relaxed)
+    }
+
+    /// The users whose subscriptions changed since the last call, with
+    /// what they are now (none: forget the user), to be saved.
+    pub fn take_changed(&self) -> Vec<(UserKey, Cursors)> {
+        let mut inner = self.inner();
+        let changed = std::mem::take(&mut inner.changed);
+        changed
+            .into_iter()
+            .map(|key| {
+                let now = inner
+                    .users
+                    .get(&key)
+                    .map(|subs| subs.iter().map(|(c, k)| (c.clone(), k.clone())).collect())
+                    .unwrap_or_default();
+                (key, now)
+            })
+            .collect()
+    }
+
+    /// Every durable subscription.
+    pub fn export(&self) -> Vec<Record> {
+        let inner = self.inner();
+        let mut out = Vec::with_capacity(inner.total);
+        for ((namespace, user), subs) in &inner.users {
+            for (channel, cursor) in subs {
+                out.push(Record {
+                    namespace: *namespace,
+                    user: user.clone(),
+                    channel: channel.clone(),
+                    cursor: cursor.clone(),
+                });
+            }
+        }
+        out
+    }
+
+    /// Puts back subscriptions read at start (limits apply as to new ones;
+    /// what passes them is left out and counted). They are not changes.
+    pub fn restore(&self, records: Vec<Record>) -> usize {
+        let mut refused = 0;
+        for r in records {
+            if self
+                .subscribe(r.namespace, &r.user, &r.channel, r.cursor)
+                .is_err()
+            {
+                refused += 1;
+            }
+        }
+        self.inner().changed.clear();
+        refused
+    }
+}
+
+/// The payload of a ping that acknowledges deliveries: a marker and the
+/// ping's number, so a pong is matched to its own ping only (the
+/// keep-alive's pings carry none).
+pub fn ack_payload(seq: u64) -> [u8; 12] {
+    let mut p = [0u8; 12];
+    p[..4].copy_from_slice(ACK_MARK);
+    p[4..].copy_from_slice(&seq.to_be_bytes());
+    p
+}
+
+const ACK_MARK: &[u8; 4] = b"hrd:";
+
+/// The number of the ack ping a pong answers, if it answers one.
+pub fn acked(payload: &[u8]) -> Option<u64> {
+    let rest = payload.strip_prefix(ACK_MARK)?;
+    Some(u64::from_be_bytes(rest.try_into().ok()?))
+}
+
+/// The connections of one core that follow their user's channels, and
+/// what each has delivered and had acknowledged.
+#[derive(Debug, Default)]
+pub struct Follow {
+    /// Routing key to the following connections subscribed to it here.
+    channels: HashMap<Box<str>, Vec<usize>, ahash::RandomState>,
+    conns: HashMap<usize, Box<Follower>, ahash::RandomState>,
+    next_ping: u64,
+}
+
+/// One connection following its user's channels.
+#[derive(Debug)]
+pub struct Follower {
+    pub namespace: u16,
+    pub user: Box<str>,
+    gen: u64,
+    followed: Vec<Followed>,
+    /// The ack ping in flight: its number and the offset of each followed
+    /// channel it covers.
+    ping: Option<(u64, Vec<u64>)>,
+}
+
+#[derive(Debug)]
+struct Followed {
+    route: Box<str>,
+    channel: Box<str>,
+    epoch: Arc<str>,
+    /// The newest offset queued to the connection.
+    delivered: u64,
+    /// The newest offset the client acknowledged.
+    acked: u64,
+    /// The connection is also subscribed to the channel by itself: the
+    /// subscription outlives the following.
+    direct: bool,
+}
+
+/// What an acknowledgement commits: the user, and each channel's cursor.
+pub type Commit = (u16, Box<str>, Cursors);
+
+impl Follow {
+    pub fn is_empty(&self) -> bool {
+        self.channels.is_empty()
+    }
+
+    /// Connection `key` (generation `gen`) follows `user`'s channels of
+    /// `namespace` from now on; false if it already follows (someone's).
+    pub fn start(&mut self, key: usize, gen: u64, namespace: u16, user: &str) -> bool {
+        if self.conns.get(&key).is_some_and(|f| f.gen == gen) {
+            return false;
+        }
+        self.forget(key);
+        self.conns.insert(
+            key,
+            Box::new(Follower {
+                namespace,
+                user: user.into(),
+                gen,
+                followed: Vec::new(),
+                ping: None,
+            }),
+        );
+        true
+    }
+
+    /// Whom `key` follows, if it follows anyone.
+    pub fn follower(&self, key: usize) -> Option<&Follower> {
+        self.conns.get(&key).map(|f| &**f)
+    }
+
+    /// `key`, subscribed now to `route` (channel `channel`, history `epoch`)
+    /// with everything up to `top` queued, follows it; `direct` if it was
+    /// subscribed by itself already. False if it does not follow anyone.
+    pub fn add(
+        &mut self,
+        key: usize,
+        route: &str,
+        channel: &str,
+        epoch: Arc<str>,
+        top: u64,
+        direct: bool,
+    ) -> bool {
+        let Some(f) = self.conns.get_mut(&key) else {
+            return false;
+        };
+        if let Some(c) = f.followed.iter_mut().find(|c| &*c.route == route) {
+            c.epoch = epoch;
+            c.delivered = top;
+            c.direct |= direct;
+            return true;
+        }
+        f.followed.push(Followed {
+            route: route.into(),
+            channel: channel.into(),
+            epoch,
+            delivered: top,
+            acked: 0,
+            direct,
+        });
+        self.channels.entry(route.into()).or_default().push(key);
+        true
+    }
+
+    /// If `key` follows `route`: marks whether it is also subscribed by
+    /// itself (`direct`), so that the engine subscription outlives one or
+    /// the other, and says whether it was before. `None`: not followed.
+    pub fn mark_direct(&mut self, key: usize, route: &str, direct: bool) -> Option<bool> {
+        let c = self
+            .conns
+            .get_mut(&key)?
+            .followed
+            .iter_mut()
+            .find(|c| &*c.route == route)?;
+        Some(std::mem::replace(&mut c.direct, direct))
+    }
+
+    /// Message `offset` of `route` was queued to this core's subscribers;
+    /// `due` gets each following connection that should be pinged now.
+    pub fn delivered(&mut self, route: &str, offset: u64, due: &mut Vec<usize>) {
+        let Some(keys) = self.channels.get(route) else {
+            return;
+        };
+        for key in keys {
+            let Some(f) = self.conns.get_mut(key) else {
+                continue;
+            };
+            if let Some(c) = f.followed.iter_mut().find(|c| &*c.route == route) {
+                c.delivered = c.delivered.max(offset);
+            }
+            if f.ping.is_none() {
+                due.push(*key);
+            }
+        }
+    }
+
+    /// The number of an ack ping to queue now for `key`, if it has
+    /// unacknowledged deliveries and no ping in flight.
+    pub fn ping(&mut self, key: usize) -> Option<u64> {
+        let f = self.conns.get_mut(&key)?;
+        if f.ping.is_some() || f.followed.iter().all(|c| c.delivered <= c.acked) {
+            return None;
+        }
+        self.next_ping += 1;
+        let covers = f.followed.iter().map(|c| c.delivered).collect();
+        f.ping = Some((self.next_ping, covers));
+        Some(self.next_ping)
+    }
+
+    /// A pong from `key` with `payload`: if it answers the ack ping in
+    /// flight, what it commits.
+    pub fn pong(&mut self, key: usize, payload: &[u8]) -> Option<Commit> {
+        let seq = acked(payload)?;
+        let f = self.conns.get_mut(&key)?;
+        if f.ping.as_ref().map(|p| p.0) != Some(seq) {
+            return None;
+        }
+        let (_, covers) = f.ping.take()?;
+        let mut moved = Vec::new();
+        for (c, offset) in f.followed.iter_mut().zip(covers) {
+            if offset > c.acked {
+                c.acked = offset;
+                let cursor = Cursor {
+                    epoch: c.epoch.clone(),
+                    offset,
+                };
+                moved.push((c.channel.clone(), cursor));
+            }
+        }
+        Some((f.namespace, f.user.clone(), moved))
+    }
+
+    /// `key` stops following: the routes whose engine subscription was the
+    /// following's alone (to unsubscribe).
+    pub fn stop(&mut self, key: usize) -> Vec<Box<str>> {
+        let Some(f) = self.conns.remove(&key) else {
+            return Vec::new();
+        };
+        let mut own = Vec::new();
+        for c in f.followed {
+            self.unlink(&c.route, key);
+            if !c.direct {
+                own.push(c.route);
+            }
+        }
+        own
+    }
+
+    /// Forgets `key` (its connection is gone).
+    pub fn forget(&mut self, key: usize) {
+        self.stop(key);
+    }
+
+    fn unlink(&mut self, route: &str, key: usize) {
+        if let Some(keys) = self.channels.get_mut(route) {
+            keys.retain(|k| *k != key);
+            if keys.is_empty() {
+                self.channels.remove(route);
+            }
+        }
+    }
+
+    /// The connections of this core following `user` of `namespace`.
+    pub fn following(&self, namespace: u16, user: &str) -> Vec<(usize, u64)> {
+        self.conns
+            .iter()
+            .filter(|(_, f)| f.namespace == namespace && &*f.user == user)
+            .map(|(k, f)| (*k, f.gen))
+            .collect()
+    }
+
+    /// Does `key` follow `route` already?
+    pub fn follows(&self, key: usize, route: &str) -> bool {
+        self.conns
+            .get(&key)
+            .is_some_and(|f| f.followed.iter().any(|c| &*c.route == route))
+    }
+
+    /// `key` stops following `route` alone (its durable subscription
+    /// ended): whether the engine subscription was the following's alone.
+    pub fn drop_channel(&mut self, key: usize, route: &str) -> bool {
+        let Some(f) = self.conns.get_mut(&key) else {
+            return false;
+        };
+        let Some(i) = f.followed.iter().position(|c| &*c.route == route) else {
+            return false;
+        };
+        let c = f.followed.remove(i);
+        if let Some((_, covers)) = &mut f.ping {
+            covers.remove(i);
+        }
+        self.unlink(route, key);
+        !c.direct
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(epoch: &str, offset: u64) -> Cursor {
+        Cursor {
+            epoch: epoch.into(),
+            offset,
+        }
+    }
+
+    #[test]
+    fn durable_subscriptions_count_their_channels_and_keep_their_cursor() {
+        let d = Durable::new(
+            Keep {
+                size: 5,
+                ttl_ms: 1000,
+            },
+            2,
+        );
+        assert_eq!(d.keeps(1, "news"), None);
+        assert_eq!(d.subscribe(1, "u1", "news", at("e", 3)), Ok(true));
+        assert_eq!(d.subscribe(1, "u1", "news", at("e", 9)), Ok(false));
+        assert_eq!(d.subscribe(1, "u2", "news", at("e", 4)), Ok(true));
+        assert_eq!(d.keeps(1, "news").map(|k| k.size), Some(5));
+        assert_eq!(d.keeps(2, "news"), None, "namespaces are apart");
+        assert_eq!(d.of(1, "u1"), vec![("news".into(), at("e", 3))]);
+        assert_eq!(d.subscribe(1, "u1", "b", at("e", 0)), Ok(true));
+        assert_eq!(
+            d.subscribe(1, "u1", "c", at("e", 0)),
+            Err(DurableError::TooMany(2))
+        );
+        assert!(d.unsubscribe(1, "u1", "news"));
+        assert!(!d.unsubscribe(1, "u1", "news"));
+        assert!(d.keeps(1, "news").is_some(), "u2 still has it");
+        assert!(d.unsubscribe(1, "u2", "news"));
+        assert_eq!(d.keeps(1, "news"), None);
+        assert_eq!(d.export().len(), 1);
+    }
+
+    #[test]
+    fn commits_move_forward_within_an_epoch_and_to_a_new_one() {
+        let d = Durable::default();
+        d.subscribe(0, "u", "c", at("e", 3)).unwrap();
+        let before = d.changes();
+        d.commit(0, "u", "c", &at("e", 2));
+        assert_eq!(d.of(0, "u")[0].1, at("e", 3), "never back");
+        assert_eq!(d.changes(), before);
+        d.commit(0, "u", "c", &at("e", 7));
+        assert_eq!(d.of(0, "u")[0].1, at("e", 7));
+        d.commit(0, "u", "c", &at("f", 1));
+        assert_eq!(d.of(0, "u")[0].1, at("f", 1), "a new epoch replaces");
+        d.commit(0, "u", "gone", &at("f", 1));
+        let restored = Durable::default();
+        assert_eq!(restored.restore(d.export()), 0);
+        assert_eq!(restored.of(0, "u"), d.of(0, "u"));
+        assert!(restored.take_changed().is_empty(), "read back, not changed");
+        let changed = d.take_changed();
+        assert_eq!(changed.len(), 1);
+        assert_eq!(changed[0].1, vec![("c".into(), at("f", 1))]);
+        assert!(d.take_changed().is_empty());
+        d.unsubscribe(0, "u", "c");
+        assert_eq!(d.take_changed(), vec![((0, "u".into()), vec![])]);
+    }
+
+    #[test]
+    fn ack_payloads_match_their_own_ping_only() {
+        assert_eq!(acked(&ack_payload(42)), Some(42));
+        assert_eq!(acked(b""), None);
+        assert_eq!(acked(b"hrd:123"), None);
+        assert_eq!(acked(b"xxxx12345678"), None);
+    }
+
+    #[test]
+    fn a_pong_commits_what_was_queued_before_its_ping() {
+        let mut f = Follow::default();
+        assert!(f.start(7, 1, 1, "u"));
+        assert!(!f.start(7, 1, 1, "u"), "once");
+        f.add(7, "1#a", "a", "e".into(), 4, false);
+        f.add(7, "1#b", "b", "e".into(), 0, true);
+        let mut due = Vec::new();
+        f.delivered("1#b", 2, &mut due);
+        assert_eq!(due, vec![7]);
+        let seq = f.ping(7).unwrap();
+        assert_eq!(f.ping(7), None, "one ping in flight");
+        f.delivered("1#a", 5, &mut due);
+        assert_eq!(due, vec![7], "no second ping while one is in flight");
+        assert_eq!(f.pong(7, &ack_payload(seq + 1)), None, "not its ping");
+        assert_eq!(f.pong(7, b""), None, "a keep-alive pong");
+        let (ns, user, moved) = f.pong(7, &ack_payload(seq)).unwrap();
+        assert_eq!((ns, &*user), (1, "u"));
+        assert_eq!(
+            moved,
+            vec![("a".into(), at("e", 4)), ("b".into(), at("e", 2))]
+        );
+        // Offset 5 of a came after the ping: the next one covers it.
+        let seq = f.ping(7).unwrap();
+        let (_, _, moved) = f.pong(7, &ack_payload(seq)).unwrap();
+        assert_eq!(moved, vec![("a".into(), at("e", 5))]);
+        assert_eq!(f.ping(7), None, "nothing new");
+        // Only what was the following's own is unsubscribed.
+        assert_eq!(f.stop(7), vec![Box::<str>::from("1#a")]);
+        assert!(f.is_empty());
+    }
+
+    #[test]
+    fn a_dropped_channel_leaves_the_ping_in_flight_consistent() {
+        let mut f = Follow::default();
+        f.start(1, 1, 0, "u");
+        f.add(1, "a", "a", "e".into(), 1, false);
+        f.add(1, "b", "b", "e".into(), 2, false);
+        let seq = f.ping(1).unwrap();
+        assert!(f.drop_channel(1, "a"));
+        assert!(!f.follows(1, "a"));
+        let (_, _, moved) = f.pong(1, &ack_payload(seq)).unwrap();
+        assert_eq!(moved, vec![("b".into(), at("e", 2))]);
+        assert_eq!(f.following(0, "u"), vec![(1, 1)]);
+        f.forget(1);
+        assert!(f.following(0, "u").is_empty());
+    }
+}
