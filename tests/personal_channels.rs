@@ -332,3 +332,129 @@ fn durable_subscriptions_their_cursors_and_messages_survive_a_restart_with_histo
     drop(second);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+// ---------------------------------------------------------------------------
+// herald's own protocol: a token's `sub` is the user.
+
+fn native_api(server: &Server, token: &str, path: &str, body: Value) -> (u16, String) {
+    let auth = format!("Bearer {token}");
+    http(
+        server.addr,
+        "POST",
+        path,
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/json"),
+        ],
+        body.to_string().as_bytes(),
+    )
+}
+
+/// (channel, data) of each message, and whether it carries an offset.
+fn native_messages(frames: Vec<Value>) -> Vec<(String, String, bool)> {
+    frames
+        .into_iter()
+        .map(|v| {
+            assert_eq!(v["op"], "message", "{v}");
+            (
+                v["channel"].as_str().unwrap().to_string(),
+                v["data"].as_str().unwrap().to_string(),
+                v["offset"].is_u64(),
+            )
+        })
+        .collect()
+}
+
+/// A native connection of user `sub` that may read `read`, following its
+/// personal channel; the messages before the answer to a ping after it.
+fn native_follow(
+    server: &Server,
+    sub: &str,
+    read: &[&str],
+) -> (Client, Vec<(String, String, bool)>) {
+    let t = token(json!({ "sub": sub, "read": read }));
+    let mut c = Client::with_token(server, &t);
+    let channel = format!("personal-{sub}");
+    c.send_json(json!({"op": "subscribe", "channel": channel, "id": "p"}));
+    let r = c.recv_json();
+    assert_eq!(r["op"], "subscribed", "{r}");
+    assert_eq!(r["channel"], channel);
+    let got = native_messages(c.sync());
+    (c, got)
+}
+
+#[test]
+fn native_users_follow_their_personal_channel_with_their_token() {
+    let server = Server::with_secret(&[("HISTORY", "news=10/1h")]);
+    let backend = token(json!({"read": ["*"], "write": ["*"]}));
+    let publish = |data: &str, channel: &str| {
+        let (s, text) = native_api(
+            &server,
+            &backend,
+            "/publish",
+            json!({"channel": channel, "data": data}),
+        );
+        assert!(s < 300, "{text}");
+    };
+    // A backend subscribes anyone; a user only itself, to what it may read.
+    let (s, text) = native_api(
+        &server,
+        &backend,
+        "/subscribe",
+        json!({"user_id": "u1", "channel": "news"}),
+    );
+    assert_eq!((s, text.as_str()), (200, r#"{"subscribed":true}"#));
+    let own = token(json!({"sub": "u1", "read": ["alerts"]}));
+    let (s, text) = native_api(
+        &server,
+        &own,
+        "/subscribe",
+        json!({"user_id": "u1", "channel": "alerts"}),
+    );
+    assert_eq!(s, 200, "{text}");
+    for (body, status) in [
+        (json!({"user_id": "u2", "channel": "alerts"}), 403),
+        (json!({"user_id": "u1", "channel": "other"}), 403),
+        (json!({"user_id": "u1", "channel": "personal-u2"}), 400),
+        (json!({"user_id": "u1"}), 400),
+    ] {
+        let (s, text) = native_api(&server, &own, "/subscribe", body.clone());
+        assert_eq!(s, status, "{body}: {text}");
+    }
+    let (s, _) = native_api(
+        &server,
+        "not-a-token",
+        "/subscribe",
+        json!({"user_id": "u1", "channel": "news"}),
+    );
+    assert_eq!(s, 401);
+    publish("n1", "news");
+    publish("a1", "alerts");
+    publish("x1", "other");
+    let (mut c, got) = native_follow(&server, "u1", &[]);
+    // Channels users follow keep history (for news, HISTORY's is longer):
+    // their messages show their offset.
+    let mut news: Vec<_> = got.iter().filter(|m| m.0 == "news").cloned().collect();
+    news.extend(got.iter().filter(|m| m.0 != "news").cloned());
+    assert_eq!(
+        news,
+        vec![
+            ("news".into(), "n1".into(), true),
+            ("alerts".into(), "a1".into(), true)
+        ]
+    );
+    publish("n2", "news");
+    let live = native_messages(vec![c.recv_json()]);
+    assert_eq!(live, vec![("news".into(), "n2".into(), true)]);
+    c.sync();
+    c.sync();
+    drop(c);
+    let (_, again) = native_follow(&server, "u1", &[]);
+    assert!(again.is_empty(), "{again:?}");
+    // Someone else's personal channel, or none without a sub.
+    let other = token(json!({"sub": "u2", "read": ["*"]}));
+    let mut c = Client::with_token(&server, &other);
+    c.send_json(json!({"op": "subscribe", "channel": "personal-u1", "id": "p"}));
+    let r = c.recv_json();
+    assert_eq!(r["code"], "forbidden", "{r}");
+}

@@ -26,6 +26,7 @@ pub mod console;
 pub mod echo;
 pub mod endpoint;
 pub mod native;
+pub mod personal;
 pub mod pusher;
 pub mod wspubsub;
 

@@ -8,6 +8,7 @@
 //!   HTTP API.
 
 pub mod history;
+pub mod personal;
 pub mod protocol;
 pub mod session;
 
@@ -40,7 +41,7 @@ impl Endpoint for Native {
     }
 
     fn serves_http(&self, path: &str) -> bool {
-        matches!(path, "/publish" | "/broadcast" | "/history")
+        matches!(path, "/publish" | "/broadcast" | "/history") || personal::is_api_path(path)
     }
 
     fn http<'a>(&'a self, worker: &'a Worker, req: Request<'a>) -> LocalFuture<'a, Answer> {
@@ -69,6 +70,9 @@ impl Endpoint for Native {
                 a.headers.push(("Allow", "POST".into()));
                 a.close = true;
                 return a;
+            }
+            if personal::is_api_path(req.head.path()) {
+                return personal::api(worker, req.head, req.body, req.peer).await;
             }
             let wsify = req.head.path() == "/broadcast";
             publish(worker, req.head, req.body, wsify, req.peer).await

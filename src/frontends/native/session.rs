@@ -337,7 +337,18 @@ fn apply(
 ) {
     let core = &cx.worker.core;
     let keep = core.hub.keeps(0, channel);
+    // A channel the connection follows for its user: subscribed already,
+    // and the subscription outlives one or the other.
+    let followed = match action {
+        Action::Subscribe | Action::Unsubscribe => {
+            let direct = action == Action::Subscribe;
+            let mut shard = core.shard.borrow_mut();
+            shard.follow.mark_direct(cx.key, channel, direct)
+        }
+        _ => None,
+    };
     let reply = match action {
+        Action::Unsubscribe if followed.is_some() => protocol::unsubscribed(channel, id),
         Action::Subscribe => match keep {
             Some(keep) => return join(cx, channel, id, keep, extra.since),
             // In a cluster the reply waits until the node receives the
@@ -416,6 +427,10 @@ fn apply(
         Action::Connect => return,
     };
     push(cx, reply);
+}
+
+fn personal_user(channel: &str) -> Option<&str> {
+    crate::frontends::personal::user_of(channel)
 }
 
 /// Subscribes to a channel with history: `subscribed` with the channel's
@@ -512,6 +527,19 @@ fn handle_request(cx: &Cx<'_>, conn: &mut NativeConn, text: &[u8]) -> Flow {
         return Flow::Wait(Held::Settle(text.into()));
     }
     let reply = match req.op {
+        // A user's personal channel: its token's `sub` is the user.
+        Op::Subscribe { channel, .. } if personal_user(&channel).is_some() => {
+            let user = personal_user(&channel).unwrap_or_default();
+            match super::personal::follow(cx.worker, cx.key, &conn.grant, user, &channel, id) {
+                Some(refused) => refused,
+                None => return Flow::Continue,
+            }
+        }
+        Op::Unsubscribe { channel } if personal_user(&channel).is_some() => {
+            let user = personal_user(&channel).unwrap_or_default();
+            crate::frontends::personal::unfollow_user(&cx.worker.core, cx.key, 0, user);
+            protocol::unsubscribed(&channel, id)
+        }
         Op::Subscribe { channel, since } => {
             if !conn.grant.read.allows(&channel) {
                 let msg = format!("no read permission on channel {channel}");

@@ -579,7 +579,7 @@ fn unsubscribe(fe: &Pusher, worker: &Worker, key: usize, channel: &str) {
         Some(p) => p.ns,
         None => return,
     };
-    if super::personal::is_personal(channel) {
+    if super::personal::user_of(channel).is_some() {
         super::personal::unfollow_user(worker, key, ns, channel);
         return;
     }
