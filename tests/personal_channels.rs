@@ -267,6 +267,24 @@ fn only_the_user_may_follow_and_the_api_checks_what_it_is_given() {
     assert_eq!(events(vec![u2.c.recv_json()]), vec![ev("news", "n1")]);
     let r = u2.subscribe("private-personal-u3", Some("k1:bad".into()));
     assert_eq!(r["data"]["status"], 401, "{r}");
+    // personal-{user} with a channel authorization, as Pushi's clients
+    // send it, without a sign-in.
+    let mut c = Client::connect(&server, "/app/k1?protocol=7");
+    let hello = c.recv_json();
+    let data: Value = serde_json::from_str(hello["data"].as_str().unwrap()).unwrap();
+    let socket_id = data["socket_id"].as_str().unwrap();
+    let sig = hmac_sha256_hex("s1", format!("{socket_id}:personal-u1").as_bytes());
+    c.send_json(json!({"event":"pusher:subscribe",
+        "data":{"channel":"personal-u1","auth":format!("k1:{sig}")}}));
+    let r = c.recv_json();
+    assert_eq!(r["event"], "pusher_internal:subscription_succeeded", "{r}");
+    c.send_json(json!({"event":"pusher:subscribe",
+        "data":{"channel":"personal-u4","auth":format!("k1:{sig}")}}));
+    let r = c.recv_json();
+    assert_eq!(
+        r["data"]["status"], 403,
+        "a signature for another channel: {r}"
+    );
     // The API: bodies, channel kinds, limits, signatures, methods.
     for (body, status) in [
         (json!({"channel": "news"}), 400),

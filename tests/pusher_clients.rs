@@ -882,3 +882,34 @@ fn pusher_js_cache_channels_replay_the_last_event_or_miss() {
     r.expect("/scores_at_b", json!(2));
     r.expect("/miss_at_b", json!(0));
 }
+
+/// Personal channels through pusher-js and the Node library's signed
+/// `post()`: what was missed offline, then live, at the global bindings;
+/// nothing twice after a reconnection (pusher-js's WebSocket answers the
+/// acknowledging pings by itself).
+#[test]
+fn pusher_js_follows_a_personal_channel_with_what_was_missed_offline() {
+    let server = start(None);
+    let r = Outcome {
+        script: "personal.js",
+        v: run_node(&server, "personal.js", &[], None, no_barrier),
+    };
+    r.status("/sub_news", 200);
+    r.status("/sub_alerts", 200);
+    r.expect("/sub_news/body", json!({"subscribed": true}));
+    // What she missed, each channel in order, then live; sports never.
+    let first: Vec<&str> = r.array("/first").iter().filter_map(Value::as_str).collect();
+    let news: Vec<&str> = first
+        .iter()
+        .copied()
+        .filter(|n| n.starts_with("news"))
+        .collect();
+    assert_eq!(news, ["news-1", "news-2", "news-3", "news-4"], "{}", r.v);
+    assert!(first.contains(&"alert-1"), "{}", r.v);
+    assert_eq!(first.len(), 5, "nothing else, nothing twice: {}", r.v);
+    // Back again: only what came meanwhile.
+    r.expect("/second", json!(["news-5"]));
+    r.check("/bob_refused", "a 403", |v| v["status"] == 403);
+    r.expect("/unsub/body", json!({"unsubscribed": true}));
+    r.expect("/after_unsubscribe", json!(["news-5", "alert-2"]));
+}

@@ -319,10 +319,16 @@ fn subscribe(
                 return fail("AuthError", &msg, 403);
             }
         }
-        // A user's personal channel: the connection signed in as that user.
+        // A user's personal channel: the connection signed in as that user,
+        // or one the app's auth endpoint authorized (as Pushi does).
         ChannelKind::Personal => {
             let id = &channel[wire::PERSONAL.len()..];
-            if id.is_empty() || user.as_deref() != Some(id) {
+            let authorized = || {
+                auth.filter(|a| !a.is_empty()).is_some_and(|a| {
+                    super::sign::check_channel_auth(&app, &socket_id, channel, None, a).is_ok()
+                })
+            };
+            if id.is_empty() || !(user.as_deref() == Some(id) || authorized()) {
                 let msg = format!("sign in as user {id} before subscribing to {channel}");
                 return fail("AuthError", &msg, 403);
             }
