@@ -351,6 +351,37 @@ fn durable_subscriptions_their_cursors_and_messages_survive_a_restart_with_histo
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+#[test]
+fn a_restart_without_history_dir_hands_the_durable_subscriptions_over() {
+    let mut old = Server::start(&[("APPS", APPS), ("DRAIN_SECONDS", "1")]);
+    subscribe(&old, "u1", "news");
+    trigger(&old, "news", "n1");
+    old.signal(libc::SIGUSR2);
+    // The old process exits once it has handed everything over and
+    // drained (nobody is connected): what answers now is the new one.
+    assert!(old.wait_exit(TIMEOUT).success());
+    let log = old.log();
+    let at = log.find("the new process (").expect("a successor") + "the new process (".len();
+    let pid: i32 = log[at..].split(')').next().unwrap().parse().unwrap();
+    struct Kill(i32);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            // SAFETY: kill(2) on the pid the log named.
+            unsafe {
+                libc::kill(self.0, libc::SIGKILL);
+            }
+        }
+    }
+    let _successor = Kill(pid);
+    trigger(&old, "news", "n2");
+    let mut u1 = sign_in(&old, "u1");
+    assert_eq!(
+        u1.follow("personal-u1"),
+        vec![ev("news", "n1"), ev("news", "n2")],
+        "the subscription, its place and the history came over"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // herald's own protocol: a token's `sub` is the user.
 

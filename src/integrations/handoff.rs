@@ -44,6 +44,7 @@ use crate::engine::core::{Core, Envelope, Hub, Publish};
 use crate::engine::handoff::{Forward, Forwarded, Tap};
 use crate::engine::history::{Keep, Outcome, Place, Remembered, Restored};
 use crate::engine::message::Message;
+use crate::engine::personal::{Cursor, Record as DurableRecord};
 
 /// The longest record either side accepts (a kept frame and its header).
 const MAX_RECORD: usize = 64 << 20;
@@ -62,6 +63,7 @@ const END: u8 = 5;
 const PUBLISH: u8 = 6;
 const SEQUENCED: u8 = 7;
 const ACK: u8 = 8;
+const DURABLE: u8 = 9;
 
 /// Why the link failed.
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +121,8 @@ pub enum Record {
         duplicate: bool,
         place: Option<Place>,
     },
+    /// A user's durable subscription (personal channels) and its cursor.
+    Durable(DurableRecord),
 }
 
 /// Appends records to a buffer.
@@ -215,6 +219,16 @@ fn put_sequenced(out: &mut Vec<u8>, place: Option<&Place>, msg: &Message, origin
     let (mut w, at) = Writer::start(out, SEQUENCED);
     w.place(place);
     msg.encode_wire(origin, w.0);
+    w.end(at);
+}
+
+fn put_durable(out: &mut Vec<u8>, r: &DurableRecord) {
+    let (mut w, at) = Writer::start(out, DURABLE);
+    w.0.extend_from_slice(&r.namespace.to_le_bytes());
+    w.str(&r.user);
+    w.str(&r.channel);
+    w.str(&r.cursor.epoch);
+    w.u64(r.cursor.offset);
     w.end(at);
 }
 
@@ -325,6 +339,15 @@ impl Record {
                     frame: f.rest(),
                 }
             }
+            DURABLE => Record::Durable(DurableRecord {
+                namespace: f.u16()?,
+                user: f.str()?.into(),
+                channel: f.str()?.into(),
+                cursor: Cursor {
+                    epoch: f.str()?.into(),
+                    offset: f.u64()?,
+                },
+            }),
             KEY => Record::Key {
                 channel: f.str()?.into(),
                 key: f.str()?.into(),
@@ -734,11 +757,17 @@ impl Predecessor {
                 break;
             }
         }
-        if let Some(disk) = disk {
-            // Written and marked clean: the successor reads it back.
-            disk.stop(STATE_WITHIN);
-        }
         let mut b = Vec::new();
+        match disk {
+            // Written and marked clean (the users' durable subscriptions
+            // too): the successor reads it back.
+            Some(disk) => disk.stop(STATE_WITHIN),
+            None => {
+                for r in hub.durable.export() {
+                    put_durable(&mut b, &r);
+                }
+            }
+        }
         put_simple(&mut b, END);
         self.out.send(Out::Bytes(b));
         tracing::info!("history handed to the new process; it numbers every channel now");
@@ -754,6 +783,9 @@ impl Predecessor {
 pub struct Inherited {
     pub streams: Vec<Vec<Restored>>,
     pub keys: Vec<Vec<Remembered>>,
+    /// The users' durable subscriptions (without `HISTORY_DIR`, which
+    /// keeps them).
+    pub durable: Vec<DurableRecord>,
     publishes: Vec<Record>,
 }
 
@@ -777,6 +809,7 @@ pub fn receive_state(
     let mut got = Inherited {
         streams: (0..cores).map(|_| Vec::new()).collect(),
         keys: (0..cores).map(|_| Vec::new()).collect(),
+        durable: Vec::new(),
         publishes: Vec::new(),
     };
     let deadline = std::time::Instant::now() + STATE_WITHIN;
@@ -835,6 +868,7 @@ pub fn receive_state(
                 });
             }
             p @ Record::Publish { .. } => got.publishes.push(p),
+            Record::Durable(r) => got.durable.push(r),
             Record::End => break,
             _ => return Err(LinkError::Malformed("a record only the new process sends")),
         }
@@ -995,9 +1029,19 @@ mod tests {
             unavailable: false,
         };
         put_ack(&mut b, 1, 3, &outcome);
+        let durable = DurableRecord {
+            namespace: 2,
+            user: "u1".into(),
+            channel: "news".into(),
+            cursor: Cursor {
+                epoch: epoch.clone(),
+                offset: 6,
+            },
+        };
+        put_durable(&mut b, &durable);
         put_simple(&mut b, END);
         let got = read_all(&b);
-        assert_eq!(got.len(), 9);
+        assert_eq!(got.len(), 10);
         assert_eq!(got[0], Record::Want);
         assert_eq!(
             got[1],
@@ -1053,7 +1097,8 @@ mod tests {
                 place: Some((epoch, 8))
             }
         );
-        assert_eq!(got[8], Record::End);
+        assert_eq!(got[8], Record::Durable(durable));
+        assert_eq!(got[9], Record::End);
     }
 
     #[test]

@@ -176,7 +176,7 @@ pub fn run(mut config: Config, loaded: impl Into<Loaded>) -> Result<(), ServerEr
     };
     let history_disk = disk.as_ref().map(|d| d.0.clone());
     let mut stored = StoredHistory {
-        durable: Some(durable),
+        durable: Some(durable.clone()),
         ..StoredHistory::default()
     };
     if let Some((d, streams)) = disk {
@@ -193,6 +193,13 @@ pub fn run(mut config: Config, loaded: impl Into<Loaded>) -> Result<(), ServerEr
             mine.extend(theirs);
         }
         stored.keys = std::mem::take(&mut state.keys);
+        let refused = durable.restore(std::mem::take(&mut state.durable));
+        if refused > 0 {
+            tracing::warn!(
+                refused,
+                "durable subscriptions over PERSONAL_MAX_CHANNELS left out"
+            );
+        }
     }
     let shared = Shared::build(
         config,
