@@ -6,6 +6,7 @@
 //! - `quick-publish`: the curl publish of "A quick session";
 //! - `history-server`, `history-publish`: "History and recovery"'s server
 //!   settings and curl session;
+//! - `personal-native`: the backend's curl call of "Personal channels";
 //! - `pusher-server`: the command that starts herald as a Pusher server;
 //! - `pusher-backend`: the Node backend that triggers and sends to a user;
 //! - `pusher-auth-server`: the Node auth endpoint, driven by pusher-js.
@@ -18,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 
-use common::{free_port, hmac_sha256_hex, Client, Server, TIMEOUT};
+use common::{free_port, hmac_sha256_hex, http, token, Client, Server, TIMEOUT};
 use serde_json::{json, Value};
 
 /// The fenced block after `<!-- example: name -->` in README.md.
@@ -128,6 +129,43 @@ fn the_history_session_gets_offsets_and_reads_them_back() {
         replies[2],
         json!({"channel":"news","epoch":epoch,"offset":2,
                "messages":[{"offset":1,"data":"first"},{"offset":2,"data":"second"}]})
+    );
+}
+
+#[test]
+fn the_personal_channel_example_subscribes_a_user_durably() {
+    let server = Server::with_secret(&[]);
+    let backend = token(json!({"read": ["*"], "write": ["*"]}));
+    let script = example("personal-native").replace("127.0.0.1:6380", &server.addr.to_string());
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(&script)
+        .env("BACKEND_TOKEN", &backend)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{script}\n{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.trim(), r#"{"subscribed":true}"#, "{script}");
+    // alice, whose token's sub is alice, gets what was published since.
+    let (s, text) = http(
+        server.addr,
+        "POST",
+        "/publish",
+        &[("Authorization", &format!("Bearer {backend}"))],
+        br#"{"channel":"news","data":"while away"}"#,
+    );
+    assert!(s < 300, "{text}");
+    let mut alice = Client::with_token(&server, &token(json!({"sub": "alice"})));
+    alice.send_json(json!({"op": "subscribe", "channel": "personal-alice", "id": 1}));
+    assert_eq!(
+        alice.recv_json(),
+        json!({"op":"subscribed","channel":"personal-alice","id":1})
+    );
+    let m = alice.recv_json();
+    assert_eq!(
+        (&m["channel"], &m["data"]),
+        (&json!("news"), &json!("while away")),
+        "{m}"
     );
 }
 
