@@ -1091,3 +1091,27 @@ fn pusher_api(server: &Server, method: &str, path: &str, body: &str) -> (u16, St
         body.as_bytes(),
     )
 }
+
+/// Durable subscriptions are kept by each node: in a cluster the APIs
+/// refuse them, clearly, and so do personal channels (rather than serve
+/// a user only what one node saw).
+#[test]
+fn personal_channels_are_refused_in_a_cluster() {
+    let redis = Redis::start();
+    let apps = r#"[{"id":"a1","key":"k1","secret":"s1"}]"#;
+    let a = node(&redis.url(), "a", &[("APPS", apps)]);
+    let body = json!({"user_id": "u1", "channel": "news"}).to_string();
+    let (status, text) = pusher_api(&a, "POST", "/apps/a1/subscribe", &body);
+    assert_eq!(status, 501, "{text}");
+    assert!(text.contains("not available in a cluster"), "{text}");
+    let (status, text) = http(a.addr, "POST", "/subscribe", &[], body.as_bytes());
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("not available in a cluster"), "{text}");
+    let mut p = pusher(&a);
+    let sig = common::hmac_sha256_hex("s1", format!("{}:personal-u1", p.socket_id).as_bytes());
+    p.c.send_json(json!({"event":"pusher:subscribe",
+        "data":{"channel":"personal-u1","auth":format!("k1:{sig}")}}));
+    let r = p.c.recv_json();
+    assert_eq!(r["event"], "pusher:subscription_error", "{r}");
+    assert_eq!(r["data"]["status"], 501, "{r}");
+}

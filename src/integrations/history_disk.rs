@@ -643,6 +643,49 @@ mod tests {
     }
 
     #[test]
+    fn durable_subscriptions_are_saved_as_they_change_and_bad_rows_left_out() {
+        let dir = std::env::temp_dir().join(format!("herald-disk-personal-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = Database::create(dir.join("h.redb")).unwrap();
+        let durable = Durable::default();
+        let at = |offset| Cursor {
+            epoch: "e1".into(),
+            offset,
+        };
+        durable.subscribe(0, "u1", "news", at(3)).unwrap();
+        durable.subscribe(2, "u2", "alerts", at(0)).unwrap();
+        let mut saved = 0;
+        save_personal(&db, &durable, &mut saved);
+        assert_eq!(saved, durable.changes());
+        durable.commit(0, "u1", "news", &at(9));
+        durable.unsubscribe(2, "u2", "alerts");
+        save_personal(&db, &durable, &mut saved);
+        // A row another version or a broken disk wrote.
+        let txn = db.begin_write().unwrap();
+        txn.open_table(PERSONAL)
+            .unwrap()
+            .insert((1, "u3"), "not json")
+            .unwrap();
+        txn.commit().unwrap();
+        let txn = db.begin_read().unwrap();
+        let records = read_personal(&txn.open_table(PERSONAL).unwrap()).unwrap();
+        assert_eq!(
+            records,
+            vec![Record {
+                namespace: 0,
+                user: "u1".into(),
+                channel: "news".into(),
+                cursor: at(9)
+            }],
+            "the cursor as committed, the ended one gone, the bad row left out"
+        );
+        drop(txn);
+        drop(db);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn commits_and_prunes_by_age_and_by_rule() {
         let dir = std::env::temp_dir().join(format!("herald-disk-unit-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
