@@ -507,3 +507,37 @@ fn native_users_follow_their_personal_channel_with_their_token() {
     let r = c.recv_json();
     assert_eq!(r["code"], "forbidden", "{r}");
 }
+
+#[test]
+fn past_the_subscription_limit_a_channel_is_left_out_and_said_so() {
+    let server = Server::start(&[("APPS", APPS), ("MAX_SUBSCRIPTIONS", "2")]);
+    for channel in ["a", "b", "c"] {
+        subscribe(&server, "u1", channel);
+        trigger(&server, channel, channel);
+    }
+    let mut u1 = sign_in(&server, "u1");
+    u1.c.send_json(json!({"event":"pusher:subscribe","data":{"channel":"personal-u1"}}));
+    let r = u1.c.recv_json();
+    assert_eq!(r["event"], "pusher_internal:subscription_succeeded", "{r}");
+    let frames = u1.sync();
+    // Two of a, b, c fit; the third is refused with a pusher:error.
+    let errors: Vec<&Value> = frames
+        .iter()
+        .filter(|f| f["event"] == "pusher:error")
+        .collect();
+    let notes: Vec<&Value> = frames.iter().filter(|f| f["event"] == "note").collect();
+    assert_eq!((notes.len(), errors.len()), (2, 1), "{frames:?}");
+    assert!(
+        errors[0]["data"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("subscription limit"),
+        "{frames:?}"
+    );
+    // One user per connection.
+    let channel = "private-personal-u2";
+    let sig = hmac_sha256_hex("s1", format!("{}:{channel}", u1.socket_id).as_bytes());
+    let r = u1.subscribe(channel, Some(format!("k1:{sig}")));
+    assert_eq!(r["data"]["status"], 403, "{r}");
+    assert!(r["data"]["error"].as_str().unwrap().contains("u1"), "{r}");
+}

@@ -823,19 +823,44 @@ impl Core {
             epoch: (*c.epoch).into(),
             offset: c.offset,
         });
+        // Marked as joining now: a subscription of the connection's own
+        // made while the join is on its way is then marked `direct`.
+        let joining = self
+            .shard
+            .borrow_mut()
+            .follow
+            .add(key, route, channel, "".into(), 0, direct);
+        if !joining {
+            return;
+        }
         let (route_name, name): (Box<str>, Box<str>) = (route.into(), channel.into());
         let followed: Joined = Box::new(move |core: &Core, result| {
-            if let Ok(join) = &result {
-                let epoch = join.epoch.clone();
-                core.shard.borrow_mut().follow.add(
-                    key,
-                    &route_name,
-                    &name,
-                    epoch,
-                    join.top,
-                    direct,
-                );
+            if result.is_err() {
+                // Not joined (a limit): no longer joining.
+                core.shard
+                    .borrow_mut()
+                    .follow
+                    .drop_channel(key, &route_name);
             }
+            let result = result.map(|mut join| {
+                let epoch = join.epoch.clone();
+                let mut shard = core.shard.borrow_mut();
+                let still = shard
+                    .follow
+                    .add(key, &route_name, &name, epoch, join.top, false);
+                // It stopped following meanwhile: nothing to send, and the
+                // subscription the join made is undone (unless the
+                // connection subscribed to the channel by itself).
+                if !still {
+                    let undo = shard.follow.take_orphan(key, &route_name);
+                    drop(shard);
+                    if undo {
+                        core.unsubscribe(key, &route_name);
+                    }
+                    join.replay.clear();
+                }
+                join
+            });
             joined(core, result);
             core.shard.borrow_mut().ack_behind_replies(key);
         });

@@ -69,6 +69,9 @@ pub struct Durable {
     active: AtomicUsize,
     /// Bumped at every change (what a saver compares).
     changes: AtomicU64,
+    /// Bumped when a channel gets its first durable subscriber or loses its
+    /// last (what the threads' remembered answers are checked against).
+    channel_changes: AtomicU64,
     inner: Mutex<Inner>,
 }
 
@@ -104,6 +107,7 @@ impl Durable {
             max_per_user,
             active: AtomicUsize::new(0),
             changes: AtomicU64::new(0),
+            channel_changes: AtomicU64::new(0),
             inner: Mutex::new(Inner::default()),
         }
     }
@@ -119,13 +123,30 @@ impl Durable {
 
     /// What `channel` of `namespace` keeps for its durable subscribers, if
     /// it has any.
+    ///
+    /// Owner cores ask this for every message they sequence, so it takes no
+    /// lock when it can: each thread remembers the answers it read, until
+    /// the set of channels changes.
     pub fn keeps(&self, namespace: u16, channel: &str) -> Option<Keep> {
         if self.active.load(Ordering::Relaxed) == 0 {
             return None;
         }
-        let inner = self.inner();
-        let n = inner.channels.get(&namespace)?.get(channel)?;
-        (*n > 0).then_some(self.keep)
+        let generation = self.channel_changes.load(Ordering::Acquire);
+        let me = self as *const Durable as usize;
+        let known = SEEN.with(|seen| seen.borrow_mut().get(me, generation, namespace, channel));
+        let kept = match known {
+            Some(kept) => kept,
+            None => {
+                let kept = self
+                    .inner()
+                    .channels
+                    .get(&namespace)
+                    .is_some_and(|by_name| by_name.get(channel).is_some_and(|n| *n > 0));
+                SEEN.with(|seen| seen.borrow_mut().put(namespace, channel, kept));
+                kept
+            }
+        };
+        kept.then_some(self.keep)
     }
 
     /// Subscribes `user` to `channel` durably from `at` (what was
@@ -163,6 +184,7 @@ impl Durable {
         *n += 1;
         if *n == 1 {
             self.active.fetch_add(1, Ordering::Relaxed);
+            self.channel_changes.fetch_add(1, Ordering::Release);
         }
         self.changes.fetch_add(1, Ordering::Relaxed);
         Ok(true)
@@ -191,6 +213,7 @@ impl Durable {
                 if *n == 0 {
                     by_name.remove(channel);
                     self.active.fetch_sub(1, Ordering::Relaxed);
+                    self.channel_changes.fetch_add(1, Ordering::Release);
                 }
             }
             if by_name.is_empty() {
@@ -287,6 +310,56 @@ impl Durable {
     }
 }
 
+/// Most answers a thread remembers before it starts again.
+const SEEN_MAX: usize = 65_536;
+
+thread_local! {
+    /// This thread's answers of [`Durable::keeps`].
+    static SEEN: std::cell::RefCell<Seen> = std::cell::RefCell::default();
+}
+
+/// Which channels keep history for durable subscribers, as one thread read
+/// it from one store (`store`, its address) at one `generation`.
+#[derive(Default)]
+struct Seen {
+    store: usize,
+    generation: u64,
+    by_namespace: HashMap<u16, HashMap<Box<str>, bool>>,
+    len: usize,
+}
+
+impl Seen {
+    fn get(
+        &mut self,
+        store: usize,
+        generation: u64,
+        namespace: u16,
+        channel: &str,
+    ) -> Option<bool> {
+        if self.store != store || self.generation != generation {
+            *self = Seen {
+                store,
+                generation,
+                ..Seen::default()
+            };
+            return None;
+        }
+        self.by_namespace.get(&namespace)?.get(channel).copied()
+    }
+
+    fn put(&mut self, namespace: u16, channel: &str, kept: bool) {
+        if self.len >= SEEN_MAX {
+            self.by_namespace.clear();
+            self.len = 0;
+        }
+        self.by_namespace
+            .entry(namespace)
+            .or_default()
+            .insert(channel.into(), kept);
+        self.len += 1;
+    }
+}
+
 /// The payload of a ping that acknowledges deliveries: a marker and the
 /// ping's number, so a pong is matched to its own ping only (the
 /// keep-alive's pings carry none).
@@ -313,6 +386,9 @@ pub struct Follow {
     channels: HashMap<Box<str>, Vec<usize>, ahash::RandomState>,
     conns: HashMap<usize, Box<Follower>, ahash::RandomState>,
     next_ping: u64,
+    /// Joins still on their way for connections that stopped following:
+    /// the subscription each makes is to be undone when it completes.
+    orphans: HashSet<(usize, Box<str>)>,
 }
 
 /// One connection following its user's channels.
@@ -377,6 +453,9 @@ impl Follow {
     /// `key`, subscribed now to `route` (channel `channel`, history `epoch`)
     /// with everything up to `top` queued, follows it; `direct` if it was
     /// subscribed by itself already. False if it does not follow anyone.
+    /// An empty `epoch` marks the channel as joining (its place comes with
+    /// a second call), so that a subscription of the connection's own made
+    /// meanwhile is marked `direct`.
     pub fn add(
         &mut self,
         key: usize,
@@ -391,7 +470,7 @@ impl Follow {
         };
         if let Some(c) = f.followed.iter_mut().find(|c| &*c.route == route) {
             c.epoch = epoch;
-            c.delivered = top;
+            c.delivered = c.delivered.max(top);
             c.direct |= direct;
             return true;
         }
@@ -411,17 +490,24 @@ impl Follow {
     /// itself (`direct`), so that the engine subscription outlives one or
     /// the other, and says whether it was before. `None`: not followed.
     pub fn mark_direct(&mut self, key: usize, route: &str, direct: bool) -> Option<bool> {
-        let c = self
+        let found = self
             .conns
-            .get_mut(&key)?
-            .followed
-            .iter_mut()
-            .find(|c| &*c.route == route)?;
+            .get_mut(&key)
+            .and_then(|f| f.followed.iter_mut().find(|c| &*c.route == route));
+        let Some(c) = found else {
+            // Its own subscription now: a join on its way keeps it.
+            if direct && !self.orphans.is_empty() {
+                self.orphans.remove(&(key, route.into()));
+            }
+            return None;
+        };
         Some(std::mem::replace(&mut c.direct, direct))
     }
 
     /// Message `offset` of `route` was queued to this core's subscribers;
     /// `due` gets each following connection that should be pinged now.
+    /// A channel whose join is on its way (no epoch yet) counts nothing:
+    /// its place comes with the join.
     pub fn delivered(&mut self, route: &str, offset: u64, due: &mut Vec<usize>) {
         let Some(keys) = self.channels.get(route) else {
             return;
@@ -430,9 +516,14 @@ impl Follow {
             let Some(f) = self.conns.get_mut(key) else {
                 continue;
             };
-            if let Some(c) = f.followed.iter_mut().find(|c| &*c.route == route) {
-                c.delivered = c.delivered.max(offset);
-            }
+            let Some(c) = f
+                .followed
+                .iter_mut()
+                .find(|c| &*c.route == route && !c.epoch.is_empty())
+            else {
+                continue;
+            };
+            c.delivered = c.delivered.max(offset);
             if f.ping.is_none() {
                 due.push(*key);
             }
@@ -484,16 +575,31 @@ impl Follow {
         let mut own = Vec::new();
         for c in f.followed {
             self.unlink(&c.route, key);
-            if !c.direct {
-                own.push(c.route);
+            match (c.direct, c.epoch.is_empty()) {
+                (true, _) => {}
+                // Subscribed when its join completes: undone then.
+                (false, true) => {
+                    self.orphans.insert((key, c.route));
+                }
+                (false, false) => own.push(c.route),
             }
         }
         own
     }
 
+    /// A join for `key` completed after it stopped following: whether the
+    /// subscription it made is to be undone (not if the connection
+    /// subscribed to the channel by itself meanwhile).
+    pub fn take_orphan(&mut self, key: usize, route: &str) -> bool {
+        self.orphans.remove(&(key, route.into()))
+    }
+
     /// Forgets `key` (its connection is gone).
     pub fn forget(&mut self, key: usize) {
         self.stop(key);
+        if !self.orphans.is_empty() {
+            self.orphans.retain(|(k, _)| *k != key);
+        }
     }
 
     fn unlink(&mut self, route: &str, key: usize) {
@@ -575,7 +681,19 @@ mod tests {
         assert!(!d.unsubscribe(1, "u1", "news"));
         assert!(d.keeps(1, "news").is_some(), "u2 still has it");
         assert!(d.unsubscribe(1, "u2", "news"));
-        assert_eq!(d.keeps(1, "news"), None);
+        assert_eq!(
+            d.keeps(1, "news"),
+            None,
+            "remembered answers follow changes"
+        );
+        assert_eq!(d.subscribe(1, "u3", "news", at("e", 0)), Ok(true));
+        assert!(d.keeps(1, "news").is_some());
+        assert!(d.keeps(1, "news").is_some(), "remembered");
+        assert!(
+            Durable::default().keeps(1, "news").is_none(),
+            "another store"
+        );
+        assert!(d.unsubscribe(1, "u3", "news"));
         assert_eq!(d.export().len(), 1);
     }
 
@@ -642,6 +760,33 @@ mod tests {
         // Only what was the following's own is unsubscribed.
         assert_eq!(f.stop(7), vec![Box::<str>::from("1#a")]);
         assert!(f.is_empty());
+    }
+
+    #[test]
+    fn a_join_on_its_way_counts_nothing_and_is_undone_if_the_following_stops() {
+        let mut f = Follow::default();
+        f.start(3, 1, 0, "u");
+        f.add(3, "a", "a", "".into(), 0, false);
+        f.add(3, "b", "b", "".into(), 0, false);
+        let mut due = Vec::new();
+        f.delivered("a", 9, &mut due);
+        assert!(due.is_empty(), "joining: its place comes with the join");
+        assert_eq!(f.ping(3), None);
+        // b: the connection subscribes by itself while joining.
+        assert_eq!(f.mark_direct(3, "b", true), Some(false));
+        assert!(f.stop(3).is_empty(), "nothing subscribed yet");
+        assert!(
+            f.take_orphan(3, "a"),
+            "a's join is undone when it completes"
+        );
+        assert!(!f.take_orphan(3, "a"), "once");
+        assert!(!f.take_orphan(3, "b"), "b is the connection's own");
+        // Stopped, then subscribed by itself before the join completed.
+        f.start(3, 1, 0, "u");
+        f.add(3, "c", "c", "".into(), 0, false);
+        f.stop(3);
+        assert_eq!(f.mark_direct(3, "c", true), None);
+        assert!(!f.take_orphan(3, "c"));
     }
 
     #[test]
