@@ -202,6 +202,7 @@ fn durable_subscriptions_made_or_ended_while_online_apply_at_once() {
         serde_json::from_str::<Value>(&text).unwrap()["unsubscribed"],
         true
     );
+    assert_eq!(server.metric("herald_durable_subscriptions"), 1.0);
     trigger(&server, "weather", "w2");
     trigger(&server, "news", "n1");
     let mut got = events(vec![u1.c.recv_json()]);

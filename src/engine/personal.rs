@@ -253,6 +253,15 @@ impl Durable {
         self.changes.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// How many durable subscriptions the node keeps, all users together.
+    pub fn len(&self) -> usize {
+        self.inner().total
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// A count that changes whenever the subscriptions or a cursor do.
     pub fn changes(&self) -> u64 {
         self.changes.load(Ordering::Relaxed)
@@ -637,8 +646,12 @@ impl Follow {
             return false;
         };
         let c = f.followed.remove(i);
+        // The ping in flight covers the channels followed when it went
+        // out, by position: later ones are past its end.
         if let Some((_, covers)) = &mut f.ping {
-            covers.remove(i);
+            if i < covers.len() {
+                covers.remove(i);
+            }
         }
         self.unlink(route, key);
         !c.direct
@@ -796,6 +809,9 @@ mod tests {
         f.add(1, "a", "a", "e".into(), 1, false);
         f.add(1, "b", "b", "e".into(), 2, false);
         let seq = f.ping(1).unwrap();
+        // Followed after the ping went out, then dropped.
+        f.add(1, "c", "c", "e".into(), 5, false);
+        assert!(f.drop_channel(1, "c"));
         assert!(f.drop_channel(1, "a"));
         assert!(!f.follows(1, "a"));
         let (_, _, moved) = f.pong(1, &ack_payload(seq)).unwrap();

@@ -82,6 +82,7 @@ pub struct Metrics {
     /// label strings and no lock.
     authorizer_counters: [std::sync::OnceLock<Counter>; AUTHZ_ACTIONS.len() * AUTHZ_RESULTS.len()],
     channels_distinct: Gauge,
+    durable_subscriptions: Gauge,
     pusher_connections: Family<Labels, Gauge>,
     /// The Pusher apps' open connections (by app index), once tracked.
     app_connections: std::sync::OnceLock<Arc<[std::sync::atomic::AtomicUsize]>>,
@@ -304,6 +305,12 @@ impl Metrics {
             "Distinct channels with a subscriber on any worker",
             channels_distinct.clone(),
         );
+        let durable_subscriptions = Gauge::default();
+        registry.register(
+            "durable_subscriptions",
+            "Users' durable subscriptions (personal channels) the node keeps",
+            durable_subscriptions.clone(),
+        );
         let workers_gauge: Gauge = Gauge::default();
         workers_gauge.set(workers as i64);
         registry.register("workers", "Reactor threads", workers_gauge);
@@ -319,6 +326,7 @@ impl Metrics {
             authorizer,
             authorizer_counters: Default::default(),
             channels_distinct,
+            durable_subscriptions,
             pusher_connections,
             app_connections: std::sync::OnceLock::new(),
             app_ids: names,
@@ -399,9 +407,11 @@ impl Metrics {
     }
 
     /// Sets what a scrape reads from shared state: the distinct channel
-    /// count, and each Pusher app's open connections.
-    pub fn set_gauges(&self, channels: usize) {
+    /// count, the durable subscriptions, and each Pusher app's open
+    /// connections.
+    pub fn set_gauges(&self, channels: usize, durable: usize) {
         self.channels_distinct.set(channels as i64);
+        self.durable_subscriptions.set(durable as i64);
         if let Some(counts) = self.app_connections.get() {
             let names = self
                 .app_ids
@@ -815,7 +825,7 @@ mod tests {
         let counts: Arc<[std::sync::atomic::AtomicUsize]> =
             Arc::new([std::sync::atomic::AtomicUsize::new(2)]);
         m.track_app_connections(counts);
-        m.set_gauges(3);
+        m.set_gauges(3, 0);
         let om = m.render(Format::OpenMetrics);
         assert!(om.ends_with("# EOF\n"), "{om}");
         assert!(om.contains("# TYPE herald_publishes counter"), "{om}");

@@ -247,9 +247,10 @@ fn health(shared: &Shared) -> (u16, Vec<u8>) {
 /// `GET /metrics` in the format the request's `Accept` asks for.
 fn metrics_page(shared: &Shared, head: &RequestHead) -> (&'static str, Vec<u8>) {
     let format = Format::from_accept(head.header("accept"));
-    shared
-        .metrics
-        .set_gauges(shared.hub.interest.channel_count());
+    shared.metrics.set_gauges(
+        shared.hub.interest.channel_count(),
+        shared.hub.durable.len(),
+    );
     (
         format.content_type(),
         shared.metrics.render(format).into_bytes(),
