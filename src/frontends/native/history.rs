@@ -9,7 +9,7 @@ use super::json_error;
 use super::protocol::{self, ErrorCode, Position};
 use crate::engine::history::{HistoryRead, Since};
 use crate::frontends::endpoint::Answer;
-use crate::integrations::authorizer::{self, Action, Decision};
+use crate::integrations::authorizer::Action;
 use crate::transport::http1::head::RequestHead;
 use crate::worker::Worker;
 
@@ -76,23 +76,10 @@ pub async fn get(worker: &Worker, head: &RequestHead, peer: &str) -> Answer {
     if let (Some(authorizer), true) = (&worker.authorizer, shared.auth.is_open()) {
         // No tokens to check: the authorizer approves reading, as it
         // would a subscription.
-        let client = authorizer::http_client_json(head.headers(), peer);
-        let req = authorizer::action_body(Action::Subscribe, &q.channel, None, &client);
-        let decision = authorizer.ask(req).await;
-        shared.metrics.authorized("subscribe", decision.label());
-        match decision {
-            Decision::Allow(_) => {}
-            Decision::Deny(status) => {
-                let msg = format!("not authorized (authorizer answered {status})");
-                return json_error(ErrorCode::Forbidden, &msg);
-            }
-            Decision::Unavailable(_) => {
-                let body = serde_json::json!({
-                    "code": "unavailable",
-                    "message": "authorizer unavailable, try again later",
-                });
-                return Answer::json(503, body.to_string().into_bytes());
-            }
+        let what = (Action::Subscribe, &*q.channel, None);
+        if let Err(refused) = super::authorizer_approves(worker, authorizer, head, peer, what).await
+        {
+            return refused;
         }
     } else {
         let grant = match shared

@@ -186,6 +186,37 @@ fn accepted() -> Answer {
     Answer::json(202, br#"{"ok":true}"#.to_vec())
 }
 
+/// An HTTP request on a server without `SECRET` and with an authorizer:
+/// there are no tokens to check, so the authorizer approves the request
+/// as it would `action` on `channel` (with the request's headers in
+/// `client`); the answer to send instead, if it does not.
+async fn authorizer_approves(
+    worker: &Worker,
+    authorizer: &authorizer::Authorizer,
+    head: &RequestHead,
+    peer: &str,
+    (action, channel, data): (Action, &str, Option<&str>),
+) -> Result<(), Answer> {
+    let client = authorizer::http_client_json(head.headers(), peer);
+    let req = authorizer::action_body(action, channel, data, &client);
+    let decision = authorizer.ask(req).await;
+    worker
+        .shared
+        .metrics
+        .authorized(action.as_str(), decision.label());
+    match decision {
+        Decision::Allow(_) => Ok(()),
+        Decision::Deny(status) => {
+            let msg = format!("not authorized (authorizer answered {status})");
+            Err(json_error(ErrorCode::Forbidden, &msg))
+        }
+        Decision::Unavailable(_) => Err(json_error(
+            ErrorCode::Unavailable,
+            "authorizer unavailable, try again later",
+        )),
+    }
+}
+
 /// `POST /publish` and `POST /broadcast`: authenticate, parse, publish.
 /// With AUTHORIZER_URL and no SECRET there are no tokens to check, so the
 /// authorizer approves each request instead (`publish`, with the request's
@@ -205,29 +236,14 @@ async fn publish(
             Ok(parts) => parts,
             Err(msg) => return json_error(ErrorCode::BadRequest, &msg),
         };
-        let client = authorizer::http_client_json(head.headers(), peer);
-        let req = authorizer::action_body(Action::Publish, &p.channel, Some(p.data), &client);
-        let decision = authorizer.ask(req).await;
-        shared.metrics.authorized("publish", decision.label());
-        return match decision {
-            Decision::Allow(_) => {
-                if worker.core.congested() {
-                    worker.core.wait_for_space().await;
-                }
-                publish_parsed(worker, p).await
-            }
-            Decision::Deny(status) => {
-                let msg = format!("not authorized (authorizer answered {status})");
-                json_error(ErrorCode::Forbidden, &msg)
-            }
-            Decision::Unavailable(_) => {
-                let body = serde_json::json!({
-                    "code": "unavailable",
-                    "message": "authorizer unavailable, try again later",
-                });
-                Answer::json(503, body.to_string().into_bytes())
-            }
-        };
+        let what = (Action::Publish, &*p.channel, Some(p.data));
+        if let Err(refused) = authorizer_approves(worker, authorizer, head, peer, what).await {
+            return refused;
+        }
+        if worker.core.congested() {
+            worker.core.wait_for_space().await;
+        }
+        return publish_parsed(worker, p).await;
     }
     let grant = match shared
         .auth

@@ -14,7 +14,7 @@ use super::protocol::{self, ErrorCode};
 use super::{json_error, Answer};
 use crate::auth::Grant;
 use crate::frontends::personal::{self as shared, Frames, Refusal, SubscribeRefused};
-use crate::integrations::authorizer::{self, Action, Decision};
+use crate::integrations::authorizer::Action;
 use crate::transport::http1::head::RequestHead;
 use crate::worker::Worker;
 
@@ -49,24 +49,11 @@ pub async fn api(worker: &Worker, head: &RequestHead, body: &[u8], peer: &str) -
     let shared_state = &worker.shared;
     match (&worker.authorizer, shared_state.auth.is_open()) {
         (Some(authorizer), true) => {
-            let client = authorizer::http_client_json(head.headers(), peer);
-            let req = authorizer::action_body(Action::Subscribe, &channel, None, &client);
-            let decision = authorizer.ask(req).await;
-            shared_state
-                .metrics
-                .authorized("subscribe", decision.label());
-            match decision {
-                Decision::Allow(_) => {}
-                Decision::Deny(status) => {
-                    let msg = format!("not authorized (authorizer answered {status})");
-                    return json_error(ErrorCode::Forbidden, &msg);
-                }
-                Decision::Unavailable(_) => {
-                    return json_error(
-                        ErrorCode::Unavailable,
-                        "authorizer unavailable, try again later",
-                    )
-                }
+            let what = (Action::Subscribe, &*channel, None);
+            if let Err(refused) =
+                super::authorizer_approves(worker, authorizer, head, peer, what).await
+            {
+                return refused;
             }
         }
         _ => {
