@@ -964,3 +964,47 @@ fn non_loopback_needs_secret_or_authorizer() {
     assert_eq!(status.code(), Some(2), "stderr: {stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
 }
+
+/// Without SECRET the authorizer decides durable subscriptions (as a
+/// `subscribe` of the channel), and the `sub` of its connect answer names
+/// the user whose personal channel the connection may follow.
+#[test]
+fn the_authorizer_decides_durable_subscriptions_and_names_the_user() {
+    let hook = Webhook::start(|body| {
+        let channel = body["args"]["channel"].as_str();
+        match body["command"].as_str() {
+            Some("connect") => Reply::allow_with(json!({"sub": "ann"})),
+            Some("subscribe") if channel == Some("denied") => Reply::status(403),
+            _ => Reply::allow(),
+        }
+    });
+    let server = server_with(&hook, &[]);
+    let post = |channel: &str| {
+        let body = json!({"user_id": "ann", "channel": channel}).to_string();
+        http(server.addr, "POST", "/subscribe", &[], body.as_bytes())
+    };
+    let (status, text) = post("denied");
+    assert_eq!(status, 403, "{text}");
+    let (status, text) = post("news");
+    assert_eq!((status, text.as_str()), (200, r#"{"subscribed":true}"#));
+    assert_eq!(decisions(&server, "subscribe", "deny"), 1.0);
+    let (status, _) = http(
+        server.addr,
+        "POST",
+        "/publish",
+        &[],
+        br#"{"channel":"news","data":"n1"}"#,
+    );
+    assert!(status < 300);
+    let mut ann = Client::connect(&server, "/ws");
+    ann.send_json(json!({"op": "subscribe", "channel": "personal-ann", "id": 1}));
+    assert_eq!(ann.recv_json()["op"], "subscribed");
+    let m = ann.recv_json();
+    assert_eq!(
+        (&m["channel"], &m["data"]),
+        (&json!("news"), &json!("n1")),
+        "{m}"
+    );
+    ann.send_json(json!({"op": "subscribe", "channel": "personal-bob", "id": 2}));
+    assert_eq!(ann.recv_json()["code"], "forbidden");
+}
