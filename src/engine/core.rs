@@ -750,35 +750,26 @@ impl Core {
                 shard.unsubscribe(key, channel, &self.hub.interest);
             }
         }
-        let owner = self.hub.owner(super::message::route_hash(channel));
         let here = self.id;
         let name: Box<str> = channel.into();
         let recover_max = self.hub.history.recover_max;
         // The broker reads the place itself; the owner path needs `since`.
         let since_copy = self.hub.broker().and(since.clone());
         let ask_owner = move |core: &Core, channel: Box<str>, joined: Joined| {
-            core.run_on(
-                owner,
-                Box::new(move |owner: &Core| {
-                    let now = owner.shard.borrow().now();
-                    let join = {
-                        let mut store = owner.history.borrow_mut();
-                        let stream = store.stream(&channel, keep, now);
-                        match catch_up {
-                            None => position(stream, since.as_ref(), recover_max),
-                            Some(max) => catching_up(stream, since.as_ref(), max),
+            let place = move |stream: &Stream| match catch_up {
+                None => position(stream, since.as_ref(), recover_max),
+                Some(max) => catching_up(stream, since.as_ref(), max),
+            };
+            core.on_stream(&channel.clone(), keep, place, move |owner, join| {
+                owner.run_on(
+                    here,
+                    Box::new(move |core: &Core| {
+                        if let Some(result) = core.complete_subscribe(key, gen, &channel) {
+                            joined(core, result.map(|()| join));
                         }
-                    };
-                    owner.run_on(
-                        here,
-                        Box::new(move |core: &Core| {
-                            if let Some(result) = core.complete_subscribe(key, gen, &channel) {
-                                joined(core, result.map(|()| join));
-                            }
-                        }),
-                    );
-                }),
-            )
+                    }),
+                );
+            })
         };
         match self.hub.broker() {
             None => ask_owner(self, name, joined),
@@ -876,21 +867,36 @@ impl Core {
             then(self, None);
             return;
         }
+        let place = |stream: &Stream| Cursor {
+            epoch: stream.epoch.clone(),
+            offset: stream.top,
+        };
+        self.on_stream(route, keep, place, move |owner, cursor| {
+            then(owner, Some(cursor))
+        });
+    }
+
+    /// On the owner core of `route`: `read` of its history's stream
+    /// (created, keeping `keep`, if it has none), then `then` with what it
+    /// read, there.
+    fn on_stream<R: 'static>(
+        &self,
+        route: &str,
+        keep: Keep,
+        read: impl FnOnce(&Stream) -> R + Send + 'static,
+        then: impl FnOnce(&Core, R) + Send + 'static,
+    ) {
         let owner = self.hub.owner(super::message::route_hash(route));
         let route: Box<str> = route.into();
         self.run_on(
             owner,
             Box::new(move |owner: &Core| {
                 let now = owner.shard.borrow().now();
-                let cursor = {
+                let got = {
                     let mut store = owner.history.borrow_mut();
-                    let stream = store.stream(&route, keep, now);
-                    Cursor {
-                        epoch: stream.epoch.clone(),
-                        offset: stream.top,
-                    }
+                    read(store.stream(&route, keep, now))
                 };
-                then(owner, Some(cursor));
+                then(owner, got);
             }),
         );
     }
@@ -1022,20 +1028,10 @@ impl Core {
             broker.read_history(channel, keep, since, limit, self.id, read);
             return;
         }
-        let owner = self.hub.owner(super::message::route_hash(channel));
-        let channel: Box<str> = channel.into();
-        self.run_on(
-            owner,
-            Box::new(move |owner: &Core| {
-                let now = owner.shard.borrow().now();
-                let page = {
-                    let mut store = owner.history.borrow_mut();
-                    let stream = store.stream(&channel, keep, now);
-                    stream.page(since.as_ref(), limit)
-                };
-                read(owner, HistoryRead::Page(page));
-            }),
-        );
+        let page = move |stream: &Stream| stream.page(since.as_ref(), limit);
+        self.on_stream(channel, keep, page, move |owner, page| {
+            read(owner, HistoryRead::Page(page))
+        });
     }
 
     /// Drops expired history; called by the runtime once a second.
