@@ -7,6 +7,9 @@
 //! tuning.md promises; a channel may cost at most 100 bytes in a shard's
 //! table (tests/../src/shard.rs budgets the record itself).
 //!
+//! A Pusher connection (`/app/{key}`, the open mode's app) is held to the
+//! same budget.
+//!
 //! This is what catches a regression such as a large future inlined into
 //! every connection's task (7 KiB each, once) before any load test does.
 
@@ -105,8 +108,11 @@ fn start_server() -> u16 {
         "20000",
     ])
     .unwrap();
+    // What `herald` loads at start: in open mode, one Pusher app
+    // (`app-key`) besides the native protocol.
+    let loaded = herald::frontends::load(&config).unwrap();
     std::thread::spawn(move || {
-        let _ = herald::runtime::run(config, herald::frontends::pusher::apps::Apps::default());
+        let _ = herald::runtime::run(config, loaded);
     });
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -118,23 +124,51 @@ fn start_server() -> u16 {
 
 type Ws = tungstenite::WebSocket<std::net::TcpStream>;
 
+/// The protocol of the connections measured.
+#[derive(Clone, Copy, PartialEq)]
+enum Protocol {
+    Native,
+    /// Pusher's, on the open mode's app (`app-key`).
+    Pusher,
+}
+
 /// Opens `n` connections each subscribed to `channel(i)`, all confirmed.
-fn open(port: u16, n: usize, channel: impl Fn(usize) -> String) -> Vec<Ws> {
+fn open(port: u16, n: usize, protocol: Protocol, channel: impl Fn(usize) -> String) -> Vec<Ws> {
     let mut all = Vec::with_capacity(n);
+    let path = match protocol {
+        Protocol::Native => "/ws",
+        Protocol::Pusher => "/app/app-key?protocol=7",
+    };
     for i in 0..n {
         let stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
-        let (mut ws, _) = tungstenite::client(format!("ws://127.0.0.1:{port}/ws"), stream).unwrap();
-        let msg = format!(r#"{{"op":"subscribe","channel":"{}"}}"#, channel(i));
+        let (mut ws, _) =
+            tungstenite::client(format!("ws://127.0.0.1:{port}{path}"), stream).unwrap();
+        let msg = match protocol {
+            Protocol::Native => format!(r#"{{"op":"subscribe","channel":"{}"}}"#, channel(i)),
+            Protocol::Pusher => format!(
+                r#"{{"event":"pusher:subscribe","data":{{"channel":"{}"}}}}"#,
+                channel(i)
+            ),
+        };
         ws.send(Message::text(msg)).unwrap();
         all.push(ws);
     }
     for ws in all.iter_mut() {
-        match ws.read().unwrap() {
-            Message::Text(t) => assert!(t.contains("subscribed"), "{t}"),
-            other => panic!("unexpected {other:?}"),
+        loop {
+            match ws.read().unwrap() {
+                Message::Text(t) if t.contains("connection_established") => continue,
+                Message::Text(t) => {
+                    assert!(
+                        t.contains("subscribed") || t.contains("subscription_succeeded"),
+                        "{t}"
+                    );
+                    break;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
         }
     }
     all
@@ -165,10 +199,15 @@ fn wait_all_closed(port: u16) {
 
 /// Heap bytes the workers hold per connection for `n` idle connections on
 /// `channel(i)`, once every earlier connection is gone.
-fn heap_per_connection(port: u16, n: usize, channel: impl Fn(usize) -> String) -> f64 {
+fn heap_per_connection(
+    port: u16,
+    n: usize,
+    protocol: Protocol,
+    channel: impl Fn(usize) -> String,
+) -> f64 {
     wait_all_closed(port);
     let before = worker_bytes();
-    let conns = open(port, n, &channel);
+    let conns = open(port, n, protocol, &channel);
     let held = worker_bytes() - before;
     drop(conns);
     held as f64 / n as f64
@@ -232,9 +271,9 @@ fn an_idle_connection_stays_within_its_heap_budget() {
     // tables (io_uring operations, run queues) grow to the peak number of
     // connections once and keep that size; measured, they add 100-200
     // bytes per connection to the first round only.
-    heap_per_connection(port, 4000, |i| format!("warm-{i}"));
-    let own = heap_per_connection(port, 4000, |i| format!("own-{i}"));
-    let shared = heap_per_connection(port, 4000, |_| "shared".to_string());
+    heap_per_connection(port, 4000, Protocol::Native, |i| format!("warm-{i}"));
+    let own = heap_per_connection(port, 4000, Protocol::Native, |i| format!("own-{i}"));
+    let shared = heap_per_connection(port, 4000, Protocol::Native, |_| "shared".to_string());
     eprintln!(
         "heap per idle connection: {own:.0} bytes on its own channel, {shared:.0} on a shared one"
     );
@@ -245,6 +284,23 @@ fn an_idle_connection_stays_within_its_heap_budget() {
     assert!(
         shared <= BUDGET as f64,
         "an idle connection on a shared channel holds {shared:.0} bytes of heap (budget {BUDGET})"
+    );
+    // A Pusher connection (its state in the front-end, and for its own
+    // channel the node's occupancy count) is held to the same budget.
+    heap_per_connection(port, 4000, Protocol::Pusher, |i| format!("warm-{i}"));
+    let pusher_own = heap_per_connection(port, 4000, Protocol::Pusher, |i| format!("own-{i}"));
+    let pusher_shared = heap_per_connection(port, 4000, Protocol::Pusher, |_| "shared".into());
+    eprintln!(
+        "heap per idle Pusher connection: {pusher_own:.0} bytes on its own channel, \
+         {pusher_shared:.0} on a shared one"
+    );
+    assert!(
+        pusher_own <= BUDGET as f64,
+        "an idle Pusher connection on its own channel holds {pusher_own:.0} bytes of heap (budget {BUDGET})"
+    );
+    assert!(
+        pusher_shared <= BUDGET as f64,
+        "an idle Pusher connection on a shared channel holds {pusher_shared:.0} bytes of heap (budget {BUDGET})"
     );
 }
 
