@@ -542,3 +542,52 @@ fn past_the_subscription_limit_a_channel_is_left_out_and_said_so() {
     assert_eq!(r["data"]["status"], 403, "{r}");
     assert!(r["data"]["error"].as_str().unwrap().contains("u1"), "{r}");
 }
+
+#[test]
+fn a_backlog_larger_than_the_send_queue_arrives_in_pages_without_a_slow_consumer_close() {
+    // 120 events of 3 KB missed on two channels (360 KB), for a
+    // connection whose send queue holds 64 KiB: all in one go would close
+    // it as a slow consumer every time it came back.
+    let server = Server::start(&[
+        ("APPS", APPS),
+        ("SEND_QUEUE_LIMIT", "64KiB"),
+        ("PERSONAL_HISTORY", "200/1h"),
+    ]);
+    subscribe(&server, "u1", "news");
+    subscribe(&server, "u1", "weather");
+    let big = "x".repeat(3000);
+    for i in 0..60 {
+        trigger(&server, "news", &format!("n{i:02}{big}"));
+        trigger(&server, "weather", &format!("w{i:02}{big}"));
+    }
+    let mut u1 = sign_in(&server, "u1");
+    let r = u1.subscribe("personal-u1", None);
+    assert_eq!(r["event"], "pusher_internal:subscription_succeeded", "{r}");
+    // Reading answers the pings behind each page (tungstenite pongs as it
+    // reads), which brings the next pages.
+    let mut got: Vec<(String, String)> = Vec::new();
+    while got.len() < 120 {
+        let v = u1.c.recv_json();
+        assert_eq!(v["event"], "note", "{v}");
+        let data = v["data"].as_str().unwrap();
+        got.push((v["channel"].as_str().unwrap().into(), data[..3].into()));
+    }
+    for (channel, tag) in [("news", "n"), ("weather", "w")] {
+        let order: Vec<&str> = got
+            .iter()
+            .filter(|e| e.0 == channel)
+            .map(|e| e.1.as_str())
+            .collect();
+        let want: Vec<String> = (0..60).map(|i| format!("{tag}{i:02}")).collect();
+        assert_eq!(order, want, "{channel}: every one, once, in order");
+    }
+    // Then live, on the same connection.
+    trigger(&server, "news", "live");
+    let mut live = events(vec![u1.c.recv_json()]);
+    live.extend(u1.settle());
+    assert_eq!(live, vec![ev("news", "live")]);
+    assert_eq!(server.metric_sum("herald_slow_consumer_closes_total"), 0.0);
+    drop(u1);
+    let mut again = sign_in(&server, "u1");
+    assert!(again.follow("personal-u1").is_empty(), "all of it was read");
+}

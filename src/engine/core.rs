@@ -226,6 +226,10 @@ pub struct Join {
     pub replay: Vec<Bytes>,
     /// The newest kept frame, if any (what a cache channel replays).
     pub newest: Option<Bytes>,
+    /// A user's catch-up too large for one go: `replay` is its oldest
+    /// part, up to this offset, and the rest comes once the client has
+    /// read it (see [`Core::follow`]).
+    pub paged_to: Option<u64>,
 }
 
 /// What every core shares: which cores want which channels, and the
@@ -713,17 +717,18 @@ impl Core {
         self.join_with(key, channel, keep, since, None, joined);
     }
 
-    /// [`Core::join`], and with `catch_up` (a most) the replay is what is
-    /// still kept after `since`, even when some of it is gone (the newest
-    /// `catch_up` of it): how a user's connection catches up with what it
-    /// missed offline. In a cluster the broker replays as for a recovery.
+    /// [`Core::join`], and with `catch_up` (a most, and a budget of bytes)
+    /// the replay is what is still kept after `since`, even when some of
+    /// it is gone (the newest `most` of it, cut at the budget): how a
+    /// user's connection catches up with what it missed offline. In a
+    /// cluster the broker replays as for a recovery.
     fn join_with(
         &self,
         key: usize,
         channel: &str,
         keep: Keep,
         since: Option<Since>,
-        catch_up: Option<usize>,
+        catch_up: Option<(usize, Option<usize>)>,
         joined: Joined,
     ) {
         let (gen, already) = {
@@ -758,7 +763,7 @@ impl Core {
         let ask_owner = move |core: &Core, channel: Box<str>, joined: Joined| {
             let place = move |stream: &Stream| match catch_up {
                 None => position(stream, since.as_ref(), recover_max),
-                Some(max) => catching_up(stream, since.as_ref(), max),
+                Some((max, budget)) => catching_up(stream, since.as_ref(), max, budget),
             };
             core.on_stream(&channel.clone(), keep, place, move |owner, join| {
                 owner.run_on(
@@ -814,6 +819,18 @@ impl Core {
             epoch: (*c.epoch).into(),
             offset: c.offset,
         });
+        // What the user missed goes out in pages when it is large: half
+        // the connection's send queue, shared by the user's channels, at a
+        // time (not for a channel it is subscribed to by itself, whose live
+        // messages go on anyway).
+        let budget = {
+            let shard = self.shard.borrow();
+            let channels = shard
+                .follow
+                .follower(key)
+                .map_or(1, |f| self.hub.durable.count_of(f.namespace, &f.user));
+            (!direct).then(|| (shard.send_queue_limit() / 2 / channels.max(1)).max(1))
+        };
         // Marked as joining now: a subscription of the connection's own
         // made while the join is on its way is then marked `direct`.
         let joining = self
@@ -849,13 +866,52 @@ impl Core {
                         core.unsubscribe(key, &route_name);
                     }
                     join.replay.clear();
+                } else if let Some(to) = join.paged_to {
+                    // One page: no live messages until the rest is sent
+                    // (unless the connection subscribed to it by itself).
+                    shard.follow.page(key, &route_name, to);
+                    let own = shard.follow.is_direct(key, &route_name);
+                    drop(shard);
+                    if !own {
+                        core.unsubscribe(key, &route_name);
+                    }
                 }
                 join
             });
             joined(core, result);
             core.shard.borrow_mut().ack_behind_replies(key);
         });
-        self.join_with(key, route, keep, since, Some(keep.size), followed);
+        let catch_up = Some((keep.size, budget));
+        self.join_with(key, route, keep, since, catch_up, followed);
+    }
+
+    /// `key` read a page of its catch-up of each of these channels: the
+    /// next pages (or the rest, and live messages) follow.
+    fn next_pages(&self, key: usize) {
+        let (pages, gen, namespace) = {
+            let mut shard = self.shard.borrow_mut();
+            let pages = shard.follow.pages_read(key);
+            let gen = shard.conn(key).map(|c| c.gen);
+            let ns = shard.follow.follower(key).map(|f| f.namespace);
+            (pages, gen, ns)
+        };
+        let (Some(gen), Some(namespace)) = (gen, namespace) else {
+            return;
+        };
+        for (route, channel, cursor) in pages {
+            let keep = self
+                .hub
+                .keeps(namespace, &channel)
+                .unwrap_or_else(|| self.hub.durable.keep());
+            let ticket = self.shard.borrow_mut().reserve_reply(key, gen);
+            // Past the subscription limit meanwhile: left out, silently
+            // (the front-end told the client of its channels at the start).
+            let joined: Joined = Box::new(move |core: &Core, result| {
+                let frames = result.map(|join| join.replay).unwrap_or_default();
+                core.shard.borrow_mut().fill_reply(key, gen, ticket, frames);
+            });
+            self.follow(key, &route, &channel, keep, Some(cursor), joined);
+        }
     }
 
     /// The place of `route`'s history now (its epoch and newest offset),
@@ -932,6 +988,7 @@ impl Core {
         for (channel, cursor) in moved {
             self.hub.durable.commit(namespace, &user, &channel, &cursor);
         }
+        self.next_pages(key);
         self.shard.borrow_mut().ack(key);
     }
 
@@ -1120,14 +1177,17 @@ fn position(stream: &Stream, since: Option<&Since>, recover_max: usize) -> Join 
         replay: replay
             .map(|frames| frames.into_iter().map(|(_, f)| f).collect())
             .unwrap_or_default(),
+        paged_to: None,
     }
 }
 
 /// Where a user's connection that follows `stream` from `since` joins
 /// it: everything kept after `since` is replayed (from the oldest kept
 /// when some is gone, or when `since` is of another epoch), the newest
-/// `max` at most; `recovered` says nothing was lost.
-fn catching_up(stream: &Stream, since: Option<&Since>, max: usize) -> Join {
+/// `max` at most; `recovered` says nothing was lost. With a `budget` of
+/// bytes, a replay larger than it is cut after the frame that reaches it
+/// (one frame at least): `paged_to` says where.
+fn catching_up(stream: &Stream, since: Option<&Since>, max: usize, budget: Option<usize>) -> Join {
     let first = stream.first();
     let after = match since {
         Some(s) if *s.epoch == *stream.epoch => s.offset.min(stream.top),
@@ -1137,12 +1197,29 @@ fn catching_up(stream: &Stream, since: Option<&Since>, max: usize) -> Join {
     let mut frames = stream.after(from, usize::MAX).unwrap_or_default();
     let skipped = frames.len().saturating_sub(max);
     frames.drain(..skipped);
+    let mut paged_to = None;
+    if let Some(budget) = budget {
+        let mut bytes = 0;
+        let fit = frames
+            .iter()
+            .take_while(|(_, f)| {
+                let fits = bytes == 0 || bytes + f.len() <= budget;
+                bytes += f.len();
+                fits
+            })
+            .count();
+        if fit < frames.len() {
+            frames.truncate(fit);
+            paged_to = frames.last().map(|(offset, _)| *offset);
+        }
+    }
     Join {
         epoch: stream.epoch.clone(),
         top: stream.top,
         newest: None,
         recovered: from == after && skipped == 0,
         replay: frames.into_iter().map(|(_, f)| f).collect(),
+        paged_to,
     }
 }
 

@@ -233,6 +233,14 @@ impl Durable {
             .unwrap_or_default()
     }
 
+    /// How many channels `user` subscribed to durably.
+    pub fn count_of(&self, namespace: u16, user: &str) -> usize {
+        self.inner()
+            .users
+            .get(&(namespace, user.into()))
+            .map_or(0, BTreeMap::len)
+    }
+
     /// The client read `channel` up to `to`: its cursor moves there (never
     /// back within an epoch). Nothing if the subscription ended meanwhile.
     pub fn commit(&self, namespace: u16, user: &str, channel: &str, to: &Cursor) {
@@ -424,6 +432,10 @@ struct Followed {
     /// The connection is also subscribed to the channel by itself: the
     /// subscription outlives the following.
     direct: bool,
+    /// Catching up in pages: `delivered` is the end of the page sent, the
+    /// connection is not subscribed for live messages, and the next page
+    /// is asked for once the client has read this one.
+    paging: bool,
 }
 
 /// What an acknowledgement commits: the user, and each channel's cursor.
@@ -490,6 +502,7 @@ impl Follow {
             delivered: top,
             acked: 0,
             direct,
+            paging: false,
         });
         self.channels.entry(route.into()).or_default().push(key);
         true
@@ -528,7 +541,7 @@ impl Follow {
             let Some(c) = f
                 .followed
                 .iter_mut()
-                .find(|c| &*c.route == route && !c.epoch.is_empty())
+                .find(|c| &*c.route == route && !c.epoch.is_empty() && !c.paging)
             else {
                 continue;
             };
@@ -563,7 +576,7 @@ impl Follow {
         let (_, covers) = f.ping.take()?;
         let mut moved = Vec::new();
         for (c, offset) in f.followed.iter_mut().zip(covers) {
-            if offset > c.acked {
+            if offset > c.acked && !c.epoch.is_empty() {
                 c.acked = offset;
                 let cursor = Cursor {
                     epoch: c.epoch.clone(),
@@ -627,6 +640,47 @@ impl Follow {
             .filter(|(_, f)| f.namespace == namespace && &*f.user == user)
             .map(|(k, f)| (*k, f.gen))
             .collect()
+    }
+
+    /// Is `key` subscribed to `route`, which it follows, by itself too?
+    pub fn is_direct(&self, key: usize, route: &str) -> bool {
+        self.conns
+            .get(&key)
+            .and_then(|f| f.followed.iter().find(|c| &*c.route == route))
+            .is_some_and(|c| c.direct)
+    }
+
+    /// `key`'s catch-up of `route` goes on in pages: what was sent of it
+    /// ends at `to`.
+    pub fn page(&mut self, key: usize, route: &str, to: u64) {
+        let found = self
+            .conns
+            .get_mut(&key)
+            .and_then(|f| f.followed.iter_mut().find(|c| &*c.route == route));
+        if let Some(c) = found {
+            c.paging = true;
+            c.delivered = to;
+        }
+    }
+
+    /// The channels whose page `key` has read: each (route, channel, and
+    /// where its next page starts). They are joining again from there.
+    pub fn pages_read(&mut self, key: usize) -> Vec<(Box<str>, Box<str>, Cursor)> {
+        let Some(f) = self.conns.get_mut(&key) else {
+            return Vec::new();
+        };
+        let mut next = Vec::new();
+        for c in f.followed.iter_mut() {
+            if c.paging && c.acked >= c.delivered && !c.epoch.is_empty() {
+                c.paging = false;
+                let at = Cursor {
+                    epoch: c.epoch.clone(),
+                    offset: c.acked,
+                };
+                next.push((c.route.clone(), c.channel.clone(), at));
+            }
+        }
+        next
     }
 
     /// Does `key` follow `route` already?
@@ -800,6 +854,27 @@ mod tests {
         f.stop(3);
         assert_eq!(f.mark_direct(3, "c", true), None);
         assert!(!f.take_orphan(3, "c"));
+    }
+
+    #[test]
+    fn a_catch_up_in_pages_counts_only_what_was_sent_and_goes_on_once_read() {
+        let mut f = Follow::default();
+        f.start(2, 1, 0, "u");
+        f.add(2, "a", "a", "e".into(), 100, false);
+        f.page(2, "a", 10);
+        let mut due = Vec::new();
+        f.delivered("a", 101, &mut due);
+        assert!(due.is_empty(), "live messages do not count while paging");
+        assert!(f.pages_read(2).is_empty(), "the page is not read yet");
+        let seq = f.ping(2).unwrap();
+        let (_, _, moved) = f.pong(2, &ack_payload(seq)).unwrap();
+        assert_eq!(moved, vec![("a".into(), at("e", 10))]);
+        assert_eq!(
+            f.pages_read(2),
+            vec![("a".into(), "a".into(), at("e", 10))],
+            "the next page starts after what was read"
+        );
+        assert!(f.pages_read(2).is_empty(), "asked for once");
     }
 
     #[test]

@@ -428,6 +428,10 @@ impl Shard {
     }
 
     /// Most channels one connection may subscribe to.
+    pub fn send_queue_limit(&self) -> usize {
+        self.limits.send_queue_limit
+    }
+
     pub fn max_subscriptions(&self) -> usize {
         self.limits.max_subscriptions
     }

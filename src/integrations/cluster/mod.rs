@@ -1018,6 +1018,7 @@ impl Relay {
             recovered,
             replay,
             newest,
+            paged_to: None,
         })
     }
 
