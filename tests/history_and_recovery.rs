@@ -578,3 +578,40 @@ fn subscribing_again_while_messages_flow_misses_nothing() {
     publishing.join().unwrap();
     assert!(results.iter().all(|r| r.is_ok()), "a subscriber failed");
 }
+
+/// A recovery that the connection's send queue could not take (more than
+/// half of `SEND_QUEUE_LIMIT`) is `recovered:false`, not a replay that
+/// closes the client as a slow consumer at every try.
+#[test]
+fn a_recovery_larger_than_the_send_queue_is_refused_not_a_slow_consumer_close() {
+    let server = Server::start(&[("HISTORY", HISTORY), ("SEND_QUEUE_LIMIT", "64KiB")]);
+    let mut publisher = Client::connect(&server, "/ws");
+    let mut watcher = Client::connect(&server, "/ws");
+    let epoch = subscribe(&mut watcher, "news", None)["epoch"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let big = "x".repeat(4000);
+    for i in 1..=20u64 {
+        publish_acked(
+            &mut publisher,
+            "news",
+            json!(format!("{i}{big}")),
+            &format!("p{i}"),
+        );
+    }
+    // 4 missed (16 KB): replayed.
+    let mut c = Client::connect(&server, "/ws");
+    let r = subscribe(&mut c, "news", Some(json!({"epoch":epoch,"offset":16})));
+    assert_eq!(r["recovered"], true, "{r}");
+    assert_eq!(c.sync().len(), 4);
+    // 15 missed (60 KB, over half of 64 KiB): recovered:false, no replay,
+    // and the connection stays open for live messages.
+    let mut d = Client::connect(&server, "/ws");
+    let r = subscribe(&mut d, "news", Some(json!({"epoch":epoch,"offset":5})));
+    assert_eq!(r["recovered"], false, "{r}");
+    assert!(d.sync().is_empty(), "nothing replayed");
+    publish_acked(&mut publisher, "news", json!("live"), "p21");
+    assert_eq!(d.recv_json()["data"], "live");
+    assert_eq!(server.metric_sum("herald_slow_consumer_closes_total"), 0.0);
+}

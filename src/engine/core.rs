@@ -758,11 +758,13 @@ impl Core {
         let here = self.id;
         let name: Box<str> = channel.into();
         let recover_max = self.hub.history.recover_max;
+        // What one recovery may replay: half the connection's send queue.
+        let budget = self.shard.borrow().send_queue_limit() / 2;
         // The broker reads the place itself; the owner path needs `since`.
         let since_copy = self.hub.broker().and(since.clone());
         let ask_owner = move |core: &Core, channel: Box<str>, joined: Joined| {
             let place = move |stream: &Stream| match catch_up {
-                None => position(stream, since.as_ref(), recover_max),
+                None => position(stream, since.as_ref(), recover_max, budget),
                 Some((max, budget)) => catching_up(stream, since.as_ref(), max, budget),
             };
             core.on_stream(&channel.clone(), keep, place, move |owner, join| {
@@ -1163,12 +1165,21 @@ fn seen_publish(msg: &Message) {
     super::watch::watch().record("publish", msg.namespace(), msg.channel(), detail);
 }
 
-/// Where a subscription starts in `stream`, and what it replays.
-fn position(stream: &Stream, since: Option<&Since>, recover_max: usize) -> Join {
+/// Where a subscription starts in `stream`, and what it replays: with
+/// `since`, every message after it if they are still kept, no more than
+/// `recover_max` of them and no more than `budget` bytes (a single message
+/// always fits); else nothing (`recovered: false`).
+fn position(stream: &Stream, since: Option<&Since>, recover_max: usize, budget: usize) -> Join {
     let replay = since
         .filter(|s| *s.epoch == *stream.epoch)
         .and_then(|s| stream.after(s.offset, recover_max + 1))
-        .filter(|frames| frames.len() <= recover_max);
+        .filter(|frames| frames.len() <= recover_max)
+        .filter(|frames| {
+            // More than the connection's send queue can take beside live
+            // messages: not recoverable (it would be closed as a slow
+            // consumer at every try).
+            frames.len() <= 1 || frames.iter().map(|(_, f)| f.len()).sum::<usize>() <= budget
+        });
     Join {
         epoch: stream.epoch.clone(),
         top: stream.top,
