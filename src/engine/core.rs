@@ -758,8 +758,9 @@ impl Core {
         let here = self.id;
         let name: Box<str> = channel.into();
         let recover_max = self.hub.history.recover_max;
-        // What one recovery may replay: half the connection's send queue.
-        let budget = self.shard.borrow().send_queue_limit() / 2;
+        // What one recovery may replay: what the connection's send queue
+        // holds (more would close it as a slow consumer at every try).
+        let budget = self.shard.borrow().send_queue_limit();
         // The broker reads the place itself; the owner path needs `since`.
         let since_copy = self.hub.broker().and(since.clone());
         let ask_owner = move |core: &Core, channel: Box<str>, joined: Joined| {
@@ -1175,9 +1176,9 @@ fn position(stream: &Stream, since: Option<&Since>, recover_max: usize, budget: 
         .and_then(|s| stream.after(s.offset, recover_max + 1))
         .filter(|frames| frames.len() <= recover_max)
         .filter(|frames| {
-            // More than the connection's send queue can take beside live
-            // messages: not recoverable (it would be closed as a slow
-            // consumer at every try).
+            // More than the connection's send queue holds: not
+            // recoverable (it would be closed as a slow consumer at every
+            // try).
             frames.len() <= 1 || frames.iter().map(|(_, f)| f.len()).sum::<usize>() <= budget
         });
     Join {
