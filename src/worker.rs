@@ -121,6 +121,7 @@ impl Shared {
                         // is the one whose frames history keeps.
                         encoding: Encoding(0),
                         recover_max: config.history_recover_max,
+                        recover_bytes: config.send_queue_limit,
                         idempotency_window_ms: config.idempotency_window.as_millis() as u64,
                         sink: stored.sink,
                         restored: std::sync::Mutex::new(stored.streams),

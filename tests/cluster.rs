@@ -1115,3 +1115,36 @@ fn personal_channels_are_refused_in_a_cluster() {
     assert_eq!(r["event"], "pusher:subscription_error", "{r}");
     assert_eq!(r["data"]["status"], 501, "{r}");
 }
+
+/// In a cluster too, a recovery larger than the connection's send queue
+/// is `recovered:false`, not a replay that closes the client as a slow
+/// consumer at every try.
+#[test]
+fn a_recovery_larger_than_the_send_queue_is_refused_in_a_cluster_too() {
+    let redis = Redis::start();
+    let env = [("HISTORY", "news=1000/1h"), ("SEND_QUEUE_LIMIT", "64KiB")];
+    let a = node(&redis.url(), "a", &env);
+    let b = node(&redis.url(), "b", &env);
+    let big = "x".repeat(4000);
+    let mut epoch = String::new();
+    for i in 1..=20 {
+        let (status, text) =
+            post_publish(&a, json!({"channel": "news", "data": format!("{i}{big}")}));
+        assert!(status < 300, "{text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        epoch = v["epoch"].as_str().unwrap().to_string();
+    }
+    let subscribe = |since: u64| {
+        let mut c = Client::connect(&b, "/ws");
+        c.send_json(json!({"op":"subscribe","channel":"news","id":"s",
+                           "since":{"epoch": epoch, "offset": since}}));
+        let r = c.next_json("subscribed");
+        (c, r)
+    };
+    let (mut c, r) = subscribe(16);
+    assert_eq!(r["recovered"], true, "4 missed (16 KB): {r}");
+    assert_eq!(c.sync().len(), 4);
+    let (mut d, r) = subscribe(2);
+    assert_eq!(r["recovered"], false, "18 missed (72 KB, over 64 KiB): {r}");
+    assert!(d.sync().is_empty());
+}

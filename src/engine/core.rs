@@ -186,6 +186,9 @@ pub struct HistorySettings {
     pub encoding: Encoding,
     /// Most messages one recovery replays.
     pub recover_max: usize,
+    /// Most bytes one recovery replays: what a connection's send queue
+    /// holds (more would close it as a slow consumer at every try).
+    pub recover_bytes: usize,
     /// How long an idempotency key is remembered, in milliseconds.
     pub idempotency_window_ms: u64,
     /// Where kept messages are also written (`HISTORY_DIR`).
@@ -204,6 +207,7 @@ impl Default for HistorySettings {
             namespaced: None,
             encoding: Encoding(0),
             recover_max: 1000,
+            recover_bytes: usize::MAX,
             idempotency_window_ms: 300_000,
             sink: None,
             restored: Default::default(),
@@ -758,9 +762,7 @@ impl Core {
         let here = self.id;
         let name: Box<str> = channel.into();
         let recover_max = self.hub.history.recover_max;
-        // What one recovery may replay: what the connection's send queue
-        // holds (more would close it as a slow consumer at every try).
-        let budget = self.shard.borrow().send_queue_limit();
+        let budget = self.hub.history.recover_bytes;
         // The broker reads the place itself; the owner path needs `since`.
         let since_copy = self.hub.broker().and(since.clone());
         let ask_owner = move |core: &Core, channel: Box<str>, joined: Joined| {

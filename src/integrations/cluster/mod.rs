@@ -1001,7 +1001,11 @@ impl Relay {
                         .iter()
                         .enumerate()
                         .all(|(i, (o, _))| *o == s.offset + 1 + i as u64);
-                match complete {
+                // What the connection's send queue holds, at most (a
+                // single message always fits).
+                let bytes: usize = entries.iter().map(|(_, wire)| wire.len()).sum();
+                let fits = entries.len() <= 1 || bytes <= self.hub.history.recover_bytes;
+                match complete && fits {
                     true => (true, frames(&entries)?),
                     false => (false, Vec::new()),
                 }
