@@ -15,6 +15,13 @@
 //! commits the offsets the ping covered. What the client never read is
 //! delivered again at its next connection; what it read is not. At most
 //! one such ping per connection is in flight.
+//!
+//! A backlog larger than half the connection's send queue (shared by the
+//! user's channels) comes in pages: a channel's page is sent without a
+//! live subscription, and the next is asked for once the pong says the
+//! client read it ([`Follow::pages_read`]); live messages start after the
+//! last page, so a small or slow client is never closed for its own
+//! backlog.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
