@@ -186,6 +186,70 @@ fn fanout(c: &mut Criterion) {
     g.finish();
 }
 
+/// The same fan-out when every subscriber follows its user's channel
+/// (personal channels), at the worst case: each delivery gets its ack
+/// ping (the previous one was answered), and each pong is handled, its
+/// place committed to the users' durable subscriptions.
+fn fanout_following(c: &mut Criterion) {
+    use herald::engine::personal::{Cursor, Durable, ACK_PAYLOAD};
+    let mut g = c.benchmark_group("fanout_following");
+    for n in [100usize] {
+        let interest = Interest::new();
+        let mut shard = Shard::new(
+            0,
+            limits(),
+            std::sync::Arc::new(CoreStats::new(1)),
+            herald::frontends::ENCODERS,
+        );
+        let conns: Vec<(usize, u64)> = (0..n)
+            .map(|_| shard.open(-1, herald::frontends::native::protocol::ENCODING, 1001))
+            .collect();
+        let durable = Durable::default();
+        for (i, &(k, gen)) in conns.iter().enumerate() {
+            shard.subscribe(k, "room", &interest).ok();
+            let user = format!("u{i}");
+            let start = Cursor {
+                epoch: "e".into(),
+                offset: 0,
+            };
+            durable.subscribe(0, &user, "room", start).unwrap();
+            shard.follow.start(k, gen, 0, &user);
+            shard.follow.add(k, "room", "room", "e".into(), 0, false);
+        }
+        let mut batch = Batch::new();
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut offset = 0u64;
+        g.throughput(Throughput::Elements(n as u64));
+        g.bench_function(BenchmarkId::from_parameter(n), |b| {
+            b.iter(|| {
+                let mut msg = message_frame(
+                    "room",
+                    r#"{"text":"hello, sixty-four bytes of json payload here!!"}"#,
+                );
+                offset += 1;
+                msg.set_offset(offset, herald::engine::message::Encoding(u8::MAX));
+                shard.deliver(&msg, None);
+                for &(k, gen) in &conns {
+                    let _ = shard.fill(k, gen, &mut batch, usize::MAX, &mut cx);
+                    let len = batch.len();
+                    batch.advance(len);
+                    shard.written(k, gen, len);
+                }
+                // Every client answers its ping.
+                for &(k, _) in &conns {
+                    let answered = shard
+                        .follow
+                        .pong(k, ACK_PAYLOAD, |ns, user, ch, epoch, at| {
+                            durable.commit(ns, user, ch, epoch, at)
+                        });
+                    assert!(answered, "the ping of {k}");
+                }
+            })
+        });
+    }
+    g.finish();
+}
+
 criterion_group!(
     benches,
     frame_building,
@@ -193,6 +257,7 @@ criterion_group!(
     decoding,
     channel_table,
     cross_core_queue,
-    fanout
+    fanout,
+    fanout_following
 );
 criterion_main!(benches);

@@ -207,12 +207,21 @@ pub struct Worker {
 pub const CLOSES: Closes = Closes {
     frame: frame::close,
     ping: frame::ping,
-    ping_with: frame::ping_with,
+    ack_ping,
     slow_consumer: (4008, "slow consumer: send queue limit reached"),
     ping_timeout: (1001, "ping timeout"),
     expired: (4001, "token expired"),
     cut: crate::transport::tcp::cut,
 };
+
+/// The ping that acknowledges deliveries to a user's connection: one
+/// frame, built once and shared.
+fn ack_ping() -> bytes::Bytes {
+    static FRAME: std::sync::OnceLock<bytes::Bytes> = std::sync::OnceLock::new();
+    FRAME
+        .get_or_init(|| frame::ping_with(crate::engine::personal::ACK_PAYLOAD))
+        .clone()
+}
 
 impl Worker {
     pub fn new(id: usize, shared: Arc<Shared>) -> Worker {

@@ -983,18 +983,21 @@ impl Core {
     /// move to what the ping covered, and the next ping goes out if more
     /// was delivered meanwhile.
     pub fn pong(&self, key: usize, payload: &[u8]) {
-        if payload.is_empty() {
+        if payload != super::personal::ACK_PAYLOAD {
             return;
         }
-        let Some((namespace, user, moved)) = self.shard.borrow_mut().follow.pong(key, payload)
-        else {
-            return;
-        };
-        for (channel, cursor) in moved {
-            self.hub.durable.commit(namespace, &user, &channel, &cursor);
+        let durable = &self.hub.durable;
+        let answered = self.shard.borrow_mut().follow.pong(
+            key,
+            payload,
+            |namespace, user, channel, epoch, offset| {
+                durable.commit(namespace, user, channel, epoch, offset)
+            },
+        );
+        if answered {
+            self.next_pages(key);
+            self.shard.borrow_mut().ack(key);
         }
-        self.next_pages(key);
-        self.shard.borrow_mut().ack(key);
     }
 
     /// Subscribes connection `key` to routing key `channel` and runs

@@ -60,9 +60,9 @@ pub struct Closes {
     pub frame: fn(Option<u16>, &str) -> Bytes,
     /// A keep-alive probe.
     pub ping: fn() -> Bytes,
-    /// A ping carrying a payload (the acknowledgement of deliveries to a
-    /// user's connection, see [`super::personal`]).
-    pub ping_with: fn(&[u8]) -> Bytes,
+    /// The ping that acknowledges deliveries to a user's connection (its
+    /// payload [`super::personal::ACK_PAYLOAD`]): one shared frame.
+    pub ack_ping: fn() -> Bytes,
     /// Code and reason for a connection whose queue passed its limit.
     pub slow_consumer: (u16, &'static str),
     /// Code and reason for a peer silent after a ping.
@@ -816,10 +816,9 @@ impl Shard {
     }
 
     fn ack_ping(&mut self, key: usize) -> Option<Bytes> {
-        let seq = self.follow.ping(key)?;
-        Some((self.limits.closes.ping_with)(
-            &super::personal::ack_payload(seq),
-        ))
+        self.follow
+            .ping(key)
+            .then(|| (self.limits.closes.ack_ping)())
     }
 
     /// Starts closing `key`: queues a close frame (`code = None`: empty
@@ -1170,10 +1169,8 @@ mod tests {
         Bytes::from_static(&[0x89, 0])
     }
 
-    fn ping_with(payload: &[u8]) -> Bytes {
-        let mut f = vec![0x89, payload.len() as u8];
-        f.extend_from_slice(payload);
-        Bytes::from(f)
+    fn ack_ping() -> Bytes {
+        Bytes::from_static(b"\x89\x0aherald:ack")
     }
 
     thread_local! {
@@ -1198,7 +1195,7 @@ mod tests {
     const CLOSES: Closes = Closes {
         frame: close_frame,
         ping,
-        ping_with,
+        ack_ping,
         slow_consumer: (4008, "slow consumer"),
         ping_timeout: (1001, "ping timeout"),
         expired: (4001, "token expired"),

@@ -658,7 +658,7 @@ mod tests {
         let mut saved = 0;
         save_personal(&db, &durable, &mut saved);
         assert_eq!(saved, durable.changes());
-        durable.commit(0, "u1", "news", &at(9));
+        durable.commit(0, "u1", "news", &at(9).epoch, 9);
         durable.unsubscribe(2, "u2", "alerts");
         save_personal(&db, &durable, &mut saved);
         // A row another version or a broken disk wrote.
