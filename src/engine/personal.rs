@@ -10,7 +10,7 @@
 //! durable subscribers keeps ([`Durable::keeps`]), after the user's cursor.
 //!
 //! A cursor moves only when the client proves it read what came before:
-//! a WebSocket ping carrying [`ack_payload`] is queued behind the frames,
+//! a WebSocket ping carrying [`ACK_PAYLOAD`] is queued behind the frames,
 //! and its pong (which every WebSocket client sends by itself, in order)
 //! commits the offsets the ping covered. What the client never read is
 //! delivered again at its next connection; what it read is not. At most
