@@ -146,24 +146,41 @@ fn cross_core_queue(c: &mut Criterion) {
     g.finish();
 }
 
+/// A shard with `n` connections subscribed to channel `room`.
+fn room_of(n: usize) -> (Shard, Vec<(usize, u64)>) {
+    let interest = Interest::new();
+    let mut shard = Shard::new(
+        0,
+        limits(),
+        std::sync::Arc::new(CoreStats::new(1)),
+        herald::frontends::ENCODERS,
+    );
+    let conns: Vec<(usize, u64)> = (0..n)
+        .map(|_| shard.open(-1, herald::frontends::native::protocol::ENCODING, 1001))
+        .collect();
+    for &(k, _) in &conns {
+        shard.subscribe(k, "room", &interest).ok();
+    }
+    (shard, conns)
+}
+
+/// Every connection's writer batch filled and written, as the reactor does
+/// (no sockets).
+fn write_all(shard: &mut Shard, conns: &[(usize, u64)], batch: &mut Batch, cx: &mut Context<'_>) {
+    for &(k, gen) in conns {
+        let _ = shard.fill(k, gen, batch, usize::MAX, cx);
+        let len = batch.len();
+        batch.advance(len);
+        shard.written(k, gen, len);
+    }
+}
+
 /// One publish delivered to N local subscribers, then every subscriber's
 /// writer batch filled, as the reactor does (no sockets).
 fn fanout(c: &mut Criterion) {
     let mut g = c.benchmark_group("fanout");
     for n in [1usize, 100, 10_000] {
-        let interest = Interest::new();
-        let mut shard = Shard::new(
-            0,
-            limits(),
-            std::sync::Arc::new(CoreStats::new(1)),
-            herald::frontends::ENCODERS,
-        );
-        let conns: Vec<(usize, u64)> = (0..n)
-            .map(|_| shard.open(-1, herald::frontends::native::protocol::ENCODING, 1001))
-            .collect();
-        for &(k, _) in &conns {
-            shard.subscribe(k, "room", &interest).ok();
-        }
+        let (mut shard, conns) = room_of(n);
         let mut batch = Batch::new();
         let mut cx = Context::from_waker(Waker::noop());
         g.throughput(Throughput::Elements(n as u64));
@@ -174,12 +191,7 @@ fn fanout(c: &mut Criterion) {
                     r#"{"text":"hello, sixty-four bytes of json payload here!!"}"#,
                 );
                 shard.deliver(&msg, None);
-                for &(k, gen) in &conns {
-                    let _ = shard.fill(k, gen, &mut batch, usize::MAX, &mut cx);
-                    let len = batch.len();
-                    batch.advance(len);
-                    shard.written(k, gen, len);
-                }
+                write_all(&mut shard, &conns, &mut batch, &mut cx);
             })
         });
     }
@@ -194,19 +206,9 @@ fn fanout_following(c: &mut Criterion) {
     use herald::engine::personal::{Cursor, Durable, ACK_PAYLOAD};
     let mut g = c.benchmark_group("fanout_following");
     for n in [100usize] {
-        let interest = Interest::new();
-        let mut shard = Shard::new(
-            0,
-            limits(),
-            std::sync::Arc::new(CoreStats::new(1)),
-            herald::frontends::ENCODERS,
-        );
-        let conns: Vec<(usize, u64)> = (0..n)
-            .map(|_| shard.open(-1, herald::frontends::native::protocol::ENCODING, 1001))
-            .collect();
+        let (mut shard, conns) = room_of(n);
         let durable = Durable::default();
         for (i, &(k, gen)) in conns.iter().enumerate() {
-            shard.subscribe(k, "room", &interest).ok();
             let user = format!("u{i}");
             let start = Cursor {
                 epoch: "e".into(),
@@ -229,12 +231,7 @@ fn fanout_following(c: &mut Criterion) {
                 offset += 1;
                 msg.set_offset(offset, herald::engine::message::Encoding(u8::MAX));
                 shard.deliver(&msg, None);
-                for &(k, gen) in &conns {
-                    let _ = shard.fill(k, gen, &mut batch, usize::MAX, &mut cx);
-                    let len = batch.len();
-                    batch.advance(len);
-                    shard.written(k, gen, len);
-                }
+                write_all(&mut shard, &conns, &mut batch, &mut cx);
                 // Every client answers its ping.
                 for &(k, _) in &conns {
                     let answered = shard
