@@ -50,6 +50,18 @@ fn draining_in_order(drain: &str, fillers: usize, env: &[(&str, &str)]) -> (Serv
     (server, fillers)
 }
 
+/// A connection subscribed to `news` (which keeps history), and the
+/// channel's epoch.
+fn news_subscriber(server: &Server) -> (Client, String) {
+    let mut c = Client::connect(server, "/ws");
+    c.send_json(serde_json::json!({"op":"subscribe","channel":"news","id":"s"}));
+    let epoch = c.next_json("subscribed")["epoch"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    (c, epoch)
+}
+
 /// Waits until no worker of the old process (of `workers`) accepts: a
 /// connection made after this reaches the new one.
 fn old_stopped_accepting(old: &Server, workers: usize) {
@@ -282,12 +294,7 @@ fn during_the_drain_both_processes_are_one_node() {
     // 10 s after the restart.
     let (mut old, _fillers) = draining_in_order("10", 40, &[("HISTORY", "news=100/1h")]);
     let mut p_old = Client::connect(&old, "/ws");
-    let mut c_old = Client::connect(&old, "/ws");
-    c_old.send_json(serde_json::json!({"op":"subscribe","channel":"news","id":"s"}));
-    let epoch = c_old.next_json("subscribed")["epoch"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (mut c_old, epoch) = news_subscriber(&old);
     let publish = |c: &mut Client, n: u64, key: &str| -> Value {
         c.send_json(serde_json::json!({"op":"publish","channel":"news","data":n,
                                        "id":"p","idempotency_key":key}));
@@ -381,10 +388,7 @@ fn a_restart_with_history_on_disk_hands_the_file_over() {
         ("NOTIFY_SOCKET", notify_path.to_str().unwrap()),
         ("DRAIN_SECONDS", "1"),
     ]);
-    let mut c = Client::connect(&old, "/ws");
-    c.send_json(serde_json::json!({"op":"subscribe","channel":"news","id":"s"}));
-    let first = c.next_json("subscribed");
-    let epoch = first["epoch"].as_str().unwrap().to_string();
+    let (mut c, epoch) = news_subscriber(&old);
     let mut p = Client::connect(&old, "/ws");
     for n in 1..=3 {
         p.send_json(serde_json::json!({"op":"publish","channel":"news","data":n,"id":"p"}));
@@ -574,12 +578,7 @@ fn an_old_process_that_stops_reading_the_link_loses_it_and_sends_its_clients_ove
         ("HISTORY_RECOVER_MAX", "100000"),
     ];
     let (mut old, _fillers) = draining_in_order("60", 20, &history);
-    let mut c_old = Client::connect(&old, "/ws");
-    c_old.send_json(serde_json::json!({"op":"subscribe","channel":"news","id":"s"}));
-    let epoch = c_old.next_json("subscribed")["epoch"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (mut c_old, epoch) = news_subscriber(&old);
     old.signal(libc::SIGUSR2);
     let _successor = Successor::of(&old);
     old_stopped_accepting(&old, 1);
