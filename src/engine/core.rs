@@ -31,7 +31,7 @@ use super::history::{
 };
 use super::interest::{Change, Interest};
 use super::message::{Encoder, Encoding, Message, MAX_KEY};
-use super::personal::{Cursor, Durable};
+use super::personal::{Cursor, Durable, NotFollowed};
 use super::roster::{Event, Transition};
 use super::shard::{Limits, Shard, SubscribeError};
 use super::stats::CoreStats;
@@ -232,7 +232,7 @@ pub struct Join {
     pub newest: Option<Bytes>,
     /// A user's catch-up too large for one go: `replay` is its oldest
     /// part, up to this offset, and the rest comes once the client has
-    /// read it (see [`Core::follow`]).
+    /// read it (see [`Core::follow_from`]).
     pub paged_to: Option<u64>,
 }
 
@@ -331,6 +331,14 @@ impl Hub {
     /// The core that sequences the channel with routing hash `hash`.
     pub fn owner(&self, hash: u64) -> usize {
         owner_of(hash, self.cores)
+    }
+
+    /// What `channel` of `namespace` keeps for users who follow it: at
+    /// least what durable subscribers are kept.
+    pub fn followed_keep(&self, namespace: u16, channel: &str) -> Keep {
+        let least = self.durable.keep();
+        self.keeps(namespace, channel)
+            .map_or(least, |k| k.at_least(least))
     }
 
     /// What `channel` (its name, in `namespace`) keeps, if anything.
@@ -770,7 +778,7 @@ impl Core {
                 None => position(stream, since.as_ref(), recover_max, budget),
                 Some((max, budget)) => catching_up(stream, since.as_ref(), max, budget),
             };
-            core.on_stream(&channel.clone(), keep, place, move |owner, join| {
+            core.on_stream(channel.clone(), keep, place, move |owner, join| {
                 owner.run_on(
                     here,
                     Box::new(move |core: &Core| {
@@ -810,7 +818,7 @@ impl Core {
     /// it is subscribed, `joined` gets what it missed (and queues it), and
     /// an ack ping goes behind that; later messages are acknowledged as
     /// they come ([`Core::pong`]).
-    pub fn follow(
+    fn follow(
         &self,
         key: usize,
         route: &str,
@@ -890,6 +898,34 @@ impl Core {
         self.join_with(key, route, keep, since, catch_up, followed);
     }
 
+    /// Connection `key` (generation `gen`) follows `channel` of namespace
+    /// `ns` for its user from `cursor`: what it missed goes out as replies
+    /// (in order, behind those before it), then live messages. A channel
+    /// that cannot be followed (the subscription limit) is said with
+    /// `not_followed(channel, why)`, or left out silently without one.
+    pub fn follow_from(
+        &self,
+        (key, gen): (usize, u64),
+        ns: u16,
+        channel: &str,
+        cursor: Cursor,
+        not_followed: NotFollowed,
+    ) {
+        let route = super::message::route_key_string(ns, channel);
+        let keep = self.hub.followed_keep(ns, channel);
+        let ticket = self.shard.borrow_mut().reserve_reply(key, gen);
+        let name: Box<str> = channel.into();
+        let joined: Joined = Box::new(move |core: &Core, result| {
+            let frames = match (result, not_followed) {
+                (Ok(join), _) => join.replay,
+                (Err(_), None) => Vec::new(),
+                (Err(e), Some(frame)) => vec![frame(&name, &e.to_string())],
+            };
+            core.shard.borrow_mut().fill_reply(key, gen, ticket, frames);
+        });
+        self.follow(key, &route, channel, keep, Some(cursor), joined);
+    }
+
     /// `key` read a page of its catch-up of each of these channels: the
     /// next pages (or the rest, and live messages) follow.
     fn next_pages(&self, key: usize) {
@@ -903,19 +939,10 @@ impl Core {
         let (Some(gen), Some(namespace)) = (gen, namespace) else {
             return;
         };
-        for (route, channel, cursor) in pages {
-            let keep = self
-                .hub
-                .keeps(namespace, &channel)
-                .unwrap_or_else(|| self.hub.durable.keep());
-            let ticket = self.shard.borrow_mut().reserve_reply(key, gen);
+        for (channel, cursor) in pages {
             // Past the subscription limit meanwhile: left out, silently
             // (the front-end told the client of its channels at the start).
-            let joined: Joined = Box::new(move |core: &Core, result| {
-                let frames = result.map(|join| join.replay).unwrap_or_default();
-                core.shard.borrow_mut().fill_reply(key, gen, ticket, frames);
-            });
-            self.follow(key, &route, &channel, keep, Some(cursor), joined);
+            self.follow_from((key, gen), namespace, &channel, cursor, None);
         }
     }
 
@@ -932,7 +959,7 @@ impl Core {
             epoch: stream.epoch.clone(),
             offset: stream.top,
         };
-        self.on_stream(route, keep, place, move |owner, cursor| {
+        self.on_stream(route.into(), keep, place, move |owner, cursor| {
             then(owner, Some(cursor))
         });
     }
@@ -942,13 +969,12 @@ impl Core {
     /// read, there.
     fn on_stream<R: 'static>(
         &self,
-        route: &str,
+        route: Box<str>,
         keep: Keep,
         read: impl FnOnce(&Stream) -> R + Send + 'static,
         then: impl FnOnce(&Core, R) + Send + 'static,
     ) {
-        let owner = self.hub.owner(super::message::route_hash(route));
-        let route: Box<str> = route.into();
+        let owner = self.hub.owner(super::message::route_hash(&route));
         self.run_on(
             owner,
             Box::new(move |owner: &Core| {
@@ -1094,7 +1120,7 @@ impl Core {
             return;
         }
         let page = move |stream: &Stream| stream.page(since.as_ref(), limit);
-        self.on_stream(channel, keep, page, move |owner, page| {
+        self.on_stream(channel.into(), keep, page, move |owner, page| {
             read(owner, HistoryRead::Page(page))
         });
     }

@@ -57,13 +57,18 @@ pub struct Keep {
 }
 
 impl Keep {
+    /// At least `least`: the larger size and the longer time to live.
+    pub fn at_least(self, least: Keep) -> Keep {
+        Keep {
+            size: self.size.max(least.size),
+            ttl_ms: self.ttl_ms.max(least.ttl_ms),
+        }
+    }
+
     /// The more of the two (either may be none).
     pub fn widest(a: Option<Keep>, b: Option<Keep>) -> Option<Keep> {
         match (a, b) {
-            (Some(a), Some(b)) => Some(Keep {
-                size: a.size.max(b.size),
-                ttl_ms: a.ttl_ms.max(b.ttl_ms),
-            }),
+            (Some(a), Some(b)) => Some(a.at_least(b)),
             (a, b) => a.or(b),
         }
     }

@@ -417,6 +417,11 @@ impl Seen {
     }
 }
 
+/// The frame that tells a connection why one of its user's channels
+/// could not be followed (`channel`, `why`), if it is told: the
+/// front-end's.
+pub type NotFollowed = Option<fn(channel: &str, why: &str) -> bytes::Bytes>;
+
 /// The payload of the ping that acknowledges deliveries. One is in
 /// flight per connection at most, so its pong is the answer to it; the
 /// keep-alive's pings carry no payload. (A client that sends it unasked
@@ -699,9 +704,9 @@ impl Follow {
         }
     }
 
-    /// The channels whose page `key` has read: each (route, channel, and
-    /// where its next page starts). They are joining again from there.
-    pub fn pages_read(&mut self, key: usize) -> Vec<(Box<str>, Box<str>, Cursor)> {
+    /// The channels whose page `key` has read: each, and where its next
+    /// page starts. They are joining again from there.
+    pub fn pages_read(&mut self, key: usize) -> Vec<(Box<str>, Cursor)> {
         let Some(f) = self.conns.get_mut(&key) else {
             return Vec::new();
         };
@@ -713,7 +718,7 @@ impl Follow {
                     epoch: c.epoch.clone(),
                     offset: c.acked,
                 };
-                next.push((c.route.clone(), c.channel.clone(), at));
+                next.push((c.channel.clone(), at));
             }
         }
         next
@@ -915,7 +920,7 @@ mod tests {
         );
         assert_eq!(
             f.pages_read(2),
-            vec![("a".into(), "a".into(), at("e", 10))],
+            vec![("a".into(), at("e", 10))],
             "the next page starts after what was read"
         );
         assert!(f.pages_read(2).is_empty(), "asked for once");

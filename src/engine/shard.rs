@@ -195,10 +195,12 @@ pub trait FrameSink {
 }
 
 /// Why a subscribe was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum SubscribeError {
+    #[error("subscription limit of {0} channels reached")]
     TooMany(usize),
     /// The node cannot reach the rest of its cluster now.
+    #[error("the cluster's broker is unreachable; try again later")]
     Unavailable,
 }
 

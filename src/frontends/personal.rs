@@ -15,11 +15,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::engine::core::{Core, Join};
-use crate::engine::history::Keep;
+use crate::engine::core::Core;
 use crate::engine::message::route_key_string;
-use crate::engine::personal::{Cursor, DurableError};
-use crate::engine::shard::SubscribeError;
+use crate::engine::personal::DurableError;
 
 /// The prefix of a personal channel: `personal-{user_id}`.
 pub const PERSONAL: &str = "personal-";
@@ -63,9 +61,7 @@ pub struct Frames {
     pub not_followed: NotFollowed,
 }
 
-/// The frame that says why a channel could not be followed, if the
-/// connection is told.
-pub type NotFollowed = Option<fn(channel: &str, why: &str) -> Bytes>;
+pub use crate::engine::personal::NotFollowed;
 
 /// Why a connection may not follow a user now.
 #[derive(Debug, PartialEq, Eq)]
@@ -107,45 +103,10 @@ pub fn follow_user(
     core.shard.borrow_mut().reply(key, frames.succeeded);
     if started {
         for (name, cursor) in core.hub.durable.of(ns, user) {
-            follow_channel(core, (key, gen), ns, &name, cursor, frames.not_followed);
+            core.follow_from((key, gen), ns, &name, cursor, frames.not_followed);
         }
     }
     Ok(())
-}
-
-/// Connection `key` (generation `gen`) follows `channel` for its user
-/// from `cursor`: what it missed goes out in order, behind the replies
-/// before it.
-fn follow_channel(
-    core: &Core,
-    (key, gen): (usize, u64),
-    ns: u16,
-    channel: &str,
-    cursor: Cursor,
-    not_followed: NotFollowed,
-) {
-    let route = route_key_string(ns, channel);
-    let keep = core
-        .hub
-        .keeps(ns, channel)
-        .unwrap_or_else(|| core.hub.durable.keep());
-    let ticket = core.shard.borrow_mut().reserve_reply(key, gen);
-    let name: Box<str> = channel.into();
-    let joined = Box::new(move |core: &Core, result: Result<Join, SubscribeError>| {
-        let frames = match (result, not_followed) {
-            (Ok(join), _) => join.replay,
-            (Err(_), None) => Vec::new(),
-            (Err(SubscribeError::TooMany(n)), Some(frame)) => {
-                let why = format!("subscription limit of {n} channels reached");
-                vec![frame(&name, &why)]
-            }
-            (Err(SubscribeError::Unavailable), Some(frame)) => {
-                vec![frame(&name, NOT_IN_A_CLUSTER)]
-            }
-        };
-        core.shard.borrow_mut().fill_reply(key, gen, ticket, frames);
-    });
-    core.follow(key, &route, channel, keep, Some(cursor), joined);
 }
 
 /// `key` unsubscribes from `user`'s personal channel: if it follows that
@@ -188,8 +149,7 @@ pub async fn subscribe(
         return Err(SubscribeRefused::Cluster);
     }
     let durable = &core.hub.durable;
-    let keep = Keep::widest(core.hub.keeps(ns, channel), Some(durable.keep()))
-        .unwrap_or_else(|| durable.keep());
+    let keep = core.hub.followed_keep(ns, channel);
     let (tx, rx) = tokio::sync::oneshot::channel();
     core.place_of(
         &route_key_string(ns, channel),
@@ -210,7 +170,7 @@ pub async fn subscribe(
         for conn in following {
             // Past the connection's subscription limit the channel is
             // left out, and the connection is not told (it asked nothing).
-            follow_channel(c, conn, ns, &channel, cursor.clone(), None);
+            c.follow_from(conn, ns, &channel, cursor.clone(), None);
         }
     });
     Ok(true)
