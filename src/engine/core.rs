@@ -343,6 +343,13 @@ impl Hub {
 
     /// What `channel` (its name, in `namespace`) keeps, if anything.
     pub fn keeps(&self, namespace: u16, channel: &str) -> Option<Keep> {
+        self.kept(namespace, channel).map(|k| k.keep)
+    }
+
+    /// What `channel` keeps, and whether `HISTORY_DIR` keeps it too:
+    /// herald's own channels, and a front-end's that users follow durably
+    /// (a cache channel is in memory). One lookup of each kind.
+    pub fn kept(&self, namespace: u16, channel: &str) -> Option<Kept> {
         let ruled = if namespace != 0 {
             self.history.namespaced.and_then(|n| (n.keep)(channel))
         } else if self.history.rules.is_empty() {
@@ -350,8 +357,20 @@ impl Hub {
         } else {
             self.history.rules.keep(channel)
         };
-        Keep::widest(ruled, self.durable.keeps(namespace, channel))
+        let followed = self.durable.keeps(namespace, channel);
+        Keep::widest(ruled, followed).map(|keep| Kept {
+            keep,
+            on_disk: namespace == 0 || followed.is_some(),
+        })
     }
+}
+
+/// What a channel keeps ([`Hub::kept`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Kept {
+    pub keep: Keep,
+    /// `HISTORY_DIR` keeps it too.
+    pub on_disk: bool,
 }
 
 /// The core of `cores` that sequences the channel with routing hash
@@ -556,10 +575,11 @@ impl Core {
             }
         }
         let now = || self.shard.borrow().now();
-        let keep = match msg.is_transient() {
-            false => self.hub.keeps(msg.namespace(), msg.channel()),
+        let kept = match msg.is_transient() {
+            false => self.hub.kept(msg.namespace(), msg.channel()),
             true => None,
         };
+        let keep = kept.map(|k| k.keep);
         if keep.is_none() && idempotency_key.is_none() {
             // The common case: nothing to number, store or remember.
             self.hub.handoff.tap(&msg, None);
@@ -592,11 +612,8 @@ impl Core {
             let now = now();
             let (encoding, carried_by) = self.hub.history_encoding(msg.namespace());
             let m = Arc::get_mut(&mut msg).expect("a message is not shared before it is sequenced");
-            // Herald's own channels, and a front-end's that users follow
-            // durably (a cache channel is in memory).
-            let sink = self.hub.history.sink.as_deref().filter(|_| {
-                m.namespace() == 0 || self.hub.durable.keeps(m.namespace(), m.channel()).is_some()
-            });
+            let on_disk = kept.is_some_and(|k| k.on_disk);
+            let sink = self.hub.history.sink.as_deref().filter(|_| on_disk);
             let mut store = self.history.borrow_mut();
             if sink.is_some_and(|s| s.lost(key)) {
                 // Its stored history could not be written: a new epoch.
