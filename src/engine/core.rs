@@ -491,6 +491,16 @@ impl Core {
         }
     }
 
+    /// Runs `task` on every core of the node, this one included (here at
+    /// once, elsewhere in order with what each core receives).
+    pub fn run_everywhere(&self, task: impl Fn(&Core) + Send + Sync + 'static) {
+        let task = Arc::new(task);
+        for dst in 0..self.hub.cores() {
+            let t = task.clone();
+            self.run_on(dst, Box::new(move |c: &Core| t(c)));
+        }
+    }
+
     /// Publishes `msg` to every subscriber of its channel but the local
     /// connection `except`. The caller has checked [`Core::congested`]
     /// before decoding the message.

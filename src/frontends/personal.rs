@@ -30,10 +30,10 @@ pub fn user_of(channel: &str) -> Option<&str> {
 /// A durable subscription request's body: `user_id`, and `channel` (or
 /// `event`, Pushi's name for it).
 #[derive(Debug, serde::Deserialize)]
-pub struct Request {
-    pub user_id: String,
-    pub channel: Option<String>,
-    pub event: Option<String>,
+struct Request {
+    user_id: String,
+    channel: Option<String>,
+    event: Option<String>,
 }
 
 /// Parses a request body into (user, channel), or says why not.
@@ -165,7 +165,7 @@ pub async fn subscribe(
         return Ok(false);
     }
     let (user, channel): (Arc<str>, Arc<str>) = (user.into(), channel.into());
-    on_every_core(core, move |c| {
+    core.run_everywhere(move |c| {
         let following = c.shard.borrow().follow.following(ns, &user);
         for conn in following {
             // Past the connection's subscription limit the channel is
@@ -183,22 +183,13 @@ pub fn unsubscribe(core: &Core, ns: u16, user: &str, channel: &str) -> bool {
         return false;
     }
     let (user, route): (Arc<str>, Arc<str>) = (user.into(), route_key_string(ns, channel).into());
-    on_every_core(core, move |c| {
+    core.run_everywhere(move |c| {
         let following = c.shard.borrow().follow.following(ns, &user);
         for (key, _) in following {
             c.unfollow_channel(key, &route);
         }
     });
     true
-}
-
-/// Runs `task` on every core of the node (this one included).
-fn on_every_core(core: &Core, task: impl Fn(&Core) + Send + Sync + 'static) {
-    let task = Arc::new(task);
-    for dst in 0..core.hub.cores() {
-        let t = task.clone();
-        core.run_on(dst, Box::new(move |c: &Core| t(c)));
-    }
 }
 
 #[cfg(test)]
